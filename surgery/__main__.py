@@ -1,0 +1,7 @@
+"""``python -m surgery ...``: see :mod:`surgery.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

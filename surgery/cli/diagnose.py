@@ -1,0 +1,64 @@
+"""``diagnose``: logit lens, per-head attribution and a verdict for one prompt."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..diagnosis import Diagnosis, DiagnosisConfig, diagnose
+from .common import add_device_arg, add_model_arg, head_label, load, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("diagnose", help="why does the model emit the wrong next token?",
+                       description="Logit lens, direct logit attribution per head/MLP, and a verdict "
+                                   "(routing / absence / correct) for one prompt.")
+    add_model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--target", required=True, help="the right answer text, e.g. ' Paris' (first token is used)")
+    p.add_argument("--competitor", help="the wrong answer to compare with (default: the model's top prediction)")
+    p.add_argument("--routing-rank", type=int, default=10, help="lens rank that counts as near the top (default 10)")
+    p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token (off: matches model(input_ids))")
+    p.add_argument("--top", type=int, default=8, help="heads listed in the report (default 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    add_device_arg(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load(args)
+    config = DiagnosisConfig(routing_rank=args.routing_rank, prepend_bos=args.prepend_bos)
+    d = diagnose(loaded.model, loaded.tokenizer, args.prompt, args.target, args.competitor, config)
+    if args.json:
+        print_json(d.to_dict())
+    else:
+        print(format_report(d, top=args.top))
+    return 0
+
+
+def format_report(d: Diagnosis, top: int = 8) -> str:
+    t, c = d.target, d.competitor
+    lines = [
+        f"prompt      {d.prompt!r} ({len(d.tokens)} tokens)",
+        f"prediction  {d.prediction.text!r}",
+        f"target      {t.text!r}  logit {t.logit:8.3f}  rank {t.rank}",
+        f"competitor  {c.text!r}  logit {c.logit:8.3f}  rank {c.rank}",
+    ]
+    if d.multi_token_target:
+        lines.append(f"note        the target is {len(d.target_tokens)} tokens {d.target_tokens}; the first is diagnosed")
+    lines += ["", f"verdict     {d.verdict.upper()}: {d.summary()}", "", "logit lens (residual -> ln_f -> unembed, last position)",
+              f"  {'after':<14}{'target':>10}{'competitor':>12}{'rank':>8}"]
+    for e in d.logit_lens:
+        name = "embeddings" if e.layer is None else f"L{e.layer + 1} (h.{e.layer})"
+        lead = "  <- target leads" if e.target_logit > e.competitor_logit else ""
+        lines.append(f"  {name:<14}{e.target_logit:10.3f}{e.competitor_logit:12.3f}{e.target_rank:8d}{lead}")
+    heads = [a for a in d.dla if a.head is not None]
+    lines += ["", f"heads writing the target (target - competitor), top {top}"]
+    for a in sorted(heads, key=lambda a: a.competitor - a.target)[:top]:
+        lines.append(f"  {head_label(a.layer, a.head):<24} target {a.target:+9.3f}  competitor {a.competitor:+9.3f}")
+    lines += [f"heads pushing the competitor (competitor - target), top {top}"]
+    for a in sorted(heads, key=lambda a: a.target - a.competitor)[:top]:
+        lines.append(f"  {head_label(a.layer, a.head):<24} target {a.target:+9.3f}  competitor {a.competitor:+9.3f}")
+    o = d.override
+    lines += ["", f"override head     {head_label(o['layer'], o['head'])}",
+              f"prescribed layer  L{d.prescribed_layer + 1} (transformer.h.{d.prescribed_layer})"]
+    return "\n".join(lines)

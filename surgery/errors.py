@@ -1,0 +1,40 @@
+"""User-facing error types.
+
+Every error a person can cause (bad prompt, unknown model, malformed file, no login, offline Hub) is raised as
+a subclass of :class:`SurgeryError` whose message is one actionable line. The CLI prints that line and exits
+non-zero; the app turns it into ``gr.Error``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """Base class: the message is shown to the user as is."""
+
+
+class InputError(SurgeryError, ValueError):
+    """A prompt, target, facts file or option the user gave is unusable."""
+
+
+class ModelLoadError(SurgeryError):
+    """A model or tokenizer could not be loaded (unknown id, offline Hub, broken folder)."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model loaded, but it is not a GPT-2-architecture causal LM."""
+
+
+class SurgeryFailed(SurgeryError):
+    """Training ran but did not produce a usable edit (NaN/Inf, or facts not fixed in budget)."""
+
+
+class PatchError(SurgeryError):
+    """A patch file is malformed or does not match the base model."""
+
+
+class OutputError(SurgeryError):
+    """An output folder exists (without --overwrite) or cannot be written."""
+
+
+class HubError(SurgeryError):
+    """Pushing to the Hugging Face Hub failed (no token, bad repo id, network)."""

@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+from surgery.hooks import hooked
+
+
+def test_hooks_are_removed_even_on_error(tiny_model):
+    seen = []
+    with pytest.raises(RuntimeError):
+        with hooked(tiny_model, forward={"transformer.h.0.mlp": lambda m, a, o: seen.append(o.shape)}):
+            tiny_model(torch.tensor([[2, 3, 4]]))
+            raise RuntimeError("boom")
+    assert seen == [torch.Size([1, 3, 32])]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_model.modules())
+
+
+def test_unknown_path_registers_nothing(tiny_model):
+    with pytest.raises(KeyError, match="no such module"):
+        with hooked(tiny_model, forward={"transformer.h.0.mlp": lambda *a: None, "transformer.h.99": lambda *a: None}):
+            pass
+    assert all(not m._forward_hooks for m in tiny_model.modules())

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from surgery.errors import InputError
+from surgery.layout import GPT2Layout, ParamSlice, causal_mask
+
+
+def test_dimensions_come_from_config(tiny_model, gpt2_small_random):
+    tiny = GPT2Layout.of(tiny_model)
+    assert (tiny.n_layer, tiny.n_head, tiny.d_model, tiny.d_head, tiny.d_mlp) == (3, 4, 32, 8, 128)
+    big = GPT2Layout.of(gpt2_small_random)
+    assert (big.n_layer, big.n_head, big.d_model, big.d_head, big.d_vocab, big.n_ctx) == (12, 12, 768, 64, 50257, 1024)
+
+
+def test_site_sizes_gpt2_small(gpt2_small_random):
+    layout = GPT2Layout.of(gpt2_small_random)
+    sizes = {s: layout.site_size(gpt2_small_random, s, 9) for s in ("wv", "attn", "mlp", "layer")}
+    assert sizes == {"wv": 589_824, "attn": 2_362_368, "mlp": 4_722_432, "layer": 7_087_872}
+
+
+def test_v_columns_are_what_the_model_uses_as_values(tiny_model):
+    """The V slice is written down as columns 2d:3d of c_attn (Conv1D is [in, out]); check against the module."""
+    layout = GPT2Layout.of(tiny_model)
+    attn = tiny_model.transformer.h[1].attn
+    x = torch.randn(1, 5, layout.d_model)
+    q, k, v = attn.c_attn(x).split(layout.d_model, dim=2)
+    w = attn.c_attn.weight
+    assert torch.allclose(v, x @ w[:, layout.qkv_columns("v")] + attn.c_attn.bias[layout.qkv_columns("v")], atol=1e-6)
+    assert torch.allclose(q, x @ w[:, layout.qkv_columns("q")] + attn.c_attn.bias[layout.qkv_columns("q")], atol=1e-6)
+    # per-head view: head h of W_V maps d_model -> d_head, columns h*dh:(h+1)*dh of the V block
+    w_v = layout.w_qkv(tiny_model, 1, "v")  # (H, d, dh)
+    assert torch.allclose(v[0, :, layout.head_slice(2)], x[0] @ w_v[2] + layout.b_qkv(tiny_model, 1, "v")[2], atol=1e-6)
+
+
+def test_w_o_rows_are_heads(tiny_model):
+    layout = GPT2Layout.of(tiny_model)
+    proj = tiny_model.transformer.h[0].attn.c_proj
+    z = torch.randn(layout.d_model)
+    w_o = layout.w_o(tiny_model, 0)  # (H, dh, d)
+    per_head = torch.stack([z[layout.head_slice(h)] @ w_o[h] for h in range(layout.n_head)]).sum(0)
+    assert torch.allclose(per_head + proj.bias, proj(z[None])[0], atol=1e-5)
+
+
+def test_bad_layer_and_site(tiny_model):
+    layout = GPT2Layout.of(tiny_model)
+    with pytest.raises(InputError, match="out of range"):
+        layout.site_slices("wv", 3)
+    with pytest.raises(InputError, match="unknown site"):
+        layout.site_slices("qk", 0)
+
+
+def test_param_slice_write_leaves_original_untouched():
+    p = torch.arange(12.0).view(2, 6)
+    s = ParamSlice("w", slice(4, 6))
+    new = s.write(p, torch.zeros(2, 2))
+    assert torch.equal(p, torch.arange(12.0).view(2, 6))
+    assert torch.equal(new[:, :4], p[:, :4]) and torch.equal(new[:, 4:], torch.zeros(2, 2))
+    assert ParamSlice.from_dict(s.to_dict()) == s
+    assert s.numel(p) == 4
+
+
+def test_causal_mask_shape_and_values():
+    m = causal_mask(3, torch.float32, torch.device("cpu"))
+    assert m.shape == (1, 1, 3, 3)
+    assert m[0, 0, 0, 1] < -1e30 and m[0, 0, 1, 0] == 0 and m[0, 0, 2, 2] == 0

@@ -1,0 +1,33 @@
+import pytest
+
+from surgery.errors import InputError
+from surgery.tokens import encode_prompt, encode_target
+
+
+def test_prompt_is_tokenized_as_the_tokenizer_does(tiny_tokenizer):
+    assert encode_prompt(tiny_tokenizer, "The capital of France is", 32) == tiny_tokenizer("The capital of France is")["input_ids"]
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_blank_prompt(tiny_tokenizer, prompt):
+    with pytest.raises(InputError, match="empty"):
+        encode_prompt(tiny_tokenizer, prompt, 32)
+
+
+def test_too_long_prompt(tiny_tokenizer):
+    with pytest.raises(InputError, match="33 tokens long; this model's context is 32"):
+        encode_prompt(tiny_tokenizer, " ".join(["the"] * 33), 32)
+
+
+def test_targets(tiny_tokenizer):
+    assert len(encode_target(tiny_tokenizer, " Paris")) == 1
+    with pytest.raises(InputError, match="empty"):
+        encode_target(tiny_tokenizer, " ")
+    with pytest.raises(InputError, match="vocabulary"):
+        encode_target(tiny_tokenizer, " Zanzibar")
+
+
+def test_real_gpt2_tokenizer(gpt2_tokenizer):
+    assert gpt2_tokenizer("The capital of France is")["input_ids"] == [464, 3139, 286, 4881, 318]
+    assert encode_target(gpt2_tokenizer, " Paris") == [6342]
+    assert len(encode_prompt(gpt2_tokenizer, "The capital of France is", 1024)) == 5
