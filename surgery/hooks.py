@@ -2,10 +2,17 @@
 
 Hooks live only inside :func:`hooked`; leaving the ``with`` block (normally or by exception) removes them, so a
 shared model never keeps a stray hook.
+
+Hooks are also *thread-scoped*: they fire only for forward passes run by the thread that registered them. The app
+serves many sessions from one shared base model (and patched views that share its untouched modules), so while
+one request diagnoses with hooks, another request's plain forward pass on the same modules in another thread
+must neither feed those hooks nor be altered by them.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
@@ -21,7 +28,8 @@ def hooked(
     """Register ``forward`` hooks ``fn(module, args, output)`` and ``pre`` hooks ``fn(module, args)``.
 
     Keys are module paths as in ``model.named_modules()`` (e.g. ``"transformer.h.9.attn.c_proj"``).
-    A path that does not exist raises ``KeyError`` before anything is registered.
+    A path that does not exist raises ``KeyError`` before anything is registered. The hooks run only in the
+    calling thread (elsewhere they return ``None``: the module's inputs and output are left as they are).
     """
     modules = dict(model.named_modules())
     wanted = list((forward or {}).items()) + list((pre or {}).items())
@@ -31,10 +39,23 @@ def hooked(
     handles = []
     try:
         for path, fn in (forward or {}).items():
-            handles.append(modules[path].register_forward_hook(fn))
+            handles.append(modules[path].register_forward_hook(_this_thread_only(fn)))
         for path, fn in (pre or {}).items():
-            handles.append(modules[path].register_forward_pre_hook(fn))
+            handles.append(modules[path].register_forward_pre_hook(_this_thread_only(fn)))
         yield model
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _this_thread_only(fn: Callable) -> Callable:
+    """Wrap a hook so that it runs only in the thread that registered it (see the module docstring)."""
+    owner = threading.get_ident()
+
+    @functools.wraps(fn)
+    def hook(*args):
+        if threading.get_ident() != owner:
+            return None
+        return fn(*args)
+
+    return hook

@@ -19,3 +19,26 @@ def test_unknown_path_registers_nothing(tiny_model):
         with hooked(tiny_model, forward={"transformer.h.0.mlp": lambda *a: None, "transformer.h.99": lambda *a: None}):
             pass
     assert all(not m._forward_hooks for m in tiny_model.modules())
+
+
+def test_hooks_fire_only_in_the_registering_thread(tiny_model):
+    """A shared model: another thread's forward pass neither feeds nor is altered by this thread's hooks."""
+    import threading
+
+    ids = torch.tensor([[2, 3, 4]])
+    expected = tiny_model(ids).logits
+    seen = []
+
+    def zero_mlp(module, args, output):
+        seen.append(threading.get_ident())
+        return torch.zeros_like(output)
+
+    other = {}
+    with hooked(tiny_model, forward={"transformer.h.0.mlp": zero_mlp}):
+        worker = threading.Thread(target=lambda: other.update(logits=tiny_model(ids).logits))
+        worker.start()
+        worker.join()
+        mine = tiny_model(ids).logits
+    assert seen == [threading.get_ident()]  # fired once: for this thread's pass only
+    assert torch.equal(other["logits"], expected)  # the other thread's output is untouched
+    assert not torch.equal(mine, expected)
