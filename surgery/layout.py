@@ -12,6 +12,7 @@ This is the only module that knows:
   ``h * d_head : (h + 1) * d_head``.
 * ``mlp.c_fc`` is ``[d_model, d_mlp]`` and ``mlp.c_proj`` is ``[d_mlp, d_model]``.
 * ``lm_head.weight`` is an ``nn.Linear`` weight ``[d_vocab, d_model]`` (tied to ``transformer.wte`` in GPT-2).
+* ``transformer.wte.weight`` / ``transformer.wpe.weight`` are ``nn.Embedding`` tables ``[d_vocab | n_ctx, d_model]``.
 
 Sites (what surgery may train) are defined here too, as parameter names plus an optional column slice.
 """
@@ -37,6 +38,8 @@ MLP = "transformer.h.{}.mlp"
 MLP_C_FC = "transformer.h.{}.mlp.c_fc"
 MLP_C_PROJ = "transformer.h.{}.mlp.c_proj"
 LN_F = "transformer.ln_f"
+WTE = "transformer.wte"
+WPE = "transformer.wpe"
 LM_HEAD = "lm_head"
 
 QKV_INDEX = {"q": 0, "k": 1, "v": 2}
@@ -112,6 +115,14 @@ class GPT2Layout:
     def w_u(self, model: nn.Module) -> Tensor:
         """Unembedding ``lm_head.weight``. Float[Tensor, "d_vocab d_model"]."""
         return model.get_submodule(LM_HEAD).weight
+
+    def w_e(self, model: nn.Module) -> Tensor:
+        """Token embedding ``wte.weight``. Float[Tensor, "d_vocab d_model"]."""
+        return model.get_submodule(WTE).weight
+
+    def w_pos(self, model: nn.Module) -> Tensor:
+        """Position embedding ``wpe.weight``. Float[Tensor, "n_ctx d_model"]."""
+        return model.get_submodule(WPE).weight
 
     # --- surgery sites ------------------------------------------------------------------------
     def site_slices(self, site: str, layer: int) -> list["ParamSlice"]:
