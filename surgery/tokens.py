@@ -6,6 +6,8 @@ numbers match a plain ``model(input_ids)`` call. Prepending BOS is an explicit o
 
 from __future__ import annotations
 
+import torch
+
 from .errors import InputError
 
 
@@ -48,3 +50,16 @@ def _check_known(tokenizer, ids: list[int], text: str, what: str) -> None:
 def token_text(tokenizer, token_id: int) -> str:
     """The text of one token as it would be printed (GPT-2: with its leading space)."""
     return tokenizer.decode([int(token_id)])
+
+
+def pad_right(sequences: list[list[int]], pad_id: int | None, device=None):
+    """Right-pad token id lists into ``input_ids`` Long[Tensor, "B T"] and ``lengths`` Long[Tensor, "B"].
+
+    With a causal model the real positions never attend to right padding, so no attention mask is needed
+    and every real position's output equals an unpadded run.
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id if pad_id is not None else 0, dtype=torch.long, device=device)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids, torch.tensor([len(s) for s in sequences], dtype=torch.long, device=device)

@@ -1,0 +1,163 @@
+"""Judging a model on a panel: next-token answers, probe scores, perplexity and KL to another model.
+
+Everything is greedy and next-token: a probe is correct when the model's top-1 next token is the first token
+of its target. Batches are right-padded (causal model: real positions never see the padding), and only the
+positions that are needed are unembedded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layout import LM_HEAD, GPT2Layout
+from .panels import Panel, Probe
+from .tokens import encode_prompt, encode_target, pad_right, token_text
+
+BATCH_SIZE = 32
+
+
+@dataclass
+class ProbeResult:
+    prompt: str
+    target: str
+    answer: str  # the model's top-1 next token, as text
+    correct: bool  # answer is the target's first token
+    target_rank: int  # 1 = top
+
+
+@dataclass
+class ProbeScores:
+    """Results of one list of probes; ``correct`` of ``total`` answered right."""
+
+    results: list[ProbeResult]
+
+    @property
+    def correct(self) -> int:
+        return sum(r.correct for r in self.results)
+
+    @property
+    def total(self) -> int:
+        return len(self.results)
+
+    def to_dict(self) -> dict:
+        return {"correct": self.correct, "total": self.total, "results": [asdict(r) for r in self.results]}
+
+
+@dataclass
+class PanelResult:
+    """A model's scores on a panel's general and side-effect probes and its perplexity passage."""
+
+    panel: str
+    general: ProbeScores
+    side_effects: ProbeScores
+    perplexity: float
+
+    def to_dict(self) -> dict:
+        return {"panel": self.panel, "general": self.general.to_dict(),
+                "side_effects": self.side_effects.to_dict(), "perplexity": self.perplexity}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def last_position_logits(model: nn.Module, input_ids: Tensor, lengths: Tensor) -> Tensor:
+    """Next-token logits at each row's last real position. ``input_ids`` (B, T) right-padded -> (B, V)."""
+    with torch.no_grad():
+        hidden = model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, d), after ln_f
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return model.get_submodule(LM_HEAD)(hidden[rows, lengths - 1])  # (B, V)
+
+
+def next_token_logits(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = BATCH_SIZE) -> Tensor:
+    """Next-token logits after each prompt. Float[Tensor, "B V"]."""
+    n_ctx = GPT2Layout.of(model).n_ctx
+    encoded = [encode_prompt(tokenizer, p, n_ctx) for p in prompts]
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        ids, lengths = pad_right(encoded[start : start + batch_size], tokenizer.pad_token_id, _device(model))
+        out.append(last_position_logits(model, ids, lengths))
+    return torch.cat(out)
+
+
+def answer(model: nn.Module, tokenizer, prompt: str) -> str:
+    """The model's greedy next token after ``prompt``, as text (GPT-2: with its leading space)."""
+    return token_text(tokenizer, int(next_token_logits(model, tokenizer, [prompt])[0].argmax()))
+
+
+def score_probes(model: nn.Module, tokenizer, probes: list[Probe] | tuple[Probe, ...]) -> ProbeScores:
+    """Top-1 next token of each probe's prompt against the first token of its target."""
+    if not probes:
+        return ProbeScores([])
+    targets = [encode_target(tokenizer, p.target)[0] for p in probes]
+    logits = next_token_logits(model, tokenizer, [p.prompt for p in probes])  # (B, V)
+    top = logits.argmax(-1)
+    picked = logits.gather(-1, torch.tensor(targets, device=logits.device)[:, None])  # (B, 1)
+    ranks = (logits > picked).sum(-1) + 1
+    return ProbeScores([
+        ProbeResult(p.prompt, p.target, token_text(tokenizer, int(top[i])), int(top[i]) == targets[i], int(ranks[i]))
+        for i, p in enumerate(probes)
+    ])
+
+
+def encode_texts(tokenizer, texts, n_ctx: int) -> list[list[int]]:
+    """Token ids of each non-empty text, truncated to the context (texts of one token are dropped: nothing
+    to predict)."""
+    out = []
+    for text in texts:
+        ids = list(tokenizer(text)["input_ids"])[:n_ctx] if text.strip() else []
+        if len(ids) >= 2:
+            out.append(ids)
+    return out
+
+
+def perplexity(model: nn.Module, tokenizer, text: str) -> float:
+    """exp(mean next-token negative log-likelihood) over ``text`` (its first ``n_ctx`` tokens)."""
+    encoded = encode_texts(tokenizer, [text], GPT2Layout.of(model).n_ctx)
+    if not encoded:
+        return float("nan")
+    ids = torch.tensor(encoded, device=_device(model))  # (1, T)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # (T-1, V)
+        nll = F.cross_entropy(logits.float(), ids[0, 1:])
+    return math.exp(float(nll))
+
+
+def text_log_probs(model: nn.Module, tokenizer, texts) -> Tensor:
+    """Next-token log-probabilities at every real position of ``texts``. Float[Tensor, "N V"], N = all tokens."""
+    encoded = encode_texts(tokenizer, texts, GPT2Layout.of(model).n_ctx)
+    if not encoded:
+        return torch.empty(0, GPT2Layout.of(model).d_vocab)
+    ids, lengths = pad_right(encoded, tokenizer.pad_token_id, _device(model))
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+    real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]  # (B, T)
+    return F.log_softmax(logits[real].float(), -1)
+
+
+def kl_divergence(ref_log_probs: Tensor, log_probs: Tensor) -> Tensor:
+    """Mean over positions of KL(ref || model) from log-probabilities (N, V) -> scalar."""
+    return (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).mean()
+
+
+def mean_kl(base: nn.Module, edited: nn.Module, tokenizer, texts) -> float:
+    """Mean KL(base || edited) of next-token distributions over every position of ``texts``."""
+    ref = text_log_probs(base, tokenizer, texts)
+    if ref.shape[0] == 0:
+        return float("nan")
+    return float(kl_divergence(ref, text_log_probs(edited, tokenizer, texts)))
+
+
+def evaluate_panel(model: nn.Module, tokenizer, panel: Panel) -> PanelResult:
+    """General and side-effect probe scores and the perplexity passage of ``panel``."""
+    return PanelResult(
+        panel=panel.name,
+        general=score_probes(model, tokenizer, panel.general),
+        side_effects=score_probes(model, tokenizer, panel.side_effects),
+        perplexity=perplexity(model, tokenizer, panel.perplexity_text),
+    )

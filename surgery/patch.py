@@ -1,0 +1,226 @@
+"""An edit as a patch: the new values of the trained slices of one block, and views that apply it.
+
+The base model is never modified. :func:`patched_model` builds a *view*: new container objects along the path
+``model -> transformer -> h``, every untouched module and parameter shared with the base (same tensors, no
+copy), and a private copy of the one patched block carrying the new values. Several sessions can each hold
+their own view of one shared base at once, without locks.
+
+On disk a patch is a safetensors file holding only the trained slices (for ``wv``: just the
+``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision, site,
+layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so a patch is refused
+on any other base.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import PatchError
+from .layout import BLOCK, C_ATTN, GPT2Layout, ParamSlice
+
+FORMAT = "transformer-surgery-patch/1"
+CONFIG_KEYS = ("model_type", "n_layer", "n_head", "n_embd", "n_inner", "vocab_size", "n_positions")
+JSON_METADATA = ("base_config",)  # metadata entries stored as JSON text; the others are plain strings
+
+
+@dataclass
+class Patch:
+    """New values of the trained slices of block ``layer``; ``values[name]`` has the slice's shape."""
+
+    site: str
+    layer: int
+    slices: tuple[ParamSlice, ...]
+    values: dict[str, Tensor]
+    metadata: dict = field(default_factory=dict)  # base_model, revision, base_config, base_block_sha256, ...
+
+    @property
+    def numel(self) -> int:
+        return sum(v.numel() for v in self.values.values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the slices and the metadata (all JSON strings, as safetensors requires) to ``path``."""
+        meta = {"format": FORMAT, "site": self.site, "layer": str(self.layer),
+                "slices": json.dumps([s.to_dict() for s in self.slices])}
+        for key, value in self.metadata.items():
+            if value is not None:
+                meta[key] = json.dumps(value) if key in JSON_METADATA else str(value)
+        tensors = {name: v.detach().to("cpu").contiguous() for name, v in self.values.items()}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Patch":
+        """Read a patch file; raises :class:`PatchError` if it is missing or not a surgery patch."""
+        path = Path(path)
+        if not path.is_file():
+            raise PatchError(f"patch file {path} does not exist")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            values = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PatchError(f"{path} is not a readable safetensors file: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise PatchError(f"{path} is not a surgery patch (no '{FORMAT}' metadata)")
+        try:
+            slices = tuple(ParamSlice.from_dict(d) for d in json.loads(meta.pop("slices")))
+            site, layer = meta.pop("site"), int(meta.pop("layer"))
+        except (KeyError, ValueError, TypeError) as e:
+            raise PatchError(f"{path} has broken patch metadata ({e})") from None
+        meta.pop("format")
+        if {s.name for s in slices} != set(values):
+            raise PatchError(f"{path}: its tensors do not match its slice list")
+        try:
+            meta.update({k: json.loads(meta[k]) for k in JSON_METADATA if k in meta})
+        except json.JSONDecodeError as e:
+            raise PatchError(f"{path} has broken patch metadata ({e})") from None
+        return cls(site, layer, slices, values, meta)
+
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise :class:`PatchError` unless ``model`` is the base this patch was made from (config, shapes and
+        the SHA-256 of the patched block's weights)."""
+        config = base_config(model)
+        expected = self.metadata.get("base_config")
+        if expected is not None:
+            diff = [f"{k} {expected.get(k)} (patch) vs {config.get(k)} (model)" for k in CONFIG_KEYS
+                    if expected.get(k) != config.get(k)]
+            if diff:
+                raise PatchError(f"this patch was made for another model architecture: {'; '.join(diff)}")
+        layout = GPT2Layout.of(model)
+        if not 0 <= self.layer < layout.n_layer:
+            raise PatchError(f"this patch edits block {self.layer}; the model has blocks 0..{layout.n_layer - 1}")
+        params = dict(model.named_parameters())
+        for s in self.slices:
+            if s.name not in params:
+                raise PatchError(f"this patch edits {s.name}, which the model does not have")
+            want = tuple(s.read(params[s.name]).shape)
+            if tuple(self.values[s.name].shape) != want:
+                raise PatchError(f"{s.name}: the patch holds shape {tuple(self.values[s.name].shape)}, "
+                                 f"the model's slice is {want}")
+        digest = self.metadata.get("base_block_sha256")
+        if digest is not None and digest != block_digest(model, self.layer):
+            raise PatchError(f"this patch was made for another base model: block {self.layer}'s weights differ "
+                             f"(patch base: {self.metadata.get('base_model', 'unknown')})")
+
+
+def base_config(model: nn.Module) -> dict:
+    """The config entries that fix every tensor shape."""
+    return {k: getattr(model.config, k, None) for k in CONFIG_KEYS}
+
+
+def block_digest(model: nn.Module, layer: int) -> str:
+    """SHA-256 over block ``layer``'s parameters (names, shapes and bytes, in a fixed order)."""
+    h = hashlib.sha256()
+    block = model.get_submodule(BLOCK.format(layer))
+    for name, p in sorted(block.named_parameters()):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _is_hook_registry(name: str) -> bool:
+    return name.startswith(("_forward", "_backward")) and "hooks" in name
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing every submodule, parameter and buffer, with its own registries (so swapping
+    a child on the copy never touches the original) and no forward/backward hooks (another thread's hooks on
+    the original must not follow into the copy)."""
+    new = copy.copy(module)
+    for key, value in vars(module).items():
+        if isinstance(value, dict):
+            new.__dict__[key] = type(value)() if _is_hook_registry(key) else copy.copy(value)
+    return new
+
+
+def copy_block(model: nn.Module, layer: int) -> nn.Module:
+    """A private deep copy of block ``layer`` (sharing the config object), without any hooks."""
+    block = copy.deepcopy(model.get_submodule(BLOCK.format(layer)), memo={id(model.config): model.config})
+    for module in block.modules():
+        for key, value in vars(module).items():
+            if isinstance(value, dict) and _is_hook_registry(key):
+                module.__dict__[key] = type(value)()
+    return block
+
+
+def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
+    """A view of ``model`` with ``patch`` applied; ``model`` itself is not modified (see the module docstring).
+
+    Raises :class:`PatchError` if the patch does not fit ``model``.
+    """
+    patch.check_compatible(model)
+    block_path = BLOCK.format(patch.layer)
+    new_block = copy_block(model, patch.layer)
+    prefix = block_path + "."
+    with torch.no_grad():
+        for s in patch.slices:
+            param = new_block.get_parameter(s.name[len(prefix):])
+            s.read(param).copy_(patch.values[s.name].to(param.device, param.dtype))
+    view = _shallow_copy(model)
+    parent = view
+    parts = block_path.split(".")
+    for part in parts[:-1]:  # transformer, h
+        child = _shallow_copy(parent.get_submodule(part))
+        parent._modules[part] = child
+        parent = child
+    parent._modules[parts[-1]] = new_block
+    return view
+
+
+@dataclass
+class WeightStats:
+    """How far an edit moved the weights, and what it provably did not touch."""
+
+    params_in_site: int  # size of the trained slices
+    params_changed: int  # elements whose value differs from the base
+    delta_l2: float  # ||new - base||_2 over the trained slices
+    max_abs_delta: float
+    others_unchanged: bool  # every tensor outside the slices is bitwise equal to the base
+    qk_unchanged: bool | None  # wv only: Q/K columns and the whole c_attn bias bitwise equal
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def weight_stats(model: nn.Module, patch: Patch, edited: nn.Module | None = None) -> WeightStats:
+    """Compare ``edited`` (default: ``patched_model(model, patch)``) with the base ``model``, bitwise."""
+    edited = patched_model(model, patch) if edited is None else edited
+    base_params = dict(model.named_parameters())
+    new_params = dict(edited.named_parameters())
+    trained = {s.name: s for s in patch.slices}
+    changed, sq, max_abs = 0, 0.0, 0.0
+    others_unchanged = True
+    for name, base in base_params.items():
+        new = new_params[name]
+        s = trained.get(name)
+        if s is None:
+            others_unchanged &= torch.equal(base, new)
+            continue
+        delta = (s.read(new).double() - s.read(base).double())
+        changed += int((s.read(new) != s.read(base)).sum())
+        sq += float((delta ** 2).sum())
+        max_abs = max(max_abs, float(delta.abs().max()) if delta.numel() else 0.0)
+        if s.cols is not None:  # the columns outside the slice must be untouched too
+            mask = torch.ones(base.shape[1], dtype=torch.bool, device=base.device)
+            mask[s.cols] = False
+            others_unchanged &= torch.equal(base[:, mask], new[:, mask])
+    qk_unchanged = None
+    if patch.site == "wv":
+        layout = GPT2Layout.of(model)
+        w, b = C_ATTN.format(patch.layer) + ".weight", C_ATTN.format(patch.layer) + ".bias"
+        qk = slice(layout.qkv_columns("q").start, layout.qkv_columns("k").stop)
+        qk_unchanged = torch.equal(base_params[w][:, qk], new_params[w][:, qk]) and torch.equal(
+            base_params[b], new_params[b])
+    return WeightStats(params_in_site=patch.numel, params_changed=changed, delta_l2=sq ** 0.5,
+                       max_abs_delta=max_abs, others_unchanged=bool(others_unchanged), qk_unchanged=qk_unchanged)

@@ -1,0 +1,193 @@
+"""What an edit did, before and after: facts, panels, KL and weight statistics, as one dataclass.
+
+The same before/after rows feed the CLI, ``report.json``, the model card and ``verify``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from typing import Sequence
+
+from torch import nn
+
+from .evaluation import PanelResult, ProbeScores, evaluate_panel, mean_kl, score_probes
+from .panels import Panel, Probe
+from .patch import WeightStats
+
+PERPLEXITY_TOLERANCE = 0.05  # verify: at most 5% relative perplexity increase counts as "no regression"
+
+
+@dataclass
+class FactOutcome:
+    """One fact: the model's answer before and after the edit."""
+
+    prompt: str
+    target: str
+    before: str
+    after: str
+    correct_before: bool
+    correct_after: bool
+    verdict: str | None = None  # diagnosis of the base model: routing / absence / correct
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fact_outcomes(before: ProbeScores, after: ProbeScores, verdicts: list[str] | None = None) -> list[FactOutcome]:
+    """Pair the before and after scores of the same facts."""
+    verdicts = verdicts or [None] * before.total
+    return [
+        FactOutcome(b.prompt, b.target, b.answer, a.answer, b.correct, a.correct, v)
+        for b, a, v in zip(before.results, after.results, verdicts)
+    ]
+
+
+@dataclass
+class Comparison:
+    """Base and edited model side by side: facts, panels and KL (what ``verify`` and a report both show)."""
+
+    facts: list[FactOutcome]
+    panel_before: PanelResult
+    panel_after: PanelResult
+    kl_unrelated: float  # mean KL(base || edited) of next-token distributions on the unrelated text
+
+    @property
+    def facts_before(self) -> int:
+        return sum(f.correct_before for f in self.facts)
+
+    @property
+    def facts_after(self) -> int:
+        return sum(f.correct_after for f in self.facts)
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """``(metric, before, after)`` rows for tables."""
+        b, a, n = self.panel_before, self.panel_after, len(self.facts)
+        return [
+            ("facts correct", f"{self.facts_before}/{n}", f"{self.facts_after}/{n}"),
+            ("general", f"{b.general.correct}/{b.general.total}", f"{a.general.correct}/{a.general.total}"),
+            ("side effects", f"{b.side_effects.correct}/{b.side_effects.total}",
+             f"{a.side_effects.correct}/{a.side_effects.total}"),
+            ("perplexity", f"{b.perplexity:.2f}", f"{a.perplexity:.2f}"),
+            ("mean KL on unrelated text", "0", f"{self.kl_unrelated:.2e}"),
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "facts_before": self.facts_before, "facts_after": self.facts_after, "facts_total": len(self.facts),
+            "facts": [f.to_dict() for f in self.facts],
+            "panel_before": self.panel_before.to_dict(), "panel_after": self.panel_after.to_dict(),
+            "kl_unrelated": self.kl_unrelated,
+        }
+
+
+def compare(base: nn.Module, edited: nn.Module, tokenizer, facts: Sequence[Probe], panel: Panel,
+            unrelated: Sequence[str] | None = None, verdicts: list[str] | None = None,
+            before: ProbeScores | None = None, after: ProbeScores | None = None) -> Comparison:
+    """Score ``base`` and ``edited`` on the facts and the panel, and their KL on the unrelated text (default: the
+    panel's). Scores already computed can be passed as ``before``/``after``."""
+    facts = list(facts)
+    before = before if before is not None else score_probes(base, tokenizer, facts)
+    after = after if after is not None else score_probes(edited, tokenizer, facts)
+    unrelated = list(unrelated) if unrelated is not None else list(panel.unrelated_text)
+    return Comparison(
+        facts=fact_outcomes(before, after, verdicts),
+        panel_before=evaluate_panel(base, tokenizer, panel),
+        panel_after=evaluate_panel(edited, tokenizer, panel),
+        kl_unrelated=mean_kl(base, edited, tokenizer, unrelated),
+    )
+
+
+def regressions(c: Comparison, perplexity_tolerance: float = PERPLEXITY_TOLERANCE) -> list[str]:
+    """Why an edit fails verification (empty: it passes). Passing means every fact is correct after, the
+    general and side-effect counts are not lower, and perplexity rose by at most ``perplexity_tolerance``
+    (relative)."""
+    reasons = []
+    wrong = [f for f in c.facts if not f.correct_after]
+    if wrong:
+        reasons.append(f"{len(wrong)}/{len(c.facts)} facts still wrong after (e.g. {wrong[0].prompt!r} -> "
+                       f"{wrong[0].after!r}, expected {wrong[0].target!r})")
+    b, a = c.panel_before, c.panel_after
+    for name in ("general", "side_effects"):
+        nb, na = getattr(b, name).correct, getattr(a, name).correct
+        if na < nb:
+            reasons.append(f"{name.replace('_', '-')} probes regressed: {nb} -> {na} of {getattr(a, name).total}")
+    if not a.perplexity <= b.perplexity * (1 + perplexity_tolerance):
+        reasons.append(f"perplexity rose from {b.perplexity:.3f} to {a.perplexity:.3f} "
+                       f"(more than {100 * perplexity_tolerance:g}%)")
+    return reasons
+
+
+@dataclass
+class SurgeryReport:
+    """Everything about one edit: where, how long, and what changed (layers 0-indexed)."""
+
+    site: str
+    layer: int
+    layer_reason: str  # "given" or why --layer auto chose it
+    params_in_site: int
+    params_total: int
+    steps: int  # optimizer steps taken (stops early once every fact is top-1)
+    epochs: int  # the budget: one epoch = one full-batch step over all facts and the unrelated text
+    final_loss: float
+    final_ce: float
+    final_kl: float
+    train_time_s: float
+    wall_time_s: float  # whole operate(): diagnosis, capture, training and evaluation
+    comparison: Comparison
+    weights: WeightStats
+    config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.params_in_site / self.params_total
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        w = self.weights
+        rows = self.comparison.rows() + [
+            ("parameters trained", "", f"{self.params_in_site:,} ({100 * self.fraction:.2f}% of the model)"),
+            ("parameters changed", "", f"{w.params_changed:,}"),
+            ("ΔL2 / max |Δ|", "", f"{w.delta_l2:.4f} / {w.max_abs_delta:.4f}"),
+            ("other tensors unchanged (bitwise)", "", str(w.others_unchanged).lower()),
+        ]
+        if w.qk_unchanged is not None:
+            rows.append(("Q/K unchanged (bitwise)", "", str(w.qk_unchanged).lower()))
+        return rows
+
+    def to_dict(self) -> dict:
+        c = self.comparison
+        n = len(c.facts)
+        return {
+            "site": self.site, "layer": self.layer, "layer_reason": self.layer_reason,
+            "params_in_site": self.params_in_site, "params_total": self.params_total, "fraction": self.fraction,
+            "steps": self.steps, "epochs": self.epochs,
+            "final_loss": self.final_loss, "final_ce": self.final_ce, "final_kl": self.final_kl,
+            "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s,
+            "facts_fixed": f"{c.facts_after}/{n}", "facts_before": f"{c.facts_before}/{n}",
+            **{k: v for k, v in c.to_dict().items() if k not in ("facts_before", "facts_after")},
+            "weights": self.weights.to_dict(), "config": self.config, "notes": self.notes,
+        }
+
+
+def format_rows(rows: list[tuple[str, str, str]], markdown: bool = False) -> str:
+    """A before/after table as aligned text or as Markdown."""
+    if markdown:
+        lines = ["| | before | after |", "|---|---|---|"]
+        cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+        return "\n".join(lines + [f"| {cell(m)} | {cell(b)} | {cell(a)} |" for m, b, a in rows])
+    width = max(len(m) for m, _, _ in rows)
+    lines = [f"{'':<{width}}  {'before':>12}  after"]
+    return "\n".join(lines + [f"{m:<{width}}  {b:>12}  {a}" for m, b, a in rows])
+
+
+def format_facts(facts: list[FactOutcome]) -> str:
+    """One line per fact: prompt, target, answer before -> after."""
+    def mark(ok: bool) -> str:
+        return "ok " if ok else "NO "
+
+    return "\n".join(
+        f"  {f.prompt!r:<40} {f.target!r:<12} before {mark(f.correct_before)}{f.before!r:<12} "
+        f"after {mark(f.correct_after)}{f.after!r}"
+        for f in facts
+    )

@@ -1,0 +1,376 @@
+"""Single-site surgery: retrain one site of one block so the facts come out right, and nothing else moves.
+
+Invariant (as in ROME): the model passed in is the same at the end as at the start — bitwise. Training works on
+a private copy of the edited block; the trainable tensors are exactly the site's slices (for ``wv`` the
+``[d_model, d_model]`` V columns of ``c_attn.weight``: the Q/K columns and the ``c_attn`` bias are never
+trainable, so they stay bitwise identical); the blocks above are run read-only from the base. The result is a
+:class:`~surgery.patch.Patch`; :func:`~surgery.patch.patched_model` turns it into a usable view.
+
+Speed by design: the blocks below ``layer`` are frozen, so their output — the residual input of block
+``layer`` — is captured once for the fact prompts and the unrelated text; each step runs only blocks
+``layer .. n_layer-1``, then ``ln_f`` and the unembedding at the positions that matter (the last position of
+each fact prompt, every position of the unrelated text). The original model's next-token distributions on the
+unrelated text are computed once.
+
+Loss = cross-entropy of each target's first token at its prompt's last position
+       + ``kl_weight`` * mean KL(original || edited) of the next-token distributions on the unrelated text.
+
+Defaults (:class:`SurgeryConfig`): Adam, lr 1e-3, at most 100 epochs (one epoch = one full-batch step over
+all facts and the unrelated text), kl_weight 1.0, early stop as soon as every fact is top-1 by at least
+``margin`` = 0.1 logit. Training draws no random numbers (full batch, dropout off, the slices start at the base
+values), so a run is deterministic on CPU; ``seed`` seeds torch's RNG inside a forked RNG state anyway, so a
+future random op stays reproducible and the caller's RNG is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .diagnosis import diagnose_batch
+from .errors import InputError, SurgeryFailed
+from .evaluation import encode_texts, kl_divergence, score_probes
+from .hooks import hooked
+from .layout import BLOCK, LM_HEAD, LN_F, SITES, GPT2Layout, causal_mask, count_parameters
+from .panels import Panel, Probe, panel_for_model
+from .patch import Patch, base_config, block_digest, copy_block, patched_model, weight_stats
+from .report import SurgeryReport, compare
+from .tokens import encode_prompt, encode_target, pad_right
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    """How to operate. Defaults are documented in the module docstring and ``docs/surgery.md``.
+
+    site: ``wv`` | ``attn`` | ``mlp`` | ``layer``; layer: 0-indexed block, or None for the diagnosis'
+    prescribed layer; lr: Adam learning rate; epochs: step budget; kl_weight: weight of the preservation term;
+    margin: logits by which each target must lead for the early stop; max_unrelated_tokens: tokens of unrelated
+    text used by the preservation term (the text is cut there); seed: RNG seed.
+    """
+
+    site: str = "wv"
+    layer: int | None = None
+    lr: float = 1e-3
+    epochs: int = 100
+    kl_weight: float = 1.0
+    margin: float = 0.1
+    max_unrelated_tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.site not in SITES:
+            raise InputError(f"unknown site {self.site!r}: choose one of {', '.join(SITES)}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
+                                       or self.layer < 0):
+            raise InputError(f"layer must be a block index (0, 1, ...) or auto, not {self.layer!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"the learning rate must be a positive number, not {self.lr}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise InputError(f"epochs must be at least 1, not {self.epochs}")
+        if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            raise InputError(f"kl_weight must be a non-negative number, not {self.kl_weight}")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise InputError(f"margin must be a non-negative number, not {self.margin}")
+        if self.max_unrelated_tokens < 0:
+            raise InputError("max_unrelated_tokens must be non-negative")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SurgeryConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise InputError(f"unknown surgery option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class SurgeryResult:
+    patch: Patch
+    report: SurgeryReport
+
+    def to_dict(self) -> dict:
+        return self.report.to_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the layer.
+# --------------------------------------------------------------------------------------------------
+
+
+def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> tuple[int, str, list[str]]:
+    """The most common prescribed layer among the facts diagnosed as routing failures (ties: the first such
+    fact's). Returns ``(layer, reason, verdicts)``; raises :class:`InputError` when no fact is a routing failure.
+    """
+    diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    verdicts = [d.verdict for d in diagnoses]
+    routing = [d for d in diagnoses if d.verdict == "routing"]
+    if not routing:
+        absent = [d.prompt for d in diagnoses if d.verdict == "absence"]
+        raise InputError(
+            "--layer auto needs a routing failure among the facts, but "
+            + (f"{len(absent)} are absences (the model never had them: {absent[0]!r}, ...)" if absent
+               else "every fact is already correct")
+            + "; pass --layer N to operate anyway"
+        )
+    counts = Counter(d.prescribed_layer for d in routing)
+    layer, n = counts.most_common(1)[0]
+    overrides = Counter((d.override["layer"], d.override["head"]) for d in routing)
+    (o_layer, o_head), _ = overrides.most_common(1)[0]
+    reason = (f"auto: block {layer} (L{layer + 1}) is the prescribed layer of {n}/{len(routing)} routing "
+              f"failures (where the target is written most strongly before the override head, "
+              f"most often L{o_layer + 1} H{o_head})")
+    return layer, reason, verdicts
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen inputs and the upper stack.
+# --------------------------------------------------------------------------------------------------
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once block ``layer``'s input is known."""
+
+
+def capture_block_input(model: nn.Module, input_ids: Tensor, layer: int) -> Tensor:
+    """Residual stream entering block ``layer`` (the frozen part's output). (B, T) -> Float[Tensor, "B T d"].
+
+    The blocks from ``layer`` on are not run. ``input_ids`` may be right-padded (causal: no mask needed).
+    """
+    store = {}
+
+    def grab(module, args):
+        store["hidden"] = args[0].detach()
+        raise _Captured
+
+    with torch.no_grad(), hooked(model, pre={BLOCK.format(layer): grab}):
+        try:
+            model.transformer(input_ids=input_ids, use_cache=False)
+        except _Captured:
+            pass
+    return store["hidden"]
+
+
+@dataclass
+class FrozenInputs:
+    """Everything the training steps need that does not change while training. d = d_model."""
+
+    facts_hidden: Tensor  # Float[Tensor, "Bf Tf d"] residual input of block `layer`
+    facts_last: Tensor  # Long[Tensor, "Bf"] last real position of each prompt
+    targets: Tensor  # Long[Tensor, "Bf"] first token of each target
+    text_hidden: Tensor | None  # Float[Tensor, "Bu Tu d"] (None without unrelated text)
+    text_real: Tensor | None  # Bool[Tensor, "Bu Tu"] real (non-padding) positions
+    ref_log_probs: Tensor | None = None  # Float[Tensor, "N V"] original next-token log-probs, N = real positions
+
+
+def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
+    out, used = [], 0
+    for ids in encoded:
+        ids = ids[: budget - used]
+        if len(ids) >= 2:
+            out.append(ids)
+            used += len(ids)
+        if used >= budget:
+            break
+    return out
+
+
+def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated: Sequence[str], layer: int,
+                  max_unrelated_tokens: int) -> FrozenInputs:
+    """Capture block ``layer``'s inputs for the fact prompts and the unrelated text, once."""
+    layout = GPT2Layout.of(model)
+    device = next(model.parameters()).device
+    prompts = [encode_prompt(tokenizer, f.prompt, layout.n_ctx) for f in facts]
+    targets = torch.tensor([encode_target(tokenizer, f.target)[0] for f in facts], device=device)
+    ids, lengths = pad_right(prompts, tokenizer.pad_token_id, device)
+    frozen = FrozenInputs(capture_block_input(model, ids, layer), lengths - 1, targets, None, None)
+    texts = _truncate_texts(encode_texts(tokenizer, unrelated, layout.n_ctx), max_unrelated_tokens)
+    if texts:
+        t_ids, t_lengths = pad_right(texts, tokenizer.pad_token_id, device)
+        frozen.text_hidden = capture_block_input(model, t_ids, layer)
+        frozen.text_real = torch.arange(t_ids.shape[1], device=device)[None] < t_lengths[:, None]
+    return frozen
+
+
+class UpperStack:
+    """Blocks ``layer .. n_layer-1``, ``ln_f`` and the unembedding, with block ``layer`` replaced by a private
+    copy whose site parameters are given per call (``functional_call``: the copy itself is never written)."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        self.model, self.layer = model, layer
+        self.block = copy_block(model, layer).eval()
+        self.prefix = BLOCK.format(layer) + "."
+        self.ln_f = model.get_submodule(LN_F)
+        self.lm_head = model.get_submodule(LM_HEAD)
+
+    def block_params(self, slices, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Full tensors of the block's site parameters, the trained slices spliced into the base values."""
+        base = dict(self.block.named_parameters())
+        return {s.name[len(self.prefix):]: s.write(base[s.name[len(self.prefix):]], values[s.name]) for s in slices}
+
+    def residual(self, hidden: Tensor, params: dict[str, Tensor]) -> Tensor:
+        """Final residual (after ``ln_f``) from block ``layer``'s input. (B, T, d) -> (B, T, d)."""
+        mask = causal_mask(hidden.shape[1], hidden.dtype, hidden.device)  # (1, 1, T, T)
+        h = functional_call(self.block, params, (hidden,), {"attention_mask": mask})
+        for i in range(self.layer + 1, len(self.model.transformer.h)):
+            h = self.model.transformer.h[i](h, attention_mask=mask)
+        return self.ln_f(h)
+
+    def fact_logits(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
+        """Next-token logits at each fact prompt's last position. Float[Tensor, "Bf V"]."""
+        h = self.residual(frozen.facts_hidden, params)
+        rows = torch.arange(h.shape[0], device=h.device)
+        return self.lm_head(h[rows, frozen.facts_last])
+
+    def text_log_probs(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
+        """Next-token log-probabilities at the unrelated text's real positions. Float[Tensor, "N V"]."""
+        h = self.residual(frozen.text_hidden, params)
+        return F.log_softmax(self.lm_head(h[frozen.text_real]).float(), -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOutcome:
+    values: dict[str, Tensor]
+    steps: int
+    loss: float
+    ce: float
+    kl: float
+    fixed: int
+
+
+def train_site(model: nn.Module, frozen: FrozenInputs, site: str, layer: int, config: SurgeryConfig,
+               progress: Progress | None = None) -> TrainOutcome:
+    """Adam on the site's slices of block ``layer`` until every fact is top-1 by ``config.margin`` or the
+    budget is spent. Returns the trained slice values (the model is not touched)."""
+    layout = GPT2Layout.of(model)
+    slices = layout.site_slices(site, layer)
+    stack = UpperStack(model, layer)
+    base = dict(stack.block.named_parameters())
+    values = {s.name: s.read(base[s.name[len(stack.prefix):]]).detach().clone().requires_grad_(True)
+              for s in slices}
+    optimizer = torch.optim.Adam(values.values(), lr=config.lr)
+    use_kl = frozen.text_hidden is not None and config.kl_weight > 0
+    if use_kl and frozen.ref_log_probs is None:
+        with torch.no_grad():
+            frozen.ref_log_probs = stack.text_log_probs(frozen, stack.block_params(slices, values))
+    steps = 0
+    while True:
+        params = stack.block_params(slices, values)
+        logits = stack.fact_logits(frozen, params)  # (Bf, V)
+        ce = F.cross_entropy(logits.float(), frozen.targets)
+        kl = kl_divergence(frozen.ref_log_probs, stack.text_log_probs(frozen, params)) if use_kl else ce.new_zeros(())
+        loss = ce + config.kl_weight * kl
+        if not torch.isfinite(loss):
+            raise SurgeryFailed(f"training diverged: the loss became {float(loss)} at step {steps}; "
+                                f"try a lower learning rate (now {config.lr})")
+        fixed = _n_fixed(logits.detach(), frozen.targets, config.margin)
+        if fixed == len(frozen.targets) or steps >= config.epochs:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        if progress is not None:
+            progress(steps, config.epochs, float(loss))
+        log.debug("step %d loss %.4f ce %.4f kl %.2e fixed %d/%d", steps, loss, ce, kl, fixed, len(frozen.targets))
+    bad = [n for n, v in values.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise SurgeryFailed(f"training produced NaN/Inf weights in {', '.join(bad)}; try a lower learning rate")
+    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss.item(), ce.item(),
+                        kl.item(), fixed)
+
+
+def _n_fixed(logits: Tensor, targets: Tensor, margin: float) -> int:
+    """Facts whose target leads every other token by at least ``margin``."""
+    target = logits.gather(-1, targets[:, None])  # (B, 1)
+    others = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1, keepdim=True)
+    return int((target - others >= margin).sum()) if margin > 0 else int((target > others).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole operation.
+# --------------------------------------------------------------------------------------------------
+
+
+def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: SurgeryConfig = SurgeryConfig(),
+            unrelated: Sequence[str] | None = None, progress: Progress | None = None,
+            panel: Panel | None = None) -> SurgeryResult:
+    """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
+
+    ``facts``: probes (prompt, target); only each target's first token is trained. ``unrelated``: texts for the
+    preservation term (default: the panel's ``unrelated_text``). ``panel``: what the report judges the edit by
+    (default :func:`panel_for_model`). ``progress(step, total, loss)`` is called after every step.
+    Raises :class:`InputError` (bad facts, nothing to fix, no routing failure for ``layer=None``) or
+    :class:`SurgeryFailed` (NaN/Inf, or facts not all fixed within the budget).
+    """
+    t0 = time.perf_counter()
+    facts = list(facts)
+    if not facts:
+        raise InputError("no facts given: give at least one {\"prompt\", \"target\"} to fix")
+    layout = GPT2Layout.of(model)
+    panel = panel if panel is not None else panel_for_model(model)
+    unrelated = list(unrelated) if unrelated is not None else list(panel.unrelated_text)
+    before = score_probes(model, tokenizer, facts)  # also validates every prompt and target
+    if before.correct == before.total:
+        raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
+    if config.layer is None:
+        layer, reason, verdicts = choose_layer(model, tokenizer, facts)
+    else:
+        layer, reason = layout.check_layer(config.layer), "given"
+        verdicts = [d.verdict for d in diagnose_batch(model, tokenizer, [f.prompt for f in facts],
+                                                      [f.target for f in facts])]
+    log.info("operating on site %s of block %d (%s)", config.site, layer, reason)
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        t_train = time.perf_counter()
+        frozen = freeze_inputs(model, tokenizer, facts, unrelated, layer, config.max_unrelated_tokens)
+        outcome = train_site(model, frozen, config.site, layer, config, progress)
+        train_time = time.perf_counter() - t_train
+
+    slices = tuple(layout.site_slices(config.site, layer))
+    patch = Patch(config.site, layer, slices, outcome.values,
+                  {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)})
+    edited = patched_model(model, patch)
+    after = score_probes(edited, tokenizer, facts)
+    if after.correct < after.total:
+        wrong = [r.prompt for r in after.results if not r.correct]
+        raise SurgeryFailed(
+            f"not fixed within the budget: {after.correct}/{after.total} facts correct after {outcome.steps} "
+            f"epochs at site {config.site} of block {layer} (still wrong: {wrong[0]!r}"
+            f"{', ...' if len(wrong) > 1 else ''}); try more --epochs, a larger site or another --layer"
+        )
+    comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after)
+    notes = [f"{f.target!r} is several tokens; only its first token was trained"
+             for f in facts if len(encode_target(tokenizer, f.target)) > 1]
+    report = SurgeryReport(
+        site=config.site, layer=layer, layer_reason=reason,
+        params_in_site=patch.numel, params_total=count_parameters(model),
+        steps=outcome.steps, epochs=config.epochs,
+        final_loss=outcome.loss, final_ce=outcome.ce, final_kl=outcome.kl,
+        train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
+        comparison=comparison, weights=weight_stats(model, patch, edited),
+        config={**config.to_dict(), "layer": layer, "panel": panel.name}, notes=notes,
+    )
+    return SurgeryResult(patch, report)
