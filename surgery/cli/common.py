@@ -39,3 +39,46 @@ def print_json(obj) -> None:
 def head_label(layer: int, head: int) -> str:
     """Human label: 1-indexed layer as in the reference write-up, plus the module index."""
     return f"L{layer + 1} H{head} (h.{layer} head {head})"
+
+
+def add_panel_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--panels", metavar="FILE",
+                        help="evaluation panel JSON (default: the bundled panel for this model; docs/panels.md)")
+
+
+def load_panel_arg(args: argparse.Namespace, model):
+    """The panel given with --panels, or the bundled one for ``model``."""
+    from ..panels import load_panel, panel_for_model
+
+    return load_panel(args.panels) if getattr(args, "panels", None) else panel_for_model(model)
+
+
+def parse_layer(text: str) -> int | None:
+    """``--layer N|auto`` -> block index or None (auto). Range is checked against the model later."""
+    from ..errors import InputError
+
+    if text is None or text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"--layer must be a block index (0, 1, ...) or auto, not {text!r}") from None
+
+
+def tqdm_progress(desc: str):
+    """A ``progress(step, total, loss)`` callback drawing a tqdm bar on stderr, and a function closing it."""
+    from tqdm.auto import tqdm
+
+    bar = {}
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+        bar["bar"].update(step - bar["bar"].n)
+        bar["bar"].set_postfix(loss=f"{loss:.4f}")
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return progress, close

@@ -1,0 +1,105 @@
+"""``operate``: retrain one site of one block so the facts come out right; write model, patch, report, card."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import InputError
+from ..export import check_output_dir, write_output
+from ..panels import load_facts
+from ..report import format_facts, format_rows
+from ..training import SurgeryConfig, SurgeryResult, operate
+from .common import (add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json,
+                     tqdm_progress)
+
+DEFAULTS = SurgeryConfig()
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``operate`` and ``compare-sites``."""
+    p.add_argument("--facts", required=True, metavar="FILE",
+                   help='JSON list of {"prompt", "target"} (a panel file works too: its facts are used)')
+    p.add_argument("--layer", default="auto", help="block index (0-indexed) or auto: the diagnosis' prescribed "
+                                                   "layer of the failing facts (default auto)")
+    p.add_argument("--unrelated", metavar="TEXT_FILE",
+                   help="text for the preservation (KL) loss; passages separated by blank lines "
+                        "(default: the panel's unrelated_text)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
+                   help=f"step budget: one epoch = one full-batch Adam step (default {DEFAULTS.epochs}; "
+                        "stops early once every fact is top-1)")
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help=f"Adam learning rate (default {DEFAULTS.lr})")
+    p.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight,
+                   help=f"weight of the KL preservation term (default {DEFAULTS.kl_weight})")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"random seed (default {DEFAULTS.seed})")
+    add_panel_arg(p)
+    add_device_arg(p)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("operate", help="retrain one site so the facts come out right, and write the fix",
+                       description="Single-site surgery: train one site (wv, attn, mlp or layer) of one block on "
+                                   "the facts plus a KL term on unrelated text; every other tensor stays bitwise "
+                                   "identical. Writes the corrected model, patch.safetensors, report.json and "
+                                   "README.md to --out, atomically.")
+    add_model_arg(p)
+    p.add_argument("--site", default="wv", help="wv | attn | mlp | layer (default wv)")
+    add_training_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace, site: str) -> SurgeryConfig:
+    return SurgeryConfig(site=site, layer=parse_layer(args.layer), lr=args.lr, epochs=args.epochs,
+                         kl_weight=args.kl_weight, seed=args.seed)
+
+
+def read_unrelated(path: str | None) -> list[str] | None:
+    """Passages of a text file, split at blank lines; None without a file."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read --unrelated {path}: {e.strerror or e}") from None
+    passages = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not passages:
+        raise InputError(f"--unrelated {path} is empty")
+    return passages
+
+
+def run_operate(loaded, facts, config: SurgeryConfig, panel, unrelated, desc: str) -> SurgeryResult:
+    """``operate`` with a tqdm bar on stderr."""
+    progress, close = tqdm_progress(desc)
+    try:
+        return operate(loaded.model, loaded.tokenizer, facts, config, unrelated=unrelated, progress=progress,
+                       panel=panel)
+    finally:
+        close()
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args, args.site)  # bad site/layer/lr: fail before loading anything
+    check_output_dir(args.out, args.overwrite)
+    facts = load_facts(args.facts)
+    unrelated = read_unrelated(args.unrelated)
+    loaded = load(args)
+    panel = load_panel_arg(args, loaded.model)
+    result = run_operate(loaded, facts, config, panel, unrelated, f"surgery {config.site}")
+    out = write_output(args.out, loaded, result, overwrite=args.overwrite)
+    if args.json:
+        print_json({"out": str(out), **result.report.to_dict()})
+        return 0
+    r = result.report
+    print(f"site {r.site} of block {r.layer} (transformer.h.{r.layer}, L{r.layer + 1}): {r.layer_reason}")
+    print(f"{r.steps} steps in {r.train_time_s:.1f} s (total {r.wall_time_s:.1f} s); final loss {r.final_loss:.4f}")
+    print("facts:")
+    print(format_facts(r.comparison.facts))
+    print()
+    print(format_rows(r.rows()))
+    for note in r.notes:
+        print(f"note: {note}")
+    print(f"\nwritten to {out}")
+    return 0

@@ -1,0 +1,61 @@
+"""``verify``: check a corrected model against its base — facts fixed, no panel regressed.
+
+Exit 0 only if every fact is correct in the corrected model and no panel regresses (general and side-effect
+counts not lower, perplexity at most 5% higher); exit 1 with the reasons otherwise; 2 for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InputError
+from ..model_io import load_model
+from ..panels import load_facts
+from ..report import PERPLEXITY_TOLERANCE, compare, format_facts, format_rows, regressions
+from .common import add_device_arg, add_panel_arg, load_panel_arg, print_json, resolve_device
+
+EXIT_FAILED = 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("verify", help="check a corrected model against its base (exit 0 = verified)",
+                       description="Facts before/after and the evaluation panels for a base and a corrected "
+                                   "model (Hub ids or folders). Exit 0 only if every fact is correct after and "
+                                   "no panel regresses; otherwise exit 1 with the reason.")
+    p.add_argument("--base", required=True, metavar="PATH_OR_ID", help="the original model")
+    p.add_argument("--corrected", required=True, metavar="PATH_OR_ID", help="the corrected model")
+    p.add_argument("--facts", metavar="FILE", help="facts JSON (default: the panel's facts)")
+    add_panel_arg(p)
+    p.add_argument("--tolerance", type=float, default=PERPLEXITY_TOLERANCE,
+                   help=f"allowed relative perplexity increase (default {PERPLEXITY_TOLERANCE})")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_device_arg(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    facts = load_facts(args.facts) if args.facts else None
+    base = load_model(args.base, device=device)
+    corrected = load_model(args.corrected, device=device)
+    if base.model.config.vocab_size != corrected.model.config.vocab_size or (
+            base.tokenizer.get_vocab() != corrected.tokenizer.get_vocab()):
+        raise InputError("the base and the corrected model use different vocabularies: not a base/fix pair")
+    panel = load_panel_arg(args, base.model)
+    if facts is None:
+        facts = list(panel.facts)
+        if not facts:
+            raise InputError(f"panel {panel.name!r} has no facts: pass --facts FILE")
+    c = compare(base.model, corrected.model, base.tokenizer, facts, panel)
+    reasons = regressions(c, args.tolerance)
+    if args.json:
+        print_json({"verified": not reasons, "reasons": reasons, "base": base.source,
+                    "corrected": corrected.source, "perplexity_tolerance": args.tolerance, **c.to_dict()})
+    else:
+        print(f"base       {base.source}\ncorrected  {corrected.source}\nfacts:")
+        print(format_facts(c.facts))
+        print()
+        print(format_rows(c.rows()))
+        print()
+        print("VERIFIED" if not reasons else "NOT VERIFIED: " + "; ".join(reasons))
+    return 0 if not reasons else EXIT_FAILED
