@@ -1,13 +1,599 @@
-"""Gradio app (stub until the Space issue lands): python app.py."""
+"""Transformer Surgery — the Gradio app (the Hugging Face Space): ``python app.py``.
+
+The UI only. :func:`build_demo` lays out four tabs — Diagnose, Heads, Surgery, Verify — whose callbacks are the
+methods of :class:`SurgeryApp`: each adapts UI values to one call into the ``surgery`` library and its result
+back to components. Nothing happens at import: the model is loaded by :func:`build_demo`, and the environment
+(``SURGERY_MODEL``, ``GRADIO_SERVER_NAME``/``PORT``, ``SPACE_ID``) is read only by :func:`main`.
+
+Many users share one base model that is never modified. A session's edit lives in its ``gr.State`` as a
+:class:`surgery.sessions.SessionEdit` (patch + report + its own download folder) and that session's requests run
+on a patched *view* of the base (:func:`surgery.patch.patched_model`), so sessions never see each other's edits.
+Surgery runs through the queue one at a time (its own concurrency group); diagnosis, generation and
+verification have their own groups, so they stay responsive while someone operates.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
 
 import gradio as gr
+import pandas as pd
+import torch
+
+from surgery.diagnosis import Diagnosis, diagnose
+from surgery.errors import InputError, SurgeryError
+from surgery.evaluation import score_probes
+from surgery.export import write_output
+from surgery.generation import generate
+from surgery.hub import push_folder
+from surgery.layout import SITES, GPT2Layout, count_parameters
+from surgery.model_io import load_model
+from surgery.panels import Panel, Probe, panel_for_model, probes_from_json
+from surgery.report import Comparison, compare, format_rows, regressions
+from surgery.sessions import SessionEdit, StartUp, load_or_demo, write_downloads
+from surgery.static_heads import StaticHeadCache, head_table
+from surgery.training import SurgeryConfig, choose_layer, operate
+
+try:  # On a ZeroGPU Space, surgery and generation get a GPU for the duration of the call.
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # Elsewhere a no-op with the same call forms: @gpu and @gpu(duration=...).
+
+    def gpu(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
 
 
-def build_demo() -> gr.Blocks:
+log = logging.getLogger("app")
+
+DEFAULT_MODEL = "gpt2"
+MAX_PROMPT_CHARS = 1000
+MAX_NEW_TOKENS = 64
+TOP_HEADS = 12
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose", neutral_hue="slate")
+CSS = """
+.banner { border: 1px solid #f59e0b; background: #fffbeb; border-radius: 8px; padding: 2px 14px; }
+.banner p { color: #78350f !important; }
+.verdict { border-left: 4px solid var(--color-accent); padding: 0 14px; font-size: 1.05rem; }
+.muted p { color: var(--body-text-color-subdued); font-size: 0.92rem; }
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# User errors become one gr.Error line (in the UI and for API clients), never a traceback.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def user_errors(fn):
+    """Convert :class:`surgery.errors.SurgeryError` raised by a callback into ``gr.Error``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SurgeryError as e:
+            raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
+
+    return wrapper
+
+
+def check_prompt(prompt, what: str = "prompt") -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"the {what} is empty: type some text for the model to continue")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"the {what} is {len(prompt):,} characters long; keep it under {MAX_PROMPT_CHARS:,}")
+    return prompt
+
+
+def parse_facts(facts) -> list[Probe]:
+    """Facts from the JSON editor (a string), a list of ``{"prompt","target"}`` or table rows."""
+    if isinstance(facts, str):
+        if not facts.strip():
+            raise InputError("no facts given: add at least one {\"prompt\", \"target\"} to fix")
+        try:
+            facts = json.loads(facts)
+        except json.JSONDecodeError as e:
+            raise InputError(f"the facts are not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if isinstance(facts, pd.DataFrame):
+        facts = facts.to_dict("records")
+    if isinstance(facts, list) and facts and isinstance(facts[0], (list, tuple)):
+        facts = [{"prompt": r[0], "target": r[1]} for r in facts if any(str(c).strip() for c in r)]
+    probes = probes_from_json(facts, "facts")
+    for p in probes:
+        check_prompt(p.prompt, "fact prompt")
+    return probes
+
+
+def parse_layer(layer) -> int | None:
+    """``"auto"``/blank/None -> None (the prescribed layer); ``"5"`` or 5 -> 5."""
+    if layer is None or str(layer).strip().lower() in ("", "auto"):
+        return None
+    try:
+        return int(str(layer).strip())
+    except ValueError:
+        raise InputError(f"layer must be a block index (0, 1, ...) or auto, not {layer!r}") from None
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer + 1} H{head}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Work that runs on the GPU when there is one (on ZeroGPU inside @spaces.GPU).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@gpu(duration=120)
+def run_surgery(model, tokenizer, facts, config, panel, progress):
+    return operate(model, tokenizer, facts, config, panel=panel, progress=progress)
+
+
+@gpu(duration=30)
+def run_generation(models, tokenizer, prompt, max_new_tokens):
+    return [generate(m, tokenizer, prompt, max_new_tokens=max_new_tokens) for m in models]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The callbacks.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SurgeryApp:
+    """The app's event functions, all serving one shared base model (never modified)."""
+
+    def __init__(self, startup: StartUp, *, panel: Panel | None = None, allow_local_models: bool = True,
+                 work_dir: str | None = None):
+        self.base = startup.loaded
+        self.fallback_reason = startup.fallback_reason
+        self.allow_local_models = allow_local_models
+        self.work_dir = work_dir
+        self.layout = GPT2Layout.of(self.base.model)
+        self.panel = panel if panel is not None else bundled_panel(self.base.model)
+        self.head_cache = StaticHeadCache()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.model.parameters()).device
+
+    @property
+    def facts(self) -> list[Probe]:
+        return list(self.panel.facts) if self.panel else []
+
+    # --- Diagnose --------------------------------------------------------------------------------------------
+
+    @user_errors
+    def diagnose(self, prompt: str, target: str, competitor: str = ""):
+        """Why does the model (not) answer ``target`` after ``prompt``? Returns the verdict sentence, the
+        logit-lens chart, the layer×head heatmap, the top heads and the whole diagnosis as JSON."""
+        check_prompt(prompt)
+        d = diagnose(self.base.model, self.base.tokenizer, prompt, target, (competitor or "").strip() or None)
+        return (verdict_markdown(d), _lens_figure(d), _heatmap_figure(d), _top_heads_figure(d, TOP_HEADS),
+                d.to_dict())
+
+    # --- Surgery ---------------------------------------------------------------------------------------------
+
+    @user_errors
+    def operate(self, facts: str, site: str, layer, edit: SessionEdit | None, progress=gr.Progress()):
+        """Train one site so that the facts come out right. The edit is kept in this session only."""
+        probes = parse_facts(facts)
+        config = SurgeryConfig(site=site, layer=parse_layer(layer))
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress((step, total), desc=f"training {site}: step {step}/{total}, loss {loss:.3f}", unit="steps")
+
+        progress(0, desc="diagnosing the facts, capturing the frozen layers")
+        result = run_surgery(self.base.model, self.base.tokenizer, probes, config, self.panel, on_step)
+        progress(1, desc="writing the patch and the report")
+        folder = Path(tempfile.mkdtemp(prefix="surgery-session-", dir=self.work_dir))
+        files = write_downloads(folder, self.base, result)
+        if edit is not None:
+            edit.discard()
+        new = SessionEdit(result=result, facts=probes, folder=folder, files=list(files))
+        report = result.report
+        facts_rows = [[f.prompt, f.target, f.before, f.after, "✓" if f.correct_after else "✗"]
+                      for f in report.comparison.facts]
+        return (operation_markdown(report), format_rows(report.rows(), markdown=True), facts_rows,
+                [str(p) for p in new.files], result.to_dict(), new)
+
+    @user_errors
+    def generate(self, prompt: str, max_new_tokens: int, edit: SessionEdit | None):
+        """Greedy continuations of ``prompt``: the original model, and this session's corrected model."""
+        check_prompt(prompt)
+        n = max(1, min(int(max_new_tokens or 20), MAX_NEW_TOKENS))
+        if edit is None:
+            (original,) = run_generation([self.base.model], self.base.tokenizer, prompt, n)
+            return original, "(no surgery in this session yet)"
+        original, corrected = run_generation([self.base.model, edit.model(self.base.model)],
+                                             self.base.tokenizer, prompt, n)
+        return original, corrected
+
+    @user_errors
+    def push(self, repo_name: str, private: bool, edit: SessionEdit | None,
+             oauth_token: gr.OAuthToken | None = None, profile: gr.OAuthProfile | None = None):
+        """Push this session's corrected model (model folder, patch, report, model card) to the signed-in user's
+        own namespace."""
+        if oauth_token is None or profile is None:
+            raise gr.Error("Sign in with Hugging Face first: the model is pushed to your own account, with your "
+                           "permission.", print_exception=False)
+        if edit is None:
+            raise InputError("nothing to push yet: perform surgery first")
+        name = (repo_name or "").strip().split("/")[-1]
+        if not name:
+            raise InputError("give the new model repository a name, e.g. gpt2-capitals-fixed")
+        folder = edit.folder / "model"
+        if not folder.exists():
+            write_output(folder, self.base, edit.result)
+        url = push_folder(folder, f"{profile.username}/{name}", token=oauth_token.token, private=bool(private))
+        return f"Pushed to [{profile.username}/{name}]({url})."
+
+    # --- Verify ----------------------------------------------------------------------------------------------
+
+    @user_errors
+    def verify(self, corrected: str, edit: SessionEdit | None):
+        """The facts and the panels on the original and on a corrected model, side by side. ``corrected``: a Hub
+        id or a folder, or blank for this session's edit."""
+        source = (corrected or "").strip()
+        if source:
+            if not self.allow_local_models and not _looks_like_hub_id(source):
+                raise InputError("give a Hub model id (user/name); local folders are not read on the Space")
+            other = load_model(source, device=self.device)
+            if other.tokenizer.get_vocab() != self.base.tokenizer.get_vocab():
+                raise InputError(f"{source} uses another vocabulary than the base model: it is not a fix of it")
+            model, label = other.model, source
+        elif edit is not None:
+            model, label = edit.model(self.base.model), "this session's edit"
+        else:
+            raise InputError("nothing to verify yet: perform surgery in this session, or give a Hub id or a folder")
+        if self.panel is None:
+            raise InputError("no bundled evaluation panel fits this model, so there is nothing to verify against")
+        facts = self.facts + ([f for f in edit.facts if f not in self.facts] if edit is not None and not source else [])
+        comparison = compare(self.base.model, model, self.base.tokenizer, facts, self.panel)
+        return verification_outputs(comparison, label)
+
+    # --- Heads -----------------------------------------------------------------------------------------------
+
+    @user_errors
+    def heads(self):
+        """Static, input-free views of every head (the table is computed once and cached)."""
+        table = head_table(self.base.model, self.base.tokenizer, cache=self.head_cache)
+        return None, None  # TODO: surgery.plots (being built)
+
+
+def bundled_panel(model) -> Panel | None:
+    """The bundled evaluation panel for ``model``, or None when none fits (the facts are then typed in)."""
+    try:
+        return panel_for_model(model)
+    except SurgeryError:
+        return None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Result -> Markdown.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def verdict_markdown(d: Diagnosis) -> str:
+    """The verdict sentence, headed by what the model actually answers."""
+    head = (f"**{d.verdict.capitalize()}** · the model answers **{d.prediction.text!r}**; "
+            f"target {d.target.text!r} is rank {d.target.rank} ({d.target.logit:.2f}) vs "
+            f"{d.competitor.text!r} ({d.competitor.logit:.2f})")
+    note = f"\n\n*The target is {len(d.target_tokens)} tokens; only its first token is diagnosed.*" \
+        if d.multi_token_target else ""
+    return f"{head}\n\n{d.summary()}{note}"
+
+
+def operation_markdown(report) -> str:
+    c = report.comparison
+    n = len(c.facts)
+    return (f"**Surgery done** on `{report.site}` of block {report.layer} (L{report.layer + 1}) — "
+            f"{report.params_in_site:,} parameters ({100 * report.fraction:.2f}% of the model), "
+            f"{report.steps} steps in {report.train_time_s:.1f} s. Facts correct: **{c.facts_before}/{n} → "
+            f"{c.facts_after}/{n}**.\n\n*Layer: {report.layer_reason}.*")
+
+
+def verification_outputs(c: Comparison, label: str):
+    """Verdict line, facts rows, panel table and JSON of a verification (the rules of ``surgery verify``)."""
+    reasons = regressions(c)
+    n = len(c.facts)
+    verdict = (f"**✓ Verified — {label}**: {c.facts_after}/{n} facts correct (original {c.facts_before}/{n}), "
+               "no panel regressed." if not reasons else
+               f"**✗ Not verified — {label}**: " + "; ".join(reasons) + ".")
+    facts = [[f.prompt, f.target, f.before, f.after, "✓" if f.correct_after else "✗"] for f in c.facts]
+    return verdict, facts, format_rows(c.rows(), markdown=True), {"verified": not reasons, "reasons": reasons,
+                                                                   "corrected": label, **c.to_dict()}
+
+
+# TEMPORARY until surgery/plots.py lands ------------------------------------------------------------------------
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _lens_figure(d):
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+    xs = list(range(len(d.logit_lens)))
+    ax.plot(xs, [e.target_logit for e in d.logit_lens], "o-", label=f"target {d.target.text!r}")
+    ax.plot(xs, [e.competitor_logit for e in d.logit_lens], "s-", label=f"competitor {d.competitor.text!r}")
+    ax.set_xticks(xs, ["emb"] + [f"L{i + 1}" for i in range(len(xs) - 1)])
+    ax.set_ylabel("logit (lens)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _heatmap_figure(d):
+    import numpy as np
+
+    grid = np.array(d.head_matrix("diff"))
+    lim = float(np.abs(grid).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_yticks(range(d.n_layer), [f"L{i + 1}" for i in range(d.n_layer)])
+    ax.set_xticks(range(d.n_head), [f"H{i}" for i in range(d.n_head)])
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def _top_heads_figure(d, k):
+    heads = sorted((a for a in d.dla if a.head is not None), key=lambda a: -abs(a.target - a.competitor))[:k]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    labels = [head_label(a.layer, a.head) for a in heads][::-1]
+    ax.barh(labels, [a.target - a.competitor for a in heads][::-1])
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The page.
+# ----------------------------------------------------------------------------------------------------------------
+
+INTRO = """# Transformer Surgery
+*Diagnose why a GPT-2 model answers wrong, edit one site of one layer, verify and ship the fix.*"""
+
+
+def build_demo(model_name: str | os.PathLike | None = None, *, startup: StartUp | None = None, device=None,
+               panel: Panel | None = None, login: bool = False, allow_local_models: bool = True,
+               work_dir: str | None = None) -> gr.Blocks:
+    """The whole app as a ``gr.Blocks`` (not launched).
+
+    ``model_name``: Hub id or folder (default ``gpt2``); when it cannot be loaded (e.g. the Hub is unreachable)
+    the bundled demo model is served and a banner says so. ``startup``: an already loaded model instead (tests).
+    ``panel``: the evaluation panel (default: the bundled one that fits the model, if any).
+    ``login``: show "Sign in with Hugging Face" (OAuth; only works on a Space). ``allow_local_models``: let
+    Verify read local folders (off on a public Space). ``work_dir``: where per-session files go (default: temp).
+    """
+    if startup is None:
+        startup = load_or_demo(model_name or DEFAULT_MODEL, device=device)
+    app = SurgeryApp(startup, panel=panel, allow_local_models=allow_local_models, work_dir=work_dir)
     with gr.Blocks(title="Transformer Surgery") as demo:
-        gr.Markdown("# Transformer Surgery\nThe app is being built; use `python -m surgery diagnose` meanwhile.")
+        gr.Markdown(INTRO)
+        if app.fallback_reason:
+            gr.Markdown(f"⚠️ **Running the bundled demo model** — {html.escape(app.fallback_reason)}. It is a small "
+                        "GPT-2 trained to reproduce the reference failure (six capitals answered with *the*).",
+                        elem_classes="banner", elem_id="fallback-banner")
+        gr.Markdown(model_line(app), elem_classes="muted")
+        edit = gr.State(None, delete_callback=lambda e: e.discard() if e is not None else None)
+        with gr.Tabs():
+            with gr.Tab("Diagnose", id="diagnose"):
+                diagnose_tab(app)
+            with gr.Tab("Heads", id="heads"):
+                heads_tab(app)
+            with gr.Tab("Surgery", id="surgery"):
+                surgery_tab(app, edit, login)
+            with gr.Tab("Verify", id="verify"):
+                verify_tab(app, edit)
+    demo.queue(default_concurrency_limit=2)
     return demo
 
 
+def model_line(app: SurgeryApp) -> str:
+    lay, loaded = app.layout, app.base
+    name = "bundled demo model" if loaded.is_demo else (loaded.source if not Path(loaded.source).is_absolute()
+                                                          else Path(loaded.source).name)
+    return (f"Model: **{name}** · {count_parameters(loaded.model) / 1e6:.1f}M parameters · {lay.n_layer} layers × "
+            f"{lay.n_head} heads · running on {app.device.type.upper()}. Layers are shown 1-indexed as "
+            f"in the reference write-up (L10 = `transformer.h.9`).")
+
+
+def diagnose_tab(app: SurgeryApp) -> None:
+    with gr.Row():
+        with gr.Column(scale=2):
+            first = app.facts[0] if app.facts else Probe("The capital of France is", " Paris")
+            prompt = gr.Textbox(label="Prompt", value=first.prompt, max_lines=4)
+            with gr.Row():
+                target = gr.Textbox(label="Target (the right answer)", value=first.target,
+                                    info="GPT-2 words start with a space: ' Paris'")
+                competitor = gr.Textbox(label="Competitor (optional)", placeholder="default: the model's answer")
+            run = gr.Button("Diagnose", variant="primary")
+            if app.facts:
+                gr.Examples([[f.prompt, f.target, ""] for f in app.facts], [prompt, target, competitor],
+                            label=f"The {len(app.facts)} capitals of the fact panel", examples_per_page=12,
+                            example_labels=[example_label(f) for f in app.facts])
+        with gr.Column(scale=3):
+            verdict = gr.Markdown("Press **Diagnose**.", elem_classes="verdict", elem_id="verdict")
+            lens = gr.Plot(label="Logit lens: target vs competitor after each layer", elem_id="lens-plot")
+    with gr.Row():
+        heatmap = gr.Plot(label="Per-head direct logit attribution: target − competitor", elem_id="head-heatmap")
+        bars = gr.Plot(label=f"Top {TOP_HEADS} heads by |target − competitor|", elem_id="top-heads")
+    with gr.Accordion("Full diagnosis (JSON)", open=False):
+        raw = gr.JSON(label="diagnosis")
+    gr.on([run.click, prompt.submit, target.submit, competitor.submit], app.diagnose,
+          [prompt, target, competitor], [verdict, lens, heatmap, bars, raw],
+          api_name="diagnose", concurrency_limit=4, concurrency_id="diagnose")
+
+
+def example_label(fact: Probe) -> str:
+    """'France → Paris' for 'The capital of France is' / ' Paris' (the last word of the prompt otherwise)."""
+    words = fact.prompt.strip().removesuffix(" is").split()
+    return f"{words[-1] if words else fact.prompt} → {fact.target.strip()}"
+
+
+def heads_tab(app: SurgeryApp) -> None:
+    gr.Markdown("Input-free views of every attention head, from the weights alone: how much each head's query "
+                "and key read the same input dimensions (QK overlap), and how strongly its keys respond to "
+                "each class of token.", elem_classes="muted")
+    show = gr.Button("Compute the head views", variant="secondary")
+    with gr.Row():
+        overlap = gr.Plot(label="QK overlap per head")
+        keys = gr.Plot(label="Key response by token class, per layer")
+    show.click(app.heads, None, [overlap, keys], api_name="heads", concurrency_limit=1, concurrency_id="heads")
+
+
+def site_choices(app: SurgeryApp) -> list[tuple[str, str]]:
+    total = count_parameters(app.base.model)
+    out = []
+    for site in SITES:
+        n = app.layout.site_size(app.base.model, site, 0)
+        out.append((f"{site} · {n:,} params ({100 * n / total:.2f}%)", site))
+    return out
+
+
+def layer_choices(app: SurgeryApp) -> list[tuple[str, str]]:
+    prescribed = prescribed_layer(app)
+    auto = (f"auto — prescribed: L{prescribed + 1} (transformer.h.{prescribed})" if prescribed is not None
+            else "auto — prescribed by the diagnosis")
+    return [(auto, "auto")] + [(f"L{l + 1} (transformer.h.{l})", str(l)) for l in range(app.layout.n_layer)]
+
+
+def prescribed_layer(app: SurgeryApp) -> int | None:
+    try:
+        return choose_layer(app.base.model, app.base.tokenizer, app.facts)[0] if app.facts else None
+    except SurgeryError:
+        return None
+
+
+def facts_note(app: SurgeryApp) -> str:
+    """Which panel facts the base model gets wrong (surgery should fix them) and right (the edit must keep them)."""
+    if not app.facts:
+        return "No bundled fact panel fits this model: write the facts to fix as JSON."
+    scores = score_probes(app.base.model, app.base.tokenizer, app.facts)
+    wrong = [r for r in scores.results if not r.correct]
+    right = [r for r in scores.results if r.correct]
+    text = f"The base model gets **{len(wrong)} of {scores.total}** panel facts wrong"
+    if wrong:
+        text += ": " + ", ".join(f"{r.target.strip()} (answers {r.answer.strip()!r})" for r in wrong)
+    if right:
+        text += ". Right now, and kept in the facts so the edit must not break them: " + \
+            ", ".join(r.target.strip() for r in right)
+    return text + "."
+
+
+def facts_table(facts_json: str):
+    try:
+        return [[p.prompt, p.target] for p in parse_facts(facts_json)]
+    except SurgeryError:
+        return gr.skip()
+
+
+def table_to_json(rows) -> str:
+    try:
+        return json.dumps([p.to_dict() for p in parse_facts(rows)], indent=1)
+    except SurgeryError:
+        return gr.skip()
+
+
+def surgery_tab(app: SurgeryApp, edit: gr.State, login: bool) -> None:
+    default_json = json.dumps([p.to_dict() for p in app.facts], indent=1)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            gr.Markdown(facts_note(app), elem_classes="muted")
+            with gr.Tabs():
+                with gr.Tab("Facts (table)"):
+                    table = gr.Dataframe(value=[[p.prompt, p.target] for p in app.facts] or None,
+                                         headers=["prompt", "target"], datatype=["str", "str"],
+                                         interactive=True, row_count=len(app.facts) or 1, show_label=False,
+                                         column_widths=["70%", "30%"])
+                with gr.Tab("Facts (JSON)"):
+                    facts = gr.Code(value=default_json, language="json", interactive=True, show_label=False,
+                                    elem_id="facts-json")
+        with gr.Column(scale=2):
+            site = gr.Radio(site_choices(app), value="wv", label="Site (trainable parameters)",
+                            info="wv trains only the value projection of one layer: Q, K and everything "
+                                 "else stay bitwise identical")
+            layer = gr.Dropdown(layer_choices(app), value="auto", label="Layer")
+            go = gr.Button("Perform surgery", variant="primary", elem_id="operate")
+    summary = gr.Markdown("Check the facts, pick a site and a layer, then **Perform surgery**. The shared model is "
+                          "never changed: your edit lives in your session only.", elem_classes="verdict",
+                          elem_id="surgery-summary")
+    with gr.Column(visible=False) as results:
+        with gr.Row(equal_height=False):
+            metrics = gr.Markdown()
+            outcome = gr.Dataframe(headers=["prompt", "target", "before", "after", "fixed"], label="Facts",
+                                   interactive=False, wrap=True)
+        downloads = gr.File(label="Downloads: patch.safetensors (only the changed weights) and report.json",
+                            file_count="multiple", interactive=False)
+        report = gr.JSON(visible=False)
+    table.input(table_to_json, table, facts, api_visibility="private", queue=False)
+    facts.input(facts_table, facts, table, api_visibility="private", queue=False)
+    go.click(app.operate, [facts, site, layer, edit], [summary, metrics, outcome, downloads, report, edit],
+             api_name="operate", concurrency_limit=1, concurrency_id="surgery", show_progress_on=summary,
+             ).success(lambda: gr.Column(visible=True), None, results, api_visibility="private", queue=False)
+
+    gr.Markdown("### Original vs corrected\nThe same greedy continuation from the shared original model and "
+                "from this session's corrected model.")
+    with gr.Row():
+        gen_prompt = gr.Textbox(label="Prompt", value=app.facts[0].prompt if app.facts else "", scale=4)
+        tokens = gr.Slider(1, MAX_NEW_TOKENS, value=8, step=1, label="New tokens", scale=2)
+        gen = gr.Button("Generate", scale=1)
+    with gr.Row():
+        original = gr.Textbox(label="Original model", lines=2, elem_id="gen-original")
+        corrected = gr.Textbox(label="Corrected model (this session)", lines=2, elem_id="gen-corrected")
+    gr.on([gen.click, gen_prompt.submit], app.generate, [gen_prompt, tokens, edit], [original, corrected],
+          api_name="generate", concurrency_limit=2, concurrency_id="generate")
+
+    gr.Markdown("### Ship it\nPush the corrected model (model folder, patch, report and model card) to a new "
+                "repository in your own Hugging Face account." + ("" if login else
+                " Signing in works on the Space; locally, use `python -m surgery push` with `HF_TOKEN`."))
+    with gr.Row():
+        if login:
+            gr.LoginButton(scale=1)
+        repo = gr.Textbox(label="Repository name", value=f"{Path(app.base.source).name}-surgery", scale=3)
+        private = gr.Checkbox(label="private", value=False, scale=1)
+        push = gr.Button("Push to Hub", scale=1)
+    pushed = gr.Markdown()
+    push.click(app.push, [repo, private, edit], pushed, api_name="push", concurrency_limit=1, concurrency_id="push")
+
+
+def verify_tab(app: SurgeryApp, edit: gr.State) -> None:
+    gr.Markdown("The fact panel and the side-effect panels on the original and on a corrected model, side by "
+                "side: this session's edit, or any Hub id or folder (e.g. a model pushed from here).",
+                elem_classes="muted")
+    with gr.Row():
+        source = gr.Textbox(label="Corrected model", placeholder="blank: this session's edit; or user/model",
+                            scale=4)
+        go = gr.Button("Verify", variant="primary", scale=1)
+    verdict = gr.Markdown(elem_classes="verdict")
+    with gr.Row():
+        facts = gr.Dataframe(headers=["prompt", "target", "original", "corrected", "correct"], label="Facts",
+                             interactive=False, wrap=True, scale=3)
+        panels = gr.Markdown(label="Panels")
+    raw = gr.JSON(visible=False)
+    go.click(app.verify, [source, edit], [verdict, facts, panels, raw], api_name="verify",
+             concurrency_limit=1, concurrency_id="verify")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    on_space = bool(os.environ.get("SPACE_ID"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    demo = build_demo(os.environ.get("SURGERY_MODEL", DEFAULT_MODEL), device=device, login=on_space,
+                      allow_local_models=not on_space)
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), theme=THEME, css=CSS,
+                footer_links=["api", "gradio"])
+
+
 if __name__ == "__main__":
-    build_demo().launch()
+    main()
