@@ -16,7 +16,7 @@ import warnings
 from ..errors import SurgeryError
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ["diagnose", "sites", "operate", "verify", "compare_sites", "apply_patch", "push"]
+COMMANDS = ["diagnose", "sites", "operate", "verify", "compare_sites", "apply_patch", "push", "heads", "crosscheck"]
 
 EXIT_USER_ERROR = 2
 

@@ -1,0 +1,79 @@
+"""``crosscheck``: check a diagnosis with gradient x activation, ablations and the logit lens."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..crosscheck import CrossCheck, CrossCheckConfig, crosscheck
+from ..diagnosis import DiagnosisConfig
+from .common import add_device_arg, add_model_arg, head_label, load, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("crosscheck", help="do other attribution methods agree with the diagnosis?",
+                       description="Diagnose one prompt, then compare per-head DLA with gradient x activation, "
+                                   "zero/mean-ablate the top heads and the prescribed layer's attention output, and "
+                                   "find where the target first leads in the logit lens. See docs/heads.md.")
+    add_model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--target", required=True, help="the right answer text, e.g. ' Paris' (first token is used)")
+    p.add_argument("--competitor", help="the wrong answer to compare with (default: the model's top prediction)")
+    p.add_argument("--top-heads", type=int, default=5, help="heads ablated besides the override (default 5)")
+    p.add_argument("--top-k", type=int, default=5, help="size of the top sets compared (default 5)")
+    p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token (off: matches model(input_ids))")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    add_device_arg(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load(args)
+    config = CrossCheckConfig(top_heads=args.top_heads, top_k=args.top_k,
+                              diagnosis=DiagnosisConfig(prepend_bos=args.prepend_bos))
+    result = crosscheck(loaded.model, loaded.tokenizer, args.prompt, args.target, args.competitor, config)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(format_report(result))
+    return 0
+
+
+def format_report(r: CrossCheck) -> str:
+    d, a = r.diagnosis, r.agree
+    o = d.override
+    lines = [
+        f"prompt      {d.prompt!r}",
+        f"target      {d.target.text!r} (logit {d.target.logit:.3f})  competitor {d.competitor.text!r} "
+        f"(logit {d.competitor.logit:.3f})  verdict {d.verdict}",
+        f"override    {head_label(o['layer'], o['head'])}   prescribed layer L{d.prescribed_layer + 1} "
+        f"(transformer.h.{d.prescribed_layer})",
+        "",
+        f"top {a.top_k} heads by |effect on target - competitor|",
+        f"  {'DLA':<36}{'grad x act':<36}",
+    ]
+    for x, y in zip(r.dla[: a.top_k], r.grad_x_act[: a.top_k]):
+        lines.append(f"  {head_label(x.layer, x.head):<26}{x.value:+9.3f} {head_label(y.layer, y.head):<26}{y.value:+9.3f}")
+    lines += ["", "ablations (all positions; d = ablated - clean)",
+              f"  {'unit':<28}{'mode':<6}{'d target':>10}{'d competitor':>14}{'d diff':>10}"]
+    for ab in r.ablations:
+        unit = head_label(ab.layer, ab.head) if ab.head is not None else f"attn out L{ab.layer + 1} (h.{ab.layer})"
+        lines.append(f"  {unit:<28}{ab.mode:<6}{ab.d_target:+10.3f}{ab.d_competitor:+14.3f}{-ab.effect:+10.3f}")
+    lead = "never" if a.lens_first_lead_layer is None else \
+        f"L{a.lens_first_lead_layer + 1} (transformer.h.{a.lens_first_lead_layer})"
+    spearman = "n/a" if a.spearman is None else f"{a.spearman:+.3f}"
+    lines += [
+        "",
+        "agreement",
+        f"  Spearman DLA vs grad x act      {spearman}",
+        f"  top-{a.top_k} overlap                   {a.top_k_overlap:.0%}   same top-1: {_yes(a.top1_same)}",
+        f"  override = grad x act's most competitor-favouring head: {_yes(a.override_top_grad_x_act)}",
+        f"  override confirmed by ablation  {_yes(a.override_confirmed)}",
+        f"  prescribed layer confirmed      {_yes(a.prescribed_confirmed)}",
+        f"  logit lens: target first leads  {lead}",
+    ]
+    lines += ["", "all methods agree" if a.all else "where they differ"] + [f"  - {x}" for x in a.differences]
+    return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
