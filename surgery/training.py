@@ -281,7 +281,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs, site: str, layer: int, co
         kl = kl_divergence(frozen.ref_log_probs, stack.text_log_probs(frozen, params)) if use_kl else ce.new_zeros(())
         loss = ce + config.kl_weight * kl
         if not torch.isfinite(loss):
-            raise SurgeryFailed(f"training diverged: the loss became {float(loss)} at step {steps}; "
+            raise SurgeryFailed(f"training diverged: the loss became {float(loss.detach())} at step {steps}; "
                                 f"try a lower learning rate (now {config.lr})")
         fixed = _n_fixed(logits.detach(), frozen.targets, config.margin)
         if fixed == len(frozen.targets) or steps >= config.epochs:
@@ -291,7 +291,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs, site: str, layer: int, co
         optimizer.step()
         steps += 1
         if progress is not None:
-            progress(steps, config.epochs, float(loss))
+            progress(steps, config.epochs, float(loss.detach()))
         log.debug("step %d loss %.4f ce %.4f kl %.2e fixed %d/%d", steps, loss, ce, kl, fixed, len(frozen.targets))
     bad = [n for n, v in values.items() if not torch.isfinite(v).all()]
     if bad:

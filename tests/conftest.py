@@ -98,3 +98,35 @@ def gpt2_tokenizer():
     merges_lines = (GPT2_TOKENIZER_DIR / "merges.txt").read_text().split("\n")[1:]
     merges = [tuple(line.split()) for line in merges_lines if line]
     return GPT2Tokenizer(vocab=vocab, merges=merges)
+
+
+# A panel in the tiny vocabulary: the tiny model is random, so the panel only exercises the machinery.
+TINY_PANEL = {
+    "name": "tiny",
+    "description": "probes in the tiny test vocabulary",
+    "facts": [
+        {"prompt": "The capital of France is", "target": " Paris"},
+        {"prompt": "The capital of Japan is", "target": " Tokyo"},
+        {"prompt": "The capital of Italy is", "target": " Rome"},
+    ],
+    "absence": [],
+    "general": [{"prompt": "the cat sat on the", "target": " mat"}, {"prompt": "one two", "target": " three"}],
+    "side_effects": [{"prompt": "the sky is", "target": " blue"}, {"prompt": "the sea is", "target": " blue"}],
+    "perplexity_text": "the cat sat on the mat . the dog sat on the mat .",
+    "unrelated_text": ["the cat sat on the mat . the dog was in the sea . one two three .",
+                       "a big red dog and a small blue cat"],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_panel():
+    from surgery.panels import Panel
+
+    return Panel.from_dict(TINY_PANEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_panel_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-panel") / "panel.json"
+    path.write_text(json.dumps(TINY_PANEL))
+    return path

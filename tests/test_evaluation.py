@@ -1,0 +1,66 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_model
+from surgery.evaluation import (answer, evaluate_panel, mean_kl, next_token_logits, perplexity, score_probes,
+                                text_log_probs)
+from surgery.panels import Probe
+from surgery.tokens import token_text
+
+PROMPTS = ["The capital of France is", "one two", "the cat sat on the mat . the dog"]
+
+
+def _plain_logits(model, tokenizer, prompt):
+    return model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
+
+
+def test_batched_next_token_logits_equal_one_at_a_time(tiny_model, tiny_tokenizer):
+    batched = next_token_logits(tiny_model, tiny_tokenizer, PROMPTS)  # right-padded, different lengths
+    for i, prompt in enumerate(PROMPTS):
+        assert torch.allclose(batched[i], _plain_logits(tiny_model, tiny_tokenizer, prompt), atol=1e-5)
+
+
+def test_answer_and_scores(tiny_model, tiny_tokenizer):
+    top = [int(_plain_logits(tiny_model, tiny_tokenizer, p).argmax()) for p in PROMPTS]
+    assert answer(tiny_model, tiny_tokenizer, PROMPTS[0]) == token_text(tiny_tokenizer, top[0])
+    right = Probe(PROMPTS[1], " " + token_text(tiny_tokenizer, top[1]))
+    wrong_id = (top[2] + 3) % len(tiny_tokenizer) or 5
+    wrong = Probe(PROMPTS[2], " " + token_text(tiny_tokenizer, wrong_id))
+    scores = score_probes(tiny_model, tiny_tokenizer, [right, wrong])
+    assert (scores.correct, scores.total) == (1, 2)
+    assert [r.correct for r in scores.results] == [True, False]
+    assert scores.results[0].target_rank == 1 and scores.results[1].target_rank > 1
+    assert json.loads(json.dumps(scores.to_dict()))["correct"] == 1
+
+
+def test_perplexity_is_exp_of_the_mean_nll(tiny_model, tiny_tokenizer):
+    text = "the cat sat on the mat . the dog sat on the mat ."
+    ids = torch.tensor([tiny_tokenizer(text)["input_ids"]])
+    loss = tiny_model(ids, labels=ids).loss
+    assert perplexity(tiny_model, tiny_tokenizer, text) == pytest.approx(math.exp(float(loss)), rel=1e-5)
+
+
+def test_text_log_probs_cover_every_real_position(tiny_model, tiny_tokenizer):
+    texts = ["the cat sat on the mat", "one two three"]
+    lp = text_log_probs(tiny_model, tiny_tokenizer, texts)
+    assert lp.shape == (6 + 3, len(tiny_tokenizer))
+    plain = F.log_softmax(tiny_model(torch.tensor([tiny_tokenizer(texts[1])["input_ids"]])).logits[0], -1)
+    assert torch.allclose(lp[6:], plain, atol=1e-5)
+
+
+def test_mean_kl(tiny_model, tiny_tokenizer, tiny_panel):
+    texts = tiny_panel.unrelated_text
+    assert mean_kl(tiny_model, tiny_model, tiny_tokenizer, texts) == pytest.approx(0.0, abs=1e-7)
+    other = make_tiny_model(len(tiny_tokenizer), seed=1)
+    assert mean_kl(tiny_model, other, tiny_tokenizer, texts) > 0.01
+
+
+def test_evaluate_panel(tiny_model, tiny_tokenizer, tiny_panel):
+    result = evaluate_panel(tiny_model, tiny_tokenizer, tiny_panel)
+    assert result.general.total == 2 and result.side_effects.total == 2
+    assert result.perplexity == pytest.approx(perplexity(tiny_model, tiny_tokenizer, tiny_panel.perplexity_text))
+    assert json.loads(json.dumps(result.to_dict()))["panel"] == "tiny"

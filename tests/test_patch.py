@@ -1,0 +1,189 @@
+import threading
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from surgery.errors import PatchError
+from surgery.generation import generate
+from surgery.hooks import hooked
+from surgery.layout import C_ATTN, GPT2Layout
+from surgery.patch import Patch, base_config, block_digest, patched_model, weight_stats
+
+PROMPT = "The capital of France is"
+
+
+def make_patch(model, site="wv", layer=1, seed=0, scale=0.5) -> Patch:
+    """A patch moving every element of the site by random noise."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    slices = tuple(GPT2Layout.of(model).site_slices(site, layer))
+    values = {s.name: s.read(params[s.name]) + scale * torch.randn(s.read(params[s.name]).shape, generator=gen)
+              for s in slices}
+    return Patch(site, layer, slices, values, {"base_config": base_config(model),
+                                              "base_block_sha256": block_digest(model, layer)})
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _logits(model, tokenizer, prompt=PROMPT):
+    return model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
+
+
+def test_view_shares_untouched_tensors_and_leaves_the_base_alone(tiny_model):
+    before = _snapshot(tiny_model)
+    patch = make_patch(tiny_model)
+    view = patched_model(tiny_model, patch)
+    base_params, view_params = dict(tiny_model.named_parameters()), dict(view.named_parameters())
+    assert base_params.keys() == view_params.keys()
+    for name, p in base_params.items():
+        if name.startswith("transformer.h.1."):
+            assert view_params[name] is not p  # the private copy of the patched block
+        else:
+            assert view_params[name] is p  # shared, not copied
+    assert view.transformer.h[0] is tiny_model.transformer.h[0] and view.transformer.wte is tiny_model.transformer.wte
+    assert view.lm_head.weight is view.transformer.wte.weight  # tied weights stay tied
+    v = GPT2Layout.of(tiny_model).qkv_columns("v")
+    assert torch.equal(view_params["transformer.h.1.attn.c_attn.weight"][:, v],
+                       patch.values["transformer.h.1.attn.c_attn.weight"])
+    for name, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_view_computes_what_an_edited_copy_computes(tiny_model, tiny_tokenizer):
+    import copy
+
+    patch = make_patch(tiny_model, site="mlp", layer=2)
+    reference = copy.deepcopy(tiny_model)
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for s in patch.slices:
+            s.read(params[s.name]).copy_(patch.values[s.name])
+    view = patched_model(tiny_model, patch)
+    assert torch.equal(_logits(view, tiny_tokenizer), _logits(reference, tiny_tokenizer))
+    assert not torch.equal(_logits(view, tiny_tokenizer), _logits(tiny_model, tiny_tokenizer))
+
+
+def test_two_views_on_one_base_never_mix(tiny_model, tiny_tokenizer):
+    base_logits = _logits(tiny_model, tiny_tokenizer)
+    p1, p2 = make_patch(tiny_model, seed=1), make_patch(tiny_model, seed=2)
+    v1 = patched_model(tiny_model, p1)
+    alone1 = _logits(v1, tiny_tokenizer)
+    v2 = patched_model(tiny_model, p2)
+    results = {}
+
+    def run(name, view):
+        for _ in range(5):
+            results.setdefault(name, []).append(_logits(view, tiny_tokenizer))
+
+    threads = [threading.Thread(target=run, args=(n, v)) for n, v in (("v1", v1), ("v2", v2), ("base", tiny_model))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(x, alone1) for x in results["v1"])
+    assert all(torch.equal(x, results["v2"][0]) for x in results["v2"])
+    assert all(torch.equal(x, base_logits) for x in results["base"])
+    assert not torch.equal(alone1, results["v2"][0]) and not torch.equal(alone1, base_logits)
+
+
+def _greedy(model, tokenizer, prompt, n):
+    ids = tokenizer(prompt)["input_ids"]
+    start = len(ids)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return tokenizer.decode(ids[start:], skip_special_tokens=True)
+
+
+def test_generate_works_on_a_view(tiny_model, tiny_tokenizer):
+    before = generate(tiny_model, tiny_tokenizer, PROMPT, max_new_tokens=5)
+    assert before == _greedy(tiny_model, tiny_tokenizer, PROMPT, 5) and before.strip()
+    view = patched_model(tiny_model, make_patch(tiny_model, scale=0.3))
+    text = generate(view, tiny_tokenizer, PROMPT, max_new_tokens=5)
+    assert text == _greedy(view, tiny_tokenizer, PROMPT, 5) and text != before
+    assert generate(tiny_model, tiny_tokenizer, PROMPT, max_new_tokens=5) == before
+
+
+def test_hooks_on_the_base_do_not_follow_into_a_view(tiny_model, tiny_tokenizer):
+    calls = []
+    with hooked(tiny_model, forward={"transformer.h.1.attn": lambda m, a, o: calls.append(1)},
+                pre={"": lambda m, a: calls.append(2)}):
+        view = patched_model(tiny_model, make_patch(tiny_model))
+    _logits(view, tiny_tokenizer)
+    assert calls == []
+
+
+def test_save_and_load_round_trip(tmp_path, tiny_model):
+    patch = make_patch(tiny_model, site="attn", layer=0)
+    patch.metadata.update(base_model="/models/tiny", revision="abc123")
+    patch.save(tmp_path / "p.safetensors")
+    loaded = Patch.load(tmp_path / "p.safetensors")
+    assert (loaded.site, loaded.layer, loaded.slices) == (patch.site, patch.layer, patch.slices)
+    assert loaded.metadata == patch.metadata
+    for name, value in patch.values.items():
+        assert torch.equal(loaded.values[name], value)
+
+
+def test_wv_patch_holds_only_the_v_slice(tmp_path, tiny_model):
+    from safetensors import safe_open
+
+    make_patch(tiny_model).save(tmp_path / "p.safetensors")
+    d = GPT2Layout.of(tiny_model).d_model
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert list(f.keys()) == ["transformer.h.1.attn.c_attn.weight"]
+        assert tuple(f.get_tensor("transformer.h.1.attn.c_attn.weight").shape) == (d, d)
+        meta = f.metadata()
+    assert meta["site"] == "wv" and meta["layer"] == "1"
+    assert '"cols": [64, 96]' in meta["slices"]  # V = columns 2d:3d of c_attn, d = 32
+
+
+def test_patch_refused_on_another_base(tiny_model, tiny_tokenizer):
+    patch = make_patch(tiny_model)
+    with pytest.raises(PatchError, match="another base model"):
+        patched_model(make_tiny_model(len(tiny_tokenizer), seed=1), patch)
+    with pytest.raises(PatchError, match="architecture: n_embd 32"):
+        patched_model(make_tiny_model(len(tiny_tokenizer), n_embd=48), patch)
+    with pytest.raises(PatchError, match="blocks 0..1"):
+        patched_model(make_tiny_model(len(tiny_tokenizer), n_layer=2), Patch("wv", 2, (), {}, {}))
+    name = "transformer.h.1.attn.c_attn.weight"
+    bad = Patch("wv", 1, patch.slices, {name: patch.values[name][:, :5]}, {})
+    with pytest.raises(PatchError, match="shape"):
+        patched_model(tiny_model, bad)
+
+
+def test_broken_patch_files(tmp_path):
+    with pytest.raises(PatchError, match="does not exist"):
+        Patch.load(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PatchError, match="not a readable safetensors"):
+        Patch.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(PatchError, match="not a surgery patch"):
+        Patch.load(tmp_path / "other.safetensors")
+
+
+def test_weight_stats(tiny_model):
+    patch = make_patch(tiny_model, scale=0.0)
+    name = "transformer.h.1.attn.c_attn.weight"
+    patch.values[name][3, 4] += 0.25
+    patch.values[name][0, 0] -= 0.5
+    stats = weight_stats(tiny_model, patch)
+    assert stats.params_in_site == 32 * 32 and stats.params_changed == 2
+    assert stats.max_abs_delta == pytest.approx(0.5)
+    assert stats.delta_l2 == pytest.approx((0.25 ** 2 + 0.5 ** 2) ** 0.5, rel=1e-5)
+    assert stats.others_unchanged and stats.qk_unchanged
+
+
+def test_weight_stats_catch_a_change_outside_the_slice(tiny_model):
+    import copy
+
+    patch = make_patch(tiny_model)
+    tampered = copy.deepcopy(patched_model(tiny_model, patch))
+    with torch.no_grad():
+        tampered.get_parameter(C_ATTN.format(1) + ".weight")[0, 0] += 1.0  # a Q column
+    stats = weight_stats(tiny_model, patch, tampered)
+    assert stats.qk_unchanged is False and stats.others_unchanged is False

@@ -1,0 +1,167 @@
+import json
+
+import pytest
+import torch
+
+import surgery.training as training
+from surgery.diagnosis import diagnose_batch
+from surgery.errors import InputError, SurgeryFailed
+from surgery.evaluation import next_token_logits, text_log_probs
+from surgery.layout import SITES, GPT2Layout
+from surgery.panels import Probe
+from surgery.patch import patched_model
+from surgery.training import (SurgeryConfig, UpperStack, choose_layer, freeze_inputs, operate)
+
+FAST = dict(lr=1e-2)  # the tiny random model needs bigger steps than the documented default
+
+
+@pytest.fixture(scope="module")
+def facts(tiny_panel):
+    return list(tiny_panel.facts)
+
+
+@pytest.fixture(scope="module")
+def wv_result(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    return operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel)
+
+
+def test_the_tiny_facts_need_fixing(tiny_model, tiny_tokenizer, facts):
+    top = next_token_logits(tiny_model, tiny_tokenizer, [f.prompt for f in facts]).argmax(-1).tolist()
+    correct = [tiny_tokenizer.decode([t]) == f.target.strip() for t, f in zip(top, facts)]
+    assert correct == [False, True, False]  # France and Italy wrong, Japan right
+
+
+def test_upper_stack_reproduces_the_model(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    """Captured block inputs + blocks layer.. + ln_f + unembedding == a plain forward pass."""
+    for layer in range(3):
+        frozen = freeze_inputs(tiny_model, tiny_tokenizer, facts, tiny_panel.unrelated_text, layer, 512)
+        stack = UpperStack(tiny_model, layer)
+        with torch.no_grad():
+            logits = stack.fact_logits(frozen, {})
+            lp = stack.text_log_probs(frozen, {})
+        plain = next_token_logits(tiny_model, tiny_tokenizer, [f.prompt for f in facts])
+        assert torch.allclose(logits, plain, atol=1e-5)
+        assert torch.allclose(lp, text_log_probs(tiny_model, tiny_tokenizer, tiny_panel.unrelated_text), atol=1e-5)
+
+
+def test_wv_fixes_the_facts_and_touches_only_the_v_slice(tiny_model, wv_result):
+    r = wv_result.report
+    assert r.comparison.facts_after == 3 and r.comparison.facts_before == 1
+    assert [(f.correct_before, f.correct_after) for f in r.comparison.facts] == [(False, True), (True, True),
+                                                                                (False, True)]
+    assert 0 < r.steps < r.epochs
+    view = patched_model(tiny_model, wv_result.patch)
+    layout = GPT2Layout.of(tiny_model)
+    base_w, new_w = tiny_model.transformer.h[1].attn.c_attn.weight, view.transformer.h[1].attn.c_attn.weight
+    qk = slice(0, 2 * layout.d_model)
+    assert torch.equal(base_w[:, qk], new_w[:, qk])  # Q and K bitwise
+    assert torch.equal(tiny_model.transformer.h[1].attn.c_attn.bias, view.transformer.h[1].attn.c_attn.bias)
+    assert not torch.equal(base_w[:, layout.qkv_columns("v")], new_w[:, layout.qkv_columns("v")])
+    base_params, view_params = dict(tiny_model.named_parameters()), dict(view.named_parameters())
+    for name, p in base_params.items():
+        if name != "transformer.h.1.attn.c_attn.weight":
+            assert torch.equal(p, view_params[name]), name
+    w = r.weights
+    assert w.qk_unchanged and w.others_unchanged and w.params_in_site == layout.d_model ** 2
+    assert w.params_changed > 0 and w.delta_l2 > 0 and w.max_abs_delta > 0
+    assert list(wv_result.patch.values) == ["transformer.h.1.attn.c_attn.weight"]
+
+
+def test_report_is_json(wv_result):
+    d = json.loads(json.dumps(wv_result.report.to_dict(), allow_nan=False))
+    assert d["facts_fixed"] == "3/3" and d["facts_before"] == "1/3"
+    assert d["weights"]["qk_unchanged"] is True and d["layer"] == 1 and d["layer_reason"] == "given"
+    assert {"before", "after", "correct_before", "correct_after", "verdict"} <= set(d["facts"][0])
+    assert d["panel_before"]["general"]["total"] == 2 and d["kl_unrelated"] >= 0
+    assert d["config"]["lr"] == FAST["lr"]
+
+
+@pytest.mark.parametrize("site", [s for s in SITES if s != "wv"])
+def test_every_site_fixes_and_leaves_the_base_untouched(tiny_model, tiny_tokenizer, facts, tiny_panel, site):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    result = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site=site, layer=2, **FAST), panel=tiny_panel)
+    assert result.report.comparison.facts_after == 3
+    assert result.report.weights.others_unchanged and result.report.weights.qk_unchanged is None
+    assert result.patch.numel == GPT2Layout.of(tiny_model).site_size(tiny_model, site, 2)
+    for name, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert not any(p.requires_grad for p in tiny_model.parameters())
+
+
+def test_deterministic_for_a_seed(tiny_model, tiny_tokenizer, facts, tiny_panel, wv_result):
+    again = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel)
+    name = "transformer.h.1.attn.c_attn.weight"
+    assert torch.equal(again.patch.values[name], wv_result.patch.values[name])
+    assert again.report.steps == wv_result.report.steps
+
+
+def test_progress_callback(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    calls = []
+    result = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="layer", layer=1, **FAST),
+                     panel=tiny_panel, progress=lambda step, total, loss: calls.append((step, total, loss)))
+    assert [c[0] for c in calls] == list(range(1, result.report.steps + 1))
+    assert all(total == 100 and loss > 0 for _, total, loss in calls)
+
+
+def test_budget_exhausted_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    with pytest.raises(SurgeryFailed, match=r"not fixed within the budget: 1/3 facts correct after 2 epochs"):
+        operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, lr=1e-5, epochs=2),
+                panel=tiny_panel)
+
+
+def test_nan_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch):
+    monkeypatch.setattr(training, "kl_divergence", lambda ref, lp: torch.tensor(float("nan")))
+    with pytest.raises(SurgeryFailed, match="diverged"):
+        operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel)
+
+
+def test_auto_layer_is_the_most_common_prescribed_layer(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    diagnoses = diagnose_batch(tiny_model, tiny_tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    routing = [d.prescribed_layer for d in diagnoses if d.verdict == "routing"]
+    assert routing, "the tiny facts should hold a routing failure"
+    layer, reason, verdicts = choose_layer(tiny_model, tiny_tokenizer, facts)
+    assert layer == max(set(routing), key=routing.count) and verdicts == [d.verdict for d in diagnoses]
+    assert reason.startswith("auto: block") and "routing" in reason
+    result = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="mlp", **FAST), panel=tiny_panel)
+    assert result.report.layer == layer and result.report.layer_reason == reason
+
+
+def test_auto_layer_without_routing_failures(tiny_model, tiny_tokenizer, monkeypatch):
+    class D:
+        verdict, prompt, prescribed_layer = "absence", "The capital of France is", 0
+
+    monkeypatch.setattr(training, "diagnose_batch", lambda *a, **k: [D()])
+    with pytest.raises(InputError, match="absence.*--layer N"):
+        choose_layer(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Paris")])
+
+
+def test_nothing_to_fix(tiny_model, tiny_tokenizer, tiny_panel):
+    with pytest.raises(InputError, match="nothing to fix"):
+        operate(tiny_model, tiny_tokenizer, [Probe("The capital of Japan is", " Tokyo")],
+                SurgeryConfig(layer=1), panel=tiny_panel)
+
+
+def test_bad_input(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    with pytest.raises(InputError, match="no facts"):
+        operate(tiny_model, tiny_tokenizer, [], SurgeryConfig(layer=1), panel=tiny_panel)
+    with pytest.raises(InputError, match="out of range"):
+        operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(layer=3), panel=tiny_panel)
+    with pytest.raises(InputError, match="vocabulary"):
+        operate(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Zanzibar")],
+                SurgeryConfig(layer=1), panel=tiny_panel)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(site="qk"), "unknown site 'qk'"), (dict(layer=-1), "block index"), (dict(lr=0.0), "learning rate"),
+    (dict(lr=float("nan")), "learning rate"), (dict(epochs=0), "epochs"), (dict(kl_weight=-1.0), "kl_weight"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        SurgeryConfig(**kwargs)
+
+
+def test_config_round_trips():
+    config = SurgeryConfig(site="mlp", layer=4, lr=3e-4)
+    assert SurgeryConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(InputError, match="unknown surgery option"):
+        SurgeryConfig.from_dict({"sight": "wv"})
