@@ -69,6 +69,11 @@ def _row(r) -> dict:
     }
 
 
+def _change(row: dict, key: str) -> str:
+    total = row[f"{key}_total"]
+    return f"{row[f'{key}_before']}/{total} -> {row[f'{key}_after']}/{total}"
+
+
 def format_table(rows: list[dict]) -> str:
     cells = [COLUMNS]
     for r in rows:
@@ -76,9 +81,7 @@ def format_table(rows: list[dict]) -> str:
             cells.append((r["site"], "failed: " + r["error"]) + ("",) * (len(COLUMNS) - 2))
             continue
         cells.append((
-            r["site"], f"{r['params']:,}", f"{r['facts_before']}/{r['facts_total']} -> {r['facts_after']}",
-            f"{r['general_before']} -> {r['general_after']}/{r['general_total']}",
-            f"{r['side_effects_before']} -> {r['side_effects_after']}/{r['side_effects_total']}",
+            r["site"], f"{r['params']:,}", _change(r, "facts"), _change(r, "general"), _change(r, "side_effects"),
             f"{r['perplexity_before']:.2f} -> {r['perplexity_after']:.2f}",
             f"{r['delta_l2']:.3f}", f"{r['max_abs_delta']:.4f}", str(r["steps"]), f"{r['wall_time_s']:.1f} s",
         ))

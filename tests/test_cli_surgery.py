@@ -1,0 +1,162 @@
+"""The surgery commands end to end: sites, operate, verify, compare-sites, apply-patch (push: test_hub.py)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tiny_model
+from surgery.cli import build_parser, main
+from surgery.cli.compare_sites import format_table
+from surgery.layout import SITES, GPT2Layout
+
+FAST = ["--lr", "0.03"]  # the tiny random model needs bigger steps than the documented default
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def facts_file(tmp_path_factory, tiny_panel):
+    path = tmp_path_factory.mktemp("facts") / "facts.json"
+    path.write_text(json.dumps([f.to_dict() for f in tiny_panel.facts]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def operated(tmp_path_factory, tiny_model_dir, facts_file, tiny_panel_file):
+    out = tmp_path_factory.mktemp("cli") / "fixed"
+    code = main(["operate", "--model", str(tiny_model_dir), "--facts", str(facts_file), "--panels",
+                 str(tiny_panel_file), "--site", "wv", "--layer", "auto", *FAST, "--out", str(out), "--json"])
+    assert code == 0
+    return out
+
+
+def test_sites_json(capsys, tiny_model_dir, tiny_model):
+    code, out, _ = run_cli(capsys, "sites", "--model", tiny_model_dir, "--layer", 1, "--json")
+    layout = GPT2Layout.of(tiny_model)
+    assert code == 0 and json.loads(out) == {s: layout.site_size(tiny_model, s, 1) for s in SITES}
+    code, out, _ = run_cli(capsys, "sites", "--model", tiny_model_dir, "--layer", 1)
+    assert code == 0 and "1,024" in out and "value projection" in out
+
+
+def test_operate_writes_a_verified_fix(capsys, operated, tiny_model_dir, tiny_panel_file, facts_file):
+    report = json.loads((operated / "report.json").read_text())
+    assert report["facts_fixed"] == "3/3" and report["site"] == "wv"
+    assert report["layer_reason"].startswith("auto: block 0")
+    assert report["weights"]["qk_unchanged"] is True and report["weights"]["others_unchanged"] is True
+    code, out, _ = run_cli(capsys, "verify", "--base", tiny_model_dir, "--corrected", operated,
+                           "--panels", tiny_panel_file, "--facts", facts_file)
+    assert code == 0 and out.rstrip().endswith("VERIFIED")
+    code, out, _ = run_cli(capsys, "verify", "--base", tiny_model_dir, "--corrected", tiny_model_dir,
+                           "--panels", tiny_panel_file, "--json")  # facts default to the panel's
+    verdict = json.loads(out)
+    assert code == 1 and verdict["verified"] is False and "2/3 facts still wrong" in verdict["reasons"][0]
+
+
+def test_verify_fails_on_a_regression(capsys, tmp_path, operated, tiny_model_dir, tiny_panel_file, tiny_panel):
+    """A panel probe the fix answers differently makes verify fail even though the facts are right."""
+    from surgery.evaluation import answer
+    from surgery.model_io import load_model
+
+    fixed = load_model(operated)
+    prompts = ["the cat sat on the", "one two", "the sky is", "the sea is", "a big red dog and a small blue",
+               "the dog sat on the", "three two", "the cat was in the", "one", "red"]
+    changed = [p for p in prompts if answer(fixed.model, fixed.tokenizer, p) != answer(
+        load_model(tiny_model_dir).model, fixed.tokenizer, p)]
+    if not changed:
+        pytest.skip("the tiny fix changed none of the candidate probes")
+    base = load_model(tiny_model_dir)
+    panel = tiny_panel.to_dict()
+    panel["general"] = [{"prompt": changed[0], "target": answer(base.model, base.tokenizer, changed[0])}]
+    path = tmp_path / "panel.json"
+    path.write_text(json.dumps(panel))
+    code, out, _ = run_cli(capsys, "verify", "--base", tiny_model_dir, "--corrected", operated, "--panels", path)
+    assert code == 1 and "general probes regressed: 1 -> 0 of 1" in out
+
+
+def test_apply_patch_reproduces_the_fix_bitwise(capsys, tmp_path, operated, tiny_model_dir):
+    code, out, _ = run_cli(capsys, "apply-patch", "--base", tiny_model_dir, "--patch",
+                           operated / "patch.safetensors", "--out", tmp_path / "rebuilt")
+    assert code == 0 and "written to" in out
+    a, b = load_file(str(operated / "model.safetensors")), load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compare_sites(capsys, tiny_model_dir, facts_file, tiny_panel_file):
+    code, out, _ = run_cli(capsys, "compare-sites", "--model", tiny_model_dir, "--facts", facts_file,
+                           "--panels", tiny_panel_file, "--layer", "2", *FAST, "--json")
+    table = json.loads(out)
+    assert code == 0 and table["layer"] == 2 and [r["site"] for r in table["sites"]] == list(SITES)
+    assert all(r["ok"] and r["facts_after"] == 3 for r in table["sites"])
+    assert table["sites"][0]["qk_unchanged"] is True
+    lines = format_table(table["sites"]).splitlines()  # what the command prints without --json
+    assert "params" in lines[0] and "ΔL2" in lines[0] and "time" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == list(SITES)
+    failed = format_table([{"site": "wv", "ok": False, "error": "not fixed"}, *table["sites"][1:]])
+    assert [line.split()[:3] for line in failed.splitlines()[1:2]] == [["wv", "failed:", "not"]]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    files = {"empty": "", "malformed": "[{\"prompt\": \"The capital", "no_target": '[{"prompt": "The capital of"}]',
+             "empty_list": "[]"}
+    for name, text in files.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("empty", [], "is empty"),
+    ("malformed", [], "not valid JSON"),
+    ("no_target", [], "has no 'target'"),
+    ("empty_list", [], "is empty"),
+    ("good", ["--site", "qk"], "unknown site 'qk'"),
+    ("good", ["--layer", "7"], "layer 7 is out of range"),
+    ("good", ["--layer", "top"], "--layer must be a block index"),
+    ("good", ["--epochs", "0"], "epochs must be at least 1"),
+])
+def test_operate_bad_input(capsys, bad_files, tiny_model_dir, tiny_panel_file, facts_file, case, extra, message):
+    facts = facts_file if case == "good" else bad_files / f"{case}.json"
+    out = bad_files / "out"
+    code, stdout, err = run_cli(capsys, "operate", "--model", tiny_model_dir, "--facts", facts, "--panels",
+                                tiny_panel_file, "--out", out, *extra)
+    assert code == 2 and stdout == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists() and not [p for p in bad_files.iterdir() if p.name.startswith(".")]
+
+
+def test_operate_refuses_an_existing_out(capsys, tmp_path, tiny_model_dir, facts_file, tiny_panel_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_cli(capsys, "operate", "--model", tiny_model_dir, "--facts", facts_file, "--panels",
+                           tiny_panel_file, "--out", out)
+    assert code == 2 and "already exists; pass --overwrite" in err and list(out.iterdir()) == []
+
+
+def test_operate_without_a_fitting_panel(capsys, tmp_path, tiny_model_dir, facts_file):
+    code, _, err = run_cli(capsys, "operate", "--model", tiny_model_dir, "--facts", facts_file, "--out",
+                           tmp_path / "out")
+    assert code == 2 and "--panels FILE" in err and not (tmp_path / "out").exists()
+
+
+def test_apply_patch_for_another_base(capsys, tmp_path, operated, tiny_tokenizer):
+    other = tmp_path / "other"
+    make_tiny_model(len(tiny_tokenizer), seed=5).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    code, _, err = run_cli(capsys, "apply-patch", "--base", other, "--patch", operated / "patch.safetensors",
+                           "--out", tmp_path / "rebuilt")
+    assert code == 2 and "another base model" in err and not (tmp_path / "rebuilt").exists()
+    code, _, err = run_cli(capsys, "apply-patch", "--base", other, "--patch", operated / "report.json",
+                           "--out", tmp_path / "rebuilt")
+    assert code == 2 and "not a readable safetensors" in err
+
+
+def test_help_lists_the_surgery_commands():
+    out = build_parser().format_help()
+    for name in ("sites", "operate", "verify", "compare-sites", "apply-patch", "push"):
+        assert name in out
