@@ -253,7 +253,7 @@ def ranking(x: Tensor) -> list[HeadScore]:
     return [HeadScore(l, h, float(x[l, h])) for l, h in top_by_magnitude(x, x.numel())]
 
 
-def head_label(layer: int, head: int | None = None) -> str:
+def _label(layer: int, head: int | None = None) -> str:
     """1-indexed layer as in the reference write-up, with the module index: "L10 H8 (h.9)"."""
     return f"L{layer + 1} (h.{layer})" if head is None else f"L{layer + 1} H{head} (h.{layer})"
 
@@ -265,13 +265,13 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
     top_dla, top_gxa = top_by_magnitude(dla, top_k), top_by_magnitude(gxa, top_k)
     overlap = len(set(top_dla) & set(top_gxa)) / len(top_dla)
     if top_dla[0] != top_gxa[0]:
-        differences.append(f"DLA ranks {head_label(*top_dla[0])} first, grad x act ranks {head_label(*top_gxa[0])} first")
+        differences.append(f"DLA ranks {_label(*top_dla[0])} first, grad x act ranks {_label(*top_gxa[0])} first")
     if overlap < 1:
         differences.append(f"top-{len(top_dla)} heads overlap {overlap:.0%} between DLA and grad x act")
     gxa_override = divmod(int(gxa.argmin()), gxa.shape[1])
     if gxa_override != (o_layer, o_head):
-        differences.append(f"grad x act's most competitor-favouring head is {head_label(*gxa_override)}, "
-                           f"not the override {head_label(o_layer, o_head)}")
+        differences.append(f"grad x act's most competitor-favouring head is {_label(*gxa_override)}, "
+                           f"not the override {_label(o_layer, o_head)}")
 
     def effects(unit: str, layer: int, head: int | None) -> dict[str, Ablation]:
         return {a.mode: a for a in ablations if a.unit == unit and a.layer == layer and a.head == head}
@@ -280,18 +280,18 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
     override_ok = all(a.effect < 0 for a in override.values())
     for mode, a in override.items():
         if a.effect >= 0:
-            differences.append(f"{mode}-ablating the override {head_label(o_layer, o_head)} does not move the "
+            differences.append(f"{mode}-ablating the override {_label(o_layer, o_head)} does not move the "
                                f"answer toward the target (target - competitor {-a.effect:+.3f})")
     prescribed = effects("attn_out", d.prescribed_layer, None)
     prescribed_ok = all(a.d_target < 0 for a in prescribed.values())
     for mode, a in prescribed.items():
         if a.d_target >= 0:
             differences.append(f"{mode}-ablating the attention output of the prescribed layer "
-                               f"{head_label(d.prescribed_layer)} does not lower the target ({a.d_target:+.3f})")
+                               f"{_label(d.prescribed_layer)} does not lower the target ({a.d_target:+.3f})")
     lead = next((e.layer for e in d.logit_lens if e.layer is not None and e.target_logit > e.competitor_logit), None)
     before = lead is not None and lead < o_layer
     if not before:
-        differences.append(f"the target never leads in the logit lens before the override block {head_label(o_layer)}")
+        differences.append(f"the target never leads in the logit lens before the override block {_label(o_layer)}")
     return Agreement(
         spearman=spearman(dla, gxa), top_k=len(top_dla), top_k_overlap=overlap, top1_same=top_dla[0] == top_gxa[0],
         override_top_grad_x_act=gxa_override == (o_layer, o_head), override_confirmed=override_ok,

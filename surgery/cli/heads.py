@@ -39,12 +39,12 @@ def format_table(table: list[HeadStats]) -> str:
     """One row per head; key response columns by token class (proper, common, function, punct., number)."""
     short = {"proper_noun": "proper", "common_word": "common", "function_word": "function",
              "punctuation": "punct", "number": "number"}
-    header = f"{'head':<8}{'module':<12}{'QK overlap':>11}{'|QK|':>9}{'|OV|':>9}{'copying':>9}  key response: " + \
-        " ".join(f"{short[c]:>8}" for c in TOKEN_CLASSES)
-    lines = [header]
+    lines = [f"{'':<58}key response by token class",
+             f"{'head':<8}{'module':<12}{'QK overlap':>11}{'|QK|':>9}{'|OV|':>9}{'copying':>9}"
+             + "".join(f"{short[c]:>9}" for c in TOKEN_CLASSES)]
     for s in table:
-        keys = " ".join("       -" if s.key_response[c] is None else f"{s.key_response[c]:8.3f}" for c in TOKEN_CLASSES)
+        keys = "".join(f"{'-':>9}" if s.key_response[c] is None else f"{s.key_response[c]:9.3f}" for c in TOKEN_CLASSES)
         lines.append(f"{s.label:<8}{f'h.{s.layer}.{s.head}':<12}{s.qk_overlap:11.2f}{s.qk_norm:9.2f}{s.ov_norm:9.2f}"
-                     f"{s.copying_score:+9.2f}  {'':14}{keys}")
+                     f"{s.copying_score:+9.2f}{keys}")
     lines.append("Layers 1-indexed as in the reference write-up (L10 = transformer.h.9); heads by module index.")
     return "\n".join(lines)
