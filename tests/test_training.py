@@ -10,7 +10,8 @@ from surgery.evaluation import next_token_logits, text_log_probs
 from surgery.layout import SITES, GPT2Layout
 from surgery.panels import Probe
 from surgery.patch import patched_model
-from surgery.training import (SurgeryConfig, UpperStack, choose_layer, freeze_inputs, operate)
+from surgery.training import SurgeryConfig, choose_layer, operate
+from surgery.upper_stack import UpperStack, freeze_inputs
 
 FAST = dict(lr=1e-2)  # the tiny random model needs bigger steps than the documented default
 
