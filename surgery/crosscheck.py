@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .diagnosis import Diagnosis, DiagnosisConfig, diagnose
-from .errors import InputError
+from .errors import require_positive_int
 from .hooks import hooked
 from .layout import ATTN_C_PROJ, WTE, GPT2Layout
 from .tokens import encode_prompt
@@ -51,9 +51,7 @@ class CrossCheckConfig:
 
     def __post_init__(self):
         for name in ("top_heads", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be a positive integer, not {value!r}")
+            require_positive_int(name, getattr(self, name))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,3 +38,10 @@ class OutputError(SurgeryError):
 
 class HubError(SurgeryError):
     """Pushing to the Hugging Face Hub failed (no token, bad repo id, network)."""
+
+
+def require_positive_int(name: str, value) -> int:
+    """``value`` if it is a positive ``int`` (not a bool), else :class:`InputError` naming the option."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name} must be a positive integer, not {value!r}")
+    return value

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import InputError
+from .errors import require_positive_int
 from .layout import LN_1, LN_F, GPT2Layout
 from .token_classes import TOKEN_CLASSES, TokenClasses, token_classes
 
@@ -54,9 +54,7 @@ class StaticHeadConfig:
 
     def __post_init__(self):
         for name in ("top_k", "copy_sample", "class_sample"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be a positive integer, not {value!r}")
+            require_positive_int(name, getattr(self, name))
 
     def to_dict(self) -> dict:
         return asdict(self)

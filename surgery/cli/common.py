@@ -16,6 +16,15 @@ def add_model_arg(parser: argparse.ArgumentParser, flag: str = "--model", requir
                         help="Hub id (gpt2, distilgpt2, ...) or local folder, e.g. assets/demo-model")
 
 
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    """--prompt, --target, --competitor and --prepend-bos, as every per-prompt analysis takes them."""
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--target", required=True, help="the right answer text, e.g. ' Paris' (first token is used)")
+    parser.add_argument("--competitor", help="the wrong answer to compare with (default: the model's top prediction)")
+    parser.add_argument("--prepend-bos", action="store_true",
+                        help="prepend the BOS token (off: matches model(input_ids))")
+
+
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 

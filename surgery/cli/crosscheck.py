@@ -6,7 +6,7 @@ import argparse
 
 from ..crosscheck import CrossCheck, CrossCheckConfig, crosscheck
 from ..diagnosis import DiagnosisConfig
-from .common import add_device_arg, add_model_arg, head_label, load, print_json
+from .common import add_device_arg, add_model_arg, add_prompt_args, head_label, load, print_json
 
 
 def register(sub) -> None:
@@ -15,12 +15,9 @@ def register(sub) -> None:
                                    "zero/mean-ablate the top heads and the prescribed layer's attention output, and "
                                    "find where the target first leads in the logit lens. See docs/heads.md.")
     add_model_arg(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--target", required=True, help="the right answer text, e.g. ' Paris' (first token is used)")
-    p.add_argument("--competitor", help="the wrong answer to compare with (default: the model's top prediction)")
+    add_prompt_args(p)
     p.add_argument("--top-heads", type=int, default=5, help="heads ablated besides the override (default 5)")
     p.add_argument("--top-k", type=int, default=5, help="size of the top sets compared (default 5)")
-    p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token (off: matches model(input_ids))")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     add_device_arg(p)
     p.set_defaults(run=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..diagnosis import Diagnosis, DiagnosisConfig, diagnose
-from .common import add_device_arg, add_model_arg, head_label, load, print_json
+from .common import add_device_arg, add_model_arg, add_prompt_args, head_label, load, print_json
 
 
 def register(sub) -> None:
@@ -13,11 +13,8 @@ def register(sub) -> None:
                        description="Logit lens, direct logit attribution per head/MLP, and a verdict "
                                    "(routing / absence / correct) for one prompt.")
     add_model_arg(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--target", required=True, help="the right answer text, e.g. ' Paris' (first token is used)")
-    p.add_argument("--competitor", help="the wrong answer to compare with (default: the model's top prediction)")
+    add_prompt_args(p)
     p.add_argument("--routing-rank", type=int, default=10, help="lens rank that counts as near the top (default 10)")
-    p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token (off: matches model(input_ids))")
     p.add_argument("--top", type=int, default=8, help="heads listed in the report (default 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     add_device_arg(p)
