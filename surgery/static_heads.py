@@ -184,9 +184,9 @@ def output_directions(model: nn.Module, token_ids: Tensor) -> Tensor:
     return gu - gu.mean(-1, keepdim=True)
 
 
-def sample_ids(candidates: list[int], n: int, generator: torch.Generator) -> Tensor:
-    """A seeded subset of ``n`` of ``candidates`` (all of them when fewer), sorted. Long (min(n, len),)."""
-    ids = torch.tensor(candidates, dtype=torch.long)
+def sample_ids(candidates: list[int], n: int, generator: torch.Generator, d_vocab: int) -> Tensor:
+    """A seeded subset of ``n`` of the ``candidates`` below ``d_vocab`` (all when fewer), sorted. Long (<= n,)."""
+    ids = torch.tensor([i for i in candidates if i < d_vocab], dtype=torch.long)  # rows the model has
     if len(ids) > n:
         ids = ids[torch.randperm(len(ids), generator=generator)[:n]].sort().values
     return ids
@@ -215,10 +215,10 @@ def _compute_table(model: nn.Module, classes: TokenClasses, config: StaticHeadCo
     layout = GPT2Layout.of(model)
     device = layout.w_e(model).device
     gen = torch.Generator().manual_seed(config.seed)
-    class_ids = [sample_ids(classes.ids[name], config.class_sample, gen) for name in TOKEN_CLASSES]
+    class_ids = [sample_ids(classes.ids[name], config.class_sample, gen, layout.d_vocab) for name in TOKEN_CLASSES]
     groups = torch.cat([torch.full((len(ids),), g) for g, ids in enumerate(class_ids)]).to(device)  # (n_cls,)
     class_tokens = torch.cat(class_ids).to(device)
-    copy_tokens = sample_ids([i for i in classes.ordinary() if i < layout.d_vocab], config.copy_sample, gen).to(device)
+    copy_tokens = sample_ids(classes.ordinary(), config.copy_sample, gen, layout.d_vocab).to(device)
     u = output_directions(model, copy_tokens).float()  # (n_copy, d)
 
     normalized: dict[float, tuple[Tensor, Tensor]] = {}  # ln eps -> (class inputs, U^T copy inputs)
