@@ -26,6 +26,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
+from surgery import plots
 from surgery.diagnosis import Diagnosis, diagnose
 from surgery.errors import InputError, SurgeryError
 from surgery.evaluation import score_probes
@@ -56,6 +57,9 @@ DEFAULT_MODEL = "gpt2"
 MAX_PROMPT_CHARS = 1000
 MAX_NEW_TOKENS = 64
 TOP_HEADS = 12
+PROMOTES_TARGET, PROMOTES_COMPETITOR = "promotes the target", "promotes the competitor"
+HEAD_COLUMNS = ["head", "module", "QK overlap", "QK norm", "OV norm", "copying score",
+                "key response: proper nouns", "key response: function words"]
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose", neutral_hue="slate")
 CSS = """
 .banner { border: 1px solid #f59e0b; background: #fffbeb; border-radius: 8px; padding: 2px 14px; }
@@ -101,9 +105,10 @@ def parse_facts(facts) -> list[Probe]:
         except json.JSONDecodeError as e:
             raise InputError(f"the facts are not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if isinstance(facts, pd.DataFrame):
-        facts = facts.to_dict("records")
-    if isinstance(facts, list) and facts and isinstance(facts[0], (list, tuple)):
-        facts = [{"prompt": r[0], "target": r[1]} for r in facts if any(str(c).strip() for c in r)]
+        facts = facts.values.tolist()
+    if isinstance(facts, list) and facts and isinstance(facts[0], (list, tuple)):  # table rows; blank rows skipped
+        facts = [{"prompt": r[0], "target": r[1] if len(r) > 1 else None} for r in facts
+                 if any(str(c or "").strip() for c in r)]
     probes = probes_from_json(facts, "facts")
     for p in probes:
         check_prompt(p.prompt, "fact prompt")
@@ -173,8 +178,8 @@ class SurgeryApp:
         logit-lens chart, the layer×head heatmap, the top heads and the whole diagnosis as JSON."""
         check_prompt(prompt)
         d = diagnose(self.base.model, self.base.tokenizer, prompt, target, (competitor or "").strip() or None)
-        return (verdict_markdown(d), _lens_figure(d), _heatmap_figure(d), _top_heads_figure(d, TOP_HEADS),
-                d.to_dict())
+        return (verdict_markdown(d), plots.cumulative_logit_plot(d), plots.attribution_heatmap(d),
+                top_heads(d, TOP_HEADS), d.to_dict())
 
     # --- Surgery ---------------------------------------------------------------------------------------------
 
@@ -262,7 +267,14 @@ class SurgeryApp:
     def heads(self):
         """Static, input-free views of every head (the table is computed once and cached)."""
         table = head_table(self.base.model, self.base.tokenizer, cache=self.head_cache)
-        return None, None  # TODO: surgery.plots (being built)
+        rows = [[s.label, f"transformer.h.{s.layer} head {s.head}", *(_round(v) for v in (
+                    s.qk_overlap, s.qk_norm, s.ov_norm, s.copying_score, s.key_response.get("proper_noun"),
+                    s.key_response.get("function_word")))] for s in table]
+        return plots.qk_overlap_heatmap(table), plots.key_response_plot(table), rows
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def bundled_panel(model) -> Panel | None:
@@ -280,6 +292,19 @@ def _looks_like_hub_id(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # Result -> Markdown.
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def top_heads(d: Diagnosis, k: int) -> pd.DataFrame:
+    """The ``k`` heads with the largest |target − competitor| attribution, for a bar chart (the chart orders
+    them from the strongest push towards the target to the strongest push towards the competitor)."""
+    heads = sorted((a for a in d.dla if a.head is not None), key=lambda a: -abs(a.target - a.competitor))[:k]
+    return pd.DataFrame({
+        "head": [head_label(a.layer, a.head) for a in heads],
+        "target − competitor": [a.target - a.competitor for a in heads],
+        "pushes": [PROMOTES_TARGET if a.target > a.competitor else PROMOTES_COMPETITOR for a in heads],
+        "target": [a.target for a in heads],
+        "competitor": [a.competitor for a in heads],
+    })
 
 
 def verdict_markdown(d: Diagnosis) -> str:
@@ -313,48 +338,6 @@ def verification_outputs(c: Comparison, label: str):
                                                                    "corrected": label, **c.to_dict()}
 
 
-# TEMPORARY until surgery/plots.py lands ------------------------------------------------------------------------
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def _lens_figure(d):
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
-    xs = list(range(len(d.logit_lens)))
-    ax.plot(xs, [e.target_logit for e in d.logit_lens], "o-", label=f"target {d.target.text!r}")
-    ax.plot(xs, [e.competitor_logit for e in d.logit_lens], "s-", label=f"competitor {d.competitor.text!r}")
-    ax.set_xticks(xs, ["emb"] + [f"L{i + 1}" for i in range(len(xs) - 1)])
-    ax.set_ylabel("logit (lens)")
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def _heatmap_figure(d):
-    import numpy as np
-
-    grid = np.array(d.head_matrix("diff"))
-    lim = float(np.abs(grid).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
-    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_yticks(range(d.n_layer), [f"L{i + 1}" for i in range(d.n_layer)])
-    ax.set_xticks(range(d.n_head), [f"H{i}" for i in range(d.n_head)])
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig
-
-
-def _top_heads_figure(d, k):
-    heads = sorted((a for a in d.dla if a.head is not None), key=lambda a: -abs(a.target - a.competitor))[:k]
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
-    labels = [head_label(a.layer, a.head) for a in heads][::-1]
-    ax.barh(labels, [a.target - a.competitor for a in heads][::-1])
-    fig.tight_layout()
-    return fig
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The page.
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +354,8 @@ def build_demo(model_name: str | os.PathLike | None = None, *, startup: StartUp 
     ``model_name``: Hub id or folder (default ``gpt2``); when it cannot be loaded (e.g. the Hub is unreachable)
     the bundled demo model is served and a banner says so. ``startup``: an already loaded model instead (tests).
     ``panel``: the evaluation panel (default: the bundled one that fits the model, if any).
-    ``login``: show "Sign in with Hugging Face" (OAuth; only works on a Space). ``allow_local_models``: let
+    ``login``: show "Sign in with Hugging Face" (needs a Space with ``hf_oauth: true``: elsewhere Gradio can only
+    mock it with a locally saved HF token, and refuses to start without one). ``allow_local_models``: let
     Verify read local folders (off on a public Space). ``work_dir``: where per-session files go (default: temp).
     """
     if startup is None:
@@ -388,8 +372,8 @@ def build_demo(model_name: str | os.PathLike | None = None, *, startup: StartUp 
         with gr.Tabs():
             with gr.Tab("Diagnose", id="diagnose"):
                 diagnose_tab(app)
-            with gr.Tab("Heads", id="heads"):
-                heads_tab(app)
+            with gr.Tab("Heads", id="heads") as tab:
+                heads_tab(app, tab)
             with gr.Tab("Surgery", id="surgery"):
                 surgery_tab(app, edit, login)
             with gr.Tab("Verify", id="verify"):
@@ -417,21 +401,31 @@ def diagnose_tab(app: SurgeryApp) -> None:
                                     info="GPT-2 words start with a space: ' Paris'")
                 competitor = gr.Textbox(label="Competitor (optional)", placeholder="default: the model's answer")
             run = gr.Button("Diagnose", variant="primary")
-            if app.facts:
-                gr.Examples([[f.prompt, f.target, ""] for f in app.facts], [prompt, target, competitor],
-                            label=f"The {len(app.facts)} capitals of the fact panel", examples_per_page=12,
-                            example_labels=[example_label(f) for f in app.facts])
+            examples_slot = gr.Column()
         with gr.Column(scale=3):
             verdict = gr.Markdown("Press **Diagnose**.", elem_classes="verdict", elem_id="verdict")
-            lens = gr.Plot(label="Logit lens: target vs competitor after each layer", elem_id="lens-plot")
+            lens = gr.Plot(label="Logit lens: target vs competitor after each layer", show_label=False,
+                           elem_id="lens-plot")
     with gr.Row():
-        heatmap = gr.Plot(label="Per-head direct logit attribution: target − competitor", elem_id="head-heatmap")
-        bars = gr.Plot(label=f"Top {TOP_HEADS} heads by |target − competitor|", elem_id="top-heads")
+        heatmap = gr.Plot(label="Per-head direct logit attribution: target − competitor", show_label=False,
+                          elem_id="head-heatmap", scale=3)
+        bars = gr.BarPlot(x="head", y="target − competitor", color="pushes", sort="-y", x_label_angle=-40,
+                          color_map={PROMOTES_TARGET: "#2563eb", PROMOTES_COMPETITOR: "#dc2626"},
+                          tooltip=["head", "target", "competitor", "target − competitor"],
+                          title=f"Top {TOP_HEADS} heads by |target − competitor|", show_label=False,
+                          elem_id="top-heads", height=440, scale=2)
     with gr.Accordion("Full diagnosis (JSON)", open=False):
         raw = gr.JSON(label="diagnosis")
+    outputs = [verdict, lens, heatmap, bars, raw]
     gr.on([run.click, prompt.submit, target.submit, competitor.submit], app.diagnose,
-          [prompt, target, competitor], [verdict, lens, heatmap, bars, raw],
+          [prompt, target, competitor], outputs,
           api_name="diagnose", concurrency_limit=4, concurrency_id="diagnose")
+    if app.facts:
+        with examples_slot:
+            gr.Examples([[f.prompt, f.target, ""] for f in app.facts], [prompt, target, competitor], outputs,
+                        app.diagnose, cache_examples=False, run_on_click=True, api_visibility="private",
+                        label=f"The {len(app.facts)} capitals of the fact panel (click one to diagnose it)",
+                        examples_per_page=12, example_labels=[example_label(f) for f in app.facts])
 
 
 def example_label(fact: Probe) -> str:
@@ -440,15 +434,17 @@ def example_label(fact: Probe) -> str:
     return f"{words[-1] if words else fact.prompt} → {fact.target.strip()}"
 
 
-def heads_tab(app: SurgeryApp) -> None:
-    gr.Markdown("Input-free views of every attention head, from the weights alone: how much each head's query "
-                "and key read the same input dimensions (QK overlap), and how strongly its keys respond to "
-                "each class of token.", elem_classes="muted")
-    show = gr.Button("Compute the head views", variant="secondary")
+def heads_tab(app: SurgeryApp, tab: gr.Tab) -> None:
+    gr.Markdown("Input-free views of every attention head, from the weights alone (computed when this tab is "
+                "first opened): how much each head's query and key read the same input dimensions (QK overlap), "
+                "and how strongly its keys respond to each class of token.", elem_classes="muted")
     with gr.Row():
-        overlap = gr.Plot(label="QK overlap per head")
-        keys = gr.Plot(label="Key response by token class, per layer")
-    show.click(app.heads, None, [overlap, keys], api_name="heads", concurrency_limit=1, concurrency_id="heads")
+        overlap = gr.Plot(label="QK overlap per head", show_label=False, scale=3)
+        keys = gr.Plot(label="Key response by token class, per layer", show_label=False, scale=2)
+    table = gr.Dataframe(headers=HEAD_COLUMNS, label="Every head (click a column to sort)", interactive=False,
+                         max_height=420)
+    tab.select(app.heads, None, [overlap, keys, table], api_name="heads", concurrency_limit=1,
+               concurrency_id="heads")
 
 
 def site_choices(app: SurgeryApp) -> list[tuple[str, str]]:
@@ -478,7 +474,10 @@ def facts_note(app: SurgeryApp) -> str:
     """Which panel facts the base model gets wrong (surgery should fix them) and right (the edit must keep them)."""
     if not app.facts:
         return "No bundled fact panel fits this model: write the facts to fix as JSON."
-    scores = score_probes(app.base.model, app.base.tokenizer, app.facts)
+    try:
+        scores = score_probes(app.base.model, app.base.tokenizer, app.facts)
+    except SurgeryError as e:  # a panel that does not fit this tokenizer: say so instead of failing to start
+        return f"The fact panel does not fit this model: {html.escape(str(e), quote=False)}."
     wrong = [r for r in scores.results if not r.correct]
     right = [r for r in scores.results if r.correct]
     text = f"The base model gets **{len(wrong)} of {scores.total}** panel facts wrong"
@@ -587,8 +586,9 @@ def verify_tab(app: SurgeryApp, edit: gr.State) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     on_space = bool(os.environ.get("SPACE_ID"))
+    oauth = on_space and bool(os.environ.get("OAUTH_CLIENT_ID"))  # set by the Space when hf_oauth: true
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    demo = build_demo(os.environ.get("SURGERY_MODEL", DEFAULT_MODEL), device=device, login=on_space,
+    demo = build_demo(os.environ.get("SURGERY_MODEL", DEFAULT_MODEL), device=device, login=oauth,
                       allow_local_models=not on_space)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), theme=THEME, css=CSS,

@@ -77,9 +77,14 @@ def operated(demo_app, demo_facts):
 def test_diagnose_demo_capital(demo_app):
     verdict, lens, heatmap, bars, raw = demo_app.diagnose(*FRANCE, "")
     assert "Routing" in verdict and "overridden by L" in verdict and "prescribed surgery layer L" in verdict
-    for fig in (lens, heatmap, bars):
+    for fig in (lens, heatmap):
         assert fig.__class__.__name__ == "Figure"
-    assert raw["verdict"] == "routing" and raw["target"]["text"] == " Paris"
+    # The bar chart holds the TOP_HEADS heads with the largest |target - competitor|.
+    shown = set(bars["head"])
+    rest = [abs(a["target"] - a["competitor"]) for a in raw["dla"]
+            if a["head"] is not None and app.head_label(a["layer"], a["head"]) not in shown]
+    assert len(bars) == app.TOP_HEADS and bars["target − competitor"].abs().min() >= max(rest)
+    assert raw["verdict"] == "routing" and raw["target"]["text"].strip() == "Paris"
     json.dumps(raw)  # JSON-friendly for API clients
     n_heads = raw["n_layer"] * raw["n_head"]
     assert sum(a["head"] is not None for a in raw["dla"]) == n_heads
@@ -87,7 +92,7 @@ def test_diagnose_demo_capital(demo_app):
 
 def test_diagnose_with_competitor(demo_app):
     _, _, _, _, raw = demo_app.diagnose(*FRANCE, " the")
-    assert raw["competitor"]["text"] == " the"
+    assert raw["competitor"]["text"].strip() == "the"
 
 
 @pytest.mark.parametrize("prompt, target, match", [
@@ -163,7 +168,7 @@ def test_operate_fixes_the_facts_and_leaves_the_base_alone(demo_app, operated):
     before, progress, (summary, metrics, facts_rows, files, report, edit) = operated
     assert_unchanged(demo_app.base.model, before)
     assert "Surgery done" in summary and "8/8" in summary
-    assert "| facts correct |" in metrics and "Q/K unchanged (bitwise) | | true" in metrics
+    assert "| facts correct |" in metrics and "| Q/K unchanged (bitwise) |  | true |" in metrics
     assert all(row[4] == "✓" for row in facts_rows) and len(facts_rows) == len(demo_app.facts)
     assert sorted(os.path.basename(f) for f in files) == ["patch.safetensors", "report.json"]
     patch = Patch.load(files[0])
@@ -332,8 +337,21 @@ def test_build_demo_names_the_endpoints(demo):
     demo_blocks = app.build_demo(startup=StartUp(demo))
     names = {d.api_name for d in demo_blocks.fns.values()}
     assert {"diagnose", "operate", "generate", "verify"} <= names
-    assert not any(isinstance(b, gr.LoginButton) for b in demo_blocks.blocks.values())  # no OAuth off a Space
-    assert app.build_demo(startup=StartUp(demo), login=True).expects_oauth
+    assert not demo_blocks.expects_oauth  # no login button off a Space
+
+
+def test_login_button_on_a_space_with_oauth(demo, monkeypatch):
+    """What a Space with ``hf_oauth: true`` provides: the OAuth variables; then the app shows the login button."""
+    import gradio.oauth
+
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("SPACE_ID", "someone/transformer-surgery")
+    for name, value in [("OAUTH_CLIENT_ID", "id"), ("OAUTH_CLIENT_SECRET", "secret"),
+                        ("OAUTH_SCOPES", "openid profile contribute-repos"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")]:
+        monkeypatch.setattr(gradio.oauth, name, value)
+    blocks = app.build_demo(startup=StartUp(demo), login=True)
+    assert blocks.expects_oauth
 
 
 def test_offline_start_falls_back_to_the_demo_model_with_a_banner(monkeypatch):
@@ -347,5 +365,6 @@ def test_offline_start_falls_back_to_the_demo_model_with_a_banner(monkeypatch):
 
 
 def test_heads_views(demo_app):
-    overlap, keys = demo_app.heads()
-    assert overlap is not None and keys is not None
+    overlap, keys, rows = demo_app.heads()
+    assert len(rows) == demo_app.layout.n_layer * demo_app.layout.n_head and len(rows[0]) == len(app.HEAD_COLUMNS)
+    assert demo_app.heads()[2] == rows  # cached

@@ -89,12 +89,15 @@ def test_diagnose_operate_and_compare_in_the_browser(page):
     for name in ("Heads", "Surgery", "Verify"):
         expect(page.get_by_role("tab", name=name)).to_be_visible()
 
-    # Diagnose: the prompt is prefilled with the first capital; pick Japan from the examples instead.
-    page.get_by_text("The capital of Japan is").first.click()
-    expect(page.get_by_label("Prompt").first).to_have_value("The capital of Japan is")
-    page.get_by_role("button", name="Diagnose", exact=True).click()
+    # Diagnose: the prompt is prefilled with the first capital (France); clicking an example diagnoses it at once.
     verdict = page.locator("#verdict")
-    expect(verdict).to_contain_text("Routing failure", timeout=60_000)
+    page.get_by_role("button", name="Diagnose", exact=True).click()
+    expect(verdict).to_contain_text("Paris", timeout=60_000)
+    page.get_by_text("Japan → Tokyo").first.click()
+    expect(page.get_by_label("Prompt").first).to_have_value("The capital of Japan is")
+    expect(verdict).to_contain_text("Tokyo", timeout=60_000)
+    expect(page.get_by_text("processing |")).to_have_count(0, timeout=60_000)  # every output has arrived
+    expect(verdict).to_contain_text("Routing failure")
     expect(verdict).to_contain_text("overridden by L")
     expect(verdict).to_contain_text("prescribed surgery layer L")
     expect(page.locator("#lens-plot img")).to_be_visible()
@@ -111,6 +114,7 @@ def test_diagnose_operate_and_compare_in_the_browser(page):
     page.get_by_role("button", name="Generate", exact=True).click()
     corrected = page.locator("#gen-corrected textarea")
     expect(corrected).not_to_have_value("", timeout=60_000)
+    expect(page.get_by_text("processing |")).to_have_count(0, timeout=60_000)
     assert page.locator("#gen-corrected textarea").input_value().strip().startswith("Paris")
     assert not page.locator("#gen-original textarea").input_value().strip().startswith("Paris")
     page.screenshot(path=str(ARTIFACTS / "surgery.png"), full_page=True)

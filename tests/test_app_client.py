@@ -55,7 +55,7 @@ def test_diagnose_through_the_api(server, tmp_path):
     verdict, lens, heatmap, bars, raw = client(server, tmp_path).predict(
         "The capital of France is", " Paris", "", api_name="/diagnose")
     assert "Routing" in verdict
-    assert raw["verdict"] == "routing" and raw["target"]["text"] == " Paris"
+    assert raw["verdict"] == "routing" and raw["target"]["text"].strip() == "Paris"
     assert raw["override"]["layer"] == raw["n_layer"] - 1  # the override head sits in the last block
     assert lens["type"] == "matplotlib" and lens["plot"]
 
