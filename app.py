@@ -130,8 +130,20 @@ def head_label(layer: int, head: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Work that runs on the GPU when there is one (on ZeroGPU inside @spaces.GPU).
+# Work that runs on the GPU when there is one (on ZeroGPU inside @spaces.GPU, possibly in another process: the
+# arguments are plain objects, no closures).
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class TrainingProgress:
+    """The library's ``progress(step, total, loss)`` callback, shown on a ``gr.Progress`` bar."""
+
+    def __init__(self, progress, site: str):
+        self.progress, self.site = progress, site
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        self.progress((step, total), desc=f"training {self.site}: step {step}/{total}, loss {loss:.3f}",
+                      unit="steps")
 
 
 @gpu(duration=120)
@@ -189,11 +201,9 @@ class SurgeryApp:
         probes = parse_facts(facts)
         config = SurgeryConfig(site=site, layer=parse_layer(layer))
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            progress((step, total), desc=f"training {site}: step {step}/{total}, loss {loss:.3f}", unit="steps")
-
         progress(0, desc="diagnosing the facts, capturing the frozen layers")
-        result = run_surgery(self.base.model, self.base.tokenizer, probes, config, self.panel, on_step)
+        result = run_surgery(self.base.model, self.base.tokenizer, probes, config, self.panel,
+                             TrainingProgress(progress, site))
         progress(1, desc="writing the patch and the report")
         folder = Path(tempfile.mkdtemp(prefix="surgery-session-", dir=self.work_dir))
         files = write_downloads(folder, self.base, result)
@@ -361,7 +371,8 @@ def build_demo(model_name: str | os.PathLike | None = None, *, startup: StartUp 
     if startup is None:
         startup = load_or_demo(model_name or DEFAULT_MODEL, device=device)
     app = SurgeryApp(startup, panel=panel, allow_local_models=allow_local_models, work_dir=work_dir)
-    with gr.Blocks(title="Transformer Surgery") as demo:
+    # delete_cache: downloads copied into Gradio's cache are removed after a few hours (a Space runs for weeks).
+    with gr.Blocks(title="Transformer Surgery", delete_cache=(3600, 4 * 3600)) as demo:
         gr.Markdown(INTRO)
         if app.fallback_reason:
             gr.Markdown(f"⚠️ **Running the bundled demo model** — {html.escape(app.fallback_reason)}. It is a small "
@@ -528,9 +539,10 @@ def surgery_tab(app: SurgeryApp, edit: gr.State, login: bool) -> None:
                           elem_id="surgery-summary")
     with gr.Column(visible=False) as results:
         with gr.Row(equal_height=False):
-            metrics = gr.Markdown()
+            with gr.Column(scale=2, min_width=320):
+                metrics = gr.Markdown()
             outcome = gr.Dataframe(headers=["prompt", "target", "before", "after", "fixed"], label="Facts",
-                                   interactive=False, wrap=True)
+                                   interactive=False, wrap=True, scale=3)
         downloads = gr.File(label="Downloads: patch.safetensors (only the changed weights) and report.json",
                             file_count="multiple", interactive=False)
         report = gr.JSON(visible=False)
@@ -573,11 +585,12 @@ def verify_tab(app: SurgeryApp, edit: gr.State) -> None:
         source = gr.Textbox(label="Corrected model", placeholder="blank: this session's edit; or user/model",
                             scale=4)
         go = gr.Button("Verify", variant="primary", scale=1)
-    verdict = gr.Markdown(elem_classes="verdict")
+    verdict = gr.Markdown(elem_classes="verdict", elem_id="verify-verdict")
     with gr.Row():
         facts = gr.Dataframe(headers=["prompt", "target", "original", "corrected", "correct"], label="Facts",
                              interactive=False, wrap=True, scale=3)
-        panels = gr.Markdown(label="Panels")
+        with gr.Column(scale=2, min_width=320):
+            panels = gr.Markdown()
     raw = gr.JSON(visible=False)
     go.click(app.verify, [source, edit], [verdict, facts, panels, raw], api_name="verify",
              concurrency_limit=1, concurrency_id="verify")

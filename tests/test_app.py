@@ -354,6 +354,22 @@ def test_login_button_on_a_space_with_oauth(demo, monkeypatch):
     assert blocks.expects_oauth
 
 
+def test_importing_the_app_loads_nothing(monkeypatch):
+    """No model, no environment, no server at import: only build_demo() and main() do things."""
+    import importlib
+
+    import surgery.model_io
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded at import")
+
+    monkeypatch.setattr(surgery.model_io, "load_model", refuse)
+    monkeypatch.setenv("SURGERY_MODEL", "/nonexistent")
+    importlib.reload(app)
+    monkeypatch.undo()
+    importlib.reload(app)
+
+
 def test_offline_start_falls_back_to_the_demo_model_with_a_banner(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from huggingface_hub import constants
