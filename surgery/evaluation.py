@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .layout import LM_HEAD, GPT2Layout
 from .panels import Panel, Probe
-from .tokens import encode_prompt, encode_target, pad_right, token_text
+from .tokens import encode_prompt, encode_target, pad_right, real_positions, token_text
 
 BATCH_SIZE = 32
 
@@ -69,7 +69,9 @@ def _device(model: nn.Module) -> torch.device:
 def last_position_logits(model: nn.Module, input_ids: Tensor, lengths: Tensor) -> Tensor:
     """Next-token logits at each row's last real position. ``input_ids`` (B, T) right-padded -> (B, V)."""
     with torch.no_grad():
-        hidden = model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, d), after ln_f
+        mask = real_positions(lengths, input_ids.shape[1]).long()
+        hidden = model.transformer(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        # hidden: (B, T, d), after ln_f
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return model.get_submodule(LM_HEAD)(hidden[rows, lengths - 1])  # (B, V)
 
@@ -110,7 +112,7 @@ def encode_texts(tokenizer, texts, n_ctx: int) -> list[list[int]]:
     to predict)."""
     out = []
     for text in texts:
-        ids = list(tokenizer(text)["input_ids"])[:n_ctx] if text.strip() else []
+        ids = list(tokenizer(text, truncation=True, max_length=n_ctx)["input_ids"]) if text.strip() else []
         if len(ids) >= 2:
             out.append(ids)
     return out
@@ -134,9 +136,9 @@ def text_log_probs(model: nn.Module, tokenizer, texts) -> Tensor:
     if not encoded:
         return torch.empty(0, GPT2Layout.of(model).d_vocab)
     ids, lengths = pad_right(encoded, tokenizer.pad_token_id, _device(model))
+    real = real_positions(lengths, ids.shape[1])  # (B, T)
     with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-    real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]  # (B, T)
+        logits = model(input_ids=ids, attention_mask=real.long(), use_cache=False).logits  # (B, T, V)
     return F.log_softmax(logits[real].float(), -1)
 
 

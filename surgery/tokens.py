@@ -55,11 +55,17 @@ def token_text(tokenizer, token_id: int) -> str:
 def pad_right(sequences: list[list[int]], pad_id: int | None, device=None):
     """Right-pad token id lists into ``input_ids`` Long[Tensor, "B T"] and ``lengths`` Long[Tensor, "B"].
 
-    With a causal model the real positions never attend to right padding, so no attention mask is needed
-    and every real position's output equals an unpadded run.
+    With a causal model the real positions never attend to right padding, so every real position's output
+    equals an unpadded run (an attention mask, :func:`real_positions`, changes nothing for them; passing one
+    only keeps transformers from warning about padding).
     """
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id if pad_id is not None else 0, dtype=torch.long, device=device)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return ids, torch.tensor([len(s) for s in sequences], dtype=torch.long, device=device)
+
+
+def real_positions(lengths, width: int):
+    """Bool[Tensor, "B T"]: True at each row's real (non-padding) positions of a right-padded batch."""
+    return torch.arange(width, device=lengths.device)[None] < lengths[:, None]

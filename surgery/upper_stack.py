@@ -23,18 +23,19 @@ from .hooks import hooked
 from .layout import BLOCK, LM_HEAD, LN_F, GPT2Layout, causal_mask
 from .panels import Probe
 from .patch import copy_block
-from .tokens import encode_prompt, encode_target, pad_right
+from .tokens import encode_prompt, encode_target, pad_right, real_positions
 
 
 class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass once block ``layer``'s input is known."""
 
 
-def capture_block_input(model: nn.Module, input_ids: Tensor, layer: int) -> Tensor:
+def capture_block_input(model: nn.Module, input_ids: Tensor, layer: int, lengths: Tensor | None = None) -> Tensor:
     """Residual stream entering block ``layer`` (the frozen part's output). (B, T) -> Float[Tensor, "B T d"].
 
-    The blocks from ``layer`` on are not run. ``input_ids`` may be right-padded (causal: no mask needed).
+    The blocks from ``layer`` on are not run. ``input_ids`` may be right-padded, with ``lengths`` (B,).
     """
+    mask = None if lengths is None else real_positions(lengths, input_ids.shape[1]).long()
     store = {}
 
     def grab(module, args):
@@ -43,7 +44,7 @@ def capture_block_input(model: nn.Module, input_ids: Tensor, layer: int) -> Tens
 
     with torch.no_grad(), hooked(model, pre={BLOCK.format(layer): grab}):
         try:
-            model.transformer(input_ids=input_ids, use_cache=False)
+            model.transformer(input_ids=input_ids, attention_mask=mask, use_cache=False)
         except _Captured:
             pass
     return store["hidden"]
@@ -81,12 +82,12 @@ def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated
     prompts = [encode_prompt(tokenizer, f.prompt, layout.n_ctx) for f in facts]
     targets = torch.tensor([encode_target(tokenizer, f.target)[0] for f in facts], device=device)
     ids, lengths = pad_right(prompts, tokenizer.pad_token_id, device)
-    frozen = FrozenInputs(capture_block_input(model, ids, layer), lengths - 1, targets, None, None)
+    frozen = FrozenInputs(capture_block_input(model, ids, layer, lengths), lengths - 1, targets, None, None)
     texts = _truncate_texts(encode_texts(tokenizer, unrelated, layout.n_ctx), max_unrelated_tokens)
     if texts:
         t_ids, t_lengths = pad_right(texts, tokenizer.pad_token_id, device)
-        frozen.text_hidden = capture_block_input(model, t_ids, layer)
-        frozen.text_real = torch.arange(t_ids.shape[1], device=device)[None] < t_lengths[:, None]
+        frozen.text_hidden = capture_block_input(model, t_ids, layer, t_lengths)
+        frozen.text_real = real_positions(t_lengths, t_ids.shape[1])
     return frozen
 
 

@@ -101,7 +101,7 @@ def test_progress_callback(tiny_model, tiny_tokenizer, facts, tiny_panel):
     result = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="layer", layer=1, **FAST),
                      panel=tiny_panel, progress=lambda step, total, loss: calls.append((step, total, loss)))
     assert [c[0] for c in calls] == list(range(1, result.report.steps + 1))
-    assert all(total == 100 and loss > 0 for _, total, loss in calls)
+    assert all(total == SurgeryConfig().epochs and loss > 0 for _, total, loss in calls)
 
 
 def test_budget_exhausted_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel):
