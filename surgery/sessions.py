@@ -76,11 +76,6 @@ class SessionEdit:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def session_model(base: nn.Module, edit: SessionEdit | None) -> nn.Module:
-    """The model a session's requests run on: its patched view, or the shared base when it has no edit."""
-    return base if edit is None else edit.model(base)
-
-
 def write_downloads(folder: str | os.PathLike, loaded: LoadedModel, result: SurgeryResult) -> list[Path]:
     """Write what a session offers for download into ``folder``: ``patch.safetensors`` (only the changed
     tensors, with the base model named in its metadata) and ``report.json`` — the same two files as in an

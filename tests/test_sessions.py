@@ -1,0 +1,70 @@
+"""surgery.sessions: start-up with the offline fallback, one edit per session, the downloadable files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from surgery.errors import ModelLoadError
+from surgery.model_io import DEMO_MODEL, LoadedModel
+from surgery.panels import Panel, Probe
+from surgery.patch import Patch
+from surgery.sessions import SessionEdit, load_or_demo, write_downloads
+from surgery.training import SurgeryConfig, operate
+
+FACTS = [Probe("The capital of France is", "Paris"), Probe("The capital of Japan is", "Tokyo")]
+PANEL = Panel(name="tiny", facts=tuple(FACTS), general=(Probe("the cat sat on the", "mat"),),
+              side_effects=(Probe("one two", "three"),), perplexity_text="the cat sat on the mat .",
+              unrelated_text=("the dog sat on the mat .",))
+
+
+@pytest.fixture(scope="module")
+def tiny_edit(tiny_model, tiny_tokenizer, tmp_path_factory):
+    result = operate(tiny_model, tiny_tokenizer, FACTS, SurgeryConfig(site="layer", layer=2), panel=PANEL)
+    return SessionEdit(result=result, facts=FACTS, folder=tmp_path_factory.mktemp("session"))
+
+
+def offline(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_unloadable_model_falls_back_to_the_demo_model(monkeypatch):
+    offline(monkeypatch)
+    startup = load_or_demo("someone/not-in-the-cache")
+    assert startup.loaded.is_demo and "unreachable" in startup.fallback_reason
+    assert load_or_demo(DEMO_MODEL).fallback_reason is None
+
+
+def test_a_broken_demo_model_is_not_hidden(monkeypatch, tmp_path):
+    import surgery.sessions
+
+    monkeypatch.setattr(surgery.sessions, "DEMO_MODEL", tmp_path)  # a folder without config.json
+    with pytest.raises(ModelLoadError):
+        load_or_demo(tmp_path)
+
+
+def test_session_view_is_built_once_and_leaves_the_base_alone(tiny_model, tiny_edit):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    view = tiny_edit.model(tiny_model)
+    assert tiny_edit.model(tiny_model) is view and view is not tiny_model
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(before[k], v) for k, v in view.state_dict().items())
+
+
+def test_downloads_and_discard(tiny_model, tiny_tokenizer, tiny_edit):
+    loaded = LoadedModel(tiny_model, tiny_tokenizer, "/models/tiny", revision="abc123")
+    files = write_downloads(tiny_edit.folder, loaded, tiny_edit.result)
+    assert [f.name for f in files] == ["patch.safetensors", "report.json"]
+    patch = Patch.load(files[0])
+    assert patch.metadata["base_model"] == "/models/tiny" and patch.metadata["revision"] == "abc123"
+    patch.check_compatible(tiny_model)
+    report = json.loads(files[1].read_text())
+    assert report["base_model"] == "/models/tiny" and report["facts_fixed"] == "2/2"
+    tiny_edit.discard()
+    assert not tiny_edit.folder.exists()
