@@ -58,4 +58,5 @@ def _this_thread_only(fn: Callable) -> Callable:
             return None
         return fn(*args)
 
+    hook.thread_scoped = True  # lets copies of a module (surgery.patch) leave these request-scoped hooks behind
     return hook

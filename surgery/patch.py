@@ -129,33 +129,52 @@ def block_digest(model: nn.Module, layer: int) -> str:
     return h.hexdigest()
 
 
-def _is_hook_registry(name: str) -> bool:
-    return name.startswith(("_forward", "_backward")) and "hooks" in name
+HOOK_REGISTRIES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object sharing every submodule, parameter and buffer, with its own registries (so swapping
-    a child on the copy never touches the original) and no forward/backward hooks (another thread's hooks on
-    the original must not follow into the copy)."""
-    new = copy.copy(module)
-    for key, value in vars(module).items():
-        if isinstance(value, dict):
-            new.__dict__[key] = type(value)() if _is_hook_registry(key) else copy.copy(value)
-    return new
+def _copy_registries(module: nn.Module) -> None:
+    """Give ``module`` (a fresh copy) its own registry dicts, so that adding a hook or swapping a child on it never
+    touches the original, and drop the request-scoped hooks of :func:`surgery.hooks.hooked` (another thread's
+    diagnosis must not follow into the copy). Other hooks — transformers' output recorders — are kept."""
+    for key, value in list(vars(module).items()):
+        if not isinstance(value, dict):
+            continue
+        if key in HOOK_REGISTRIES:
+            value = type(value)((k, h) for k, h in value.items() if not getattr(h, "thread_scoped", False))
+        module.__dict__[key] = copy.copy(value)
+
+
+def _install_output_recorders(model: nn.Module) -> None:
+    """transformers 5 records ``output_hidden_states``/``output_attentions`` with forward hooks that it installs
+    once per model, on first use. Install them on the base now, so every copy carries exactly one set: otherwise a
+    view would install a second set on the modules it shares with the base (hidden states recorded twice)."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # older transformers: outputs are returned, not recorded by hooks
+        return
+    maybe_install_capturing_hooks(model)
 
 
 def copy_block(model: nn.Module, layer: int) -> nn.Module:
-    """A private deep copy of block ``layer`` (sharing the config object), without any hooks."""
+    """A private deep copy of block ``layer`` (sharing the config object), without request-scoped hooks."""
+    _install_output_recorders(model)
     block = copy.deepcopy(model.get_submodule(BLOCK.format(layer)), memo={id(model.config): model.config})
     for module in block.modules():
-        for key, value in vars(module).items():
-            if isinstance(value, dict) and _is_hook_registry(key):
-                module.__dict__[key] = type(value)()
+        _copy_registries(module)
     return block
 
 
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing every submodule, parameter and buffer with ``module``."""
+    new = copy.copy(module)
+    _copy_registries(new)
+    return new
+
+
 def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
-    """A view of ``model`` with ``patch`` applied; ``model`` itself is not modified (see the module docstring).
+    """A view of ``model`` with ``patch`` applied; ``model``'s weights are not modified (see the module
+    docstring). transformers' inert output-recording hooks are installed on ``model`` first, as its first
+    ``output_hidden_states=True`` call would, so that the view and the base each record their outputs once.
 
     Raises :class:`PatchError` if the patch does not fit ``model``.
     """

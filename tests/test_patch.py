@@ -187,3 +187,28 @@ def test_weight_stats_catch_a_change_outside_the_slice(tiny_model):
         tampered.get_parameter(C_ATTN.format(1) + ".weight")[0, 0] += 1.0  # a Q column
     stats = weight_stats(tiny_model, patch, tampered)
     assert stats.qk_unchanged is False and stats.others_unchanged is False
+
+
+def test_hidden_states_of_a_view(tiny_tokenizer):
+    """transformers 5 records hidden states with hooks it installs once per model: a view must record its own
+    patched block, exactly once, and the base must keep recording its own."""
+    import copy
+
+    model = make_tiny_model(len(tiny_tokenizer))
+    ids = torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]])
+    patch = make_patch(model, site="mlp", layer=1)
+    reference = copy.deepcopy(model)
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for s in patch.slices:
+            s.read(params[s.name]).copy_(patch.values[s.name])
+    expected = reference(ids, output_hidden_states=True).hidden_states
+    base_expected = copy.deepcopy(model)(ids, output_hidden_states=True).hidden_states
+    for first_call_on_base in (False, True):
+        if first_call_on_base:
+            model(ids, output_hidden_states=True)
+        view = patched_model(model, patch)
+        got = view(ids, output_hidden_states=True).hidden_states
+        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+        base = model(ids, output_hidden_states=True).hidden_states
+        assert len(base) == len(base_expected) and all(torch.equal(a, b) for a, b in zip(base, base_expected))
