@@ -51,7 +51,6 @@ except ImportError:  # Elsewhere a no-op with the same call forms: @gpu and @gpu
         return fn if fn is not None else (lambda f: f)
 
 
-log = logging.getLogger("app")
 
 DEFAULT_MODEL = "gpt2"
 MAX_PROMPT_CHARS = 1000
@@ -598,6 +597,7 @@ def verify_tab(app: SurgeryApp, edit: gr.State) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     on_space = bool(os.environ.get("SPACE_ID"))
     oauth = on_space and bool(os.environ.get("OAUTH_CLIENT_ID"))  # set by the Space when hf_oauth: true
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
