@@ -26,9 +26,11 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not browser"
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -r bench/requirements.txt
 	$(PY) -m bench
 
 bench-quick: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -r bench/requirements.txt
 	$(PY) -m bench --quick
 
 demo-model: $(STAMP)

@@ -1,0 +1,63 @@
+"""Smoke tests of the benchmark code on the tiny model: correctness only, never timing (bench/README.md)."""
+
+import pytest
+import torch
+
+from bench import diagnosis, report, training
+from bench.measure import interleaved, peak_memory
+from bench.models import IdTokenizer
+from surgery.panels import Probe
+
+
+def test_interleaved_runs_every_case_in_every_round():
+    calls = []
+    out = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a rotating order
+    assert out["a"].wall.n == 3 and out["b"].cpu.n == 3
+    assert out["a"].wall.min <= out["a"].wall.median <= out["a"].wall.max
+
+
+def test_diagnosis_cases_run_and_agree_with_a_plain_forward(tiny_model):
+    cases = diagnosis.make_cases(tiny_model, IdTokenizer(), None, length=8)
+    assert set(cases) == {"hf", "ours"}
+    logits = cases["hf"]().logits[0, -1]
+    d = cases["ours"]()
+    assert d.prediction.token_id == int(logits.argmax())
+    assert d.target.token_id == diagnosis.target_id(tiny_model)
+
+
+def test_transformer_lens_computes_the_same_numbers(tiny_model):
+    pytest.importorskip("transformer_lens", reason="bench-only dependency (make bench installs it)")
+    from bench.models import tl_bridge
+
+    assert diagnosis.check_tl_matches(tiny_model, tl_bridge(tiny_model), length=8) < 1e-4
+
+
+def test_surgery_step_cases_leave_the_base_model_untouched(tiny_model, tiny_tokenizer):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    job = training.Job(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Paris")],
+                       ["the cat sat on the mat . the dog sat on the red mat ."], None, 1, "given")
+    cases = training.step_cases(job, steps=1)
+    assert set(cases) == set(training.STEP_CASES)
+    for name, fn in cases.items():
+        samples = fn()
+        assert len(samples) == 1 and all(t >= 0 for t in samples[0]), name
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_peak_memory_sees_a_large_allocation():
+    """A 200 MiB tensor allocated inside one call shows up as transient memory, not as resident memory."""
+    mem = peak_memory("tests.test_bench:allocating_case", mib=200)
+    assert 180 < mem.transient < 260 and mem.resident < 50
+
+
+def allocating_case(mib: int):
+    return lambda: torch.ones(mib * 2**20 // 4).sum()
+
+
+def test_report_tables_show_the_ratios():
+    t = {"wall": {"median": 0.2, "min": 0.1, "max": 0.3}, "cpu": {"median": 0.2, "min": 0.1, "max": 0.3}}
+    row = {"length": 8, "time": {"hf": t, "ours": {**t, "wall": {"median": 0.1, "min": 0.1, "max": 0.1}}, "tl": t}}
+    table = report.diagnosis_table({"rows": [row]})
+    assert "**0.50×**" in table and "**2.00×**" in table
