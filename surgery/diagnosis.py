@@ -248,7 +248,9 @@ def logit_lens(model: nn.Module, resid: Tensor, token_ids: Tensor, competitor_id
         c = torch.where(c < 0, auto, c)
         ids = torch.stack([t, c, top2[:, 0]], -1)  # (b, 3)
         picked = full.gather(-1, ids[None].expand(full.shape[0], -1, -1))  # (S, b, 3)
-        ranks = torch.stack([(full > picked[..., i : i + 1]).sum(-1) + 1 for i in range(3)], -1)  # (S, b, 3)
+        # Count in int32: summing a bool tensor into the default int64 costs twice as much (bench/README.md).
+        ranks = torch.stack([(full > picked[..., i : i + 1]).sum(-1, dtype=torch.int32) for i in range(3)], -1)
+        ranks = ranks.long() + 1  # (S, b, 3)
         logits_out.append(picked)
         ranks_out.append(ranks)
         all_ids.append(ids)
@@ -380,6 +382,7 @@ def _diagnose_chunk(model, tokenizer, layout: GPT2Layout, items, config: Diagnos
         attrs = logit_attrs(model, cap, lens_ids[:, :2])
 
     results = []
+    lens_list, ranks_list = lens.tolist(), ranks.tolist()  # one conversion instead of a float() per number
     for b, (prompt, ids, t_ids, _) in enumerate(items):
         row = {k: (v[:, b] if v.dim() > 2 else v[b]) for k, v in attrs.items()}
         o_layer, o_head = find_override(row["heads"])
@@ -395,7 +398,7 @@ def _diagnose_chunk(model, tokenizer, layout: GPT2Layout, items, config: Diagnos
                 target_tokens=[token_text(tokenizer, i) for i in t_ids],
                 logit_lens=[
                     LensEntry("embed" if s == 0 else f"h.{s - 1}", None if s == 0 else s - 1,
-                              float(lens[s, b, 0]), float(lens[s, b, 1]), int(ranks[s, b, 0]))
+                              lens_list[s][b][0], lens_list[s][b][1], ranks_list[s][b][0])
                     for s in range(lens.shape[0])
                 ],
                 dla=_attribution_list(row, layout),
@@ -411,14 +414,12 @@ def _diagnose_chunk(model, tokenizer, layout: GPT2Layout, items, config: Diagnos
 
 
 def _attribution_list(row: dict[str, Tensor], layout: GPT2Layout) -> list[Attribution]:
-    def pair(x: Tensor) -> tuple[float, float]:
-        return float(x[0]), float(x[1])
-
-    out = [Attribution("embed", None, None, *pair(row["embed"]))]
+    r = {k: v.tolist() for k, v in row.items()}  # Python floats in one conversion per tensor
+    out = [Attribution("embed", None, None, *r["embed"])]
     for layer in range(layout.n_layer):
         for head in range(layout.n_head):
-            out.append(Attribution(f"h.{layer}.attn.head.{head}", layer, head, *pair(row["heads"][layer, head])))
-        out.append(Attribution(f"h.{layer}.attn.bias", layer, None, *pair(row["attn_bias"][layer])))
-        out.append(Attribution(f"h.{layer}.mlp", layer, None, *pair(row["mlp"][layer])))
-    out.append(Attribution("ln_f.bias", None, None, *pair(row["ln_f_bias"])))
+            out.append(Attribution(f"h.{layer}.attn.head.{head}", layer, head, *r["heads"][layer][head]))
+        out.append(Attribution(f"h.{layer}.attn.bias", layer, None, *r["attn_bias"][layer]))
+        out.append(Attribution(f"h.{layer}.mlp", layer, None, *r["mlp"][layer]))
+    out.append(Attribution("ln_f.bias", None, None, *r["ln_f_bias"]))
     return out
