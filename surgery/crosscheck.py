@@ -17,10 +17,12 @@ For one prompt, target and competitor (the diagnosis' own choice when not given)
 
 **Agreement** (``agree``): Spearman correlation of DLA and grad x act over all heads (signed values, average
 ranks for ties); overlap of their top-k heads by |value|; whether both put the same head first; whether grad x act's
-most competitor-favouring head is the override; the override is *confirmed* when ablating it raises ``diff`` in
-both modes (the answer moves toward the target); the prescribed layer is *confirmed* when ablating its attention
-output lowers the target logit in both modes; the lens agrees when the target leads before the override block.
-Every failed check is spelled out in ``differences``.
+most competitor-favouring head is the override; the override is *confirmed* when zero-ablating it raises ``diff``
+(the answer moves toward the target); the prescribed layer is *confirmed* when zero-ablating its attention output
+lowers the target logit; the lens agrees when the target leads before the override block. Zero-ablation decides,
+as in the reference's activation patching (a prompt's own positions are a thin baseline for the mean); the
+mean-ablation verdicts are reported beside it (``*_confirmed_mean``). Every failed check, in either mode, is
+spelled out in ``differences``.
 
 The model is never modified: ablations are hooks inside :func:`surgery.hooks.hooked`, removed on exit.
 """
@@ -93,8 +95,10 @@ class Agreement:
     top_k_overlap: float  # |top-k by |DLA| ∩ top-k by |grad x act|| / k
     top1_same: bool
     override_top_grad_x_act: bool  # grad x act's most competitor-favouring head is the override
-    override_confirmed: bool  # ablating the override raises target - competitor in both modes
-    prescribed_confirmed: bool  # ablating the prescribed layer's attention output lowers the target (both modes)
+    override_confirmed: bool  # zero-ablating the override raises target - competitor
+    override_confirmed_mean: bool  # ... and mean-ablating it
+    prescribed_confirmed: bool  # zero-ablating the prescribed layer's attention output lowers the target
+    prescribed_confirmed_mean: bool  # ... and mean-ablating it
     lens_first_lead_layer: int | None
     lens_leads_before_override: bool
     lens_at_prescribed_layer: bool
@@ -274,16 +278,14 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
     def effects(unit: str, layer: int, head: int | None) -> dict[str, Ablation]:
         return {a.mode: a for a in ablations if a.unit == unit and a.layer == layer and a.head == head}
 
-    override = effects("head", o_layer, o_head)
-    override_ok = all(a.effect < 0 for a in override.values())
-    for mode, a in override.items():
-        if a.effect >= 0:
+    override = {mode: a.effect < 0 for mode, a in effects("head", o_layer, o_head).items()}  # diff rises
+    for mode, a in effects("head", o_layer, o_head).items():
+        if not override[mode]:
             differences.append(f"{mode}-ablating the override {_label(o_layer, o_head)} does not move the "
                                f"answer toward the target (target - competitor {-a.effect:+.3f})")
-    prescribed = effects("attn_out", d.prescribed_layer, None)
-    prescribed_ok = all(a.d_target < 0 for a in prescribed.values())
-    for mode, a in prescribed.items():
-        if a.d_target >= 0:
+    prescribed = {mode: a.d_target < 0 for mode, a in effects("attn_out", d.prescribed_layer, None).items()}
+    for mode, a in effects("attn_out", d.prescribed_layer, None).items():
+        if not prescribed[mode]:
             differences.append(f"{mode}-ablating the attention output of the prescribed layer "
                                f"{_label(d.prescribed_layer)} does not lower the target ({a.d_target:+.3f})")
     lead = next((e.layer for e in d.logit_lens if e.layer is not None and e.target_logit > e.competitor_logit), None)
@@ -292,8 +294,10 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
         differences.append(f"the target never leads in the logit lens before the override block {_label(o_layer)}")
     return Agreement(
         spearman=spearman(dla, gxa), top_k=len(top_dla), top_k_overlap=overlap, top1_same=top_dla[0] == top_gxa[0],
-        override_top_grad_x_act=gxa_override == (o_layer, o_head), override_confirmed=override_ok,
-        prescribed_confirmed=prescribed_ok, lens_first_lead_layer=lead, lens_leads_before_override=before,
+        override_top_grad_x_act=gxa_override == (o_layer, o_head),
+        override_confirmed=override["zero"], override_confirmed_mean=override["mean"],
+        prescribed_confirmed=prescribed["zero"], prescribed_confirmed_mean=prescribed["mean"],
+        lens_first_lead_layer=lead, lens_leads_before_override=before,
         lens_at_prescribed_layer=lead == d.prescribed_layer, differences=differences,
     )
 
