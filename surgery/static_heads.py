@@ -4,7 +4,9 @@ For each (layer, head), 0-indexed, with the per-head weights of :class:`surgery.
 (W_Q, W_K, W_V: [d_model, d_head]; W_O: [d_head, d_model]; raw HF weights, no LayerNorm folding):
 
 * **QK overlap**: the ``k`` input dimensions (rows) of W_Q with the largest L2 norms, and likewise for W_K;
-  overlap = |top-k(W_Q) ∩ top-k(W_K)| / k, in [0, 1] (k clipped to d_model). 1.0 when W_Q = W_K.
+  overlap = |top-k(W_Q) ∩ top-k(W_K)| / k, in [0, 1]. 1.0 when W_Q = W_K. k is clipped to d_model // 4: at
+  k = d_model every head would trivially score 1.0 (the demo model has d_model 128 < 100 * 4, GPT-2 small keeps
+  k = 100 of 768 as in the reference).
 * **QK norm** ``||W_Q W_K^T||_F`` and **OV norm** ``||W_V W_O||_F``, computed from d_head x d_head Gram
   matrices (``||A B^T||_F^2 = sum((A^T A) * (B^T B))``): the d_model x d_model circuits are never built.
 * **Key response by token class**: mean over a class's tokens of ``||W_K^T x(e)||`` with
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 class StaticHeadConfig:
     """Options of the static table. Sample sizes trade precision for speed; the seed fixes the samples."""
 
-    top_k: int = 100  # input dimensions compared by the QK overlap (clipped to d_model)
+    top_k: int = 100  # input dimensions compared by the QK overlap (clipped to d_model // 4)
     copy_sample: int = 1000  # tokens in the copying-score sample (all, when the vocabulary is smaller)
     class_sample: int = 128  # tokens per class for the key response (all, when the class is smaller)
     mean_position: bool = True  # add the mean position embedding to each token embedding
@@ -71,6 +73,7 @@ class HeadStats:
     layer: int
     head: int
     qk_overlap: float
+    qk_top_k: int  # the k of the overlap (top_k clipped to d_model // 4)
     qk_norm: float
     ov_norm: float
     copying_score: float
@@ -116,6 +119,11 @@ class StaticHeadCache:
 # --------------------------------------------------------------------------------------------------
 # Pure maths over per-head weights.
 # --------------------------------------------------------------------------------------------------
+
+
+def overlap_k(top_k: int, d_model: int) -> int:
+    """The k used by the QK overlap: ``top_k`` clipped to a quarter of d_model, so that it stays informative."""
+    return max(1, min(top_k, d_model // 4))
 
 
 def qk_overlap(w_q: Tensor, w_k: Tensor, k: int) -> Tensor:
@@ -233,7 +241,7 @@ def _compute_table(model: nn.Module, classes: TokenClasses, config: StaticHeadCo
         gamma = ln_1.weight.float()  # (d,): x = gamma * normalize(e)
         w_q, w_k, w_v = (layout.w_qkv(model, layer, part).float().contiguous() for part in "qkv")  # (H, d, dh)
         w_o = layout.w_o(model, layer).float().contiguous()  # (H, dh, d)
-        overlap = qk_overlap(w_q, w_k, config.top_k)
+        overlap = qk_overlap(w_q, w_k, overlap_k(config.top_k, layout.d_model))
         qk = product_frobenius(w_q, w_k.transpose(1, 2))
         ov = product_frobenius(w_v, w_o)
         keys = key_response(n_cls * gamma, w_k, groups, len(TOKEN_CLASSES))  # (H, G)
@@ -241,7 +249,7 @@ def _compute_table(model: nn.Module, classes: TokenClasses, config: StaticHeadCo
         for head in range(layout.n_head):
             table.append(HeadStats(
                 layer=layer, head=head,
-                qk_overlap=float(overlap[head]), qk_norm=float(qk[head]), ov_norm=float(ov[head]),
+                qk_overlap=float(overlap[head]), qk_top_k=overlap_k(config.top_k, layout.d_model), qk_norm=float(qk[head]), ov_norm=float(ov[head]),
                 copying_score=float(copy[head]),
                 key_response={name: _finite_or_none(keys[head, g]) for g, name in enumerate(TOKEN_CLASSES)},
             ))

@@ -3,12 +3,12 @@ from matplotlib.figure import Figure
 
 from surgery import plots
 from surgery.diagnosis import diagnose
-from surgery.static_heads import StaticHeadConfig, head_table
+from surgery.static_heads import head_table
 
 
 @pytest.fixture(scope="module")
 def table(tiny_model, tiny_tokenizer):
-    return head_table(tiny_model, tiny_tokenizer, StaticHeadConfig(top_k=8))
+    return head_table(tiny_model, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

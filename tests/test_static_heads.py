@@ -13,12 +13,13 @@ from surgery.static_heads import (
     StaticHeadConfig,
     copying_scores,
     head_table,
+    overlap_k,
     product_frobenius,
     qk_overlap,
 )
 from surgery.token_classes import TOKEN_CLASSES, classify_token, token_classes
 
-SMALL_K = StaticHeadConfig(top_k=8)  # the tiny model has d_model 32: k = 100 would cover every dimension
+SMALL_K = StaticHeadConfig(top_k=4)  # the tiny model has d_model 32 (the default 100 is clipped to 8)
 
 
 def _stats(table, layer, head):
@@ -50,7 +51,12 @@ def test_qk_overlap_counts_shared_top_rows():
     w_q[0, [0, 1, 2, 3]] = torch.tensor([4.0, 3.0, 2.0, 1.0])[:, None]
     w_k[0, [2, 3, 8, 9]] = torch.tensor([4.0, 3.0, 2.0, 1.0])[:, None]
     assert qk_overlap(w_q, w_k, 4).tolist() == [0.5]  # {0,1,2,3} ∩ {2,3,8,9}
-    assert qk_overlap(w_q, w_k, 100).tolist() == [1.0]  # k clipped to d_model: every row
+    assert qk_overlap(w_q, w_k, 100).tolist() == [1.0]  # k beyond d_model: every row
+
+
+def test_overlap_k_is_clipped_to_a_quarter_of_d_model(tiny_model, tiny_tokenizer):
+    assert overlap_k(100, 768) == 100 and overlap_k(100, 128) == 32 and overlap_k(5, 2) == 1
+    assert {s.qk_top_k for s in head_table(tiny_model, tiny_tokenizer)} == {8}  # d_model 32
 
 
 def test_circuit_norms_equal_materialized_products(tiny_model, tiny_tokenizer):
@@ -112,7 +118,7 @@ def test_cache_reuses_and_never_keeps_the_model_alive(tiny_tokenizer, tiny_model
     model = copy.deepcopy(tiny_model)
     first = head_table(model, tiny_tokenizer, SMALL_K, cache=cache)
     assert head_table(model, tiny_tokenizer, SMALL_K, cache=cache) is first
-    assert head_table(model, tiny_tokenizer, StaticHeadConfig(top_k=4), cache=cache) is not first  # config in key
+    assert head_table(model, tiny_tokenizer, StaticHeadConfig(top_k=2), cache=cache) is not first  # config in key
     assert head_table(tiny_model, tiny_tokenizer, SMALL_K, cache=cache) is not first  # another model object
     assert len(cache) == 3
     del model, first
@@ -177,7 +183,7 @@ def test_demo_model_table(demo):
 
 
 def test_cli_heads_json(tiny_model_dir, capsys):
-    assert main(["heads", "--model", str(tiny_model_dir), "--top-k", "8", "--json"]) == 0
+    assert main(["heads", "--model", str(tiny_model_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out) == 3 * 4 and out[0]["layer"] == 0 and out[0]["head"] == 0
 
