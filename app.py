@@ -61,9 +61,9 @@ HEAD_COLUMNS = ["head", "module", "QK overlap", "QK norm", "OV norm", "copying s
                 "key response: proper nouns", "key response: function words"]
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose", neutral_hue="slate")
 CSS = """
-.banner { border: 1px solid #f59e0b; background: #fffbeb; border-radius: 8px; padding: 2px 14px; }
-.banner p { color: #78350f !important; }
-.verdict { border-left: 4px solid var(--color-accent); padding: 0 14px; font-size: 1.05rem; }
+.block.banner { border: 1px solid #f59e0b; background: #fffbeb; border-radius: 8px; padding: 2px 14px; }
+.block.banner p { color: #78350f !important; }
+.block.verdict { border-left: 4px solid var(--color-accent); padding: 0 14px; font-size: 1.05rem; }
 .muted p { color: var(--body-text-color-subdued); font-size: 0.92rem; }
 """
 
@@ -533,9 +533,8 @@ def surgery_tab(app: SurgeryApp, edit: gr.State, login: bool) -> None:
                                  "else stay bitwise identical")
             layer = gr.Dropdown(layer_choices(app), value="auto", label="Layer")
             go = gr.Button("Perform surgery", variant="primary", elem_id="operate")
-    summary = gr.Markdown("Check the facts, pick a site and a layer, then **Perform surgery**. The shared model is "
-                          "never changed: your edit lives in your session only.", elem_classes="verdict",
-                          elem_id="surgery-summary")
+    summary = gr.Markdown("The shared model is never changed: your edit lives in your session only.",
+                          elem_classes="verdict", elem_id="surgery-summary", min_height=64)
     with gr.Column(visible=False) as results:
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
