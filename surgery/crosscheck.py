@@ -17,12 +17,13 @@ For one prompt, target and competitor (the diagnosis' own choice when not given)
 
 **Agreement** (``agree``): Spearman correlation of DLA and grad x act over all heads (signed values, average
 ranks for ties); overlap of their top-k heads by |value|; whether both put the same head first; whether grad x act's
-most competitor-favouring head is the override; the override is *confirmed* when zero-ablating it raises ``diff``
-(the answer moves toward the target); the prescribed layer is *confirmed* when zero-ablating its attention output
-lowers the target logit; the lens agrees when the target leads before the override block. Zero-ablation decides,
-as in the reference's activation patching (a prompt's own positions are a thin baseline for the mean); the
-mean-ablation verdicts are reported beside it (``*_confirmed_mean``). Every failed check, in either mode, is
-spelled out in ``differences``.
+most competitor-favouring head is the override; the override is *confirmed* when mean-ablating it raises ``diff``
+(the answer moves toward the target); the prescribed layer is *confirmed* when mean-ablating its attention output
+lowers the target logit; the lens agrees when the target leads before the override block. Mean-ablation decides
+because it stays on the activations' own scale: zeroing also removes the constant part every position shares
+(b_O, attention to the first token), which can break unrelated circuits downstream. The zero-ablation verdicts
+are reported beside it (``*_confirmed_zero``), and every failed check, in either mode, is spelled out in
+``differences``.
 
 The model is never modified: ablations are hooks inside :func:`surgery.hooks.hooked`, removed on exit.
 """
@@ -95,10 +96,10 @@ class Agreement:
     top_k_overlap: float  # |top-k by |DLA| ∩ top-k by |grad x act|| / k
     top1_same: bool
     override_top_grad_x_act: bool  # grad x act's most competitor-favouring head is the override
-    override_confirmed: bool  # zero-ablating the override raises target - competitor
-    override_confirmed_mean: bool  # ... and mean-ablating it
-    prescribed_confirmed: bool  # zero-ablating the prescribed layer's attention output lowers the target
-    prescribed_confirmed_mean: bool  # ... and mean-ablating it
+    override_confirmed: bool  # mean-ablating the override raises target - competitor
+    override_confirmed_zero: bool  # ... and zero-ablating it
+    prescribed_confirmed: bool  # mean-ablating the prescribed layer's attention output lowers the target
+    prescribed_confirmed_zero: bool  # ... and zero-ablating it
     lens_first_lead_layer: int | None
     lens_leads_before_override: bool
     lens_at_prescribed_layer: bool
@@ -295,8 +296,8 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
     return Agreement(
         spearman=spearman(dla, gxa), top_k=len(top_dla), top_k_overlap=overlap, top1_same=top_dla[0] == top_gxa[0],
         override_top_grad_x_act=gxa_override == (o_layer, o_head),
-        override_confirmed=override["zero"], override_confirmed_mean=override["mean"],
-        prescribed_confirmed=prescribed["zero"], prescribed_confirmed_mean=prescribed["mean"],
+        override_confirmed=override["mean"], override_confirmed_zero=override["zero"],
+        prescribed_confirmed=prescribed["mean"], prescribed_confirmed_zero=prescribed["zero"],
         lens_first_lead_layer=lead, lens_leads_before_override=before,
         lens_at_prescribed_layer=lead == d.prescribed_layer, differences=differences,
     )

@@ -141,9 +141,9 @@ def test_demo_ablation_confirms_override_and_prescribed_layer(demo, demo_panels)
         assert d.override["layer"] == layout.n_layer - 1, prompt
         override = [a for a in r.ablations if (a.unit, a.layer, a.head) == ("head", d.override["layer"],
                                                                            d.override["head"])]
-        assert all(a.d_target - a.d_competitor > 0 for a in override), prompt  # toward the capital
-        assert r.agree.override_confirmed, (prompt, r.agree.differences)
-        assert r.agree.prescribed_confirmed, (prompt, r.agree.differences)
+        assert all(a.d_target - a.d_competitor > 0 for a in override), prompt  # toward the capital, both modes
+        assert r.agree.override_confirmed and r.agree.override_confirmed_zero, (prompt, r.agree.differences)
+        assert r.agree.prescribed_confirmed, (prompt, r.agree.differences)  # mean-ablation lowers the capital
         assert r.agree.lens_leads_before_override, prompt
 
 
