@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
+from conftest import DEMO_DIR, ROOT, make_tiny_model
 from surgery.cli import build_parser, main
 from surgery.cli.compare_sites import format_table
 from surgery.layout import SITES, GPT2Layout
@@ -160,3 +160,45 @@ def test_help_lists_the_surgery_commands():
     out = build_parser().format_help()
     for name in ("sites", "operate", "verify", "compare-sites", "apply-patch", "push"):
         assert name in out
+
+
+# --------------------------------------------------------------------------------------------------
+# The "done when" of the surgery issue, on the committed demo model.
+# --------------------------------------------------------------------------------------------------
+
+DEMO_FACTS = ROOT / "assets" / "examples" / "demo_facts.json"
+FAILING = ["France", "Japan", "Germany", "China", "Russia", "England"]
+
+
+@pytest.mark.slow
+def test_demo_model_end_to_end(capsys, tmp_path):
+    out = tmp_path / "fixed"
+    code, stdout, _ = run_cli(capsys, "operate", "--model", DEMO_DIR, "--facts", DEMO_FACTS, "--site", "wv",
+                              "--layer", "auto", "--out", out, "--json")
+    assert code == 0
+    r = json.loads(stdout)
+    facts = {f["prompt"].split()[-2]: f for f in r["facts"]}
+    assert all(not facts[c]["correct_before"] and facts[c]["correct_after"] for c in FAILING)
+    assert all(facts[c]["correct_before"] and facts[c]["correct_after"] for c in ("Italy", "Spain"))
+    assert r["facts_before"] == "2/8" and r["facts_fixed"] == "8/8"
+    assert r["layer_reason"].startswith("auto:")
+    for panel in ("general", "side_effects"):  # every probe answered as before
+        before = [p["correct"] for p in r["panel_before"][panel]["results"]]
+        assert [p["correct"] for p in r["panel_after"][panel]["results"]] == before, panel
+    assert r["weights"]["qk_unchanged"] is True and r["weights"]["others_unchanged"] is True
+
+    code, stdout, _ = run_cli(capsys, "verify", "--base", DEMO_DIR, "--corrected", out)
+    assert code == 0 and stdout.rstrip().endswith("VERIFIED")
+    code, stdout, _ = run_cli(capsys, "verify", "--base", DEMO_DIR, "--corrected", DEMO_DIR)
+    assert code == 1 and "NOT VERIFIED: 6/8 facts still wrong" in stdout
+
+    code, _, _ = run_cli(capsys, "apply-patch", "--base", DEMO_DIR, "--patch", out / "patch.safetensors",
+                         "--out", tmp_path / "rebuilt")
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
+    assert code == 0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    code, stdout, _ = run_cli(capsys, "compare-sites", "--model", DEMO_DIR, "--facts", DEMO_FACTS, "--json")
+    table = json.loads(stdout)
+    assert [s["site"] for s in table["sites"]] == list(SITES) and table["layer"] == r["layer"]
+    assert all(s["ok"] and s["facts_after"] == 8 for s in table["sites"]), table
+    assert code == 0
