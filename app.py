@@ -537,7 +537,7 @@ def surgery_tab(app: SurgeryApp, edit: gr.State, login: bool) -> None:
                           elem_classes="verdict", elem_id="surgery-summary", min_height=64)
     with gr.Column(visible=False) as results:
         with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=320):
+            with gr.Column(scale=2, min_width=420):
                 metrics = gr.Markdown()
             outcome = gr.Dataframe(headers=["prompt", "target", "before", "after", "fixed"], label="Facts",
                                    interactive=False, wrap=True, scale=3)

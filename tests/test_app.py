@@ -208,8 +208,11 @@ def tiny_panel() -> Panel:
                  perplexity_text="the cat sat on the mat .", unrelated_text=("the dog sat on the mat .",))
 
 
-def test_surgery_that_fails_is_one_gr_error(tiny_model, tiny_tokenizer):
+def test_surgery_that_fails_is_one_gr_error(tiny_model, tiny_tokenizer, monkeypatch):
     """Contradictory facts cannot all be top-1: the library's SurgeryFailed becomes a gr.Error."""
+    import functools
+
+    monkeypatch.setattr(app, "SurgeryConfig", functools.partial(app.SurgeryConfig, epochs=5))  # fail fast
     tiny = app.SurgeryApp(StartUp(LoadedModel(tiny_model, tiny_tokenizer, "tiny")), panel=tiny_panel())
     before = snapshot(tiny_model)
     facts = json.dumps([{"prompt": "The capital of France is", "target": t} for t in ("Paris", "Rome")])
