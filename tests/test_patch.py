@@ -1,3 +1,4 @@
+import copy
 import threading
 
 import pytest
@@ -52,15 +53,19 @@ def test_view_shares_untouched_tensors_and_leaves_the_base_alone(tiny_model):
         assert torch.equal(value, before[name]), name
 
 
-def test_view_computes_what_an_edited_copy_computes(tiny_model, tiny_tokenizer):
-    import copy
-
-    patch = make_patch(tiny_model, site="mlp", layer=2)
-    reference = copy.deepcopy(tiny_model)
+def _edited_copy(model, patch):
+    """The straightforward way: a deep copy of the whole model with the patch written into it."""
+    reference = copy.deepcopy(model)
     params = dict(reference.named_parameters())
     with torch.no_grad():
         for s in patch.slices:
             s.read(params[s.name]).copy_(patch.values[s.name])
+    return reference
+
+
+def test_view_computes_what_an_edited_copy_computes(tiny_model, tiny_tokenizer):
+    patch = make_patch(tiny_model, site="mlp", layer=2)
+    reference = _edited_copy(tiny_model, patch)
     view = patched_model(tiny_model, patch)
     assert torch.equal(_logits(view, tiny_tokenizer), _logits(reference, tiny_tokenizer))
     assert not torch.equal(_logits(view, tiny_tokenizer), _logits(tiny_model, tiny_tokenizer))
@@ -179,8 +184,6 @@ def test_weight_stats(tiny_model):
 
 
 def test_weight_stats_catch_a_change_outside_the_slice(tiny_model):
-    import copy
-
     patch = make_patch(tiny_model)
     tampered = copy.deepcopy(patched_model(tiny_model, patch))
     with torch.no_grad():
@@ -192,17 +195,10 @@ def test_weight_stats_catch_a_change_outside_the_slice(tiny_model):
 def test_hidden_states_of_a_view(tiny_tokenizer):
     """transformers 5 records hidden states with hooks it installs once per model: a view must record its own
     patched block, exactly once, and the base must keep recording its own."""
-    import copy
-
     model = make_tiny_model(len(tiny_tokenizer))
     ids = torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]])
     patch = make_patch(model, site="mlp", layer=1)
-    reference = copy.deepcopy(model)
-    params = dict(reference.named_parameters())
-    with torch.no_grad():
-        for s in patch.slices:
-            s.read(params[s.name]).copy_(patch.values[s.name])
-    expected = reference(ids, output_hidden_states=True).hidden_states
+    expected = _edited_copy(model, patch)(ids, output_hidden_states=True).hidden_states
     base_expected = copy.deepcopy(model)(ids, output_hidden_states=True).hidden_states
     for first_call_on_base in (False, True):
         if first_call_on_base:
