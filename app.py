@@ -374,14 +374,15 @@ def build_demo(model_name: str | os.PathLike | None = None, *, startup: StartUp 
     with gr.Blocks(title="Transformer Surgery", delete_cache=(3600, 4 * 3600)) as demo:
         gr.Markdown(INTRO)
         if app.fallback_reason:
-            gr.Markdown(f"⚠️ **Running the bundled demo model** — {html.escape(app.fallback_reason)}. It is a small "
+            reason = app.fallback_reason.split("; offline, use the bundled demo model")[0]  # the banner says it
+            gr.Markdown(f"⚠️ **Running the bundled demo model** — {html.escape(reason)}. It is a small "
                         "GPT-2 trained to reproduce the reference failure (six capitals answered with *the*).",
                         elem_classes="banner", elem_id="fallback-banner")
         gr.Markdown(model_line(app), elem_classes="muted")
         edit = gr.State(None, delete_callback=lambda e: e.discard() if e is not None else None)
         with gr.Tabs():
             with gr.Tab("Diagnose", id="diagnose"):
-                diagnose_tab(app)
+                diagnose_tab(app, demo)
             with gr.Tab("Heads", id="heads") as tab:
                 heads_tab(app, tab)
             with gr.Tab("Surgery", id="surgery"):
@@ -401,7 +402,7 @@ def model_line(app: SurgeryApp) -> str:
             f"in the reference write-up (L10 = `transformer.h.9`).")
 
 
-def diagnose_tab(app: SurgeryApp) -> None:
+def diagnose_tab(app: SurgeryApp, demo: gr.Blocks) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             first = app.facts[0] if app.facts else Probe("The capital of France is", " Paris")
@@ -430,6 +431,9 @@ def diagnose_tab(app: SurgeryApp) -> None:
     gr.on([run.click, prompt.submit, target.submit, competitor.submit], app.diagnose,
           [prompt, target, competitor], outputs,
           api_name="diagnose", concurrency_limit=4, concurrency_id="diagnose")
+    # The page opens on the first example already diagnosed, rather than on empty charts.
+    demo.load(app.diagnose, [prompt, target, competitor], outputs, api_visibility="private",
+              concurrency_limit=4, concurrency_id="diagnose")
     if app.facts:
         with examples_slot:
             gr.Examples([[f.prompt, f.target, ""] for f in app.facts], [prompt, target, competitor], outputs,
