@@ -83,8 +83,8 @@ def tqdm_progress(desc: str):
     def progress(step: int, total: int, loss: float) -> None:
         if "bar" not in bar:
             bar["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+        bar["bar"].set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar["bar"].update(step - bar["bar"].n)
-        bar["bar"].set_postfix(loss=f"{loss:.4f}")
 
     def close() -> None:
         if "bar" in bar:
