@@ -93,13 +93,14 @@ def run(lengths: list[int], repeats: dict[int, int], memory: bool, model_name: s
     """Time the three cases side by side at each length (and their memory, one subprocess each)."""
     model, _ = models.load(model_name)
     tokenizer = models.IdTokenizer()
-    lengths = [n for n in lengths if n <= model.config.n_positions]
+    n_ctx = model.config.n_positions
+    lengths = [n for n in lengths if n <= n_ctx] + ([n_ctx] if max(lengths) > n_ctx else [])  # the demo: 64
     bridge = models.tl_bridge(model)
     diff = check_tl_matches(model, bridge)
     log(f"TransformerLens vs ours, max |difference| of head attributions and lens logits: {diff:.2e}")
     rows = []
     for length in lengths:
-        times = interleaved(make_cases(model, tokenizer, bridge, length), repeats[length])
+        times = interleaved(make_cases(model, tokenizer, bridge, length), repeats.get(length, max(repeats.values())))
         row = {"length": length, "time": {k: v.to_dict() for k, v in times.items()}}
         if memory:
             row["memory"] = {case: peak_memory("bench.diagnosis:memory_case", model_name=model_name, length=length,

@@ -31,7 +31,7 @@ from surgery.evaluation import encode_texts, kl_divergence
 from surgery.layout import SITES, GPT2Layout
 from surgery.panels import Panel, Probe, load_facts, panel_for_model
 from surgery.tokens import encode_prompt, encode_target, pad_right
-from surgery.training import SurgeryConfig, choose_layer, operate, train_site
+from surgery.training import SurgeryConfig, operate, train_site
 from surgery.upper_stack import FrozenInputs, freeze_inputs
 
 from . import models
@@ -57,17 +57,17 @@ class Job:
 
 
 def job(model_name: str) -> Job:
-    """Model, tokenizer, facts and unrelated text. The layer: the diagnosis' choice on the demo model; block 9
-    (the reference write-up's L10) on the GPT-2-shaped model, whose random weights prescribe nothing useful."""
+    """Model, tokenizer, facts and unrelated text, and a late block for the step comparison: block 9 of the
+    GPT-2 shape (the reference write-up's L10), the block below the last on the demo model."""
     if model_name == "gpt2-shaped":
         tokenizer = models.gpt2_tokenizer()
         if tokenizer is None:
             raise FileNotFoundError("the GPT-2-shaped surgery job needs ../shared/gpt2-tokenizer")
         model = models.gpt2_shaped()
-        layer, reason = model.config.n_layer - 3, "fixed: block n_layer - 3 (random weights)"
+        layer, reason = model.config.n_layer - 3, "late block n_layer - 3; random weights prescribe nothing"
     else:
         model, tokenizer = models.load(model_name)
-        layer, reason, _ = choose_layer(model, tokenizer, load_facts(FACTS[model_name]))
+        layer, reason = model.config.n_layer - 2, "late block n_layer - 2"
     panel = panel_for_model(model)
     return Job(model, tokenizer, load_facts(FACTS[model_name]), list(panel.unrelated_text), panel, layer, reason)
 
@@ -226,7 +226,8 @@ def run_steps(model_name: str, repeats: int, steps: int, memory: bool, log=print
 def run_operation(model_name: str, epochs: int | None, log=print) -> dict:
     """Wall time of the whole 8-fact ``wv`` operation (``operate``: diagnosis, training, panels, report)."""
     j = job(model_name)
-    config = SurgeryConfig(site="wv", layer=j.layer, **({"epochs": epochs} if epochs else {}))
+    layer = j.layer if model_name == "gpt2-shaped" else None  # the demo model: --layer auto, as a user would
+    config = SurgeryConfig(site="wv", layer=layer, **({"epochs": epochs} if epochs else {}))
     steps = []
     start = time.perf_counter()
     try:
@@ -236,9 +237,10 @@ def run_operation(model_name: str, epochs: int | None, log=print) -> dict:
                    "train_time_s": result.report.train_time_s}
     except SurgeryFailed as e:
         outcome = {"fixed": "not all (SurgeryFailed)", "error": str(e)}
-    out = {"model": model_name, "layer": j.layer, "epochs_budget": config.epochs, "steps": len(steps),
+    out = {"model": model_name, "layer": result.report.layer if layer is None and "error" not in outcome else layer,
+           "epochs_budget": config.epochs, "steps": len(steps),
            "wall_s": time.perf_counter() - start, **outcome}
-    log(f"operate {model_name}: wv at block {j.layer}, {out['steps']} steps, {out['wall_s']:.1f} s, fixed {out['fixed']}")
+    log(f"operate {model_name}: wv at block {out['layer']}, {out['steps']} steps, {out['wall_s']:.1f} s, fixed {out['fixed']}")
     return out
 
 
