@@ -139,6 +139,14 @@ def test_bad_facts(facts, match):
         app.parse_facts(facts)
 
 
+def test_facts_table_and_json_stay_in_step():
+    rows = [list(FRANCE), ["The capital of Italy is", " Rome"]]
+    as_json = app.table_to_json(rows)
+    assert json.loads(as_json) == [{"prompt": p, "target": t} for p, t in rows]
+    assert app.facts_table(as_json) == rows
+    assert app.facts_table("[{\"prompt\": ") == gr.skip()  # half-typed JSON leaves the table as it is
+
+
 def test_parse_layer():
     assert app.parse_layer("auto") is None and app.parse_layer(None) is None and app.parse_layer("") is None
     assert app.parse_layer("3") == 3 and app.parse_layer(3) == 3
