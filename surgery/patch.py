@@ -157,7 +157,6 @@ def _install_output_recorders(model: nn.Module) -> None:
 
 def copy_block(model: nn.Module, layer: int) -> nn.Module:
     """A private deep copy of block ``layer`` (sharing the config object), without request-scoped hooks."""
-    _install_output_recorders(model)
     block = copy.deepcopy(model.get_submodule(BLOCK.format(layer)), memo={id(model.config): model.config})
     for module in block.modules():
         _copy_registries(module)
@@ -179,6 +178,7 @@ def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
     Raises :class:`PatchError` if the patch does not fit ``model``.
     """
     patch.check_compatible(model)
+    _install_output_recorders(model)
     block_path = BLOCK.format(patch.layer)
     new_block = copy_block(model, patch.layer)
     prefix = block_path + "."

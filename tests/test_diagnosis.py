@@ -154,10 +154,13 @@ def test_bad_input(tiny_model, tiny_tokenizer):
 
 
 def test_diagnosis_does_not_touch_the_model(tiny_model, tiny_tokenizer):
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    def n_hooks():  # transformers 5 may have installed its own output recorders: count, don't expect zero
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.modules())
+
+    before, hooks_before = {k: v.clone() for k, v in tiny_model.state_dict().items()}, n_hooks()
     diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_model.modules())
+    assert n_hooks() == hooks_before
 
 
 def test_capture_matches_hidden_states(tiny_model, tiny_tokenizer):
