@@ -19,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 import app  # noqa: E402
+from conftest import make_tiny_model  # noqa: E402
 from surgery.model_io import LoadedModel  # noqa: E402
 from surgery.panels import Panel, Probe  # noqa: E402
 from surgery.patch import Patch  # noqa: E402
@@ -216,11 +217,12 @@ def tiny_panel() -> Panel:
                  perplexity_text="the cat sat on the mat .", unrelated_text=("the dog sat on the mat .",))
 
 
-def test_surgery_that_fails_is_one_gr_error(tiny_model, tiny_tokenizer, monkeypatch):
+def test_surgery_that_fails_is_one_gr_error(tiny_tokenizer, monkeypatch):
     """Contradictory facts cannot all be top-1: the library's SurgeryFailed becomes a gr.Error."""
     import functools
 
     monkeypatch.setattr(app, "SurgeryConfig", functools.partial(app.SurgeryConfig, epochs=5))  # fail fast
+    tiny_model = make_tiny_model(len(tiny_tokenizer))  # its own: views install transformers' hooks on a base
     tiny = app.SurgeryApp(StartUp(LoadedModel(tiny_model, tiny_tokenizer, "tiny")), panel=tiny_panel())
     before = snapshot(tiny_model)
     facts = json.dumps([{"prompt": "The capital of France is", "target": t} for t in ("Paris", "Rome")])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from surgery.errors import ModelLoadError
 from surgery.model_io import DEMO_MODEL, LoadedModel
@@ -18,6 +19,12 @@ FACTS = [Probe("The capital of France is", "Paris"), Probe("The capital of Japan
 PANEL = Panel(name="tiny", facts=tuple(FACTS), general=(Probe("the cat sat on the", "mat"),),
               side_effects=(Probe("one two", "three"),), perplexity_text="the cat sat on the mat .",
               unrelated_text=("the dog sat on the mat .",))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_tokenizer):
+    """This module's own tiny model: building views installs transformers' (inert) output recorders on a base."""
+    return make_tiny_model(len(tiny_tokenizer))
 
 
 @pytest.fixture(scope="module")
