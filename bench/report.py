@@ -45,8 +45,13 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def _mib(x: float) -> str:
+    return f"{x:,.1f}" if abs(x) < 10 else f"{x:,.0f}"
+
+
 def _ms(s: dict) -> str:
-    return f"{s['median'] * 1e3:,.0f} ({s['min'] * 1e3:,.0f}–{s['max'] * 1e3:,.0f})"
+    f = ",.1f" if s["median"] < 0.01 else ",.0f"
+    return f"{s['median'] * 1e3:{f}} ({s['min'] * 1e3:{f}}–{s['max'] * 1e3:{f}})"
 
 
 def diagnosis_table(res: dict) -> str:
@@ -60,8 +65,9 @@ def diagnosis_table(res: dict) -> str:
         w = {k: v["wall"]["median"] for k, v in t.items()}
         c = {k: v["cpu"]["median"] for k, v in t.items()}
         mem = row.get("memory")
-        peak = (" / ".join(f"{mem[k]['transient']:,.0f}" for k in ("hf", "ours", "tl")) if mem else "–")
-        mem_ratio = f"{mem['tl']['transient'] / max(mem['ours']['transient'], 1e-9):.1f}×" if mem else "–"
+        peak = (" / ".join(_mib(mem[k]["transient"]) for k in ("hf", "ours", "tl")) if mem else "–")
+        mem_ratio = (f"{mem['tl']['transient'] / mem['ours']['transient']:.1f}×"
+                     if mem and mem["ours"]["transient"] >= 1 else "–")  # below 1 MiB: page-size noise
         lines.append(
             f"| {row['length']} | {_ms(t['hf']['wall'])} | {_ms(t['ours']['wall'])} | {_ms(t['tl']['wall'])} | "
             f"**{w['ours'] / w['hf']:.2f}×** | **{w['tl'] / w['ours']:.2f}×** | "
@@ -176,3 +182,16 @@ def plot_diagnosis(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # re-render a results JSON: python -m bench.report bench/results/full.json
+    import json
+    import sys
+
+    here = Path(__file__).resolve().parent
+    results = json.loads(Path(sys.argv[1]).read_text())
+    text = markdown(results)
+    Path(sys.argv[1]).with_suffix(".md").write_text(text)
+    if results["command"] == "python -m bench":
+        update_readme(here / "README.md", text)
+    print(text)
