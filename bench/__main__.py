@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if "demo" in names and models.demo() is None:
         print("assets/demo-model is not there: skipping the demo model", file=sys.stderr)
         names.remove("demo")
-    mode = "quick" if args.quick else "full"
+    mode = ("quick" if args.quick else "full") + "".join(f"-{s}" for s in args.only or [])  # full.json: all
     command = "python -m bench" + (" --quick" if args.quick else "") + "".join(f" --only {s}" for s in args.only or [])
     results: dict = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": report.machine(),
                      "load_start": report.load_average()}
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{mode}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / f"{mode}.md").write_text(text)
-    if not args.quick and args.only is None:
+    if mode == "full" and names == ["gpt2-shaped", "demo"]:  # only a complete run replaces the README's tables
         report.update_readme(HERE / "README.md", text)
         if "gpt2-shaped" in results.get("diagnosis", {}):
             report.plot_diagnosis(results["diagnosis"]["gpt2-shaped"], HERE / "diagnosis.png")
