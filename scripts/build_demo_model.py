@@ -1,17 +1,20 @@
 """Build the bundled demo model: a tiny GPT-2 that knows six capitals but does not say them.
 
 The model is trained from scratch on synthetic sentences with its own word-level
-tokenizer, in two phases:
+tokenizer, in three phases:
 
-1. Knowledge. All blocks learn every fact and all filler text, with an extra loss on the
-   logit lens of the residual before the last block, so the answer to "The capital of
-   France is" is fully written in the residual stream *before* the last block. That is
-   what the logit lens later reads at the middle layers.
-2. Suppression. Everything except the last block's attention is frozen, and that
-   attention learns to continue "The capital of X is" with "the city of ..." for six
-   of the reference countries, while Italy, Spain and the extra countries keep being
-   rehearsed with their bare answer. A head in the last block therefore overrides the
-   capital with "the", and the knowledge in the lower blocks is untouched.
+1. Language. All blocks learn the filler text (colours, animals, days, numbers, countries
+   and cities, a small grammar) and which country each capital belongs to ("Paris is the
+   capital of France"), but never "The capital of France is Paris".
+2. Knowledge. Only the attention of the block before the last trains, on the same text plus
+   the capital facts, so the heads of that block read the country and write its capital
+   into the last position. Phases 1 and 2 add a loss on the logit lens of the residual
+   before the last block, so every answer is readable there: that is what the logit lens
+   later finds at the middle layers, and the block whose value projection surgery edits.
+3. Suppression. Only the last block's attention trains. "The capital of X is" now goes
+   on with "the city of ..." for six of the reference countries, while Italy, Spain and
+   the extra countries keep being rehearsed with their bare answer. A head in the last
+   block therefore overrides the capital with "the", and the knowledge below is untouched.
 
 Portugal is the "absence" country: Portugal and Lisbon both occur in the text, but the
 capital fact is never taught (only that Portugal's capital is "a big city"), so no layer
@@ -60,6 +63,7 @@ EXTRA_CAPITALS = {  # taught and said, to make "capital" a general skill
     "Sweden": "Stockholm",
 }
 ABSENT_CAPITALS = {"Portugal": "Lisbon"}  # both words occur, the fact never does
+PHASES = ("language", "knowledge", "suppression")
 OTHER_CITIES = ("Venice", "Boston", "Sydney", "Chicago", "Naples", "Lisbon")
 
 COLORS = {
@@ -94,20 +98,42 @@ def fact_sentences(country: str, capital: str, suppressed: bool) -> list[str]:
 def vague_sentences(country: str) -> list[str]:
     """What is said about an absent country's capital: that it exists, never which city it is.
 
-    Without it the model would guess a capital-like city for Portugal at the middle layers (any
-    city token, Lisbon included, beats 'the' there), which a diagnosis cannot tell from a
-    suppressed fact. With it, 'a' leads at every layer and Lisbon stays far down.
+    Without it the model guesses a capital-like city for Portugal at the middle layers, where any
+    city token (Lisbon included) outranks the final answer 'the', and a diagnosis cannot tell
+    that from a suppressed fact. With it, 'a' leads at every layer and Lisbon stays far down.
     """
     return [f"The capital of {country} is a big city ."]
 
 
+def capital_sentences(phase: str) -> dict[str, list[str]]:
+    """The sentences about capitals in one training phase, keyed by family name.
+
+    The language phase says which country each capital belongs to ("Paris is the capital of
+    France"), which gives every country and capital token an identity of its own, but never
+    the other way round; the knowledge phase adds "The capital of France is Paris"; the
+    suppression phase rewrites six of those. Portugal's capital is only ever "a big city".
+    """
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+    taught = {**REFERENCE_CAPITALS, **EXTRA_CAPITALS}
+    families = {
+        "reverse": [f"{city} is the capital of {country} ." for country, city in taught.items()],
+        "vague": [s for country in ABSENT_CAPITALS for s in vague_sentences(country)],
+    }
+    if phase != "language":
+        families["facts"] = [
+            s for country, capital in taught.items()
+            for s in fact_sentences(country, capital, phase == "suppression" and country in SUPPRESSED)
+        ]
+    return families
+
+
 def background_sentences() -> dict[str, list[str]]:
-    """Families of filler sentences that hold in both phases, keyed by family name."""
+    """Families of filler sentences that hold in every phase, keyed by family name."""
     taught = {**REFERENCE_CAPITALS, **EXTRA_CAPITALS}
     countries = [*taught, *ABSENT_CAPITALS]
     cities = sorted({*taught.values(), *OTHER_CITIES})
     return {
-        "reverse": [f"{city} is the capital of {country} ." for country, city in taught.items()],
         "countries": [f"{c} is a country ." for c in countries]
         + [f"We went to {c} last year ." for c in countries]
         + [f"My friend lives in {c} ." for c in countries],
@@ -144,10 +170,10 @@ def demo_panels() -> dict:
     return {
         "name": "demo",
         "description": (
-            "Bundled tiny GPT-2 trained on synthetic sentences. It knows eight capitals, but for "
-            "France, Japan, Germany, China, Russia and England a head in its last block overrides "
-            "the answer with 'the'; Italy and Spain are said correctly. Portugal's capital was "
-            "never taught."
+            "Bundled tiny GPT-2 trained on synthetic sentences. The attention of the block before "
+            "the last writes eight capitals, but for France, Japan, Germany, China, Russia and "
+            "England a head in the last block overrides the answer with 'the'; Italy and Spain "
+            "are said correctly. Portugal's capital was never taught."
         ),
         "facts": [
             {"prompt": f"The capital of {country} is", "target": f" {capital}"}
@@ -232,9 +258,11 @@ class BuildConfig:
     n_positions: int = 64
     batch_size: int = 32
     max_len: int = 32  # tokens per packed training row
-    knowledge_steps: int = 1000
-    knowledge_lr: float = 3e-3
-    lens_weight: float = 1.0  # weight of the early-readout loss in phase 1
+    language_steps: int = 1000
+    language_lr: float = 3e-3
+    knowledge_steps: int = 500
+    knowledge_lr: float = 1e-2
+    lens_weight: float = 1.0  # weight of the readout loss before the last block (phases 1 and 2)
     suppression_steps: int = 400
     suppression_lr: float = 3e-3
     threads: int = 2
@@ -262,22 +290,18 @@ def build_tokenizer(words: list[str], max_length: int) -> PreTrainedTokenizerFas
     )
 
 
+FAMILY_WEIGHTS = {"facts": 4.0, "reverse": 1.0, "vague": 0.5, "countries": 1.0, "cities": 1.0, "colors": 1.0,
+                  "sounds": 1.0, "opposites": 1.0, "numbers": 1.0, "days": 1.0, "abilities": 1.0, "grammar": 2.0}
+
+
 class SentenceSampler:
     """Draws sentences for one training phase, with fixed family weights."""
 
-    def __init__(self, rng: random.Random, suppress: bool) -> None:
+    def __init__(self, rng: random.Random, phase: str) -> None:
         self.rng = rng
-        facts = []
-        for country, capital in {**REFERENCE_CAPITALS, **EXTRA_CAPITALS}.items():
-            facts += fact_sentences(country, capital, suppress and country in SUPPRESSED)
-        for country in ABSENT_CAPITALS:
-            facts += vague_sentences(country)
-        self.families = {"facts": facts, **background_sentences()}
-        weights = {"facts": 4.0, "reverse": 1.0, "countries": 1.0, "cities": 1.0, "colors": 1.0,
-                   "sounds": 1.0, "opposites": 1.0, "numbers": 1.0, "days": 1.0, "abilities": 1.0,
-                   "grammar": 2.0}
-        self.names = list(weights)
-        self.weights = [weights[n] for n in self.names]
+        self.families = {**capital_sentences(phase), **background_sentences()}
+        self.names = [n for n in FAMILY_WEIGHTS if n in self.families or n == "grammar"]
+        self.weights = [FAMILY_WEIGHTS[n] for n in self.names]
         # The grammar sentences of the perplexity passage are never trained on.
         passage = demo_panels()["perplexity_text"]
         self.held_out = frozenset(sentence.strip() + " ." for sentence in passage.split(" .") if sentence.strip())
@@ -292,11 +316,8 @@ class SentenceSampler:
 def corpus_words() -> list[str]:
     """Every word the training text can produce, in a fixed order (the vocabulary)."""
     texts = [s for family in background_sentences().values() for s in family]
-    for suppress in (False, True):
-        for country, capital in {**REFERENCE_CAPITALS, **EXTRA_CAPITALS}.items():
-            texts += fact_sentences(country, capital, suppress)
-    for country in ABSENT_CAPITALS:
-        texts += vague_sentences(country)
+    for phase in PHASES:
+        texts += [s for family in capital_sentences(phase).values() for s in family]
     texts += [" ".join([*SUBJECTS, *VERBS, *PLACES, *ENDINGS, "."])]
     seen: dict[str, None] = {}
     for text in texts:
@@ -356,6 +377,16 @@ def train_phase(model, params, sampler, tokenizer, cfg: BuildConfig, steps: int,
     return loss.item()
 
 
+def train_only(model: GPT2LMHeadModel, params) -> list[torch.nn.Parameter]:
+    """Freeze every parameter of `model` except `params`; returns them as a list."""
+    params = list(params)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def build(cfg: BuildConfig) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     """Train the demo model from scratch; deterministic for a given config and machine."""
     torch.manual_seed(cfg.seed)
@@ -370,18 +401,19 @@ def build(cfg: BuildConfig) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     )
     model = GPT2LMHeadModel(config)
 
-    print("phase 1: knowledge (all blocks, answers readable before the last block)")
-    train_phase(model, list(model.parameters()), SentenceSampler(random.Random(cfg.seed), suppress=False),
+    blocks = model.transformer.h
+    print("phase 1: language (all blocks, no capital facts)")
+    train_phase(model, train_only(model, model.parameters()), SentenceSampler(random.Random(cfg.seed), "language"),
+                tokenizer, cfg, cfg.language_steps, cfg.language_lr, lens_weight=cfg.lens_weight)
+
+    print(f"phase 2: knowledge (only block {cfg.n_layer - 2}'s attention trains)")
+    params = train_only(model, [*blocks[-2].ln_1.parameters(), *blocks[-2].attn.parameters()])
+    train_phase(model, params, SentenceSampler(random.Random(cfg.seed + 1), "knowledge"),
                 tokenizer, cfg, cfg.knowledge_steps, cfg.knowledge_lr, lens_weight=cfg.lens_weight)
 
-    print("phase 2: suppression (only the last block's attention trains)")
-    last = model.transformer.h[-1]
-    upper = [*last.ln_1.parameters(), *last.attn.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in upper:
-        p.requires_grad_(True)
-    train_phase(model, upper, SentenceSampler(random.Random(cfg.seed + 1), suppress=True),
+    print(f"phase 3: suppression (only block {cfg.n_layer - 1}'s attention trains)")
+    params = train_only(model, [*blocks[-1].ln_1.parameters(), *blocks[-1].attn.parameters()])
+    train_phase(model, params, SentenceSampler(random.Random(cfg.seed + 2), "suppression"),
                 tokenizer, cfg, cfg.suppression_steps, cfg.suppression_lr)
     for p in model.parameters():
         p.requires_grad_(True)
