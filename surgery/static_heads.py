@@ -5,7 +5,7 @@ For each (layer, head), 0-indexed, with the per-head weights of :class:`surgery.
 
 * **QK overlap**: the ``k`` input dimensions (rows) of W_Q with the largest L2 norms, and likewise for W_K;
   overlap = |top-k(W_Q) ∩ top-k(W_K)| / k, in [0, 1]. 1.0 when W_Q = W_K. k is clipped to d_model // 4: at
-  k = d_model every head would trivially score 1.0 (the demo model has d_model 128 < 100 * 4, GPT-2 small keeps
+  k = d_model every head would trivially score 1.0 (the demo model has d_model 64 < 100 * 4, GPT-2 small keeps
   k = 100 of 768 as in the reference).
 * **QK norm** ``||W_Q W_K^T||_F`` and **OV norm** ``||W_V W_O||_F``, computed from d_head x d_head Gram
   matrices (``||A B^T||_F^2 = sum((A^T A) * (B^T B))``): the d_model x d_model circuits are never built.
