@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from bench.models import IdTokenizer  # space-separated token ids, for random full-size models
 from surgery.diagnosis import (
     DiagnosisConfig,
     capture_last_position,
@@ -32,7 +33,7 @@ def test_attributions_sum_to_logits_tiny(tiny_model, tiny_tokenizer):
 @pytest.mark.slow
 def test_attributions_sum_to_logits_full_size(gpt2_small_random):
     ids = list(range(100, 140))  # 40 tokens
-    tok = _IdTokenizer()
+    tok = IdTokenizer()
     d = diagnose(gpt2_small_random, tok, " ".join(map(str, ids)), " 6342")
     logits = gpt2_small_random(torch.tensor([ids])).logits[0, -1]
     assert abs(_sum(d, "target") - float(logits[6342])) < 1e-3
@@ -170,18 +171,6 @@ def test_capture_matches_hidden_states(tiny_model, tiny_tokenizer):
     assert torch.allclose(cap.embed[0], out.hidden_states[0][0, -1], atol=1e-6)
     resid = cap.embed + (cap.attn_out + cap.mlp_out).sum(0)
     assert torch.allclose(resid, cap.final_resid, atol=1e-5)
-
-
-class _IdTokenizer:
-    """Minimal tokenizer for random full-size models: text is space-separated token ids."""
-
-    pad_token_id, unk_token_id, eos_token_id, bos_token_id = 0, None, 50256, 50256
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [int(w) for w in text.split()]}
-
-    def decode(self, ids):
-        return f" {ids[0]}"
 
 
 # --- the committed demo model: the reference phenomenon -------------------------------------------
