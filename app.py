@@ -33,7 +33,7 @@ from surgery.evaluation import score_probes
 from surgery.export import write_output
 from surgery.generation import generate
 from surgery.hub import push_folder
-from surgery.layout import SITES, GPT2Layout, count_parameters
+from surgery.arch import SITES, count_parameters, layout_of
 from surgery.model_io import load_model
 from surgery.panels import Panel, Probe, panel_for_model, probes_from_json
 from surgery.report import Comparison, compare, format_rows, regressions
@@ -169,7 +169,7 @@ class SurgeryApp:
         self.fallback_reason = startup.fallback_reason
         self.allow_local_models = allow_local_models
         self.work_dir = work_dir
-        self.layout = GPT2Layout.of(self.base.model)
+        self.layout = layout_of(self.base.model)
         self.panel = panel if panel is not None else bundled_panel(self.base.model)
         self.head_cache = StaticHeadCache()
 
@@ -276,7 +276,7 @@ class SurgeryApp:
     def heads(self):
         """Static, input-free views of every head (the table is computed once and cached)."""
         table = head_table(self.base.model, self.base.tokenizer, cache=self.head_cache)
-        rows = [[s.label, f"transformer.h.{s.layer} head {s.head}", *(_round(v) for v in (
+        rows = [[s.label, f"{self.layout.adapter.block(s.layer)} head {s.head}", *(_round(v) for v in (
                     s.qk_overlap, s.qk_norm, s.ov_norm, s.copying_score, s.key_response.get("proper_noun"),
                     s.key_response.get("function_word")))] for s in table]
         return plots.qk_overlap_heatmap(table), plots.key_response_plot(table), rows
@@ -399,7 +399,7 @@ def model_line(app: SurgeryApp) -> str:
                                                           else Path(loaded.source).name)
     return (f"Model: **{name}** · {count_parameters(loaded.model) / 1e6:.1f}M parameters · {lay.n_layer} layers × "
             f"{lay.n_head} heads · running on {app.device.type.upper()}. Layers are shown 1-indexed as "
-            f"in the reference write-up (L10 = `transformer.h.9`).")
+            f"in the reference write-up (L10 = `{lay.adapter.block(9)}`).")
 
 
 def diagnose_tab(app: SurgeryApp, demo: gr.Blocks) -> None:
@@ -472,9 +472,9 @@ def site_choices(app: SurgeryApp) -> list[tuple[str, str]]:
 
 def layer_choices(app: SurgeryApp) -> list[tuple[str, str]]:
     prescribed = prescribed_layer(app)
-    auto = (f"auto — prescribed: L{prescribed + 1} (transformer.h.{prescribed})" if prescribed is not None
+    auto = (f"auto — prescribed: L{prescribed + 1} ({app.layout.adapter.block(prescribed)})" if prescribed is not None
             else "auto — prescribed by the diagnosis")
-    return [(auto, "auto")] + [(f"L{l + 1} (transformer.h.{l})", str(l)) for l in range(app.layout.n_layer)]
+    return [(auto, "auto")] + [(f"L{l + 1} ({app.layout.adapter.block(l)})", str(l)) for l in range(app.layout.n_layer)]
 
 
 def prescribed_layer(app: SurgeryApp) -> int | None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from surgery.diagnosis import diagnose
-from surgery.layout import LN_F
+from surgery.arch import layout_of
 
 from . import models
 from .measure import interleaved, peak_memory
@@ -37,7 +37,7 @@ def prompt_ids(length: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 def tl_diagnose(bridge, ids: torch.Tensor, target_id: int) -> dict[str, torch.Tensor]:
     """The diagnosis' numbers, the TransformerLens way. ``ids``: Long[Tensor, "1 T"]."""
-    ln_f_weight = bridge.original_model.get_submodule(LN_F).weight
+    ln_f_weight = bridge.original_model.get_submodule(layout_of(bridge.original_model).adapter.final_norm).weight
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(ids)
         top2 = logits[0, -1].topk(2).indices

@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from surgery.errors import SurgeryFailed
 from surgery.evaluation import encode_texts, kl_divergence
-from surgery.layout import SITES, GPT2Layout
+from surgery.arch import SITES, layout_of
 from surgery.panels import Panel, Probe, load_facts, panel_for_model
 from surgery.tokens import encode_prompt, encode_target, pad_right
 from surgery.training import SurgeryConfig, operate, train_site
@@ -88,7 +88,7 @@ class Batch:
 
 
 def make_batch(j: Job, max_unrelated_tokens: int = SurgeryConfig().max_unrelated_tokens) -> Batch:
-    layout = GPT2Layout.of(j.model)
+    layout = layout_of(j.model)
     pad = j.tokenizer.pad_token_id
     ids, lengths = pad_right([encode_prompt(j.tokenizer, f.prompt, layout.n_ctx) for f in j.facts], pad)
     targets = torch.tensor([encode_target(j.tokenizer, f.target)[0] for f in j.facts])
@@ -112,7 +112,7 @@ class Baseline:
         if kind == "full":
             names = list(params)
         else:
-            slices = GPT2Layout.of(j.model).site_slices(site, j.layer)
+            slices = layout_of(j.model).site_slices(site, j.layer, j.model)
             names = [s.name for s in slices]
         self.values = {n: params[n].detach().clone().requires_grad_(True) for n in names}
         if kind == "naive":
@@ -208,7 +208,7 @@ def run_steps(model_name: str, repeats: int, steps: int, memory: bool, log=print
         for name in names[k:] + names[:k]:
             samples[name].extend(cases[name]())
     out = {"model": model_name, "layer": j.layer, "layer_reason": j.layer_reason, "rows": {}}
-    layout = GPT2Layout.of(j.model)
+    layout = layout_of(j.model)
     for name in names:
         row = {"wall": Stats.of([s[0] for s in samples[name]]).to_dict(),
                "cpu": Stats.of([s[1] for s in samples[name]]).to_dict(),

@@ -5,11 +5,11 @@ For one prompt, target and competitor (the diagnosis' own choice when not given)
 
 * **DLA** (from :func:`surgery.diagnosis.diagnose`): each head's direct effect on ``diff`` at the last position.
 * **Gradient x activation**: for each head, ``sum over positions and d_head of z * d(diff)/dz``, where z is the
-  head's slice of the ``attn.c_proj`` input (its output before W_O). It counts indirect paths and all
+  head's slice of the attention output projection's input (its output before W_O; GPT-2: ``attn.c_proj``). It counts indirect paths and all
   positions, and is exact to first order. Parameters stay ``requires_grad=False``: a hook on the token
   embedding makes the activations a leaf that requires grad, and the gradients are taken w.r.t. the z's.
 * **Ablation**, at every position of the prompt, one unit at a time: the top ``top_heads`` heads by |DLA| plus
-  the override head (their z slice), and the prescribed layer's attention output (the ``attn.c_proj`` output,
+  the override head (their z slice), and the prescribed layer's attention output (the output projection's output,
   b_O included). ``zero`` replaces the activation by 0; ``mean`` by its mean over the prompt's positions (the
   prompt itself is the reference distribution: no dataset needed). The *effect* of a unit is
   ``diff(clean) - diff(ablated)``, signed like DLA (positive = the unit helps the target).
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .diagnosis import Diagnosis, DiagnosisConfig, diagnose
 from .errors import require_positive_int
 from .hooks import hooked
-from .layout import ATTN_C_PROJ, WTE, GPT2Layout
+from .arch import apply_softcap, layout_of
 from .tokens import encode_prompt
 
 MODES = ("zero", "mean")
@@ -153,21 +153,23 @@ class CrossCheck:
 class CleanRun:
     """The unablated run. L = n_layer, T = prompt length, d = d_model."""
 
-    z: Tensor  # Float[Tensor, "L T d"]   attn.c_proj inputs (heads concatenated)
-    attn_out: Tensor  # Float[Tensor, "L T d"]   attn.c_proj outputs
+    z: Tensor  # Float[Tensor, "L T H*dh"]   W_O inputs (heads concatenated)
+    attn_out: Tensor  # Float[Tensor, "L T d"]   W_O outputs
     grad_x_act: Tensor  # Float[Tensor, "L H"]
     logits: Tensor  # Float[Tensor, "2"]   target, competitor
 
 
 def last_logits(model: nn.Module, input_ids: Tensor, token_ids: Tensor) -> Tensor:
     """Logits of ``token_ids`` (k,) at the last position of ``input_ids`` (1, T), without the full vocabulary."""
-    hidden = model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state[0, -1]  # (d,) after ln_f
-    return GPT2Layout.of(model).w_u(model)[token_ids] @ hidden  # (k,)
+    layout = layout_of(model)
+    decoder = model.get_submodule(layout.adapter.base)
+    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[0, -1]  # (d,) after the final norm
+    return apply_softcap(layout.w_u(model)[token_ids] @ hidden, layout.softcap(model.config))  # (k,)
 
 
 def clean_run(model: nn.Module, input_ids: Tensor, token_ids: Tensor) -> CleanRun:
     """One forward and one backward pass: z, attention outputs and grad x act of ``logit[0] - logit[1]``."""
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
     z: list[Tensor | None] = [None] * layout.n_layer
     out: list[Tensor | None] = [None] * layout.n_layer
 
@@ -179,8 +181,8 @@ def clean_run(model: nn.Module, input_ids: Tensor, token_ids: Tensor) -> CleanRu
             z[layer], out[layer] = args[0], output.detach()
         return fn
 
-    forward = {ATTN_C_PROJ.format(l): c_proj_hook(l) for l in range(layout.n_layer)}
-    forward[WTE] = embed_hook
+    forward = {layout.adapter.path("o", l): c_proj_hook(l) for l in range(layout.n_layer)}
+    forward[layout.adapter.embed] = embed_hook
     with torch.enable_grad(), hooked(model, forward=forward):
         logits = last_logits(model, input_ids, token_ids)
         grads = torch.autograd.grad(logits[0] - logits[1], z)
@@ -197,8 +199,8 @@ def clean_run(model: nn.Module, input_ids: Tensor, token_ids: Tensor) -> CleanRu
 def ablated_logits(model: nn.Module, input_ids: Tensor, token_ids: Tensor, clean: CleanRun, layer: int,
                    head: int | None, mode: str) -> Tensor:
     """Logits of ``token_ids`` with one head's z (or, ``head=None``, the layer's attention output) ablated."""
-    layout = GPT2Layout.of(model)
-    path = ATTN_C_PROJ.format(layer)
+    layout = layout_of(model)
+    path = layout.adapter.path("o", layer)
     if head is None:
         mean = clean.attn_out[layer].mean(0)  # (d,) mean over positions
 
@@ -312,7 +314,7 @@ def crosscheck(model: nn.Module, tokenizer, prompt: str, target: str, competitor
                config: CrossCheckConfig = CrossCheckConfig()) -> CrossCheck:
     """Diagnose ``prompt`` and check the result with grad x act, ablations and the logit lens."""
     d = diagnose(model, tokenizer, prompt, target, competitor, config.diagnosis)
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
     device = layout.w_u(model).device
     ids = encode_prompt(tokenizer, prompt, layout.n_ctx, prepend_bos=config.diagnosis.prepend_bos)
     input_ids = torch.tensor([ids], device=device)

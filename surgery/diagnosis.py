@@ -1,22 +1,27 @@
 """Why does the model emit the wrong next token? Logit lens, direct logit attribution and a verdict.
 
-One forward pass of ``model.transformer`` with hooks that keep only the last position gives everything:
+One forward pass of the decoder with hooks that keep only the last position gives everything, for every
+supported family (:mod:`surgery.arch`):
 
 * the residual stream after the embeddings and after each block (rebuilt from the captured component outputs),
-* each head's ``z`` (the input of ``attn.c_proj``), each attention output bias and each MLP output.
+* each head's ``z`` (the input of the attention output projection W_O), each attention output bias, each MLP
+  output, and — for families with norms after the sub-layers (Gemma 2/3) — those post-norms' scales.
 
-**Logit lens** (as in TransformerLens' ``accumulated_resid`` + ``apply_ln``): each residual is passed through
-``ln_f`` *with its own* LayerNorm statistics and the unembedding; only the last position is unembedded.
+**Logit lens** (as in TransformerLens' ``accumulated_resid`` + ``apply_ln``): each residual is passed through the
+final norm *with its own* statistics and the unembedding; only the last position is unembedded.
 
 **Direct logit attribution**: the final residual ``r = embed + sum_l (sum_h head_lh + b_O^l + mlp_l)`` goes
-through ``ln_f`` with its scale ``sigma = sqrt(var(r) + eps)`` *frozen from the actual run*, so
+through the final norm with its scale ``sigma`` *frozen from the actual run* (LayerNorm: ``sqrt(var(r) + eps)``,
+RMSNorm: ``sqrt(mean(r^2) + eps)``), so
 
-    logit_t = sum_c (c - mean(c)) . (gamma * u_t) / sigma  +  beta . u_t
+    logit_t = sum_c c . v_t  +  beta . u_t,    v_t = centre(gamma * u_t) / sigma  (RMSNorm: no centring, no beta)
 
-is exactly additive: the components (embeddings, every head, every attention bias, every MLP and ``ln_f``'s
-bias) sum to the model's real logit. Projection first: a direction ``v_t = centre(gamma * u_t) / sigma`` is built
-for the target and the competitor only, and each head's contribution is ``z_h . (W_O^h v_t)`` — no per-head
-``d_model`` vectors at every position, no full-vocabulary logits except at the last position.
+is exactly additive: the components (embeddings, every query head, every attention output bias, every MLP and
+the final norm's bias, where those biases exist) sum to the model's real logit. A post-norm after attention
+(Gemma 2/3) is frozen the same way, a per-coordinate scale ``s``, so head h contributes ``z_h . (W_O^h (s * v_t))``.
+Soft-capped logits (Gemma 2) are decomposed before the cap. Projection first: a direction ``v_t`` is built for
+the target and the competitor only — no per-head ``d_model`` vectors at every position, no full-vocabulary
+logits except at the last position.
 
 **Verdict** (rules, documented in the README):
 
@@ -42,7 +47,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .hooks import hooked
-from .layout import ATTN_C_PROJ, BLOCK, LN_F, MLP, GPT2Layout
+from .arch import Layout, layout_of, unembed
 from .tokens import encode_prompt, encode_target, token_text
 
 VERDICTS = ("routing", "absence", "correct")
@@ -79,7 +84,7 @@ class LensEntry:
 
 @dataclass
 class Attribution:
-    name: str  # "embed", "h.{l}.attn.head.{h}", "h.{l}.attn.bias", "h.{l}.mlp", "ln_f.bias"
+    name: str  # "embed", "h.{l}.attn.head.{h}", "h.{l}.attn.bias", "h.{l}.mlp", "ln_f.bias" (biases where they exist)
     layer: int | None
     head: int | None
     target: float
@@ -104,6 +109,9 @@ class Diagnosis:
     n_layer: int
     n_head: int
     routing_rank: int = field(default=10)
+    n_kv_head: int | None = None  # key/value heads (fewer than n_head under grouped-query attention)
+    family: str = "GPT-2"
+    blocks: str = "transformer.h"  # module path of the blocks, for naming them
 
     @property
     def multi_token_target(self) -> bool:
@@ -122,8 +130,8 @@ class Diagnosis:
     def summary(self) -> str:
         """The verdict in one sentence (heads shown 1-indexed as in the reference write-up, module index too)."""
         o = self.override
-        head = f"L{o['layer'] + 1} H{o['head']} (transformer.h.{o['layer']}, head {o['head']})"
-        layer = f"L{self.prescribed_layer + 1} (transformer.h.{self.prescribed_layer})"
+        head = f"L{o['layer'] + 1} H{o['head']} ({self.blocks}.{o['layer']}, head {o['head']})"
+        layer = f"L{self.prescribed_layer + 1} ({self.blocks}.{self.prescribed_layer})"
         t, c = self.target.text, self.competitor.text
         if self.verdict == "correct":
             return f"Correct: the model already answers {t!r}."
@@ -156,57 +164,74 @@ class Diagnosis:
 
 @dataclass
 class LastPositionCapture:
-    """Component outputs at each row's last real position. B = batch, L = n_layer, d = d_model."""
+    """Component outputs at each row's last real position. B = batch, L = n_layer, d = d_model, H x dh = heads.
 
-    embed: Tensor  # Float[Tensor, "B d"]   wte + wpe (after dropout; eval = identity)
-    z: Tensor  # Float[Tensor, "L B d"]     attn.c_proj input: heads concatenated
-    attn_out: Tensor  # Float[Tensor, "L B d"]  attn.c_proj output (heads @ W_O + b_O)
+    ``attn_out``/``mlp_out`` are what each sub-layer adds to the residual (after its post-norm where the family
+    has one); ``attn_scale`` is the attention post-norm's frozen scale ``gain / rms`` (None without post-norms),
+    so that ``attn_out = (z @ W_O + b_O) * attn_scale`` exactly.
+    """
+
+    embed: Tensor  # Float[Tensor, "B d"]   what block 0 receives (token + position embeddings, scaled)
+    z: Tensor  # Float[Tensor, "L B H*dh"]  W_O input: heads concatenated
+    attn_out: Tensor  # Float[Tensor, "L B d"]
     mlp_out: Tensor  # Float[Tensor, "L B d"]
-    final_resid: Tensor  # Float[Tensor, "B d"]  input of ln_f
+    final_resid: Tensor  # Float[Tensor, "B d"]  input of the final norm
+    attn_scale: Tensor | None = None  # Float[Tensor, "L B d"]
 
 
 def capture_last_position(model: nn.Module, input_ids: Tensor, last: Tensor, attention_mask: Tensor | None = None
                           ) -> LastPositionCapture:
-    """Run ``model.transformer`` once, keeping only what the diagnosis needs at position ``last[b]`` of row b.
+    """Run the decoder once, keeping only what the diagnosis needs at position ``last[b]`` of row b.
 
     ``input_ids``: Long[Tensor, "B T"], right-padded; ``last``: Long[Tensor, "B"]. With right padding and a
     causal model, real positions never see the padding, so the numbers equal an unpadded run.
     """
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
+    a, n = layout.adapter, layout.n_layer
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    store: dict = {"z": [None] * layout.n_layer, "attn": [None] * layout.n_layer, "mlp": [None] * layout.n_layer}
+    store: dict[str, list] = {k: [None] * n for k in ("z", "attn", "mlp", "attn_scale")}
 
     def take(x: Tensor) -> Tensor:
         return x[rows, last].detach()  # (B, T, d) -> (B, d)
 
-    def embed_hook(module, args):
-        store["embed"] = take(args[0])
+    def embed_hook(module, args, kwargs):
+        store["embed"] = take(args[0] if args else kwargs["hidden_states"])
 
-    def c_proj_hook(layer):
+    def record(key, layer, z=False):
         def fn(module, args, output):
-            store["z"][layer] = take(args[0])
-            store["attn"][layer] = take(output)
+            if z:
+                store["z"][layer] = take(args[0])
+            store[key][layer] = take(output)
         return fn
 
-    def mlp_hook(layer):
+    def post_norm(key, layer):
         def fn(module, args, output):
-            store["mlp"][layer] = take(output)
+            store[key][layer] = take(output)
+            if key == "attn":
+                store["attn_scale"][layer] = a.norm.frozen_scale(module, take(args[0]))
         return fn
 
-    def ln_f_hook(module, args, output):
+    def final_hook(module, args):
         store["final"] = take(args[0])
 
-    forward = {ATTN_C_PROJ.format(l): c_proj_hook(l) for l in range(layout.n_layer)}
-    forward.update({MLP.format(l): mlp_hook(l) for l in range(layout.n_layer)})
-    forward[LN_F] = ln_f_hook
-    with torch.no_grad(), hooked(model, forward=forward, pre={BLOCK.format(0): embed_hook}):
-        model.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    forward = {}
+    for l in range(n):
+        forward[a.path("o", l)] = record("attn", l, z=True)
+        forward[a.path("mlp", l)] = record("mlp", l)
+        if a.attn_post_norm:  # the post-norm's output is what the residual receives
+            forward[a.path("attn_post_norm", l)] = post_norm("attn", l)
+        if a.mlp_post_norm:
+            forward[a.path("mlp_post_norm", l)] = post_norm("mlp", l)
+    with torch.no_grad(), hooked(model, forward=forward, pre={a.final_norm: final_hook},
+                                 pre_kwargs={a.block(0): embed_hook}):
+        model.get_submodule(a.base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return LastPositionCapture(
         embed=store["embed"],
         z=torch.stack(store["z"]),
         attn_out=torch.stack(store["attn"]),
         mlp_out=torch.stack(store["mlp"]),
         final_resid=store["final"],
+        attn_scale=torch.stack(store["attn_scale"]) if a.attn_post_norm else None,
     )
 
 
@@ -227,21 +252,21 @@ def logit_lens(model: nn.Module, resid: Tensor, token_ids: Tensor, competitor_id
 
     ``resid``: Float[Tensor, "S B d"]; ``token_ids``: Long[Tensor, "B"] (targets); ``competitor_ids``:
     Long[Tensor, "B"] with -1 meaning "the model's own top prediction at the output, or its runner-up when
-    that is the target". Each residual goes through ``ln_f`` with its own statistics, then the unembedding
-    (full vocabulary, ``chunk`` rows of the batch at a time to bound memory; the output layer's logits are
-    reused to pick the competitor, so the vocabulary is unembedded once per residual).
+    that is the target". Each residual goes through the final norm with its own statistics, then the
+    unembedding (and the family's soft-capping: monotonic, ranks unchanged), full vocabulary, ``chunk`` rows of
+    the batch at a time to bound memory; the output layer's logits are reused to pick the competitor, so the
+    vocabulary is unembedded once per residual.
     Returns logits Float[Tensor, "S B 3"], ranks Long[Tensor, "S B 3"] (1 = top) and the ids
     Long[Tensor, "B 3"] they refer to (target, competitor, top-1 at the output).
     """
-    ln_f = model.get_submodule(LN_F)
-    w_u = GPT2Layout.of(model).w_u(model)  # (V, d)
+    final_norm = model.get_submodule(layout_of(model).adapter.final_norm)
     if competitor_ids is None:
         competitor_ids = torch.full_like(token_ids, -1)
     logits_out, ranks_out, all_ids = [], [], []
     for start in range(0, resid.shape[1], chunk):
         r = resid[:, start : start + chunk]  # (S, b, d)
         t = token_ids[start : start + chunk]  # (b,)
-        full = F.layer_norm(r, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps) @ w_u.T  # (S, b, V)
+        full = unembed(model, final_norm(r))  # (S, b, V)
         top2 = full[-1].topk(2, dim=-1).indices  # (b, 2) at the output
         auto = torch.where(top2[:, 0] == t, top2[:, 1], top2[:, 0])
         c = competitor_ids[start : start + chunk]
@@ -258,42 +283,44 @@ def logit_lens(model: nn.Module, resid: Tensor, token_ids: Tensor, competitor_id
 
 
 def unembed_directions(model: nn.Module, final_resid: Tensor, token_ids: Tensor) -> Tensor:
-    """``v_t = centre(gamma * u_t) / sigma`` for each row's tokens, sigma frozen from ``final_resid``.
+    """``v_t`` with ``final_norm(r) . u_t = sum_c c . v_t (+ bias . u_t)``, the norm's scale frozen from
+    ``final_resid``: ``centre(gamma * u_t) / sigma`` for LayerNorm, ``gain * u_t / rms`` for RMSNorm.
 
     ``final_resid``: Float[Tensor, "B d"]; ``token_ids``: Long[Tensor, "B k"] -> Float[Tensor, "B k d"].
-    A component ``c`` then contributes ``c . v_t`` to logit t (LayerNorm's centring folded into ``v_t``).
     """
-    ln_f = model.get_submodule(LN_F)
-    sigma = (final_resid.var(-1, unbiased=False, keepdim=True) + ln_f.eps).sqrt()  # (B, 1)
-    u = GPT2Layout.of(model).w_u(model)[token_ids]  # (B, k, d)
-    gu = ln_f.weight * u
-    return (gu - gu.mean(-1, keepdim=True)) / sigma[:, None]
+    layout = layout_of(model)
+    final_norm = model.get_submodule(layout.adapter.final_norm)
+    return layout.adapter.norm.direction(final_norm, final_resid, layout.w_u(model)[token_ids])
 
 
 def logit_attrs(model: nn.Module, cap: LastPositionCapture, token_ids: Tensor) -> dict[str, Tensor]:
     """Direct logit attribution of every additive component to each of ``token_ids`` (B, k).
 
     Returns tensors with a trailing ``k``: embed (B, k), heads (L, B, H, k), attn_bias (L, B, k),
-    mlp (L, B, k), ln_f_bias (B, k). Their sum over components equals the real logits.
+    mlp (L, B, k), final_bias (B, k) (zeros where the family has no such bias). Their sum over components
+    equals the real logits (before soft-capping, for the families that cap).
+    A post-norm's frozen scale multiplies into the direction, so head h contributes ``z_h . (W_O^h (s * v))``.
     """
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
     v = unembed_directions(model, cap.final_resid, token_ids)  # (B, k, d)
     heads, bias = [], []
     for layer in range(layout.n_layer):
-        w_o = layout.w_o(model, layer)  # (H, dh, d)
-        w_o_v = torch.einsum("hed,bkd->bhek", w_o, v)  # (B, H, dh, k): W_O rows times the directions
-        z = cap.z[layer].view(-1, layout.n_head, layout.d_head)  # (B, d) -> (B, H, dh)
+        v_l = v if cap.attn_scale is None else v * cap.attn_scale[layer][:, None]  # (B, k, d)
+        w_o = layout.w_o(model, layer).float()  # (H, dh, d)
+        w_o_v = torch.einsum("hed,bkd->bhek", w_o, v_l)  # (B, H, dh, k): W_O rows times the directions
+        z = cap.z[layer].float().view(-1, layout.n_head, layout.d_head)  # (B, H*dh) -> (B, H, dh)
         heads.append(torch.einsum("bhe,bhek->bhk", z, w_o_v))
-        b_o = model.get_submodule(ATTN_C_PROJ.format(layer)).bias  # (d,)
-        bias.append(torch.einsum("d,bkd->bk", b_o, v))
-    ln_f = model.get_submodule(LN_F)
-    u = layout.w_u(model)[token_ids]  # (B, k, d)
+        b_o = layout.b_o(model, layer)  # (d,) or None
+        bias.append(torch.zeros_like(v[..., 0]) if b_o is None else torch.einsum("d,bkd->bk", b_o.float(), v_l))
+    final_norm = model.get_submodule(layout.adapter.final_norm)
+    final_bias = layout.adapter.norm.bias(final_norm)
+    u = layout.w_u(model)[token_ids].float()  # (B, k, d)
     return {
-        "embed": torch.einsum("bd,bkd->bk", cap.embed, v),
+        "embed": torch.einsum("bd,bkd->bk", cap.embed.float(), v),
         "heads": torch.stack(heads),
         "attn_bias": torch.stack(bias),
-        "mlp": torch.einsum("lbd,bkd->lbk", cap.mlp_out, v),
-        "ln_f_bias": torch.einsum("d,bkd->bk", ln_f.bias, u),
+        "mlp": torch.einsum("lbd,bkd->lbk", cap.mlp_out.float(), v),  # already post-normed: one component
+        "final_bias": torch.zeros_like(v[..., 0]) if final_bias is None else torch.einsum("d,bkd->bk", final_bias.float(), u),
     }
 
 
@@ -345,7 +372,7 @@ def diagnose_batch(model: nn.Module, tokenizer, prompts: list[str], targets: lis
     if len(prompts) != len(targets):
         raise InputError("give one target per prompt")
     competitors = competitors or [None] * len(prompts)
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
     encoded = []
     for prompt, target, comp in zip(prompts, targets, competitors):
         ids = encode_prompt(tokenizer, prompt, layout.n_ctx, prepend_bos=config.prepend_bos)
@@ -360,7 +387,7 @@ def diagnose_batch(model: nn.Module, tokenizer, prompts: list[str], targets: lis
     return out
 
 
-def _diagnose_chunk(model, tokenizer, layout: GPT2Layout, items, config: DiagnosisConfig) -> list[Diagnosis]:
+def _diagnose_chunk(model, tokenizer, layout: Layout, items, config: DiagnosisConfig) -> list[Diagnosis]:
     device = next(model.parameters()).device
     lengths = [len(ids) for _, ids, _, _ in items]
     width = max(lengths)
@@ -381,6 +408,8 @@ def _diagnose_chunk(model, tokenizer, layout: GPT2Layout, items, config: Diagnos
         lens, ranks, lens_ids = logit_lens(model, resid, target_ids, comp_given)  # (L+1, B, 3) x2, (B, 3)
         attrs = logit_attrs(model, cap, lens_ids[:, :2])
 
+    has_bias = [layout.b_o(model, l) is not None for l in range(layout.n_layer)]
+    final_bias = layout.adapter.norm.bias(model.get_submodule(layout.adapter.final_norm)) is not None
     results = []
     lens_list, ranks_list = lens.tolist(), ranks.tolist()  # one conversion instead of a float() per number
     for b, (prompt, ids, t_ids, _) in enumerate(items):
@@ -401,25 +430,32 @@ def _diagnose_chunk(model, tokenizer, layout: GPT2Layout, items, config: Diagnos
                               lens_list[s][b][0], lens_list[s][b][1], ranks_list[s][b][0])
                     for s in range(lens.shape[0])
                 ],
-                dla=_attribution_list(row, layout),
+                dla=_attribution_list(row, layout, has_bias, final_bias),
                 verdict=classify(lens[:, b, :2], ranks[:, b, 0], config.routing_rank),
                 override={"layer": o_layer, "head": o_head},
                 prescribed_layer=prescribe_layer(row, o_layer),
                 n_layer=layout.n_layer,
                 n_head=layout.n_head,
                 routing_rank=config.routing_rank,
+                n_kv_head=layout.n_kv_head,
+                family=layout.family,
+                blocks=layout.adapter.blocks,
             )
         )
     return results
 
 
-def _attribution_list(row: dict[str, Tensor], layout: GPT2Layout) -> list[Attribution]:
+def _attribution_list(row: dict[str, Tensor], layout: Layout, has_bias: list[bool], final_bias: bool
+                      ) -> list[Attribution]:
+    """Named attributions; biases appear only where the model has them (GPT-2: every one)."""
     r = {k: v.tolist() for k, v in row.items()}  # Python floats in one conversion per tensor
     out = [Attribution("embed", None, None, *r["embed"])]
     for layer in range(layout.n_layer):
         for head in range(layout.n_head):
             out.append(Attribution(f"h.{layer}.attn.head.{head}", layer, head, *r["heads"][layer][head]))
-        out.append(Attribution(f"h.{layer}.attn.bias", layer, None, *r["attn_bias"][layer]))
+        if has_bias[layer]:
+            out.append(Attribution(f"h.{layer}.attn.bias", layer, None, *r["attn_bias"][layer]))
         out.append(Attribution(f"h.{layer}.mlp", layer, None, *r["mlp"][layer]))
-    out.append(Attribution("ln_f.bias", None, None, *r["ln_f_bias"]))
+    if final_bias:
+        out.append(Attribution("ln_f.bias", None, None, *r["final_bias"]))
     return out

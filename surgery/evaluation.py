@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import LM_HEAD, GPT2Layout
+from .arch import layout_of, unembed
 from .panels import Panel, Probe
 from .tokens import encode_prompt, encode_target, pad_right, real_positions, token_text
 
@@ -70,15 +70,16 @@ def last_position_logits(model: nn.Module, input_ids: Tensor, lengths: Tensor) -
     """Next-token logits at each row's last real position. ``input_ids`` (B, T) right-padded -> (B, V)."""
     with torch.no_grad():
         mask = real_positions(lengths, input_ids.shape[1]).long()
-        hidden = model.transformer(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-        # hidden: (B, T, d), after ln_f
+        decoder = model.get_submodule(layout_of(model).adapter.base)
+        hidden = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        # hidden: (B, T, d), after the final norm
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return model.get_submodule(LM_HEAD)(hidden[rows, lengths - 1])  # (B, V)
+        return unembed(model, hidden[rows, lengths - 1])  # (B, V)
 
 
 def next_token_logits(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = BATCH_SIZE) -> Tensor:
     """Next-token logits after each prompt. Float[Tensor, "B V"]."""
-    n_ctx = GPT2Layout.of(model).n_ctx
+    n_ctx = layout_of(model).n_ctx
     encoded = [encode_prompt(tokenizer, p, n_ctx) for p in prompts]
     out = []
     for start in range(0, len(encoded), batch_size):
@@ -120,7 +121,7 @@ def encode_texts(tokenizer, texts, n_ctx: int) -> list[list[int]]:
 
 def perplexity(model: nn.Module, tokenizer, text: str) -> float:
     """exp(mean next-token negative log-likelihood) over ``text`` (its first ``n_ctx`` tokens)."""
-    encoded = encode_texts(tokenizer, [text], GPT2Layout.of(model).n_ctx)
+    encoded = encode_texts(tokenizer, [text], layout_of(model).n_ctx)
     if not encoded:
         return float("nan")
     ids = torch.tensor(encoded, device=_device(model))  # (1, T)
@@ -132,9 +133,9 @@ def perplexity(model: nn.Module, tokenizer, text: str) -> float:
 
 def text_log_probs(model: nn.Module, tokenizer, texts) -> Tensor:
     """Next-token log-probabilities at every real position of ``texts``. Float[Tensor, "N V"], N = all tokens."""
-    encoded = encode_texts(tokenizer, texts, GPT2Layout.of(model).n_ctx)
+    encoded = encode_texts(tokenizer, texts, layout_of(model).n_ctx)
     if not encoded:
-        return torch.empty(0, GPT2Layout.of(model).d_vocab)
+        return torch.empty(0, layout_of(model).d_vocab)
     ids, lengths = pad_right(encoded, tokenizer.pad_token_id, _device(model))
     real = real_positions(lengths, ids.shape[1])  # (B, T)
     with torch.no_grad():

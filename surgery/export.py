@@ -117,7 +117,7 @@ def _with_base(patch: Patch, loaded: LoadedModel) -> Patch:
 
 
 def write_output(out_dir: str | os.PathLike, loaded: LoadedModel, result, overwrite: bool = False,
-                 license: str = "mit") -> Path:
+                 license: str | None = None) -> Path:
     """Write the corrected model, ``patch.safetensors``, ``report.json`` and ``README.md`` to ``out_dir``.
 
     ``result`` is a :class:`surgery.training.SurgeryResult` made from ``loaded.model``. Raises
@@ -151,22 +151,42 @@ def is_hub_id(source: str) -> bool:
     return not Path(source).is_absolute()
 
 
-def model_card(loaded: LoadedModel, report, license: str = "mit") -> str:
-    """A Hub model card: YAML metadata, what was edited, the before/after table and how to verify."""
+# Licenses of the base models' families when nothing more specific is known (the card must name the base's).
+FAMILY_LICENSES = {"gpt2": "mit", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma"}
+
+
+def base_license(loaded: LoadedModel) -> str:
+    """The base model's license: its folder's model card front matter (``license: ...``) when it says one,
+    else its family's (GPT-2: mit, Gemma: gemma), else ``other``."""
+    card = Path(loaded.source) / "README.md"
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    if text.startswith("---"):
+        for line in text.split("---")[1].splitlines():  # the YAML front matter
+            key, _, value = line.partition(":")
+            if key.strip() == "license" and value.strip():
+                return value.strip()
+    return FAMILY_LICENSES.get(getattr(loaded.model.config, "model_type", ""), "other")
+
+
+def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
+    """A Hub model card: YAML metadata, what was edited, the before/after table and how to verify.
+    ``license`` defaults to the base model's (:func:`base_license`)."""
+    license = license or base_license(loaded)
+    model_type = getattr(loaded.model.config, "model_type", "transformer")
     base = loaded.source
     base_name = base if is_hub_id(base) else Path(base).name
     front = ["---"]
     if is_hub_id(base):
         front.append(f"base_model: {base}")
     front += ["library_name: transformers", f"license: {license}", "tags:", "- transformer-surgery",
-              "- model-editing", f"- site-{report.site}", "- gpt2", "---", ""]
+              "- model-editing", f"- site-{report.site}", f"- {model_type}", "---", ""]
     layer = report.layer
     facts = report.comparison.facts
     lines = [
         f"# {base_name}, corrected by single-site surgery ({report.site}, block {layer})",
         "",
         f"This is `{base_name}` with one site retrained by Transformer Surgery to fix {len(facts)} facts: site **{report.site}** of block "
-        f"**{layer}** (`transformer.h.{layer}`, L{layer + 1} 1-indexed), {report.params_in_site:,} parameters "
+        f"**{layer}** (`{report.block}`, L{layer + 1} 1-indexed), {report.params_in_site:,} parameters "
         f"({100 * report.fraction:.2f}% of the model). Every other tensor is bitwise identical to the base.",
         "",
         f"Layer choice: {report.layer_reason}. Training: {report.steps} Adam steps "

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .layout import GPT2Layout
+from .arch import layout_of
 from .tokens import encode_prompt
 
 
@@ -15,7 +15,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 20)
     the context window. Works on a base model and on a :func:`~surgery.patch.patched_model` view alike."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
-    n_ctx = GPT2Layout.of(model).n_ctx
+    n_ctx = layout_of(model).n_ctx
     ids = encode_prompt(tokenizer, prompt, n_ctx)
     room = n_ctx - len(ids)
     if room < 1:

@@ -24,15 +24,18 @@ def hooked(
     model: nn.Module,
     forward: Mapping[str, Callable] | None = None,
     pre: Mapping[str, Callable] | None = None,
+    pre_kwargs: Mapping[str, Callable] | None = None,
 ) -> Iterator[nn.Module]:
-    """Register ``forward`` hooks ``fn(module, args, output)`` and ``pre`` hooks ``fn(module, args)``.
+    """Register ``forward`` hooks ``fn(module, args, output)``, ``pre`` hooks ``fn(module, args)`` and
+    ``pre_kwargs`` hooks ``fn(module, args, kwargs)`` (which see keyword arguments too, and may return
+    ``(args, kwargs)`` to replace them).
 
     Keys are module paths as in ``model.named_modules()`` (e.g. ``"transformer.h.9.attn.c_proj"``).
     A path that does not exist raises ``KeyError`` before anything is registered. The hooks run only in the
     calling thread (elsewhere they return ``None``: the module's inputs and output are left as they are).
     """
     modules = dict(model.named_modules())
-    wanted = list((forward or {}).items()) + list((pre or {}).items())
+    wanted = list((forward or {}).items()) + list((pre or {}).items()) + list((pre_kwargs or {}).items())
     missing = [path for path, _ in wanted if path not in modules]
     if missing:
         raise KeyError(f"no such module(s): {', '.join(missing)}")
@@ -42,6 +45,8 @@ def hooked(
             handles.append(modules[path].register_forward_hook(_this_thread_only(fn)))
         for path, fn in (pre or {}).items():
             handles.append(modules[path].register_forward_pre_hook(_this_thread_only(fn)))
+        for path, fn in (pre_kwargs or {}).items():
+            handles.append(modules[path].register_forward_pre_hook(_this_thread_only(fn), with_kwargs=True))
         yield model
     finally:
         for handle in handles:

@@ -1,12 +1,12 @@
 """An edit as a patch: the new values of the trained slices of one block, and views that apply it.
 
-The base model is never modified. :func:`patched_model` builds a *view*: new container objects along the path
-``model -> transformer -> h``, every untouched module and parameter shared with the base (same tensors, no
+The base model is never modified. :func:`patched_model` builds a *view*: new container objects along the path to
+the blocks (``model -> transformer -> h`` for GPT-2, ``model -> model -> layers`` for the others), every untouched module and parameter shared with the base (same tensors, no
 copy), and a private copy of the one patched block carrying the new values. Several sessions can each hold
 their own view of one shared base at once, without locks.
 
 On disk a patch is a safetensors file holding only the trained slices (for ``wv``: just the
-``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision, site,
+value projection's weight; GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision, site,
 layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so a patch is refused
 on any other base.
 """
@@ -26,10 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import PatchError
-from .layout import BLOCK, C_ATTN, GPT2Layout, ParamSlice
+from .arch import ParamSlice, layout_of
 
 FORMAT = "transformer-surgery-patch/1"
-CONFIG_KEYS = ("model_type", "n_layer", "n_head", "n_embd", "n_inner", "vocab_size", "n_positions")
 JSON_METADATA = ("base_config",)  # metadata entries stored as JSON text; the others are plain strings
 
 
@@ -93,11 +92,11 @@ class Patch:
         config = base_config(model)
         expected = self.metadata.get("base_config")
         if expected is not None:
-            diff = [f"{k} {expected.get(k)} (patch) vs {config.get(k)} (model)" for k in CONFIG_KEYS
-                    if expected.get(k) != config.get(k)]
+            diff = [f"{k} {expected.get(k)} (patch) vs {config.get(k)} (model)"
+                    for k in sorted(set(expected) | set(config)) if expected.get(k) != config.get(k)]
             if diff:
                 raise PatchError(f"this patch was made for another model architecture: {'; '.join(diff)}")
-        layout = GPT2Layout.of(model)
+        layout = layout_of(model)
         if not 0 <= self.layer < layout.n_layer:
             raise PatchError(f"this patch edits block {self.layer}; the model has blocks 0..{layout.n_layer - 1}")
         params = dict(model.named_parameters())
@@ -115,14 +114,14 @@ class Patch:
 
 
 def base_config(model: nn.Module) -> dict:
-    """The config entries that fix every tensor shape."""
-    return {k: getattr(model.config, k, None) for k in CONFIG_KEYS}
+    """The config entries that fix every tensor shape (which ones: the family's adapter)."""
+    return layout_of(model).shape_config(model.config)
 
 
 def block_digest(model: nn.Module, layer: int) -> str:
     """SHA-256 over block ``layer``'s parameters (names, shapes and bytes, in a fixed order)."""
     h = hashlib.sha256()
-    block = model.get_submodule(BLOCK.format(layer))
+    block = model.get_submodule(layout_of(model).adapter.block(layer))
     for name, p in sorted(block.named_parameters()):
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
@@ -157,7 +156,8 @@ def _install_output_recorders(model: nn.Module) -> None:
 
 def copy_block(model: nn.Module, layer: int) -> nn.Module:
     """A private deep copy of block ``layer`` (sharing the config object), without request-scoped hooks."""
-    block = copy.deepcopy(model.get_submodule(BLOCK.format(layer)), memo={id(model.config): model.config})
+    path = layout_of(model).adapter.block(layer)
+    block = copy.deepcopy(model.get_submodule(path), memo={id(model.config): model.config})
     for module in block.modules():
         _copy_registries(module)
     return block
@@ -179,7 +179,7 @@ def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
     """
     patch.check_compatible(model)
     _install_output_recorders(model)
-    block_path = BLOCK.format(patch.layer)
+    block_path = layout_of(model).adapter.block(patch.layer)
     new_block = copy_block(model, patch.layer)
     prefix = block_path + "."
     with torch.no_grad():
@@ -189,7 +189,7 @@ def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
     view = _shallow_copy(model)
     parent = view
     parts = block_path.split(".")
-    for part in parts[:-1]:  # transformer, h
+    for part in parts[:-1]:  # e.g. transformer, h (GPT-2) or model, layers
         child = _shallow_copy(parent.get_submodule(part))
         parent._modules[part] = child
         parent = child
@@ -206,7 +206,7 @@ class WeightStats:
     delta_l2: float  # ||new - base||_2 over the trained slices
     max_abs_delta: float
     others_unchanged: bool  # every tensor outside the slices is bitwise equal to the base
-    qk_unchanged: bool | None  # wv only: Q/K columns and the whole c_attn bias bitwise equal
+    qk_unchanged: bool | None  # wv only: Q/K weights, biases and norms bitwise equal
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -235,11 +235,8 @@ def weight_stats(model: nn.Module, patch: Patch, edited: nn.Module | None = None
             mask[s.cols] = False
             others_unchanged &= torch.equal(base[:, mask], new[:, mask])
     qk_unchanged = None
-    if patch.site == "wv":
-        layout = GPT2Layout.of(model)
-        w, b = C_ATTN.format(patch.layer) + ".weight", C_ATTN.format(patch.layer) + ".bias"
-        qk = slice(layout.qkv_columns("q").start, layout.qkv_columns("k").stop)
-        qk_unchanged = torch.equal(base_params[w][:, qk], new_params[w][:, qk]) and torch.equal(
-            base_params[b], new_params[b])
+    if patch.site == "wv":  # everything that shapes the attention pattern: Q/K weights, biases and norms
+        qk_unchanged = all(torch.equal(s.read(base_params[s.name]), s.read(new_params[s.name]))
+                           for s in layout_of(model).qk_slices(model, patch.layer))
     return WeightStats(params_in_site=patch.numel, params_changed=changed, delta_l2=sq ** 0.5,
                        max_abs_delta=max_abs, others_unchanged=bool(others_unchanged), qk_unchanged=qk_unchanged)

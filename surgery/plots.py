@@ -3,7 +3,7 @@
 Every function returns a new :class:`matplotlib.figure.Figure` built directly — never through ``pyplot`` — so no
 global figure state exists to leak between sessions or threads; rendering uses the Agg canvas. Layers are
 labelled 1-indexed as in the reference write-up ("L10 H8"), heads by their module index, and each caption names
-the module ("L10 = transformer.h.9").
+the module ("L10 = block 9", e.g. ``transformer.h.9``).
 """
 
 from __future__ import annotations
@@ -132,5 +132,5 @@ def _box(head: int, layer: int) -> Rectangle:
 
 def _caption(fig: Figure, n_layer: int) -> None:
     last = n_layer - 1
-    fig.supxlabel(f"Layers 1-indexed as in the reference write-up: L1 = transformer.h.0 … "
-                  f"L{n_layer} = transformer.h.{last}\nheads by module index", fontsize="x-small", color="dimgray")
+    fig.supxlabel(f"Layers 1-indexed as in the reference write-up: L1 = block 0 … "
+                  f"L{n_layer} = block {last}\nheads by module index", fontsize="x-small", color="dimgray")

@@ -138,6 +138,7 @@ class SurgeryReport:
     weights: WeightStats
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    block: str = ""  # module path of the edited block, e.g. "transformer.h.9" or "model.layers.9"
 
     @property
     def fraction(self) -> float:

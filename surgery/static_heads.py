@@ -1,7 +1,9 @@
 """Input-free diagnostics of every attention head, from the weights alone.
 
-For each (layer, head), 0-indexed, with the per-head weights of :class:`surgery.layout.GPT2Layout`
-(W_Q, W_K, W_V: [d_model, d_head]; W_O: [d_head, d_model]; raw HF weights, no LayerNorm folding):
+For each (layer, head), 0-indexed, with the per-head weights of :class:`surgery.arch.Layout`
+(W_Q, W_K, W_V: [d_model, d_head]; W_O: [d_head, d_model]; raw HF weights, no norm folding; under grouped-query
+attention each query head is shown with the key/value head it reads, so heads sharing one have equal K/V
+measures; rotary models: every measure is computed on the un-rotated weights, see ``docs/heads.md``):
 
 * **QK overlap**: the ``k`` input dimensions (rows) of W_Q with the largest L2 norms, and likewise for W_K;
   overlap = |top-k(W_Q) ∩ top-k(W_K)| / k, in [0, 1]. 1.0 when W_Q = W_K. k is clipped to d_model // 4: at
@@ -10,13 +12,14 @@ For each (layer, head), 0-indexed, with the per-head weights of :class:`surgery.
 * **QK norm** ``||W_Q W_K^T||_F`` and **OV norm** ``||W_V W_O||_F``, computed from d_head x d_head Gram
   matrices (``||A B^T||_F^2 = sum((A^T A) * (B^T B))``): the d_model x d_model circuits are never built.
 * **Key response by token class**: mean over a class's tokens of ``||W_K^T x(e)||`` with
-  ``x(e) = gamma_1 * normalize(e)``: block ``l``'s ``ln_1`` applied to the token embedding ``e = W_E[t]`` (plus
+  ``x(e) = gamma_1 * normalize(e)``: block ``l``'s pre-attention norm (LayerNorm or RMSNorm) applied to the token embedding ``e = W_E[t]`` (plus
   the mean position embedding, by default) *without* its bias. The bias term ``beta_1 W_K + b_K`` is the same
   for every key, so it adds the same amount to every attention score of a query and cancels in the softmax.
   Classes come from :mod:`surgery.token_classes`; at most ``class_sample`` seeded tokens per class are used.
 * **Copying score** over a seeded sample S of ``copy_sample`` non-special tokens: the OV circuit from a source token s to
-  the logit of token t, ``M[s, t] = x(e_s) W_V W_O . centre(gamma_f * u_t)`` (``ln_f`` with its scale left out:
-  a positive factor). ``b_V`` and ``beta_1`` are left out: attention weights sum to 1, so they act as a
+  the logit of token t, ``M[s, t] = x(e_s) W_V W_O . (g_post * centre(gamma_f * u_t))`` (the final norm with its scale left out:
+  a positive factor; ``g_post`` the gain of the attention post-norm in Gemma 2/3, 1 elsewhere; RMSNorm: no
+  centring). ``b_V`` and ``beta_1`` are left out: attention weights sum to 1, so they act as a
   constant output bias, not as part of the token-to-token map. ``copying_score`` = sum(lambda) / sum(|lambda|)
   over the eigenvalues of M (as in "A Mathematical Framework for Transformer Circuits"), in [-1, 1]; +1 = the
   head promotes what it attends to. M = (X_S W_V)(W_O U_S^T) is |S| x |S|, but its non-zero eigenvalues are
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import require_positive_int
-from .layout import LN_1, LN_F, GPT2Layout
+from .arch import layout_of
 from .token_classes import TOKEN_CLASSES, TokenClasses, token_classes
 
 log = logging.getLogger(__name__)
@@ -147,16 +150,22 @@ def product_frobenius(a: Tensor, b: Tensor) -> Tensor:
 
 
 def normalized_embeddings(model: nn.Module, token_ids: Tensor, mean_position: bool, eps: float) -> Tensor:
-    """``normalize(e)`` = (e - mean(e)) / sqrt(var(e) + eps) of the given tokens' embeddings. (n, d).
+    """``normalize(e)`` of the given tokens' embeddings as the family's norms compute it, without the gain. (n, d).
 
-    ``e = W_E[t]`` (+ the mean position embedding). Block l's ln_1 input is then ``gamma_1^l * normalize(e)``
-    (its bias left out, see the module docstring), so one normalization serves every block with that eps.
+    LayerNorm: ``(e - mean(e)) / sqrt(var(e) + eps)``; RMSNorm: ``e / sqrt(mean(e^2) + eps)``. ``e`` is what block 0
+    receives for the token (Gemma: the embedding scaled by sqrt(d_model)), plus the mean learned position
+    embedding where the model has one and ``mean_position`` is set. Block l's pre-attention norm input is then
+    ``gain_1^l * normalize(e)`` (its bias left out, see the module docstring), so one normalization serves every
+    block with that eps.
     """
-    layout = GPT2Layout.of(model)
-    e = layout.w_e(model)[token_ids]  # (n, d)
-    if mean_position:
-        e = e + layout.w_pos(model).mean(0)
-    return F.layer_norm(e.float(), e.shape[-1:], None, None, eps)
+    layout = layout_of(model)
+    e = layout.embed_tokens(model, token_ids).float()  # (n, d)
+    pos = layout.mean_position(model)
+    if mean_position and pos is not None:
+        e = e + pos.float()
+    if layout.adapter.norm.kind == "layer":
+        return F.layer_norm(e, e.shape[-1:], None, None, eps)
+    return e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def key_response(x: Tensor, w_k: Tensor, groups: Tensor, n_groups: int) -> Tensor:
@@ -186,10 +195,12 @@ def copying_scores(u_x: Tensor, w_v: Tensor, w_o: Tensor) -> Tensor:
 
 
 def output_directions(model: nn.Module, token_ids: Tensor) -> Tensor:
-    """``centre(gamma_f * u_t)``: how a head output moves token t's logit through ln_f (scale left out). (n, d)."""
-    ln_f = model.get_submodule(LN_F)
-    gu = ln_f.weight * GPT2Layout.of(model).w_u(model)[token_ids]  # (n, d)
-    return gu - gu.mean(-1, keepdim=True)
+    """``centre(gamma_f * u_t)``: how a head output moves token t's logit through the final norm (scale left out;
+    RMSNorm: ``gain_f * u_t``, no centring). (n, d)."""
+    layout = layout_of(model)
+    final_norm = model.get_submodule(layout.adapter.final_norm)
+    gu = layout.adapter.norm.gain(final_norm) * layout.w_u(model)[token_ids].float()  # (n, d)
+    return gu - gu.mean(-1, keepdim=True) if layout.adapter.norm.kind == "layer" else gu
 
 
 def sample_ids(candidates: list[int], n: int, generator: torch.Generator, d_vocab: int) -> Tensor:
@@ -220,7 +231,8 @@ def head_table(model: nn.Module, tokenizer, config: StaticHeadConfig = StaticHea
 
 
 def _compute_table(model: nn.Module, classes: TokenClasses, config: StaticHeadConfig) -> list[HeadStats]:
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
+    a = layout.adapter
     device = layout.w_e(model).device
     gen = torch.Generator().manual_seed(config.seed)
     class_ids = [sample_ids(classes.ids[name], config.class_sample, gen, layout.d_vocab) for name in TOKEN_CLASSES]
@@ -232,13 +244,16 @@ def _compute_table(model: nn.Module, classes: TokenClasses, config: StaticHeadCo
     normalized: dict[float, tuple[Tensor, Tensor]] = {}  # ln eps -> (class inputs, U^T copy inputs)
     table: list[HeadStats] = []
     for layer in range(layout.n_layer):
-        ln_1 = model.get_submodule(LN_1.format(layer))
-        if ln_1.eps not in normalized:  # GPT-2 uses one eps everywhere: normalized once
-            n_cls = normalized_embeddings(model, class_tokens, config.mean_position, ln_1.eps)  # (n_cls, d)
-            n_copy = normalized_embeddings(model, copy_tokens, config.mean_position, ln_1.eps)  # (n_copy, d)
-            normalized[ln_1.eps] = (n_cls, u.T @ n_copy)  # (n_cls, d), (d, d)
-        n_cls, u_n = normalized[ln_1.eps]
-        gamma = ln_1.weight.float()  # (d,): x = gamma * normalize(e)
+        ln_1 = model.get_submodule(a.path("ln1", layer))
+        eps = a.norm.eps(ln_1)
+        if eps not in normalized:  # one eps everywhere in every supported family: normalized once
+            n_cls = normalized_embeddings(model, class_tokens, config.mean_position, eps)  # (n_cls, d)
+            n_copy = normalized_embeddings(model, copy_tokens, config.mean_position, eps)  # (n_copy, d)
+            normalized[eps] = (n_cls, u.T @ n_copy)  # (n_cls, d), (d, d)
+        n_cls, u_n = normalized[eps]
+        gamma = a.norm.gain(ln_1)  # (d,): x = gamma * normalize(e)
+        if a.attn_post_norm:  # the post-norm's gain scales each output coordinate: rows of U^T X
+            u_n = a.norm.gain(model.get_submodule(a.path("attn_post_norm", layer)))[:, None] * u_n
         w_q, w_k, w_v = (layout.w_qkv(model, layer, part).float().contiguous() for part in "qkv")  # (H, d, dh)
         w_o = layout.w_o(model, layer).float().contiguous()  # (H, dh, d)
         overlap = qk_overlap(w_q, w_k, overlap_k(config.top_k, layout.d_model))

@@ -2,8 +2,8 @@
 
 Invariant (as in ROME): the model passed in is the same at the end as at the start — bitwise. Training works on
 a private copy of the edited block; the trainable tensors are exactly the site's slices (for ``wv`` the
-``[d_model, d_model]`` V columns of ``c_attn.weight``: the Q/K columns and the ``c_attn`` bias are never
-trainable, so they stay bitwise identical); the blocks above are run read-only from the base. The result is a
+value projection's weight — GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight`` — so the Q/K
+weights, biases and norms are never trainable and stay bitwise identical); the blocks above are run read-only from the base. The result is a
 :class:`~surgery.patch.Patch`; :func:`~surgery.patch.patched_model` turns it into a usable view.
 
 Speed by design: the blocks below ``layer`` are frozen, so their output — the residual input of block
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .diagnosis import diagnose_batch
 from .errors import InputError, SurgeryFailed
 from .evaluation import kl_divergence, score_probes
-from .layout import SITES, GPT2Layout, count_parameters
+from .arch import SITES, count_parameters, layout_of
 from .panels import Panel, Probe, panel_for_model
 from .patch import Patch, base_config, block_digest, patched_model, weight_stats
 from .report import SurgeryReport, compare
@@ -156,8 +156,8 @@ def train_site(model: nn.Module, frozen: FrozenInputs, site: str, layer: int, co
                progress: Progress | None = None) -> TrainOutcome:
     """Adam on the site's slices of block ``layer`` until every fact is top-1 by ``config.margin`` or the
     budget is spent. Returns the trained slice values (the model is not touched)."""
-    layout = GPT2Layout.of(model)
-    slices = layout.site_slices(site, layer)
+    layout = layout_of(model)
+    slices = layout.site_slices(site, layer, model)
     stack = UpperStack(model, layer)
     base = dict(stack.block.named_parameters())
     values = {s.name: s.read(base[s.name[len(stack.prefix):]]).detach().clone().requires_grad_(True)
@@ -221,7 +221,7 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
     facts = list(facts)
     if not facts:
         raise InputError("no facts given: give at least one {\"prompt\", \"target\"} to fix")
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
     panel = panel if panel is not None else panel_for_model(model)
     unrelated = list(unrelated) if unrelated is not None else list(panel.unrelated_text)
     before = score_probes(model, tokenizer, facts)  # also validates every prompt and target
@@ -243,7 +243,7 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         outcome = train_site(model, frozen, config.site, layer, config, progress)
         train_time = time.perf_counter() - t_train
 
-    slices = tuple(layout.site_slices(config.site, layer))
+    slices = tuple(layout.site_slices(config.site, layer, model))
     patch = Patch(config.site, layer, slices, outcome.values,
                   {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)})
     edited = patched_model(model, patch)
@@ -266,5 +266,6 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
         comparison=comparison, weights=weight_stats(model, patch, edited),
         config={**config.to_dict(), "layer": layer, "panel": panel.name}, notes=notes,
+        block=layout.adapter.block(layer),
     )
     return SurgeryResult(patch, report)

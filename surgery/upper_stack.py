@@ -1,16 +1,19 @@
 """The frozen part and the trained part of a surgery run: block inputs captured once, blocks above run per step.
 
 The blocks below the edited one never change during surgery, so their output — the residual stream entering
-block ``layer`` — is captured once (a forward pre-hook that stops the pass there) for the fact prompts and the
-unrelated text. Each training step then runs only :class:`UpperStack`: a private copy of block ``layer`` whose
-site parameters are supplied per call, the base's blocks above it (read-only), ``ln_f`` and the unembedding at
-the positions that matter (the last position of each fact prompt, every real position of the unrelated text).
-Batches are right-padded: with a causal model the real positions never see the padding, so no mask is needed.
+block ``layer`` — is captured once for the fact prompts and the unrelated text. So is everything else each
+block from ``layer`` up receives from the decoder: its mask (causal, or sliding-window on the layers that have
+one) and its rotary position table (Gemma 3 keeps one per layer type), exactly as the model itself built them —
+the library never rebuilds a mask or a rotary table, so there is nothing to get subtly wrong. Each training step
+then runs only :class:`UpperStack`: a private copy of block ``layer`` whose site parameters are supplied per
+call, the base's blocks above it (read-only), the final norm and the unembedding at the positions that matter
+(the last position of each fact prompt, every real position of the unrelated text).
+Batches are right-padded: with a causal model the real positions never see the padding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -18,48 +21,82 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .arch import layout_of, unembed
 from .evaluation import encode_texts
 from .hooks import hooked
-from .layout import BLOCK, LM_HEAD, LN_F, GPT2Layout, causal_mask
 from .panels import Probe
 from .patch import copy_block
 from .tokens import encode_prompt, encode_target, pad_right, real_positions
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass once block ``layer``'s input is known."""
+    """Raised by the capture hook to stop the forward pass once everything needed is known."""
+
+
+@dataclass
+class BlockInputs:
+    """What blocks ``layer ..`` receive for one batch: the residual entering block ``layer`` and, per block,
+    the other positional and keyword arguments the decoder passed (mask, rotary table, positions)."""
+
+    hidden: Tensor  # Float[Tensor, "B T d"]
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)  # [(args after hidden, kwargs)] per block
+
+
+def capture_block_inputs(model: nn.Module, input_ids: Tensor, layer: int, lengths: Tensor | None = None
+                         ) -> BlockInputs:
+    """Run the decoder once up to the final norm, recording what blocks ``layer ..`` are called with.
+
+    ``input_ids`` (B, T) may be right-padded, with ``lengths`` (B,). The final norm and unembedding are not run.
+    """
+    a = layout_of(model).adapter
+    n_layer = layout_of(model).n_layer
+    mask = None if lengths is None else real_positions(lengths, input_ids.shape[1]).long()
+    out = BlockInputs(hidden=None)
+
+    def grab(i):
+        def fn(module, args, kwargs):
+            if i == layer:
+                out.hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+            rest = args[1:] if args else ()
+            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            out.calls.append((rest, kwargs))
+        return fn
+
+    def stop(module, args):
+        raise _Captured
+
+    pre_kwargs = {a.block(i): grab(i) for i in range(layer, n_layer)}
+    with torch.no_grad(), hooked(model, pre={a.final_norm: stop}, pre_kwargs=pre_kwargs):
+        try:
+            model.get_submodule(a.base)(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        except _Captured:
+            pass
+    return out
 
 
 def capture_block_input(model: nn.Module, input_ids: Tensor, layer: int, lengths: Tensor | None = None) -> Tensor:
-    """Residual stream entering block ``layer`` (the frozen part's output). (B, T) -> Float[Tensor, "B T d"].
-
-    The blocks from ``layer`` on are not run. ``input_ids`` may be right-padded, with ``lengths`` (B,).
-    """
-    mask = None if lengths is None else real_positions(lengths, input_ids.shape[1]).long()
-    store = {}
-
-    def grab(module, args):
-        store["hidden"] = args[0].detach()
-        raise _Captured
-
-    with torch.no_grad(), hooked(model, pre={BLOCK.format(layer): grab}):
-        try:
-            model.transformer(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        except _Captured:
-            pass
-    return store["hidden"]
+    """Residual stream entering block ``layer``. (B, T) -> Float[Tensor, "B T d"]."""
+    return capture_block_inputs(model, input_ids, layer, lengths).hidden
 
 
 @dataclass
 class FrozenInputs:
     """Everything the training steps need that does not change while training. d = d_model."""
 
-    facts_hidden: Tensor  # Float[Tensor, "Bf Tf d"] residual input of block `layer`
+    facts: BlockInputs  # residual input of block `layer` (Bf, Tf, d) and what each block above receives
     facts_last: Tensor  # Long[Tensor, "Bf"] last real position of each prompt
     targets: Tensor  # Long[Tensor, "Bf"] first token of each target
-    text_hidden: Tensor | None  # Float[Tensor, "Bu Tu d"] (None without unrelated text)
+    text: BlockInputs | None  # the unrelated text's (Bu, Tu, d) (None without unrelated text)
     text_real: Tensor | None  # Bool[Tensor, "Bu Tu"] real (non-padding) positions
     ref_log_probs: Tensor | None = None  # Float[Tensor, "N V"] original next-token log-probs, N = real positions
+
+    @property
+    def facts_hidden(self) -> Tensor:
+        return self.facts.hidden
+
+    @property
+    def text_hidden(self) -> Tensor | None:
+        return None if self.text is None else self.text.hidden
 
 
 def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
@@ -77,51 +114,58 @@ def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
 def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated: Sequence[str], layer: int,
                   max_unrelated_tokens: int) -> FrozenInputs:
     """Capture block ``layer``'s inputs for the fact prompts and the unrelated text, once."""
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
     device = next(model.parameters()).device
     prompts = [encode_prompt(tokenizer, f.prompt, layout.n_ctx) for f in facts]
     targets = torch.tensor([encode_target(tokenizer, f.target)[0] for f in facts], device=device)
     ids, lengths = pad_right(prompts, tokenizer.pad_token_id, device)
-    frozen = FrozenInputs(capture_block_input(model, ids, layer, lengths), lengths - 1, targets, None, None)
+    frozen = FrozenInputs(capture_block_inputs(model, ids, layer, lengths), lengths - 1, targets, None, None)
     texts = _truncate_texts(encode_texts(tokenizer, unrelated, layout.n_ctx), max_unrelated_tokens)
     if texts:
         t_ids, t_lengths = pad_right(texts, tokenizer.pad_token_id, device)
-        frozen.text_hidden = capture_block_input(model, t_ids, layer, t_lengths)
+        frozen.text = capture_block_inputs(model, t_ids, layer, t_lengths)
         frozen.text_real = real_positions(t_lengths, t_ids.shape[1])
     return frozen
 
 
 class UpperStack:
-    """Blocks ``layer .. n_layer-1``, ``ln_f`` and the unembedding, with block ``layer`` replaced by a private
+    """Blocks ``layer .. n_layer-1``, the final norm and the unembedding, with block ``layer`` replaced by a private
     copy whose site parameters are given per call (``functional_call``: the copy itself is never written)."""
 
     def __init__(self, model: nn.Module, layer: int):
         self.model, self.layer = model, layer
+        self.layout = layout_of(model)
+        a = self.layout.adapter
         self.block = copy_block(model, layer).eval()
-        self.prefix = BLOCK.format(layer) + "."
-        self.ln_f = model.get_submodule(LN_F)
-        self.lm_head = model.get_submodule(LM_HEAD)
+        self.prefix = a.block(layer) + "."
+        self.above = [model.get_submodule(a.block(i)) for i in range(layer + 1, self.layout.n_layer)]
+        self.final_norm = model.get_submodule(a.final_norm)
 
     def block_params(self, slices, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Full tensors of the block's site parameters, the trained slices spliced into the base values."""
         base = dict(self.block.named_parameters())
         return {s.name[len(self.prefix):]: s.write(base[s.name[len(self.prefix):]], values[s.name]) for s in slices}
 
-    def residual(self, hidden: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """Final residual (after ``ln_f``) from block ``layer``'s input. (B, T, d) -> (B, T, d)."""
-        mask = causal_mask(hidden.shape[1], hidden.dtype, hidden.device)  # (1, 1, T, T)
-        h = functional_call(self.block, params, (hidden,), {"attention_mask": mask})
-        for i in range(self.layer + 1, len(self.model.transformer.h)):
-            h = self.model.transformer.h[i](h, attention_mask=mask)
-        return self.ln_f(h)
+    def residual(self, inputs: BlockInputs, params: dict[str, Tensor]) -> Tensor:
+        """Final residual (after the final norm) from block ``layer``'s input. (B, T, d) -> (B, T, d)."""
+        args, kwargs = inputs.calls[0]
+        h = _hidden(functional_call(self.block, params, (inputs.hidden, *args), kwargs))
+        for block, (args, kwargs) in zip(self.above, inputs.calls[1:]):
+            h = _hidden(block(h, *args, **kwargs))
+        return self.final_norm(h)
 
     def fact_logits(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
         """Next-token logits at each fact prompt's last position. Float[Tensor, "Bf V"]."""
-        h = self.residual(frozen.facts_hidden, params)
+        h = self.residual(frozen.facts, params)
         rows = torch.arange(h.shape[0], device=h.device)
-        return self.lm_head(h[rows, frozen.facts_last])
+        return unembed(self.model, h[rows, frozen.facts_last])
 
     def text_log_probs(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
         """Next-token log-probabilities at the unrelated text's real positions. Float[Tensor, "N V"]."""
-        h = self.residual(frozen.text_hidden, params)
-        return F.log_softmax(self.lm_head(h[frozen.text_real]).float(), -1)
+        h = self.residual(frozen.text, params)
+        return F.log_softmax(unembed(self.model, h[frozen.text_real]).float(), -1)
+
+
+def _hidden(output) -> Tensor:
+    """A block's output hidden states (transformers 5 blocks return a tensor; older ones a tuple)."""
+    return output[0] if isinstance(output, tuple) else output

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import DEMO_DIR, ROOT, make_tiny_model
 from surgery.cli import build_parser, main
 from surgery.cli.compare_sites import format_table
-from surgery.layout import SITES, GPT2Layout
+from surgery.arch import SITES, layout_of
 
 FAST = ["--lr", "0.03"]  # the tiny random model needs bigger steps than the documented default
 
@@ -38,7 +38,7 @@ def operated(tmp_path_factory, tiny_model_dir, facts_file, tiny_panel_file):
 
 def test_sites_json(capsys, tiny_model_dir, tiny_model):
     code, out, _ = run_cli(capsys, "sites", "--model", tiny_model_dir, "--layer", 1, "--json")
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     assert code == 0 and json.loads(out) == {s: layout.site_size(tiny_model, s, 1) for s in SITES}
     code, out, _ = run_cli(capsys, "sites", "--model", tiny_model_dir, "--layer", 1)
     assert code == 0 and "1,024" in out and "value projection" in out

@@ -16,7 +16,7 @@ from surgery.crosscheck import (
 from surgery.diagnosis import diagnose
 from surgery.errors import InputError
 from surgery.hooks import hooked
-from surgery.layout import ATTN_C_PROJ, GPT2Layout
+from surgery.arch import layout_of
 
 PROMPT = "The capital of France is"
 
@@ -37,7 +37,7 @@ def test_crosscheck_never_changes_the_model(tiny_model, tiny_tokenizer):
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert not any(p.requires_grad for p in tiny_model.parameters())
     assert _n_hooks(tiny_model) == 0
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     assert len(result.dla) == len(result.grad_x_act) == layout.n_layer * layout.n_head
 
 
@@ -64,7 +64,7 @@ def test_ablated_units_include_top_dla_heads(tiny_model, tiny_tokenizer):
 def test_grad_x_act_matches_finite_difference(tiny_model, tiny_tokenizer):
     """Scaling one head's z by (1 - eps) changes the logit difference by -eps * (z . grad), to first order."""
     model = copy.deepcopy(tiny_model).double()
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
     ids, tokens = _inputs(model, tiny_tokenizer)
     clean = clean_run(model, ids, tokens)
     eps = 1e-4
@@ -76,7 +76,7 @@ def test_grad_x_act_matches_finite_difference(tiny_model, tiny_tokenizer):
             z[..., cols] *= 1 - eps
             return (z,)
 
-        with torch.no_grad(), hooked(model, pre={ATTN_C_PROJ.format(layer): shrink}):
+        with torch.no_grad(), hooked(model, pre={f"transformer.h.{layer}.attn.c_proj": shrink}):
             hidden = model.transformer(input_ids=ids).last_hidden_state[0, -1]
         logits = model.lm_head.weight[tokens] @ hidden
         change = float((logits[0] - logits[1]) - (clean.logits[0] - clean.logits[1]))
@@ -85,7 +85,7 @@ def test_grad_x_act_matches_finite_difference(tiny_model, tiny_tokenizer):
 
 def test_zero_ablation_equals_zeroed_weights(tiny_model, tiny_tokenizer):
     """Zeroing a head's z equals a copy whose W_O rows for that head are zero; same for the attention output."""
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     ids, tokens = _inputs(tiny_model, tiny_tokenizer)
     clean = clean_run(tiny_model, ids, tokens)
     edited = copy.deepcopy(tiny_model)
@@ -95,8 +95,8 @@ def test_zero_ablation_equals_zeroed_weights(tiny_model, tiny_tokenizer):
     assert torch.allclose(ablated_logits(tiny_model, ids, tokens, clean, 1, 2, "zero"), expected, atol=1e-5)
     edited = copy.deepcopy(tiny_model)
     with torch.no_grad():
-        edited.get_submodule(ATTN_C_PROJ.format(0)).weight.zero_()
-        edited.get_submodule(ATTN_C_PROJ.format(0)).bias.zero_()
+        edited.get_submodule(f"transformer.h.{0}.attn.c_proj").weight.zero_()
+        edited.get_submodule(f"transformer.h.{0}.attn.c_proj").bias.zero_()
     expected = edited.lm_head.weight[tokens] @ edited.transformer(input_ids=ids).last_hidden_state[0, -1]
     assert torch.allclose(ablated_logits(tiny_model, ids, tokens, clean, 0, None, "zero"), expected, atol=1e-5)
 
@@ -134,7 +134,7 @@ def _failing_facts(demo, demo_panels):
 
 
 def test_demo_ablation_confirms_override_and_prescribed_layer(demo, demo_panels):
-    layout = GPT2Layout.of(demo.model)
+    layout = layout_of(demo.model)
     n_confirmed = 0
     for prompt, target in _failing_facts(demo, demo_panels):
         r = crosscheck(demo.model, demo.tokenizer, prompt, target)

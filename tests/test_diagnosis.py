@@ -13,7 +13,7 @@ from surgery.diagnosis import (
     prescribe_layer,
 )
 from surgery.errors import InputError
-from surgery.layout import GPT2Layout
+from surgery.arch import layout_of
 
 PROMPT = "The capital of France is"
 
@@ -43,7 +43,7 @@ def test_attributions_sum_to_logits_full_size(gpt2_small_random):
 
 def test_components_and_names(tiny_model, tiny_tokenizer):
     d = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     heads = [a for a in d.dla if a.head is not None]
     assert len(heads) == layout.n_layer * layout.n_head
     assert d.dla[0].name == "embed" and d.dla[0].layer is None
@@ -54,7 +54,7 @@ def test_components_and_names(tiny_model, tiny_tokenizer):
 
 def test_head_attribution_independent_recompute(tiny_model, tiny_tokenizer):
     """Recompute each head's direct effect from a separately captured c_proj input, W_O rows and frozen ln_f."""
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     ids = torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]])
     d = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
     zs, final = {}, {}

@@ -8,7 +8,7 @@ from conftest import make_tiny_model
 from surgery.errors import PatchError
 from surgery.generation import generate
 from surgery.hooks import hooked
-from surgery.layout import C_ATTN, GPT2Layout
+from surgery.arch import layout_of
 from surgery.patch import Patch, base_config, block_digest, patched_model, weight_stats
 
 PROMPT = "The capital of France is"
@@ -18,7 +18,7 @@ def make_patch(model, site="wv", layer=1, seed=0, scale=0.5) -> Patch:
     """A patch moving every element of the site by random noise."""
     gen = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
-    slices = tuple(GPT2Layout.of(model).site_slices(site, layer))
+    slices = tuple(layout_of(model).site_slices(site, layer, model))
     values = {s.name: s.read(params[s.name]) + scale * torch.randn(s.read(params[s.name]).shape, generator=gen)
               for s in slices}
     return Patch(site, layer, slices, values, {"base_config": base_config(model),
@@ -46,7 +46,7 @@ def test_view_shares_untouched_tensors_and_leaves_the_base_alone(tiny_model):
             assert view_params[name] is p  # shared, not copied
     assert view.transformer.h[0] is tiny_model.transformer.h[0] and view.transformer.wte is tiny_model.transformer.wte
     assert view.lm_head.weight is view.transformer.wte.weight  # tied weights stay tied
-    v = GPT2Layout.of(tiny_model).qkv_columns("v")
+    v = layout_of(tiny_model).qkv_columns("v")
     assert torch.equal(view_params["transformer.h.1.attn.c_attn.weight"][:, v],
                        patch.values["transformer.h.1.attn.c_attn.weight"])
     for name, value in tiny_model.state_dict().items():
@@ -135,7 +135,7 @@ def test_wv_patch_holds_only_the_v_slice(tmp_path, tiny_model):
     from safetensors import safe_open
 
     make_patch(tiny_model).save(tmp_path / "p.safetensors")
-    d = GPT2Layout.of(tiny_model).d_model
+    d = layout_of(tiny_model).d_model
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         assert list(f.keys()) == ["transformer.h.1.attn.c_attn.weight"]
         assert tuple(f.get_tensor("transformer.h.1.attn.c_attn.weight").shape) == (d, d)
@@ -187,7 +187,7 @@ def test_weight_stats_catch_a_change_outside_the_slice(tiny_model):
     patch = make_patch(tiny_model)
     tampered = copy.deepcopy(patched_model(tiny_model, patch))
     with torch.no_grad():
-        tampered.get_parameter(C_ATTN.format(1) + ".weight")[0, 0] += 1.0  # a Q column
+        tampered.get_parameter("transformer.h.1.attn.c_attn.weight")[0, 0] += 1.0  # a Q column
     stats = weight_stats(tiny_model, patch, tampered)
     assert stats.qk_unchanged is False and stats.others_unchanged is False
 

@@ -38,7 +38,7 @@ def test_labels_are_one_indexed_with_module_caption(table, diagnosis):
     heat = figs["attribution"].axes[0]
     assert [t.get_text() for t in heat.get_yticklabels()] == ["L1", "L2", "L3"]
     assert [t.get_text() for t in heat.get_xticklabels()] == ["H0", "H1", "H2", "H3"]
-    assert "L1 = transformer.h.0" in figs["qk_overlap"].get_supxlabel()
+    assert "L1 = block 0" in figs["qk_overlap"].get_supxlabel()
     lens_ticks = [t.get_text() for t in figs["cumulative_logit"].axes[0].get_xticklabels()]
     assert lens_ticks == ["emb", "L1", "L2", "L3"]
     assert len(figs["key_response"].axes[0].get_lines()) == 5  # one line per token class

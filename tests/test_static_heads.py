@@ -7,7 +7,7 @@ import torch
 
 from surgery.cli import main
 from surgery.errors import InputError
-from surgery.layout import LN_1, GPT2Layout
+from surgery.arch import layout_of
 from surgery.static_heads import (
     StaticHeadCache,
     StaticHeadConfig,
@@ -27,7 +27,7 @@ def _stats(table, layer, head):
 
 
 def test_one_entry_per_head_in_order_and_json(tiny_model, tiny_tokenizer):
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     table = head_table(tiny_model, tiny_tokenizer, SMALL_K)
     assert [(s.layer, s.head) for s in table] == [(l, h) for l in range(layout.n_layer) for h in range(layout.n_head)]
     entry = json.loads(json.dumps(table[5].to_dict(), allow_nan=False))
@@ -37,7 +37,7 @@ def test_one_entry_per_head_in_order_and_json(tiny_model, tiny_tokenizer):
 
 def test_w_q_equal_to_w_k_gives_maximal_overlap(tiny_model, tiny_tokenizer):
     model = copy.deepcopy(tiny_model)
-    layout = GPT2Layout.of(model)
+    layout = layout_of(model)
     with torch.no_grad():
         layout.w_qkv(model, 1, "k")[2] = layout.w_qkv(model, 1, "q")[2]  # a view into c_attn: head 2 of block 1
     table = head_table(model, tiny_tokenizer, SMALL_K)
@@ -60,7 +60,7 @@ def test_overlap_k_is_clipped_to_a_quarter_of_d_model(tiny_model, tiny_tokenizer
 
 
 def test_circuit_norms_equal_materialized_products(tiny_model, tiny_tokenizer):
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     table = head_table(tiny_model, tiny_tokenizer, SMALL_K)
     for layer in range(layout.n_layer):
         w_q, w_k, w_v = (layout.w_qkv(tiny_model, layer, p) for p in "qkv")
@@ -74,11 +74,11 @@ def test_circuit_norms_equal_materialized_products(tiny_model, tiny_tokenizer):
 
 def test_key_response_matches_ln_1_recompute(tiny_model, tiny_tokenizer):
     """Mean ||k|| per class, with the block's own ln_1 (minus its bias) on embedding + mean position embedding."""
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     table = head_table(tiny_model, tiny_tokenizer, SMALL_K)
     classes = token_classes(tiny_tokenizer)
     layer, head = 2, 3
-    ln = tiny_model.get_submodule(LN_1.format(layer))
+    ln = tiny_model.get_submodule(f"transformer.h.{layer}.ln_1")
     e = tiny_model.transformer.wte.weight + tiny_model.transformer.wpe.weight.mean(0)
     keys = (ln(e) - ln.bias) @ layout.w_qkv(tiny_model, layer, "k")[head]  # (V, dh)
     for name in TOKEN_CLASSES:
@@ -89,12 +89,12 @@ def test_key_response_matches_ln_1_recompute(tiny_model, tiny_tokenizer):
 
 def test_copying_score_matches_full_eigenvalues(tiny_model, tiny_tokenizer):
     """The d_head x d_head shortcut equals the eigenvalues of the full |S| x |S| token-to-logit OV circuit."""
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     table = head_table(tiny_model, tiny_tokenizer, SMALL_K)
     classes = token_classes(tiny_tokenizer)
     ids = classes.ordinary()  # fewer than copy_sample: every non-special token
     layer, head = 1, 0
-    ln, ln_f = tiny_model.get_submodule(LN_1.format(layer)), tiny_model.transformer.ln_f
+    ln, ln_f = tiny_model.get_submodule(f"transformer.h.{layer}.ln_1"), tiny_model.transformer.ln_f
     e = tiny_model.transformer.wte.weight[ids] + tiny_model.transformer.wpe.weight.mean(0)
     x = ln(e) - ln.bias  # (n, d)
     gu = ln_f.weight * tiny_model.lm_head.weight[ids]
@@ -173,7 +173,7 @@ def test_token_classes_gpt2_real_tokenizer(gpt2_tokenizer):
 
 def test_demo_model_table(demo):
     table = head_table(demo.model, demo.tokenizer)
-    layout = GPT2Layout.of(demo.model)
+    layout = layout_of(demo.model)
     assert len(table) == layout.n_layer * layout.n_head
     assert min(token_classes(demo.tokenizer).counts().values()) > 0  # every class exists in the demo vocabulary
     assert all(v is not None for s in table for v in s.key_response.values())

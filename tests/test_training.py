@@ -7,7 +7,7 @@ import surgery.training as training
 from surgery.diagnosis import diagnose_batch
 from surgery.errors import InputError, SurgeryFailed
 from surgery.evaluation import next_token_logits, text_log_probs
-from surgery.layout import SITES, GPT2Layout
+from surgery.arch import SITES, layout_of
 from surgery.panels import Probe
 from surgery.patch import patched_model
 from surgery.training import SurgeryConfig, choose_layer, operate
@@ -52,7 +52,7 @@ def test_wv_fixes_the_facts_and_touches_only_the_v_slice(tiny_model, wv_result):
                                                                                 (False, True)]
     assert 0 < r.steps < r.epochs
     view = patched_model(tiny_model, wv_result.patch)
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     base_w, new_w = tiny_model.transformer.h[1].attn.c_attn.weight, view.transformer.h[1].attn.c_attn.weight
     qk = slice(0, 2 * layout.d_model)
     assert torch.equal(base_w[:, qk], new_w[:, qk])  # Q and K bitwise
@@ -83,7 +83,7 @@ def test_every_site_fixes_and_leaves_the_base_untouched(tiny_model, tiny_tokeniz
     result = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site=site, layer=2, **FAST), panel=tiny_panel)
     assert result.report.comparison.facts_after == 3
     assert result.report.weights.others_unchanged and result.report.weights.qk_unchanged is None
-    assert result.patch.numel == GPT2Layout.of(tiny_model).site_size(tiny_model, site, 2)
+    assert result.patch.numel == layout_of(tiny_model).site_size(tiny_model, site, 2)
     for name, value in tiny_model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert not any(p.requires_grad for p in tiny_model.parameters())

@@ -43,7 +43,7 @@ def format_report(r: CrossCheck) -> str:
         f"target      {d.target.text!r} (logit {d.target.logit:.3f})  competitor {d.competitor.text!r} "
         f"(logit {d.competitor.logit:.3f})  verdict {d.verdict}",
         f"override    {head_label(o['layer'], o['head'])}   prescribed layer L{d.prescribed_layer + 1} "
-        f"(transformer.h.{d.prescribed_layer})",
+        f"({d.blocks}.{d.prescribed_layer})",
         "",
         f"top {a.top_k} heads by |effect on target - competitor|",
         f"  {'DLA':<36}{'grad x act':<36}",
@@ -56,7 +56,7 @@ def format_report(r: CrossCheck) -> str:
         unit = head_label(ab.layer, ab.head) if ab.head is not None else f"attn out L{ab.layer + 1} (h.{ab.layer})"
         lines.append(f"  {unit:<28}{ab.mode:<6}{ab.d_target:+10.3f}{ab.d_competitor:+14.3f}{-ab.effect:+10.3f}")
     lead = "never" if a.lens_first_lead_layer is None else \
-        f"L{a.lens_first_lead_layer + 1} (transformer.h.{a.lens_first_lead_layer})"
+        f"L{a.lens_first_lead_layer + 1} ({d.blocks}.{a.lens_first_lead_layer})"
     spearman = "n/a" if a.spearman is None else f"{a.spearman:+.3f}"
     lines += [
         "",

@@ -57,5 +57,5 @@ def format_report(d: Diagnosis, top: int = 8) -> str:
         lines.append(f"  {head_label(a.layer, a.head):<24} target {a.target:+9.3f}  competitor {a.competitor:+9.3f}")
     o = d.override
     lines += ["", f"override head     {head_label(o['layer'], o['head'])}",
-              f"prescribed layer  L{d.prescribed_layer + 1} (transformer.h.{d.prescribed_layer})"]
+              f"prescribed layer  L{d.prescribed_layer + 1} ({d.blocks}.{d.prescribed_layer})"]
     return "\n".join(lines)

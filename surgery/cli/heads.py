@@ -47,5 +47,5 @@ def format_table(table: list[HeadStats]) -> str:
         lines.append(f"{s.label:<8}{f'h.{s.layer}.{s.head}':<12}{s.qk_overlap:11.2f}{s.qk_norm:9.2f}{s.ov_norm:9.2f}"
                      f"{s.copying_score:+9.2f}{keys}")
     lines.append(f"QK overlap over the top {table[0].qk_top_k} input dimensions. Layers 1-indexed as in the reference "
-                 "write-up (L10 = transformer.h.9); heads by module index.")
+                 "write-up (L10 = block 9, e.g. transformer.h.9); heads by module index.")
     return "\n".join(lines)

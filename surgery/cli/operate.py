@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print_json({"out": str(out), **result.report.to_dict()})
         return 0
     r = result.report
-    print(f"site {r.site} of block {r.layer} (transformer.h.{r.layer}, L{r.layer + 1}): {r.layer_reason}")
+    print(f"site {r.site} of block {r.layer} ({r.block}, L{r.layer + 1}): {r.layer_reason}")
     print(f"{r.steps} steps in {r.train_time_s:.1f} s (total {r.wall_time_s:.1f} s); final loss {r.final_loss:.4f}")
     print("facts:")
     print(format_facts(r.comparison.facts))

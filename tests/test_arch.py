@@ -2,25 +2,25 @@ import pytest
 import torch
 
 from surgery.errors import InputError
-from surgery.layout import GPT2Layout, ParamSlice, causal_mask
+from surgery.arch import ParamSlice, layout_of
 
 
 def test_dimensions_come_from_config(tiny_model, gpt2_small_random):
-    tiny = GPT2Layout.of(tiny_model)
+    tiny = layout_of(tiny_model)
     assert (tiny.n_layer, tiny.n_head, tiny.d_model, tiny.d_head, tiny.d_mlp) == (3, 4, 32, 8, 128)
-    big = GPT2Layout.of(gpt2_small_random)
+    big = layout_of(gpt2_small_random)
     assert (big.n_layer, big.n_head, big.d_model, big.d_head, big.d_vocab, big.n_ctx) == (12, 12, 768, 64, 50257, 1024)
 
 
 def test_site_sizes_gpt2_small(gpt2_small_random):
-    layout = GPT2Layout.of(gpt2_small_random)
+    layout = layout_of(gpt2_small_random)
     sizes = {s: layout.site_size(gpt2_small_random, s, 9) for s in ("wv", "attn", "mlp", "layer")}
     assert sizes == {"wv": 589_824, "attn": 2_362_368, "mlp": 4_722_432, "layer": 7_087_872}
 
 
 def test_v_columns_are_what_the_model_uses_as_values(tiny_model):
     """The V slice is written down as columns 2d:3d of c_attn (Conv1D is [in, out]); check against the module."""
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     attn = tiny_model.transformer.h[1].attn
     x = torch.randn(1, 5, layout.d_model)
     q, k, v = attn.c_attn(x).split(layout.d_model, dim=2)
@@ -33,7 +33,7 @@ def test_v_columns_are_what_the_model_uses_as_values(tiny_model):
 
 
 def test_w_o_rows_are_heads(tiny_model):
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     proj = tiny_model.transformer.h[0].attn.c_proj
     z = torch.randn(layout.d_model)
     w_o = layout.w_o(tiny_model, 0)  # (H, dh, d)
@@ -42,7 +42,7 @@ def test_w_o_rows_are_heads(tiny_model):
 
 
 def test_bad_layer_and_site(tiny_model):
-    layout = GPT2Layout.of(tiny_model)
+    layout = layout_of(tiny_model)
     with pytest.raises(InputError, match="out of range"):
         layout.site_slices("wv", 3)
     with pytest.raises(InputError, match="unknown site"):
@@ -57,9 +57,3 @@ def test_param_slice_write_leaves_original_untouched():
     assert torch.equal(new[:, :4], p[:, :4]) and torch.equal(new[:, 4:], torch.zeros(2, 2))
     assert ParamSlice.from_dict(s.to_dict()) == s
     assert s.numel(p) == 4
-
-
-def test_causal_mask_shape_and_values():
-    m = causal_mask(3, torch.float32, torch.device("cpu"))
-    assert m.shape == (1, 1, 3, 3)
-    assert m[0, 0, 0, 1] < -1e30 and m[0, 0, 1, 0] == 0 and m[0, 0, 2, 2] == 0
