@@ -31,7 +31,9 @@ logits except at the last position.
   within ``routing_rank`` (default 10). The model holds the answer; the path to the output breaks.
 * ``absence``: otherwise — the target never gets near; surgery of one site is not the right tool.
 
-**Override head**: the head with the largest ``competitor - target`` attribution.
+**Override head**: the head with the largest ``competitor - target`` attribution among the heads that act once
+the model holds the answer: in blocks whose input already has the target within ``routing_rank`` of the lens top
+(all heads when it never does). A head before that point cannot overrule what is not there yet.
 **Prescribed layer**: among blocks *before* the override head's block, the one whose components (its heads,
 attention bias and MLP) write the largest ``target - competitor`` attribution (block 0 if the override is in
 block 0). That is where the target is written most strongly before being overridden.
@@ -324,9 +326,21 @@ def logit_attrs(model: nn.Module, cap: LastPositionCapture, token_ids: Tensor) -
     }
 
 
-def find_override(heads_tc: Tensor) -> tuple[int, int]:
-    """(layer, head) with the largest competitor-minus-target attribution. ``heads_tc``: (L, H, 2)."""
+def find_override(heads_tc: Tensor, target_ranks: Tensor | None = None, near: int = 10) -> tuple[int, int]:
+    """(layer, head) with the largest competitor-minus-target attribution. ``heads_tc``: (L, H, 2).
+
+    An override overrules an answer the model already holds, so with the target's lens ranks ``target_ranks``
+    ((L+1,): embeddings, then after each block) only heads in blocks from the first one whose *input* already
+    has the target within the top ``near`` are candidates (every head when the target never gets there, or
+    when it only does so at the output).
+    """
     diff = heads_tc[..., 1] - heads_tc[..., 0]  # (L, H)
+    if target_ranks is not None:
+        held = (target_ranks[:-1] <= near).nonzero()  # residual entering block l = lens row l
+        if len(held):
+            first = int(held[0])
+            diff = diff.clone()
+            diff[:first] = float("-inf")
     flat = int(diff.argmax())
     return flat // diff.shape[1], flat % diff.shape[1]
 
@@ -414,7 +428,7 @@ def _diagnose_chunk(model, tokenizer, layout: Layout, items, config: DiagnosisCo
     lens_list, ranks_list = lens.tolist(), ranks.tolist()  # one conversion instead of a float() per number
     for b, (prompt, ids, t_ids, _) in enumerate(items):
         row = {k: (v[:, b] if v.dim() > 2 else v[b]) for k, v in attrs.items()}
-        o_layer, o_head = find_override(row["heads"])
+        o_layer, o_head = find_override(row["heads"], ranks[:, b, 0], config.routing_rank)
         final, final_rank = lens[-1, b], ranks[-1, b]
         comp_id, pred_id = int(lens_ids[b, 1]), int(lens_ids[b, 2])
         results.append(

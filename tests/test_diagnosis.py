@@ -8,6 +8,7 @@ from surgery.diagnosis import (
     DiagnosisConfig,
     capture_last_position,
     classify,
+    find_override,
     diagnose,
     diagnose_batch,
     prescribe_layer,
@@ -192,3 +193,16 @@ def test_demo_model_verdicts(demo, demo_panels):
     for f in demo_panels["absence"]:
         d = diagnose(demo.model, demo.tokenizer, f["prompt"], f["target"])
         assert d.verdict == "absence"
+
+
+def test_override_acts_only_once_the_answer_is_held():
+    heads = torch.zeros(4, 2, 2)  # (L, H, [target, competitor])
+    heads[0, 1] = torch.tensor([0.0, 5.0])  # block 0 head 1 favours the competitor most...
+    heads[3, 0] = torch.tensor([0.0, 2.0])  # ...block 3 head 0 less so
+    assert find_override(heads) == (0, 1)  # without lens ranks: every head is a candidate
+    ranks = torch.tensor([900, 800, 40, 3, 5])  # the target enters the top 10 in block 3's input (lens row 3)
+    assert find_override(heads, ranks, near=10) == (3, 0)
+    never = torch.tensor([900, 800, 400, 300, 50])
+    assert find_override(heads, never, near=10) == (0, 1)  # never held: every head
+    only_output = torch.tensor([900, 800, 400, 300, 1])
+    assert find_override(heads, only_output, near=10) == (0, 1)  # the output row is not a block input
