@@ -143,36 +143,50 @@ class Adapter:
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """A trainable part of one parameter: all of it, or the columns ``cols`` of a 2-D weight."""
+    """A part of one parameter: all of it, the columns ``cols`` of a 2-D weight, the rows ``rows`` (of a 2-D weight
+    or a 1-D bias), or both (the block ``[rows, cols]``). Bounds are in the tensor as stored (Conv1D ``[in, out]``,
+    ``nn.Linear`` ``[out, in]``): which rows or columns mean what is the adapter's business, never this class's."""
 
     name: str
     cols: slice | None = None
+    rows: slice | None = None
+
+    def _index(self) -> tuple:
+        rows = slice(None) if self.rows is None else self.rows
+        return (rows,) if self.cols is None else (rows, self.cols)
 
     def numel(self, param: Tensor) -> int:
-        if self.cols is None:
-            return param.numel()
-        return param.shape[0] * len(range(*self.cols.indices(param.shape[1])))
+        return self.read(param).numel()
 
     def read(self, param: Tensor) -> Tensor:
-        """The trained part of ``param`` (a view)."""
-        return param if self.cols is None else param[:, self.cols]
+        """The part of ``param`` (a view: writing into it writes into ``param``)."""
+        return param if self.cols is None and self.rows is None else param[self._index()]
 
     def write(self, param: Tensor, value: Tensor) -> Tensor:
-        """A new tensor equal to ``param`` with the trained part replaced by ``value`` (``param`` untouched)."""
-        if self.cols is None:
+        """A new tensor equal to ``param`` with the part replaced by ``value`` (``param`` untouched)."""
+        if self.cols is None and self.rows is None:
             return value
         out = param.clone()
-        out[:, self.cols] = value
+        out[self._index()] = value
         return out
 
     def to_dict(self) -> dict:
-        cols = None if self.cols is None else [self.cols.start, self.cols.stop]
-        return {"name": self.name, "cols": cols}
+        d = {"name": self.name, "cols": _bounds(self.cols)}
+        if self.rows is not None:  # absent when unused: patch files written before rows existed read the same
+            d["rows"] = _bounds(self.rows)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ParamSlice":
-        cols = d.get("cols")
-        return cls(d["name"], None if cols is None else slice(int(cols[0]), int(cols[1])))
+        return cls(d["name"], _slice(d.get("cols")), _slice(d.get("rows")))
+
+
+def _bounds(s: slice | None) -> list[int] | None:
+    return None if s is None else [s.start, s.stop]
+
+
+def _slice(bounds) -> slice | None:
+    return None if bounds is None else slice(int(bounds[0]), int(bounds[1]))
 
 
 QKV_INDEX = {"q": 0, "k": 1, "v": 2}
