@@ -16,7 +16,8 @@ import warnings
 from ..errors import SurgeryError
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ["diagnose", "sites", "operate", "verify", "compare_sites", "apply_patch", "push", "heads", "crosscheck"]
+COMMANDS = ["diagnose", "sites", "operate", "verify", "compare_sites", "apply_patch", "push", "heads", "crosscheck",
+            "patch_weights"]
 
 EXIT_USER_ERROR = 2
 
