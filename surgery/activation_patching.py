@@ -295,13 +295,15 @@ class PreparedPair:
         return restored_fraction(d, self.logit_diff_clean, self.logit_diff_corrupt)
 
 
-def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: str, competitor: str | None = None,
-                 kinds: Sequence[str] = KINDS, prepend_bos: bool = False) -> PreparedPair:
+def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: str,
+                 competitor: str | int | None = None, kinds: Sequence[str] = KINDS,
+                 prepend_bos: bool = False) -> PreparedPair:
     """Encode both prompts, pick the competitor, run both once and keep the clean run's activations of ``kinds``.
 
-    ``target``/``competitor`` are answer texts (first token used); the competitor defaults to the corrupted run's
-    top answer (its runner-up when that is the target). Raises :class:`InputError` for prompts of different token
-    lengths, or when the two runs give the same difference (nothing to restore).
+    ``target``/``competitor`` are answer texts (first token used), or for the competitor a token id; the
+    competitor defaults to the corrupted run's top answer (its runner-up when that is the target). Raises
+    :class:`InputError` for prompts of different token lengths, or when the two runs give the same difference
+    (nothing to restore).
     """
     layout = layout_of(model)
     device = layout.w_u(model).device
@@ -309,8 +311,9 @@ def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: 
     t_id = encode_target(tokenizer, target)[0]
     clean_t = torch.tensor([clean_ids], device=device)
     corrupt_t = torch.tensor([corrupt_ids], device=device)
-    if competitor:
-        c_id, source = encode_target(tokenizer, competitor, "competitor")[0], "given"
+    if isinstance(competitor, int) or competitor:
+        c_id = competitor if isinstance(competitor, int) else encode_target(tokenizer, competitor, "competitor")[0]
+        source = "given"
         if c_id == t_id:
             raise InputError(f"the competitor {competitor!r} starts with the same token as the target {target!r}")
     else:

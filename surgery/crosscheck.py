@@ -25,23 +25,39 @@ because it stays on the activations' own scale: zeroing also removes the constan
 are reported beside it (``*_confirmed_zero``), and every failed check, in either mode, is spelled out in
 ``differences``.
 
+Two causal checks join when asked for (definitions in ``docs/patching.md``):
+
+* **Activation patching** (``corrupt``: a prompt of the same token length, e.g. another country): each block's
+  attention and MLP output, at every position, taken from the prompt's run into the corrupted one. With
+  ``d = logit(target) - logit(corrupted run's top answer)``, the prescribed layer is *confirmed* when its attention
+  output restores at least half of ``d(prompt) - d(corrupted)`` (it carries the target). The override head's z,
+  with ``d = logit(target) - logit(competitor)``, is *confirmed* when patching it moves the corrupted run toward
+  the competitor (restored > 0: it carries the failure).
+* **Weight patching** (``donor``: a model of the same architecture, e.g. the corrected one): each site whose
+  weights differ is copied into the model alone; the check holds when the one raising the target's logit most
+  lies in the prescribed layer.
+
 The model is never modified: ablations are hooks inside :func:`surgery.hooks.hooked`, removed on exit.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from .activation_patching import PatchUnit, prepare_pair
 from .diagnosis import Diagnosis, DiagnosisConfig, diagnose
 from .errors import require_positive_int
 from .hooks import hooked
 from .arch import apply_softcap, layout_of
+from .panels import Probe
 from .tokens import encode_prompt
+from .weight_patching import WeightPatching, patch_weights
 
 MODES = ("zero", "mean")
+PATCHING_CONFIRMS = 0.5  # the prescribed layer's attention output must restore at least this fraction
 
 
 @dataclass(frozen=True)
@@ -104,10 +120,28 @@ class Agreement:
     lens_leads_before_override: bool
     lens_at_prescribed_layer: bool
     differences: list[str]
+    # The causal checks; None when not asked for (no corrupted prompt, no donor).
+    prescribed_patching_confirmed: bool | None = None  # its attention output restores >= PATCHING_CONFIRMS
+    override_patching_confirmed: bool | None = None  # patching the override moves toward the competitor
+    donor_best_in_prescribed: bool | None = None  # the donor's site raising the target most is in that layer
 
     @property
     def all(self) -> bool:
         return not self.differences
+
+
+@dataclass
+class PatchingCheck:
+    """Activation patching from the prompt into ``corrupt_prompt`` (fractions restored, docs/patching.md)."""
+
+    corrupt_prompt: str
+    corrupt_answer: str  # the corrupted run's top answer: the competitor of the first metric
+    attn_restored: list[float]  # per block: attention output at every position; target vs corrupt_answer
+    mlp_restored: list[float]  # per block: MLP output at every position; same metric
+    override_restored: float  # the override head's z at every position; target vs the diagnosis' competitor
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -119,6 +153,8 @@ class CrossCheck:
     grad_x_act: list[HeadScore]  # every head, ranked by |value|
     ablations: list[Ablation]
     agree: Agreement
+    patching: PatchingCheck | None = None  # with a corrupted prompt
+    weight_patching: WeightPatching | None = None  # with a donor model; the prompt is the one fact scored
 
     def ablation_ranking(self, mode: str = "zero") -> list[HeadScore]:
         """Ablated heads ranked by |effect| in ``mode``."""
@@ -141,6 +177,8 @@ class CrossCheck:
             },
             "ablations": [a.to_dict() for a in self.ablations],
             "agree": {**asdict(self.agree), "all": self.agree.all},
+            "patching": None if self.patching is None else self.patching.to_dict(),
+            "weight_patching": None if self.weight_patching is None else self.weight_patching.to_dict(),
         }
 
 
@@ -305,14 +343,60 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
     )
 
 
+def patching_check(model: nn.Module, tokenizer, d: Diagnosis, corrupt: str, target: str,
+                   prepend_bos: bool = False) -> PatchingCheck:
+    """Activation patching of every block's attention and MLP output (all positions) and of the override head's
+    z (all positions) from ``d``'s prompt into ``corrupt``; see the module docstring for the two metrics."""
+    layout = layout_of(model)
+    o_layer, o_head = d.override["layer"], d.override["head"]
+    knowledge = prepare_pair(model, tokenizer, d.prompt, corrupt, target, None, ("attn", "mlp"), prepend_bos)
+    rows = [[PatchUnit(kind, l)] for kind in ("attn", "mlp") for l in range(layout.n_layer)]
+    restored = knowledge.restored(model, rows).tolist()
+    failure = prepare_pair(model, tokenizer, d.prompt, corrupt, target, d.competitor.token_id, ("head",), prepend_bos)
+    override = float(failure.restored(model, [[PatchUnit("head", o_layer, head=o_head)]])[0])
+    return PatchingCheck(corrupt, knowledge.competitor.text, restored[: layout.n_layer], restored[layout.n_layer :],
+                         override)
+
+
+def causal_agreement(d: Diagnosis, patching: PatchingCheck | None, weights: WeightPatching | None
+                     ) -> tuple[dict, list[str]]:
+    """The causal checks' :class:`Agreement` fields and their differences (empty when none was asked for)."""
+    fields, differences = {}, []
+    p, o = d.prescribed_layer, (d.override["layer"], d.override["head"])
+    if patching is not None:
+        x = patching.attn_restored[p]
+        fields["prescribed_patching_confirmed"] = x >= PATCHING_CONFIRMS
+        if x < PATCHING_CONFIRMS:
+            differences.append(f"patching the attention output of the prescribed layer {_label(p)} into "
+                               f"{patching.corrupt_prompt!r} restores only {x:.0%} of the target's lead over "
+                               f"{patching.corrupt_answer!r}")
+        fields["override_patching_confirmed"] = patching.override_restored > 0
+        if patching.override_restored <= 0:
+            differences.append(f"patching the override {_label(*o)} into {patching.corrupt_prompt!r} does not move "
+                               f"it toward the competitor ({patching.override_restored:+.2f} of the difference)")
+    if weights is not None:
+        best = weights.best()
+        if best is None:
+            differences.append("the donor's weights equal the model's: weight patching has nothing to compare")
+        else:
+            fields["donor_best_in_prescribed"] = best.layer == p
+            if best.layer != p:
+                differences.append(f"the donor's {best.name} of {_label(best.layer)} raises the target most "
+                                   f"({best.mean_target_logit_change:+.3f}), not the prescribed layer {_label(p)}")
+    return fields, differences
+
+
 # --------------------------------------------------------------------------------------------------
 # Public entry point.
 # --------------------------------------------------------------------------------------------------
 
 
 def crosscheck(model: nn.Module, tokenizer, prompt: str, target: str, competitor: str | None = None,
-               config: CrossCheckConfig = CrossCheckConfig()) -> CrossCheck:
-    """Diagnose ``prompt`` and check the result with grad x act, ablations and the logit lens."""
+               config: CrossCheckConfig = CrossCheckConfig(), corrupt: str | None = None,
+               donor: nn.Module | None = None) -> CrossCheck:
+    """Diagnose ``prompt`` and check the result with grad x act, ablations and the logit lens; with ``corrupt`` (a
+    prompt of the same token length) also by activation patching, with ``donor`` (a model of the same architecture
+    sharing ``tokenizer``) also by weight patching."""
     d = diagnose(model, tokenizer, prompt, target, competitor, config.diagnosis)
     layout = layout_of(model)
     device = layout.w_u(model).device
@@ -332,5 +416,11 @@ def crosscheck(model: nn.Module, tokenizer, prompt: str, target: str, competitor
             delta = logits - clean.logits
             ablations.append(Ablation("head" if head is not None else "attn_out", layer, head, mode,
                                       float(logits[0]), float(logits[1]), float(delta[0]), float(delta[1])))
+    agree = compare(d, dla, clean.grad_x_act, ablations, config.top_k)
+    patching = None if corrupt is None else patching_check(model, tokenizer, d, corrupt, target,
+                                                           config.diagnosis.prepend_bos)
+    weights = None if donor is None else patch_weights(model, donor, tokenizer, [Probe(prompt, target)])
+    fields, differences = causal_agreement(d, patching, weights)
+    agree = replace(agree, **fields, differences=agree.differences + differences)
     return CrossCheck(diagnosis=d, dla=ranking(dla), grad_x_act=ranking(clean.grad_x_act),
-                      ablations=ablations, agree=compare(d, dla, clean.grad_x_act, ablations, config.top_k))
+                      ablations=ablations, agree=agree, patching=patching, weight_patching=weights)

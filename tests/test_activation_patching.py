@@ -199,3 +199,45 @@ def test_heatmap_figures(demo_patching):
         assert isinstance(fig, Figure)
         labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
         assert ("France→Poland" in labels) == (kind != "head")
+
+
+# --------------------------------------------------------------------------------------------------
+# In the cross-check.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_crosscheck_with_a_corrupted_prompt_on_the_demo(demo):
+    from surgery.crosscheck import crosscheck
+
+    r = crosscheck(demo.model, demo.tokenizer, "The capital of France is", " Paris",
+                   corrupt="The capital of Poland is")
+    p, a = r.patching, r.agree
+    prescribed = r.diagnosis.prescribed_layer
+    assert p.corrupt_answer.strip() == "Warsaw"
+    # the prescribed block's attention carries the capital: all of the target's lead over Warsaw comes back
+    assert p.attn_restored[prescribed] > 0.9 and a.prescribed_patching_confirmed is True
+    # the override head carries the failure: patched into Poland's run it pulls toward the competitor
+    assert p.override_restored > 0 and a.override_patching_confirmed is True
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert len(d["patching"]["attn_restored"]) == len(d["patching"]["mlp_restored"]) == r.diagnosis.n_layer
+    assert d["agree"]["prescribed_patching_confirmed"] is True
+
+
+def test_crosscheck_without_causal_checks_is_unchanged(tiny_model, tiny_tokenizer):
+    from surgery.crosscheck import crosscheck
+
+    r = crosscheck(tiny_model, tiny_tokenizer, CLEAN, " Paris")
+    assert r.patching is None and r.weight_patching is None
+    d = r.to_dict()
+    assert d["patching"] is None and d["weight_patching"] is None
+    assert d["agree"]["prescribed_patching_confirmed"] is None and d["agree"]["donor_best_in_prescribed"] is None
+
+
+def test_cli_crosscheck_corrupt(capsys):
+    base = ["crosscheck", "--model", str(DEMO_DIR), "--prompt", "The capital of France is", "--target", " Paris",
+            "--device", "cpu"]
+    assert main([*base, "--corrupt", "The capital of Poland is"]) == 0
+    assert "activation patching into 'The capital of Poland is'" in capsys.readouterr().out
+    assert main([*base, "--corrupt", "The capital of the Poland is"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "same number of tokens" in err and "\n" not in err

@@ -20,6 +20,13 @@ FACTS = [Probe("The capital of France is", " Paris"), Probe("The capital of Japa
 DEMO_FACTS = ROOT / "assets" / "examples" / "demo_facts.json"
 
 
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    """A private tiny GPT-2: hybrids install transformers' output recorders on their recipient (as the first
+    ``patched_model`` of any base does), which the shared ``tiny_model`` fixture must not carry."""
+    return make_tiny_model(len(tiny_tokenizer))
+
+
 def _logits(model, tokenizer, facts=FACTS):
     return next_token_logits(model, tokenizer, [f.prompt for f in facts])
 
@@ -58,17 +65,17 @@ def test_param_slice_old_dicts_still_load():
     assert ParamSlice("w", slice(4, 6)).to_dict() == {"name": "w", "cols": [4, 6]}
 
 
-def test_patch_with_row_slice_saves_loads_and_touches_only_its_rows(tiny_model, tmp_path):
+def test_patch_with_row_slice_saves_loads_and_touches_only_its_rows(model, tmp_path):
     name = "transformer.h.1.attn.c_proj.weight"
     s = ParamSlice(name, rows=slice(8, 16))
     value = torch.randn(8, 32)
-    patch = Patch("o", 1, (s,), {name: value}, {"base_config": base_config(tiny_model)})
+    patch = Patch("o", 1, (s,), {name: value}, {"base_config": base_config(model)})
     patch.save(tmp_path / "p.safetensors")
     loaded = Patch.load(tmp_path / "p.safetensors")
     assert loaded.slices == (s,)
-    state = _state(tiny_model)
-    view = patched_model(tiny_model, loaded)
-    assert _unchanged(tiny_model, state)
+    state = _state(model)
+    view = patched_model(model, loaded)
+    assert _unchanged(model, state)
     new = view.get_parameter(name)
     assert torch.equal(new[8:16], value)
     assert torch.equal(new[:8], state[name][:8]) and torch.equal(new[16:], state[name][16:])
@@ -92,15 +99,15 @@ def test_head_slices_are_the_layouts_per_head_weights(family_model):
         assert torch.equal(o_w if conv1d else o_w.T, layout.w_o(family_model, 1)[head])  # (dh, d)
 
 
-def test_components_cover_sites_and_heads(tiny_model):
-    layout = layout_of(tiny_model)
-    sites = components(tiny_model, "site")
+def test_components_cover_sites_and_heads(model):
+    layout = layout_of(model)
+    sites = components(model, "site")
     assert [(c.name, c.layer) for c in sites[:4]] == [("wv", 0), ("attn", 0), ("mlp", 0), ("layer", 0)]
     assert len(sites) == 4 * layout.n_layer and all(c.head is None for c in sites)
-    heads = components(tiny_model, "head")
+    heads = components(model, "head")
     assert len(heads) == 2 * layout.n_layer * layout.n_head
     with pytest.raises(InputError, match="granularity"):
-        components(tiny_model, "neuron")
+        components(model, "neuron")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,10 +156,10 @@ def test_heads_sharing_a_value_head_share_one_hybrid(tiny_tokenizer, monkeypatch
     assert len(calls) == 1
 
 
-def test_donor_and_recipient_scores(tiny_model, tiny_tokenizer):
-    donor = _donor_with(tiny_model, layout_of(tiny_model).site_slices("mlp", 1, tiny_model))
-    result = patch_weights(tiny_model, donor, tiny_tokenizer, FACTS)
-    assert result.recipient_correct == score_probes(tiny_model, tiny_tokenizer, FACTS).correct
+def test_donor_and_recipient_scores(model, tiny_tokenizer):
+    donor = _donor_with(model, layout_of(model).site_slices("mlp", 1, model))
+    result = patch_weights(model, donor, tiny_tokenizer, FACTS)
+    assert result.recipient_correct == score_probes(model, tiny_tokenizer, FACTS).correct
     assert result.donor_correct == score_probes(donor, tiny_tokenizer, FACTS).correct
     d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert set(d) >= {"recipient", "donor", "components"}
@@ -160,30 +167,30 @@ def test_donor_and_recipient_scores(tiny_model, tiny_tokenizer):
     assert d["components"][0]["head"] is None
 
 
-def test_score_facts_agrees_with_score_probes(tiny_model, tiny_tokenizer):
-    s = score_facts(tiny_model, tiny_tokenizer, FACTS)
-    assert s.correct == [r.correct for r in score_probes(tiny_model, tiny_tokenizer, FACTS).results]
-    logits = _logits(tiny_model, tiny_tokenizer)
+def test_score_facts_agrees_with_score_probes(model, tiny_tokenizer):
+    s = score_facts(model, tiny_tokenizer, FACTS)
+    assert s.correct == [r.correct for r in score_probes(model, tiny_tokenizer, FACTS).results]
+    logits = _logits(model, tiny_tokenizer)
     ids = [tiny_tokenizer.convert_tokens_to_ids(f.target.strip()) for f in FACTS]
     assert s.target_logits == pytest.approx([float(logits[i, t]) for i, t in enumerate(ids)])
 
 
-def test_patching_a_model_into_itself_changes_nothing(tiny_model, tiny_tokenizer):
-    result = patch_weights(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, FACTS, "head")
-    assert result.components == [] and result.skipped_identical == len(components(tiny_model, "head"))
+def test_patching_a_model_into_itself_changes_nothing(model, tiny_tokenizer):
+    result = patch_weights(model, copy.deepcopy(model), tiny_tokenizer, FACTS, "head")
+    assert result.components == [] and result.skipped_identical == len(components(model, "head"))
 
 
-def test_other_architectures_are_refused(tiny_model, tiny_tokenizer):
+def test_other_architectures_are_refused(model, tiny_tokenizer):
     for other in (make_tiny_model(len(tiny_tokenizer), n_layer=2), make_family_model("llama", len(tiny_tokenizer))):
         with pytest.raises(InputError, match="not the same architecture") as e:
-            patch_weights(tiny_model, other, tiny_tokenizer, FACTS)
+            patch_weights(model, other, tiny_tokenizer, FACTS)
         assert "\n" not in str(e.value)
-    check_same_architecture(tiny_model, copy.deepcopy(tiny_model))
+    check_same_architecture(model, copy.deepcopy(model))
 
 
-def test_no_facts_refused(tiny_model, tiny_tokenizer):
+def test_no_facts_refused(model, tiny_tokenizer):
     with pytest.raises(InputError, match="no facts"):
-        patch_weights(tiny_model, tiny_model, tiny_tokenizer, [])
+        patch_weights(model, model, tiny_tokenizer, [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,9 +226,9 @@ def test_zero_ablation_equals_zeroed_weights(family, tiny_tokenizer):
     assert c.mean_target_logit_change == pytest.approx(sum(change) / len(change), abs=1e-5)
 
 
-def test_bad_ablation_mode(tiny_model, tiny_tokenizer):
+def test_bad_ablation_mode(model, tiny_tokenizer):
     with pytest.raises(InputError, match="ablation"):
-        ablate_weights(tiny_model, tiny_tokenizer, FACTS, "noise")
+        ablate_weights(model, tiny_tokenizer, FACTS, "noise")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,3 +332,26 @@ def test_cli_other_architecture_is_one_line(tiny_model_dir, capsys):
                str(DEMO_FACTS), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
+
+
+def test_crosscheck_with_the_corrected_model_as_donor(demo, demo_surgery):
+    from surgery.crosscheck import crosscheck
+
+    _, patch, donor = demo_surgery
+    r = crosscheck(demo.model, demo.tokenizer, "The capital of France is", " Paris", donor=donor)
+    assert r.diagnosis.prescribed_layer == patch.layer
+    assert [(c.name, c.layer) for c in r.weight_patching.components] == [(s, patch.layer) for s in ("wv", "attn", "layer")]
+    assert all(c.facts_correct == 1 for c in r.weight_patching.components)
+    assert r.agree.donor_best_in_prescribed is True
+    assert r.to_dict()["weight_patching"]["donor"] == {"facts_correct": 1}
+
+
+def test_weight_patching_chart(demo, demo_surgery):
+    from matplotlib.figure import Figure
+
+    from surgery.patching_plots import weight_patching_chart
+
+    facts, _, donor = demo_surgery
+    fig = weight_patching_chart(patch_weights(demo.model, donor, demo.tokenizer, facts))
+    assert isinstance(fig, Figure)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["L3 wv", "L3 attn", "L3 layer"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..crosscheck import CrossCheck, CrossCheckConfig, crosscheck
+from ..crosscheck import PATCHING_CONFIRMS, CrossCheck, CrossCheckConfig, crosscheck
 from ..diagnosis import DiagnosisConfig
+from ..errors import InputError
 from .common import add_device_arg, add_model_arg, add_prompt_args, head_label, load, print_json
 
 
@@ -18,6 +19,12 @@ def register(sub) -> None:
     add_prompt_args(p)
     p.add_argument("--top-heads", type=int, default=5, help="heads ablated besides the override (default 5)")
     p.add_argument("--top-k", type=int, default=5, help="size of the top sets compared (default 5)")
+    p.add_argument("--corrupt", metavar="PROMPT",
+                   help="also check by activation patching from the prompt into this one (same number of tokens, "
+                        "e.g. another country; docs/patching.md)")
+    p.add_argument("--donor", metavar="PATH_OR_ID",
+                   help="also check by weight patching: copy each differing site of this model (same "
+                        "architecture, e.g. the corrected one) into the model and score the prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     add_device_arg(p)
     p.set_defaults(run=run)
@@ -27,7 +34,14 @@ def run(args: argparse.Namespace) -> int:
     loaded = load(args)
     config = CrossCheckConfig(top_heads=args.top_heads, top_k=args.top_k,
                               diagnosis=DiagnosisConfig(prepend_bos=args.prepend_bos))
-    result = crosscheck(loaded.model, loaded.tokenizer, args.prompt, args.target, args.competitor, config)
+    donor = None
+    if args.donor:
+        donor = load(args, "donor")
+        if donor.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            raise InputError("the model and the --donor use different vocabularies: weights can only be patched "
+                             "between models of one tokenizer")
+    result = crosscheck(loaded.model, loaded.tokenizer, args.prompt, args.target, args.competitor, config,
+                        corrupt=args.corrupt, donor=None if donor is None else donor.model)
     if args.json:
         print_json(result.to_dict())
     else:
@@ -68,8 +82,35 @@ def format_report(r: CrossCheck) -> str:
         f"  prescribed layer confirmed      mean {_yes(a.prescribed_confirmed)} (zero {_yes(a.prescribed_confirmed_zero)})",
         f"  logit lens: target first leads  {lead}",
     ]
+    lines += _causal_lines(r)
     lines += ["", "all methods agree" if a.all else "where they differ"] + [f"  - {x}" for x in a.differences]
     return "\n".join(lines)
+
+
+def _causal_lines(r: CrossCheck) -> list[str]:
+    """The activation- and weight-patching lines of the agreement, where they were asked for."""
+    d, a, lines = r.diagnosis, r.agree, []
+    if r.patching is not None:
+        pc = r.patching
+        lines += [f"  activation patching into {pc.corrupt_prompt!r} (target vs {pc.corrupt_answer!r}; "
+                  f"fraction restored, all positions)",
+                  "    attention per block  " + "  ".join(f"L{l + 1} {v:+.2f}" for l, v in enumerate(pc.attn_restored)),
+                  "    MLP per block        " + "  ".join(f"L{l + 1} {v:+.2f}" for l, v in enumerate(pc.mlp_restored)),
+                  f"    prescribed layer's attention restores >= {PATCHING_CONFIRMS:.0%}: "
+                  f"{_yes(a.prescribed_patching_confirmed)}",
+                  f"    override moves the corrupted run toward the competitor: {_yes(a.override_patching_confirmed)} "
+                  f"({pc.override_restored:+.2f} of target - competitor)"]
+    if r.weight_patching is not None:
+        w = r.weight_patching
+        lines.append(f"  weight patching from the donor (target logit change; {w.skipped_identical} identical sites "
+                     f"skipped)")
+        for c in w.components:
+            lines.append(f"    L{c.layer + 1} ({d.blocks}.{c.layer}) {c.name:<6} {c.mean_target_logit_change:+.3f}"
+                         f"   answers right: {_yes(bool(c.facts_correct))}")
+        if a.donor_best_in_prescribed is not None:
+            lines.append(f"    the site raising the target most is in the prescribed layer: "
+                         f"{_yes(a.donor_best_in_prescribed)}")
+    return lines
 
 
 def _yes(flag: bool) -> str:
