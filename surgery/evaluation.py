@@ -8,7 +8,7 @@ positions that are needed are unembedded.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,16 +50,20 @@ class ProbeScores:
 
 @dataclass
 class PanelResult:
-    """A model's scores on a panel's general and side-effect probes and its perplexity passage."""
+    """A model's scores on a panel's probe lists and its perplexity passage (NaN without one)."""
 
     panel: str
     general: ProbeScores
     side_effects: ProbeScores
     perplexity: float
+    neighbourhood: ProbeScores = field(default_factory=lambda: ProbeScores([]))
+    relation: ProbeScores = field(default_factory=lambda: ProbeScores([]))
 
     def to_dict(self) -> dict:
         return {"panel": self.panel, "general": self.general.to_dict(),
-                "side_effects": self.side_effects.to_dict(), "perplexity": self.perplexity}
+                "side_effects": self.side_effects.to_dict(), "neighbourhood": self.neighbourhood.to_dict(),
+                "relation": self.relation.to_dict(),
+                "perplexity": self.perplexity if math.isfinite(self.perplexity) else None}
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -156,11 +160,18 @@ def mean_kl(base: nn.Module, edited: nn.Module, tokenizer, texts) -> float:
     return float(kl_divergence(ref, text_log_probs(edited, tokenizer, texts)))
 
 
-def evaluate_panel(model: nn.Module, tokenizer, panel: Panel) -> PanelResult:
-    """General and side-effect probe scores and the perplexity passage of ``panel``."""
-    return PanelResult(
-        panel=panel.name,
-        general=score_probes(model, tokenizer, panel.general),
-        side_effects=score_probes(model, tokenizer, panel.side_effects),
-        perplexity=perplexity(model, tokenizer, panel.perplexity_text),
-    )
+def evaluate_panel(model: nn.Module, tokenizer, panel: Panel, exclude: frozenset[str] = frozenset()
+                   ) -> PanelResult:
+    """Scores of ``panel``'s general, side-effect, neighbourhood and relation probes (relation probes whose prompt
+    is in ``exclude``, the edited facts, are left out) and the perplexity of its passage (NaN without one).
+    All probe lists are scored in one batched pass."""
+    lists = {"general": list(panel.general), "side_effects": list(panel.side_effects),
+             "neighbourhood": list(panel.neighbourhood),
+             "relation": [p for p in panel.relation if p.prompt not in exclude]}
+    scores = score_probes(model, tokenizer, [p for probes in lists.values() for p in probes]).results
+    split, start = {}, 0
+    for key, probes in lists.items():
+        split[key] = ProbeScores(scores[start : start + len(probes)])
+        start += len(probes)
+    ppl = perplexity(model, tokenizer, panel.perplexity_text) if panel.perplexity_text.strip() else float("nan")
+    return PanelResult(panel=panel.name, perplexity=ppl, **split)

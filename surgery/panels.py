@@ -6,17 +6,24 @@ A panel is a JSON file (format in ``docs/panels.md``) holding, in one model's vo
 * ``absence``: facts the model never learnt (diagnosis shows them as absence; surgery does not apply);
 * ``general``: prompts the model completes correctly, to catch lost general capability;
 * ``side_effects``: prompts unrelated to the facts, to catch collateral changes;
+* ``neighbourhood``: prompts close to the facts whose right answer is a function word (" the", " a") or another
+  entity, so that an edit that merely suppresses " the" or says the capital everywhere is caught;
+* ``relation``: other facts of the same relation, never edited (relation generalization: does a repair carry
+  to them, and do the ones already right stay right?);
 * ``perplexity_text``: a held-out passage whose perplexity must not rise;
 * ``unrelated_text``: passages for the preservation (KL) loss during training.
 
-Panels are chosen per model by :func:`panel_for_model`; a facts file is a JSON list of ``{"prompt","target"}``.
+A fact may carry ``paraphrases``: other wordings of its prompt with the same answer, scored but never trained.
+Panels are chosen per model by :func:`panel_for_model` and fitted to its tokenizer by :func:`fit_panel`
+(probes the vocabulary cannot encode are dropped and listed); a facts file is a JSON list of
+``{"prompt", "target", "paraphrases"?}``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -26,6 +33,8 @@ from .errors import InputError
 PANELS_DIR = Path(__file__).resolve().parent.parent / "assets" / "panels"
 DEMO_PANEL = PANELS_DIR / "demo.json"
 GPT2_PANEL = PANELS_DIR / "gpt2.json"
+ENGLISH_PANEL = PANELS_DIR / "english.json"
+PROBE_LISTS = ("facts", "absence", "general", "side_effects", "neighbourhood", "relation")
 GPT2_VOCAB_SIZE = 50257  # gpt2, distilgpt2, gpt2-medium/large/xl share this BPE vocabulary
 
 
@@ -35,15 +44,21 @@ class Probe:
 
     prompt: str
     target: str
+    paraphrases: tuple[str, ...] = ()  # other wordings of the prompt with the same answer (scored, never trained)
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InputError("a probe has an empty prompt")
         if not isinstance(self.target, str) or not self.target.strip():
             raise InputError(f"the probe {self.prompt!r} has an empty target")
+        if any(not isinstance(p, str) or not p.strip() for p in self.paraphrases):
+            raise InputError(f"the probe {self.prompt!r} has an empty paraphrase")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = {"prompt": self.prompt, "target": self.target}
+        if self.paraphrases:
+            d["paraphrases"] = list(self.paraphrases)
+        return d
 
 
 @dataclass(frozen=True)
@@ -58,20 +73,18 @@ class Panel:
     side_effects: tuple[Probe, ...] = ()
     perplexity_text: str = ""
     unrelated_text: tuple[str, ...] = field(default=())
-
-    def __post_init__(self):
-        if not self.general or not self.side_effects:
-            raise InputError(f"panel {self.name!r} needs non-empty 'general' and 'side_effects' probe lists")
-        if not self.perplexity_text.strip():
-            raise InputError(f"panel {self.name!r} has no 'perplexity_text'")
-        if not any(t.strip() for t in self.unrelated_text):
-            raise InputError(f"panel {self.name!r} has no 'unrelated_text' for the preservation loss")
+    neighbourhood: tuple[Probe, ...] = ()
+    relation: tuple[Probe, ...] = ()
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for key in ("facts", "absence", "general", "side_effects", "unrelated_text"):
-            d[key] = list(d[key])
+        d = {"name": self.name, "description": self.description}
+        d.update({key: [p.to_dict() for p in getattr(self, key)] for key in PROBE_LISTS})
+        d.update(perplexity_text=self.perplexity_text, unrelated_text=list(self.unrelated_text))
         return d
+
+    def paraphrases_of(self, prompt: str) -> tuple[str, ...]:
+        """The paraphrases this panel gives for the fact with ``prompt`` (none if it has no such fact)."""
+        return next((f.paraphrases for f in self.facts if f.prompt == prompt), ())
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "panel") -> "Panel":
@@ -80,16 +93,15 @@ class Panel:
         texts = d.get("unrelated_text", ())
         if isinstance(texts, str):
             texts = [texts]
-        return cls(
-            name=str(d.get("name", where)),
-            description=str(d.get("description", "")),
-            facts=tuple(probes_from_json(d.get("facts", []), f"{where} facts", allow_empty=True)),
-            absence=tuple(probes_from_json(d.get("absence", []), f"{where} absence", allow_empty=True)),
-            general=tuple(probes_from_json(d.get("general", []), f"{where} general", allow_empty=True)),
-            side_effects=tuple(probes_from_json(d.get("side_effects", []), f"{where} side_effects", allow_empty=True)),
-            perplexity_text=str(d.get("perplexity_text", "")),
-            unrelated_text=tuple(str(t) for t in texts),
-        )
+        lists = {key: tuple(probes_from_json(d.get(key, []), f"{where} {key}", allow_empty=True))
+                 for key in PROBE_LISTS}
+        panel = cls(name=str(d.get("name", where)), description=str(d.get("description", "")),
+                    perplexity_text=str(d.get("perplexity_text", "")),
+                    unrelated_text=tuple(str(t) for t in texts if str(t).strip()), **lists)
+        if not (panel.general or panel.side_effects or panel.neighbourhood):
+            raise InputError(f"{where}: a panel needs at least one of 'general', 'side_effects' or 'neighbourhood' "
+                             "(docs/panels.md)")
+        return panel
 
 
 def probes_from_json(items, where: str, allow_empty: bool = False) -> list[Probe]:
@@ -105,7 +117,10 @@ def probes_from_json(items, where: str, allow_empty: bool = False) -> list[Probe
         for key in ("prompt", "target"):
             if not isinstance(item.get(key), str) or not item[key].strip():
                 raise InputError(f"{where}: entry {i + 1} has no {key!r} (each fact needs 'prompt' and 'target')")
-        probes.append(Probe(item["prompt"], item["target"]))
+        paraphrases = item.get("paraphrases", [])
+        if not isinstance(paraphrases, list) or any(not isinstance(x, str) or not x.strip() for x in paraphrases):
+            raise InputError(f"{where}: entry {i + 1} has 'paraphrases' that are not a list of non-empty prompts")
+        probes.append(Probe(item["prompt"], item["target"], tuple(paraphrases)))
     return probes
 
 
@@ -139,17 +154,65 @@ def load_facts(path: str | os.PathLike) -> list[Probe]:
 
 
 def panel_path_for_model(model: nn.Module) -> Path:
-    """Which bundled panel fits ``model``: the demo panel for the demo model, the GPT-2 panel for GPT-2's
-    vocabulary; otherwise :class:`InputError` asking for ``--panels FILE``."""
+    """Which bundled panel ``model`` is judged by: the demo panel for the demo model, the GPT-2 panel for GPT-2's
+    vocabulary, the English panel for any other model (fitted to its tokenizer by :func:`fit_panel`)."""
     config = model.config
     if getattr(config, "surgery_panels", None) == "demo":
         return DEMO_PANEL
-    if config.vocab_size == GPT2_VOCAB_SIZE:
+    if getattr(config, "model_type", None) == "gpt2" and config.vocab_size == GPT2_VOCAB_SIZE:
         return GPT2_PANEL
-    raise InputError(
-        f"no bundled evaluation panel fits this model (vocabulary of {config.vocab_size} tokens); "
-        "pass your own with --panels FILE (format: docs/panels.md)"
-    )
+    return ENGLISH_PANEL
+
+
+@dataclass(frozen=True)
+class FittedPanel:
+    """A panel reduced to what one tokenizer can score, and what was left out and why (for the report)."""
+
+    panel: Panel
+    unavailable: tuple[str, ...] = ()  # one line per probe list, text or probe left out
+
+    def to_dict(self) -> dict:
+        return {"panel": self.panel.name, "unavailable": list(self.unavailable)}
+
+
+def fit_panel(panel: Panel, tokenizer, n_ctx: int) -> FittedPanel:
+    """Drop the probes ``tokenizer`` cannot encode (a word outside its vocabulary, or longer than the context) and
+    the texts it cannot encode, listing each list that lost probes. English panels thus serve any English
+    tokenizer; a word-level vocabulary (the demo model's) keeps only what it has words for."""
+    from .tokens import encode_prompt, encode_target
+
+    def usable(probe: Probe) -> bool:
+        try:
+            encode_prompt(tokenizer, probe.prompt, n_ctx)
+            encode_target(tokenizer, probe.target)
+        except InputError:
+            return False
+        return True
+
+    def encodable(text: str) -> bool:
+        try:
+            encode_target(tokenizer, text, "text")  # no special tokens; unknown words refused
+        except InputError:
+            return False
+        return True
+
+    unavailable, kept = [], {}
+    for key in PROBE_LISTS:
+        probes = getattr(panel, key)
+        ok = [replace(p, paraphrases=tuple(x for x in p.paraphrases if encodable(x))) for p in probes if usable(p)]
+        if len(ok) < len(probes):
+            unavailable.append(f"{key}: {len(probes) - len(ok)} of {len(probes)} probes cannot be scored "
+                               f"(words outside this tokenizer's vocabulary, or too long)")
+        kept[key] = tuple(ok)
+    perplexity_text = panel.perplexity_text if encodable(panel.perplexity_text or " ") else ""
+    if panel.perplexity_text and not perplexity_text:
+        unavailable.append("perplexity: the passage has words outside this tokenizer's vocabulary")
+    texts = tuple(t for t in panel.unrelated_text if encodable(t))
+    if len(texts) < len(panel.unrelated_text):
+        unavailable.append(f"unrelated text: {len(panel.unrelated_text) - len(texts)} of "
+                           f"{len(panel.unrelated_text)} passages have words outside this tokenizer's vocabulary")
+    fitted = replace(panel, perplexity_text=perplexity_text, unrelated_text=texts, **kept)
+    return FittedPanel(fitted, tuple(unavailable))
 
 
 def panel_for_model(model: nn.Module) -> Panel:

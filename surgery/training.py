@@ -39,7 +39,7 @@ from .diagnosis import diagnose_batch
 from .errors import InputError, SurgeryFailed
 from .evaluation import kl_divergence, score_probes
 from .arch import SITES, count_parameters, layout_of
-from .panels import Panel, Probe, panel_for_model
+from .panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
 from .patch import Patch, base_config, block_digest, patched_model, weight_stats
 from .report import SurgeryReport, compare
 from .tokens import encode_target
@@ -194,6 +194,19 @@ def train_site(model: nn.Module, frozen: FrozenInputs, site: str, layer: int, co
                         kl.item(), fixed)
 
 
+def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | None) -> tuple[list[str], str]:
+    """The texts of the preservation term: ``given``, else the panel's that ``tokenizer`` can encode, else the
+    English panel's; with none at all, training runs on the facts alone and the returned note says so."""
+    if given is not None:
+        return list(given), ""
+    for source in (panel, load_panel(ENGLISH_PANEL)):
+        texts = list(fit_panel(source, tokenizer, n_ctx).panel.unrelated_text)
+        if texts:
+            note = "" if source is panel else f"preservation text: the English panel's (panel {panel.name!r} has none this tokenizer can encode)"
+            return texts, note
+    return [], "no unrelated text this tokenizer can encode: trained without the preservation (KL) term"
+
+
 def _n_fixed(logits: Tensor, targets: Tensor, margin: float) -> int:
     """Facts whose target leads every other token by at least ``margin``."""
     target = logits.gather(-1, targets[:, None])  # (B, 1)
@@ -223,7 +236,7 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         raise InputError("no facts given: give at least one {\"prompt\", \"target\"} to fix")
     layout = layout_of(model)
     panel = panel if panel is not None else panel_for_model(model)
-    unrelated = list(unrelated) if unrelated is not None else list(panel.unrelated_text)
+    unrelated, unrelated_note = _unrelated_text(panel, tokenizer, layout.n_ctx, unrelated)
     before = score_probes(model, tokenizer, facts)  # also validates every prompt and target
     if before.correct == before.total:
         raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
@@ -258,6 +271,7 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
     comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after)
     notes = [f"{f.target!r} is several tokens; only its first token was trained"
              for f in facts if len(encode_target(tokenizer, f.target)) > 1]
+    notes += [f"not scored: {u}" for u in comparison.unavailable] + ([unrelated_note] if unrelated_note else [])
     report = SurgeryReport(
         site=config.site, layer=layer, layer_reason=reason,
         params_in_site=patch.numel, params_total=count_parameters(model),
