@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make app    creates .venv, installs pinned dependencies, launches the Gradio app
 #   make test   creates .venv, installs pinned dependencies (+ Chromium for the browser test), runs every test
+#               (the first run also converts the Gemma 3 270M real model, ~2 min, into ~/.cache/transformer-surgery;
+#               `make clean` leaves that cache alone)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
