@@ -120,8 +120,9 @@ def donor_values(recipient: nn.Module, donor: nn.Module, component: Component) -
     rp, dp = dict(recipient.named_parameters()), dict(donor.named_parameters())
     out = []
     for s in component.slices:
-        value = s.read(dp[s.name]).detach()
-        if not torch.equal(value.to(rp[s.name].device), s.read(rp[s.name])):
+        mine = s.read(rp[s.name])
+        value = s.read(dp[s.name]).detach().to(mine.device, mine.dtype)  # as the hybrid will hold it
+        if not torch.equal(value, mine):
             out.append((s, value.clone()))
     return out
 
