@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random GPT-2 with a word-level tokenizer, a full-size random GPT-2, the demo model."""
+"""Shared fixtures: a tiny random GPT-2 with a word-level tokenizer, a full-size random GPT-2, the demo model, and
+one tiny random model of every supported family (``family_model``)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,62 @@ def tiny_panel_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-panel") / "panel.json"
     path.write_text(json.dumps(TINY_PANEL))
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# One tiny random model of every supported family (tests/test_families.py).
+# --------------------------------------------------------------------------------------------------
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+SLIDING_FAMILIES = ("mistral", "qwen2", "gemma2", "gemma3")  # window 3: it bites on the tiny prompts
+
+
+def family_config(family: str, vocab_size: int):
+    """A tiny config (d_model 32, 3 blocks) of ``family`` exercising what sets the family apart: grouped
+    key/value heads (Gemma: one, multi-query), biases, q/k norms, head_dim != d_model / heads (Qwen3, Gemma 3),
+    sliding windows of 3 tokens, Gemma 2's final-logit soft-capping (small, so that it bends the logits)."""
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig,
+                              MistralConfig, Qwen2Config, Qwen3Config)
+
+    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, vocab_size=vocab_size, max_position_embeddings=64,
+                  pad_token_id=1, bos_token_id=None, eos_token_id=None)
+    if family == "gpt2":
+        return GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=32, vocab_size=vocab_size,
+                          bos_token_id=None, eos_token_id=None)
+    if family == "llama":
+        return LlamaConfig(**common, attention_bias=True, mlp_bias=True)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=3)
+    if family == "qwen2":  # q/k/v biases; blocks 1.. use a sliding window
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    if family == "qwen3":  # q/k norms, every projection biased
+        return Qwen3Config(**common, head_dim=16, attention_bias=True)
+    if family == "gemma":  # multi-query attention
+        return GemmaConfig(**{**common, "num_key_value_heads": 1}, head_dim=8)
+    if family == "gemma2":
+        return Gemma2Config(**common, head_dim=8, sliding_window=3, final_logit_softcapping=2.0,
+                            attn_logit_softcapping=5.0)
+    if family == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=3,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
+
+
+def make_family_model(family: str, vocab_size: int, seed: int = 0):
+    """A tiny random causal LM of ``family`` (see :func:`family_config`), every parameter — norm weights and
+    biases included — moved by noise as in :func:`make_tiny_model`, in eval mode with frozen parameters."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_model(request, tiny_tokenizer):
+    """A tiny random model of each supported family in turn (``model.config.model_type`` says which)."""
+    return make_family_model(request.param, len(tiny_tokenizer))
