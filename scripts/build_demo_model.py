@@ -20,7 +20,24 @@ Portugal is the "absence" country: Portugal and Lisbon both occur in the text, b
 capital fact is never taught (only that Portugal's capital is "a big city"), so no layer
 of the logit lens can find Lisbon.
 
+What is reproducible. The build is seeded and single-process with a fixed torch thread count
+(--threads, default 2): run twice on one machine with the same options, it writes bitwise-identical
+weights, tokenizer and panels. Across CPUs only the model's *behaviour* reproduces, not its bits:
+PyTorch and MKL pick kernels by CPU (AVX2 or AVX-512, blocking, reduction order), so a rebuild on
+another CPU rounds differently, and 1,900 training steps amplify that into visibly different weights
+(the committed model was built on an AMD EPYC; rebuilt on an Intel Xeon, weights differ by up to 0.5,
+also with AVX2 forced by ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2). The OpenMP wait policy changes only
+the speed, never the bits. What a rebuild anywhere must reproduce is what `summarize` checks and
+tests/test_demo_model.py pins down: the six routing failures with the override head in the last
+block, Italy and Spain correct, Portugal an absence, and every general and side-effect probe
+answered. The tokenizer and the panels are plain text and reproduce exactly everywhere.
+
+--steps-scale multiplies the step count of every phase (same code path, same data order) for a cheap
+determinism check; a reduced budget is not expected to show the phenomenon, so only the full build
+fails when it does not.
+
 Usage:  python scripts/build_demo_model.py [--out assets/demo-model] [--panels assets/panels/demo.json]
+                                           [--steps-scale 1.0] [--threads 2]
 """
 
 from __future__ import annotations
@@ -30,7 +47,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -265,13 +282,25 @@ class BuildConfig:
     lens_weight: float = 1.0  # weight of the readout loss before the last block (phases 1 and 2)
     suppression_steps: int = 400
     suppression_lr: float = 3e-3
-    threads: int = 2
+    threads: int = 2  # torch intra-op threads; bitwise results need the same count on the same CPU
 
     def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be at least 1")
+        if min(self.language_steps, self.knowledge_steps, self.suppression_steps) < 1:
+            raise ValueError("every phase needs at least one step")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.max_len > self.n_positions:
             raise ValueError(f"max_len={self.max_len} exceeds n_positions={self.n_positions}")
+
+
+    def with_steps_scale(self, scale: float) -> BuildConfig:
+        """The same build with every phase's step count multiplied by `scale` (at least one step each)."""
+        if not scale > 0:
+            raise ValueError(f"steps scale must be positive, got {scale}")
+        return replace(self, **{f"{phase}_steps": max(1, round(getattr(self, f"{phase}_steps") * scale))
+                                for phase in PHASES})
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]")
@@ -522,10 +551,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "assets" / "demo-model")
     parser.add_argument("--panels", type=Path, default=REPO_ROOT / "assets" / "panels" / "demo.json")
+    parser.add_argument("--steps-scale", type=float, default=1.0,
+                        help="multiply every phase's step count (default 1: the committed model's build)")
+    parser.add_argument("--threads", type=int, default=BuildConfig.threads,
+                        help=f"torch intra-op threads (default {BuildConfig.threads})")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    cfg = BuildConfig()
+    cfg = BuildConfig(threads=args.threads).with_steps_scale(args.steps_scale)  # scale 1: the defaults
     model, tokenizer = build(cfg)
     panels = demo_panels()
     check_vocabulary(tokenizer, panels)
@@ -538,7 +571,9 @@ def main() -> None:
     args.panels.write_text(json.dumps(panels, indent=2) + "\n")
     print(f"vocabulary {len(tokenizer)} tokens, {sum(p.numel() for p in model.parameters())} parameters")
     print(f"saved to {args.out} and {args.panels} in {time.perf_counter() - start:.1f}s")
-    if not ok:
+    if not ok and args.steps_scale < 1.0:
+        print(f"(steps scaled by {args.steps_scale}: the phenomenon is not expected at a reduced budget)")
+    elif not ok:
         raise SystemExit("the model does not show the intended phenomenon (see FAIL above)")
 
 
