@@ -241,3 +241,23 @@ def test_cli_crosscheck_corrupt(capsys):
     assert main([*base, "--corrupt", "The capital of the Poland is"]) == 2
     err = capsys.readouterr().err.strip()
     assert "same number of tokens" in err and "\n" not in err
+
+
+def test_bad_units(tiny_model, tiny_tokenizer):
+    with pytest.raises(InputError, match="no heads"):
+        PatchUnit("resid", 0, head=1)
+    with pytest.raises(InputError, match="unknown patching kind"):
+        PatchUnit("neurons", 0)
+    pair = prepare_pair(tiny_model, tiny_tokenizer, CLEAN, CORRUPT, " Paris")
+    for unit, message in ((PatchUnit("head", 0, head=9), "head 9"), (PatchUnit("attn", 0, position=5), "position 5"),
+                          (PatchUnit("mlp", 7), "layer 7")):
+        with pytest.raises(InputError, match=message):
+            pair.restored(tiny_model, [[unit]])
+
+
+def test_one_head_at_one_position(tiny_model, tiny_tokenizer):
+    """A head can be patched at one position; where the two prompts agree, that restores nothing."""
+    pair = prepare_pair(tiny_model, tiny_tokenizer, CLEAN, CORRUPT, " Paris")
+    per_position = pair.restored(tiny_model, [[PatchUnit("head", 1, head=2, position=p)] for p in range(5)])
+    assert per_position.shape == (5,)
+    assert per_position[:3].tolist() == pytest.approx([0.0] * 3, abs=1e-5)  # the prompts agree there
