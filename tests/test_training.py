@@ -166,3 +166,33 @@ def test_config_round_trips():
     assert SurgeryConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(InputError, match="unknown surgery option"):
         SurgeryConfig.from_dict({"sight": "wv"})
+
+
+def test_any_model_gets_evaluated_without_a_fitting_panel(tiny_model, tiny_tokenizer, facts):
+    """A custom-vocabulary GPT-2 (not the demo model) has no bundled panel in its vocabulary: operate still runs
+    on the facts and the given unrelated text, and the report says which probes could not be scored."""
+    unrelated = ["the cat sat on the mat . the dog was in the sea ."]
+    r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), unrelated=unrelated).report
+    assert r.comparison.facts_after == 3
+    assert r.config["panel"] == "english"
+    assert any(n.startswith("not scored: general:") for n in r.notes)
+    assert r.comparison.unavailable and r.to_dict()["unavailable"] == r.comparison.unavailable
+    assert r.final_kl > 0  # the preservation term ran on the given text
+
+
+def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_tokenizer, tiny_panel):
+    from dataclasses import replace
+
+    panel = replace(tiny_panel, relation=(Probe("The capital of Spain is", " Madrid"),),
+                    neighbourhood=(Probe("the cat sat on the", " mat"),))
+    facts = [Probe("The capital of France is", " Paris", ("the capital of France is",)),
+             Probe("The capital of Italy is", " Rome")]
+    r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=panel).report
+    e = r.to_dict()["evaluation"]
+    assert e["efficacy"] == {"before": 0, "after": 2, "total": 2}
+    assert e["paraphrase"]["total"] == 1 and e["relation"]["total"] == 1
+    assert e["specificity"]["total"] == len(panel.side_effects) + 1
+    assert e["relation"]["fixed"] + e["relation"]["broken"] <= 1
+    rel_before = r.comparison.panel_before.relation.results[0]
+    assert e["relation"]["before"] == int(rel_before.correct)
+    assert any(row[0].startswith("unedited facts") for row in r.rows())
