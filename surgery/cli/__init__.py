@@ -17,7 +17,7 @@ from ..errors import SurgeryError
 
 # Command modules, in the order `--help` lists them.
 COMMANDS = ["diagnose", "sites", "operate", "verify", "compare_sites", "apply_patch", "push", "heads", "crosscheck",
-            "patch_activations", "patch_weights"]
+            "patch_activations", "patch_weights", "census", "reproduce"]
 
 EXIT_USER_ERROR = 2
 
@@ -25,7 +25,7 @@ EXIT_USER_ERROR = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m surgery",
-        description="Diagnose why a GPT-2 model answers wrong, edit one site, verify and ship the fix.",
+        description="Diagnose why a transformer language model answers wrong, edit one site, verify and ship the fix.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
