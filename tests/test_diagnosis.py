@@ -126,13 +126,17 @@ def test_to_dict_is_json(tiny_model, tiny_tokenizer):
 
 
 def test_classify_rules():
-    # 4 residuals: embed, after block 0, after block 1, output
-    lens = torch.tensor([[5.0, 0.0], [1.0, 2.0], [3.0, 1.0], [1.0, 2.0]])
-    assert classify(lens, torch.tensor([1, 50, 40, 30]), 10) == "routing"  # leads after block 1
-    lens_no_lead = torch.tensor([[5.0, 0.0], [1.0, 2.0], [1.0, 3.0], [1.0, 2.0]])
-    assert classify(lens_no_lead, torch.tensor([1, 50, 9, 30]), 10) == "routing"  # near the top
-    assert classify(lens_no_lead, torch.tensor([1, 50, 11, 30]), 10) == "absence"  # embeddings don't count
-    assert classify(lens_no_lead, torch.tensor([1, 50, 11, 1]), 10) == "correct"
+    # 9 residuals: embed, after blocks 0..7 (L = 8); the output is the last entry. Half-way: blocks 4, 5, 6 count.
+    cfg = DiagnosisConfig(routing_rank=3, routing_from=0.5)
+    assert cfg.routing_start(8) == 4
+    assert classify(torch.tensor([1, 1, 1, 1, 9, 9, 3, 9, 30]), cfg) == "routing"  # top 3 after block 5
+    assert classify(torch.tensor([1, 1, 1, 1, 2, 9, 9, 9, 30]), cfg) == "absence"  # only before block 4: noise
+    assert classify(torch.tensor([9, 9, 9, 9, 9, 9, 9, 9, 2]), cfg) == "absence"  # the output does not count
+    assert classify(torch.tensor([9, 9, 9, 9, 9, 9, 9, 9, 1]), cfg) == "correct"
+    assert classify(torch.tensor([9, 9, 9, 9, 9, 9, 9, 9, 30]), DiagnosisConfig(routing_rank=9)) == "routing"
+    # At least the block before the last counts, however shallow the model
+    assert DiagnosisConfig(routing_from=0.9).routing_start(4) == 2
+    assert classify(torch.tensor([50, 50, 50, 1, 30]), DiagnosisConfig(routing_from=0.9)) == "routing"
 
 
 def test_prescribe_layer_rule():
@@ -153,6 +157,8 @@ def test_bad_input(tiny_model, tiny_tokenizer):
         diagnose(tiny_model, tiny_tokenizer, "the " * 40, " Paris")
     with pytest.raises(InputError):
         DiagnosisConfig(routing_rank=0)
+    with pytest.raises(InputError, match="routing_from"):
+        DiagnosisConfig(routing_from=1.0)
 
 
 def test_diagnosis_does_not_touch_the_model(tiny_model, tiny_tokenizer):

@@ -14,7 +14,8 @@ def register(sub) -> None:
                                    "(routing / absence / correct) for one prompt.")
     add_model_arg(p)
     add_prompt_args(p)
-    p.add_argument("--routing-rank", type=int, default=10, help="lens rank that counts as near the top (default 10)")
+    p.add_argument("--routing-rank", type=int, default=DiagnosisConfig.routing_rank,
+                   help=f"lens rank that counts as holding the answer (default {DiagnosisConfig.routing_rank})")
     p.add_argument("--top", type=int, default=8, help="heads listed in the report (default 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     add_device_arg(p)

