@@ -31,7 +31,7 @@ from surgery.evaluation import encode_texts, kl_divergence
 from surgery.arch import SITES, layout_of
 from surgery.panels import Panel, Probe, load_facts, panel_for_model
 from surgery.tokens import encode_prompt, encode_target, pad_right
-from surgery.training import SurgeryConfig, operate, train_site
+from surgery.training import SurgeryConfig, operate, train_site, unrelated_token_budget
 from surgery.upper_stack import FrozenInputs, freeze_inputs
 
 from . import models
@@ -87,7 +87,8 @@ class Batch:
     ref_log_probs: Tensor  # Float[Tensor, "N V"] the original model's, computed once
 
 
-def make_batch(j: Job, max_unrelated_tokens: int = SurgeryConfig().max_unrelated_tokens) -> Batch:
+def make_batch(j: Job, max_unrelated_tokens: int | None = None) -> Batch:
+    max_unrelated_tokens = max_unrelated_tokens or unrelated_token_budget(j.model.config.vocab_size)
     layout = layout_of(j.model)
     pad = j.tokenizer.pad_token_id
     ids, lengths = pad_right([encode_prompt(j.tokenizer, f.prompt, layout.n_ctx) for f in j.facts], pad)
@@ -156,7 +157,7 @@ def baseline_steps(trainer: Baseline, steps: int) -> list[tuple[float, float]]:
 
 def step_cases(j: Job, steps: int) -> dict[str, Callable[[], list[tuple[float, float]]]]:
     """One callable per method, each running ``steps`` steps and returning per-step (wall, cpu) seconds."""
-    frozen = freeze_inputs(j.model, j.tokenizer, j.facts, j.unrelated, j.layer, SurgeryConfig().max_unrelated_tokens)
+    frozen = freeze_inputs(j.model, j.tokenizer, j.facts, j.unrelated, j.layer, unrelated_token_budget(j.model.config.vocab_size))
     batch = make_batch(j)
     cases: dict[str, Callable] = {site: (lambda s=site: engine_steps(j, frozen, s, steps + 1)) for site in SITES}
     full, naive = Baseline(j, batch, "full"), Baseline(j, batch, "naive", "wv")
@@ -180,7 +181,7 @@ def memory_case(model_name: str, case: str, steps: int = 2) -> Callable[[], obje
     if case in SITES:
         def run():
             frozen = freeze_inputs(j.model, j.tokenizer, j.facts, j.unrelated, j.layer,
-                                   SurgeryConfig().max_unrelated_tokens)
+                                   unrelated_token_budget(j.model.config.vocab_size))
             engine_steps(j, frozen, case, steps)
         return run
 

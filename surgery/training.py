@@ -57,7 +57,8 @@ class SurgeryConfig:
     site: ``wv`` | ``attn`` | ``mlp`` | ``layer``; layer: 0-indexed block, or None for the diagnosis'
     prescribed layer; lr: Adam learning rate; epochs: step budget; kl_weight: weight of the preservation term;
     margin: logits by which each target must lead for the early stop; max_unrelated_tokens: tokens of unrelated
-    text used by the preservation term (the text is cut there); seed: RNG seed.
+    text used by the preservation term (the text is cut there; None: :func:`unrelated_token_budget` of the
+    model's vocabulary); seed: RNG seed.
     """
 
     site: str = "wv"
@@ -66,7 +67,7 @@ class SurgeryConfig:
     epochs: int = 200
     kl_weight: float = 200.0
     margin: float = 0.1
-    max_unrelated_tokens: int = 512
+    max_unrelated_tokens: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -83,8 +84,10 @@ class SurgeryConfig:
             raise InputError(f"kl_weight must be a non-negative number, not {self.kl_weight}")
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise InputError(f"margin must be a non-negative number, not {self.margin}")
-        if self.max_unrelated_tokens < 0:
-            raise InputError("max_unrelated_tokens must be non-negative")
+        if self.max_unrelated_tokens is not None and (
+                isinstance(self.max_unrelated_tokens, bool) or not isinstance(self.max_unrelated_tokens, int)
+                or self.max_unrelated_tokens < 0):
+            raise InputError(f"max_unrelated_tokens must be a non-negative integer, not {self.max_unrelated_tokens!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +99,17 @@ class SurgeryConfig:
         if unknown:
             raise InputError(f"unknown surgery option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+# Logits the preservation term may compute per step. Its cost is positions x vocabulary x d_model, so the
+# unembedding of the unrelated text dominates a step on large vocabularies: 512 positions of GPT-2 (50,257 tokens)
+# fit; Gemma's 262,144 tokens get 128 positions. The reported KL is still measured on the whole text.
+LOGIT_BUDGET = 2 ** 25
+
+
+def unrelated_token_budget(d_vocab: int) -> int:
+    """Tokens of unrelated text per training step: ``LOGIT_BUDGET / d_vocab``, between 64 and 512."""
+    return max(64, min(512, LOGIT_BUDGET // d_vocab))
 
 
 @dataclass
@@ -252,7 +266,9 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         t_train = time.perf_counter()
-        frozen = freeze_inputs(model, tokenizer, facts, unrelated, layer, config.max_unrelated_tokens)
+        budget = config.max_unrelated_tokens
+        budget = unrelated_token_budget(layout.d_vocab) if budget is None else budget
+        frozen = freeze_inputs(model, tokenizer, facts, unrelated, layer, budget)
         outcome = train_site(model, frozen, config.site, layer, config, progress)
         train_time = time.perf_counter() - t_train
 
@@ -279,7 +295,8 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         final_loss=outcome.loss, final_ce=outcome.ce, final_kl=outcome.kl,
         train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
         comparison=comparison, weights=weight_stats(model, patch, edited),
-        config={**config.to_dict(), "layer": layer, "panel": panel.name}, notes=notes,
+        config={**config.to_dict(), "layer": layer, "panel": panel.name, "max_unrelated_tokens": budget},
+        notes=notes,
         block=layout.adapter.block(layer),
     )
     return SurgeryResult(patch, report)

@@ -139,9 +139,16 @@ def test_operate_refuses_an_existing_out(capsys, tmp_path, tiny_model_dir, facts
 
 
 def test_operate_without_a_fitting_panel(capsys, tmp_path, tiny_model_dir, facts_file):
-    code, _, err = run_cli(capsys, "operate", "--model", tiny_model_dir, "--facts", facts_file, "--out",
-                           tmp_path / "out")
-    assert code == 2 and "--panels FILE" in err and not (tmp_path / "out").exists()
+    """A custom-vocabulary GPT-2: no bundled panel is in its vocabulary, yet operate runs on the facts and the
+    given unrelated text, and the report says which probes could not be scored (it used to refuse)."""
+    text = tmp_path / "unrelated.txt"
+    text.write_text("the cat sat on the mat . the dog was in the sea .\n\na big red dog and a small blue cat\n")
+    code, _, err = run_cli(capsys, "operate", "--model", tiny_model_dir, "--facts", facts_file, "--unrelated", text,
+                           "--layer", "1", "--lr", "1e-2", "--kl-weight", "50", "--out", tmp_path / "out")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["facts_fixed"] == "3/3" and report["unavailable"]
+    assert any(n.startswith("not scored: general") for n in report["notes"])
 
 
 def test_apply_patch_for_another_base(capsys, tmp_path, operated, tiny_tokenizer):
