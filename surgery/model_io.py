@@ -76,6 +76,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     cache_root: str | os.PathLike | None = None,
+    device_map: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM of a supported family and its tokenizer.
 
@@ -93,6 +95,10 @@ def load_model(
     are upcast, so on CPU everything is computed in float32 unless asked otherwise. The model is returned in eval
     mode with ``requires_grad=False`` everywhere: it is meant to be shared and never trained in place; it is moved
     to ``device`` if given. A tokenizer without a pad token gets its EOS token as pad.
+
+    ``device_map`` (``"auto"`` or a ``{module path: device}`` dict, with ``"cpu"`` and ``"disk"`` allowed) and
+    ``offload_folder`` go to ``from_pretrained`` for models larger than one device (accelerate's big-model
+    inference: blocks spread over GPUs, the rest offloaded to CPU or disk); ``device`` is then ignored.
 
     Raises :class:`ModelLoadError` (blank name, unknown id or file, unreachable Hub, broken folder, malformed
     .gguf) or :class:`UnsupportedModelError` (an architecture the library does not support), each with a one-line
@@ -120,14 +126,15 @@ def load_model(
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"cannot load '{name}': {e}") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+        placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **placement, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:
         raise ModelLoadError(f"cannot load '{name}': {_first_line(e)}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval().requires_grad_(False)
-    if device is not None:
+    if device is not None and device_map is None:
         model.to(device)
     commit = getattr(config, "_commit_hash", None)
     text = config.get_text_config()

