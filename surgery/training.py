@@ -43,7 +43,7 @@ from .panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_fo
 from .patch import Patch, base_config, block_digest, patched_model, weight_stats
 from .report import SurgeryReport, compare
 from .tokens import encode_target
-from .upper_stack import FrozenInputs, UpperStack, freeze_inputs
+from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ class SurgeryConfig:
     prescribed layer; lr: Adam learning rate; epochs: step budget; kl_weight: weight of the preservation term;
     margin: logits by which each target must lead for the early stop; max_unrelated_tokens: tokens of unrelated
     text used by the preservation term (the text is cut there; None: :func:`unrelated_token_budget` of the
-    model's vocabulary); seed: RNG seed.
+    model's vocabulary); seed: RNG seed; batch_size: facts per mini-batch (a step still covers every fact: the
+    gradient is accumulated over the mini-batches, so memory is bounded by the batch, not by the facts).
     """
 
     site: str = "wv"
@@ -69,6 +70,7 @@ class SurgeryConfig:
     margin: float = 0.1
     max_unrelated_tokens: int | None = None
     seed: int = 0
+    batch_size: int = 64
 
     def __post_init__(self):
         if self.site not in SITES:
@@ -82,6 +84,8 @@ class SurgeryConfig:
             raise InputError(f"epochs must be at least 1, not {self.epochs}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise InputError(f"kl_weight must be a non-negative number, not {self.kl_weight}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, not {self.batch_size!r}")
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise InputError(f"margin must be a non-negative number, not {self.margin}")
         if self.max_unrelated_tokens is not None and (
@@ -166,10 +170,19 @@ class TrainOutcome:
     fixed: int
 
 
-def train_site(model: nn.Module, frozen: FrozenInputs, site: str, layer: int, config: SurgeryConfig,
-               progress: Progress | None = None) -> TrainOutcome:
+def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], site: str, layer: int,
+               config: SurgeryConfig, progress: Progress | None = None) -> TrainOutcome:
     """Adam on the site's slices of block ``layer`` until every fact is top-1 by ``config.margin`` or the
-    budget is spent. Returns the trained slice values (the model is not touched)."""
+    budget is spent. Returns the trained slice values (the model is not touched).
+
+    ``frozen`` may be a list of fact mini-batches (:func:`~surgery.upper_stack.freeze_fact_batches`; the first
+    holds the unrelated text): each step then accumulates the gradient over all of them before the one Adam
+    update, so a step is still one full-batch step over every fact — memory bounded by the mini-batch, the
+    result that of one batch (up to the order of float sums).
+    """
+    batches = [frozen] if isinstance(frozen, FrozenInputs) else list(frozen)
+    text = batches[0]
+    n_facts = sum(len(b.targets) for b in batches)
     layout = layout_of(model)
     slices = layout.site_slices(site, layer, model)
     stack = UpperStack(model, layer)
@@ -177,35 +190,40 @@ def train_site(model: nn.Module, frozen: FrozenInputs, site: str, layer: int, co
     values = {s.name: s.read(base[s.name[len(stack.prefix):]]).detach().clone().requires_grad_(True)
               for s in slices}
     optimizer = torch.optim.Adam(values.values(), lr=config.lr)
-    use_kl = frozen.text_hidden is not None and config.kl_weight > 0
-    if use_kl and frozen.ref_log_probs is None:
+    use_kl = text.text_hidden is not None and config.kl_weight > 0
+    if use_kl and text.ref_log_probs is None:
         with torch.no_grad():
-            frozen.ref_log_probs = stack.text_log_probs(frozen, stack.block_params(slices, values))
+            text.ref_log_probs = stack.text_log_probs(text, stack.block_params(slices, values))
     steps = 0
     while True:
-        params = stack.block_params(slices, values)
-        logits = stack.fact_logits(frozen, params)  # (Bf, V)
-        ce = F.cross_entropy(logits.float(), frozen.targets)
-        kl = kl_divergence(frozen.ref_log_probs, stack.text_log_probs(frozen, params)) if use_kl else ce.new_zeros(())
-        loss = ce + config.kl_weight * kl
-        if not torch.isfinite(loss):
-            raise SurgeryFailed(f"training diverged: the loss became {float(loss.detach())} at step {steps}; "
-                                f"try a lower learning rate (now {config.lr})")
-        fixed = _n_fixed(logits.detach(), frozen.targets, config.margin)
-        if fixed == len(frozen.targets) or steps >= config.epochs:
-            break
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        ce, fixed = 0.0, 0
+        for batch in batches:  # the facts' cross-entropy, mean over all facts, gradient accumulated per batch
+            logits = stack.fact_logits(batch, stack.block_params(slices, values))  # (Bf, V)
+            part = F.cross_entropy(logits.float(), batch.targets, reduction="sum") / n_facts
+            if steps < config.epochs:
+                part.backward()
+            ce += float(part.detach())
+            fixed += _n_fixed(logits.detach(), batch.targets, config.margin)
+        kl = (kl_divergence(text.ref_log_probs, stack.text_log_probs(text, stack.block_params(slices, values)))
+              if use_kl else torch.zeros(()))
+        loss = ce + config.kl_weight * float(kl.detach())
+        if not math.isfinite(loss):
+            raise SurgeryFailed(f"training diverged: the loss became {loss} at step {steps}; "
+                                f"try a lower learning rate (now {config.lr})")
+        if fixed == n_facts or steps >= config.epochs:
+            break
+        if use_kl:
+            (config.kl_weight * kl).backward()
         optimizer.step()
         steps += 1
         if progress is not None:
-            progress(steps, config.epochs, float(loss.detach()))
-        log.debug("step %d loss %.4f ce %.4f kl %.2e fixed %d/%d", steps, loss, ce, kl, fixed, len(frozen.targets))
+            progress(steps, config.epochs, loss)
+        log.debug("step %d loss %.4f ce %.4f kl %.2e fixed %d/%d", steps, loss, ce, kl, fixed, n_facts)
     bad = [n for n, v in values.items() if not torch.isfinite(v).all()]
     if bad:
         raise SurgeryFailed(f"training produced NaN/Inf weights in {', '.join(bad)}; try a lower learning rate")
-    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss.item(), ce.item(),
-                        kl.item(), fixed)
+    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss, ce, float(kl), fixed)
 
 
 def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | None) -> tuple[list[str], str]:
@@ -268,7 +286,7 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         t_train = time.perf_counter()
         budget = config.max_unrelated_tokens
         budget = unrelated_token_budget(layout.d_vocab) if budget is None else budget
-        frozen = freeze_inputs(model, tokenizer, facts, unrelated, layer, budget)
+        frozen = freeze_fact_batches(model, tokenizer, facts, unrelated, layer, budget, config.batch_size)
         outcome = train_site(model, frozen, config.site, layer, config, progress)
         train_time = time.perf_counter() - t_train
 

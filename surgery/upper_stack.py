@@ -128,6 +128,17 @@ def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated
     return frozen
 
 
+def freeze_fact_batches(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated: Sequence[str], layer: int,
+                        max_unrelated_tokens: int, batch_size: int) -> list[FrozenInputs]:
+    """:func:`freeze_inputs` for ``batch_size`` facts at a time (memory bounded by the batch); only the first
+    batch carries the unrelated text. :func:`surgery.training.train_site` accumulates over them."""
+    facts = list(facts)
+    batches = [freeze_inputs(model, tokenizer, facts[:batch_size], unrelated, layer, max_unrelated_tokens)]
+    for start in range(batch_size, len(facts), batch_size):
+        batches.append(freeze_inputs(model, tokenizer, facts[start : start + batch_size], [], layer, 0))
+    return batches
+
+
 class UpperStack:
     """Blocks ``layer .. n_layer-1``, the final norm and the unembedding, with block ``layer`` replaced by a private
     copy whose site parameters are given per call (``functional_call``: the copy itself is never written)."""

@@ -196,3 +196,20 @@ def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_toke
     rel_before = r.comparison.panel_before.relation.results[0]
     assert e["relation"]["before"] == int(rel_before.correct)
     assert any(row[0].startswith("unedited facts") for row in r.rows())
+
+
+def test_mini_batches_give_the_full_batch_step(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    """Facts split into mini-batches (gradient accumulated) train exactly as one batch, up to float order."""
+    from surgery.upper_stack import freeze_fact_batches
+
+    config = SurgeryConfig(site="wv", layer=1, **FAST)
+    one = training.train_site(tiny_model, freeze_fact_batches(tiny_model, tiny_tokenizer, facts,
+                                                              tiny_panel.unrelated_text, 1, 512, 64), "wv", 1, config)
+    batches = freeze_fact_batches(tiny_model, tiny_tokenizer, facts, tiny_panel.unrelated_text, 1, 512, 1)
+    assert [len(b.targets) for b in batches] == [1, 1, 1] and batches[1].text is None
+    split = training.train_site(tiny_model, batches, "wv", 1, config)
+    assert split.steps == one.steps and split.fixed == one.fixed == 3
+    for name, value in one.values.items():
+        torch.testing.assert_close(split.values[name], value, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="batch_size"):
+        SurgeryConfig(batch_size=0)
