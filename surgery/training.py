@@ -223,7 +223,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     bad = [n for n, v in values.items() if not torch.isfinite(v).all()]
     if bad:
         raise SurgeryFailed(f"training produced NaN/Inf weights in {', '.join(bad)}; try a lower learning rate")
-    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss, ce, float(kl), fixed)
+    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss, ce, float(kl.detach()), fixed)
 
 
 def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | None) -> tuple[list[str], str]:
