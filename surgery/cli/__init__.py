@@ -17,7 +17,7 @@ from ..errors import SurgeryError
 
 # Command modules, in the order `--help` lists them.
 COMMANDS = ["diagnose", "sites", "operate", "verify", "compare_sites", "apply_patch", "push", "heads", "crosscheck",
-            "patch_activations", "patch_weights", "census", "reproduce"]
+            "patch_activations", "patch_weights", "census", "repair_census", "reproduce"]
 
 EXIT_USER_ERROR = 2
 

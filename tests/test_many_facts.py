@@ -1,0 +1,80 @@
+"""Many facts in one edit, chosen by a census: the split, the panel, and one edit against one per fact."""
+
+from __future__ import annotations
+
+import pytest
+
+from surgery.census import census_record
+from surgery.cli import main
+from surgery.diagnosis import diagnose_batch
+from surgery.errors import InputError
+from surgery.facts import Fact
+from surgery.many_facts import RepairConfig, census_panel, repair_from_census, split_routing
+from surgery.panels import DEMO_PANEL, load_panel
+from surgery.training import SurgeryConfig
+
+
+def _facts(n_relations=2, n=6):
+    return [Fact(f"p{r}-{i}", f" t{i}", f"rel{r}", f"s{i}") for r in range(n_relations) for i in range(n)]
+
+
+def _records(facts, verdict_of):
+    return [{"prompt": f.prompt, "target": f.target, "verdict": verdict_of(f), "prescribed_layer": 1} for f in facts]
+
+
+def test_split_is_per_relation_seeded_and_skips_what_is_not_routing():
+    facts = _facts() + [Fact("amb", " x", "rel0", "s", ambiguous="generic first token")]
+    records = _records(facts, lambda f: "correct" if f.prompt.endswith("-5") else "routing")
+    edit, held = split_routing(records, facts, RepairConfig(edit_fraction=0.4, seed=3))
+    assert len(edit) == 4 and len(held) == 6  # 5 routing per relation: 2 edited, 3 held out, each relation
+    assert {f.relation for f in edit} == {"rel0", "rel1"}
+    assert not {f.prompt for f in edit} & {f.prompt for f in held}
+    assert all(not f.prompt.endswith("-5") and f.prompt != "amb" for f in edit + held)
+    assert split_routing(records, facts, RepairConfig(edit_fraction=0.4, seed=3)) == (edit, held)  # seeded
+    edit2, held2 = split_routing(records, facts, RepairConfig(edit_fraction=0.4, max_edit=1, seed=3))
+    assert len(edit2) == 1 and len(held2) == 9
+    with pytest.raises(InputError, match="no routing failure"):
+        split_routing(_records(facts, lambda f: "absence"), facts, RepairConfig())
+
+
+def test_census_panel_judges_on_held_out_and_other_relations(tiny_panel):
+    facts = _facts(3)
+    records = _records(facts, lambda f: "correct" if f.relation == "rel2" else "routing")
+    edit, held = split_routing(records, [f for f in facts if f.relation != "rel2"], RepairConfig())
+    panel = census_panel(tiny_panel, edit, held, records, facts, RepairConfig(specificity_facts=4))
+    assert [p.prompt for p in panel.facts] == [f.prompt for f in edit]
+    assert [p.prompt for p in panel.relation] == [f.prompt for f in held]
+    assert len(panel.side_effects) == 4 and all(p.prompt.startswith("p2-") for p in panel.side_effects)
+    assert panel.general == tiny_panel.general and panel.unrelated_text == tiny_panel.unrelated_text
+
+
+@pytest.mark.slow
+def test_one_edit_for_the_demo_models_routing_failures(demo, tmp_path, capsys):
+    panel = load_panel(DEMO_PANEL)
+    facts = [Fact(p.prompt, p.target, "capital", p.prompt.split()[-2]) for p in panel.facts]
+    diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    records = [census_record(f, d) for f, d in zip(facts, diagnoses)]
+    assert sum(r["verdict"] == "routing" for r in records) == 6
+    result = repair_from_census(demo.model, demo.tokenizer, records, facts, panel, SurgeryConfig(site="wv"),
+                                RepairConfig(edit_fraction=0.5, per_fact=1))
+    assert (result.edited, result.held_out) == (3, 3)
+    e = result.report.comparison.evaluation()
+    assert e["efficacy"] == {"before": 0, "after": 3, "total": 3}
+    assert e["relation"]["total"] == 3 and e["relation"]["before"] == 0  # held-out failures, never trained on
+    cmp = result.to_dict()["one_edit_vs_one_per_fact"]
+    assert cmp["per_fact"]["facts"] == 1 and cmp["one_edit"]["params_changed"] > 0
+
+    # The CLI on a census folder written the way `census` writes it.
+    import json
+
+    census = tmp_path / "census"
+    census.mkdir()
+    (census / "census.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fact_file = tmp_path / "facts.jsonl"
+    fact_file.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in facts))
+    out = tmp_path / "repair"
+    assert main(["repair-census", "--model", str(demo.source), "--census", str(census), "--facts", str(fact_file),
+                 "--out", str(out), "--per-fact", "0"]) == 0
+    written = json.loads((out / "report.json").read_text())
+    assert written["edited"] == 3 and (out / "patch.safetensors").is_file()
+    assert "One edit for 3 routing failures" in capsys.readouterr().out
