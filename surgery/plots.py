@@ -80,7 +80,8 @@ def cumulative_logit_plot(d: Diagnosis) -> Figure:
     ax.axvline(d.prescribed_layer + 1, color="grey", linestyle=":", label=f"prescribed L{d.prescribed_layer + 1}")
     ax.set_xticks(x, ["emb" if e.layer is None else f"L{e.layer + 1}" for e in d.logit_lens])
     ax.set_xlabel("residual after")
-    ax.set_ylabel("logit (ln_f + unembedding)")
+    ax.set_ylabel("logit (final norm + unembedding)")
+    _clip_outliers(ax, [v for e in d.logit_lens for v in (e.target_logit, e.competitor_logit)])
     ax.set_title(f"Cumulative logit by layer — {d.verdict}")
     ax.legend(fontsize="small")
     _caption(fig, d.n_layer)
@@ -124,6 +125,18 @@ def _label_heads(ax: Axes, image: AxesImage, grid: list[list[float]], fmt: str) 
             r, g, b, _ = image.cmap(image.norm(v))
             color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
             ax.text(head, layer, fmt.format(v), ha="center", va="center", fontsize="x-small", color=color)
+
+
+def _clip_outliers(ax: Axes, values: list[float], factor: float = 4.0) -> None:
+    """Keep the y-axis on the bulk of the lens: a first row far off-scale (the final norm applied to bare
+    embeddings gives Gemma's logits in the hundreds) would flatten every other row to a line. Such points leave
+    the chart, and the axis label says so."""
+    ordered = sorted(values)
+    lo, hi = ordered[len(ordered) // 10], ordered[-(len(ordered) // 10) - 1]  # 10th..90th percentile
+    span = max(hi - lo, 1e-6)
+    if ordered[0] < lo - factor * span or ordered[-1] > hi + factor * span:
+        ax.set_ylim(lo - span, hi + span)
+        ax.set_ylabel(ax.get_ylabel() + "\n(off-scale rows clipped)", fontsize="small")
 
 
 def _box(head: int, layer: int) -> Rectangle:

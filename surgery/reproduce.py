@@ -117,7 +117,7 @@ class Reproduction:
             for e in t.lens:
                 name = "embeddings" if e["block"] is None else f"L{e['block'] + 1}"
                 lines.append(f"| {name} | {e['target_rank']} | {e['target_logit']:.2f} | {e['competitor_logit']:.2f} |")
-        lines += ["", f"## Four sites at L{self.layer + 1} ({self.layer_reason})", "",
+        lines += ["", f"## Four sites at L{self.layer + 1}", "", f"Layer: {self.layer_reason}.", "",
                   "| site | params | facts | general | neighbourhood | side effects | perplexity | ΔL2 | max abs Δ | "
                   "Q/K unchanged | steps | time |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in self.sites:
