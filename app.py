@@ -1,15 +1,21 @@
 """Transformer Surgery — the Gradio app (the Hugging Face Space): ``python app.py``.
 
-The UI only. :func:`build_demo` lays out four tabs — Diagnose, Heads, Surgery, Verify — whose callbacks are the
-methods of :class:`SurgeryApp`: each adapts UI values to one call into the ``surgery`` library and its result
-back to components. Nothing happens at import: the model is loaded by :func:`build_demo`, and the environment
-(``SURGERY_MODEL``, ``GRADIO_SERVER_NAME``/``PORT``, ``SPACE_ID``) is read only by :func:`main`.
+The UI only. :func:`build_demo` lays out a model picker and four tabs — Diagnose, Heads, Surgery, Verify — whose
+callbacks are the methods of :class:`SurgeryApp`: each adapts UI values to one call into the ``surgery`` library
+and its result back to components. Nothing happens at import: the models are listed and the configured one loaded
+by :func:`build_demo`, and the environment (``SURGERY_MODEL``, ``GRADIO_SERVER_NAME``/``PORT``, ``SPACE_ID``) is
+read only by :func:`main`.
 
-Many users share one base model that is never modified. A session's edit lives in its ``gr.State`` as a
-:class:`surgery.sessions.SessionEdit` (patch + report + its own download folder) and that session's requests run
-on a patched *view* of the base (:func:`surgery.patch.patched_model`), so sessions never see each other's edits.
-Surgery runs through the queue one at a time (its own concurrency group); diagnosis, generation and
-verification have their own groups, so they stay responsive while someone operates.
+The picker offers the configured model and the other supported models this machine has
+(:func:`surgery.registry.local_models`); each is loaded once, on first use, into a
+:class:`surgery.registry.ModelRegistry` shared by every session, and never modified. Every callback takes the
+picker's value last and works on that model. A session's edits live in its ``gr.State`` as a
+:class:`surgery.sessions.SessionEdits` — at most one :class:`~surgery.sessions.SessionEdit` (patch + report + its
+own download folder) per model, handed out only for the model it was made on — and that session's requests run
+on a patched *view* of the base (:func:`surgery.patch.patched_model`), so sessions never see each other's edits
+and an edit never reaches another model. Surgery runs through the queue one at a time (its own concurrency
+group); diagnosis, generation, patching and verification have their own groups, so they stay responsive while
+someone operates.
 """
 
 from __future__ import annotations
@@ -26,20 +32,23 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from surgery import plots
+from surgery import patching_plots, plots
+from surgery.activation_patching import ActivationPatching, ActivationPatchingConfig, patch_activations
+from surgery.arch import SITES, count_parameters
 from surgery.diagnosis import Diagnosis, diagnose
 from surgery.errors import InputError, SurgeryError
 from surgery.evaluation import score_probes
 from surgery.export import write_output
 from surgery.generation import generate
 from surgery.hub import push_folder
-from surgery.arch import SITES, count_parameters, layout_of
 from surgery.model_io import load_model
-from surgery.panels import Panel, Probe, panel_for_model, probes_from_json
+from surgery.panels import Panel, Probe, probes_from_json
+from surgery.registry import ModelChoice, ModelRegistry, ServedModel, local_models, start_registry
 from surgery.report import Comparison, compare, format_rows, regressions
-from surgery.sessions import SessionEdit, StartUp, load_or_demo, write_downloads
-from surgery.static_heads import StaticHeadCache, head_table
+from surgery.sessions import SessionEdit, SessionEdits, StartUp, write_downloads
+from surgery.static_heads import head_table
 from surgery.training import SurgeryConfig, choose_layer, operate
+from surgery.weight_patching import WeightPatching, patch_weights
 
 try:  # On a ZeroGPU Space, surgery and generation get a GPU for the duration of the call.
     import spaces
@@ -57,6 +66,10 @@ MAX_PROMPT_CHARS = 1000
 MAX_NEW_TOKENS = 64
 TOP_HEADS = 12
 PROMOTES_TARGET, PROMOTES_COMPETITOR = "promotes the target", "promotes the competitor"
+SIDE_BY_SIDE_COLUMNS = ["kind", "prompt", "target", "original answer", "corrected answer", "correct"]
+DEFAULT_CORRUPT = "The capital of Poland is"  # "France" -> "Poland": one token in the demo, GPT-2 and Gemma vocabularies
+SIDE_BY_SIDE_COLUMNS = ["kind", "prompt", "target", "original answer", "corrected answer", "correct"]
+DEFAULT_CORRUPT = "The capital of Poland is"  # France -> Poland: one token in the demo, GPT-2 and Gemma vocabularies
 HEAD_COLUMNS = ["head", "module", "QK overlap", "QK norm", "OV norm", "copying score",
                 "key response: proper nouns", "key response: function words"]
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose", neutral_hue="slate")
@@ -155,143 +168,202 @@ def run_generation(models, tokenizer, prompt, max_new_tokens):
     return [generate(m, tokenizer, prompt, max_new_tokens=max_new_tokens) for m in models]
 
 
+@gpu(duration=60)
+def run_activation_patching(model, tokenizer, clean, corrupt, target, competitor, config):
+    return patch_activations(model, tokenizer, clean, corrupt, target, competitor, config)
+
+
+@gpu(duration=60)
+def run_weight_patching(base, edited, tokenizer, facts, granularity):
+    return patch_weights(base, edited, tokenizer, facts, granularity=granularity)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The callbacks.
+# The callbacks. Each takes the picker's value (a model key) last; None means the registry's default model.
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class SurgeryApp:
-    """The app's event functions, all serving one shared base model (never modified)."""
+    """The app's event functions, serving the registry's shared base models (never modified)."""
 
-    def __init__(self, startup: StartUp, *, panel: Panel | None = None, allow_local_models: bool = True,
-                 work_dir: str | None = None):
-        self.base = startup.loaded
-        self.fallback_reason = startup.fallback_reason
+    def __init__(self, registry: ModelRegistry, *, allow_local_models: bool = True, work_dir: str | None = None):
+        self.registry = registry
+        self.fallback_reason = registry.fallback_reason
         self.allow_local_models = allow_local_models
         self.work_dir = work_dir
-        self.layout = layout_of(self.base.model)
-        self.panel = panel if panel is not None else bundled_panel(self.base.model)
-        self.head_cache = StaticHeadCache()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.base.model.parameters()).device
+    def served(self, model: str | None = None) -> ServedModel:
+        """The picked model (loaded on first use; shared by every session)."""
+        return self.registry.get(model or None)
 
-    @property
-    def facts(self) -> list[Probe]:
-        return list(self.panel.facts) if self.panel else []
+    @staticmethod
+    def edit_of(edits: SessionEdits | None, served: ServedModel) -> SessionEdit | None:
+        """This session's edit of ``served``, never one made on another model."""
+        return edits.get(served.key) if edits is not None else None
+
+    # --- The model picker ------------------------------------------------------------------------------------
+
+    @user_errors
+    def select_model(self, model: str, edits: SessionEdits | None, progress=gr.Progress()):
+        """Switch this session to ``model`` (loading it on first use). Returns, in the order of ``model_view`` in
+        :func:`build_demo`: the model line, the examples, the Diagnose prompt/target/competitor, the Surgery tab's
+        site, layer, facts note, facts table and JSON, generation prompt and repository name, and — when this
+        session already edited this model — that edit's results (:func:`surgery_outputs`) and their visibility."""
+        if not self.registry.is_loaded(model):
+            progress(0, desc=f"loading {model} (first use: it stays loaded for everyone)")
+        served = self.served(model)
+        first = served.facts[0] if served.facts else Probe("The capital of France is", " Paris")
+        facts_json = json.dumps([p.to_dict() for p in served.facts], indent=1)
+        edit = self.edit_of(edits, served)
+        return (model_line(served), examples_update(served), first.prompt, first.target, "",
+                gr.Radio(choices=site_choices(served), value="wv"),
+                gr.Dropdown(choices=layer_choices(served), value="auto"),
+                facts_note(served), [[p.prompt, p.target] for p in served.facts] or None, facts_json,
+                first.prompt, f"{Path(served.key).name}-surgery",
+                *surgery_outputs(edit), gr.Column(visible=edit is not None))
 
     # --- Diagnose --------------------------------------------------------------------------------------------
 
     @user_errors
-    def diagnose(self, prompt: str, target: str, competitor: str = ""):
+    def diagnose(self, prompt: str, target: str, competitor: str = "", model: str | None = None):
         """Why does the model (not) answer ``target`` after ``prompt``? Returns the verdict sentence, the
         logit-lens chart, the layer×head heatmap, the top heads and the whole diagnosis as JSON."""
         check_prompt(prompt)
-        d = diagnose(self.base.model, self.base.tokenizer, prompt, target, (competitor or "").strip() or None)
+        served = self.served(model)
+        d = diagnose(served.model, served.tokenizer, prompt, target, (competitor or "").strip() or None)
         return (verdict_markdown(d), plots.cumulative_logit_plot(d), plots.attribution_heatmap(d),
                 top_heads(d, TOP_HEADS), d.to_dict())
+
+    @user_errors
+    def patch_activations(self, prompt: str, corrupt: str, target: str, competitor: str = "",
+                          kind: str = "resid", model: str | None = None):
+        """Activation patching from the diagnosed (clean) prompt into ``corrupt``: which block outputs at which
+        positions (``kind``: resid, attn or mlp) and which heads carry the target's lead? Returns a summary, the
+        block×position and block×head heatmaps, and the result as JSON."""
+        check_prompt(prompt)
+        check_prompt(corrupt, "corrupted prompt")
+        if kind not in ("resid", "attn", "mlp"):
+            raise InputError(f"unknown grid {kind!r}: choose resid, attn or mlp")
+        served = self.served(model)
+        result = run_activation_patching(served.model, served.tokenizer, prompt, corrupt, target,
+                                         (competitor or "").strip() or None,
+                                         ActivationPatchingConfig(kinds=(kind, "head")))
+        return (activation_markdown(result, kind), patching_plots.patching_heatmap(result, kind),
+                patching_plots.patching_heatmap(result, "head"), result.to_dict())
 
     # --- Surgery ---------------------------------------------------------------------------------------------
 
     @user_errors
-    def operate(self, facts: str, site: str, layer, edit: SessionEdit | None, progress=gr.Progress()):
-        """Train one site so that the facts come out right. The edit is kept in this session only."""
+    def operate(self, facts: str, site: str, layer, edits: SessionEdits | None, model: str | None = None,
+                progress=gr.Progress()):
+        """Train one site of the picked model so that the facts come out right. The edit is kept in this session
+        only, as this model's edit (replacing this session's earlier edit of the same model)."""
         probes = parse_facts(facts)
         config = SurgeryConfig(site=site, layer=parse_layer(layer))
+        served = self.served(model)
 
         progress(0, desc="diagnosing the facts, capturing the frozen layers")
-        result = run_surgery(self.base.model, self.base.tokenizer, probes, config, self.panel,
+        result = run_surgery(served.model, served.tokenizer, probes, config, served.panel,
                              TrainingProgress(progress, site))
         progress(1, desc="writing the patch and the report")
         folder = Path(tempfile.mkdtemp(prefix="surgery-session-", dir=self.work_dir))
-        files = write_downloads(folder, self.base, result)
-        if edit is not None:
-            edit.discard()
-        new = SessionEdit(result=result, facts=probes, folder=folder, files=list(files))
-        report = result.report
-        facts_rows = [[f.prompt, f.target, f.before, f.after, "✓" if f.correct_after else "✗"]
-                      for f in report.comparison.facts]
-        return (operation_markdown(report), format_rows(report.rows(), markdown=True), facts_rows,
-                [str(p) for p in new.files], result.to_dict(), new)
+        files = write_downloads(folder, served.loaded, result)
+        new = SessionEdit(result=result, facts=probes, folder=folder, files=list(files), model_key=served.key)
+        edits = edits if edits is not None else SessionEdits()
+        edits.put(new)
+        return (*surgery_outputs(new), edits)
 
     @user_errors
-    def generate(self, prompt: str, max_new_tokens: int, edit: SessionEdit | None):
+    def generate(self, prompt: str, max_new_tokens: int, edits: SessionEdits | None, model: str | None = None):
         """Greedy continuations of ``prompt``: the original model, and this session's corrected model."""
         check_prompt(prompt)
         n = max(1, min(int(max_new_tokens or 20), MAX_NEW_TOKENS))
+        served = self.served(model)
+        edit = self.edit_of(edits, served)
         if edit is None:
-            (original,) = run_generation([self.base.model], self.base.tokenizer, prompt, n)
-            return original, "(no surgery in this session yet)"
-        original, corrected = run_generation([self.base.model, edit.model(self.base.model)],
-                                             self.base.tokenizer, prompt, n)
+            (original,) = run_generation([served.model], served.tokenizer, prompt, n)
+            return original, "(no surgery on this model in this session yet)"
+        original, corrected = run_generation([served.model, edit.model(served.model)], served.tokenizer, prompt, n)
         return original, corrected
 
     @user_errors
-    def push(self, repo_name: str, private: bool, edit: SessionEdit | None,
+    def push(self, repo_name: str, private: bool, edits: SessionEdits | None, model: str | None = None,
              oauth_token: gr.OAuthToken | None = None, profile: gr.OAuthProfile | None = None):
         """Push this session's corrected model (model folder, patch, report, model card) to the signed-in user's
         own namespace."""
         if oauth_token is None or profile is None:
             raise gr.Error("Sign in with Hugging Face first: the model is pushed to your own account, with your "
                            "permission.", print_exception=False)
+        served = self.served(model)
+        edit = self.edit_of(edits, served)
         if edit is None:
-            raise InputError("nothing to push yet: perform surgery first")
+            raise InputError("nothing to push yet: perform surgery on this model first")
         name = (repo_name or "").strip().split("/")[-1]
         if not name:
             raise InputError("give the new model repository a name, e.g. gpt2-capitals-fixed")
         folder = edit.folder / "model"
         if not folder.exists():
-            write_output(folder, self.base, edit.result)
+            write_output(folder, served.loaded, edit.result)
         url = push_folder(folder, f"{profile.username}/{name}", token=oauth_token.token, private=bool(private))
         return f"Pushed to [{profile.username}/{name}]({url})."
 
     # --- Verify ----------------------------------------------------------------------------------------------
 
     @user_errors
-    def verify(self, corrected: str, edit: SessionEdit | None):
-        """The facts and the panels on the original and on a corrected model, side by side. ``corrected``: a Hub
-        id or a folder, or blank for this session's edit."""
+    def verify(self, corrected: str, edits: SessionEdits | None, model: str | None = None):
+        """The facts (and their paraphrases) and the panels on the original and on a corrected model, side by
+        side. ``corrected``: a Hub id or a folder, or blank for this session's edit of the picked model."""
         source = (corrected or "").strip()
+        served = self.served(model)
+        edit = self.edit_of(edits, served)
         if source:
             if not self.allow_local_models and not _looks_like_hub_id(source):
                 raise InputError("give a Hub model id (user/name); local folders are not read on the Space")
-            other = load_model(source, device=self.device)
-            if other.tokenizer.get_vocab() != self.base.tokenizer.get_vocab():
+            other = load_model(source, device=device_of(served))
+            if other.tokenizer.get_vocab() != served.tokenizer.get_vocab():
                 raise InputError(f"{source} uses another vocabulary than the base model: it is not a fix of it")
-            model, label = other.model, source
+            corrected_model, label = other.model, source
         elif edit is not None:
-            model, label = edit.model(self.base.model), "this session's edit"
+            corrected_model, label = edit.model(served.model), "this session's edit"
         else:
-            raise InputError("nothing to verify yet: perform surgery in this session, or give a Hub id or a folder")
-        if self.panel is None:
-            raise InputError("no bundled evaluation panel fits this model, so there is nothing to verify against")
-        facts = self.facts + ([f for f in edit.facts if f not in self.facts] if edit is not None and not source else [])
-        comparison = compare(self.base.model, model, self.base.tokenizer, facts, self.panel)
+            raise InputError("nothing to verify yet: perform surgery on this model in this session, or give a Hub "
+                             "id or a folder")
+        facts = served.facts + ([f for f in edit.facts if f not in served.facts] if edit is not None and not source
+                                else [])
+        comparison = compare(served.model, corrected_model, served.tokenizer, facts, served.panel)
         return verification_outputs(comparison, label)
+
+    @user_errors
+    def patch_weights(self, granularity: str, edits: SessionEdits | None, model: str | None = None):
+        """Weight patching of this session's edit: copy each changed component (a site, or a head's V/O slice)
+        of the corrected model into the original, one at a time, and score the edit's facts on each hybrid."""
+        served = self.served(model)
+        edit = self.edit_of(edits, served)
+        if edit is None:
+            raise InputError("no edit to take apart yet: perform surgery on this model in this session first")
+        result = run_weight_patching(served.model, edit.model(served.model), served.tokenizer, edit.facts,
+                                     granularity)
+        return weight_markdown(result), patching_plots.weight_patching_chart(result), result.to_dict()
 
     # --- Heads -----------------------------------------------------------------------------------------------
 
     @user_errors
-    def heads(self):
-        """Static, input-free views of every head (the table is computed once and cached)."""
-        table = head_table(self.base.model, self.base.tokenizer, cache=self.head_cache)
-        rows = [[s.label, f"{self.layout.adapter.block(s.layer)} head {s.head}", *(_round(v) for v in (
+    def heads(self, model: str | None = None):
+        """Static, input-free views of every head (the table is computed once per model and cached)."""
+        served = self.served(model)
+        table = head_table(served.model, served.tokenizer, cache=served.head_cache)
+        rows = [[s.label, f"{served.layout.adapter.block(s.layer)} head {s.head}", *(_round(v) for v in (
                     s.qk_overlap, s.qk_norm, s.ov_norm, s.copying_score, s.key_response.get("proper_noun"),
                     s.key_response.get("function_word")))] for s in table]
         return plots.qk_overlap_heatmap(table), plots.key_response_plot(table), rows
 
 
+def device_of(served: ServedModel) -> torch.device:
+    return next(served.model.parameters()).device
+
+
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def bundled_panel(model) -> Panel | None:
-    """The bundled evaluation panel for ``model``, or None when none fits (the facts are then typed in)."""
-    try:
-        return panel_for_model(model)
-    except SurgeryError:
-        return None
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -299,7 +371,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Result -> Markdown.
+# Result -> Markdown and table rows.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -326,25 +398,88 @@ def verdict_markdown(d: Diagnosis) -> str:
     return f"{head}\n\n{d.summary()}{note}"
 
 
+def side_by_side_rows(c: Comparison) -> list[list[str]]:
+    """The original's and the corrected model's answers (:data:`SIDE_BY_SIDE_COLUMNS`): the facts, then each
+    fact's paraphrases."""
+    def row(kind: str, f) -> list[str]:
+        return [kind, f.prompt, f.target, f.before, f.after, "✓" if f.correct_after else "✗"]
+
+    return [row("fact", f) for f in c.facts] + [row("paraphrase", p) for p in c.paraphrases]
+
+
+def evaluation_markdown(rows: list[tuple[str, str, str]], c: Comparison) -> str:
+    """The before/after table (efficacy, paraphrases, unedited facts, neighbourhood, side effects, perplexity,
+    KL, ...) and what this tokenizer could not score."""
+    text = format_rows(rows, markdown=True)
+    if c.unavailable:
+        text += "\n\n*Not scored with this tokenizer: " + "; ".join(c.unavailable) + ".*"
+    return text
+
+
 def operation_markdown(report) -> str:
     c = report.comparison
     n = len(c.facts)
-    return (f"**Surgery done** on `{report.site}` of block {report.layer} (L{report.layer + 1}) — "
+    where = f"`{report.block}`" if report.block else f"block {report.layer}"
+    para = c.evaluation()["paraphrase"]
+    paraphrases = (f" Paraphrases: {para['before']}/{para['total']} → **{para['after']}/{para['total']}**."
+                   if para["total"] else "")
+    return (f"**Surgery done** on `{report.site}` of {where} (L{report.layer + 1}) — "
             f"{report.params_in_site:,} parameters ({100 * report.fraction:.2f}% of the model), "
             f"{report.steps} steps in {report.train_time_s:.1f} s. Facts correct: **{c.facts_before}/{n} → "
-            f"{c.facts_after}/{n}**.\n\n*Layer: {report.layer_reason}.*")
+            f"{c.facts_after}/{n}**.{paraphrases}\n\n*Layer: {report.layer_reason}.*")
+
+
+NO_EDIT_YET = "The shared model is never changed: your edit lives in your session only."
+
+
+def surgery_outputs(edit: SessionEdit | None) -> tuple:
+    """What the Surgery tab shows for an edit (summary, evaluation table, side-by-side rows, downloads, report
+    JSON), or its empty state."""
+    if edit is None:
+        return NO_EDIT_YET, "", None, None, None
+    report = edit.result.report
+    return (operation_markdown(report), evaluation_markdown(report.rows(), report.comparison),
+            side_by_side_rows(report.comparison), [str(p) for p in edit.files], edit.result.to_dict())
 
 
 def verification_outputs(c: Comparison, label: str):
-    """Verdict line, facts rows, panel table and JSON of a verification (the rules of ``surgery verify``)."""
+    """Verdict line, side-by-side rows, evaluation table and JSON of a verification (the rules of
+    ``surgery verify``)."""
     reasons = regressions(c)
     n = len(c.facts)
     verdict = (f"**✓ Verified — {label}**: {c.facts_after}/{n} facts correct (original {c.facts_before}/{n}), "
                "no panel regressed." if not reasons else
                f"**✗ Not verified — {label}**: " + "; ".join(reasons) + ".")
-    facts = [[f.prompt, f.target, f.before, f.after, "✓" if f.correct_after else "✗"] for f in c.facts]
-    return verdict, facts, format_rows(c.rows(), markdown=True), {"verified": not reasons, "reasons": reasons,
-                                                                   "corrected": label, **c.to_dict()}
+    return verdict, side_by_side_rows(c), evaluation_markdown(c.rows(), c), {
+        "verified": not reasons, "reasons": reasons, "corrected": label, **c.to_dict()}
+
+
+def activation_markdown(r: ActivationPatching, kind: str) -> str:
+    """Both runs' logit differences and the units restoring the most of it."""
+    layer, pos, value = r.grids[kind].best()
+    clean, corrupt = r.clean_tokens[pos], r.corrupt_tokens[pos]
+    token = repr(clean) if clean == corrupt else f"{clean!r}→{corrupt!r}"
+    h_layer, head, h_value = r.grids["head"].best()
+    what = {"resid": "block output", "attn": "attention output", "mlp": "MLP output"}[kind]
+    return (f"`d = logit({r.target.text!r}) − logit({r.competitor.text!r})` ({r.competitor_source}): clean "
+            f"**{r.logit_diff_clean:+.3f}**, corrupted **{r.logit_diff_corrupt:+.3f}**. Restoring the most: the "
+            f"{what} of **L{layer + 1}** at {token} (**{value:.2f}** of the difference) and head "
+            f"**{head_label(h_layer, head)}** at every position (**{h_value:.2f}**). 1 = the clean run's "
+            f"difference, 0 = the corrupted run's.")
+
+
+def weight_markdown(w: WeightPatching) -> str:
+    """Which changed component of the edit moves the facts, as weight patching scores it."""
+    n = w.facts_total
+    text = (f"Facts right: original **{w.recipient_correct}/{n}**, this session's edit **{w.donor_correct}/{n}**. ")
+    best = w.best()
+    if best is None:
+        return text + "The edit changed no component's weights."
+    name = f"L{best.layer + 1} {best.name}" if best.head is None else f"{head_label(best.layer, best.head)} {best.name}"
+    return text + (f"Copying **{name}** alone into the original raises the target logit most "
+                   f"({best.mean_target_logit_change:+.3f} on average; {best.facts_correct}/{n} facts right on "
+                   f"that hybrid). {len(w.components)} changed components scored, {w.skipped_identical} left out "
+                   "(identical in both models).")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,24 +487,31 @@ def verification_outputs(c: Comparison, label: str):
 # ----------------------------------------------------------------------------------------------------------------
 
 INTRO = """# Transformer Surgery
-*Diagnose why a GPT-2 model answers wrong, edit one site of one layer, verify and ship the fix.*"""
+*Diagnose why a language model answers wrong, edit one site of one layer, verify and ship the fix.*"""
 
 
-def build_demo(model_name: str | os.PathLike | None = None, *, startup: StartUp | None = None, device=None,
-               panel: Panel | None = None, login: bool = False, allow_local_models: bool = True,
-               work_dir: str | None = None) -> gr.Blocks:
+def build_demo(model_name: str | os.PathLike | None = None, *, registry: ModelRegistry | None = None,
+               startup: StartUp | None = None, device=None, panel: Panel | None = None, login: bool = False,
+               allow_local_models: bool = True, work_dir: str | None = None) -> gr.Blocks:
     """The whole app as a ``gr.Blocks`` (not launched).
 
-    ``model_name``: Hub id or folder (default ``gpt2``); when it cannot be loaded (e.g. the Hub is unreachable)
-    the bundled demo model is served and a banner says so. ``startup``: an already loaded model instead (tests).
-    ``panel``: the evaluation panel (default: the bundled one that fits the model, if any).
-    ``login``: show "Sign in with Hugging Face" (needs a Space with ``hf_oauth: true``: elsewhere Gradio can only
-    mock it with a locally saved HF token, and refuses to start without one). ``allow_local_models``: let
-    Verify read local folders (off on a public Space). ``work_dir``: where per-session files go (default: temp).
+    ``model_name``: the configured model — a Hub id, a folder, a ``.gguf`` file or ``gemma3-270m`` (default
+    ``gpt2``) — loaded now and listed first in the picker, followed by the other supported models this machine
+    has (:func:`surgery.registry.local_models`), each loaded on first use. When it cannot be loaded (e.g. the Hub
+    is unreachable) the bundled demo model is served first and a banner says so. ``registry``: the models to
+    serve instead (tests); ``startup``: one already loaded model to serve alone (tests), judged by ``panel``
+    (default: its bundled panel). ``login``: show "Sign in with Hugging Face" (needs a Space with
+    ``hf_oauth: true``: elsewhere Gradio can only mock it with a locally saved HF token, and refuses to start
+    without one). ``allow_local_models``: let Verify read local folders (off on a public Space). ``work_dir``:
+    where per-session files go (default: temp).
     """
-    if startup is None:
-        startup = load_or_demo(model_name or DEFAULT_MODEL, device=device)
-    app = SurgeryApp(startup, panel=panel, allow_local_models=allow_local_models, work_dir=work_dir)
+    if registry is None:
+        if startup is not None:
+            registry = single_model_registry(startup, panel)
+        else:
+            registry = start_registry(model_name or DEFAULT_MODEL, device=device, others=local_models())
+    app = SurgeryApp(registry, allow_local_models=allow_local_models, work_dir=work_dir)
+    served = app.served()
     # delete_cache: downloads copied into Gradio's cache are removed after a few hours (a Space runs for weeks).
     with gr.Blocks(title="Transformer Surgery", delete_cache=(3600, 4 * 3600)) as demo:
         gr.Markdown(INTRO)
@@ -378,41 +520,83 @@ def build_demo(model_name: str | os.PathLike | None = None, *, startup: StartUp 
             gr.Markdown(f"⚠️ **Running the bundled demo model** — {html.escape(reason)}. It is a small "
                         "GPT-2 trained to reproduce the reference failure (six capitals answered with *the*).",
                         elem_classes="banner", elem_id="fallback-banner")
-        gr.Markdown(model_line(app), elem_classes="muted")
-        edit = gr.State(None, delete_callback=lambda e: e.discard() if e is not None else None)
+        with gr.Row(equal_height=True):
+            picker = gr.Dropdown([(c.label, c.key) for c in registry.choices], value=served.key, label="Model",
+                                 info="each model is loaded once, on first use, and shared; your edits stay in "
+                                      "your session, one per model", scale=1, min_width=280, elem_id="model-picker")
+            line = gr.Markdown(model_line(served), elem_classes="muted", elem_id="model-line")
+        edits = gr.State(None, delete_callback=lambda e: e.discard() if e is not None else None)
         with gr.Tabs():
             with gr.Tab("Diagnose", id="diagnose"):
-                diagnose_tab(app, demo)
+                diag = diagnose_tab(app, served, demo, picker)
             with gr.Tab("Heads", id="heads") as tab:
-                heads_tab(app, tab)
+                heads = heads_tab(app, tab, picker)
             with gr.Tab("Surgery", id="surgery"):
-                surgery_tab(app, edit, login)
+                surg = surgery_tab(app, served, edits, picker, login)
             with gr.Tab("Verify", id="verify"):
-                verify_tab(app, edit)
+                ver = verify_tab(app, edits, picker)
+
+        # Switching models: results of the previous model are cleared at once, then the new model is loaded (on
+        # first use) and every tab set up for it, then its first example is diagnosed.
+        stale = diag["patching"] + heads + surg["generated"] + ver
+        model_view = [line, diag["examples"], diag["prompt"], diag["target"], diag["competitor"], *surg["setup"],
+                      *surg["results"], surg["results_box"]]
+        picker.change(lambda: [None] * len(stale), None, stale, queue=False, api_visibility="private",
+                      ).then(app.select_model, [picker, edits], model_view, api_visibility="private",
+                             concurrency_limit=4, concurrency_id="select", show_progress_on=line,
+                             ).success(app.diagnose, [diag["prompt"], diag["target"], diag["competitor"], picker],
+                                       diag["outputs"], api_visibility="private", concurrency_limit=4,
+                                       concurrency_id="diagnose")
     demo.queue(default_concurrency_limit=2)
     return demo
 
 
-def model_line(app: SurgeryApp) -> str:
-    lay, loaded = app.layout, app.base
-    name = "bundled demo model" if loaded.is_demo else (loaded.source if not Path(loaded.source).is_absolute()
-                                                          else Path(loaded.source).name)
-    return (f"Model: **{name}** · {count_parameters(loaded.model) / 1e6:.1f}M parameters · {lay.n_layer} layers × "
-            f"{lay.n_head} heads · running on {app.device.type.upper()}. Layers are shown 1-indexed as "
-            f"in the reference write-up (L10 = `{lay.adapter.block(9)}`).")
+def single_model_registry(startup: StartUp, panel: Panel | None = None) -> ModelRegistry:
+    """A registry serving one already loaded model (tests, and embedding the app around a model in memory)."""
+    loaded = startup.loaded
+    key = "assets/demo-model" if loaded.is_demo else loaded.source
+    choice = ModelChoice(key, "bundled demo model" if loaded.is_demo else Path(loaded.source).name, loaded.source)
+    return ModelRegistry([choice], loaded={key: loaded}, panels={key: panel} if panel is not None else None,
+                         fallback_reason=startup.fallback_reason)
 
 
-def diagnose_tab(app: SurgeryApp, demo: gr.Blocks) -> None:
+def model_line(served: ServedModel) -> str:
+    lay, loaded = served.layout, served.loaded
+    name = "bundled demo model" if loaded.is_demo else Path(served.key).name if Path(served.key).is_absolute() \
+        else served.key
+    return (f"Model: **{name}** ({loaded.model.config.model_type}) · {count_parameters(loaded.model) / 1e6:.1f}M "
+            f"parameters · {lay.n_layer} layers × {lay.n_head} heads · running on "
+            f"{device_of(served).type.upper()}. Layers are shown 1-indexed as in the reference write-up "
+            f"(L{lay.n_layer} = `{lay.adapter.block(lay.n_layer - 1)}`).")
+
+
+def examples_update(served: ServedModel) -> gr.Dataset:
+    """The Diagnose tab's examples: the model's fact panel, one click each."""
+    facts = served.facts
+    return gr.Dataset(samples=[[f.prompt, f.target] for f in facts], sample_labels=[example_label(f) for f in facts],
+                      label=f"The {len(facts)} capitals of the fact panel (click one to diagnose it)",
+                      visible=bool(facts))
+
+
+def pick_example(sample) -> tuple[str, str, str]:
+    return sample[0], sample[1], ""
+
+
+def diagnose_tab(app: SurgeryApp, served: ServedModel, demo: gr.Blocks, picker: gr.Dropdown) -> dict:
     with gr.Row():
         with gr.Column(scale=2):
-            first = app.facts[0] if app.facts else Probe("The capital of France is", " Paris")
+            first = served.facts[0] if served.facts else Probe("The capital of France is", " Paris")
             prompt = gr.Textbox(label="Prompt", value=first.prompt, max_lines=4)
             with gr.Row():
                 target = gr.Textbox(label="Target (the right answer)", value=first.target,
-                                    info="GPT-2 words start with a space: ' Paris'")
+                                    info="words usually start with a space: ' Paris'")
                 competitor = gr.Textbox(label="Competitor (optional)", placeholder="default: the model's answer")
             run = gr.Button("Diagnose", variant="primary")
-            examples_slot = gr.Column()
+            facts = served.facts
+            examples = gr.Dataset(components=[prompt, target], samples=[[f.prompt, f.target] for f in facts],
+                                  sample_labels=[example_label(f) for f in facts], samples_per_page=12,
+                                  label=f"The {len(facts)} capitals of the fact panel (click one to diagnose it)",
+                                  visible=bool(facts), elem_id="examples")
         with gr.Column(scale=3):
             verdict = gr.Markdown("Press **Diagnose**.", elem_classes="verdict", elem_id="verdict")
             lens = gr.Plot(label="Logit lens: target vs competitor after each layer", show_label=False,
@@ -428,18 +612,42 @@ def diagnose_tab(app: SurgeryApp, demo: gr.Blocks) -> None:
     with gr.Accordion("Full diagnosis (JSON)", open=False):
         raw = gr.JSON(label="diagnosis")
     outputs = [verdict, lens, heatmap, bars, raw]
-    gr.on([run.click, prompt.submit, target.submit, competitor.submit], app.diagnose,
-          [prompt, target, competitor], outputs,
+    inputs = [prompt, target, competitor, picker]
+    gr.on([run.click, prompt.submit, target.submit, competitor.submit], app.diagnose, inputs, outputs,
           api_name="diagnose", concurrency_limit=4, concurrency_id="diagnose")
     # The page opens on the first example already diagnosed, rather than on empty charts.
-    demo.load(app.diagnose, [prompt, target, competitor], outputs, api_visibility="private",
-              concurrency_limit=4, concurrency_id="diagnose")
-    if app.facts:
-        with examples_slot:
-            gr.Examples([[f.prompt, f.target, ""] for f in app.facts], [prompt, target, competitor], outputs,
-                        app.diagnose, cache_examples=False, run_on_click=True, api_visibility="private",
-                        label=f"The {len(app.facts)} capitals of the fact panel (click one to diagnose it)",
-                        examples_per_page=12, example_labels=[example_label(f) for f in app.facts])
+    demo.load(app.diagnose, inputs, outputs, api_visibility="private", concurrency_limit=4, concurrency_id="diagnose")
+    examples.click(pick_example, examples, [prompt, target, competitor], queue=False, api_visibility="private",
+                   ).then(app.diagnose, inputs, outputs, api_visibility="private", concurrency_limit=4,
+                          concurrency_id="diagnose")
+    patching = activation_patching_view(app, prompt, target, competitor, picker)
+    return {"prompt": prompt, "target": target, "competitor": competitor, "examples": examples,
+            "outputs": outputs, "patching": patching}
+
+
+def activation_patching_view(app: SurgeryApp, prompt, target, competitor, picker) -> list:
+    with gr.Accordion("Causal check: activation patching", open=False, elem_id="activation-patching"):
+        gr.Markdown("Run the prompt above (clean) and a corrupted prompt of the same token length, then run the "
+                    "corrupted one again with one activation taken from the clean run — every block at every "
+                    "position, and every head at all positions. Each cell is the fraction of the clean run's "
+                    "lead of the target over the competitor that this one activation restores. The target and "
+                    "competitor are the ones above (default competitor: the corrupted run's answer).",
+                    elem_classes="muted")
+        with gr.Row():
+            corrupt = gr.Textbox(label="Corrupted prompt", value=DEFAULT_CORRUPT, scale=3,
+                                 info="same number of tokens as the prompt: swap a word for one of the same length")
+            kind = gr.Radio([("block output", "resid"), ("attention output", "attn"), ("MLP output", "mlp")],
+                            value="resid", label="Block × position grid", scale=2)
+            go = gr.Button("Patch activations", scale=1)
+        summary = gr.Markdown(elem_id="activation-summary")
+        with gr.Row():
+            positions = gr.Plot(label="Block × position", show_label=False, elem_id="patching-positions")
+            heads = gr.Plot(label="Block × head", show_label=False, elem_id="patching-heads")
+        raw = gr.JSON(visible=False)
+    gr.on([go.click, corrupt.submit], app.patch_activations, [prompt, corrupt, target, competitor, kind, picker],
+          [summary, positions, heads, raw], api_name="patch_activations", concurrency_limit=1,
+          concurrency_id="patching")
+    return [summary, positions, heads, raw]
 
 
 def example_label(fact: Probe) -> str:
@@ -448,48 +656,50 @@ def example_label(fact: Probe) -> str:
     return f"{words[-1] if words else fact.prompt} → {fact.target.strip()}"
 
 
-def heads_tab(app: SurgeryApp, tab: gr.Tab) -> None:
+def heads_tab(app: SurgeryApp, tab: gr.Tab, picker: gr.Dropdown) -> list:
     gr.Markdown("Input-free views of every attention head, from the weights alone (computed when this tab is "
-                "first opened): how much each head's query and key read the same input dimensions (QK overlap), "
-                "and how strongly its keys respond to each class of token.", elem_classes="muted")
+                "opened, once per model): how much each head's query and key read the same input dimensions (QK "
+                "overlap), and how strongly its keys respond to each class of token.", elem_classes="muted")
     with gr.Row():
         overlap = gr.Plot(label="QK overlap per head", show_label=False, scale=3)
         keys = gr.Plot(label="Key response by token class, per layer", show_label=False, scale=2)
     table = gr.Dataframe(headers=HEAD_COLUMNS, label="Every head (click a column to sort)", interactive=False,
                          max_height=420)
-    tab.select(app.heads, None, [overlap, keys, table], api_name="heads", concurrency_limit=1,
+    tab.select(app.heads, picker, [overlap, keys, table], api_name="heads", concurrency_limit=1,
                concurrency_id="heads")
+    return [overlap, keys, table]
 
 
-def site_choices(app: SurgeryApp) -> list[tuple[str, str]]:
-    total = count_parameters(app.base.model)
+def site_choices(served: ServedModel) -> list[tuple[str, str]]:
+    total = count_parameters(served.model)
     out = []
     for site in SITES:
-        n = app.layout.site_size(app.base.model, site, 0)
+        n = served.layout.site_size(served.model, site, 0)
         out.append((f"{site} · {n:,} params ({100 * n / total:.2f}%)", site))
     return out
 
 
-def layer_choices(app: SurgeryApp) -> list[tuple[str, str]]:
-    prescribed = prescribed_layer(app)
-    auto = (f"auto — prescribed: L{prescribed + 1} ({app.layout.adapter.block(prescribed)})" if prescribed is not None
+def layer_choices(served: ServedModel) -> list[tuple[str, str]]:
+    prescribed = prescribed_layer(served)
+    block = served.layout.adapter.block
+    auto = (f"auto — prescribed: L{prescribed + 1} ({block(prescribed)})" if prescribed is not None
             else "auto — prescribed by the diagnosis")
-    return [(auto, "auto")] + [(f"L{l + 1} ({app.layout.adapter.block(l)})", str(l)) for l in range(app.layout.n_layer)]
+    return [(auto, "auto")] + [(f"L{l + 1} ({block(l)})", str(l)) for l in range(served.layout.n_layer)]
 
 
-def prescribed_layer(app: SurgeryApp) -> int | None:
+def prescribed_layer(served: ServedModel) -> int | None:
     try:
-        return choose_layer(app.base.model, app.base.tokenizer, app.facts)[0] if app.facts else None
+        return choose_layer(served.model, served.tokenizer, served.facts)[0] if served.facts else None
     except SurgeryError:
         return None
 
 
-def facts_note(app: SurgeryApp) -> str:
+def facts_note(served: ServedModel) -> str:
     """Which panel facts the base model gets wrong (surgery should fix them) and right (the edit must keep them)."""
-    if not app.facts:
-        return "No bundled fact panel fits this model: write the facts to fix as JSON."
+    if not served.facts:
+        return "No bundled fact fits this model's vocabulary: write the facts to fix as JSON."
     try:
-        scores = score_probes(app.base.model, app.base.tokenizer, app.facts)
+        scores = score_probes(served.model, served.tokenizer, served.facts)
     except SurgeryError as e:  # a panel that does not fit this tokenizer: say so instead of failing to start
         return f"The fact panel does not fit this model: {html.escape(str(e), quote=False)}."
     wrong = [r for r in scores.results if not r.correct]
@@ -517,54 +727,59 @@ def table_to_json(rows) -> str:
         return gr.skip()
 
 
-def surgery_tab(app: SurgeryApp, edit: gr.State, login: bool) -> None:
-    default_json = json.dumps([p.to_dict() for p in app.facts], indent=1)
+def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: gr.Dropdown, login: bool) -> dict:
+    facts_list = served.facts
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            gr.Markdown(facts_note(app), elem_classes="muted")
+            note = gr.Markdown(facts_note(served), elem_classes="muted")
             with gr.Tabs():
                 with gr.Tab("Facts (table)"):
-                    table = gr.Dataframe(value=[[p.prompt, p.target] for p in app.facts] or None,
+                    table = gr.Dataframe(value=[[p.prompt, p.target] for p in facts_list] or None,
                                          headers=["prompt", "target"], datatype=["str", "str"],
-                                         interactive=True, row_count=len(app.facts) or 1, show_label=False,
+                                         interactive=True, row_count=len(facts_list) or 1, show_label=False,
                                          column_widths=["70%", "30%"])
                 with gr.Tab("Facts (JSON)"):
-                    facts = gr.Code(value=default_json, language="json", interactive=True, show_label=False,
-                                    elem_id="facts-json")
+                    facts = gr.Code(value=json.dumps([p.to_dict() for p in facts_list], indent=1), language="json",
+                                    interactive=True, show_label=False, elem_id="facts-json")
         with gr.Column(scale=2):
-            site = gr.Radio(site_choices(app), value="wv", label="Site (trainable parameters)",
+            site = gr.Radio(site_choices(served), value="wv", label="Site (trainable parameters)",
                             info="wv trains only the value projection of one layer: Q, K and everything "
                                  "else stay bitwise identical")
-            layer = gr.Dropdown(layer_choices(app), value="auto", label="Layer")
+            layer = gr.Dropdown(layer_choices(served), value="auto", label="Layer")
             go = gr.Button("Perform surgery", variant="primary", elem_id="operate")
-    summary = gr.Markdown("The shared model is never changed: your edit lives in your session only.",
-                          elem_classes="verdict", elem_id="surgery-summary", min_height=64)
+    summary = gr.Markdown(NO_EDIT_YET, elem_classes="verdict", elem_id="surgery-summary", min_height=64)
     with gr.Column(visible=False) as results:
+        gr.Markdown("**Original vs corrected** on the edited facts and their paraphrases (never trained on), and "
+                    "the evaluation of the edit: efficacy, generalization (paraphrases, unedited facts of the same "
+                    "relation) and specificity (neighbourhood prompts, side effects, perplexity, KL).",
+                    elem_classes="muted")
         with gr.Row(equal_height=False):
+            outcome = gr.Dataframe(headers=SIDE_BY_SIDE_COLUMNS, label="Original vs corrected", interactive=False,
+                                   wrap=True, scale=3, elem_id="side-by-side")
             with gr.Column(scale=2, min_width=420):
-                metrics = gr.Markdown()
-            outcome = gr.Dataframe(headers=["prompt", "target", "before", "after", "fixed"], label="Facts",
-                                   interactive=False, wrap=True, scale=3)
+                metrics = gr.Markdown(elem_id="surgery-evaluation")
         downloads = gr.File(label="Downloads: patch.safetensors (only the changed weights) and report.json",
                             file_count="multiple", interactive=False)
         report = gr.JSON(visible=False)
     table.input(table_to_json, table, facts, api_visibility="private", queue=False)
     facts.input(facts_table, facts, table, api_visibility="private", queue=False)
-    go.click(app.operate, [facts, site, layer, edit], [summary, metrics, outcome, downloads, report, edit],
-             api_name="operate", concurrency_limit=1, concurrency_id="surgery", show_progress_on=summary,
-             ).success(lambda: gr.Column(visible=True), None, results, api_visibility="private", queue=False)
 
-    gr.Markdown("### Original vs corrected\nThe same greedy continuation from the shared original model and "
-                "from this session's corrected model.")
+    gr.Markdown("### Original vs corrected, any prompt\nThe same greedy continuation from the shared original "
+                "model and from this session's corrected model (filled in after surgery with the first fact).")
     with gr.Row():
-        gen_prompt = gr.Textbox(label="Prompt", value=app.facts[0].prompt if app.facts else "", scale=4)
+        gen_prompt = gr.Textbox(label="Prompt", value=facts_list[0].prompt if facts_list else "", scale=4)
         tokens = gr.Slider(1, MAX_NEW_TOKENS, value=8, step=1, label="New tokens", scale=2)
         gen = gr.Button("Generate", scale=1)
     with gr.Row():
         original = gr.Textbox(label="Original model", lines=2, elem_id="gen-original")
         corrected = gr.Textbox(label="Corrected model (this session)", lines=2, elem_id="gen-corrected")
-    gr.on([gen.click, gen_prompt.submit], app.generate, [gen_prompt, tokens, edit], [original, corrected],
+    gr.on([gen.click, gen_prompt.submit], app.generate, [gen_prompt, tokens, edits, picker], [original, corrected],
           api_name="generate", concurrency_limit=2, concurrency_id="generate")
+    go.click(app.operate, [facts, site, layer, edits, picker], [summary, metrics, outcome, downloads, report, edits],
+             api_name="operate", concurrency_limit=1, concurrency_id="surgery", show_progress_on=summary,
+             ).success(lambda: gr.Column(visible=True), None, results, api_visibility="private", queue=False,
+                       ).then(app.generate, [gen_prompt, tokens, edits, picker], [original, corrected],
+                              api_visibility="private", concurrency_limit=2, concurrency_id="generate")
 
     gr.Markdown("### Ship it\nPush the corrected model (model folder, patch, report and model card) to a new "
                 "repository in your own Hugging Face account." + ("" if login else
@@ -572,30 +787,48 @@ def surgery_tab(app: SurgeryApp, edit: gr.State, login: bool) -> None:
     with gr.Row():
         if login:
             gr.LoginButton(scale=1)
-        repo = gr.Textbox(label="Repository name", value=f"{Path(app.base.source).name}-surgery", scale=3)
+        repo = gr.Textbox(label="Repository name", value=f"{Path(served.key).name}-surgery", scale=3)
         private = gr.Checkbox(label="private", value=False, scale=1)
         push = gr.Button("Push to Hub", scale=1)
     pushed = gr.Markdown()
-    push.click(app.push, [repo, private, edit], pushed, api_name="push", concurrency_limit=1, concurrency_id="push")
+    push.click(app.push, [repo, private, edits, picker], pushed, api_name="push", concurrency_limit=1,
+               concurrency_id="push")
+    return {"setup": [site, layer, note, table, facts, gen_prompt, repo],
+            "results": [summary, metrics, outcome, downloads, report], "results_box": results,
+            "generated": [original, corrected, pushed]}
 
 
-def verify_tab(app: SurgeryApp, edit: gr.State) -> None:
-    gr.Markdown("The fact panel and the side-effect panels on the original and on a corrected model, side by "
-                "side: this session's edit, or any Hub id or folder (e.g. a model pushed from here).",
-                elem_classes="muted")
+def verify_tab(app: SurgeryApp, edits: gr.State, picker: gr.Dropdown) -> list:
+    gr.Markdown("The facts, their paraphrases and the evaluation panels on the original and on a corrected model, "
+                "side by side: this session's edit of the picked model, or any Hub id or folder (e.g. a model "
+                "pushed from here).", elem_classes="muted")
     with gr.Row():
         source = gr.Textbox(label="Corrected model", placeholder="blank: this session's edit; or user/model",
                             scale=4)
         go = gr.Button("Verify", variant="primary", scale=1)
     verdict = gr.Markdown(elem_classes="verdict", elem_id="verify-verdict")
     with gr.Row():
-        facts = gr.Dataframe(headers=["prompt", "target", "original", "corrected", "correct"], label="Facts",
-                             interactive=False, wrap=True, scale=3)
+        facts = gr.Dataframe(headers=SIDE_BY_SIDE_COLUMNS, label="Original vs corrected", interactive=False,
+                             wrap=True, scale=3)
         with gr.Column(scale=2, min_width=320):
-            panels = gr.Markdown()
+            panels = gr.Markdown(elem_id="verify-evaluation")
     raw = gr.JSON(visible=False)
-    go.click(app.verify, [source, edit], [verdict, facts, panels, raw], api_name="verify",
+    go.click(app.verify, [source, edits, picker], [verdict, facts, panels, raw], api_name="verify",
              concurrency_limit=1, concurrency_id="verify")
+
+    gr.Markdown("### Which weights carry the fix? (weight patching)\nEach component this session's edit changed "
+                "— the trained site, or one head's V or O slice — is copied alone from the corrected model into "
+                "the original, and the edit's facts are scored on that hybrid.", elem_classes="muted")
+    with gr.Row():
+        granularity = gr.Radio([("each site", "site"), ("each head's V and O slices", "head")], value="site",
+                               label="Components", scale=3)
+        patch = gr.Button("Patch weights", scale=1)
+    summary = gr.Markdown(elem_id="weight-summary")
+    chart = gr.Plot(label="Weight patching", show_label=False, elem_id="weight-chart")
+    weights = gr.JSON(visible=False)
+    patch.click(app.patch_weights, [granularity, edits, picker], [summary, chart, weights], api_name="patch_weights",
+                concurrency_limit=1, concurrency_id="patching")
+    return [verdict, facts, panels, raw, summary, chart, weights]
 
 
 def main() -> None:

@@ -1,10 +1,14 @@
-"""Serving many people from one base model: start-up with an offline fallback, and one edit per session.
+"""Serving many people from shared base models: start-up with an offline fallback, and a session's edits.
 
-The app holds one :class:`~surgery.model_io.LoadedModel` for everybody and never modifies it. A session's edit
-is a :class:`SessionEdit` — the :class:`~surgery.patch.Patch` that surgery produced, its report, and a private
-folder with the files offered for download — and every request of that session runs on
-``patched_model(base, patch)``: a view that shares all untouched modules with the base and holds its own copy of
-the one edited block. Two sessions' edits therefore never meet, and no lock is needed.
+The app holds each base model (a :class:`~surgery.model_io.LoadedModel`, see :mod:`surgery.registry`) once for
+everybody and never modifies it. A session's edit is a :class:`SessionEdit` — the :class:`~surgery.patch.Patch`
+that surgery produced, its report, and a private folder with the files offered for download — and every request
+of that session runs on ``patched_model(base, patch)``: a view that shares all untouched modules with the base and
+holds its own copy of the one edited block. Two sessions' edits therefore never meet, and no lock is needed.
+
+A session may switch between base models: its :class:`SessionEdits` keeps at most one edit per base model, under
+that model's key, and hands out only the edit made on the model asked for — an edit is never applied to another
+model.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class SessionEdit:
     facts: list[Probe]
     folder: Path
     files: list[Path] = field(default_factory=list)
+    model_key: str | None = None  # the base model it was made on (its key in the app's registry)
     _view: nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -74,6 +79,36 @@ class SessionEdit:
     def discard(self) -> None:
         """Remove the session's files (called when the session ends or is replaced by a new edit)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SessionEdits:
+    """One session's edits, at most one per base model (keyed as in :class:`surgery.registry.ModelRegistry`).
+
+    :meth:`get` returns only the edit made on the model asked for, so switching models never carries an edit
+    over; switching back finds it again. A new edit on a model replaces (and discards) that model's old one."""
+
+    def __init__(self) -> None:
+        self._edits: dict[str, SessionEdit] = {}
+
+    def get(self, model_key: str) -> SessionEdit | None:
+        return self._edits.get(model_key)
+
+    def put(self, edit: SessionEdit) -> None:
+        if edit.model_key is None:
+            raise ValueError("a session edit must name the model it was made on")
+        old = self._edits.get(edit.model_key)
+        self._edits[edit.model_key] = edit
+        if old is not None and old is not edit:
+            old.discard()
+
+    def keys(self) -> list[str]:
+        return list(self._edits)
+
+    def discard(self) -> None:
+        """Remove every edit's files (the session ended)."""
+        for edit in self._edits.values():
+            edit.discard()
+        self._edits.clear()
 
 
 def write_downloads(folder: str | os.PathLike, loaded: LoadedModel, result: SurgeryResult) -> list[Path]:

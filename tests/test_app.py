@@ -1,8 +1,8 @@
 """The app's event functions, called directly (no server): on the demo model and on the tiny fixtures.
 
-Covers the adaptation UI <-> library, every user error as one ``gr.Error`` line, and the many-users invariants:
-the shared base model is never modified, and two sessions never see each other's edits — also when their
-requests run at the same time.
+Covers the adaptation UI <-> library, every user error as one ``gr.Error`` line, the model picker, the causal
+views, and the many-users invariants: the shared base models are never modified, two sessions never see each
+other's edits — also when their requests run at the same time — and an edit never reaches another model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from conftest import make_tiny_model  # noqa: E402
 from surgery.model_io import LoadedModel  # noqa: E402
 from surgery.panels import Panel, Probe  # noqa: E402
 from surgery.patch import Patch  # noqa: E402
-from surgery.sessions import StartUp  # noqa: E402
+from surgery.registry import ModelChoice, ModelRegistry  # noqa: E402
+from surgery.sessions import SessionEdits, StartUp  # noqa: E402
 
 FRANCE = ("The capital of France is", " Paris")
 
@@ -51,20 +52,29 @@ class NoProgress:
         self.calls.append((progress, desc))
 
 
+def serving(loaded: LoadedModel, panel: Panel | None = None, **kwargs) -> app.SurgeryApp:
+    return app.SurgeryApp(app.single_model_registry(StartUp(loaded), panel), **kwargs)
+
+
 @pytest.fixture(scope="module")
 def demo_app(demo, tmp_path_factory):
-    return app.SurgeryApp(StartUp(demo), work_dir=str(tmp_path_factory.mktemp("sessions")))
+    return serving(demo, work_dir=str(tmp_path_factory.mktemp("sessions")))
 
 
 @pytest.fixture(scope="module")
-def demo_facts(demo_app) -> str:
-    return json.dumps([p.to_dict() for p in demo_app.facts])
+def demo_served(demo_app):
+    return demo_app.served()
 
 
 @pytest.fixture(scope="module")
-def operated(demo_app, demo_facts):
+def demo_facts(demo_served) -> str:
+    return json.dumps([p.to_dict() for p in demo_served.facts])
+
+
+@pytest.fixture(scope="module")
+def operated(demo_app, demo_served, demo_facts):
     """One session's surgery on the demo model (wv, auto layer), with the base model's weights before it."""
-    before = snapshot(demo_app.base.model)
+    before = snapshot(demo_served.model)
     progress = NoProgress()
     out = demo_app.operate(demo_facts, "wv", "auto", None, progress=progress)
     return before, progress, out
@@ -109,7 +119,7 @@ def test_diagnose_bad_input_is_one_gr_error(demo_app, prompt, target, match):
 
 
 def test_prompt_longer_than_the_context(tiny_model, tiny_tokenizer):
-    tiny = app.SurgeryApp(StartUp(LoadedModel(tiny_model, tiny_tokenizer, "tiny")))
+    tiny = serving(LoadedModel(tiny_model, tiny_tokenizer, "tiny"), tiny_panel())
     with pytest.raises(gr.Error, match="context"):
         tiny.diagnose("the cat sat on the mat . " * 10, "Paris", "")
 
@@ -155,15 +165,15 @@ def test_parse_layer():
         app.parse_layer("third")
 
 
-def test_site_choices_show_parameter_counts(demo_app):
-    choices = dict((value, label) for label, value in app.site_choices(demo_app))
+def test_site_choices_show_parameter_counts(demo_served):
+    choices = dict((value, label) for label, value in app.site_choices(demo_served))
     assert list(choices) == ["wv", "attn", "mlp", "layer"]
-    d = demo_app.layout.d_model
+    d = demo_served.layout.d_model
     assert f"{d * d:,} params" in choices["wv"]
 
 
-def test_layer_choices_name_the_prescribed_layer(demo_app):
-    label, value = app.layer_choices(demo_app)[0]
+def test_layer_choices_name_the_prescribed_layer(demo_served):
+    label, value = app.layer_choices(demo_served)[0]
     assert value == "auto" and "prescribed: L" in label
 
 
@@ -173,15 +183,18 @@ def test_layer_choices_name_the_prescribed_layer(demo_app):
 
 
 @pytest.mark.slow
-def test_operate_fixes_the_facts_and_leaves_the_base_alone(demo_app, operated):
-    before, progress, (summary, metrics, facts_rows, files, report, edit) = operated
-    assert_unchanged(demo_app.base.model, before)
+def test_operate_fixes_the_facts_and_leaves_the_base_alone(demo_app, demo_served, operated):
+    before, progress, (summary, metrics, facts_rows, files, report, edits) = operated
+    assert_unchanged(demo_served.model, before)
     assert "Surgery done" in summary and "8/8" in summary
-    assert "| facts correct |" in metrics and "| Q/K unchanged (bitwise) |  | true |" in metrics
-    assert all(row[4] == "✓" for row in facts_rows) and len(facts_rows) == len(demo_app.facts)
+    assert "| facts correct (efficacy) |" in metrics and "| Q/K unchanged (bitwise) |  | true |" in metrics
+    assert "| side effects (specificity) |" in metrics and "| perplexity |" in metrics
+    assert [row[0] for row in facts_rows] == ["fact"] * len(demo_served.facts)  # the demo panel has no paraphrases
+    assert all(row[5] == "✓" for row in facts_rows)
+    assert edits.keys() == [demo_served.key] and edits.get(demo_served.key).model_key == demo_served.key
     assert sorted(os.path.basename(f) for f in files) == ["patch.safetensors", "report.json"]
     patch = Patch.load(files[0])
-    assert patch.site == "wv" and patch.metadata["base_model"] == demo_app.base.source
+    assert patch.site == "wv" and patch.metadata["base_model"] == demo_served.loaded.source
     assert json.loads(open(files[1]).read())["facts_fixed"] == "8/8"
     json.dumps(report)
     assert progress.calls and progress.calls[-1][1].startswith("writing")
@@ -190,8 +203,8 @@ def test_operate_fixes_the_facts_and_leaves_the_base_alone(demo_app, operated):
 
 @pytest.mark.slow
 def test_generate_side_by_side(demo_app, operated):
-    edit = operated[2][-1]
-    original, corrected = demo_app.generate(FRANCE[0], 3, edit)
+    edits = operated[2][-1]
+    original, corrected = demo_app.generate(FRANCE[0], 3, edits)
     assert not original.strip().startswith("Paris") and corrected.strip().startswith("Paris")
     original_only, note = demo_app.generate(FRANCE[0], 3, None)
     assert original_only == original and "no surgery" in note
@@ -223,7 +236,7 @@ def test_surgery_that_fails_is_one_gr_error(tiny_tokenizer, monkeypatch):
 
     monkeypatch.setattr(app, "SurgeryConfig", functools.partial(app.SurgeryConfig, epochs=5))  # fail fast
     tiny_model = make_tiny_model(len(tiny_tokenizer))  # its own: views install transformers' hooks on a base
-    tiny = app.SurgeryApp(StartUp(LoadedModel(tiny_model, tiny_tokenizer, "tiny")), panel=tiny_panel())
+    tiny = serving(LoadedModel(tiny_model, tiny_tokenizer, "tiny"), tiny_panel())
     before = snapshot(tiny_model)
     facts = json.dumps([{"prompt": "The capital of France is", "target": t} for t in ("Paris", "Rome")])
     with pytest.raises(gr.Error, match="not fixed within the budget"):
@@ -239,7 +252,7 @@ def test_surgery_that_fails_is_one_gr_error(tiny_tokenizer, monkeypatch):
 @pytest.mark.slow
 def test_two_sessions_never_see_each_others_edits(demo_app, operated):
     """Session A holds an edit; session B makes a different one while A generates and diagnoses in parallel."""
-    base = demo_app.base.model
+    base = demo_app.served().model
     before = operated[0]
     edit_a = operated[2][-1]
     a_answer = demo_app.generate(FRANCE[0], 2, edit_a)
@@ -257,7 +270,7 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
 
     worker = threading.Thread(target=session_a)
     worker.start()
-    b = demo_app.operate(json.dumps([p.to_dict() for p in demo_app.facts]), "mlp", "auto", None,
+    b = demo_app.operate(json.dumps([p.to_dict() for p in demo_app.served().facts]), "mlp", "auto", None,
                          progress=NoProgress())
     worker.join()
     assert not errors, errors
@@ -267,6 +280,7 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
     assert_unchanged(base, before)
 
     # Each session's model is the base plus its own patch only.
+    edit_a, edit_b = edit_a.get(demo_app.served().key), edit_b.get(demo_app.served().key)
     view_a, view_b = edit_a.model(base), edit_b.model(base)
     a_params, b_params = dict(view_a.named_parameters()), dict(view_b.named_parameters())
     for name, p in base.named_parameters():
@@ -280,20 +294,221 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The model picker: two tiny models, each loaded once on first use; an edit belongs to the model it was made on
+# --------------------------------------------------------------------------------------------------------------
+
+TINY_FACTS = [Probe("The capital of France is", "Paris", ("The capital city of France is", "the capital of France is")),
+              Probe("The capital of Japan is", "Tokyo")]
+
+
+def paraphrase_panel() -> Panel:
+    return Panel(name="tiny", facts=tuple(TINY_FACTS), general=(Probe("the cat sat on the", "mat"),),
+                 side_effects=(Probe("one two", "three"),), perplexity_text="the cat sat on the mat .",
+                 unrelated_text=("the dog sat on the mat .",))
+
+
+class TinyLoader:
+    """Stands in for load_model: one tiny random GPT-2 per source (seeded by it), counting the loads."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, source, device=None):
+        self.calls.append(source)
+        seed = {"/models/a": 1, "/models/b": 2}[source]
+        return LoadedModel(make_tiny_model(len(self.tokenizer), seed=seed), self.tokenizer, source)
+
+
+def two_model_registry(tokenizer) -> tuple[ModelRegistry, TinyLoader]:
+    loader = TinyLoader(tokenizer)
+    choices = [ModelChoice("tiny-a", "tiny model A", "/models/a"), ModelChoice("tiny-b", "tiny model B", "/models/b")]
+    return ModelRegistry(choices, loader=loader, panels={"tiny-a": paraphrase_panel(), "tiny-b": paraphrase_panel()}
+                         ), loader
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_tokenizer, tmp_path_factory):
+    registry, _ = two_model_registry(tiny_tokenizer)
+    return app.SurgeryApp(registry, work_dir=str(tmp_path_factory.mktemp("two-models")))
+
+
+TINY_FACTS_JSON = json.dumps([f.to_dict() for f in TINY_FACTS])
+
+
+def operate_tiny(tiny_app: app.SurgeryApp, model: str, edits=None):
+    # The whole block 2 (site "layer"): a random tiny model is fixed within the default budget.
+    return tiny_app.operate(TINY_FACTS_JSON, "layer", "2", edits, model, progress=NoProgress())
+
+
+@pytest.fixture(scope="module")
+def operated_a(two_models):
+    """One session's surgery on tiny model A: the Surgery tab's outputs."""
+    return operate_tiny(two_models, "tiny-a")
+
+
+def picker_of(blocks: gr.Blocks) -> gr.Dropdown:
+    (picker,) = [b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "model-picker"]
+    return picker
+
+
+def test_the_picker_lists_the_models_and_each_loads_once_on_first_use(tiny_tokenizer):
+    registry, loader = two_model_registry(tiny_tokenizer)
+    picker = picker_of(app.build_demo(registry=registry))
+    assert picker.choices == [("tiny model A", "tiny-a"), ("tiny model B", "tiny-b")] and picker.value == "tiny-a"
+    assert loader.calls == ["/models/a"]  # the page is built on the default model; B is not loaded yet
+    tiny = app.SurgeryApp(registry)
+    view = tiny.select_model("tiny-b", None, progress=NoProgress())
+    assert loader.calls == ["/models/a", "/models/b"]
+    assert "**tiny-b**" in view[0] and view[2] == TINY_FACTS[0].prompt  # model line, first example
+    tiny.select_model("tiny-b", None, progress=NoProgress())
+    tiny.diagnose(*FRANCE, "", "tiny-b")
+    tiny.select_model("tiny-a", None, progress=NoProgress())
+    assert loader.calls == ["/models/a", "/models/b"]  # never again
+    with pytest.raises(gr.Error, match="unknown model"):
+        tiny.diagnose(*FRANCE, "", "tiny-c")
+
+
+def test_the_side_by_side_shows_the_facts_then_their_paraphrases(operated_a):
+    summary, metrics, rows, files, report, edits = operated_a
+    paraphrases = list(TINY_FACTS[0].paraphrases)
+    assert [r[0] for r in rows] == ["fact", "fact", "paraphrase", "paraphrase"]
+    assert [r[1] for r in rows] == [f.prompt for f in TINY_FACTS] + paraphrases
+    assert all(r[2] == "Paris" for r in rows[2:]) and all(r[3] and r[4] for r in rows)  # both answers shown
+    assert all(r[5] == "✓" for r in rows[:2])
+    assert "| paraphrases (generalization) | " in metrics and "Paraphrases:" in summary
+    assert report["paraphrases"] and edits.keys() == ["tiny-a"]
+
+
+def test_two_sessions_on_two_models_never_mix_edits(two_models):
+    base_a, base_b = two_models.served("tiny-a").model, two_models.served("tiny-b").model
+    before_a, before_b = snapshot(base_a), snapshot(base_b)
+    results, errors = {}, []
+
+    def session(name, model):
+        try:
+            results[name] = operate_tiny(two_models, model)[-1]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=session, args=("alice", "tiny-a")),
+               threading.Thread(target=session, args=("bob", "tiny-b"))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+    alice, bob = results["alice"], results["bob"]
+    assert alice.keys() == ["tiny-a"] and bob.keys() == ["tiny-b"]
+    assert_unchanged(base_a, before_a)
+    assert_unchanged(base_b, before_b)
+
+    # Each session's edit applies to its own model only; on the other model the session has no edit.
+    assert "no surgery on this model" in two_models.generate(FRANCE[0], 2, alice, "tiny-b")[1]
+    assert "no surgery on this model" in two_models.generate(FRANCE[0], 2, bob, "tiny-a")[1]
+    for edits, model in ((alice, "tiny-b"), (bob, "tiny-a")):
+        with pytest.raises(gr.Error, match="nothing to verify"):
+            two_models.verify("", edits, model)
+        with pytest.raises(gr.Error, match="no edit"):
+            two_models.patch_weights("site", edits, model)
+    # On its own model, a session's view is that base plus its own patch only.
+    for edits, key, base in ((alice, "tiny-a", base_a), (bob, "tiny-b", base_b)):
+        edit = edits.get(key)
+        assert edit.model_key == key
+        view = dict(edit.model(base).named_parameters())
+        changed = {s.name for s in edit.patch.slices}
+        assert all(torch.equal(view[n], p) for n, p in base.named_parameters() if n not in changed)
+        assert not all(torch.equal(view[n], p) for n, p in base.named_parameters() if n in changed)
+
+
+@pytest.mark.slow
+def test_one_session_keeps_one_edit_per_model(two_models):
+    from surgery.generation import generate
+
+    edits = operate_tiny(two_models, "tiny-a")[-1]
+    first_a = edits.get("tiny-a")
+    edits = operate_tiny(two_models, "tiny-b", edits)[-1]
+    assert sorted(edits.keys()) == ["tiny-a", "tiny-b"] and edits.get("tiny-a") is first_a
+    for key in ("tiny-a", "tiny-b"):
+        served = two_models.served(key)
+        want = generate(edits.get(key).model(served.model), served.tokenizer, FRANCE[0], max_new_tokens=2)
+        assert two_models.generate(FRANCE[0], 2, edits, key)[1] == want
+    # Switching back to a model shows this session's edit of it; a new edit of it replaces the old one.
+    view = two_models.select_model("tiny-a", edits, progress=NoProgress())
+    assert "Surgery done" in view[12] and view[-1].visible is True
+    edits = operate_tiny(two_models, "tiny-a", edits)[-1]
+    assert edits.get("tiny-a") is not first_a and not first_a.folder.exists()
+    edits.discard()
+    assert edits.keys() == []
+    fresh = two_models.select_model("tiny-a", SessionEdits(), progress=NoProgress())
+    assert fresh[12] == app.NO_EDIT_YET and fresh[-1].visible is False
+
+
+def test_weight_patching_of_the_sessions_edit(two_models, operated_a):
+    edits = operated_a[-1]
+    summary, chart, raw = two_models.patch_weights("site", edits, "tiny-a")
+    assert chart.__class__.__name__ == "Figure" and raw["mode"] == "donor" and raw["granularity"] == "site"
+    assert raw["donor"]["facts_correct"] == len(TINY_FACTS) and "this session's edit" in summary
+    assert {c["layer"] for c in raw["components"]} == {2}  # only the edited block differs
+    _, _, heads = two_models.patch_weights("head", edits, "tiny-a")
+    assert heads["granularity"] == "head" and all(c["head"] is not None for c in heads["components"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Causal checks on the demo model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_activation_patching_on_the_demo_model(demo_app):
+    summary, positions, heads, raw = demo_app.patch_activations(FRANCE[0], app.DEFAULT_CORRUPT, FRANCE[1], "",
+                                                                 "attn")
+    assert positions.__class__.__name__ == heads.__class__.__name__ == "Figure"
+    assert set(raw["grids"]) == {"attn", "head"} and raw["target"]["text"].strip() == "Paris"
+    assert "clean" in summary and "corrupted" in summary and "L3" in summary  # block 2 attention carries it
+    json.dumps(raw)
+
+
+@pytest.mark.parametrize("corrupt, kind, match", [
+    ("The capital city of Poland is", "resid", "same number of tokens"),
+    ("", "resid", "corrupted prompt is empty"),
+    (app.DEFAULT_CORRUPT, "head", "unknown grid"),
+])
+def test_activation_patching_errors(demo_app, corrupt, kind, match):
+    with pytest.raises(gr.Error, match=match):
+        demo_app.patch_activations(FRANCE[0], corrupt, FRANCE[1], "", kind)
+
+
+@pytest.mark.slow
+def test_weight_patching_on_the_demo_model(demo_app, demo_served, operated):
+    summary, chart, raw = demo_app.patch_weights("site", operated[2][-1], demo_served.key)
+    assert chart.__class__.__name__ == "Figure"
+    layer = operated[2][-1].get(demo_served.key).result.report.layer
+    # Only the edited block's sites that hold the trained value projection differ (wv, attn and layer).
+    assert {(c["name"], c["layer"]) for c in raw["components"]} == {("wv", layer), ("attn", layer), ("layer", layer)}
+    assert all(c["facts_correct"] == 8 for c in raw["components"]) and raw["donor"]["facts_correct"] == 8
+    assert f"L{layer + 1}" in summary and "8/8" in summary
+
+
+def test_weight_patching_needs_an_edit(demo_app):
+    with pytest.raises(gr.Error, match="no edit"):
+        demo_app.patch_weights("site", None)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Verify and push
 # --------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_verify_this_sessions_edit_and_a_folder(demo_app, operated, tmp_path):
-    edit = operated[2][-1]
-    verdict, facts, panels, raw = demo_app.verify("", edit)
-    assert "Verified" in verdict and raw["facts_after"] == raw["facts_total"] == len(demo_app.facts)
-    assert all(row[4] == "✓" for row in facts) and "| general |" in panels
+    edits = operated[2][-1]
+    verdict, facts, panels, raw = demo_app.verify("", edits)
+    assert "Verified" in verdict and raw["facts_after"] == raw["facts_total"] == len(demo_app.served().facts)
+    assert all(row[5] == "✓" for row in facts) and "| general |" in panels
+    assert "| side effects (specificity) |" in panels and raw["evaluation"]["efficacy"]["after"] == 8
 
     from surgery.export import write_output
 
-    folder = write_output(tmp_path / "corrected", demo_app.base, edit.result)
+    folder = write_output(tmp_path / "corrected", demo_app.served().loaded, edits.get(demo_app.served().key).result)
     verdict2, _, _, raw2 = demo_app.verify(str(folder), None)
     assert raw2["facts_after"] == raw["facts_after"] and "Verified" in verdict2
 
@@ -309,14 +524,14 @@ def test_verify_errors(demo_app, monkeypatch):
 
 
 def test_verify_refuses_local_folders_on_a_space(demo, tmp_path):
-    space = app.SurgeryApp(StartUp(demo), allow_local_models=False)
+    space = serving(demo, allow_local_models=False)
     with pytest.raises(gr.Error, match="Hub model id"):
         space.verify(str(demo.source), None)
 
 
 def test_push_without_login(demo_app):
     with pytest.raises(gr.Error, match="Sign in with Hugging Face"):
-        demo_app.push("fixed", False, None, None, None)
+        demo_app.push("fixed", False, None, oauth_token=None, profile=None)
 
 
 @pytest.mark.slow
@@ -328,17 +543,17 @@ def test_push_goes_to_the_users_namespace(demo_app, operated, monkeypatch):
         return f"https://huggingface.co/{repo_id}"
 
     monkeypatch.setattr(app, "push_folder", fake_push)
-    edit = operated[2][-1]
+    edits = operated[2][-1]
     token = gr.OAuthToken(token="hf_oauth_secret", scope="openid profile contribute-repos", expires_at=0)
     profile = gr.OAuthProfile({"name": "Ada", "preferred_username": "ada", "profile": "", "picture": ""})
-    message = demo_app.push("someone-else/capitals-fixed", True, edit, token, profile)
+    message = demo_app.push("someone-else/capitals-fixed", True, edits, oauth_token=token, profile=profile)
     folder, repo_id, sent, private = calls[0]
     assert repo_id == "ada/capitals-fixed" and sent == "hf_oauth_secret" and private is True
     assert {"config.json", "model.safetensors", "patch.safetensors", "report.json", "README.md"} <= \
         {p.name for p in folder.iterdir()}
     assert "ada/capitals-fixed" in message and "hf_oauth_secret" not in message
     with pytest.raises(gr.Error, match="nothing to push"):
-        demo_app.push("x", False, None, token, profile)
+        demo_app.push("x", False, None, oauth_token=token, profile=profile)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -349,7 +564,7 @@ def test_push_goes_to_the_users_namespace(demo_app, operated, monkeypatch):
 def test_build_demo_names_the_endpoints(demo):
     demo_blocks = app.build_demo(startup=StartUp(demo))
     names = {d.api_name for d in demo_blocks.fns.values()}
-    assert {"diagnose", "operate", "generate", "verify"} <= names
+    assert {"diagnose", "operate", "generate", "verify", "patch_activations", "patch_weights", "heads"} <= names
     assert not demo_blocks.expects_oauth  # no login button off a Space
 
 
@@ -391,9 +606,13 @@ def test_offline_start_falls_back_to_the_demo_model_with_a_banner(monkeypatch):
     demo_blocks = app.build_demo("gpt2-this-id-is-not-cached")
     banners = [b for b in demo_blocks.blocks.values() if getattr(b, "elem_id", None) == "fallback-banner"]
     assert banners and "demo model" in banners[0].value and "unreachable" in banners[0].value
+    (picker,) = [b for b in demo_blocks.blocks.values() if getattr(b, "elem_id", None) == "model-picker"]
+    keys = [value for _, value in picker.choices]
+    assert picker.value == keys[0] == "assets/demo-model" and "gpt2-this-id-is-not-cached" not in keys
 
 
-def test_heads_views(demo_app):
+def test_heads_views(demo_app, demo_served):
     overlap, keys, rows = demo_app.heads()
-    assert len(rows) == demo_app.layout.n_layer * demo_app.layout.n_head and len(rows[0]) == len(app.HEAD_COLUMNS)
-    assert demo_app.heads()[2] == rows  # cached
+    lay = demo_served.layout
+    assert len(rows) == lay.n_layer * lay.n_head and len(rows[0]) == len(app.HEAD_COLUMNS)
+    assert demo_app.heads(demo_served.key)[2] == rows and len(demo_served.head_cache) == 1  # cached per model

