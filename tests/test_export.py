@@ -74,6 +74,24 @@ def test_model_card(out, result, loaded):
     assert "| facts correct (efficacy) | 1/3 | 3/3 |" in card and "Q/K unchanged (bitwise) |  | true" in card
     hub = LoadedModel(loaded.model, loaded.tokenizer, "gpt2", None)
     assert "base_model: gpt2\n" in model_card(hub, result.report)
+    assert f"`{result.report.block}`" in card and "- gpt2" in front  # the edited block, the base's family
+
+
+def test_model_card_names_the_base_license(tmp_path, loaded):
+    """The license is the base's: its folder's model card says it, else its family's (Gemma: gemma)."""
+    from types import SimpleNamespace
+
+    from surgery.export import base_license
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    gemma = LoadedModel(SimpleNamespace(config=SimpleNamespace(model_type="gemma3_text")), None, str(folder), None)
+    assert base_license(gemma) == "gemma"
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- x\n---\n# a model\n")
+    assert base_license(gemma) == "apache-2.0"
+    other = LoadedModel(SimpleNamespace(config=SimpleNamespace(model_type="llama")), None, str(tmp_path), None)
+    assert base_license(other) == "other"
+    assert base_license(loaded) == "mit"  # GPT-2
 
 
 def test_apply_patch_reproduces_the_weights_bitwise(tmp_path, out, loaded):
