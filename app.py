@@ -68,8 +68,6 @@ TOP_HEADS = 12
 PROMOTES_TARGET, PROMOTES_COMPETITOR = "promotes the target", "promotes the competitor"
 SIDE_BY_SIDE_COLUMNS = ["kind", "prompt", "target", "original answer", "corrected answer", "correct"]
 DEFAULT_CORRUPT = "The capital of Poland is"  # "France" -> "Poland": one token in the demo, GPT-2 and Gemma vocabularies
-SIDE_BY_SIDE_COLUMNS = ["kind", "prompt", "target", "original answer", "corrected answer", "correct"]
-DEFAULT_CORRUPT = "The capital of Poland is"  # France -> Poland: one token in the demo, GPT-2 and Gemma vocabularies
 HEAD_COLUMNS = ["head", "module", "QK overlap", "QK norm", "OV norm", "copying score",
                 "key response: proper nouns", "key response: function words"]
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose", neutral_hue="slate")

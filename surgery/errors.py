@@ -21,7 +21,7 @@ class ModelLoadError(SurgeryError):
 
 
 class UnsupportedModelError(ModelLoadError):
-    """The model loaded, but it is not a GPT-2-architecture causal LM."""
+    """The model loaded, but its architecture is not one of the supported families (surgery.arch)."""
 
 
 class SurgeryFailed(SurgeryError):
