@@ -31,7 +31,7 @@ def facts_file(tmp_path_factory, tiny_panel):
 def operated(tmp_path_factory, tiny_model_dir, facts_file, tiny_panel_file):
     out = tmp_path_factory.mktemp("cli") / "fixed"
     code = main(["operate", "--model", str(tiny_model_dir), "--facts", str(facts_file), "--panels",
-                 str(tiny_panel_file), "--site", "wv", "--layer", "auto", *FAST, "--out", str(out), "--json"])
+                 str(tiny_panel_file), "--site", "wv", "--layer", "0", *FAST, "--out", str(out), "--json"])
     assert code == 0
     return out
 
@@ -47,7 +47,7 @@ def test_sites_json(capsys, tiny_model_dir, tiny_model):
 def test_operate_writes_a_verified_fix(capsys, operated, tiny_model_dir, tiny_panel_file, facts_file):
     report = json.loads((operated / "report.json").read_text())
     assert report["facts_fixed"] == "3/3" and report["site"] == "wv"
-    assert report["layer_reason"].startswith("auto: block 0")
+    assert report["layer_reason"] == "given" and report["layer"] == 0  # --layer auto: the demo model test below
     assert report["weights"]["qk_unchanged"] is True and report["weights"]["others_unchanged"] is True
     code, out, _ = run_cli(capsys, "verify", "--base", tiny_model_dir, "--corrected", operated,
                            "--panels", tiny_panel_file, "--facts", facts_file)

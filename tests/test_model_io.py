@@ -365,3 +365,20 @@ def test_gemma_second_load_uses_the_cache(gemma, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("from the GGUF cache" in m for m in messages)
     assert not any("converting" in m or "assembling" in m for m in messages)
+
+
+def test_diagnose_cli_on_a_gguf_file(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """`diagnose --model some.gguf`: the file is converted into the user cache (here a temporary HOME) and
+    diagnosed like any model; the attribution adds up to the logits of the model the file holds."""
+    import json
+
+    from surgery.cli import main
+
+    path, model = tiny_gguf
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["diagnose", "--model", str(path), "--prompt", "the capital of France is", "--target", " Paris",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["family"] == "Llama" and d["n_kv_head"] == model.config.num_key_value_heads
+    assert sum(a["target"] for a in d["dla"]) == pytest.approx(d["target"]["logit"], abs=1e-3)
+    assert (tmp_path / ".cache" / "transformer-surgery" / "gguf").is_dir()

@@ -203,3 +203,38 @@ def test_gpt2_small_shape_full_table(gpt2_small_random, gpt2_tokenizer):
     assert len(table) == 144
     assert all(0.0 <= s.qk_overlap <= 1.0 and -1.0 <= s.copying_score <= 1.0 for s in table)
     json.dumps([s.to_dict() for s in table], allow_nan=False)
+
+
+def test_every_family_gets_a_table_with_shared_kv_heads_shown_alike(family_model, tiny_tokenizer):
+    """Rotary, grouped-query and post-norm models: one row per query head, finite measures, and query heads
+    that read the same key/value head have the same key response (their K is the same)."""
+    layout = layout_of(family_model)
+    table = head_table(family_model, tiny_tokenizer)
+    assert [(s.layer, s.head) for s in table] == [(l, h) for l in range(layout.n_layer) for h in range(layout.n_head)]
+    for s in table:
+        assert all(v == v for v in (s.qk_overlap, s.qk_norm, s.ov_norm, s.copying_score))  # no NaN
+    group = layout.n_head // layout.n_kv_head
+    if group > 1:
+        for layer in range(layout.n_layer):
+            rows = [s for s in table if s.layer == layer]
+            assert rows[0].key_response == rows[group - 1].key_response  # same kv head
+            assert rows[0].ov_norm != rows[group - 1].ov_norm  # but their own W_O
+
+
+def test_key_response_on_rms_families_matches_the_modules(family_model, tiny_tokenizer):
+    """RMSNorm families: the key input is the block's own pre-attention norm on what the embedding module gives
+    (Gemma: scaled by sqrt(d_model)); no bias to leave out. Recomputed through the modules themselves."""
+    layout = layout_of(family_model)
+    if layout.adapter.norm.kind != "rms":
+        pytest.skip("LayerNorm families are covered by test_key_response_matches_ln_1_recompute")
+    table = head_table(family_model, tiny_tokenizer, SMALL_K)
+    classes = token_classes(tiny_tokenizer)
+    layer, head = 1, layout.n_head - 1
+    block = family_model.get_submodule(layout.adapter.block(layer))
+    with torch.no_grad():
+        e = family_model.get_submodule(layout.adapter.embed)(torch.arange(len(tiny_tokenizer)))
+        keys = block.get_submodule(layout.adapter.ln1)(e) @ layout.w_qkv(family_model, layer, "k")[head]
+    for name in TOKEN_CLASSES:
+        ids = classes.ids[name]
+        expected = float(keys[ids].norm(dim=-1).mean()) if ids else None
+        assert _stats(table, layer, head).key_response[name] == pytest.approx(expected, rel=1e-4)

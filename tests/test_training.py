@@ -116,14 +116,19 @@ def test_nan_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel, m
         operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel)
 
 
-def test_auto_layer_is_the_most_common_prescribed_layer(tiny_model, tiny_tokenizer, facts, tiny_panel):
-    diagnoses = diagnose_batch(tiny_model, tiny_tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+def test_auto_layer_is_the_most_common_prescribed_layer(demo):
+    """On the demo model (six routing failures; the tiny random model holds none under the routing rule)."""
+    from surgery.panels import DEMO_PANEL, load_panel
+
+    panel = load_panel(DEMO_PANEL)
+    facts = list(panel.facts)
+    diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
     routing = [d.prescribed_layer for d in diagnoses if d.verdict == "routing"]
-    assert routing, "the tiny facts should hold a routing failure"
-    layer, reason, verdicts = choose_layer(tiny_model, tiny_tokenizer, facts)
+    assert routing, "the demo facts hold routing failures"
+    layer, reason, verdicts = choose_layer(demo.model, demo.tokenizer, facts)
     assert layer == max(set(routing), key=routing.count) and verdicts == [d.verdict for d in diagnoses]
     assert reason.startswith("auto: block") and "routing" in reason
-    result = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="mlp", **FAST), panel=tiny_panel)
+    result = operate(demo.model, demo.tokenizer, facts, SurgeryConfig(site="wv"), panel=panel)
     assert result.report.layer == layer and result.report.layer_reason == reason
 
 
