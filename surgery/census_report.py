@@ -220,6 +220,13 @@ def heads_figure(summary: dict) -> Figure:
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="Oranges", aspect="auto")
     fig.colorbar(image, ax=ax, label="routing facts")
+    peak = max(max(row) for row in grid) or 1
+    if summary["n_layer"] * summary["n_head"] <= 256:  # the count in each cell, readable up to 16 x 16
+        for l, row in enumerate(grid):
+            for h, n in enumerate(row):
+                if n:
+                    ax.text(h, l, str(n), ha="center", va="center", fontsize=7,
+                            color="white" if n > peak / 2 else "black")
     ax.set_xticks(range(summary["n_head"]))
     ax.set_yticks(range(summary["n_layer"]))
     ax.set_xlabel("head")
