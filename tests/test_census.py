@@ -150,6 +150,11 @@ def test_cli_census(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| capital | 9 |" in printed and "1 ambiguous skipped" in printed
     assert len(read_jsonl(out / CENSUS_FILE)) == 11
+    mapped = tmp_path / "mapped"  # accelerate big-model inference (everything fits: all on the CPU here)
+    assert main(["census", "--model", str(DEMO_DIR), "--facts", str(facts), "--out", str(mapped),
+                 "--batch-size", "3", "--device-map", "auto", "--offload-folder", str(tmp_path / "off")]) == 0
+    assert (mapped / CENSUS_FILE).read_text() == (out / CENSUS_FILE).read_text()
+    capsys.readouterr()
     assert main(["census", "--model", str(DEMO_DIR), "--facts", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
     assert "no such facts file" in capsys.readouterr().err
 

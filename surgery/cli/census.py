@@ -15,6 +15,8 @@ from ..census import CensusConfig, SingleProcess, run_census
 from ..census_report import verdict_table
 from ..diagnosis import DiagnosisConfig
 from ..facts import load_facts
+from ..errors import InputError
+from ..model_io import load_model
 from .common import add_device_arg, add_model_arg, load, resolve_device
 
 DEFAULTS = DiagnosisConfig()
@@ -38,6 +40,10 @@ def register(sub) -> None:
                    help=f"fraction of the stack from which the lens counts (default {DEFAULTS.routing_from})")
     p.add_argument("--prepend-bos", action="store_true", help="prepend the BOS token (off: matches model(input_ids))")
     add_device_arg(p)
+    p.add_argument("--device-map", metavar="auto",
+                   help="spread a model larger than one device over GPUs/CPU/disk (accelerate big-model inference; "
+                        "one process); --device is then ignored")
+    p.add_argument("--offload-folder", metavar="DIR", help="where --device-map puts blocks offloaded to disk")
     p.set_defaults(run=run)
 
 
@@ -58,7 +64,12 @@ def run(args: argparse.Namespace) -> int:
     state = process_group(args.device)
     if state.num_processes > 1 and resolve_device(args.device).type != "cpu":
         args.device = str(state.device)  # one GPU per process
-    loaded = load(args)
+    if args.device_map:
+        if state.num_processes > 1:
+            raise InputError("--device-map spreads one model over the devices: run it in a single process")
+        loaded = load_model(args.model, device_map=args.device_map, offload_folder=args.offload_folder)
+    else:
+        loaded = load(args)
     progress, close = _progress_bar(state)
     try:
         result = run_census(loaded.model, loaded.tokenizer, facts, args.out, config, model_name=args.model,
