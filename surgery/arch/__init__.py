@@ -54,7 +54,8 @@ def adapter_for(config) -> Adapter:
 
 def check_supported(config) -> None:
     """Raise :class:`UnsupportedModelError` unless ``config`` describes a supported causal LM (no model needed)."""
-    layout = Layout(adapter_for(config), adapter_for(config).read_dims(config))
+    adapter = adapter_for(config)
+    layout = Layout(adapter, adapter.read_dims(config))
     if layout.n_head % layout.n_kv_head:
         raise UnsupportedModelError(f"{layout.n_head} query heads cannot share {layout.n_kv_head} key/value heads")
 
