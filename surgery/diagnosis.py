@@ -355,9 +355,11 @@ def logit_attrs(model: nn.Module, cap: LastPositionCapture, token_ids: Tensor) -
             w_o = layout.w_o(model, layer).float().to(v.device)  # (H, dh, d)
             b_o = layout.b_o(model, layer)  # (d,) or None
             b_o = None if b_o is None else b_o.float().to(v.device)
-        w_o_v = torch.einsum("hed,bkd->bhek", w_o, v_l)  # (B, H, dh, k): W_O rows times the directions
-        z = cap.z[layer].float().view(-1, layout.n_head, layout.d_head)  # (B, H*dh) -> (B, H, dh)
-        heads.append(torch.einsum("bhe,bhek->bhk", z, w_o_v))
+        # W_O^h v for every head at once: one matrix product over the weight's own layout, (B, k, d) @ (d, H*dh).
+        # (An einsum over the (H, dh, d) view ran as a strided batched product: 18x slower on nn.Linear layouts.)
+        w_o_v = (v_l @ w_o.flatten(0, 1).T).unflatten(-1, (layout.n_head, layout.d_head))  # (B, k, H, dh)
+        z = cap.z[layer].float().view(-1, 1, layout.n_head, layout.d_head)  # (B, H*dh) -> (B, 1, H, dh)
+        heads.append((z * w_o_v).sum(-1).transpose(1, 2))  # (B, k, H) -> (B, H, k)
         bias.append(torch.zeros_like(v[..., 0]) if b_o is None else torch.einsum("d,bkd->bk", b_o, v_l))
     final_norm = model.get_submodule(layout.adapter.final_norm)
     with onloaded(final_norm, model.get_submodule(layout.adapter.unembed)):
