@@ -1,0 +1,133 @@
+"""Census throughput on Gemma 3 270M: facts per second batched vs one at a time (vs TransformerLens if installed).
+
+    .venv/bin/python -m bench.census [--facts 64] [--batch-size 32] [--threads 2] [--repeats 2]
+
+The same clean facts (the first ``--facts`` of each bundled relation in turn) are diagnosed three ways in one
+process, interleaved over ``--repeats`` rounds so that a machine shared with other jobs slows every case alike:
+
+* **batched** — what ``python -m surgery census`` does: :func:`surgery.census.diagnose_facts`, ``--batch-size``
+  facts per forward pass;
+* **one at a time** — the same function, one fact per call;
+* **TransformerLens** — ``HookedTransformer.run_with_cache`` plus ``accumulated_resid`` / ``apply_ln_to_stack`` /
+  full-vocabulary ranks per fact (the lens only, less than a census record needs); only when ``transformer_lens``
+  is installed (``make bench`` installs it), and only if it can build Gemma 3 from the loaded HF model offline.
+
+Prints a Markdown table (median wall time over the rounds, facts/s, wall and CPU-time ratios) for bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from surgery.census import diagnose_facts
+from surgery.diagnosis import DiagnosisConfig
+from surgery.facts import load_facts
+from surgery.model_io import REPO_ROOT, load_model
+
+
+def pick_facts(n: int):
+    """``n`` clean facts, taken round-robin over the bundled relations (a mix of prompt lengths)."""
+    by_relation: dict[str, list] = {}
+    for f in load_facts(REPO_ROOT / "assets" / "facts"):
+        if f.ambiguous is None:
+            by_relation.setdefault(f.relation, []).append(f)
+    picked, i = [], 0
+    while len(picked) < n:
+        for facts in by_relation.values():
+            if i < len(facts) and len(picked) < n:
+                picked.append(facts[i])
+        i += 1
+    return picked
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    fn()
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def transformer_lens_case(loaded, facts):
+    """A per-fact lens with TransformerLens, or None when it is not installed or cannot build the model."""
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return None, "transformer-lens is not installed"
+    try:
+        tl = HookedTransformer.from_pretrained_no_processing(
+            "google/gemma-3-270m", hf_model=loaded.model, tokenizer=loaded.tokenizer, device="cpu",
+            dtype=torch.float32)
+    except Exception as e:  # offline, or a version without Gemma 3: say so and skip
+        return None, f"TransformerLens could not build the model offline ({type(e).__name__})"
+
+    def run():
+        for f in facts:
+            tokens = torch.tensor([loaded.tokenizer(f.prompt)["input_ids"]])  # as the census tokenizes
+            target = loaded.tokenizer(f.target, add_special_tokens=False)["input_ids"][0]
+            _, cache = tl.run_with_cache(tokens)
+            resid = cache.accumulated_resid(pos_slice=-1, apply_ln=True)  # (L+1, 1, d)
+            logits = resid @ tl.W_U  # (L+1, 1, V)
+            (logits > logits[..., target : target + 1]).sum(-1)
+
+    return run, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--facts", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model("gemma3-270m")
+    facts = pick_facts(args.facts)
+    config = DiagnosisConfig()
+
+    cases = {
+        f"batched ({args.batch_size} per pass)": lambda: [
+            diagnose_facts(loaded.model, loaded.tokenizer, facts[i : i + args.batch_size], config)
+            for i in range(0, len(facts), args.batch_size)],
+        "one at a time": lambda: [diagnose_facts(loaded.model, loaded.tokenizer, [f], config) for f in facts],
+    }
+    tl_run, tl_note = transformer_lens_case(loaded, facts)
+    if tl_run is not None:
+        cases["TransformerLens lens only, one at a time"] = tl_run
+    diagnose_facts(loaded.model, loaded.tokenizer, facts[:2], config)  # warm-up
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn))
+    load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    base_name = "one at a time"
+    base_wall = statistics.median(w for w, _ in times[base_name])
+    base_cpu = statistics.median(c for _, c in times[base_name])
+    print(f"Gemma 3 270M (float32), {len(facts)} clean facts from assets/facts, torch threads {args.threads}, "
+          f"{args.repeats} interleaved rounds; {platform.processor() or platform.machine()}, torch {torch.__version__}; "
+          f"load average at start / end: {load_start} / {load_end}.")
+    if tl_note:
+        print(f"TransformerLens: skipped — {tl_note}.")
+    print()
+    print("| mode | seconds for all (median) | facts / s | **speed-up (wall)** | speed-up (CPU time) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, samples in times.items():
+        wall = statistics.median(w for w, _ in samples)
+        cpu = statistics.median(c for _, c in samples)
+        print(f"| {name} | {wall:.1f} | {len(facts) / wall:.2f} | **{base_wall / wall:.2f}×** | {base_cpu / cpu:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
