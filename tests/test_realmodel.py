@@ -87,3 +87,40 @@ def test_verify_passes_on_the_fix_and_fails_on_the_base(gemma, wv_edit, capsys):
     verified = json.loads(capsys.readouterr().out)
     assert verified["verified"] and verified["evaluation"]["efficacy"]["after"] == 8
     assert main(["verify", "--base", gemma.source, "--corrected", gemma.source]) == 1
+
+
+def test_weight_patching_finds_the_fix_in_the_edited_value_projection(gemma, wv_edit, panel):
+    """Which of the changed weights carry the fix? Copying the corrected model's components into the base one at
+    a time: only block L13's value projection differs, and it alone restores all eight. Gemma 3 270M has one
+    key/value head, so the four query heads share that V slice: per head, the V slice is one component (scored
+    once) and every head's O slice is identical to the base (skipped)."""
+    from surgery.patch import patched_model
+    from surgery.weight_patching import patch_weights
+
+    result, _ = wv_edit
+    corrected = patched_model(gemma.model, result.patch)
+    facts = list(panel.facts)
+    sites = patch_weights(gemma.model, corrected, gemma.tokenizer, facts, granularity="site")
+    assert (sites.recipient_correct, sites.donor_correct) == (1, 8)
+    assert {c.layer for c in sites.components} == {result.report.layer}
+    best = sites.best()
+    assert best.layer == result.report.layer and best.facts_correct == 8 and not best.broken
+    heads = patch_weights(gemma.model, corrected, gemma.tokenizer, facts, granularity="head")
+    assert heads.components and all(c.layer == result.report.layer for c in heads.components)
+    assert all(c.facts_correct == 8 for c in heads.components)  # the one shared V slice: every head reads it
+
+
+def test_activation_patching_localizes_the_capital_to_the_prescribed_block(gemma, diagnoses):
+    """Clean "France", corrupted "Poland": of all attention outputs, the prescribed block's at the last position
+    restores the clean answer's lead (it moves the capital from the country to the last position), and the
+    heads that restore the most sit in that block."""
+    from surgery.activation_patching import ActivationPatchingConfig, patch_activations
+
+    prescribed = diagnoses["France"].prescribed_layer
+    r = patch_activations(gemma.model, gemma.tokenizer, "The capital of France is", "The capital of Poland is",
+                          " Paris", config=ActivationPatchingConfig(kinds=("attn", "head")))
+    assert r.logit_diff_clean > 0 > r.logit_diff_corrupt
+    layer, position, restored = r.grids["attn"].best()
+    assert (layer, position) == (prescribed, len(r.clean_tokens) - 1) and restored > 0.5
+    head_layer, _, head_restored = r.grids["head"].best()
+    assert head_layer == prescribed and head_restored > 0.3
