@@ -169,8 +169,8 @@ def test_two_processes_equal_one(tmp_path):
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", *args, "--out", str(tmp_path / "two")], env=env, cwd=ROOT,
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "two")], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     lines_one = (tmp_path / "one" / CENSUS_FILE).read_text().splitlines()
