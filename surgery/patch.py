@@ -157,6 +157,9 @@ def _install_output_recorders(model: nn.Module) -> None:
 def copy_block(model: nn.Module, layer: int) -> nn.Module:
     """A private deep copy of block ``layer`` (sharing the config object), without request-scoped hooks."""
     path = layout_of(model).adapter.block(layer)
+    if any(p.device.type == "meta" for p in model.get_submodule(path).parameters()):
+        raise PatchError(f"block {layer} ({path}) is offloaded (device_map put it on disk or offloaded it to the CPU): "
+                         "the block an edit changes must be held in memory; give it a device in device_map")
     block = copy.deepcopy(model.get_submodule(path), memo={id(model.config): model.config})
     for module in block.modules():
         _copy_registries(module)
@@ -224,7 +227,9 @@ def weight_stats(model: nn.Module, patch: Patch, edited: nn.Module | None = None
         new = new_params[name]
         s = trained.get(name)
         if s is None:
-            others_unchanged &= torch.equal(base, new)
+            # A view shares every untouched tensor with the base: the same object is bitwise equal (and an
+            # offloaded one, on the meta device, could not be compared element by element).
+            others_unchanged &= new is base or torch.equal(base, new)
             continue
         delta = (s.read(new).double() - s.read(base).double())
         changed += int((s.read(new) != s.read(base)).sum())

@@ -218,3 +218,30 @@ def test_mini_batches_give_the_full_batch_step(tiny_model, tiny_tokenizer, facts
         torch.testing.assert_close(split.values[name], value, atol=1e-5, rtol=0)
     with pytest.raises(InputError, match="batch_size"):
         SurgeryConfig(batch_size=0)
+
+
+@pytest.mark.slow
+def test_surgery_exact_with_blocks_offloaded_to_disk(demo, tmp_path):
+    """A model spread by device_map (accelerate big-model inference), blocks 1 and 3 on disk: an edit of block 2
+    trains exactly as in memory (same patch, same steps), and its untouched tensors are still checked. The edited
+    block itself must be held in memory: one clear error otherwise."""
+    from surgery.errors import PatchError
+    from surgery.model_io import load_model
+    from surgery.panels import DEMO_PANEL, load_panel
+    from test_census import offload_map
+
+    panel = load_panel(DEMO_PANEL)
+    facts = list(panel.facts)
+    blocks = layout_of(demo.model).adapter.blocks
+    off = load_model(demo.source, device_map=offload_map(demo.model, blocks, on_disk={1, 3}),
+                     offload_folder=tmp_path / "offload")
+    assert any(p.device.type == "meta" for p in off.model.parameters())  # really offloaded
+    config = SurgeryConfig(site="wv", layer=2)
+    a = operate(demo.model, demo.tokenizer, facts, config, panel=panel)
+    b = operate(off.model, off.tokenizer, facts, config, panel=panel)
+    assert a.report.steps == b.report.steps and b.report.comparison.facts_after == len(facts)
+    for name, value in a.patch.values.items():
+        torch.testing.assert_close(b.patch.values[name], value, atol=1e-5, rtol=0)
+    assert b.report.weights.others_unchanged and b.report.weights.qk_unchanged
+    with pytest.raises(PatchError, match="offloaded"):
+        operate(off.model, off.tokenizer, facts, SurgeryConfig(site="wv", layer=1), panel=panel)
