@@ -86,14 +86,16 @@ def browser_page(url: str):
         browser.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def app_url(tmp_path_factory):
     with running_app("assets/demo-model", tmp_path_factory.mktemp("app") / "app.log", 120) as url:
         yield url
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def page(app_url):
+    # Function-scoped: Playwright's sync API runs its own event loop, and one left open until the module ends
+    # makes the next test's sync_playwright() refuse to start ("Sync API inside the asyncio loop").
     with browser_page(app_url) as page:
         yield page
 
