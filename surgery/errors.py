@@ -7,6 +7,9 @@ non-zero; the app turns it into ``gr.Error``. Anything else is a bug and keeps i
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class SurgeryError(Exception):
     """Base class: the message is shown to the user as is."""
@@ -45,3 +48,14 @@ def require_positive_int(name: str, value) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InputError(f"{name} must be a positive integer, not {value!r}")
     return value
+
+
+def read_input_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of a file the user named, or :class:`InputError` in one line (``what``: "facts file")."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"no such {what}: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read {what} {path}: {err}") from None

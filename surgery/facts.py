@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, read_input_text
 
 REQUIRED = ("prompt", "target", "relation", "subject")
 OPTIONAL = ("paraphrases", "ambiguous")
@@ -76,12 +76,7 @@ def load_fact_file(path: str | os.PathLike) -> list[Fact]:
     prompt/target pair already given on an earlier line.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"no such facts file: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read facts file {path}: {e}") from None
+    text = read_input_text(path, "facts file")
     facts: list[Fact] = []
     seen: dict[tuple[str, str], int] = {}
     for number, line in enumerate(text.splitlines(), start=1):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, read_input_text
 
 PANELS_DIR = Path(__file__).resolve().parent.parent / "assets" / "panels"
 DEMO_PANEL = PANELS_DIR / "demo.json"
@@ -125,13 +125,7 @@ def probes_from_json(items, where: str, allow_empty: bool = False) -> list[Probe
 
 
 def _read_json(path: str | os.PathLike, what: str):
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {what} {path}: {e}") from None
+    text = read_input_text(path, what)
     if not text.strip():
         raise InputError(f"{what} {path} is empty")
     try:

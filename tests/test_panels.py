@@ -130,5 +130,5 @@ def test_bad_facts_files(tmp_path, text, message):
 
 
 def test_missing_facts_file(tmp_path):
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match="no such facts file"):
         load_facts(tmp_path / "nope.json")
