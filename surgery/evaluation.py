@@ -8,6 +8,7 @@ positions that are needed are unembedded.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -81,15 +82,21 @@ def last_position_logits(model: nn.Module, input_ids: Tensor, lengths: Tensor) -
         return unembed(model, hidden[rows, lengths - 1])  # (B, V)
 
 
-def next_token_logits(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = BATCH_SIZE) -> Tensor:
-    """Next-token logits after each prompt. Float[Tensor, "B V"]."""
+def next_token_logit_batches(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = BATCH_SIZE
+                              ) -> Iterator[Tensor]:
+    """Next-token logits after each prompt, ``batch_size`` prompts at a time (every prompt is encoded, and so
+    checked, before the first batch runs). Yields Float[Tensor, "b V"]."""
     n_ctx = layout_of(model).n_ctx
     encoded = [encode_prompt(tokenizer, p, n_ctx) for p in prompts]
-    out = []
     for start in range(0, len(encoded), batch_size):
         ids, lengths = pad_right(encoded[start : start + batch_size], tokenizer.pad_token_id, _device(model))
-        out.append(last_position_logits(model, ids, lengths))
-    return torch.cat(out)
+        yield last_position_logits(model, ids, lengths)
+
+
+def next_token_logits(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = BATCH_SIZE) -> Tensor:
+    """Next-token logits after each prompt. Float[Tensor, "B V"] (B x the vocabulary: for many prompts,
+    :func:`next_token_logit_batches` keeps memory bounded)."""
+    return torch.cat(list(next_token_logit_batches(model, tokenizer, prompts, batch_size)))
 
 
 def answer(model: nn.Module, tokenizer, prompt: str) -> str:
@@ -102,10 +109,13 @@ def score_probes(model: nn.Module, tokenizer, probes: list[Probe] | tuple[Probe,
     if not probes:
         return ProbeScores([])
     targets = [encode_target(tokenizer, p.target)[0] for p in probes]
-    logits = next_token_logits(model, tokenizer, [p.prompt for p in probes])  # (B, V)
-    top = logits.argmax(-1)
-    picked = logits.gather(-1, torch.tensor(targets, device=logits.device)[:, None])  # (B, 1)
-    ranks = (logits > picked).sum(-1) + 1
+    tops, ranks = [], []
+    batches = next_token_logit_batches(model, tokenizer, [p.prompt for p in probes])
+    for start, logits in zip(range(0, len(probes), BATCH_SIZE), batches):  # logits: (b, V), one batch at a time
+        picked = logits.gather(-1, torch.tensor(targets[start : start + len(logits)], device=logits.device)[:, None])
+        tops.append(logits.argmax(-1))
+        ranks.append((logits > picked).sum(-1) + 1)
+    top, ranks = torch.cat(tops), torch.cat(ranks)
     return ProbeScores([
         ProbeResult(p.prompt, p.target, token_text(tokenizer, int(top[i])), int(top[i]) == targets[i], int(ranks[i]))
         for i, p in enumerate(probes)

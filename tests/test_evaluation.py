@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from surgery.evaluation import (answer, evaluate_panel, mean_kl, next_token_logits, perplexity, score_probes,
-                                text_log_probs)
+from surgery.evaluation import (BATCH_SIZE, answer, evaluate_panel, mean_kl, next_token_logits, perplexity,
+                                score_probes, text_log_probs)
 from surgery.panels import Probe
 from surgery.tokens import token_text
 
@@ -35,6 +35,17 @@ def test_answer_and_scores(tiny_model, tiny_tokenizer):
     assert [r.correct for r in scores.results] == [True, False]
     assert scores.results[0].target_rank == 1 and scores.results[1].target_rank > 1
     assert json.loads(json.dumps(scores.to_dict()))["correct"] == 1
+
+
+def test_scores_over_several_batches_equal_one_probe_at_a_time(tiny_model, tiny_tokenizer):
+    # more probes than one batch: scored batch by batch (memory bounded), each as if alone
+    words = [w for w in (token_text(tiny_tokenizer, i).strip() for i in range(5, 200)) if w][: BATCH_SIZE + 7]
+    probes = [Probe(PROMPTS[i % 3] + " the" * (i % 5), " " + w) for i, w in enumerate(words)]
+    assert len(probes) > BATCH_SIZE
+    many = score_probes(tiny_model, tiny_tokenizer, probes)
+    alone = [score_probes(tiny_model, tiny_tokenizer, [p]).results[0] for p in probes]
+    assert [(r.prompt, r.answer, r.target_rank) for r in many.results] == [
+        (r.prompt, r.answer, r.target_rank) for r in alone]
 
 
 def test_perplexity_is_exp_of_the_mean_nll(tiny_model, tiny_tokenizer):
