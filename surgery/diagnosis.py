@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .hooks import hooked
-from .arch import Layout, layout_of, unembed
+from .arch import Layout, apply_softcap, layout_of
 from .tokens import encode_prompt, encode_target, token_text
 
 VERDICTS = ("routing", "absence", "correct")
@@ -275,41 +276,68 @@ def accumulated_resid(cap: LastPositionCapture) -> Tensor:
     return torch.cat([cap.embed[None], cap.embed[None] + per_block.cumsum(0)])
 
 
+class Lens(NamedTuple):
+    """What :func:`logit_lens` returns. ``logits``: Float[Tensor, "S B 3"], the lens logits of ``ids`` (target,
+    competitor, top-1 at the output) at each residual; ``target_ranks``: Long[Tensor, "S B"] (1 = top);
+    ``competitor_rank``: Long[Tensor, "B"], at the output (the top-1 ranks 1 there by definition);
+    ``ids``: Long[Tensor, "B 3"]."""
+
+    logits: Tensor
+    target_ranks: Tensor
+    competitor_rank: Tensor
+    ids: Tensor
+
+
 def logit_lens(model: nn.Module, resid: Tensor, token_ids: Tensor, competitor_ids: Tensor | None = None,
-               chunk: int = 16) -> tuple[Tensor, Tensor, Tensor]:
-    """Lens logits and ranks of ``[target, competitor, top-1]`` at each residual, last position only.
+               chunk: int = 16, slab: int = 16384) -> Lens:
+    """Lens logits of ``[target, competitor, top-1]`` at each residual (last position only), the target's rank at
+    each, the competitor's at the output.
 
     ``resid``: Float[Tensor, "S B d"]; ``token_ids``: Long[Tensor, "B"] (targets); ``competitor_ids``:
     Long[Tensor, "B"] with -1 meaning "the model's own top prediction at the output, or its runner-up when
     that is the target". Each residual goes through the final norm with its own statistics, then the
-    unembedding (and the family's soft-capping: monotonic, ranks unchanged), full vocabulary, ``chunk`` rows of
-    the batch at a time to bound memory; the output layer's logits are reused to pick the competitor, so the
-    vocabulary is unembedded once per residual.
-    Returns logits Float[Tensor, "S B 3"], ranks Long[Tensor, "S B 3"] (1 = top) and the ids
-    Long[Tensor, "B 3"] they refer to (target, competitor, top-1 at the output).
+    unembedding (and the family's soft-capping: monotonic, ranks unchanged). A rank counts the whole vocabulary:
+    the unembedding runs ``slab`` tokens at a time for ``chunk`` prompts' residuals together, and each slab's
+    logits are compared with the target's as they are made, so the full-vocabulary logits are never held (nor
+    read again) except at the output row, where the competitor is picked. The picked logits are one dot product
+    each (the same numbers whatever the batch); a token never outranks itself.
     """
-    final_norm = model.get_submodule(layout_of(model).adapter.final_norm)
+    layout = layout_of(model)
+    final_norm = model.get_submodule(layout.adapter.final_norm)
+    cap = layout.softcap(model.config)
     if competitor_ids is None:
         competitor_ids = torch.full_like(token_ids, -1)
-    logits_out, ranks_out, all_ids = [], [], []
-    for start in range(0, resid.shape[1], chunk):
-        r = resid[:, start : start + chunk]  # (S, b, d)
-        t = token_ids[start : start + chunk]  # (b,)
-        with onloaded(model.get_submodule(layout_of(model).adapter.unembed)):
-            full = unembed(model, final_norm(r))  # (S, b, V)
-        top2 = full[-1].topk(2, dim=-1).indices  # (b, 2) at the output
-        auto = torch.where(top2[:, 0] == t, top2[:, 1], top2[:, 0])
-        c = competitor_ids[start : start + chunk]
-        c = torch.where(c < 0, auto, c)
-        ids = torch.stack([t, c, top2[:, 0]], -1)  # (b, 3)
-        picked = full.gather(-1, ids[None].expand(full.shape[0], -1, -1))  # (S, b, 3)
-        # Count in int32: summing a bool tensor into the default int64 costs twice as much (bench/README.md).
-        ranks = torch.stack([(full > picked[..., i : i + 1]).sum(-1, dtype=torch.int32) for i in range(3)], -1)
-        ranks = ranks.long() + 1  # (S, b, 3)
-        logits_out.append(picked)
-        ranks_out.append(ranks)
-        all_ids.append(ids)
-    return torch.cat(logits_out, 1), torch.cat(ranks_out, 1), torch.cat(all_ids)
+    parts: list[Lens] = []
+    with onloaded(model.get_submodule(layout.adapter.unembed)):
+        w_u = layout.w_u(model)  # (V, d)
+        n_vocab = w_u.shape[0]
+        for start in range(0, resid.shape[1], chunk):
+            x = final_norm(resid[:, start : start + chunk])  # (S, b, d)
+            n_s, b = x.shape[:2]
+            t = token_ids[start : start + chunk].to(w_u.device)  # (b,)
+            t_logit = apply_softcap(torch.einsum("sbd,bd->sb", x, w_u[t]), cap)  # (S, b)
+            flat, thr, t_rows = x.reshape(n_s * b, -1), t_logit.reshape(-1, 1), t.repeat(n_s)  # row = s * b + j
+            above = torch.zeros(n_s * b, dtype=torch.int32, device=x.device)
+            output = torch.empty(b, n_vocab, dtype=x.dtype, device=x.device)  # the output row's logits
+            for v0 in range(0, n_vocab, slab):
+                y = apply_softcap(flat @ w_u[v0 : v0 + slab].T, cap)  # (S*b, k)
+                # Count in int32: summing a bool tensor into the default int64 costs twice as much.
+                above += (y > thr).sum(-1, dtype=torch.int32)
+                own = ((t_rows >= v0) & (t_rows < v0 + y.shape[1])).nonzero()[:, 0]  # rows whose target is here
+                above[own] -= (y[own, t_rows[own] - v0] > thr[own, 0]).int()  # never count the target itself
+                output[:, v0 : v0 + y.shape[1]] = y[-b:]
+            top2 = output.topk(2, dim=-1).indices  # (b, 2)
+            auto = torch.where(top2[:, 0] == t, top2[:, 1], top2[:, 0])
+            c = competitor_ids[start : start + chunk].to(w_u.device)
+            c = torch.where(c < 0, auto, c)
+            ids = torch.stack([t, c, top2[:, 0]], -1)  # (b, 3)
+            picked = apply_softcap(torch.einsum("sbd,bkd->sbk", x, w_u[ids]), cap)  # (S, b, 3)
+            picked[..., 0] = t_logit
+            c_out = picked[-1, :, 1:2]  # (b, 1)
+            c_above = (output > c_out).sum(-1) - (output.gather(-1, c[:, None]) > c_out)[:, 0].long()
+            parts.append(Lens(picked, above.view(n_s, b).long() + 1, c_above + 1, ids))
+    return Lens(torch.cat([p.logits for p in parts], 1), torch.cat([p.target_ranks for p in parts], 1),
+                torch.cat([p.competitor_rank for p in parts]), torch.cat([p.ids for p in parts]))
 
 
 @contextmanager
@@ -474,33 +502,35 @@ def _diagnose_chunk(model, tokenizer, layout: Layout, items, config: DiagnosisCo
         resid = accumulated_resid(cap)  # (L+1, B, d)
         target_ids = torch.tensor([t[0] for _, _, t, _ in items], device=device)
         comp_given = torch.tensor([c[0] if c is not None else -1 for _, _, _, c in items], device=device)
-        lens, ranks, lens_ids = logit_lens(model, resid, target_ids, comp_given)  # (L+1, B, 3) x2, (B, 3)
-        attrs = logit_attrs(model, cap, lens_ids[:, :2])
+        lens = logit_lens(model, resid, target_ids, comp_given)
+        attrs = logit_attrs(model, cap, lens.ids[:, :2])
 
     has_bias = [layout.b_o(model, l) is not None for l in range(layout.n_layer)]
     final_bias = layout.adapter.norm.bias(model.get_submodule(layout.adapter.final_norm)) is not None
     results = []
-    lens_list, ranks_list = lens.tolist(), ranks.tolist()  # one conversion instead of a float() per number
+    lens_list, ranks_list = lens.logits.tolist(), lens.target_ranks.tolist()  # one conversion, not one per number
     for b, (prompt, ids, t_ids, _) in enumerate(items):
         row = {k: (v[:, b] if v.dim() > 2 else v[b]) for k, v in attrs.items()}
-        o_layer, o_head = find_override(row["heads"], ranks[:, b, 0], config.routing_rank)
-        final, final_rank = lens[-1, b], ranks[-1, b]
-        comp_id, pred_id = int(lens_ids[b, 1]), int(lens_ids[b, 2])
+        target_ranks = lens.target_ranks[:, b]
+        o_layer, o_head = find_override(row["heads"], target_ranks, config.routing_rank)
+        final = lens.logits[-1, b]
+        comp_id, pred_id = int(lens.ids[b, 1]), int(lens.ids[b, 2])
         results.append(
             Diagnosis(
                 prompt=prompt,
                 tokens=[token_text(tokenizer, i) for i in ids],
                 prediction=TokenScore(token_text(tokenizer, pred_id), pred_id, float(final[2]), 1),
-                target=TokenScore(token_text(tokenizer, t_ids[0]), t_ids[0], float(final[0]), int(final_rank[0])),
-                competitor=TokenScore(token_text(tokenizer, comp_id), comp_id, float(final[1]), int(final_rank[1])),
+                target=TokenScore(token_text(tokenizer, t_ids[0]), t_ids[0], float(final[0]), ranks_list[-1][b]),
+                competitor=TokenScore(token_text(tokenizer, comp_id), comp_id, float(final[1]),
+                                       int(lens.competitor_rank[b])),
                 target_tokens=[token_text(tokenizer, i) for i in t_ids],
                 logit_lens=[
                     LensEntry("embed" if s == 0 else f"h.{s - 1}", None if s == 0 else s - 1,
-                              lens_list[s][b][0], lens_list[s][b][1], ranks_list[s][b][0])
-                    for s in range(lens.shape[0])
+                              lens_list[s][b][0], lens_list[s][b][1], ranks_list[s][b])
+                    for s in range(lens.logits.shape[0])
                 ],
                 dla=_attribution_list(row, layout, has_bias, final_bias),
-                verdict=classify(ranks[:, b, 0], config),
+                verdict=classify(target_ranks, config),
                 override={"layer": o_layer, "head": o_head},
                 prescribed_layer=prescribe_layer(row, o_layer),
                 n_layer=layout.n_layer,

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from conftest import SLIDING_FAMILIES, family_config, make_family_model
 from surgery.arch import SITES, adapter_for, check_supported, layout_of
 from surgery.cli import main
-from surgery.diagnosis import diagnose, diagnose_batch
+from surgery.diagnosis import accumulated_resid, capture_last_position, diagnose, diagnose_batch, logit_lens
 from surgery.errors import UnsupportedModelError
 from surgery.export import write_output, write_patched_model
 from surgery.model_io import LoadedModel, load_model
@@ -240,6 +240,31 @@ def test_a_padded_batch_diagnoses_as_one_prompt_at_a_time(family_model, tiny_tok
             assert (b.target, b.competitor) == pytest.approx((a.target, a.competitor), abs=1e-4), a.name
         assert [e.target_logit for e in batched.logit_lens] == pytest.approx([e.target_logit for e in alone.logit_lens],
                                                                              abs=1e-4)
+
+
+def test_the_slabbed_lens_counts_ranks_over_the_whole_vocabulary(family_model, tiny_tokenizer):
+    """Slabs that do not divide the vocabulary and chunks of one prompt give the ranks and logits of the whole
+    logits at once (the model's own unembedding and soft-cap), whichever slab holds each target."""
+    model = family_model
+    ids = ids_of(tiny_tokenizer, PROMPT).repeat(4, 1)  # (4, T): one prompt, four targets across the vocabulary
+    n_vocab = model.config.vocab_size
+    targets = torch.tensor([3, n_vocab // 3, n_vocab // 2 + 1, n_vocab - 1])
+    with torch.no_grad():
+        resid = accumulated_resid(capture_last_position(model, ids, torch.full((4,), ids.shape[1] - 1)))
+        lens = logit_lens(model, resid, targets, chunk=3, slab=7)
+        full = model.lm_head(final_norm(model)(resid))  # (S, 4, V), before the cap
+        if softcap(model) is not None:
+            full = softcap(model) * torch.tanh(full / softcap(model))
+    assert torch.equal(lens.ids[:, 0], targets)
+    assert torch.equal(lens.ids[:, 2], full[-1].argmax(-1))
+    for k in range(3):
+        picked = full.gather(-1, lens.ids[None, :, k : k + 1].expand(full.shape[0], -1, -1))  # (S, 4, 1)
+        torch.testing.assert_close(lens.logits[..., k], picked[..., 0], atol=1e-5, rtol=1e-5)
+    target_logits = full.gather(-1, targets[None, :, None].expand(full.shape[0], -1, -1))
+    assert torch.equal(lens.target_ranks, (full > target_logits).sum(-1) + 1)
+    comp = full[-1].gather(-1, lens.ids[:, 1:2])
+    assert torch.equal(lens.competitor_rank, (full[-1] > comp).sum(-1) + 1)
+    assert len(set(lens.target_ranks[-1].tolist())) > 1  # the four targets really rank differently
 
 
 def test_diagnosis_json_names_the_key_value_heads(family_model, diagnosis):
