@@ -4,9 +4,6 @@ Nothing here is used by the library: each candidate is a small variant written n
 would replace, timed against it in one process (interleaved rounds, medians), with its results compared to the
 library's. What they are (bench/README.md, "Gemma 3 270M", proposals):
 
-* ``ranks``: the logit lens counts the target's rank at every residual, but the competitor's only at the output
-  and the top-1's never (the ``Diagnosis`` reads no other; the top-1 ranks 1 at the output by definition) —
-  one full-vocabulary comparison pass per residual instead of three. Diagnoses must be identical.
 * ``pad16``: the lens' unembedding padded to at least 16 rows (this CPU's BLAS takes a slow path below 16 rows:
   GPT-2's 13-row lens). Diagnoses equal up to the last bits (another kernel, another summation order).
 * ``kl``: the preservation term as ``cross_entropy(logits, p_ref) - H(p_ref)`` with ``p_ref`` computed once,
@@ -37,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import surgery.diagnosis as library  # noqa: E402
-from surgery.arch import layout_of, unembed  # noqa: E402
+from surgery.arch import layout_of  # noqa: E402
 
 from . import models, report  # noqa: E402
 from .diagnosis import prompt_ids, target_id  # noqa: E402
@@ -47,39 +44,22 @@ from .revisions import same  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def logit_lens_variant(ranks_at_output_only: bool, pad_rows: int = 0):
-    """``surgery.diagnosis.logit_lens`` with the candidate changes switched on; ranks it does not count are -1."""
-    def logit_lens(model, resid, token_ids, competitor_ids=None, chunk=16):
-        final_norm = model.get_submodule(layout_of(model).adapter.final_norm)
-        if competitor_ids is None:
-            competitor_ids = torch.full_like(token_ids, -1)
-        logits_out, ranks_out, all_ids = [], [], []
-        for start in range(0, resid.shape[1], chunk):
-            r = resid[:, start : start + chunk]  # (S, b, d)
-            t = token_ids[start : start + chunk]
-            x = final_norm(r).flatten(0, 1)  # (S*b, d)
-            n = x.shape[0]
-            if n < pad_rows:  # the BLAS kernel for fewer rows is slower than the one for pad_rows
-                x = F.pad(x, (0, 0, 0, pad_rows - n))
-            full = unembed(model, x)[:n].unflatten(0, r.shape[:2])  # (S, b, V)
-            top2 = full[-1].topk(2, dim=-1).indices
-            auto = torch.where(top2[:, 0] == t, top2[:, 1], top2[:, 0])
-            c = competitor_ids[start : start + chunk]
-            c = torch.where(c < 0, auto, c)
-            ids = torch.stack([t, c, top2[:, 0]], -1)  # (b, 3)
-            picked = full.gather(-1, ids[None].expand(full.shape[0], -1, -1))  # (S, b, 3)
-            if ranks_at_output_only:
-                ranks = torch.full(picked.shape, -1, dtype=torch.long)
-                ranks[..., 0] = (full > picked[..., :1]).sum(-1, dtype=torch.int32).long() + 1
-                ranks[-1, :, 1:] = (full[-1, :, None] > picked[-1, :, 1:, None]).sum(-1, dtype=torch.int32) + 1
-            else:
-                ranks = torch.stack([(full > picked[..., i : i + 1]).sum(-1, dtype=torch.int32) for i in range(3)],
-                                    -1).long() + 1
-            logits_out.append(picked)
-            ranks_out.append(ranks)
-            all_ids.append(ids)
-        return torch.cat(logits_out, 1), torch.cat(ranks_out, 1), torch.cat(all_ids)
+def padded_lens(pad_rows: int = 16):
+    """``surgery.diagnosis.logit_lens`` with at least ``pad_rows`` residual rows per unembedding: the last residual
+    (the output row) is repeated, so the extra rows change no count, and cut off again."""
+    def logit_lens(model, resid, token_ids, competitor_ids=None, chunk=16, slab=16384):
+        n_s, n_b = resid.shape[:2]
+        extra = -(-pad_rows // min(n_b, chunk)) - n_s
+        if extra <= 0:
+            return library_lens(model, resid, token_ids, competitor_ids, chunk, slab)
+        padded = torch.cat([resid[:-1], resid[-1:].expand(extra + 1, -1, -1)])  # the output row last, repeated
+        lens = library_lens(model, padded, token_ids, competitor_ids, chunk, slab)
+        keep = list(range(n_s - 1)) + [padded.shape[0] - 1]
+        return library.Lens(lens.logits[keep], lens.target_ranks[keep], lens.competitor_rank, lens.ids)
     return logit_lens
+
+
+library_lens = library.logit_lens
 
 
 @contextmanager
@@ -92,7 +72,7 @@ def patched_lens(fn):
         library.logit_lens = original
 
 
-VARIANTS = {"library": None, "ranks": logit_lens_variant(True), "ranks+pad16": logit_lens_variant(True, 16)}
+VARIANTS = {"library": None, "pad16": padded_lens(16)}
 
 
 def lens_variants(model_name: str, repeats: int, log=print) -> dict:
