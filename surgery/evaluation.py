@@ -20,6 +20,7 @@ from .panels import Panel, Probe
 from .tokens import encode_prompt, encode_target, pad_right, real_positions, token_text
 
 BATCH_SIZE = 32
+KL_CHUNK = 64  # positions unembedded at a time by mean_kl
 
 
 @dataclass
@@ -162,12 +163,31 @@ def kl_divergence(ref_log_probs: Tensor, log_probs: Tensor) -> Tensor:
     return (ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).mean()
 
 
-def mean_kl(base: nn.Module, edited: nn.Module, tokenizer, texts) -> float:
-    """Mean KL(base || edited) of next-token distributions over every position of ``texts``."""
-    ref = text_log_probs(base, tokenizer, texts)
-    if ref.shape[0] == 0:
+def final_hidden(model: nn.Module, tokenizer, texts) -> Tensor:
+    """The decoder's output (after the final norm) at every real position of ``texts``. Float[Tensor, "N d"]."""
+    encoded = encode_texts(tokenizer, texts, layout_of(model).n_ctx)
+    if not encoded:
+        return torch.empty(0, layout_of(model).d_model, device=_device(model))
+    ids, lengths = pad_right(encoded, tokenizer.pad_token_id, _device(model))
+    real = real_positions(lengths, ids.shape[1])  # (B, T)
+    with torch.no_grad():
+        decoder = model.get_submodule(layout_of(model).adapter.base)
+        return decoder(input_ids=ids, attention_mask=real.long(), use_cache=False).last_hidden_state[real]
+
+
+def mean_kl(base: nn.Module, edited: nn.Module, tokenizer, texts, chunk: int = KL_CHUNK) -> float:
+    """Mean KL(base || edited) of next-token distributions over every position of ``texts``. The vocabulary is
+    unembedded ``chunk`` positions at a time, so memory does not grow with the text (Gemma: 1 MB a position)."""
+    h_base, h_edited = final_hidden(base, tokenizer, texts), final_hidden(edited, tokenizer, texts)  # (N, d)
+    if h_base.shape[0] == 0:
         return float("nan")
-    return float(kl_divergence(ref, text_log_probs(edited, tokenizer, texts)))
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, h_base.shape[0], chunk):
+            ref = F.log_softmax(unembed(base, h_base[start : start + chunk]).float(), -1)  # (n, V)
+            log_probs = F.log_softmax(unembed(edited, h_edited[start : start + chunk]).float(), -1)
+            total += float((ref.exp() * (ref - log_probs)).sum())
+    return total / h_base.shape[0]
 
 
 def evaluate_panel(model: nn.Module, tokenizer, panel: Panel, exclude: frozenset[str] = frozenset()

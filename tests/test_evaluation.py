@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from surgery.evaluation import (BATCH_SIZE, answer, evaluate_panel, mean_kl, next_token_logits, perplexity,
-                                score_probes, text_log_probs)
+from surgery.evaluation import (BATCH_SIZE, answer, evaluate_panel, kl_divergence, mean_kl, next_token_logits,
+                                perplexity, score_probes, text_log_probs)
 from surgery.panels import Probe
 from surgery.tokens import token_text
 
@@ -68,6 +68,15 @@ def test_mean_kl(tiny_model, tiny_tokenizer, tiny_panel):
     assert mean_kl(tiny_model, tiny_model, tiny_tokenizer, texts) == pytest.approx(0.0, abs=1e-7)
     other = make_tiny_model(len(tiny_tokenizer), seed=1)
     assert mean_kl(tiny_model, other, tiny_tokenizer, texts) > 0.01
+
+
+def test_mean_kl_in_chunks_equals_the_whole_distributions(tiny_model, tiny_tokenizer, tiny_panel):
+    texts, other = tiny_panel.unrelated_text, make_tiny_model(len(tiny_tokenizer), seed=1)
+    whole = float(kl_divergence(text_log_probs(tiny_model, tiny_tokenizer, texts),
+                                text_log_probs(other, tiny_tokenizer, texts)))
+    for chunk in (1, 5, 10_000):  # one position at a time, a chunk that does not divide the text, all at once
+        assert mean_kl(tiny_model, other, tiny_tokenizer, texts, chunk=chunk) == pytest.approx(whole, rel=1e-5)
+    assert math.isnan(mean_kl(tiny_model, other, tiny_tokenizer, [""]))  # no text: no number
 
 
 def test_evaluate_panel(tiny_model, tiny_tokenizer, tiny_panel):
