@@ -8,28 +8,34 @@ process, interleaved over ``--repeats`` rounds so that a machine shared with oth
 * **batched** — what ``python -m surgery census`` does: :func:`surgery.census.diagnose_facts`, ``--batch-size``
   facts per forward pass;
 * **one at a time** — the same function, one fact per call;
-* **TransformerLens** — ``HookedTransformer.run_with_cache`` plus ``accumulated_resid`` / ``apply_ln_to_stack`` /
-  full-vocabulary ranks per fact (the lens only, less than a census record needs); only when ``transformer_lens``
-  is installed (``make bench`` installs it), and only if it can build Gemma 3 from the loaded HF model offline.
+* **TransformerLens** — the same numbers the TransformerLens way, one fact at a time (it has no batch diagnosis):
+  ``TransformerBridge`` built around a copy of the loaded HF model, ``run_with_cache`` with the lean cache (only
+  the hooks read, last position), head results, residual decomposition and the full-vocabulary logit lens with
+  ranks (:func:`bench.diagnosis.tl_diagnose`; ``check_tl_matches`` checks it agrees with ours before timing). Only
+  when ``transformer_lens`` is installed (``make bench`` installs it).
 
-Prints a Markdown table (median wall time over the rounds, facts/s, wall and CPU-time ratios) for bench/README.md.
+OpenMP workers wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set), as in ``python -m bench``. Prints a
+Markdown table (median wall time over the rounds, facts/s, wall and CPU-time ratios) for bench/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import resource
-import statistics
-import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP, as in python -m bench
 
-from surgery.census import diagnose_facts
-from surgery.diagnosis import DiagnosisConfig
-from surgery.facts import load_facts
-from surgery.model_io import REPO_ROOT, load_model
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from surgery.census import diagnose_facts  # noqa: E402
+from surgery.diagnosis import DiagnosisConfig  # noqa: E402
+from surgery.facts import load_facts  # noqa: E402
+from surgery.model_io import REPO_ROOT, load_model  # noqa: E402
 
 
 def pick_facts(n: int):
@@ -59,28 +65,23 @@ def timed(fn) -> tuple[float, float]:
 
 
 def transformer_lens_case(loaded, facts):
-    """A per-fact lens with TransformerLens, or None when it is not installed or cannot build the model."""
+    """A per-fact diagnosis with TransformerLens' bridge, or None (and why) when it is not installed."""
     try:
-        from transformer_lens import HookedTransformer
+        from . import models
+        from .diagnosis import check_tl_matches, tl_diagnose
+
+        bridge = models.tl_bridge(loaded.model)
     except ImportError:
-        return None, "transformer-lens is not installed"
-    try:
-        tl = HookedTransformer.from_pretrained_no_processing(
-            "google/gemma-3-270m", hf_model=loaded.model, tokenizer=loaded.tokenizer, device="cpu",
-            dtype=torch.float32)
-    except Exception as e:  # offline, or a version without Gemma 3: say so and skip
-        return None, f"TransformerLens could not build the model offline ({type(e).__name__})"
+        return None, "transformer-lens is not installed (`make bench` installs it)"
+    diff = check_tl_matches(loaded.model, bridge, lean=True, relative=True)
+    prepared = [(torch.tensor([loaded.tokenizer(f.prompt)["input_ids"]]),  # as the census tokenizes
+                 loaded.tokenizer(f.target, add_special_tokens=False)["input_ids"][0]) for f in facts]
 
     def run():
-        for f in facts:
-            tokens = torch.tensor([loaded.tokenizer(f.prompt)["input_ids"]])  # as the census tokenizes
-            target = loaded.tokenizer(f.target, add_special_tokens=False)["input_ids"][0]
-            _, cache = tl.run_with_cache(tokens)
-            resid = cache.accumulated_resid(pos_slice=-1, apply_ln=True)  # (L+1, 1, d)
-            logits = resid @ tl.W_U  # (L+1, 1, V)
-            (logits > logits[..., target : target + 1]).sum(-1)
+        for ids, target in prepared:
+            tl_diagnose(bridge, ids, target, lean=True)
 
-    return run, None
+    return run, f"agrees with ours to {diff:.1e} of the largest lens logit, lens ranks equal"
 
 
 def main() -> None:
@@ -103,7 +104,7 @@ def main() -> None:
     }
     tl_run, tl_note = transformer_lens_case(loaded, facts)
     if tl_run is not None:
-        cases["TransformerLens lens only, one at a time"] = tl_run
+        cases["TransformerLens (bridge, lean cache), one at a time"] = tl_run
     diagnose_facts(loaded.model, loaded.tokenizer, facts[:2], config)  # warm-up
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -118,8 +119,7 @@ def main() -> None:
     print(f"Gemma 3 270M (float32), {len(facts)} clean facts from assets/facts, torch threads {args.threads}, "
           f"{args.repeats} interleaved rounds; {platform.processor() or platform.machine()}, torch {torch.__version__}; "
           f"load average at start / end: {load_start} / {load_end}.")
-    if tl_note:
-        print(f"TransformerLens: skipped — {tl_note}.")
+    print(f"TransformerLens: {tl_note if tl_run is not None else 'skipped — ' + tl_note}.")
     print()
     print("| mode | seconds for all (median) | facts / s | **speed-up (wall)** | speed-up (CPU time) |")
     print("|---|---:|---:|---:|---:|")
