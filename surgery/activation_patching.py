@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .arch import Layout, apply_softcap, layout_of, unembed
 from .errors import InputError, require_positive_int
-from .hooks import hooked
+from .hooks import hooked, main_output
 from .tokens import encode_prompt, encode_target, token_text
 
 log = logging.getLogger(__name__)
@@ -181,11 +181,6 @@ def grid_units(layout: Layout, kind: str, n_pos: int) -> list[PatchUnit]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _main(output):
-    """The hidden state in a module's output (a decoder layer may return a tuple whose first item it is)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _with_main(output, new: Tensor):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
@@ -199,7 +194,7 @@ def capture_activations(model: nn.Module, input_ids: Tensor, kinds: Sequence[str
 
     def keep(key, pre):
         def fn(module, args, output=None):
-            store[key] = (args[0] if pre else _main(output))[0].detach()
+            store[key] = (args[0] if pre else main_output(output))[0].detach()
         return fn
 
     for kind in kinds:
@@ -261,7 +256,7 @@ def _replacement_hooks(layout: Layout, clean: dict[tuple[str, int], Tensor], row
             hooks["pre"][path] = replace_input
         else:
             def replace_output(module, args, output, mask=mask, value=value):
-                return _with_main(output, torch.where(mask, value, _main(output)))
+                return _with_main(output, torch.where(mask, value, main_output(output)))
             hooks["forward"][path] = replace_output
     return hooks
 

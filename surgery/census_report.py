@@ -16,11 +16,10 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .diagnosis import VERDICTS, DiagnosisConfig, classify
+from .diagnosis import VERDICTS, DiagnosisConfig
 
 RANK_BINS = ((1, 1), (2, 2), (3, 3), (4, 5), (6, 10), (11, 100), (101, 1000), (1001, None))
 PLOTS = {"verdicts": "verdicts_per_relation.png", "layers": "prescribed_layers.png", "heads": "override_heads.png"}
@@ -35,11 +34,6 @@ def legacy_verdict(record: dict) -> str:
     middle = range(1, len(ranks) - 1)
     held = any(margin[i] > 0 or ranks[i] <= LEGACY_ROUTING_RANK for i in middle)
     return "routing" if held else "absence"
-
-
-def verdict_under(record: dict, config: DiagnosisConfig) -> str:
-    """The verdict the current rule gives with ``config``'s thresholds (to try other thresholds on a census)."""
-    return classify(torch.tensor(record["lens_ranks"]), config)
 
 
 def rank_bin(rank: int) -> str:

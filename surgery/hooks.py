@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @contextmanager
@@ -65,3 +65,9 @@ def _this_thread_only(fn: Callable) -> Callable:
 
     hook.thread_scoped = True  # lets copies of a module (surgery.patch) leave these request-scoped hooks behind
     return hook
+
+
+def main_output(output) -> Tensor:
+    """The hidden states in a module's output (transformers 5 blocks return a tensor; a module may return a tuple
+    whose first item they are)."""
+    return output[0] if isinstance(output, tuple) else output

@@ -190,7 +190,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     values = {s.name: s.read(base[s.name[len(stack.prefix):]]).detach().clone().requires_grad_(True)
               for s in slices}
     optimizer = torch.optim.Adam(values.values(), lr=config.lr)
-    use_kl = text.text_hidden is not None and config.kl_weight > 0
+    use_kl = text.text is not None and config.kl_weight > 0
     if use_kl and text.ref_log_probs is None:
         with torch.no_grad():
             text.ref_log_probs = stack.text_log_probs(text, stack.block_params(slices, values))

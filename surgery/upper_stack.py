@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from .arch import layout_of, unembed
 from .evaluation import encode_texts
-from .hooks import hooked
+from .hooks import hooked, main_output
 from .panels import Probe
 from .patch import copy_block
 from .tokens import encode_prompt, encode_target, pad_right, real_positions
@@ -90,14 +90,6 @@ class FrozenInputs:
     text_real: Tensor | None  # Bool[Tensor, "Bu Tu"] real (non-padding) positions
     ref_log_probs: Tensor | None = None  # Float[Tensor, "N V"] original next-token log-probs, N = real positions
 
-    @property
-    def facts_hidden(self) -> Tensor:
-        return self.facts.hidden
-
-    @property
-    def text_hidden(self) -> Tensor | None:
-        return None if self.text is None else self.text.hidden
-
 
 def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
     out, used = [], 0
@@ -160,9 +152,9 @@ class UpperStack:
     def residual(self, inputs: BlockInputs, params: dict[str, Tensor]) -> Tensor:
         """Final residual (after the final norm) from block ``layer``'s input. (B, T, d) -> (B, T, d)."""
         args, kwargs = inputs.calls[0]
-        h = _hidden(functional_call(self.block, params, (inputs.hidden, *args), kwargs))
+        h = main_output(functional_call(self.block, params, (inputs.hidden, *args), kwargs))
         for block, (args, kwargs) in zip(self.above, inputs.calls[1:]):
-            h = _hidden(block(h, *args, **kwargs))
+            h = main_output(block(h, *args, **kwargs))
         return self.final_norm(h)
 
     def fact_logits(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
@@ -177,6 +169,3 @@ class UpperStack:
         return F.log_softmax(unembed(self.model, h[frozen.text_real]).float(), -1)
 
 
-def _hidden(output) -> Tensor:
-    """A block's output hidden states (transformers 5 blocks return a tensor; older ones a tuple)."""
-    return output[0] if isinstance(output, tuple) else output

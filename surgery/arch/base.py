@@ -25,7 +25,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import InputError
 
 SITES = ("wv", "attn", "mlp", "layer")
 SITE_DESCRIPTIONS = {
@@ -240,12 +240,6 @@ class Layout:
     def family(self) -> str:
         return self.adapter.family
 
-    @classmethod
-    def of(cls, model: nn.Module) -> "Layout":
-        from . import layout_of
-
-        return layout_of(model)
-
     # --- bookkeeping ------------------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layer:
@@ -371,10 +365,6 @@ class Layout:
 def count_parameters(model: nn.Module) -> int:
     """All distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def refuse(message: str) -> UnsupportedModelError:
-    return UnsupportedModelError(message)
 
 
 def apply_softcap(logits: Tensor, cap: float | None) -> Tensor:
