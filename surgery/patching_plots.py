@@ -7,13 +7,11 @@ never through ``pyplot``, so no global figure state leaks between sessions or th
 
 from __future__ import annotations
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .activation_patching import KIND_DESCRIPTIONS, ActivationPatching
+from .plots import label_cells, new_figure
 from .weight_patching import WeightPatching
-
-ANNOTATE_MAX_CELLS = 256
 
 
 def patching_heatmap(result: ActivationPatching, kind: str) -> Figure:
@@ -29,7 +27,7 @@ def patching_heatmap(result: ActivationPatching, kind: str) -> Figure:
         labels = [f"H{h}" for h in range(width)]
     else:
         labels = [a if a == b else f"{a}→{b}" for a, b in zip(result.clean_tokens, result.corrupt_tokens)]
-    fig = _new_figure((min(14.0, max(5.0, 2.5 + 0.9 * width)), min(12.0, max(3.0, 1.6 + 0.45 * n_layer))))
+    fig = new_figure((min(14.0, max(5.0, 2.5 + 0.9 * width)), min(12.0, max(3.0, 1.6 + 0.45 * n_layer))))
     ax = fig.add_subplot()
     bound = max(1.0, max(abs(v) for row in values for v in row))
     image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
@@ -39,12 +37,7 @@ def patching_heatmap(result: ActivationPatching, kind: str) -> Figure:
     ax.set_yticks(range(n_layer), [f"L{l + 1}" for l in range(n_layer)])
     ax.set_xlabel(grid.axis)
     ax.set_ylabel("layer")
-    if n_layer * width <= ANNOTATE_MAX_CELLS:
-        for l, row in enumerate(values):
-            for j, v in enumerate(row):
-                r, g, b, _ = image.cmap(image.norm(v))
-                color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-                ax.text(j, l, f"{v:.2f}", ha="center", va="center", fontsize="x-small", color=color)
+    label_cells(ax, image, values, "{:.2f}")
     ax.set_title(f"Activation patching: {KIND_DESCRIPTIONS[kind]}\n{result.target.text!r} vs "
                  f"{result.competitor.text!r}, {result.clean_prompt!r} → {result.corrupt_prompt!r}",
                  fontsize="medium")
@@ -58,7 +51,7 @@ def weight_patching_chart(result: WeightPatching, top: int = 20) -> Figure:
     labelled with the facts right on its hybrid (recipient's count and, for donor patching, the donor's in the
     title)."""
     comps = sorted(result.components, key=lambda c: -abs(c.mean_target_logit_change))[:top]
-    fig = _new_figure((7.0, max(2.5, 1.2 + 0.35 * len(comps))))
+    fig = new_figure((7.0, max(2.5, 1.2 + 0.35 * len(comps))))
     ax = fig.add_subplot()
     labels = [f"L{c.layer + 1} {c.name}" if c.head is None else f"L{c.layer + 1} H{c.head} {c.name}" for c in comps]
     values = [c.mean_target_logit_change for c in comps]
@@ -75,10 +68,4 @@ def weight_patching_chart(result: WeightPatching, top: int = 20) -> Figure:
     donor = "" if result.donor_correct is None else f", donor {result.donor_correct}/{result.facts_total}"
     ax.set_title(f"Weight patching ({what}): facts right — recipient {result.recipient_correct}/"
                  f"{result.facts_total}{donor}", fontsize="medium")
-    return fig
-
-
-def _new_figure(size: tuple[float, float]) -> Figure:
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)  # attach the Agg canvas: savefig/draw without pyplot or a GUI backend
     return fig

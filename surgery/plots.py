@@ -29,7 +29,7 @@ def qk_overlap_heatmap(table: list[HeadStats]) -> Figure:
     fig, ax = _figure(len(grid), len(grid[0]))
     image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     fig.colorbar(image, ax=ax, label="|top-k(W_Q) ∩ top-k(W_K)| / k")
-    _label_heads(ax, image, grid, "{:.2f}")
+    label_cells(ax, image, grid, "{:.2f}")
     ax.set_title("QK overlap per head")
     _caption(fig, len(grid))
     return fig
@@ -39,7 +39,7 @@ def key_response_plot(table: list[HeadStats]) -> Figure:
     """Mean key response ``||W_K^T ln_1(e)||`` by token class, averaged over each layer's heads."""
     per_class = layer_key_response(table)
     n_layer = len(next(iter(per_class.values())))
-    fig = _new_figure((7.0, 4.0))
+    fig = new_figure((7.0, 4.0))
     ax = fig.add_subplot()
     layers = list(range(1, n_layer + 1))
     for name in TOKEN_CLASSES:
@@ -61,7 +61,7 @@ def attribution_heatmap(d: Diagnosis) -> Figure:
     bound = max(1e-6, max(abs(v) for row in grid for v in row))
     image = ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
     fig.colorbar(image, ax=ax, label="target − competitor logit")
-    _label_heads(ax, image, grid, "{:+.1f}")
+    label_cells(ax, image, grid, "{:+.1f}")
     o = d.override
     ax.add_patch(_box(o["head"], o["layer"]))
     ax.set_title(f"Per-head attribution, {d.target.text!r} − {d.competitor.text!r}\n"
@@ -72,7 +72,7 @@ def attribution_heatmap(d: Diagnosis) -> Figure:
 
 def cumulative_logit_plot(d: Diagnosis) -> Figure:
     """Logit lens: target and competitor logits after the embeddings and after each block."""
-    fig = _new_figure((7.0, 4.0))
+    fig = new_figure((7.0, 4.0))
     ax = fig.add_subplot()
     x = list(range(len(d.logit_lens)))
     ax.plot(x, [e.target_logit for e in d.logit_lens], marker="o", label=f"target {d.target.text!r}")
@@ -91,14 +91,14 @@ def cumulative_logit_plot(d: Diagnosis) -> Figure:
 # --------------------------------------------------------------------------------------------------
 
 
-def _new_figure(size: tuple[float, float]) -> Figure:
+def new_figure(size: tuple[float, float]) -> Figure:
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)  # attach the Agg canvas: savefig/draw without pyplot or a GUI backend
     return fig
 
 
 def _figure(n_layer: int, n_head: int) -> tuple[Figure, Axes]:
-    fig = _new_figure((min(14.0, max(6.0, 2.5 + 0.6 * n_head)), min(12.0, max(3.5, 1.8 + 0.4 * n_layer))))
+    fig = new_figure((min(14.0, max(6.0, 2.5 + 0.6 * n_head)), min(12.0, max(3.5, 1.8 + 0.4 * n_layer))))
     ax = fig.add_subplot()
     ax.set_xticks(range(n_head), [f"H{h}" for h in range(n_head)])
     ax.set_yticks(range(n_layer), [f"L{l + 1}" for l in range(n_layer)])
@@ -116,8 +116,8 @@ def _grid(table: list[HeadStats], value) -> list[list[float]]:
     return grid
 
 
-def _label_heads(ax: Axes, image: AxesImage, grid: list[list[float]], fmt: str) -> None:
-    """Write each value in its cell, white on dark colours (small grids only)."""
+def label_cells(ax: Axes, image: AxesImage, grid: list[list[float]], fmt: str) -> None:
+    """Write each value of a layer x column grid in its cell, white on dark colours (small grids only)."""
     if len(grid) * len(grid[0]) > ANNOTATE_MAX_CELLS:
         return
     for layer, row in enumerate(grid):
