@@ -19,7 +19,7 @@ from .diagnosis import Diagnosis, diagnose_batch
 from .errors import InputError, SurgeryFailed
 from .panels import Panel, Probe
 from .report import SurgeryReport
-from .training import SurgeryConfig, choose_layer, operate
+from .training import SurgeryConfig, layer_from_diagnoses, operate
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def reproduce(model: nn.Module, tokenizer, facts: Sequence[Probe], panel: Panel,
     diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
     routing = [d for d in diagnoses if d.verdict == "routing"]
     if config.layer is None:
-        layer, reason, _ = choose_layer(model, tokenizer, facts)
+        layer, reason = layer_from_diagnoses(diagnoses)
     else:
         layer, reason = layout.check_layer(config.layer), "given"
     outcomes = []

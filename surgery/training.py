@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .diagnosis import diagnose_batch
-from .errors import InputError, SurgeryFailed
+from .diagnosis import Diagnosis, diagnose_batch
+from .errors import InputError, SurgeryFailed, require_positive_int
 from .evaluation import kl_divergence, score_probes
 from .arch import SITES, count_parameters, layout_of
 from .panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
@@ -84,8 +84,7 @@ class SurgeryConfig:
             raise InputError(f"epochs must be at least 1, not {self.epochs}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise InputError(f"kl_weight must be a non-negative number, not {self.kl_weight}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, not {self.batch_size!r}")
+        require_positive_int("batch_size", self.batch_size)
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise InputError(f"margin must be a non-negative number, not {self.margin}")
         if self.max_unrelated_tokens is not None and (
@@ -135,7 +134,11 @@ def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> tuple[i
     fact's). Returns ``(layer, reason, verdicts)``; raises :class:`InputError` when no fact is a routing failure.
     """
     diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
-    verdicts = [d.verdict for d in diagnoses]
+    return (*layer_from_diagnoses(diagnoses), [d.verdict for d in diagnoses])
+
+
+def layer_from_diagnoses(diagnoses: Sequence[Diagnosis]) -> tuple[int, str]:
+    """:func:`choose_layer` on diagnoses already made: ``(layer, reason)``."""
     routing = [d for d in diagnoses if d.verdict == "routing"]
     if not routing:
         absent = [d.prompt for d in diagnoses if d.verdict == "absence"]
@@ -152,7 +155,7 @@ def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> tuple[i
     reason = (f"auto: block {layer} (L{layer + 1}) is the prescribed layer of {n}/{len(routing)} routing "
               f"failures (where the target is written most strongly before the override head, "
               f"most often L{o_layer + 1} H{o_head})")
-    return layer, reason, verdicts
+    return layer, reason
 
 
 # --------------------------------------------------------------------------------------------------
