@@ -59,3 +59,9 @@ def read_input_text(path: str | os.PathLike, what: str) -> str:
         raise InputError(f"no such {what}: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read {what} {path}: {err}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -35,7 +35,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from .errors import ModelLoadError, SurgeryError, UnsupportedModelError
+from .errors import ModelLoadError, SurgeryError, UnsupportedModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _check_complete(path: Path) -> None:
     except struct.error as e:
         raise ModelLoadError(f"{path} is not a valid GGUF file: its header ends early or is damaged") from e
     except (ValueError, KeyError) as e:
-        raise ModelLoadError(f"{path} is not a valid GGUF file: {_first_line(e)}") from e
+        raise ModelLoadError(f"{path} is not a valid GGUF file: {first_line(e)}") from e
     if size < needed:
         raise ModelLoadError(f"{path} is truncated: its tensors need {needed:,} bytes, the file has {size:,}")
 
@@ -219,7 +219,7 @@ def _convert(path: Path, out: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(**where)
     except Exception as e:
-        raise ModelLoadError(f"cannot read the model description in {path}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot read the model description in {path}: {first_line(e)}") from e
     try:
         check_supported(config)  # before the slow part
     except UnsupportedModelError as e:
@@ -234,7 +234,7 @@ def _convert(path: Path, out: Path) -> None:
     except SurgeryError:
         raise
     except Exception as e:
-        raise ModelLoadError(f"cannot convert {path}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot convert {path}: {first_line(e)}") from e
     _drop_quantization_marks(model)
     wrong = {p.dtype for p in model.parameters()} - {torch.float32}
     if wrong:  # the cache promises float32; a loader change must not slip through silently
@@ -276,8 +276,3 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import HubError
+from .errors import HubError, first_line
 from .export import CARD_FILE, MODEL_FILES, PATCH_FILE, REPORT_FILE
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,4 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
 
 
 def _first_line(e: BaseException, token: str) -> str:
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else type(e).__name__
-    return text.replace(token, "***")
+    return first_line(e).replace(token, "***")

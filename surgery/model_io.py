@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError, UnsupportedModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_model(
                 f"cannot load '{name}': the Hugging Face Hub is unreachable and it is not in the local cache; "
                 + _offline_hint()
             ) from e
-        raise ModelLoadError(f"cannot load '{name}': {_first_line(e)}; " + _offline_hint()) from e
+        raise ModelLoadError(f"cannot load '{name}': {first_line(e)}; " + _offline_hint()) from e
     try:
         check_supported(config)
     except UnsupportedModelError as e:
@@ -130,7 +130,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **placement, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:
-        raise ModelLoadError(f"cannot load '{name}': {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load '{name}': {first_line(e)}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval().requires_grad_(False)
@@ -171,8 +171,3 @@ def _resolve(name: str, revision: str | None, cache_root) -> tuple[str, dict, st
     if not hub_reachable():
         kwargs["local_files_only"] = True  # the HF cache may still hold it
     return name, kwargs, None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
