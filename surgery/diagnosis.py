@@ -90,6 +90,11 @@ class DiagnosisConfig:
         """The first block (0-indexed) after which a lens rank counts for ``routing``."""
         return max(0, min(int(self.routing_from * n_layer), n_layer - 2))
 
+    def routing_window(self, n_layer: int) -> slice:
+        """The lens rows (0 = after the embeddings) whose ranks count for ``routing``: after block
+        :meth:`routing_start` to after the block before the last."""
+        return slice(1 + self.routing_start(n_layer), n_layer)
+
 
 @dataclass
 class TokenScore:
@@ -167,8 +172,9 @@ class Diagnosis:
                 f"Routing failure: the model knows {t!r} (in the lens top {self.routing_rank} late in the stack) but "
                 f"{c!r} wins at the output; overridden by {head}; prescribed surgery layer {layer}."
             )
-        start = DiagnosisConfig(self.routing_rank, self.routing_from).routing_start(self.n_layer)
-        best = min(e.target_rank for e in self.logit_lens[1 + start : self.n_layer] or self.logit_lens[-1:])
+        config = DiagnosisConfig(self.routing_rank, self.routing_from)
+        start = config.routing_start(self.n_layer)
+        best = min(e.target_rank for e in self.logit_lens[config.routing_window(self.n_layer)] or self.logit_lens[-1:])
         return (
             f"Absence: {t!r} never gets near the top from {self.blocks}.{start} on (best lens rank {best}); "
             f"the model does not hold this fact, so single-site surgery is not prescribed."
@@ -331,8 +337,8 @@ def logit_lens(model: nn.Module, resid: Tensor, token_ids: Tensor, competitor_id
             c = competitor_ids[start : start + chunk].to(w_u.device)
             c = torch.where(c < 0, auto, c)
             ids = torch.stack([t, c, top2[:, 0]], -1)  # (b, 3)
-            picked = apply_softcap(torch.einsum("sbd,bkd->sbk", x, w_u[ids]), cap)  # (S, b, 3)
-            picked[..., 0] = t_logit
+            others = apply_softcap(torch.einsum("sbd,bkd->sbk", x, w_u[ids[:, 1:]]), cap)  # (S, b, 2)
+            picked = torch.cat([t_logit[..., None], others], -1)  # (S, b, 3)
             c_out = picked[-1, :, 1:2]  # (b, 1)
             c_above = (output > c_out).sum(-1) - (output.gather(-1, c[:, None]) > c_out)[:, 0].long()
             parts.append(Lens(picked, above.view(n_s, b).long() + 1, c_above + 1, ids))
@@ -446,7 +452,7 @@ def classify(ranks: Tensor, config: DiagnosisConfig = DiagnosisConfig()) -> str:
     if int(ranks[-1]) == 1:
         return "correct"
     n_layer = ranks.shape[0] - 1
-    window = ranks[1 + config.routing_start(n_layer) : n_layer]  # after block start .. after block L-2
+    window = ranks[config.routing_window(n_layer)]
     return "routing" if bool((window <= config.routing_rank).any()) else "absence"
 
 
