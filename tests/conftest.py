@@ -33,6 +33,12 @@ def make_word_tokenizer(words=TINY_WORDS):
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]")
 
 
+def count_hooks(model) -> int:
+    """Forward (pre-)hooks on every module. transformers 5 installs its own output recorders the first time a
+    model is asked for hidden states, so tests compare counts before and after instead of expecting zero."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def make_tiny_model(vocab_size: int, seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

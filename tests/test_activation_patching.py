@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import DEMO_DIR, make_family_model
+from conftest import DEMO_DIR, count_hooks, make_family_model
 from surgery.activation_patching import (KINDS, ActivationPatchingConfig, PatchUnit, patch_activations, prepare_pair,
                                          unit_module)
 from surgery.arch import layout_of
@@ -23,10 +23,6 @@ def model(request, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def result(model, tiny_tokenizer):
     return patch_activations(model, tiny_tokenizer, CLEAN, CORRUPT, " Paris")
-
-
-def _n_hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_last_block_output_at_the_last_position_restores_exactly_one(model, result):
@@ -64,10 +60,10 @@ def test_batch_size_does_not_change_the_numbers(model, tiny_tokenizer, result):
 
 
 def test_model_unchanged_and_no_hooks_left(model, tiny_tokenizer):
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before, hooks_before = {k: v.clone() for k, v in model.state_dict().items()}, count_hooks(model)
     patch_activations(model, tiny_tokenizer, CLEAN, CORRUPT, " Paris")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert _n_hooks(model) == 0
+    assert count_hooks(model) == hooks_before
 
 
 def test_grid_shapes_and_json(model, result):

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import count_hooks
 from surgery.cli import main
 from surgery.crosscheck import (
     CrossCheckConfig,
@@ -27,16 +28,12 @@ def _inputs(model, tokenizer, prompt=PROMPT, target=" Paris", competitor=" Tokyo
     return ids, tokens
 
 
-def _n_hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_crosscheck_never_changes_the_model(tiny_model, tiny_tokenizer):
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    before, hooks_before = {k: v.clone() for k, v in tiny_model.state_dict().items()}, count_hooks(tiny_model)
     result = crosscheck(tiny_model, tiny_tokenizer, PROMPT, " Paris")
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert not any(p.requires_grad for p in tiny_model.parameters())
-    assert _n_hooks(tiny_model) == 0
+    assert count_hooks(tiny_model) == hooks_before
     layout = layout_of(tiny_model)
     assert len(result.dla) == len(result.grad_x_act) == layout.n_layer * layout.n_head
 

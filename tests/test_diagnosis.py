@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from conftest import count_hooks
 from bench.models import IdTokenizer  # space-separated token ids, for random full-size models
 from surgery.diagnosis import (
     DiagnosisConfig,
@@ -162,13 +163,10 @@ def test_bad_input(tiny_model, tiny_tokenizer):
 
 
 def test_diagnosis_does_not_touch_the_model(tiny_model, tiny_tokenizer):
-    def n_hooks():  # transformers 5 may have installed its own output recorders: count, don't expect zero
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_model.modules())
-
-    before, hooks_before = {k: v.clone() for k, v in tiny_model.state_dict().items()}, n_hooks()
+    before, hooks_before = {k: v.clone() for k, v in tiny_model.state_dict().items()}, count_hooks(tiny_model)
     diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-    assert n_hooks() == hooks_before
+    assert count_hooks(tiny_model) == hooks_before
 
 
 def test_capture_matches_hidden_states(tiny_model, tiny_tokenizer):
