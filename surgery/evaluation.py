@@ -8,8 +8,9 @@ positions that are needed are unembedded.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,20 +106,38 @@ def answer(model: nn.Module, tokenizer, prompt: str) -> str:
     return token_text(tokenizer, int(next_token_logits(model, tokenizer, [prompt])[0].argmax()))
 
 
+class TargetScores(NamedTuple):
+    """Per probe: the first token of its target, the model's top-1 next token, the target's rank (1 = top) and
+    logit. Each Long/Float[Tensor, "N"]."""
+
+    targets: Tensor
+    top: Tensor
+    ranks: Tensor
+    logits: Tensor
+
+
+def target_scores(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> TargetScores:
+    """:class:`TargetScores` of ``probes`` (at least one), scored one batch of logits at a time."""
+    targets = torch.tensor([encode_target(tokenizer, p.target)[0] for p in probes])
+    tops, ranks, picked = [], [], []
+    batches = next_token_logit_batches(model, tokenizer, [p.prompt for p in probes])
+    for start, logits in zip(range(0, len(probes), BATCH_SIZE), batches):  # logits: (b, V), one batch at a time
+        target = logits.gather(-1, targets[start : start + len(logits), None].to(logits.device))  # (b, 1)
+        tops.append(logits.argmax(-1))
+        ranks.append((logits > target).sum(-1) + 1)
+        picked.append(target[:, 0])
+    top = torch.cat(tops)
+    return TargetScores(targets.to(top.device), top, torch.cat(ranks), torch.cat(picked))
+
+
 def score_probes(model: nn.Module, tokenizer, probes: list[Probe] | tuple[Probe, ...]) -> ProbeScores:
     """Top-1 next token of each probe's prompt against the first token of its target."""
     if not probes:
         return ProbeScores([])
-    targets = [encode_target(tokenizer, p.target)[0] for p in probes]
-    tops, ranks = [], []
-    batches = next_token_logit_batches(model, tokenizer, [p.prompt for p in probes])
-    for start, logits in zip(range(0, len(probes), BATCH_SIZE), batches):  # logits: (b, V), one batch at a time
-        picked = logits.gather(-1, torch.tensor(targets[start : start + len(logits)], device=logits.device)[:, None])
-        tops.append(logits.argmax(-1))
-        ranks.append((logits > picked).sum(-1) + 1)
-    top, ranks = torch.cat(tops), torch.cat(ranks)
+    s = target_scores(model, tokenizer, probes)
     return ProbeScores([
-        ProbeResult(p.prompt, p.target, token_text(tokenizer, int(top[i])), int(top[i]) == targets[i], int(ranks[i]))
+        ProbeResult(p.prompt, p.target, token_text(tokenizer, int(s.top[i])), int(s.top[i]) == int(s.targets[i]),
+                    int(s.ranks[i]))
         for i, p in enumerate(probes)
     ])
 

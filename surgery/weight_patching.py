@@ -24,10 +24,9 @@ from torch import Tensor, nn
 
 from .arch import SITES, Layout, ParamSlice, layout_of
 from .errors import InputError
-from .evaluation import next_token_logits
+from .evaluation import target_scores
 from .panels import Probe
 from .patch import Patch, base_config, patched_model
-from .tokens import encode_target
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +182,9 @@ class FactScores:
 
 
 def score_facts(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> FactScores:
-    """One batched pass: correctness as :func:`surgery.evaluation.score_probes` judges it, and the target logits."""
-    targets = torch.tensor([encode_target(tokenizer, f.target)[0] for f in facts])
-    logits = next_token_logits(model, tokenizer, [f.prompt for f in facts])  # (N, V)
-    targets = targets.to(logits.device)
-    correct = (logits.argmax(-1) == targets).tolist()
-    return FactScores(correct, logits.gather(-1, targets[:, None])[:, 0].float().tolist())
+    """Batched: correctness as :func:`surgery.evaluation.score_probes` judges it, and the target logits."""
+    s = target_scores(model, tokenizer, facts)
+    return FactScores((s.top == s.targets).tolist(), s.logits.float().tolist())
 
 
 @dataclass
