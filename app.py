@@ -37,7 +37,6 @@ from surgery.activation_patching import ActivationPatching, ActivationPatchingCo
 from surgery.arch import SITES, count_parameters
 from surgery.diagnosis import Diagnosis, diagnose
 from surgery.errors import InputError, SurgeryError
-from surgery.evaluation import score_probes
 from surgery.export import write_output
 from surgery.generation import generate
 from surgery.hub import push_folder
@@ -47,7 +46,7 @@ from surgery.registry import ModelChoice, ModelRegistry, ServedModel, local_mode
 from surgery.report import Comparison, compare, format_rows, regressions
 from surgery.sessions import SessionEdit, SessionEdits, StartUp, write_downloads
 from surgery.static_heads import head_table
-from surgery.training import SurgeryConfig, choose_layer, operate
+from surgery.training import SurgeryConfig, operate
 from surgery.weight_patching import WeightPatching, patch_weights
 
 try:  # On a ZeroGPU Space, surgery and generation get a GPU for the duration of the call.
@@ -678,18 +677,11 @@ def site_choices(served: ServedModel) -> list[tuple[str, str]]:
 
 
 def layer_choices(served: ServedModel) -> list[tuple[str, str]]:
-    prescribed = prescribed_layer(served)
+    prescribed = served.prescribed_layer
     block = served.layout.adapter.block
     auto = (f"auto — prescribed: L{prescribed + 1} ({block(prescribed)})" if prescribed is not None
             else "auto — prescribed by the diagnosis")
     return [(auto, "auto")] + [(f"L{l + 1} ({block(l)})", str(l)) for l in range(served.layout.n_layer)]
-
-
-def prescribed_layer(served: ServedModel) -> int | None:
-    try:
-        return choose_layer(served.model, served.tokenizer, served.facts)[0] if served.facts else None
-    except SurgeryError:
-        return None
 
 
 def facts_note(served: ServedModel) -> str:
@@ -697,7 +689,7 @@ def facts_note(served: ServedModel) -> str:
     if not served.facts:
         return "No bundled fact fits this model's vocabulary: write the facts to fix as JSON."
     try:
-        scores = score_probes(served.model, served.tokenizer, served.facts)
+        scores = served.fact_scores
     except SurgeryError as e:  # a panel that does not fit this tokenizer: say so instead of failing to start
         return f"The fact panel does not fit this model: {html.escape(str(e), quote=False)}."
     wrong = [r for r in scores.results if not r.correct]

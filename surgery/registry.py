@@ -17,16 +17,19 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .arch import Layout, check_supported, layout_of
 from .errors import InputError, SurgeryError
+from .evaluation import ProbeScores, score_probes
 from .model_io import DEMO_MODEL, LoadedModel, load_model
 from .panels import FittedPanel, Panel, Probe, fit_panel, panel_for_model
 from .realmodel import PRESETS
 from .sessions import load_or_demo
 from .static_heads import StaticHeadCache
+from .training import choose_layer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,8 @@ class ModelChoice:
 @dataclass
 class ServedModel:
     """A loaded model and what every request on it needs. Shared by all sessions: nothing here is ever mutated
-    except the head cache, which only fills."""
+    except the head cache, which only fills, and the panel facts' scores and prescribed layer, computed on first
+    use (they depend on the model and its panel only)."""
 
     choice: ModelChoice
     loaded: LoadedModel
@@ -73,6 +77,19 @@ class ServedModel:
     @property
     def facts(self) -> list[Probe]:
         return list(self.fitted.panel.facts)
+
+    @cached_property
+    def fact_scores(self) -> ProbeScores:
+        """The base model's answers to the panel facts (raises :class:`SurgeryError` when they cannot be scored)."""
+        return score_probes(self.model, self.tokenizer, self.facts)
+
+    @cached_property
+    def prescribed_layer(self) -> int | None:
+        """The block ``--layer auto`` picks for the panel facts; None without facts or routing failures."""
+        try:
+            return choose_layer(self.model, self.tokenizer, self.facts)[0] if self.facts else None
+        except SurgeryError:
+            return None
 
 
 def serve(choice: ModelChoice, loaded: LoadedModel, panel: Panel | None = None) -> ServedModel:

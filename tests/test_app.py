@@ -368,6 +368,23 @@ def test_the_picker_lists_the_models_and_each_loads_once_on_first_use(tiny_token
         tiny.diagnose(*FRANCE, "", "tiny-c")
 
 
+def test_switching_models_diagnoses_and_scores_each_panel_once(tiny_tokenizer, monkeypatch):
+    import surgery.registry as registry_module
+
+    calls = []
+    for name in ("choose_layer", "score_probes"):
+        real = getattr(registry_module, name)
+        monkeypatch.setattr(registry_module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    registry, _ = two_model_registry(tiny_tokenizer)
+    tiny = app.SurgeryApp(registry)
+    first = tiny.select_model("tiny-b", None, progress=NoProgress())
+    assert sorted(calls) == ["choose_layer", "score_probes"]
+    again = tiny.select_model("tiny-a", None, progress=NoProgress()), tiny.select_model("tiny-b", None,
+                                                                                         progress=NoProgress())
+    assert sorted(calls) == ["choose_layer", "choose_layer", "score_probes", "score_probes"]  # A once, B not again
+    assert again[1][7] == first[7] and again[1][6].choices == first[6].choices  # the same facts note and layers
+
+
 def test_the_side_by_side_shows_the_facts_then_their_paraphrases(operated_a):
     summary, metrics, rows, files, report, edits = operated_a
     paraphrases = list(TINY_FACTS[0].paraphrases)
