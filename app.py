@@ -209,14 +209,13 @@ class SurgeryApp:
         if not self.registry.is_loaded(model):
             progress(0, desc=f"loading {model} (first use: it stays loaded for everyone)")
         served = self.served(model)
-        first = served.facts[0] if served.facts else Probe("The capital of France is", " Paris")
-        facts_json = json.dumps([p.to_dict() for p in served.facts], indent=1)
+        first = first_fact(served)
         edit = self.edit_of(edits, served)
         return (model_line(served), examples_update(served), first.prompt, first.target, "",
                 gr.Radio(choices=site_choices(served), value="wv"),
                 gr.Dropdown(choices=layer_choices(served), value="auto"),
-                facts_note(served), [[p.prompt, p.target] for p in served.facts] or None, facts_json,
-                first.prompt, f"{Path(served.key).name}-surgery",
+                facts_note(served), [[p.prompt, p.target] for p in served.facts] or None, facts_json(served),
+                first.prompt, repo_name(served),
                 *surgery_outputs(edit), gr.Column(visible=edit is not None))
 
     # --- Diagnose --------------------------------------------------------------------------------------------
@@ -567,12 +566,29 @@ def model_line(served: ServedModel) -> str:
             f"(L{lay.n_layer} = `{lay.adapter.block(lay.n_layer - 1)}`).")
 
 
-def examples_update(served: ServedModel) -> gr.Dataset:
-    """The Diagnose tab's examples: the model's fact panel, one click each."""
+def first_fact(served: ServedModel) -> Probe:
+    """What the Diagnose and generation boxes start with: the panel's first fact (France without one)."""
+    return served.facts[0] if served.facts else Probe("The capital of France is", " Paris")
+
+
+def facts_json(served: ServedModel) -> str:
+    return json.dumps([p.to_dict() for p in served.facts], indent=1)
+
+
+def repo_name(served: ServedModel) -> str:
+    return f"{Path(served.key).name}-surgery"
+
+
+def example_fields(served: ServedModel) -> dict:
+    """The Diagnose tab's examples: the model's fact panel, one click each (``gr.Dataset`` arguments)."""
     facts = served.facts
-    return gr.Dataset(samples=[[f.prompt, f.target] for f in facts], sample_labels=[example_label(f) for f in facts],
-                      label=f"The {len(facts)} capitals of the fact panel (click one to diagnose it)",
-                      visible=bool(facts))
+    return {"samples": [[f.prompt, f.target] for f in facts], "sample_labels": [example_label(f) for f in facts],
+            "label": f"The {len(facts)} capitals of the fact panel (click one to diagnose it)",
+            "visible": bool(facts)}
+
+
+def examples_update(served: ServedModel) -> gr.Dataset:
+    return gr.Dataset(**example_fields(served))
 
 
 def pick_example(sample) -> tuple[str, str, str]:
@@ -582,18 +598,15 @@ def pick_example(sample) -> tuple[str, str, str]:
 def diagnose_tab(app: SurgeryApp, served: ServedModel, demo: gr.Blocks, picker: gr.Dropdown) -> dict:
     with gr.Row():
         with gr.Column(scale=2):
-            first = served.facts[0] if served.facts else Probe("The capital of France is", " Paris")
+            first = first_fact(served)
             prompt = gr.Textbox(label="Prompt", value=first.prompt, max_lines=4)
             with gr.Row():
                 target = gr.Textbox(label="Target (the right answer)", value=first.target,
                                     info="words usually start with a space: ' Paris'")
                 competitor = gr.Textbox(label="Competitor (optional)", placeholder="default: the model's answer")
             run = gr.Button("Diagnose", variant="primary")
-            facts = served.facts
-            examples = gr.Dataset(components=[prompt, target], samples=[[f.prompt, f.target] for f in facts],
-                                  sample_labels=[example_label(f) for f in facts], samples_per_page=12,
-                                  label=f"The {len(facts)} capitals of the fact panel (click one to diagnose it)",
-                                  visible=bool(facts), elem_id="examples")
+            examples = gr.Dataset(components=[prompt, target], samples_per_page=12, elem_id="examples",
+                                  **example_fields(served))
         with gr.Column(scale=3):
             verdict = gr.Markdown("Press **Diagnose**.", elem_classes="verdict", elem_id="verdict")
             lens = gr.Plot(label="Logit lens: target vs competitor after each layer", show_label=False,
@@ -729,7 +742,7 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
                                          interactive=True, row_count=len(facts_list) or 1, show_label=False,
                                          column_widths=["70%", "30%"])
                 with gr.Tab("Facts (JSON)"):
-                    facts = gr.Code(value=json.dumps([p.to_dict() for p in facts_list], indent=1), language="json",
+                    facts = gr.Code(value=facts_json(served), language="json",
                                     interactive=True, show_label=False, elem_id="facts-json")
         with gr.Column(scale=2):
             site = gr.Radio(site_choices(served), value="wv", label="Site (trainable parameters)",
@@ -777,7 +790,7 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
     with gr.Row():
         if login:
             gr.LoginButton(scale=1)
-        repo = gr.Textbox(label="Repository name", value=f"{Path(served.key).name}-surgery", scale=3)
+        repo = gr.Textbox(label="Repository name", value=repo_name(served), scale=3)
         private = gr.Checkbox(label="private", value=False, scale=1)
         push = gr.Button("Push to Hub", scale=1)
     pushed = gr.Markdown()
