@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from ..census import CensusConfig, SingleProcess, run_census
 from ..census_report import verdict_table
@@ -17,7 +16,7 @@ from ..diagnosis import DiagnosisConfig
 from ..facts import load_facts
 from ..errors import InputError
 from ..model_io import load_model
-from .common import add_device_arg, add_model_arg, load, resolve_device
+from .common import add_device_arg, add_model_arg, load, resolve_device, tqdm_progress
 
 DEFAULTS = DiagnosisConfig()
 
@@ -89,20 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _progress_bar(state):
     """A tqdm bar on stderr, on the main process only; ``progress(done, total)`` and a closer."""
-    from tqdm.auto import tqdm
-
-    bar = {}
-
-    def progress(done: int, total: int) -> None:
-        if not state.is_main_process:
-            return
-        if "bar" not in bar:
-            desc = "census" if state.num_processes == 1 else f"census (process 0 of {state.num_processes})"
-            bar["bar"] = tqdm(total=total, desc=desc, unit="fact", file=sys.stderr, leave=False)
-        bar["bar"].update(min(done * state.num_processes, total) - bar["bar"].n)
-
-    def close() -> None:
-        if "bar" in bar:
-            bar["bar"].close()
-
-    return progress, close
+    if not state.is_main_process:
+        return (lambda done, total: None), (lambda: None)
+    n = state.num_processes
+    bar, close = tqdm_progress("census" if n == 1 else f"census (process 0 of {n})", unit="fact")
+    return (lambda done, total: bar(min(done * n, total), total)), close

@@ -74,16 +74,17 @@ def parse_layer(text: str) -> int | None:
         raise InputError(f"--layer must be a block index (0, 1, ...) or auto, not {text!r}") from None
 
 
-def tqdm_progress(desc: str):
-    """A ``progress(step, total, loss)`` callback drawing a tqdm bar on stderr, and a function closing it."""
+def tqdm_progress(desc: str, unit: str = "step"):
+    """A ``progress(step, total, loss=None)`` callback drawing a tqdm bar on stderr, and a function closing it."""
     from tqdm.auto import tqdm
 
     bar = {}
 
-    def progress(step: int, total: int, loss: float) -> None:
+    def progress(step: int, total: int, loss: float | None = None) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
-        bar["bar"].set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+        if loss is not None:
+            bar["bar"].set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar["bar"].update(step - bar["bar"].n)
 
     def close() -> None:
