@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from .census import record_key
 from .errors import InputError, SurgeryFailed
 from .facts import Fact
 from .panels import Panel, Probe
@@ -68,7 +69,7 @@ def split_routing(records: Sequence[dict], facts: Sequence[Fact], config: Repair
 
     ``records``: census lines (``prompt``, ``target``, ``verdict``). Ambiguous facts are never used.
     """
-    verdicts = {(r["prompt"], r["target"]): r["verdict"] for r in records}
+    verdicts = {record_key(r): r["verdict"] for r in records}
     by_relation: dict[str, list[Fact]] = defaultdict(list)
     for fact in facts:
         if fact.ambiguous is None and verdicts.get(fact.key) == "routing":
@@ -80,7 +81,7 @@ def split_routing(records: Sequence[dict], facts: Sequence[Fact], config: Repair
     for relation in sorted(by_relation):
         group = by_relation[relation][:]
         rng.shuffle(group)
-        n = max(1, round(config.edit_fraction * len(group))) if len(group) > 1 else 1
+        n = max(1, round(config.edit_fraction * len(group)))
         edit += group[:n]
         held += group[n:]
     if config.max_edit is not None and len(edit) > config.max_edit:
@@ -95,7 +96,7 @@ def census_panel(base: Panel, edit: Sequence[Fact], held: Sequence[Fact], record
     """The panel an edit of ``edit`` is judged by (module docstring): ``base`` supplies the neighbourhood and
     general probes, the perplexity passage and the unrelated text."""
     edited_relations = {f.relation for f in edit}
-    correct = {(r["prompt"], r["target"]) for r in records if r["verdict"] == "correct"}
+    correct = {record_key(r) for r in records if r["verdict"] == "correct"}
     others = [f for f in facts if f.key in correct and f.relation not in edited_relations and f.ambiguous is None]
     random.Random(config.seed).shuffle(others)
     return replace(base, name=f"census ({base.name} neighbourhood)", facts=tuple(_probe(f) for f in edit),
@@ -158,7 +159,7 @@ def repair_from_census(model: nn.Module, tokenizer, records: Sequence[dict], fac
     say = progress or log.info
     edit, held = split_routing(records, facts, config)
     panel = census_panel(base, edit, held, records, facts, config)
-    prescribed = {(r["prompt"], r["target"]): r["prescribed_layer"] for r in records}
+    prescribed = {record_key(r): r["prescribed_layer"] for r in records}
     if surgery.layer is None:
         counts = Counter(prescribed[f.key] for f in edit)
         layer, n = counts.most_common(1)[0]
