@@ -232,11 +232,12 @@ def capture_last_position(model: nn.Module, input_ids: Tensor, last: Tensor, att
     def embed_hook(module, args, kwargs):
         store["embed"] = take(args[0] if args else kwargs["hidden_states"])
 
-    def record(key, layer, z=False):
+    def record(key, layer, z=False):  # key None: the input only (a post-norm records the output)
         def fn(module, args, output):
             if z:
                 store["z"][layer] = take(args[0])
-            store[key][layer] = take(output)
+            if key is not None:
+                store[key][layer] = take(output)
         return fn
 
     def post_norm(key, layer):
@@ -252,12 +253,14 @@ def capture_last_position(model: nn.Module, input_ids: Tensor, last: Tensor, att
 
     forward = {}
     for l in range(n):
-        forward[a.path("o", l)] = record("attn", l, z=True)
-        forward[a.path("mlp", l)] = record("mlp", l)
-        if a.attn_post_norm:  # the post-norm's output is what the residual receives
+        # Where a family has a post-norm, its output is what the residual receives: recorded there, not before.
+        forward[a.path("o", l)] = record(None if a.attn_post_norm else "attn", l, z=True)
+        if a.attn_post_norm:
             forward[a.path("attn_post_norm", l)] = post_norm("attn", l)
         if a.mlp_post_norm:
             forward[a.path("mlp_post_norm", l)] = post_norm("mlp", l)
+        else:
+            forward[a.path("mlp", l)] = record("mlp", l)
     with torch.no_grad(), hooked(model, forward=forward, pre={a.final_norm: final_hook},
                                  pre_kwargs={a.block(0): embed_hook}):
         model.get_submodule(a.base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
