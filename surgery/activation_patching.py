@@ -185,9 +185,11 @@ def _with_main(output, new: Tensor):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
-def capture_activations(model: nn.Module, input_ids: Tensor, kinds: Sequence[str]) -> dict[tuple[str, int], Tensor]:
+def capture_activations(model: nn.Module, input_ids: Tensor, kinds: Sequence[str]
+                        ) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
     """Every block's activations of ``kinds`` for one prompt: ``{(kind, layer): Float[Tensor, "T D"]}`` with D =
-    d_model, or H * d_head for ``head`` (z, heads concatenated). ``input_ids``: Long[Tensor, "1 T"]."""
+    d_model, or H * d_head for ``head`` (z, heads concatenated), and the decoder's final-normed output at the
+    last position, Float[Tensor, "1 d"]. ``input_ids``: Long[Tensor, "1 T"]."""
     layout = layout_of(model)
     store: dict[tuple[str, int], Tensor] = {}
     hooks: dict[str, dict] = {"forward": {}, "pre": {}}
@@ -202,8 +204,15 @@ def capture_activations(model: nn.Module, input_ids: Tensor, kinds: Sequence[str
             path, how = unit_module(layout, kind, layer)
             hooks[how][path] = keep((kind, layer), how == "pre")
     with torch.no_grad(), hooked(model, **hooks):
-        model.get_submodule(layout.adapter.base)(input_ids=input_ids, use_cache=False)
-    return store
+        last = model.get_submodule(layout.adapter.base)(input_ids=input_ids, use_cache=False).last_hidden_state
+    return store, last[:, -1]
+
+
+def logit_diffs(model: nn.Module, last: Tensor, token_ids: Tensor) -> Tensor:
+    """``logit(token_ids[0]) - logit(token_ids[1])`` from final-normed last positions ``last`` (B, d) -> (B,)."""
+    layout = layout_of(model)
+    logits = apply_softcap(last.float() @ layout.w_u(model)[token_ids].float().T, layout.softcap(model.config))
+    return logits[:, 0] - logits[:, 1]  # logits: (B, 2)
 
 
 def patched_logit_diffs(model: nn.Module, input_ids: Tensor, token_ids: Tensor,
@@ -214,8 +223,6 @@ def patched_logit_diffs(model: nn.Module, input_ids: Tensor, token_ids: Tensor,
     prompt). A row may patch several units, or none (the unpatched run). Float[Tensor, "len(rows)"].
     """
     layout = layout_of(model)
-    w_u = layout.w_u(model)[token_ids]  # (2, d)
-    cap = layout.softcap(model.config)
     decoder = model.get_submodule(layout.adapter.base)
     out = []
     for start in range(0, len(rows), batch_size):
@@ -224,8 +231,7 @@ def patched_logit_diffs(model: nn.Module, input_ids: Tensor, token_ids: Tensor,
         with torch.no_grad(), hooked(model, **hooks):
             ids = input_ids.expand(len(chunk), -1)  # (B, T)
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, -1]  # (B, d), final-normed
-            logits = apply_softcap(hidden.float() @ w_u.float().T, cap)  # (B, 2)
-        out.append(logits[:, 0] - logits[:, 1])
+            out.append(logit_diffs(model, hidden, token_ids))
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -301,7 +307,7 @@ class PreparedPair:
 def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: str,
                  competitor: str | int | None = None, kinds: Sequence[str] = KINDS,
                  prepend_bos: bool = False) -> PreparedPair:
-    """Encode both prompts, pick the competitor, run both once and keep the clean run's activations of ``kinds``.
+    """Encode both prompts, pick the competitor, run each once (keeping the clean run's activations of ``kinds``).
 
     ``target``/``competitor`` are answer texts (first token used), or for the competitor a token id; the
     competitor defaults to the corrupted run's top answer (its runner-up when that is the target). Raises
@@ -314,25 +320,28 @@ def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: 
     t_id = encode_target(tokenizer, target)[0]
     clean_t = torch.tensor([clean_ids], device=device)
     corrupt_t = torch.tensor([corrupt_ids], device=device)
-    if isinstance(competitor, int) or competitor:
+    given = isinstance(competitor, int) or bool(competitor)
+    if given:
         c_id = competitor if isinstance(competitor, int) else encode_target(tokenizer, competitor, "competitor")[0]
-        source = "given"
         if c_id == t_id:
             raise InputError(f"the competitor {competitor!r} starts with the same token as the target {target!r}")
-    else:
-        with torch.no_grad():
-            last = model.get_submodule(layout.adapter.base)(input_ids=corrupt_t, use_cache=False).last_hidden_state
-            top2 = unembed(model, last[0, -1]).topk(2).indices.tolist()  # last: (1, T, d), final-normed
-        c_id, source = (top2[1], "corrupted runner-up") if top2[0] == t_id else (top2[0], "corrupted top")
-    token_ids = torch.tensor([t_id, c_id], device=device)
-    d_clean = float(patched_logit_diffs(model, clean_t, token_ids, {}, [[]])[0])
-    d_corrupt = float(patched_logit_diffs(model, corrupt_t, token_ids, {}, [[]])[0])
+    clean_acts, clean_last = capture_activations(model, clean_t, kinds)  # one run of each prompt
+    with torch.no_grad():
+        corrupt_last = model.get_submodule(layout.adapter.base)(input_ids=corrupt_t,
+                                                                use_cache=False).last_hidden_state[:, -1]  # (1, d)
+        if given:
+            source = "given"
+        else:
+            top2 = unembed(model, corrupt_last[0]).topk(2).indices.tolist()
+            c_id, source = (top2[1], "corrupted runner-up") if top2[0] == t_id else (top2[0], "corrupted top")
+        token_ids = torch.tensor([t_id, c_id], device=device)
+        d_clean = float(logit_diffs(model, clean_last, token_ids)[0])
+        d_corrupt = float(logit_diffs(model, corrupt_last, token_ids)[0])
     if abs(d_clean - d_corrupt) < MIN_DENOMINATOR:
         raise InputError(f"the clean and corrupted prompts give the same logit difference ({d_clean:+.4f}): there is "
                          f"nothing to restore; pick prompts whose answers differ")
     return PreparedPair(clean_t, corrupt_t, token_ids, Answer(token_text(tokenizer, t_id), t_id),
-                        Answer(token_text(tokenizer, c_id), c_id), source, d_clean, d_corrupt,
-                        capture_activations(model, clean_t, kinds))
+                        Answer(token_text(tokenizer, c_id), c_id), source, d_clean, d_corrupt, clean_acts)
 
 
 def patch_activations(model: nn.Module, tokenizer, clean: str, corrupt: str, target: str,
