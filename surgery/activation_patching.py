@@ -248,9 +248,7 @@ def _replacement_hooks(layout: Layout, clean: dict[tuple[str, int], Tensor], row
             pos = slice(None) if u.position is None else u.position
             if u.position is not None and not 0 <= u.position < n_pos:
                 raise InputError(f"position {u.position} is out of range: the prompt has {n_pos} tokens")
-            if u.head is not None and not 0 <= u.head < layout.n_head:
-                raise InputError(f"head {u.head} is out of range: this model has heads 0..{layout.n_head - 1}")
-            cols = slice(None) if u.head is None else layout.head_slice(u.head)  # head None: every head
+            cols = slice(None) if u.head is None else layout.head_slice(layout.check_head(u.head))  # head None: every head
             mask[i, pos, cols] = True
     hooks: dict[str, dict] = {"forward": {}, "pre": {}}
     for (kind, layer), mask in masks.items():

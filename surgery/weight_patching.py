@@ -71,8 +71,7 @@ def head_slices(layout: Layout, layer: int, head: int, part: str) -> tuple[Param
     only: biases belong to no single head (``o``'s bias is added once) or follow the ``wv`` site, which has none."""
     a = layout.adapter
     layout.check_layer(layer)
-    if not 0 <= head < layout.n_head:
-        raise InputError(f"head {head} is out of range: this model has heads 0..{layout.n_head - 1}")
+    layout.check_head(head)
     if part == "v":
         g, dh = layout.kv_head(head), layout.d_head
         if a.qkv is not None:  # fused [Q | K | V] outputs

@@ -49,6 +49,20 @@ def test_bad_layer_and_site(tiny_model):
         layout.site_slices("qk", 0)
 
 
+def test_bad_head_is_refused_where_heads_are_patched(tiny_model, tiny_tokenizer):
+    from surgery.activation_patching import PatchUnit, prepare_pair
+    from surgery.weight_patching import head_slices
+
+    layout = layout_of(tiny_model)
+    assert layout.check_head(layout.n_head - 1) == layout.n_head - 1
+    for bad in (layout.n_head, -1, True):
+        with pytest.raises(InputError, match=f"head {bad!r} is out of range: this model has heads 0..3"):
+            head_slices(layout, 0, bad, "v")
+    pair = prepare_pair(tiny_model, tiny_tokenizer, "The capital of France is", "The capital of Italy is", " Paris")
+    with pytest.raises(InputError, match="head 4 is out of range"):
+        pair.restored(tiny_model, [[PatchUnit("head", 0, head=4)]])
+
+
 def test_param_slice_write_leaves_original_untouched():
     p = torch.arange(12.0).view(2, 6)
     s = ParamSlice("w", slice(4, 6))

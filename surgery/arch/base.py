@@ -246,6 +246,11 @@ class Layout:
             raise InputError(f"layer {layer!r} is out of range: this model has blocks 0..{self.n_layer - 1}")
         return layer
 
+    def check_head(self, head: int) -> int:
+        if not isinstance(head, int) or isinstance(head, bool) or not 0 <= head < self.n_head:
+            raise InputError(f"head {head!r} is out of range: this model has heads 0..{self.n_head - 1}")
+        return head
+
     def head_slice(self, head: int) -> slice:
         """Positions of query head ``head`` in ``z`` (the W_O input: heads concatenated)."""
         return slice(head * self.d_head, (head + 1) * self.d_head)
