@@ -198,9 +198,7 @@ def output_directions(model: nn.Module, token_ids: Tensor) -> Tensor:
     """``centre(gamma_f * u_t)``: how a head output moves token t's logit through the final norm (scale left out;
     RMSNorm: ``gain_f * u_t``, no centring). (n, d)."""
     layout = layout_of(model)
-    final_norm = model.get_submodule(layout.adapter.final_norm)
-    gu = layout.adapter.norm.gain(final_norm) * layout.w_u(model)[token_ids].float()  # (n, d)
-    return gu - gu.mean(-1, keepdim=True) if layout.adapter.norm.kind == "layer" else gu
+    return layout.adapter.norm.fold(model.get_submodule(layout.adapter.final_norm), layout.w_u(model)[token_ids])
 
 
 def sample_ids(candidates: list[int], n: int, generator: torch.Generator, d_vocab: int) -> Tensor:

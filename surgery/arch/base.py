@@ -71,13 +71,16 @@ class NormSpec:
             raise ValueError("only an RMSNorm is a per-coordinate scale once its statistics are frozen")
         return self.gain(norm) / self.sigma(norm, x)
 
+    def fold(self, norm: nn.Module, u: Tensor) -> Tensor:
+        """``gain * u``, centred for LayerNorm: how an input moves ``norm(.) . u`` before the division by the
+        norm's scale. ``u``: (..., d), float."""
+        gu = self.gain(norm) * u.float()
+        return gu - gu.mean(-1, keepdim=True) if self.kind == "layer" else gu
+
     def direction(self, norm: nn.Module, x: Tensor, u: Tensor) -> Tensor:
         """``v`` with ``norm(x) . u = sum_c c . v (+ bias . u)`` for any split ``x = sum_c c``, the statistics frozen
         from ``x``. ``x``: (B, d), ``u``: (B, k, d) -> (B, k, d). LayerNorm's centring is folded into ``v``."""
-        gu = self.gain(norm) * u.float()
-        if self.kind == "layer":
-            gu = gu - gu.mean(-1, keepdim=True)
-        return gu / self.sigma(norm, x)[:, None]
+        return self.fold(norm, u) / self.sigma(norm, x)[:, None]
 
 
 @dataclass(frozen=True)
