@@ -1,35 +1,176 @@
-"""Greedy continuation of a prompt, for showing what a (patched) model now says."""
+"""Greedy generation, and judging an answer by what the model says.
+
+A fact counts as said when the greedy continuation of its prompt starts with the whole target and the target
+ends at a word boundary (:func:`judge`: " Paris." and " Paris is" say " Paris"; " Parisian" and " Pa" do not).
+That strict figure is the headline of every evaluation. Beside it, a lenient one: the whole target appears, at
+word boundaries, within the first :data:`LENIENT_WORDS` generated words ("Lyon is a city in" -> " the south of
+France" says " France" a little later).
+
+Speed by design (:func:`greedy_continuations`): prompts of the same token length run together, so there is no
+padding and every row equals its unbatched run; each step feeds one token per row through the KV cache; a group
+stops as soon as every row is decided (:func:`decided`) or has spent its token budget.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import InputError
 from .arch import layout_of
-from .tokens import encode_prompt
+from .errors import InputError
+from .tokens import encode_prompt, encode_target
+
+LENIENT_WORDS = 6  # the lenient figure looks for the whole answer within this many generated words
+EXTRA_TOKENS = 12  # tokens generated past the target's own length when judging (room for the lenient figure)
+BATCH_SIZE = 32
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What a continuation says about a target. ``strict``: it starts with the whole target, which ends at a word
+    boundary; ``lenient``: the whole target appears at word boundaries within the first ``LENIENT_WORDS`` words."""
+
+    strict: bool
+    lenient: bool
+
+
+def _boundary_after(text: str, end: int) -> bool:
+    """Whether ``text[end]`` (if any) starts a new word: not a letter or digit right after the answer."""
+    return end >= len(text) or not (text[end].isalnum() or text[end] == "_")
+
+
+def _boundary_before(text: str, start: int) -> bool:
+    return start == 0 or not (text[start - 1].isalnum() or text[start - 1] == "_")
+
+
+def _lenient_window(continuation: str, words: int) -> tuple[str, bool]:
+    """The continuation up to the end of its ``words``-th word, and whether that many words are complete (a word
+    is complete once something that is not part of it follows)."""
+    matches = list(_WORD.finditer(continuation))
+    if len(matches) > words:
+        return continuation[: matches[words - 1].end()], True
+    if len(matches) == words and matches[-1].end() < len(continuation):
+        return continuation[: matches[-1].end()], True
+    return continuation, False
+
+
+def judge(continuation: str, target: str, words: int = LENIENT_WORDS) -> Judgement:
+    """Judge ``continuation`` (the generated text only) against ``target`` (e.g. ``" Paris"``); leading
+    whitespace is ignored on both, case is not."""
+    said, answer = continuation.lstrip(), target.strip()
+    if not answer:
+        return Judgement(False, False)
+    strict = said.startswith(answer) and _boundary_after(said, len(answer))
+    window, _ = _lenient_window(said, words)
+    lenient = strict
+    start = window.find(answer)
+    while not lenient and start >= 0:
+        end = start + len(answer)
+        lenient = _boundary_before(window, start) and _boundary_after(said, end) and end <= len(window)
+        start = window.find(answer, start + 1)
+    return Judgement(strict, lenient)
+
+
+def decided(continuation: str, target: str, words: int = LENIENT_WORDS) -> bool:
+    """Whether generating more could change :func:`judge`'s verdict on ``continuation``."""
+    said, answer = continuation.lstrip(), target.strip()
+    strict_open = answer.startswith(said) or (said.startswith(answer) and len(said) == len(answer))
+    if strict_open:
+        return False
+    if judge(continuation, target, words).lenient:
+        return True
+    _, complete = _lenient_window(said, words)
+    return complete
+
+
+def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str],
+                         max_new_tokens: int | Sequence[int], targets: Sequence[str] | None = None,
+                         words: int = LENIENT_WORDS, batch_size: int = BATCH_SIZE) -> list[str]:
+    """The greedy continuation (new text only) of each prompt, at most ``max_new_tokens`` tokens each (one number,
+    or one per prompt) and never past the context or an end-of-text token.
+
+    With ``targets`` (one per prompt), a row stops as soon as :func:`decided` says its verdict is settled, so a
+    judged continuation is only as long as it needs to be. Works on a base model and on a patched view alike.
+    """
+    prompts = list(prompts)
+    if targets is not None and len(targets) != len(prompts):
+        raise InputError("give one target per prompt")
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts) or any(not isinstance(b, int) or b < 1 for b in budgets):
+        raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
+    n_ctx = layout_of(model).n_ctx
+    encoded = [encode_prompt(tokenizer, p, n_ctx) for p in prompts]
+    for ids in encoded:
+        if len(ids) >= n_ctx:
+            raise InputError(f"the prompt fills the whole context ({n_ctx} tokens): nothing can be generated")
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    out = [""] * len(prompts)
+    for length, rows in sorted(groups.items()):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            texts = _generate_group(model, tokenizer, [encoded[i] for i in chunk],
+                                    [min(budgets[i], n_ctx - length) for i in chunk],
+                                    None if targets is None else [targets[i] for i in chunk], words)
+            for i, text in zip(chunk, texts):
+                out[i] = text
+    return out
+
+
+def _generate_group(model: nn.Module, tokenizer, encoded: list[list[int]], budgets: list[int],
+                    targets: list[str] | None, words: int) -> list[str]:
+    """Greedy decoding of prompts of one token length, through the KV cache, until every row is done."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor(encoded, device=device)  # (B, T): equal lengths, no padding
+    eos = tokenizer.eos_token_id
+    new: list[list[int]] = [[] for _ in encoded]
+    done = [False] * len(encoded)
+    past = None
+    with torch.no_grad():
+        for step in range(max(budgets)):
+            out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            next_ids = out.logits[:, -1].argmax(-1)  # (B,)
+            for row, token in enumerate(next_ids.tolist()):
+                if done[row]:
+                    continue
+                if token == eos:
+                    done[row] = True
+                    continue
+                new[row].append(token)
+                if len(new[row]) >= budgets[row]:
+                    done[row] = True
+                elif targets is not None:
+                    done[row] = decided(tokenizer.decode(new[row], skip_special_tokens=True), targets[row], words)
+            if all(done):
+                break
+            input_ids = next_ids[:, None]
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+
+
+def judge_budget(tokenizer, target: str) -> int:
+    """Tokens to generate when judging ``target``: its own length plus :data:`EXTRA_TOKENS`."""
+    return len(encode_target(tokenizer, target)) + EXTRA_TOKENS
+
+
+def said(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+         words: int = LENIENT_WORDS, batch_size: int = BATCH_SIZE) -> list[tuple[str, Judgement]]:
+    """For each prompt, its greedy continuation (generated until decided) and the :class:`Judgement` of it."""
+    texts = greedy_continuations(model, tokenizer, prompts, [judge_budget(tokenizer, t) for t in targets],
+                                 targets, words, batch_size)
+    return [(text, judge(text, target, words)) for text, target in zip(texts, targets)]
 
 
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
     """The greedy continuation of ``prompt`` (the new text only), at most ``max_new_tokens`` tokens and never past
     the context window. Works on a base model and on a :func:`~surgery.patch.patched_model` view alike."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
-    n_ctx = layout_of(model).n_ctx
-    ids = encode_prompt(tokenizer, prompt, n_ctx)
-    room = n_ctx - len(ids)
-    if room < 1:
-        raise InputError(f"the prompt fills the whole context ({n_ctx} tokens): nothing can be generated")
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=min(max_new_tokens, room),
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pad,
-        )
-    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    return greedy_continuations(model, tokenizer, [prompt], max_new_tokens)[0]
