@@ -12,8 +12,11 @@ Speed by design: the blocks below ``layer`` are frozen, so their output — the 
 each fact prompt, every position of the unrelated text). The original model's next-token distributions on the
 unrelated text are computed once.
 
-Loss = cross-entropy of each target's first token at its prompt's last position
+Loss = cross-entropy of every piece of each target, teacher-forced (prompt + the answer's earlier pieces), summed
+       over the pieces and averaged over the facts: -log p(whole answer | prompt)
        + ``kl_weight`` * mean KL(original || edited) of the next-token distributions on the unrelated text.
+A fact counts as fixed when every piece leads by ``margin``: greedy decoding then says the whole answer, not a
+first piece that the model completes into something else.
 
 Defaults (:class:`SurgeryConfig`): Adam, lr 1e-3, at most 200 epochs (one epoch = one full-batch step over
 all facts and the unrelated text), kl_weight 200, early stop as soon as every fact is top-1 by at least
@@ -42,7 +45,6 @@ from .arch import SITES, count_parameters, layout_of
 from .panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
 from .patch import Patch, base_config, block_digest, patched_model, weight_stats
 from .report import SurgeryReport, compare
-from .tokens import encode_target
 from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches
 
 log = logging.getLogger(__name__)
@@ -185,7 +187,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     """
     batches = [frozen] if isinstance(frozen, FrozenInputs) else list(frozen)
     text = batches[0]
-    n_facts = sum(len(b.targets) for b in batches)
+    n_facts = sum(b.n_facts for b in batches)
     layout = layout_of(model)
     slices = layout.site_slices(site, layer, model)
     stack = UpperStack(model, layer)
@@ -202,12 +204,12 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
         optimizer.zero_grad(set_to_none=True)
         ce, fixed = 0.0, 0
         for batch in batches:  # the facts' cross-entropy, mean over all facts, gradient accumulated per batch
-            logits = stack.fact_logits(batch, stack.block_params(slices, values))  # (Bf, V)
+            logits = stack.fact_logits(batch, stack.block_params(slices, values))  # (P, V): every answer piece
             part = F.cross_entropy(logits.float(), batch.targets, reduction="sum") / n_facts
             if steps < config.epochs:
                 part.backward()
             ce += float(part.detach())
-            fixed += _n_fixed(logits.detach(), batch.targets, config.margin)
+            fixed += _n_fixed(logits.detach(), batch.targets, batch.piece_rows, batch.n_facts, config.margin)
         kl = (kl_divergence(text.ref_log_probs, stack.text_log_probs(text, stack.block_params(slices, values)))
               if use_kl else torch.zeros(()))
         loss = ce + config.kl_weight * float(kl.detach())
@@ -242,11 +244,14 @@ def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | 
     return [], "no unrelated text this tokenizer can encode: trained without the preservation (KL) term"
 
 
-def _n_fixed(logits: Tensor, targets: Tensor, margin: float) -> int:
-    """Facts whose target leads every other token by at least ``margin``."""
-    target = logits.gather(-1, targets[:, None])  # (B, 1)
-    others = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1, keepdim=True)
-    return int((target - others >= margin).sum()) if margin > 0 else int((target > others).sum())
+def _n_fixed(logits: Tensor, targets: Tensor, rows: Tensor, n_facts: int, margin: float) -> int:
+    """Facts every piece of whose answer leads every other token by at least ``margin`` (teacher-forced): greedy
+    decoding then says the whole answer. ``logits`` (P, V), ``targets`` and ``rows`` (P,): piece labels, facts."""
+    target = logits.gather(-1, targets[:, None])[:, 0]  # (P,)
+    others = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1)  # (P,)
+    lead = target - others
+    worst = torch.full((n_facts,), float("inf"), device=lead.device).scatter_reduce(0, rows, lead, "amin")
+    return int((worst >= margin).sum()) if margin > 0 else int((worst > 0).sum())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,7 +264,9 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
             panel: Panel | None = None, require_all: bool = True) -> SurgeryResult:
     """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
 
-    ``facts``: probes (prompt, target); only each target's first token is trained. ``unrelated``: texts for the
+    ``facts``: probes (prompt, target); every piece of each target is trained. With ``layer=None`` the facts the
+    diagnosis calls absences (the model never holds the answer) are not trained, and the report says so: a
+    single-site repair would only teach them by rote. ``unrelated``: texts for the
     preservation term (default: the panel's ``unrelated_text``). ``panel``: what the report judges the edit by
     (default :func:`panel_for_model`). ``progress(step, total, loss)`` is called after every step.
     Raises :class:`InputError` (bad facts, nothing to fix, no routing failure for ``layer=None``) or
@@ -276,12 +283,18 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
     before = score_probes(model, tokenizer, facts)  # also validates every prompt and target
     if before.correct == before.total:
         raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
+    diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    verdicts = [d.verdict for d in diagnoses]
+    absent_notes: list[str] = []
+    keep = [True] * len(facts)  # the facts trained, and required to be fixed
     if config.layer is None:
-        layer, reason, verdicts = choose_layer(model, tokenizer, facts)
+        layer, reason = layer_from_diagnoses(diagnoses)
+        keep = [v != "absence" for v in verdicts]
+        absent_notes = [f"not trained: {f.prompt!r} -> {f.target!r} is an absence (the model never holds the "
+                        f"answer), which single-site surgery does not repair"
+                        for f, v in zip(facts, verdicts) if v == "absence"]
     else:
         layer, reason = layout.check_layer(config.layer), "given"
-        verdicts = [d.verdict for d in diagnose_batch(model, tokenizer, [f.prompt for f in facts],
-                                                      [f.target for f in facts])]
     log.info("operating on site %s of block %d (%s)", config.site, layer, reason)
 
     device = next(model.parameters()).device
@@ -290,7 +303,7 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         t_train = time.perf_counter()
         budget = config.max_unrelated_tokens
         budget = unrelated_token_budget(layout.d_vocab) if budget is None else budget
-        frozen = freeze_fact_batches(model, tokenizer, facts, unrelated, layer, budget, config.batch_size)
+        frozen = freeze_fact_batches(model, tokenizer, [f for f, k in zip(facts, keep) if k], unrelated, layer, budget, config.batch_size)
         outcome = train_site(model, frozen, config.site, layer, config, progress)
         train_time = time.perf_counter() - t_train
 
@@ -299,17 +312,15 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
                   {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)})
     edited = patched_model(model, patch)
     after = score_probes(edited, tokenizer, facts)
-    if after.correct < after.total and require_all:
-        wrong = [r.prompt for r in after.results if not r.correct]
+    wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
+    if wrong and require_all:
         raise SurgeryFailed(
-            f"not fixed within the budget: {after.correct}/{after.total} facts correct after {outcome.steps} "
+            f"not fixed within the budget: {sum(keep) - len(wrong)}/{sum(keep)} facts correct after {outcome.steps} "
             f"epochs at site {config.site} of block {layer} (still wrong: {wrong[0]!r}"
             f"{', ...' if len(wrong) > 1 else ''}); try more --epochs, a larger site or another --layer"
         )
     comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after)
-    notes = [f"{f.target!r} is several tokens; only its first token was trained"
-             for f in facts if len(encode_target(tokenizer, f.target)) > 1]
-    notes += [f"not scored: {u}" for u in comparison.unavailable] + ([unrelated_note] if unrelated_note else [])
+    notes = absent_notes + [f"not scored: {u}" for u in comparison.unavailable] + ([unrelated_note] if unrelated_note else [])
     if after.correct < after.total:
         notes.append(f"{after.correct}/{after.total} facts fixed within the budget of {config.epochs} epochs")
     report = SurgeryReport(

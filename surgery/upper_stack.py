@@ -7,7 +7,8 @@ one) and its rotary position table (Gemma 3 keeps one per layer type), exactly a
 the library never rebuilds a mask or a rotary table, so there is nothing to get subtly wrong. Each training step
 then runs only :class:`UpperStack`: a private copy of block ``layer`` whose site parameters are supplied per
 call, the base's blocks above it (read-only), the final norm and the unembedding at the positions that matter
-(the last position of each fact prompt, every real position of the unrelated text).
+(the position before each piece of each fact's answer, teacher-forced, and every real position of the unrelated
+text).
 Batches are right-padded: with a causal model the real positions never see the padding.
 """
 
@@ -23,6 +24,7 @@ from torch.func import functional_call
 
 from .arch import layout_of, unembed
 from .evaluation import encode_texts
+from .errors import InputError
 from .hooks import hooked, main_output
 from .panels import Probe
 from .patch import copy_block
@@ -85,10 +87,16 @@ class FrozenInputs:
 
     facts: BlockInputs  # residual input of block `layer` (Bf, Tf, d) and what each block above receives
     facts_last: Tensor  # Long[Tensor, "Bf"] last real position of each prompt
-    targets: Tensor  # Long[Tensor, "Bf"] first token of each target
+    targets: Tensor  # Long[Tensor, "P"] every piece of every target, fact by fact (P >= Bf)
     text: BlockInputs | None  # the unrelated text's (Bu, Tu, d) (None without unrelated text)
     text_real: Tensor | None  # Bool[Tensor, "Bu Tu"] real (non-padding) positions
     ref_log_probs: Tensor | None = None  # Float[Tensor, "N V"] original next-token log-probs, N = real positions
+    piece_rows: Tensor | None = None  # Long[Tensor, "P"] the fact (row) each target piece belongs to
+    piece_positions: Tensor | None = None  # Long[Tensor, "P"] the position whose next token is that piece
+
+    @property
+    def n_facts(self) -> int:
+        return int(self.facts_last.shape[0])
 
 
 def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
@@ -105,13 +113,28 @@ def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
 
 def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated: Sequence[str], layer: int,
                   max_unrelated_tokens: int) -> FrozenInputs:
-    """Capture block ``layer``'s inputs for the fact prompts and the unrelated text, once."""
+    """Capture block ``layer``'s inputs for the fact prompts and the unrelated text, once.
+
+    Each fact runs as its prompt followed by its target's pieces but the last (teacher forcing): piece ``i`` is
+    the next token at position ``len(prompt) - 1 + i``, so one forward pass trains every piece of the answer.
+    """
     layout = layout_of(model)
     device = next(model.parameters()).device
     prompts = [encode_prompt(tokenizer, f.prompt, layout.n_ctx) for f in facts]
-    targets = torch.tensor([encode_target(tokenizer, f.target)[0] for f in facts], device=device)
-    ids, lengths = pad_right(prompts, tokenizer.pad_token_id, device)
-    frozen = FrozenInputs(capture_block_inputs(model, ids, layer, lengths), lengths - 1, targets, None, None)
+    pieces = [encode_target(tokenizer, f.target) for f in facts]
+    sequences = [p + t[:-1] for p, t in zip(prompts, pieces)]
+    for f, seq in zip(facts, sequences):
+        if len(seq) > layout.n_ctx:
+            raise InputError(f"the prompt and answer of {f.prompt!r} are {len(seq) + 1} tokens; this model's "
+                             f"context is {layout.n_ctx} tokens")
+    rows = [row for row, t in enumerate(pieces) for _ in t]
+    positions = [len(p) - 1 + i for p, t in zip(prompts, pieces) for i in range(len(t))]
+    ids, lengths = pad_right(sequences, tokenizer.pad_token_id, device)
+    frozen = FrozenInputs(
+        capture_block_inputs(model, ids, layer, lengths),
+        torch.tensor([len(p) - 1 for p in prompts], device=device),
+        torch.tensor([i for t in pieces for i in t], device=device), None, None,
+        piece_rows=torch.tensor(rows, device=device), piece_positions=torch.tensor(positions, device=device))
     texts = _truncate_texts(encode_texts(tokenizer, unrelated, layout.n_ctx), max_unrelated_tokens)
     if texts:
         t_ids, t_lengths = pad_right(texts, tokenizer.pad_token_id, device)
@@ -158,10 +181,10 @@ class UpperStack:
         return self.final_norm(h)
 
     def fact_logits(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
-        """Next-token logits at each fact prompt's last position. Float[Tensor, "Bf V"]."""
+        """Next-token logits at each target piece's position, teacher-forced (``frozen.targets`` are their labels).
+        Float[Tensor, "P V"]; a single-token target has one row, at its prompt's last position."""
         h = self.residual(frozen.facts, params)
-        rows = torch.arange(h.shape[0], device=h.device)
-        return unembed(self.model, h[rows, frozen.facts_last])
+        return unembed(self.model, h[frozen.piece_rows, frozen.piece_positions])
 
     def text_log_probs(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
         """Next-token log-probabilities at the unrelated text's real positions. Float[Tensor, "N V"]."""

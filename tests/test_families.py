@@ -321,6 +321,22 @@ def test_upper_stack_reproduces_the_model(family_model, tiny_tokenizer, layer):
             assert torch.allclose(stack.text_log_probs(frozen, block_params), text_lp, atol=1e-4), site
 
 
+def test_upper_stack_teacher_forces_every_piece_of_the_answer(family_model, tiny_tokenizer):
+    """A several-token answer: the stack's logits for piece i are the plain model's next-token logits after the
+    prompt and pieces 0..i-1, on a batch that mixes one-piece and three-piece answers (right-padded)."""
+    model, layer = family_model, 1
+    facts = [Probe(FACT_PROMPTS[0], " Paris is the"), Probe(FACT_PROMPTS[1], " Rome")]
+    with torch.no_grad():
+        full = model(ids_of(tiny_tokenizer, FACT_PROMPTS[0] + " Paris is")).logits[0]
+        n = ids_of(tiny_tokenizer, FACT_PROMPTS[0]).shape[1]
+        expected = torch.cat([full[n - 1 : n + 2], model(ids_of(tiny_tokenizer, FACT_PROMPTS[1])).logits[0, -1:]])
+    frozen = freeze_inputs(model, tiny_tokenizer, facts, [], layer, 0)
+    assert frozen.targets.tolist() == [tiny_tokenizer.convert_tokens_to_ids(w) for w in ("Paris", "is", "the", "Rome")]
+    assert frozen.piece_rows.tolist() == [0, 0, 0, 1] and frozen.n_facts == 2
+    with torch.no_grad():
+        assert torch.allclose(UpperStack(model, layer).fact_logits(frozen, {}), expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", SLIDING_FAMILIES)
 def test_the_sliding_windows_bite(tiny_tokenizer, family):
     """With the window opened to the whole context (and only then), the prompt's logits change: the windows the

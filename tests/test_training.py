@@ -245,3 +245,16 @@ def test_surgery_exact_with_blocks_offloaded_to_disk(demo, tmp_path):
     assert b.report.weights.others_unchanged and b.report.weights.qk_unchanged
     with pytest.raises(PatchError, match="offloaded"):
         operate(off.model, off.tokenizer, facts, SurgeryConfig(site="wv", layer=1), panel=panel)
+
+
+def test_a_fact_is_fixed_only_when_every_piece_leads():
+    """Two facts: one of two pieces, one of one. The first is fixed only once both of its pieces lead by the
+    margin; a right first piece alone does not count."""
+    logits = torch.zeros(3, 5)
+    targets, rows = torch.tensor([1, 2, 3]), torch.tensor([0, 0, 1])
+    logits[0, 1] = logits[2, 3] = 1.0  # piece 0 of fact 0 and fact 1 lead; piece 1 of fact 0 does not
+    assert training._n_fixed(logits, targets, rows, 2, 0.1) == 1
+    logits[1, 2] = 0.05
+    assert training._n_fixed(logits, targets, rows, 2, 0.1) == 1 and training._n_fixed(logits, targets, rows, 2, 0.0) == 2
+    logits[1, 2] = 0.5
+    assert training._n_fixed(logits, targets, rows, 2, 0.1) == 2
