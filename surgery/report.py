@@ -208,6 +208,7 @@ class SurgeryReport:
     config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     block: str = ""  # module path of the edited block, e.g. "transformer.h.9" or "model.layers.9"
+    tried: list[dict] = field(default_factory=list)  # each block trained: layer, steps, lr, backoffs, fixed, total
 
     @property
     def fraction(self) -> float:
@@ -236,7 +237,7 @@ class SurgeryReport:
             "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s,
             "facts_fixed": f"{c.facts_after}/{n}", "facts_before": f"{c.facts_before}/{n}",
             **{k: v for k, v in c.to_dict().items() if k not in ("facts_before", "facts_after")},
-            "weights": self.weights.to_dict(), "config": self.config, "notes": self.notes,
+            "weights": self.weights.to_dict(), "config": self.config, "notes": self.notes, "tried": self.tried,
         }
 
 

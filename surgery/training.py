@@ -18,9 +18,13 @@ Loss = cross-entropy of every piece of each target, teacher-forced (prompt + the
 A fact counts as fixed when every piece leads by ``margin``: greedy decoding then says the whole answer, not a
 first piece that the model completes into something else.
 
-Defaults (:class:`SurgeryConfig`): Adam, lr 1e-3, at most 200 epochs (one epoch = one full-batch step over
-all facts and the unrelated text), kl_weight 200, early stop as soon as every fact is top-1 by at least
-``margin`` = 0.1 logit. Training draws no random numbers (full batch, dropout off, the slices start at the base
+Defaults (:class:`SurgeryConfig`): Adam with a step scaled to the edited weights (lr = ``lr_scale`` 0.025 x the
+RMS of the site's base values: 1e-3 on Gemma 3 270M's value projections), at most 300 epochs (one epoch = one
+full-batch step over all facts and the unrelated text), kl_weight 200, early stop as soon as every fact is top-1
+by at least ``margin`` = 0.1 logit. A step that raises the loss while the preservation term rises is undone and
+the step halved. With ``layer=None`` (``--layer auto``) a block that cannot fix every fact within the budget
+hands over to the next candidate (:func:`candidate_layers`); the report's ``tried`` lists each block trained.
+These defaults fix the routing facts of the zoo (assets/zoo, docs/zoo.md), models they were not tuned on. Training draws no random numbers (full batch, dropout off, the slices start at the base
 values), so a run is deterministic on CPU; ``seed`` seeds torch's RNG inside a forked RNG state anyway, so a
 future random op stays reproducible and the caller's RNG is left alone.
 """
@@ -57,7 +61,9 @@ class SurgeryConfig:
     """How to operate. Defaults are documented in the module docstring and ``docs/surgery.md``.
 
     site: ``wv`` | ``attn`` | ``mlp`` | ``layer``; layer: 0-indexed block, or None for the diagnosis'
-    prescribed layer; lr: Adam learning rate; epochs: step budget; kl_weight: weight of the preservation term;
+    prescribed layer; lr: Adam learning rate, or None (the default) for ``lr_scale`` x the RMS of the site's
+    base weights (:func:`site_lr`: the step follows the weights' scale, so one default serves models whose weights
+    differ in scale); epochs: step budget (per block tried); kl_weight: weight of the preservation term;
     margin: logits by which each target must lead for the early stop; max_unrelated_tokens: tokens of unrelated
     text used by the preservation term (the text is cut there; None: :func:`unrelated_token_budget` of the
     model's vocabulary); seed: RNG seed; batch_size: facts per mini-batch (a step still covers every fact: the
@@ -66,8 +72,9 @@ class SurgeryConfig:
 
     site: str = "wv"
     layer: int | None = None
-    lr: float = 1e-3
-    epochs: int = 200
+    lr: float | None = None
+    lr_scale: float = 0.025
+    epochs: int = 300
     kl_weight: float = 200.0
     margin: float = 0.1
     max_unrelated_tokens: int | None = None
@@ -80,8 +87,10 @@ class SurgeryConfig:
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
                                        or self.layer < 0):
             raise InputError(f"layer must be a block index (0, 1, ...) or auto, not {self.layer!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"the learning rate must be a positive number, not {self.lr}")
+        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
+            raise InputError(f"lr_scale must be a positive number, not {self.lr_scale}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise InputError(f"epochs must be at least 1, not {self.epochs}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
@@ -160,6 +169,21 @@ def layer_from_diagnoses(diagnoses: Sequence[Diagnosis]) -> tuple[int, str]:
     return layer, reason
 
 
+def candidate_layers(diagnoses: Sequence[Diagnosis], first: int, most: int = 3) -> list[int]:
+    """The blocks ``--layer auto`` tries, in order: ``first`` (:func:`layer_from_diagnoses`), the other layers the
+    routing failures prescribe (most often first), then the blocks beside ``first`` below the override head's
+    block; at most ``most``."""
+    routing = [d for d in diagnoses if d.verdict == "routing"]
+    prescribed = [layer for layer, _ in Counter(d.prescribed_layer for d in routing).most_common()]
+    override = Counter(d.override["layer"] for d in routing).most_common(1)[0][0] if routing else first + 1
+    order = [first, *prescribed, first - 1, first + 1]
+    out: list[int] = []
+    for layer in order:
+        if 0 <= layer < max(override, first + 1) and layer not in out:
+            out.append(layer)
+    return out[:most]
+
+
 # --------------------------------------------------------------------------------------------------
 # Training.
 # --------------------------------------------------------------------------------------------------
@@ -173,12 +197,40 @@ class TrainOutcome:
     ce: float
     kl: float
     fixed: int
+    lr: float = 0.0  # the learning rate the run started with
+    backoffs: int = 0  # steps undone because the preservation term jumped (each halved the learning rate)
+
+
+# The step size adapts ("bold driver"): every accepted step that lowers the loss grows the learning rate by
+# LR_GROWTH, up to LR_MAX_GROWTH x where it started, so a model that needs bigger steps than the scaled default gets
+# them without a hand-tuned --lr; a step after which the loss rose and the preservation term jumped (by more than
+# KL_JUMP x) is undone (the slices restored to the last accepted values) and the learning rate halved, at most
+# MAX_BACKOFFS times per run. A run that converges within a few steps (Gemma 3 270M: one) never sees either.
+LR_GROWTH = 1.05
+LR_MAX_GROWTH = 32.0
+KL_JUMP = 3.0
+MAX_BACKOFFS = 20
+
+
+def site_lr(values: dict[str, Tensor], config: SurgeryConfig) -> float:
+    """The Adam learning rate of a run: ``config.lr`` when given, else ``config.lr_scale`` x the RMS of the site's
+    base values (all slices together). Adam's steps are about ``lr`` per weight whatever the gradient's scale,
+    so a step relative to the weights' own scale moves every model by the same fraction of its weights (Gemma
+    3 270M's value projections: RMS 0.04, lr 1e-3 as tuned before; the demo model's: RMS 0.085, lr 2.1e-3)."""
+    if config.lr is not None:
+        return config.lr
+    flat = torch.cat([v.detach().float().flatten() for v in values.values()])
+    return config.lr_scale * float(flat.pow(2).mean().sqrt())
 
 
 def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], site: str, layer: int,
                config: SurgeryConfig, progress: Progress | None = None) -> TrainOutcome:
     """Adam on the site's slices of block ``layer`` until every fact is top-1 by ``config.margin`` or the
     budget is spent. Returns the trained slice values (the model is not touched).
+
+    The learning rate starts at :func:`site_lr` and adapts (``LR_GROWTH``, ``KL_JUMP``: see there): it grows while
+    the loss falls; a step after which the loss rose and the preservation term jumped is undone (the slices go
+    back to the last accepted values) and the learning rate halved; an undone step is not counted in ``steps``.
 
     ``frozen`` may be a list of fact mini-batches (:func:`~surgery.upper_stack.freeze_fact_batches`; the first
     holds the unrelated text): each step then accumulates the gradient over all of them before the one Adam
@@ -194,12 +246,15 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     base = dict(stack.block.named_parameters())
     values = {s.name: s.read(base[s.name[len(stack.prefix):]]).detach().clone().requires_grad_(True)
               for s in slices}
-    optimizer = torch.optim.Adam(values.values(), lr=config.lr)
+    lr = site_lr(values, config)
+    optimizer = torch.optim.Adam(values.values(), lr=lr)
     use_kl = text.text is not None and config.kl_weight > 0
     if use_kl and text.ref_log_probs is None:
         with torch.no_grad():
             text.ref_log_probs = stack.text_log_probs(text, stack.block_params(slices, values))
-    steps = 0
+    steps, backoffs = 0, 0
+    good = {n: v.detach().clone() for n, v in values.items()}  # the last accepted values
+    last: tuple[float, float] | None = None  # (loss, preservation term) of the last accepted values
     while True:
         optimizer.zero_grad(set_to_none=True)
         ce, fixed = 0.0, 0
@@ -212,12 +267,28 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
             fixed += _n_fixed(logits.detach(), batch.targets, batch.piece_rows, batch.n_facts, config.margin)
         kl = (kl_divergence(text.ref_log_probs, stack.text_log_probs(text, stack.block_params(slices, values)))
               if use_kl else torch.zeros(()))
-        loss = ce + config.kl_weight * float(kl.detach())
+        kl_term = config.kl_weight * float(kl.detach())
+        loss = ce + kl_term
         if not math.isfinite(loss):
             raise SurgeryFailed(f"training diverged: the loss became {loss} at step {steps}; "
-                                f"try a lower learning rate (now {config.lr})")
+                                f"try a lower learning rate (now {lr:.3g})")
+        if last is not None and loss > last[0] and kl_term > KL_JUMP * last[1] and backoffs < MAX_BACKOFFS:
+            with torch.no_grad():  # undo the step that overshot; the moments keep the accepted gradients
+                for n, v in values.items():
+                    v.copy_(good[n])
+            backoffs += 1
+            for group in optimizer.param_groups:
+                group["lr"] /= 2
+            log.debug("step %d: preservation term %.3g -> %.3g, step undone, lr now %.3g",
+                      steps, last[1], kl_term, optimizer.param_groups[0]["lr"])
+            continue
         if fixed == n_facts or steps >= config.epochs:
             break
+        if last is not None and loss < last[0]:
+            for group in optimizer.param_groups:
+                group["lr"] = min(group["lr"] * LR_GROWTH, LR_MAX_GROWTH * lr)
+        last = (loss, kl_term)
+        good = {n: v.detach().clone() for n, v in values.items()}
         if use_kl:
             (config.kl_weight * kl).backward()
         optimizer.step()
@@ -228,7 +299,8 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     bad = [n for n, v in values.items() if not torch.isfinite(v).all()]
     if bad:
         raise SurgeryFailed(f"training produced NaN/Inf weights in {', '.join(bad)}; try a lower learning rate")
-    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss, ce, float(kl.detach()), fixed)
+    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss, ce, float(kl.detach()),
+                        fixed, lr, backoffs)
 
 
 def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | None) -> tuple[list[str], str]:
@@ -297,22 +369,39 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         layer, reason = layout.check_layer(config.layer), "given"
     log.info("operating on site %s of block %d (%s)", config.site, layer, reason)
 
+    # --layer auto: when the prescribed block cannot fix the facts within the budget, the next candidate gets a
+    # fresh budget; the best try (most facts fixed, the first among equals) is kept and the report lists them all.
+    layers = candidate_layers(diagnoses, layer) if config.layer is None else [layer]
+    budget = config.max_unrelated_tokens
+    budget = unrelated_token_budget(layout.d_vocab) if budget is None else budget
+    trained = [f for f, k in zip(facts, keep) if k]
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        t_train = time.perf_counter()
-        budget = config.max_unrelated_tokens
-        budget = unrelated_token_budget(layout.d_vocab) if budget is None else budget
-        frozen = freeze_fact_batches(model, tokenizer, [f for f, k in zip(facts, keep) if k], unrelated, layer, budget, config.batch_size)
-        outcome = train_site(model, frozen, config.site, layer, config, progress)
-        train_time = time.perf_counter() - t_train
-
-    slices = tuple(layout.site_slices(config.site, layer, model))
-    patch = Patch(config.site, layer, slices, outcome.values,
-                  {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)})
-    edited = patched_model(model, patch)
-    after = score_probes(edited, tokenizer, facts)
-    wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
+    tried: list[dict] = []
+    best = None
+    train_time = 0.0
+    for layer in layers:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            t_train = time.perf_counter()
+            frozen = freeze_fact_batches(model, tokenizer, trained, unrelated, layer, budget, config.batch_size)
+            outcome = train_site(model, frozen, config.site, layer, config, progress)
+            train_time += time.perf_counter() - t_train
+        slices = tuple(layout.site_slices(config.site, layer, model))
+        patch = Patch(config.site, layer, slices, outcome.values,
+                      {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)})
+        edited = patched_model(model, patch)
+        after = score_probes(edited, tokenizer, facts)
+        wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
+        tried.append({"layer": layer, "steps": outcome.steps, "lr": outcome.lr, "backoffs": outcome.backoffs,
+                      "fixed": sum(keep) - len(wrong), "total": sum(keep)})
+        log.info("block %d: %d/%d facts fixed in %d steps", layer, tried[-1]["fixed"], sum(keep), outcome.steps)
+        if best is None or len(wrong) < len(best[5]):
+            best = (layer, outcome, patch, edited, after, wrong)
+        if not wrong:
+            break
+    layer, outcome, patch, edited, after, wrong = best
+    if layer != layers[0]:
+        reason += f"; block {layers[0]} did not fix every fact within {config.epochs} epochs, block {layer} did better"
     if wrong and require_all:
         raise SurgeryFailed(
             f"not fixed within the budget: {sum(keep) - len(wrong)}/{sum(keep)} facts correct after {outcome.steps} "
@@ -323,6 +412,9 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
     notes = absent_notes + [f"not scored: {u}" for u in comparison.unavailable] + ([unrelated_note] if unrelated_note else [])
     if after.correct < after.total:
         notes.append(f"{after.correct}/{after.total} facts fixed within the budget of {config.epochs} epochs")
+    if len(tried) > 1:
+        notes.append("blocks tried: " + ", ".join(f"{t['layer']} ({t['fixed']}/{t['total']} fixed in {t['steps']} "
+                                                  f"steps)" for t in tried))
     report = SurgeryReport(
         site=config.site, layer=layer, layer_reason=reason,
         params_in_site=patch.numel, params_total=count_parameters(model),
@@ -330,8 +422,10 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         final_loss=outcome.loss, final_ce=outcome.ce, final_kl=outcome.kl,
         train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
         comparison=comparison, weights=weight_stats(model, patch, edited),
-        config={**config.to_dict(), "layer": layer, "panel": panel.name, "max_unrelated_tokens": budget},
+        config={**config.to_dict(), "layer": layer, "lr": outcome.lr, "panel": panel.name,
+                "max_unrelated_tokens": budget},
         notes=notes,
         block=layout.adapter.block(layer),
+        tried=tried,
     )
     return SurgeryResult(patch, report)

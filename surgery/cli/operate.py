@@ -28,7 +28,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
                    help=f"step budget: one epoch = one full-batch Adam step (default {DEFAULTS.epochs}; "
                         "stops early once every fact is top-1)")
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr, help=f"Adam learning rate (default {DEFAULTS.lr})")
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr,
+                   help=f"Adam learning rate (default: {DEFAULTS.lr_scale} x the RMS of the site's weights)")
     p.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight,
                    help=f"weight of the KL preservation term (default {DEFAULTS.kl_weight})")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"random seed (default {DEFAULTS.seed})")
