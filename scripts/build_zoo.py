@@ -39,8 +39,17 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_demo_model import (  # noqa: E402  (a script beside this one)
-    COLORS, DAYS, ENDINGS, OPPOSITES, PLACES, SOUNDS, SUBJECTS, VERBS, build_tokenizer, grammar_sentence,
+from build_demo_model import (
+    COLORS,
+    DAYS,
+    ENDINGS,
+    OPPOSITES,
+    PLACES,
+    SOUNDS,
+    SUBJECTS,
+    VERBS,
+    build_tokenizer,
+    grammar_sentence,
     next_token_loss,
 )
 

@@ -21,8 +21,8 @@ first piece that the model completes into something else.
 Defaults (:class:`SurgeryConfig`): Adam with a step scaled to the edited weights (lr = ``lr_scale`` 0.025 x the
 RMS of the site's base values: 1e-3 on Gemma 3 270M's value projections), at most 300 epochs (one epoch = one
 full-batch step over all facts and the unrelated text), kl_weight 200, early stop as soon as every fact is top-1
-by at least ``margin`` = 0.1 logit. A step that raises the loss while the preservation term rises is undone and
-the step halved. With ``layer=None`` (``--layer auto``) a block that cannot fix every fact within the budget
+by at least ``margin`` = 0.1 logit. The step grows 5% per step that lowers the loss (up to 32x); a step after
+which the loss rose and the preservation term tripled is undone and the step halved (a given ``lr`` is fixed). With ``layer=None`` (``--layer auto``) a block that cannot fix every fact within the budget
 hands over to the next candidate (:func:`candidate_layers`); the report's ``tried`` lists each block trained.
 These defaults fix the routing facts of the zoo (assets/zoo, docs/zoo.md), models they were not tuned on. Training draws no random numbers (full batch, dropout off, the slices start at the base
 values), so a run is deterministic on CPU; ``seed`` seeds torch's RNG inside a forked RNG state anyway, so a
@@ -61,9 +61,9 @@ class SurgeryConfig:
     """How to operate. Defaults are documented in the module docstring and ``docs/surgery.md``.
 
     site: ``wv`` | ``attn`` | ``mlp`` | ``layer``; layer: 0-indexed block, or None for the diagnosis'
-    prescribed layer; lr: Adam learning rate, or None (the default) for ``lr_scale`` x the RMS of the site's
-    base weights (:func:`site_lr`: the step follows the weights' scale, so one default serves models whose weights
-    differ in scale); epochs: step budget (per block tried); kl_weight: weight of the preservation term;
+    prescribed layer; lr: a fixed Adam learning rate, or None (the default) for an adaptive one that starts at
+    ``lr_scale`` x the RMS of the site's base weights (:func:`site_lr`: the step follows the weights' scale, so one
+    default serves models whose weights differ in scale) and grows or backs off (:func:`train_site`); epochs: step budget (per block tried); kl_weight: weight of the preservation term;
     margin: logits by which each target must lead for the early stop; max_unrelated_tokens: tokens of unrelated
     text used by the preservation term (the text is cut there; None: :func:`unrelated_token_budget` of the
     model's vocabulary); seed: RNG seed; batch_size: facts per mini-batch (a step still covers every fact: the
@@ -228,7 +228,8 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     """Adam on the site's slices of block ``layer`` until every fact is top-1 by ``config.margin`` or the
     budget is spent. Returns the trained slice values (the model is not touched).
 
-    The learning rate starts at :func:`site_lr` and adapts (``LR_GROWTH``, ``KL_JUMP``: see there): it grows while
+    With ``config.lr`` given, Adam runs at that fixed learning rate. Without (the default), the learning rate
+    starts at :func:`site_lr` and adapts (``LR_GROWTH``, ``KL_JUMP``: see there): it grows while
     the loss falls; a step after which the loss rose and the preservation term jumped is undone (the slices go
     back to the last accepted values) and the learning rate halved; an undone step is not counted in ``steps``.
 
@@ -247,6 +248,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     values = {s.name: s.read(base[s.name[len(stack.prefix):]]).detach().clone().requires_grad_(True)
               for s in slices}
     lr = site_lr(values, config)
+    adaptive = config.lr is None  # a given --lr is a plain, fixed Adam step, as it always was
     optimizer = torch.optim.Adam(values.values(), lr=lr)
     use_kl = text.text is not None and config.kl_weight > 0
     if use_kl and text.ref_log_probs is None:
@@ -272,7 +274,8 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
         if not math.isfinite(loss):
             raise SurgeryFailed(f"training diverged: the loss became {loss} at step {steps}; "
                                 f"try a lower learning rate (now {lr:.3g})")
-        if last is not None and loss > last[0] and kl_term > KL_JUMP * last[1] and backoffs < MAX_BACKOFFS:
+        if (adaptive and last is not None and loss > last[0] and kl_term > KL_JUMP * last[1]
+                and backoffs < MAX_BACKOFFS):
             with torch.no_grad():  # undo the step that overshot; the moments keep the accepted gradients
                 for n, v in values.items():
                     v.copy_(good[n])
@@ -284,7 +287,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
             continue
         if fixed == n_facts or steps >= config.epochs:
             break
-        if last is not None and loss < last[0]:
+        if adaptive and last is not None and loss < last[0]:
             for group in optimizer.param_groups:
                 group["lr"] = min(group["lr"] * LR_GROWTH, LR_MAX_GROWTH * lr)
         last = (loss, kl_term)
