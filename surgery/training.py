@@ -425,7 +425,7 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         final_loss=outcome.loss, final_ce=outcome.ce, final_kl=outcome.kl,
         train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
         comparison=comparison, weights=weight_stats(model, patch, edited),
-        config={**config.to_dict(), "layer": layer, "lr": outcome.lr, "panel": panel.name,
+        config={**config.to_dict(), "layer": layer, "lr_start": outcome.lr, "panel": panel.name,
                 "max_unrelated_tokens": budget},
         notes=notes,
         block=layout.adapter.block(layer),

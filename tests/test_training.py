@@ -258,3 +258,46 @@ def test_a_fact_is_fixed_only_when_every_piece_leads():
     assert training._n_fixed(logits, targets, rows, 2, 0.1) == 1 and training._n_fixed(logits, targets, rows, 2, 0.0) == 2
     logits[1, 2] = 0.5
     assert training._n_fixed(logits, targets, rows, 2, 0.1) == 2
+
+
+def test_default_lr_follows_the_weights_scale(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    """lr None: lr_scale x RMS of the site's base values (reported as lr_start); a given lr is used as it is."""
+    from surgery.training import site_lr
+
+    values = {"w": torch.full((4, 4), 0.5)}
+    assert site_lr(values, SurgeryConfig()) == pytest.approx(SurgeryConfig().lr_scale * 0.5)
+    assert site_lr(values, SurgeryConfig(lr=3e-4)) == 3e-4
+    r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, epochs=2), panel=tiny_panel,
+                require_all=False).report
+    assert r.config["lr"] is None and r.config["lr_start"] > 0
+    assert r.tried == [{"layer": 1, "steps": r.steps, "lr": r.config["lr_start"], "backoffs": r.tried[0]["backoffs"],
+                        "fixed": r.tried[0]["fixed"], "total": len(facts)}]
+
+
+def test_candidate_layers_prescribed_first_then_beside():
+    from types import SimpleNamespace
+
+    from surgery.training import candidate_layers
+
+    def d(prescribed, override=5, verdict="routing"):
+        return SimpleNamespace(verdict=verdict, prescribed_layer=prescribed, override={"layer": override, "head": 0})
+
+    diagnoses = [d(3), d(3), d(1), d(2, verdict="absence")]
+    assert candidate_layers(diagnoses, 3) == [3, 1, 2]
+    assert candidate_layers([d(4)], 4) == [4, 3]  # block 5 holds the override: never tried
+    assert candidate_layers([d(0, override=3)], 0) == [0, 1]
+
+
+def test_auto_layer_tries_the_next_block_when_the_budget_runs_out(demo):
+    """One epoch cannot fix the demo's capitals: --layer auto goes on to the next candidate, with its own
+    budget, keeps the best, and the report lists every block it tried."""
+    from surgery.panels import DEMO_PANEL, load_panel
+
+    panel = load_panel(DEMO_PANEL)
+    r = operate(demo.model, demo.tokenizer, list(panel.facts), SurgeryConfig(site="wv", epochs=1), panel=panel,
+                require_all=False).report
+    layers = [t["layer"] for t in r.tried]
+    assert layers == [2, 1] and r.layer in layers  # the prescribed block, then the one below (3 holds the override)
+    assert all(t["steps"] == 1 for t in r.tried)
+    assert any(n.startswith("blocks tried:") for n in r.notes)
+    assert r.to_dict()["tried"] == r.tried
