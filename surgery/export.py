@@ -270,7 +270,7 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         "",
         "## Files",
         "",
-        f"- `model.safetensors`, `config.json`, tokenizer files: the corrected model (`from_pretrained`).",
+        "- `model.safetensors`, `config.json`, tokenizer files: the corrected model (`from_pretrained`).",
         f"- `{PATCH_FILE}`: only the changed tensors, with the base, site, layer and slice bounds as metadata.",
         f"- `{REPORT_FILE}`: the full report (every probe's answer before and after).",
         "",

@@ -285,8 +285,8 @@ def test_sigterm_during_the_write_leaves_no_partial_folder(tmp_path, out, loaded
     write_patched_model(target, loaded, Patch.load(out / "patch.safetensors"))
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRITER, "apply-patch", "--base", loaded.source, "--patch", str(out / "patch.safetensors"),
-         "--out", str(target), "--overwrite", "--device", "cpu"],
+        [sys.executable, "-c", SLOW_WRITER, "apply-patch", "--base", loaded.source,
+         "--patch", str(out / "patch.safetensors"), "--out", str(target), "--overwrite", "--device", "cpu"],
         cwd=export.Path(export.__file__).resolve().parent.parent, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
