@@ -156,7 +156,8 @@ def save_model(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype | N
 
 def cast_state_dict(state: dict, dtype: torch.dtype) -> dict:
     """``state`` with its floating-point tensors cast to ``dtype``; tensors that shared storage (tied embeddings)
-    still share it, so ``save_pretrained`` still recognizes and drops the tied copy."""
+    still share it, so ``save_pretrained`` still recognizes and drops the tied copy. Raises :class:`OutputError`
+    when a finite value does not fit ``dtype`` (an edit grown past float16's range would be saved as inf)."""
     cast: dict = {}
     out = {}
     for name, t in state.items():
@@ -166,6 +167,9 @@ def cast_state_dict(state: dict, dtype: torch.dtype) -> dict:
         key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
         if key not in cast:
             cast[key] = t.to(dtype)
+            if bool(torch.isfinite(t).all()) and not bool(torch.isfinite(cast[key]).all()):
+                raise OutputError(f"cannot save {name} in {str(dtype).removeprefix('torch.')}, the base's dtype: "
+                                  "some of its values are beyond that dtype's range")
         out[name] = cast[key]
     return out
 

@@ -213,8 +213,8 @@ def _refuse_remote_code(folder: Path, name: str) -> None:
         raise _remote_code_refused(name)
 
 
-# Buffers that older checkpoints stored and transformers now computes itself: GPT-2's masked_bias constant (its
-# attn.bias mask and rotary inv_freq tables transformers already skips on its own).
+# Buffers that older checkpoints stored and transformers now computes itself: GPT-2's masked_bias constant, which
+# transformers 5 reports as unexpected; the attn.bias masks and rotary inv_freq tables, which it already skips.
 _STALE_BUFFER = re.compile(r"(^|\.)(attn\.masked_bias|attn\.bias|rotary_emb\.inv_freq)$")
 
 
@@ -245,11 +245,10 @@ def check_finite(model: nn.Module, context: str) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.is_floating_point() and p.device.type != "meta":
-                bad = int((~torch.isfinite(p)).sum())
-                if bad:
-                    kind = "NaN" if bool(torch.isnan(p).any()) else "inf"
-                    raise CheckpointError(f"{context}: weight {name} holds {bad} NaN/inf value(s) (first kind: "
-                                          f"{kind}); the model's outputs would be meaningless")
+                if not bool(torch.isfinite(p).all()):
+                    n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+                    raise CheckpointError(f"{context}: weight {name} holds NaN or inf values ({n_nan} NaN, {n_inf} "
+                                          "inf); the model's outputs would be meaningless")
 
 
 def _resolve(name: str, revision: str | None, cache_root) -> tuple[str, dict, str | None]:

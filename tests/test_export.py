@@ -299,3 +299,13 @@ def test_sigterm_during_the_write_leaves_no_partial_folder(tmp_path, out, loaded
     assert proc.returncode == 130 and err.strip() == "interrupted"
     assert [p.name for p in tmp_path.iterdir()] == ["fixed"]
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_a_value_beyond_the_checkpoint_dtype_is_refused():
+    from surgery.export import cast_state_dict
+
+    wte = torch.tensor([[1.0, 7e4]])
+    with pytest.raises(OutputError, match="cannot save wte in float16"):
+        cast_state_dict({"wte": wte, "lm_head": wte}, torch.float16)
+    cast = cast_state_dict({"wte": wte, "lm_head": wte, "mask": torch.ones(2, dtype=torch.bool)}, torch.bfloat16)
+    assert cast["wte"] is cast["lm_head"] and cast["wte"].dtype == torch.bfloat16 and cast["mask"].dtype == torch.bool

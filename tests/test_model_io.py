@@ -523,7 +523,7 @@ def test_inf_weight_is_refused(tmp_path):
     def poison(sd):
         sd["transformer.wte.weight"][0, 0] = float("-inf")
 
-    with pytest.raises(CheckpointError, match=r"transformer.wte.weight holds 1 NaN/inf value\(s\) \(first kind: inf\)"):
+    with pytest.raises(CheckpointError, match=r"transformer.wte.weight holds NaN or inf values \(0 NaN, 1 inf\)"):
         load_model(_demo_copy(tmp_path, poison))
 
 
