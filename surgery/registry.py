@@ -213,7 +213,7 @@ def _supported_config(folder: Path) -> bool:
     from transformers import AutoConfig
 
     try:
-        check_supported(AutoConfig.from_pretrained(folder, local_files_only=True))
+        check_supported(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
     except (SurgeryError, OSError, ValueError, KeyError) as e:
         log.debug("not offering %s: %s", folder, e)
         return False
