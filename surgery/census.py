@@ -14,11 +14,21 @@ single-process run's (numbers are rounded to 4 decimals, so a different thread c
 
 **Records** (one JSON object per line): the fact (``prompt``, ``target``, ``relation``, ``subject``,
 ``ambiguous``), the diagnosis (``verdict``, ``prediction``, ``competitor``, ``target_rank`` at the output,
-``prescribed_layer``, ``override`` ``{"layer", "head"}``, ``multi_token_target``), the target's lens rank after
-the embeddings and after each block (``lens_ranks``, L+1 entries) with the lens logit margin target - competitor
-(``lens_margin``), and ``best_lens_rank`` / ``best_lens_layer`` (the best rank after a block before the last).
+``prescribed_layer``, ``override`` ``{"layer", "head"}``, ``multi_token_target``), which piece of the target was
+diagnosed and where (``divergence``, :class:`surgery.divergence.Divergence`), the target's lens rank after the
+embeddings and after each block (``lens_ranks``, L+1 entries) with the lens logit margin target - competitor
+(``lens_margin``), and ``best_lens_rank`` / ``best_lens_layer`` (the best rank after a block before the last);
+then what the model *says*: its greedy continuation (``said``), whether it starts with the whole answer
+(``says_answer``, :func:`surgery.generation.judge`'s strict figure) and whether it says it a little later
+(``says_later``: lenient and not strict, e.g. "Lyon is a city in" -> " the south of France"). These three are null
+for a prompt that fills the whole context (nothing can be generated).
 A fact that cannot be diagnosed (a word the tokenizer does not know, a prompt too long) gets ``verdict: null`` and
 its ``error``. Layers and heads are 0-indexed.
+
+**Generic first piece.** Beside the diagnosis' own rule (the missed first piece is a word fragment, " D" of
+" Doha"), a census calls a missed first piece generic when it starts at least two different targets of the same
+relation among *all* the facts given (before the ambiguity filter and the limit, so a record never depends on
+them): " New" of " New Delhi" and " New York"; ``divergence.generic_reason`` is then ``"shared"``.
 """
 
 from __future__ import annotations
@@ -33,10 +43,12 @@ from typing import Callable
 from torch import nn
 
 from .diagnosis import Diagnosis, DiagnosisConfig, diagnose_batch
+from .divergence import GENERIC_SHARED
 from .errors import InputError, OutputError, SurgeryError, require_positive_int
 from .facts import Fact
 from .arch import layout_of
-from .tokens import encode_prompt, encode_target
+from .generation import said
+from .tokens import encode_prompt, encode_target, token_text
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +128,7 @@ def run_census(model: nn.Module, tokenizer, facts: list[Fact], out_dir: str | os
         _prepare_dir(out, run_info)
     state.wait_for_everyone()
 
+    shared = shared_first_pieces(tokenizer, facts)
     done = set(read_records(out))
     todo = [f for f in selected if f.key not in done]
     state.wait_for_everyone()  # every process has read the same records before any appends more
@@ -127,7 +140,7 @@ def run_census(model: nn.Module, tokenizer, facts: list[Fact], out_dir: str | os
     diagnosed = 0
     with target.open("a", encoding="utf-8") as f:
         for batch in mine:
-            for record in diagnose_facts(model, tokenizer, batch, config.diagnosis):
+            for record in diagnose_facts(model, tokenizer, batch, config.diagnosis, shared=shared):
                 f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -148,30 +161,57 @@ def run_census(model: nn.Module, tokenizer, facts: list[Fact], out_dir: str | os
     return CensusResult(str(out), len(selected), skipped, len(selected) - len(todo), diagnosed, summary)
 
 
-def diagnose_facts(model: nn.Module, tokenizer, facts: list[Fact], config: DiagnosisConfig) -> list[dict]:
-    """One census record per fact, in order; facts that cannot be diagnosed get ``verdict: None`` and ``error``."""
+def shared_first_pieces(tokenizer, facts: list[Fact]) -> dict[str, set[str]]:
+    """Per relation, the first target pieces (token texts) that start at least two different targets."""
+    starts: dict[str, dict[str, set[str]]] = {}
+    for fact in facts:
+        try:
+            first = token_text(tokenizer, encode_target(tokenizer, fact.target)[0])
+        except SurgeryError:
+            continue  # an unusable target: its record says why
+        starts.setdefault(fact.relation, {}).setdefault(first, set()).add(fact.target.strip())
+    return {rel: {p for p, targets in by_piece.items() if len(targets) >= 2} for rel, by_piece in starts.items()}
+
+
+def diagnose_facts(model: nn.Module, tokenizer, facts: list[Fact], config: DiagnosisConfig,
+                   shared: dict[str, set[str]] | None = None) -> list[dict]:
+    """One census record per fact, in order; facts that cannot be diagnosed get ``verdict: None`` and ``error``.
+
+    ``shared``: :func:`shared_first_pieces` of the whole dataset (default: of ``facts``), for the generic rule.
+    """
     n_ctx = layout_of(model).n_ctx
-    usable, records = [], {}
+    shared = shared_first_pieces(tokenizer, facts) if shared is None else shared
+    usable, records, room = [], {}, []
     for i, fact in enumerate(facts):
         try:  # one unusable fact must not sink its batch: the same checks diagnose_batch makes, fact by fact
             encode_prompt(tokenizer, fact.prompt, n_ctx, prepend_bos=config.prepend_bos)
             encode_target(tokenizer, fact.target)
             usable.append(i)
+            if len(encode_prompt(tokenizer, fact.prompt, n_ctx)) < n_ctx:  # as generated: no BOS
+                room.append(i)  # generation needs at least one free position
         except SurgeryError as e:
             records[i] = {**_fact_fields(fact), "verdict": None, "error": str(e)}
     if usable:
         found = diagnose_batch(model, tokenizer, [facts[i].prompt for i in usable], [facts[i].target for i in usable],
                                config=config, batch_size=len(usable))
+        spoken = dict(zip(room, said(model, tokenizer, [facts[i].prompt for i in room],
+                                     [facts[i].target for i in room], batch_size=len(room) or 1)))
         for i, d in zip(usable, found):
-            records[i] = census_record(facts[i], d)
+            records[i] = census_record(facts[i], d, spoken.get(i), shared.get(facts[i].relation, set()))
     return [records[i] for i in range(len(facts))]
 
 
-def census_record(fact: Fact, d: Diagnosis) -> dict:
-    """The census line of one diagnosed fact (see the module docstring)."""
+def census_record(fact: Fact, d: Diagnosis, spoken=None, shared: set[str] = frozenset()) -> dict:
+    """The census line of one diagnosed fact (see the module docstring). ``spoken``: ``(continuation,
+    Judgement)`` from :func:`surgery.generation.said`, or None; ``shared``: the relation's shared first pieces."""
     lens = d.logit_lens
     middle = lens[1:-1]  # after block 0 .. after the block before the last
     best = min(middle, key=lambda e: (e.target_rank, -e.layer)) if middle else lens[-1]
+    divergence = asdict(d.divergence)
+    if divergence["diverges"] and divergence["piece_index"] == 0 and not divergence["generic_first_piece"] \
+            and divergence["piece"] in shared:
+        divergence.update(generic_first_piece=True, generic_reason=GENERIC_SHARED)
+    text, judgement = spoken if spoken is not None else (None, None)
     return {
         **_fact_fields(fact),
         "verdict": d.verdict,
@@ -181,10 +221,14 @@ def census_record(fact: Fact, d: Diagnosis) -> dict:
         "prescribed_layer": d.prescribed_layer,
         "override": dict(d.override),
         "multi_token_target": d.multi_token_target,
+        "divergence": divergence,
         "best_lens_rank": best.target_rank,
         "best_lens_layer": best.layer,
         "lens_ranks": [e.target_rank for e in lens],
         "lens_margin": [round(e.target_logit - e.competitor_logit, 4) for e in lens],
+        "said": text,
+        "says_answer": None if judgement is None else judgement.strict,
+        "says_later": None if judgement is None else judgement.lenient and not judgement.strict,
     }
 
 
