@@ -24,11 +24,6 @@ then what the model *says*: its greedy continuation (``said``), whether it start
 for a prompt that fills the whole context (nothing can be generated).
 A fact that cannot be diagnosed (a word the tokenizer does not know, a prompt too long) gets ``verdict: null`` and
 its ``error``. Layers and heads are 0-indexed.
-
-**Generic first piece.** Beside the diagnosis' own rule (the missed first piece is a word fragment, " D" of
-" Doha"), a census calls a missed first piece generic when it starts at least two different targets of the same
-relation among *all* the facts given (before the ambiguity filter and the limit, so a record never depends on
-them): " New" of " New Delhi" and " New York"; ``divergence.generic_reason`` is then ``"shared"``.
 """
 
 from __future__ import annotations
@@ -43,12 +38,11 @@ from typing import Callable
 from torch import nn
 
 from .diagnosis import Diagnosis, DiagnosisConfig, diagnose_batch
-from .divergence import GENERIC_SHARED
 from .errors import InputError, OutputError, SurgeryError, require_positive_int
 from .facts import Fact
 from .arch import layout_of
 from .generation import said
-from .tokens import encode_prompt, encode_target, token_text
+from .tokens import encode_prompt, encode_target
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +122,6 @@ def run_census(model: nn.Module, tokenizer, facts: list[Fact], out_dir: str | os
         _prepare_dir(out, run_info)
     state.wait_for_everyone()
 
-    shared = shared_first_pieces(tokenizer, facts)
     done = set(read_records(out))
     todo = [f for f in selected if f.key not in done]
     state.wait_for_everyone()  # every process has read the same records before any appends more
@@ -140,7 +133,7 @@ def run_census(model: nn.Module, tokenizer, facts: list[Fact], out_dir: str | os
     diagnosed = 0
     with target.open("a", encoding="utf-8") as f:
         for batch in mine:
-            for record in diagnose_facts(model, tokenizer, batch, config.diagnosis, shared=shared):
+            for record in diagnose_facts(model, tokenizer, batch, config.diagnosis):
                 f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -161,26 +154,9 @@ def run_census(model: nn.Module, tokenizer, facts: list[Fact], out_dir: str | os
     return CensusResult(str(out), len(selected), skipped, len(selected) - len(todo), diagnosed, summary)
 
 
-def shared_first_pieces(tokenizer, facts: list[Fact]) -> dict[str, set[str]]:
-    """Per relation, the first target pieces (token texts) that start at least two different targets."""
-    starts: dict[str, dict[str, set[str]]] = {}
-    for fact in facts:
-        try:
-            first = token_text(tokenizer, encode_target(tokenizer, fact.target)[0])
-        except SurgeryError:
-            continue  # an unusable target: its record says why
-        starts.setdefault(fact.relation, {}).setdefault(first, set()).add(fact.target.strip())
-    return {rel: {p for p, targets in by_piece.items() if len(targets) >= 2} for rel, by_piece in starts.items()}
-
-
-def diagnose_facts(model: nn.Module, tokenizer, facts: list[Fact], config: DiagnosisConfig,
-                   shared: dict[str, set[str]] | None = None) -> list[dict]:
-    """One census record per fact, in order; facts that cannot be diagnosed get ``verdict: None`` and ``error``.
-
-    ``shared``: :func:`shared_first_pieces` of the whole dataset (default: of ``facts``), for the generic rule.
-    """
+def diagnose_facts(model: nn.Module, tokenizer, facts: list[Fact], config: DiagnosisConfig) -> list[dict]:
+    """One census record per fact, in order; facts that cannot be diagnosed get ``verdict: None`` and ``error``."""
     n_ctx = layout_of(model).n_ctx
-    shared = shared_first_pieces(tokenizer, facts) if shared is None else shared
     usable, records, room = [], {}, []
     for i, fact in enumerate(facts):
         try:  # one unusable fact must not sink its batch: the same checks diagnose_batch makes, fact by fact
@@ -197,20 +173,16 @@ def diagnose_facts(model: nn.Module, tokenizer, facts: list[Fact], config: Diagn
         spoken = dict(zip(room, said(model, tokenizer, [facts[i].prompt for i in room],
                                      [facts[i].target for i in room], batch_size=len(room) or 1)))
         for i, d in zip(usable, found):
-            records[i] = census_record(facts[i], d, spoken.get(i), shared.get(facts[i].relation, set()))
+            records[i] = census_record(facts[i], d, spoken.get(i))
     return [records[i] for i in range(len(facts))]
 
 
-def census_record(fact: Fact, d: Diagnosis, spoken=None, shared: set[str] = frozenset()) -> dict:
+def census_record(fact: Fact, d: Diagnosis, spoken=None) -> dict:
     """The census line of one diagnosed fact (see the module docstring). ``spoken``: ``(continuation,
-    Judgement)`` from :func:`surgery.generation.said`, or None; ``shared``: the relation's shared first pieces."""
+    Judgement)`` from :func:`surgery.generation.said`, or None."""
     lens = d.logit_lens
     middle = lens[1:-1]  # after block 0 .. after the block before the last
     best = min(middle, key=lambda e: (e.target_rank, -e.layer)) if middle else lens[-1]
-    divergence = asdict(d.divergence)
-    if divergence["diverges"] and divergence["piece_index"] == 0 and not divergence["generic_first_piece"] \
-            and divergence["piece"] in shared:
-        divergence.update(generic_first_piece=True, generic_reason=GENERIC_SHARED)
     text, judgement = spoken if spoken is not None else (None, None)
     return {
         **_fact_fields(fact),
@@ -221,7 +193,7 @@ def census_record(fact: Fact, d: Diagnosis, spoken=None, shared: set[str] = froz
         "prescribed_layer": d.prescribed_layer,
         "override": dict(d.override),
         "multi_token_target": d.multi_token_target,
-        "divergence": divergence,
+        "divergence": asdict(d.divergence),
         "best_lens_rank": best.target_rank,
         "best_lens_layer": best.layer,
         "lens_ranks": [e.target_rank for e in lens],

@@ -6,8 +6,8 @@ report's prose says "block 11" for ``h.11``.
 
 **Outcomes** (:func:`outcome`) put what the model *says* first: a fact whose greedy continuation starts with the
 whole answer is ``says``, one that says it within the first few words is ``says_later`` (not a failure, though the
-first-token diagnosis may call it routing), one whose diagnosed piece is a generic first piece (" D" of " Doha")
-is ``generic_first_piece`` (a repair would only teach the piece); the rest keep their diagnosis' verdict
+first-token diagnosis may call it routing), one whose missed first piece is generic (fed it, the model goes on to
+another answer: " D" -> "akar" for Doha) is ``generic_first_piece`` (a repair would only teach the piece); the rest keep their diagnosis' verdict
 (``routing``, ``absence``, or ``correct`` when the pieces are predicted but the answer is not said at a word
 boundary). Prescribed layers and override heads are counted over the ``routing`` outcomes: the facts to repair.
 
@@ -165,8 +165,8 @@ def format_report(summary: dict) -> str:
         "## What the model says",
         "",
         "`says`: the greedy continuation starts with the whole answer; `says_later`: the whole answer comes within "
-        "the first few words (not a failure); `generic_first_piece`: the model misses a first piece that starts "
-        "other answers too (\" D\" of \" Doha\"), so a repair would only teach the piece; `routing`/`absence`: "
+        "the first few words (not a failure); `generic_first_piece`: the model misses the first piece and, fed it, "
+        "goes on to another answer (\" D\" -> \"akar\" for Doha), so a repair would only teach the piece; `routing`/`absence`: "
         "the diagnosis' verdict of the rest (`correct`: every piece predicted, the answer not said at a word "
         "boundary). A multi-token answer is diagnosed at its first missed piece"
         + (f" (facts whose answer diverges, by piece: {_pieces(summary)})" if summary.get("divergence_piece") else "")

@@ -4,7 +4,8 @@
 the diagnosed piece is the first one the model's greedy prediction misses, read at the position before it, so the
 input is ``prompt + target[:k]`` and the target token ``target[k]``; when the model predicts every piece, piece 0
 at the prompt's last position (as for a single-token target, whose numbers are those of one plain pass).
-:attr:`Diagnosis.divergence` says which piece and position, and whether a missed first piece is generic.
+:attr:`Diagnosis.divergence` says which piece and position, and whether a missed first piece is generic (fed
+it, the model still misses a later piece: a repair there would only teach the piece).
 
 One forward pass of the decoder with hooks that keep only the last position gives everything, for every
 supported family (:mod:`surgery.arch`):
@@ -65,7 +66,7 @@ from torch import Tensor, nn
 from .errors import InputError
 from .hooks import hooked
 from .arch import Layout, apply_softcap, layout_of
-from .divergence import GENERIC_FRAGMENT, Divergence, divergence_pieces, is_word_fragment
+from .divergence import Divergence, missed_pieces
 from .tokens import encode_prompt, encode_target, token_text
 
 VERDICTS = ("routing", "absence", "correct")
@@ -528,8 +529,8 @@ class _Item:
     t_ids: list[int]
     c_ids: list[int] | None
     k: int = 0
-    forced: bool = False  # k was found by teacher forcing (None found: k = 0, every piece predicted)
-    predicts_all: bool = False
+    forced: bool = False  # k was found by teacher forcing (none missed: k = 0, every piece predicted)
+    missed: list[int] = field(default_factory=list)  # the pieces missed under teacher forcing
 
     @property
     def input_ids(self) -> list[int]:  # the diagnosed input: the prompt, then the pieces before the divergence
@@ -541,9 +542,9 @@ def _find_divergences(model, tokenizer, layout: Layout, chunk: list[_Item]) -> N
     multi = [item for item in chunk if len(item.t_ids) > 1]
     if not multi:
         return
-    found = divergence_pieces(model, layout, [i.ids for i in multi], [i.t_ids for i in multi], tokenizer.pad_token_id)
-    for item, k in zip(multi, found):
-        item.k, item.forced, item.predicts_all = k or 0, True, k is None
+    found = missed_pieces(model, layout, [i.ids for i in multi], [i.t_ids for i in multi], tokenizer.pad_token_id)
+    for item, missed in zip(multi, found):
+        item.k, item.forced, item.missed = (missed[0] if missed else 0), True, missed
 
 
 def _diagnose_chunk(model, tokenizer, layout: Layout, items: list[_Item], config: DiagnosisConfig) -> list[Diagnosis]:
@@ -611,11 +612,11 @@ def _diagnose_chunk(model, tokenizer, layout: Layout, items: list[_Item], config
 def _divergence(tokenizer, item: _Item, position: int, misses: bool) -> Divergence:
     """The :class:`Divergence` of a diagnosed item; ``misses``: the output does not rank the diagnosed piece first."""
     pieces = [token_text(tokenizer, i) for i in item.t_ids]
-    diverges = not item.predicts_all if item.forced else misses  # forced: some piece is missed, piece k first
-    generic = diverges and item.k == 0 and is_word_fragment(pieces[0], item.target)
+    diverges = bool(item.missed) if item.forced else misses  # forced: some piece is missed, piece k first
+    generic = diverges and item.k == 0 and len(item.missed) > 1  # fed piece 0, the model misses a later one too
     return Divergence(piece_index=item.k, piece=pieces[item.k], pieces=pieces, position=position,
                       diverges=diverges, forced=item.forced, generic_first_piece=generic,
-                      generic_reason=GENERIC_FRAGMENT if generic else None)
+                      missed_after=item.missed[1] if generic else None)
 
 
 def _attribution_list(row: dict[str, Tensor], layout: Layout, has_bias: list[bool], final_bias: bool

@@ -7,11 +7,14 @@ piece ``k``. The diagnosis then reads that position: its input is ``prompt + tar
 ``target[k]``. When the model predicts every piece there is no divergence and piece 0 is diagnosed (verdict
 ``correct``), exactly as a single-token target is.
 
-**Generic first piece.** When the divergence is at piece 0 and that piece is a *word fragment* — it ends inside
-the target's first word (" D" of " Doha", " Tir" of " Tirana") — the piece starts many other words too
-(" Dakar", " Dushanbe"), so a repair at that position would only teach the fragment, not the fact. A census also
-calls a first piece generic when it starts at least two different targets of the same relation in the dataset
-(" New" of " New York" and " New Delhi"; :mod:`surgery.census`).
+**Generic first piece.** When the divergence is at piece 0, a repair at that position teaches piece 0 only. That
+is the fact when, fed piece 0, the model goes on to say the rest (" Tir" -> "ana"); it is not when the piece
+starts other answers too and the model, fed it, goes on to one of them (" D" -> "akar" for Doha, " New" ->
+" York" for New Delhi). So a missed first piece is **generic** when teacher forcing finds another miss at a later
+piece: the same pass, no list of other answers needed. (Rejected: "the piece is a word fragment", which flagged
+" Tir" of " Tirana" and " Ou" of " Ouagadougou" — 18 of 40 Gemma 3 capitals — although the model completes them;
+and "the piece starts two targets of the relation", which needs a dataset and flags " New" even where the model
+goes on to " Delhi".)
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from torch import nn
 from .arch import Layout
 from .tokens import pad_right, real_positions
 
-GENERIC_FRAGMENT = "fragment"  # piece 0 ends inside the target's first word
-GENERIC_SHARED = "shared"  # piece 0 starts >= 2 different targets of the relation (census only)
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Divergence:
     token); ``diverges``: the model misses the diagnosed piece (False when it predicts every piece: then
     ``k = 0``); ``forced``: ``k`` was found by teacher forcing (False for a single-token target, or with teacher
     forcing off, when piece 0 is diagnosed whatever the model says); ``generic_first_piece``: the divergence is
-    at piece 0 and that piece is generic, ``generic_reason`` says why (``"fragment"`` or ``"shared"``, else None).
+    at piece 0 and, fed that piece, the model misses a later one too (``missed_after``: the first such piece).
     """
 
     piece_index: int
@@ -45,16 +46,14 @@ class Divergence:
     diverges: bool
     forced: bool = True
     generic_first_piece: bool = False
-    generic_reason: str | None = None
+    missed_after: int | None = None
 
     def sentence(self) -> str:
         """One sentence on the piece diagnosed; empty for a single-token target that is not generic."""
         n = len(self.pieces)
         if self.generic_first_piece:
-            why = ("a word fragment" if self.generic_reason == GENERIC_FRAGMENT
-                   else "the first piece of other answers of this relation")
-            return (f" The model misses the first piece {self.piece!r} of {n} {self.pieces}, which is generic "
-                    f"({why}): a repair here would only teach {self.piece!r}.")
+            return (f" The first piece {self.piece!r} of {n} {self.pieces} is generic: fed it, the model still misses "
+                    f"{self.pieces[self.missed_after]!r}, so a repair here would only teach {self.piece!r}.")
         if n == 1:
             return ""
         if not self.forced:
@@ -67,18 +66,11 @@ class Divergence:
                 f"{self.piece!r} (token position {self.position}).")
 
 
-def is_word_fragment(piece: str, target: str) -> bool:
-    """Whether ``piece`` (the target's first token, as text) ends inside the target's first word: " D" of
-    " Doha" does (and a piece that is only a space), " New" of " New York" and " Paris" of " Paris" do not."""
-    words = target.split()
-    head = piece.strip()  # a piece that is only a space (SentencePiece's lone "▁") ends before the word: a fragment
-    return bool(words) and len(head) < len(words[0]) and words[0].startswith(head)
-
-
-def divergence_pieces(model: nn.Module, layout: Layout, prompts: list[list[int]], targets: list[list[int]],
-                      pad_id: int | None) -> list[int | None]:
-    """For each row, the first piece of ``targets[b]`` the model's greedy prediction misses when the earlier pieces
-    are fed (teacher forcing), or None when it predicts every piece it has room for in the context.
+def missed_pieces(model: nn.Module, layout: Layout, prompts: list[list[int]], targets: list[list[int]],
+                  pad_id: int | None) -> list[list[int]]:
+    """For each row, the pieces of ``targets[b]`` (indices, in order) that the model's greedy prediction misses
+    when the earlier pieces are fed (teacher forcing): the first is the divergence, none when it predicts every
+    piece it has room for in the context.
 
     ``prompts``/``targets``: token ids. One forward pass of ``prompt + target[:-1]`` for all rows (right-padded:
     a causal model's real positions never see the padding, so rows equal unbatched runs); the logits are computed
@@ -97,8 +89,4 @@ def divergence_pieces(model: nn.Module, layout: Layout, prompts: list[list[int]]
         # The base output is already final-normed; the soft-cap (Gemma) is monotonic, so the argmax skips it.
         predicted = model.get_output_embeddings()(hidden[rows.to(hidden.device), cols.to(hidden.device)]).argmax(-1)
     predicted = iter(predicted.tolist())
-    out: list[int | None] = []
-    for t in pieces:
-        misses = [j for j, piece in enumerate(t) if next(predicted) != piece]
-        out.append(misses[0] if misses else None)
-    return out
+    return [[j for j, piece in enumerate(t) if next(predicted) != piece] for t in pieces]

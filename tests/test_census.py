@@ -71,7 +71,7 @@ def test_census_verdicts_and_records(demo_census):
     assert italy["says_answer"] and not italy["says_later"] and not russia["says_later"]  # " the city of Berlin"
     assert france["divergence"] == {"piece_index": 0, "piece": "Paris", "pieces": ["Paris"], "position": 4,
                                     "diverges": True, "forced": False, "generic_first_piece": False,
-                                    "generic_reason": None}
+                                    "missed_after": None}
     assert italy["divergence"]["diverges"] is False
 
 
@@ -144,26 +144,27 @@ def test_refuses_a_census_of_another_model_or_rule(demo, tmp_path):
                    model_name="demo")
 
 
-def test_generic_first_piece_shared_in_a_relation(demo, tmp_path):
-    """Two targets of a relation start with " Rome": a missed " Rome" is generic (shared), counted apart; the same
-    piece starting one target only is not; the rule reads all the facts given, so a --limit changes no record."""
-    facts = [Fact("The capital of France is", " Rome city", "capital", "France"),
-             Fact("The capital of Spain is", " Rome sky", "capital", "Spain"),
-             Fact("The capital of Japan is", " Rome city", "other", "Japan"),
-             Fact("The capital of Italy is", " Rome", "capital", "Italy")]
-    result = run_census(demo.model, demo.tokenizer, facts, tmp_path / "a", CensusConfig(batch_size=2),
-                        model_name="demo")
-    records = {r["subject"]: r for r in read_jsonl(tmp_path / "a" / CENSUS_FILE)}
-    for c in ("France", "Spain"):
-        v = records[c]["divergence"]
-        assert (v["piece_index"], v["diverges"], v["forced"]) == (0, True, True), c
-        assert (v["generic_first_piece"], v["generic_reason"]) == (True, "shared"), c
-    assert not records["Japan"]["divergence"]["generic_first_piece"]  # one target of its relation
-    assert records["Italy"]["says_answer"] and not records["Italy"]["divergence"]["diverges"]  # " Rome": said
-    assert result.summary["outcomes"]["capital"]["generic_first_piece"] == 2
+def _next_word(loaded, text: str) -> str:
+    import torch
+
+    ids = loaded.tokenizer(text)["input_ids"]
+    return loaded.tokenizer.decode([int(loaded.model(torch.tensor([ids])).logits[0, -1].argmax())]).strip()
+
+
+def test_generic_first_piece_counted_apart(demo, tmp_path):
+    """France -> " Rome ...": the demo model misses " Rome"; fed " Rome", it goes on to one word, not another. With
+    the other word, the first piece is generic and counted apart; with its own word, it is routing or absence."""
+    prompt = "The capital of France is"
+    then = _next_word(demo, f"{prompt} Rome")
+    other = next(w for w in ("city", "sky", "Paris") if w != then)
+    facts = [Fact(prompt, f" Rome {other}", "capital", "France"), Fact(prompt, f" Rome {then}", "other", "France")]
+    result = run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(batch_size=2), model_name="demo")
+    generic, goes_on = read_jsonl(tmp_path / CENSUS_FILE)
+    assert generic["divergence"]["generic_first_piece"] and generic["divergence"]["missed_after"] == 1
+    assert not goes_on["divergence"]["generic_first_piece"] and goes_on["divergence"]["diverges"]
+    assert result.summary["outcomes"]["capital"]["generic_first_piece"] == 1
     assert result.summary["outcomes"]["other"]["generic_first_piece"] == 0
-    run_census(demo.model, demo.tokenizer, facts, tmp_path / "b", CensusConfig(limit=1), model_name="demo")
-    assert read_jsonl(tmp_path / "b" / CENSUS_FILE)[0] == read_jsonl(tmp_path / "a" / CENSUS_FILE)[0]
+    assert result.summary["outcomes"]["other"][goes_on["verdict"]] == 1
 
 
 def test_outcomes_counted_apart():

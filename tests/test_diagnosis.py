@@ -14,7 +14,6 @@ from surgery.diagnosis import (
     diagnose_batch,
     prescribe_layer,
 )
-from surgery.divergence import is_word_fragment
 from surgery.errors import InputError
 from surgery.arch import layout_of
 
@@ -214,42 +213,22 @@ def test_competitor_checked_against_the_diagnosed_piece(tiny_model, tiny_tokeniz
     assert d.competitor.text.strip() == said[0]  # piece 0 is not the diagnosed one: a fair competitor
 
 
-def test_word_fragment_rule():
-    assert is_word_fragment(" D", " Doha") and is_word_fragment("D", " Doha")  # SentencePiece decodes "▁D" as "D"
-    assert is_word_fragment(" Tir", " Tirana") and is_word_fragment(" ", " Doha")  # a lone space: before the word
-    assert not is_word_fragment(" New", " New York") and not is_word_fragment(" Paris", " Paris")
-    assert not is_word_fragment(" Paris", " Paris city")
-
-
-def _fragment_tokenizer():
-    """A WordPiece tokenizer where " Doha" and " Kabul" are two pieces: a fragment, then "##oha"/"##abul"."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import TINY_WORDS
-
-    words = ["[UNK]", "[PAD]", *TINY_WORDS, "D", "K", "##oha", "##abul"]
-    tk = Tokenizer(models.WordPiece({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]")
-
-
-def test_generic_first_piece():
-    from conftest import make_tiny_model
-
-    tok = _fragment_tokenizer()
-    assert tok.convert_ids_to_tokens(tok(" Doha", add_special_tokens=False)["input_ids"]) == ["D", "##oha"]
-    model = make_tiny_model(len(tok))
-    prompt = "The capital of France is"
-    first = _greedy(model, tok, prompt, 1)[0]
-    target = " Kabul" if first == "D" else " Doha"  # a target whose first piece the model misses
-    d = diagnose(model, tok, prompt, target)
-    v = d.divergence
-    assert (v.piece_index, v.diverges, v.generic_first_piece, v.generic_reason) == (0, True, True, "fragment")
-    assert "generic" in d.summary() and d.to_dict()["divergence"]["generic_first_piece"] is True
-    whole = diagnose(model, tok, prompt, " Paris city" if first != "Paris" else " Rome city")
-    assert not whole.divergence.generic_first_piece  # a whole first word is not a fragment
+def test_generic_first_piece(tiny_model, tiny_tokenizer):
+    """A missed first piece is generic when, fed it, the model still misses a later piece; not when it goes on."""
+    first = _greedy(tiny_model, tiny_tokenizer, PROMPT, 1)[0]
+    x = _other_word(tiny_tokenizer, first)  # a first piece the model misses
+    then = _greedy(tiny_model, tiny_tokenizer, f"{PROMPT} {x}", 1)[0]
+    y = _other_word(tiny_tokenizer, then)
+    generic = diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {x} {y}")  # fed " x", the model misses " y" too
+    v = generic.divergence
+    assert (v.piece_index, v.diverges, v.generic_first_piece, v.missed_after) == (0, True, True, 1)
+    assert "is generic" in generic.summary() and generic.to_dict()["divergence"]["generic_first_piece"] is True
+    _same_diagnosis(generic, diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {x}"))  # the same piece-0 diagnosis
+    goes_on = diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {x} {then}")  # fed " x", the model says the rest
+    assert goes_on.divergence.diverges and not goes_on.divergence.generic_first_piece
+    assert goes_on.divergence.missed_after is None and "generic" not in goes_on.summary()
+    single = diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {x}")
+    assert single.divergence.diverges and not single.divergence.generic_first_piece  # one piece: nothing after it
 
 
 def test_to_dict_is_json(tiny_model, tiny_tokenizer):
