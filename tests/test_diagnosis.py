@@ -169,6 +169,19 @@ def test_divergence_at_piece_k_equals_a_direct_diagnosis(tiny_model, tiny_tokeni
     assert d.to_dict()["divergence"]["piece_index"] == k
 
 
+def test_divergence_in_every_family(family_model, tiny_tokenizer):
+    """Teacher forcing reads the family's own decoder and head (sliding windows, soft-caps, post-norms): a target
+    diverging at piece 2, batched with a one-piece target, equals the direct diagnosis of prompt + two pieces."""
+    said = _greedy(family_model, tiny_tokenizer, PROMPT, 3)
+    target = f" {said[0]} {said[1]} {_other_word(tiny_tokenizer, said[2])}"
+    forced, single = diagnose_batch(family_model, tiny_tokenizer, [PROMPT, "the cat sat on the"], [target, " mat"])
+    _same_diagnosis(forced, diagnose(family_model, tiny_tokenizer, f"{PROMPT} {said[0]} {said[1]}",
+                                     f" {target.split()[-1]}"))
+    assert forced.divergence.piece_index == 2
+    _same_diagnosis(single, diagnose(family_model, tiny_tokenizer, "the cat sat on the", " mat",
+                                     config=DiagnosisConfig(teacher_force=False)))
+
+
 def test_every_piece_predicted_diagnoses_the_first(tiny_model, tiny_tokenizer):
     said = _greedy(tiny_model, tiny_tokenizer, PROMPT, 3)
     d = diagnose(tiny_model, tiny_tokenizer, PROMPT, "".join(f" {w}" for w in said))
