@@ -387,8 +387,7 @@ def top_heads(d: Diagnosis, k: int) -> pd.DataFrame:
 def verdict_markdown(d: Diagnosis) -> str:
     """The verdict sentence, headed by what the model actually answers."""
     v = d.divergence
-    fed = "".join(v.pieces[: v.piece_index]) if v is not None else ""
-    after = f" after {fed!r}" if fed else ""  # a multi-token answer is read at its first missed piece
+    after = f" after {v.before!r}" if v is not None and v.before else ""  # read at the answer's first missed piece
     head = (f"**{d.verdict.capitalize()}** · the model answers **{d.prediction.text!r}**{after}; "
             f"target {d.target.text!r} is rank {d.target.rank} ({d.target.logit:.2f}) vs "
             f"{d.competitor.text!r} ({d.competitor.logit:.2f})")

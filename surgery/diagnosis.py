@@ -615,6 +615,7 @@ def _divergence(tokenizer, item: _Item, position: int, misses: bool) -> Divergen
     diverges = bool(item.missed) if item.forced else misses  # forced: some piece is missed, piece k first
     generic = diverges and item.k == 0 and len(item.missed) > 1  # fed piece 0, the model misses a later one too
     return Divergence(piece_index=item.k, piece=pieces[item.k], pieces=pieces, position=position,
+                      before=tokenizer.decode(item.t_ids[: item.k]),
                       diverges=diverges, forced=item.forced, generic_first_piece=generic,
                       missed_after=item.missed[1] if generic else None)
 

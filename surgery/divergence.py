@@ -32,7 +32,7 @@ from .tokens import pad_right, real_positions
 @dataclass
 class Divergence:
     """Which piece of the target a diagnosis reads, and where. ``piece_index``: the diagnosed piece ``k``;
-    ``position``: its prediction's token index in the diagnosed input (``prompt + pieces[:k]``, so the input's last
+    ``before``: the text of the pieces fed before it; ``position``: its prediction's token index in the diagnosed input (``prompt + pieces[:k]``, so the input's last
     token); ``diverges``: the model misses the diagnosed piece (False when it predicts every piece: then
     ``k = 0``); ``forced``: ``k`` was found by teacher forcing (False for a single-token target, or with teacher
     forcing off, when piece 0 is diagnosed whatever the model says); ``generic_first_piece``: the divergence is
@@ -43,6 +43,7 @@ class Divergence:
     piece: str
     pieces: list[str]
     position: int
+    before: str  # the text of the pieces fed before the diagnosed one ("" for piece 0)
     diverges: bool
     forced: bool = True
     generic_first_piece: bool = False
@@ -60,8 +61,7 @@ class Divergence:
             return f" Only the first of {n} pieces {self.pieces} is diagnosed (teacher forcing off)."
         if not self.diverges:
             return f" The model predicts all {n} pieces {self.pieces}; the first is diagnosed."
-        said = "".join(self.pieces[: self.piece_index])
-        lead = f"after {said!r} " if self.piece_index else ""
+        lead = f"after {self.before!r} " if self.piece_index else ""
         return (f" Diagnosed at piece {self.piece_index + 1} of {n} {self.pieces}: the model diverges {lead}at "
                 f"{self.piece!r} (token position {self.position}).")
 

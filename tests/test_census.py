@@ -70,7 +70,7 @@ def test_census_verdicts_and_records(demo_census):
     assert france["said"].startswith("the city of Paris") and not france["says_answer"] and france["says_later"]
     assert italy["says_answer"] and not italy["says_later"] and not russia["says_later"]  # " the city of Berlin"
     assert france["divergence"] == {"piece_index": 0, "piece": "Paris", "pieces": ["Paris"], "position": 4,
-                                    "diverges": True, "forced": False, "generic_first_piece": False,
+                                    "before": "", "diverges": True, "forced": False, "generic_first_piece": False,
                                     "missed_after": None}
     assert italy["divergence"]["diverges"] is False
 

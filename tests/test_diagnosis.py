@@ -165,7 +165,8 @@ def test_divergence_at_piece_k_equals_a_direct_diagnosis(tiny_model, tiny_tokeni
     v = d.divergence
     assert (v.piece_index, v.piece.strip(), v.diverges, v.forced, v.generic_first_piece) == (k, wrong, True, True, False)
     assert v.pieces == [*said[:k], wrong, "city"] and v.position == len(tiny_tokenizer(PROMPT)["input_ids"]) + k - 1
-    assert d.verdict != "correct" and f"piece {k + 1} of {k + 2}" in d.summary()
+    assert v.before == tiny_tokenizer.decode(tiny_tokenizer.convert_tokens_to_ids(said[:k]))
+    assert d.verdict != "correct" and f"piece {k + 1} of {k + 2}" in d.summary() and repr(v.before) in d.summary()
     assert d.to_dict()["divergence"]["piece_index"] == k
 
 
