@@ -7,9 +7,10 @@ report's prose says "block 11" for ``h.11``.
 **Outcomes** (:func:`outcome`) put what the model *says* first: a fact whose greedy continuation starts with the
 whole answer is ``says``, one that says it within the first few words is ``says_later`` (not a failure, though the
 first-token diagnosis may call it routing), one whose missed first piece is generic (fed it, the model goes on to
-another answer: " D" -> "akar" for Doha) is ``generic_first_piece`` (a repair would only teach the piece); the rest keep their diagnosis' verdict
-(``routing``, ``absence``, or ``correct`` when the pieces are predicted but the answer is not said at a word
-boundary). Prescribed layers and override heads are counted over the ``routing`` outcomes: the facts to repair.
+another answer: " D" -> "akar" for Doha) is ``generic_first_piece`` (a repair would only teach the piece); the
+rest keep their diagnosis' verdict (``routing``, ``absence``, or ``correct`` when the pieces are predicted but the
+answer is not said at a word boundary). Prescribed layers and override heads are counted over the ``routing``
+outcomes: the facts to repair.
 
 The report also shows how many verdicts the routing rule of issue 12 moved: :func:`legacy_verdict` is the rule
 before it (routing if after any block 1 .. L-2 the target's lens logit beats the competitor's or its lens rank is

@@ -513,8 +513,9 @@ def diagnose_batch(model: nn.Module, tokenizer, prompts: list[str], targets: lis
             _find_divergences(model, tokenizer, layout, chunk)
         for item in chunk:
             if item.c_ids is not None and item.c_ids[0] == item.t_ids[item.k]:
-                raise InputError(f"the competitor {tokenizer.decode(item.c_ids)!r} starts with the same token "
-                                 f"as the diagnosed piece {token_text(tokenizer, item.t_ids[item.k])!r} of the target {item.target!r}")
+                piece = token_text(tokenizer, item.t_ids[item.k])
+                raise InputError(f"the competitor {tokenizer.decode(item.c_ids)!r} starts with the same token as the "
+                                 f"diagnosed piece {piece!r} of the target {item.target!r}")
         out.extend(_diagnose_chunk(model, tokenizer, layout, chunk, config))
     return out
 
@@ -615,7 +616,7 @@ def _divergence(tokenizer, item: _Item, position: int, misses: bool) -> Divergen
     diverges = bool(item.missed) if item.forced else misses  # forced: some piece is missed, piece k first
     generic = diverges and item.k == 0 and len(item.missed) > 1  # fed piece 0, the model misses a later one too
     return Divergence(piece_index=item.k, piece=pieces[item.k], pieces=pieces, position=position,
-                      before=tokenizer.decode(item.t_ids[: item.k]),
+                      before=tokenizer.decode(item.t_ids[: item.k]) if item.k else "",
                       diverges=diverges, forced=item.forced, generic_first_piece=generic,
                       missed_after=item.missed[1] if generic else None)
 

@@ -32,11 +32,12 @@ from .tokens import pad_right, real_positions
 @dataclass
 class Divergence:
     """Which piece of the target a diagnosis reads, and where. ``piece_index``: the diagnosed piece ``k``;
-    ``before``: the text of the pieces fed before it; ``position``: its prediction's token index in the diagnosed input (``prompt + pieces[:k]``, so the input's last
-    token); ``diverges``: the model misses the diagnosed piece (False when it predicts every piece: then
-    ``k = 0``); ``forced``: ``k`` was found by teacher forcing (False for a single-token target, or with teacher
-    forcing off, when piece 0 is diagnosed whatever the model says); ``generic_first_piece``: the divergence is
-    at piece 0 and, fed that piece, the model misses a later one too (``missed_after``: the first such piece).
+    ``before``: the text of the pieces fed before it; ``position``: its prediction's token index in the diagnosed
+    input (``prompt + pieces[:k]``, so the input's last token); ``diverges``: the model misses the diagnosed piece
+    (False when it predicts every piece: then ``k = 0``); ``forced``: ``k`` was found by teacher forcing (False for
+    a single-token target, or with teacher forcing off, when piece 0 is diagnosed whatever the model says);
+    ``generic_first_piece``: the divergence is at piece 0 and, fed that piece, the model misses a later one too
+    (``missed_after``: the first such piece).
     """
 
     piece_index: int

@@ -144,7 +144,8 @@ def _same_diagnosis(a, b):
 def test_single_token_target_unchanged_by_teacher_forcing(tiny_model, tiny_tokenizer):
     """A one-token target takes the path it always did: the same numbers, bit for bit, as without teacher forcing."""
     forced = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris").to_dict()
-    plain = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris", config=DiagnosisConfig(teacher_force=False)).to_dict()
+    off = DiagnosisConfig(teacher_force=False)
+    plain = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris", config=off).to_dict()
     assert forced == plain
     n = len(tiny_tokenizer(PROMPT)["input_ids"])
     assert forced["divergence"]["piece_index"] == 0 and forced["divergence"]["position"] == n - 1
@@ -163,7 +164,8 @@ def test_divergence_at_piece_k_equals_a_direct_diagnosis(tiny_model, tiny_tokeni
     _same_diagnosis(d, direct)
     assert d.tokens == direct.tokens and d.prompt == PROMPT
     v = d.divergence
-    assert (v.piece_index, v.piece.strip(), v.diverges, v.forced, v.generic_first_piece) == (k, wrong, True, True, False)
+    assert (v.piece_index, v.piece.strip(), v.diverges, v.forced) == (k, wrong, True, True)
+    assert not v.generic_first_piece
     assert v.pieces == [*said[:k], wrong, "city"] and v.position == len(tiny_tokenizer(PROMPT)["input_ids"]) + k - 1
     assert v.before == tiny_tokenizer.decode(tiny_tokenizer.convert_tokens_to_ids(said[:k]))
     assert d.verdict != "correct" and f"piece {k + 1} of {k + 2}" in d.summary() and repr(v.before) in d.summary()
