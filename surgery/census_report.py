@@ -4,6 +4,14 @@ Everything here is computed from the census records alone (see :mod:`surgery.cen
 rebuilt from a ``census.jsonl`` without the model. Layers and heads are 0-indexed in JSON, as everywhere; the
 report's prose says "block 11" for ``h.11``.
 
+**Outcomes** (:func:`outcome`) put what the model *says* first: a fact whose greedy continuation starts with the
+whole answer is ``says``, one that says it within the first few words is ``says_later`` (not a failure, though the
+first-token diagnosis may call it routing), one whose missed first piece is generic (fed it, the model goes on to
+another answer: " D" -> "akar" for Doha) is ``generic_first_piece`` (a repair would only teach the piece); the
+rest keep their diagnosis' verdict (``routing``, ``absence``, or ``correct`` when the pieces are predicted but the
+answer is not said at a word boundary). Prescribed layers and override heads are counted over the ``routing``
+outcomes: the facts to repair.
+
 The report also shows how many verdicts the routing rule of issue 12 moved: :func:`legacy_verdict` is the rule
 before it (routing if after any block 1 .. L-2 the target's lens logit beats the competitor's or its lens rank is
 within 10), recomputed from each record's ``lens_margin`` and ``lens_ranks``.
@@ -24,6 +32,19 @@ from .diagnosis import VERDICTS, DiagnosisConfig
 RANK_BINS = ((1, 1), (2, 2), (3, 3), (4, 5), (6, 10), (11, 100), (101, 1000), (1001, None))
 PLOTS = {"verdicts": "verdicts_per_relation.png", "layers": "prescribed_layers.png", "heads": "override_heads.png"}
 LEGACY_ROUTING_RANK = 10
+OUTCOMES = ("says", "says_later", "generic_first_piece", "routing", "absence", "correct")
+
+
+def outcome(record: dict) -> str:
+    """What a diagnosed census record amounts to (one of :data:`OUTCOMES`; the module docstring). Records without
+    the generation fields (a prompt that fills the context) fall back on their diagnosis."""
+    if record.get("says_answer"):
+        return "says"
+    if record.get("says_later"):
+        return "says_later"
+    if (record.get("divergence") or {}).get("generic_first_piece"):
+        return "generic_first_piece"
+    return record["verdict"]
 
 
 def legacy_verdict(record: dict) -> str:
@@ -45,27 +66,34 @@ def rank_bin(rank: int) -> str:
 
 def summarize(records: list[dict], *, n_layer: int, n_head: int, model_name: str = "", config=None,
               skipped_ambiguous: int = 0) -> dict:
-    """``summary.json``: verdict counts per relation, distributions of prescribed layers, override heads and best
-    lens ranks (routing facts for layers and heads), and the old-vs-new rule transitions per relation."""
+    """``summary.json``: outcome and verdict counts per relation, distributions of prescribed layers, override heads
+    (over the ``routing`` outcomes) and best lens ranks, the diagnosed piece of the facts whose answer diverges, and
+    the old-vs-new rule transitions per relation."""
     diagnosed = [r for r in records if r.get("verdict")]
     relations = sorted({r["relation"] for r in records})
     verdicts = {rel: {v: 0 for v in VERDICTS} for rel in relations + ["all"]}
+    outcomes = {rel: {o: 0 for o in OUTCOMES} for rel in relations + ["all"]}
+    pieces = collections.Counter()
     unusable = collections.Counter(r["relation"] for r in records if not r.get("verdict"))
     layers = {rel: [0] * n_layer for rel in relations + ["all"]}
     heads = [[0] * n_head for _ in range(n_layer)]
     best = {rel: {rank_bin(lo): 0 for lo, _ in RANK_BINS} for rel in relations + ["all"]}
     moved = {rel: collections.Counter() for rel in relations + ["all"]}
     for r in diagnosed:
+        result = outcome(r)
         for rel in (r["relation"], "all"):
             verdicts[rel][r["verdict"]] += 1
+            outcomes[rel][result] += 1
             best[rel][rank_bin(r["best_lens_rank"])] += 1
             old = legacy_verdict(r)
             if old != r["verdict"]:
                 moved[rel][f"{old} -> {r['verdict']}"] += 1
-            if r["verdict"] == "routing":
+            if result == "routing":
                 layers[rel][r["prescribed_layer"]] += 1
-        if r["verdict"] == "routing":
+        if result == "routing":
             heads[r["override"]["layer"]][r["override"]["head"]] += 1
+        if (r.get("divergence") or {}).get("diverges"):
+            pieces[r["divergence"]["piece_index"]] += 1
     top_heads = sorted(((n, l, h) for l, row in enumerate(heads) for h, n in enumerate(row) if n), reverse=True)
     return {
         "model": model_name,
@@ -74,7 +102,9 @@ def summarize(records: list[dict], *, n_layer: int, n_head: int, model_name: str
         "config": config.to_dict() if config is not None else None,
         "facts": {"records": len(records), "diagnosed": len(diagnosed), "unusable": dict(unusable),
                   "skipped_ambiguous": skipped_ambiguous},
+        "outcomes": outcomes,
         "verdicts": verdicts,
+        "divergence_piece": {str(k): n for k, n in sorted(pieces.items())},
         "prescribed_layers": layers,
         "override_heads": heads,
         "top_override_heads": [{"layer": l, "head": h, "count": n} for n, l, h in top_heads[:10]],
@@ -95,6 +125,16 @@ def write_report(records: list[dict], out: str | os.PathLike, *, n_layer: int, n
         FigureCanvasAgg(figure).print_png(str(out / PLOTS[key]))
     (out / "report.md").write_text(format_report(summary))
     return summary
+
+
+def outcome_table(summary: dict) -> str:
+    """Markdown table: facts per relation and outcome (with percentages)."""
+    lines = ["| relation | facts | " + " | ".join(OUTCOMES) + " |", "|---|---:|" + "---:|" * len(OUTCOMES)]
+    for rel, counts in summary["outcomes"].items():
+        total = sum(counts.values())
+        cells = [f"{counts[o]} ({100 * counts[o] / total:.0f}%)" if total else "0" for o in OUTCOMES]
+        lines.append(f"| {'**all**' if rel == 'all' else rel} | {total} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def verdict_table(summary: dict) -> str:
@@ -123,6 +163,18 @@ def format_report(summary: dict) -> str:
         f"(`routing_from` = {cfg.get('routing_from', '?')} of the stack) to the block before the last; "
         f"`absence` otherwise (docs/census.md).",
         "",
+        "## What the model says",
+        "",
+        "`says`: the greedy continuation starts with the whole answer; `says_later`: the whole answer comes within "
+        "the first few words (not a failure); `generic_first_piece`: the model misses the first piece and, fed it, "
+        "goes on to another answer (\" D\" -> \"akar\" for Doha), so a repair would only teach the piece; `routing`/`absence`: "
+        "the diagnosis' verdict of the rest (`correct`: every piece predicted, the answer not said at a word "
+        "boundary). A multi-token answer is diagnosed at its first missed piece"
+        + (f" (facts whose answer diverges, by piece: {_pieces(summary)})" if summary.get("divergence_piece") else "")
+        + ".",
+        "",
+        outcome_table(summary),
+        "",
         "## Verdicts per relation",
         "",
         verdict_table(summary),
@@ -141,12 +193,12 @@ def format_report(summary: dict) -> str:
         text = ", ".join(f"{k}: {n}" for k, n in moves.items()) or "–"
         lines.append(f"| {'**all**' if rel == 'all' else rel} | {sum(moves.values())} | {text} |")
     layers = summary["prescribed_layers"]["all"]
-    lines += ["", "## Prescribed layers (routing facts)", "",
+    lines += ["", "## Prescribed layers (routing outcomes)", "",
               "| block | " + " | ".join(str(l) for l in range(len(layers))) + " |",
               "|---|" + "---:|" * len(layers),
               "| facts | " + " | ".join(str(n) for n in layers) + " |",
               "", f"![prescribed layers]({PLOTS['layers']})", "",
-              "## Override heads (routing facts)", "",
+              "## Override heads (routing outcomes)", "",
               "| head | facts |", "|---|---:|"]
     lines += [f"| block {h['layer']} head {h['head']} | {h['count']} |" for h in summary["top_override_heads"]]
     lines += ["", f"![override heads]({PLOTS['heads']})", "", "## Best lens rank before the last block", "",
@@ -155,6 +207,10 @@ def format_report(summary: dict) -> str:
     for rel, bins in summary["best_lens_rank"].items():
         lines.append(f"| {'**all**' if rel == 'all' else rel} | " + " | ".join(str(n) for n in bins.values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pieces(summary: dict) -> str:
+    return ", ".join(f"piece {int(k) + 1}: {n}" for k, n in summary["divergence_piece"].items())
 
 
 def _start(summary: dict, cfg: dict) -> str:

@@ -396,8 +396,11 @@ def crosscheck(model: nn.Module, tokenizer, prompt: str, target: str, competitor
                donor: nn.Module | None = None) -> CrossCheck:
     """Diagnose ``prompt`` and check the result with grad x act, ablations and the logit lens; with ``corrupt`` (a
     prompt of the same token length) also by activation patching, with ``donor`` (a model of the same architecture
-    sharing ``tokenizer``) also by weight patching."""
-    d = diagnose(model, tokenizer, prompt, target, competitor, config.diagnosis)
+    sharing ``tokenizer``) also by weight patching.
+
+    Every method here runs on the prompt alone, so the diagnosis it checks is of the answer's first piece at the
+    prompt's last position (``teacher_force=False``), also for an answer of several pieces."""
+    d = diagnose(model, tokenizer, prompt, target, competitor, replace(config.diagnosis, teacher_force=False))
     layout = layout_of(model)
     device = layout.w_u(model).device
     ids = encode_prompt(tokenizer, prompt, layout.n_ctx, prepend_bos=config.diagnosis.prepend_bos)

@@ -1,5 +1,12 @@
 """Why does the model emit the wrong next token? Logit lens, direct logit attribution and a verdict.
 
+**Which token.** A target of several tokens (" Tir" + "ana") is teacher-forced first (:mod:`surgery.divergence`):
+the diagnosed piece is the first one the model's greedy prediction misses, read at the position before it, so the
+input is ``prompt + target[:k]`` and the target token ``target[k]``; when the model predicts every piece, piece 0
+at the prompt's last position (as for a single-token target, whose numbers are those of one plain pass).
+:attr:`Diagnosis.divergence` says which piece and position, and whether a missed first piece is generic (fed
+it, the model still misses a later piece: a repair there would only teach the piece).
+
 One forward pass of the decoder with hooks that keep only the last position gives everything, for every
 supported family (:mod:`surgery.arch`):
 
@@ -59,6 +66,7 @@ from torch import Tensor, nn
 from .errors import InputError
 from .hooks import hooked
 from .arch import Layout, apply_softcap, layout_of
+from .divergence import Divergence, missed_pieces
 from .tokens import encode_prompt, encode_target, token_text
 
 VERDICTS = ("routing", "absence", "correct")
@@ -73,11 +81,14 @@ class DiagnosisConfig:
     :meth:`routing_start` (``floor(routing_from * n_layer)``, at most ``n_layer - 2``) up to the block before the
     last. Earlier lenses read a residual the final norm was never trained on, and on a large vocabulary a target
     lands near the top there by chance.
+    ``teacher_force``: diagnose a multi-token target at its divergence piece (:mod:`surgery.divergence`); False
+    diagnoses its first piece at the prompt's last position whatever the model says.
     """
 
     routing_rank: int = 3
     routing_from: float = 0.5
     prepend_bos: bool = False
+    teacher_force: bool = True
 
     def __post_init__(self):
         if isinstance(self.routing_rank, bool) or not isinstance(self.routing_rank, int) or self.routing_rank < 1:
@@ -85,6 +96,8 @@ class DiagnosisConfig:
         if isinstance(self.routing_from, bool) or not isinstance(self.routing_from, (int, float)) \
                 or not 0.0 <= self.routing_from < 1.0:
             raise InputError(f"routing_from must be a fraction of the stack in [0, 1), not {self.routing_from!r}")
+        if not isinstance(self.teacher_force, bool):
+            raise InputError(f"teacher_force must be True or False, not {self.teacher_force!r}")
 
     def routing_start(self, n_layer: int) -> int:
         """The first block (0-indexed) after which a lens rank counts for ``routing``."""
@@ -124,14 +137,18 @@ class Attribution:
 
 @dataclass
 class Diagnosis:
-    """Everything the diagnosis found for one prompt. Layers and heads are 0-indexed (HF module index)."""
+    """Everything the diagnosis found for one prompt. Layers and heads are 0-indexed (HF module index).
+
+    ``tokens`` is the diagnosed input: the prompt's tokens, then the target pieces fed before the divergence
+    (``divergence.piece_index`` of them); ``target`` is the diagnosed piece, scored at the input's last position.
+    """
 
     prompt: str
     tokens: list[str]
     prediction: TokenScore
     target: TokenScore
     competitor: TokenScore
-    target_tokens: list[str]  # all tokens of the target text; only the first is diagnosed
+    target_tokens: list[str]  # all tokens of the target text; divergence.piece_index says which is diagnosed
     logit_lens: list[LensEntry]
     dla: list[Attribution]
     verdict: str
@@ -144,6 +161,7 @@ class Diagnosis:
     n_kv_head: int | None = None  # key/value heads (fewer than n_head under grouped-query attention)
     family: str = "GPT-2"
     blocks: str = "transformer.h"  # module path of the blocks, for naming them
+    divergence: Divergence | None = None  # which piece and position (None only for a hand-made Diagnosis)
 
     @property
     def multi_token_target(self) -> bool:
@@ -165,19 +183,20 @@ class Diagnosis:
         head = f"L{o['layer'] + 1} H{o['head']} ({self.blocks}.{o['layer']}, head {o['head']})"
         layer = f"L{self.prescribed_layer + 1} ({self.blocks}.{self.prescribed_layer})"
         t, c = self.target.text, self.competitor.text
+        where = self.divergence.sentence() if self.divergence is not None else ""
         if self.verdict == "correct":
-            return f"Correct: the model already answers {t!r}."
+            return f"Correct: the model already answers {t!r}.{where}"
         if self.verdict == "routing":
             return (
                 f"Routing failure: the model knows {t!r} (in the lens top {self.routing_rank} late in the stack) but "
-                f"{c!r} wins at the output; overridden by {head}; prescribed surgery layer {layer}."
+                f"{c!r} wins at the output; overridden by {head}; prescribed surgery layer {layer}.{where}"
             )
         config = DiagnosisConfig(self.routing_rank, self.routing_from)
         start = config.routing_start(self.n_layer)
         best = min(e.target_rank for e in self.logit_lens[config.routing_window(self.n_layer)] or self.logit_lens[-1:])
         return (
             f"Absence: {t!r} never gets near the top from {self.blocks}.{start} on (best lens rank {best}); "
-            f"the model does not hold this fact, so single-site surgery is not prescribed."
+            f"the model does not hold this fact, so single-site surgery is not prescribed.{where}"
         )
 
     def to_dict(self) -> dict:
@@ -186,8 +205,6 @@ class Diagnosis:
         d["prediction_token_id"] = self.prediction.token_id
         d["multi_token_target"] = self.multi_token_target
         d["summary"] = self.summary()
-        if self.multi_token_target:
-            d["note"] = f"the target is {len(self.target_tokens)} tokens; its first token is diagnosed"
         return d
 
 
@@ -474,7 +491,11 @@ def diagnose(model: nn.Module, tokenizer, prompt: str, target: str, competitor: 
 def diagnose_batch(model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
                    competitors: list[str | None] | None = None, config: DiagnosisConfig = DiagnosisConfig(),
                    batch_size: int = 32) -> list[Diagnosis]:
-    """Diagnose many prompts, ``batch_size`` at a time (right-padded; results equal one-at-a-time runs)."""
+    """Diagnose many prompts, ``batch_size`` at a time (right-padded; results equal one-at-a-time runs).
+
+    A multi-token target is diagnosed at its divergence piece (``config.teacher_force``; the module docstring):
+    one extra forward pass per batch, for the rows with several pieces only.
+    """
     if len(prompts) != len(targets):
         raise InputError("give one target per prompt")
     competitors = competitors or [None] * len(prompts)
@@ -484,23 +505,57 @@ def diagnose_batch(model: nn.Module, tokenizer, prompts: list[str], targets: lis
         ids = encode_prompt(tokenizer, prompt, layout.n_ctx, prepend_bos=config.prepend_bos)
         t_ids = encode_target(tokenizer, target)
         c_ids = encode_target(tokenizer, comp, "competitor") if comp is not None and comp != "" else None
-        if c_ids is not None and c_ids[0] == t_ids[0]:
-            raise InputError(f"the competitor {comp!r} starts with the same token as the target {target!r}")
-        encoded.append((prompt, ids, t_ids, c_ids))
+        encoded.append(_Item(prompt, target, ids, t_ids, c_ids))
     out: list[Diagnosis] = []
     for start in range(0, len(encoded), batch_size):
-        out.extend(_diagnose_chunk(model, tokenizer, layout, encoded[start : start + batch_size], config))
+        chunk = encoded[start : start + batch_size]
+        if config.teacher_force:
+            _find_divergences(model, tokenizer, layout, chunk)
+        for item in chunk:
+            if item.c_ids is not None and item.c_ids[0] == item.t_ids[item.k]:
+                piece = token_text(tokenizer, item.t_ids[item.k])
+                raise InputError(f"the competitor {tokenizer.decode(item.c_ids)!r} starts with the same token as the "
+                                 f"diagnosed piece {piece!r} of the target {item.target!r}")
+        out.extend(_diagnose_chunk(model, tokenizer, layout, chunk, config))
     return out
 
 
-def _diagnose_chunk(model, tokenizer, layout: Layout, items, config: DiagnosisConfig) -> list[Diagnosis]:
+@dataclass
+class _Item:
+    """One prompt of a batch: its token ids, and the target piece ``k`` diagnosed (set by teacher forcing)."""
+
+    prompt: str
+    target: str
+    ids: list[int]  # the prompt's tokens
+    t_ids: list[int]
+    c_ids: list[int] | None
+    k: int = 0
+    forced: bool = False  # k was found by teacher forcing (none missed: k = 0, every piece predicted)
+    missed: list[int] = field(default_factory=list)  # the pieces missed under teacher forcing
+
+    @property
+    def input_ids(self) -> list[int]:  # the diagnosed input: the prompt, then the pieces before the divergence
+        return self.ids + self.t_ids[: self.k]
+
+
+def _find_divergences(model, tokenizer, layout: Layout, chunk: list[_Item]) -> None:
+    """Set ``k`` of every multi-token item to its divergence piece (one teacher-forced pass for them all)."""
+    multi = [item for item in chunk if len(item.t_ids) > 1]
+    if not multi:
+        return
+    found = missed_pieces(model, layout, [i.ids for i in multi], [i.t_ids for i in multi], tokenizer.pad_token_id)
+    for item, missed in zip(multi, found):
+        item.k, item.forced, item.missed = (missed[0] if missed else 0), True, missed
+
+
+def _diagnose_chunk(model, tokenizer, layout: Layout, items: list[_Item], config: DiagnosisConfig) -> list[Diagnosis]:
     device = next(model.parameters()).device
-    lengths = [len(ids) for _, ids, _, _ in items]
+    lengths = [len(item.input_ids) for item in items]
     width = max(lengths)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(items), width), pad, dtype=torch.long, device=device)
-    for row, (_, ids, _, _) in enumerate(items):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
+    for row, item in enumerate(items):
+        input_ids[row, : lengths[row]] = torch.tensor(item.input_ids)
     last = torch.tensor(lengths, device=device) - 1
     mask = None
     if len(set(lengths)) > 1:
@@ -509,8 +564,8 @@ def _diagnose_chunk(model, tokenizer, layout: Layout, items, config: DiagnosisCo
     cap = capture_last_position(model, input_ids, last, mask)
     with torch.no_grad():
         resid = accumulated_resid(cap)  # (L+1, B, d)
-        target_ids = torch.tensor([t[0] for _, _, t, _ in items], device=device)
-        comp_given = torch.tensor([c[0] if c is not None else -1 for _, _, _, c in items], device=device)
+        target_ids = torch.tensor([item.t_ids[item.k] for item in items], device=device)
+        comp_given = torch.tensor([item.c_ids[0] if item.c_ids is not None else -1 for item in items], device=device)
         lens = logit_lens(model, resid, target_ids, comp_given)
         attrs = logit_attrs(model, cap, lens.ids[:, :2])
 
@@ -518,21 +573,21 @@ def _diagnose_chunk(model, tokenizer, layout: Layout, items, config: DiagnosisCo
     final_bias = layout.adapter.norm.bias(model.get_submodule(layout.adapter.final_norm)) is not None
     results = []
     lens_list, ranks_list = lens.logits.tolist(), lens.target_ranks.tolist()  # one conversion, not one per number
-    for b, (prompt, ids, t_ids, _) in enumerate(items):
+    for b, item in enumerate(items):
         row = {k: (v[:, b] if v.dim() > 2 else v[b]) for k, v in attrs.items()}
         target_ranks = lens.target_ranks[:, b]
         o_layer, o_head = find_override(row["heads"], target_ranks, config.routing_rank)
         final = lens.logits[-1, b]
-        comp_id, pred_id = int(lens.ids[b, 1]), int(lens.ids[b, 2])
+        comp_id, pred_id, t_id = int(lens.ids[b, 1]), int(lens.ids[b, 2]), item.t_ids[item.k]
         results.append(
             Diagnosis(
-                prompt=prompt,
-                tokens=[token_text(tokenizer, i) for i in ids],
+                prompt=item.prompt,
+                tokens=[token_text(tokenizer, i) for i in item.input_ids],
                 prediction=TokenScore(token_text(tokenizer, pred_id), pred_id, float(final[2]), 1),
-                target=TokenScore(token_text(tokenizer, t_ids[0]), t_ids[0], float(final[0]), ranks_list[-1][b]),
+                target=TokenScore(token_text(tokenizer, t_id), t_id, float(final[0]), ranks_list[-1][b]),
                 competitor=TokenScore(token_text(tokenizer, comp_id), comp_id, float(final[1]),
                                        int(lens.competitor_rank[b])),
-                target_tokens=[token_text(tokenizer, i) for i in t_ids],
+                target_tokens=[token_text(tokenizer, i) for i in item.t_ids],
                 logit_lens=[
                     LensEntry("embed" if s == 0 else f"h.{s - 1}", None if s == 0 else s - 1,
                               lens_list[s][b][0], lens_list[s][b][1], ranks_list[s][b])
@@ -549,9 +604,21 @@ def _diagnose_chunk(model, tokenizer, layout: Layout, items, config: DiagnosisCo
                 n_kv_head=layout.n_kv_head,
                 family=layout.family,
                 blocks=layout.adapter.blocks,
+                divergence=_divergence(tokenizer, item, lengths[b] - 1, misses=ranks_list[-1][b] != 1),
             )
         )
     return results
+
+
+def _divergence(tokenizer, item: _Item, position: int, misses: bool) -> Divergence:
+    """The :class:`Divergence` of a diagnosed item; ``misses``: the output does not rank the diagnosed piece first."""
+    pieces = [token_text(tokenizer, i) for i in item.t_ids]
+    diverges = bool(item.missed) if item.forced else misses  # forced: some piece is missed, piece k first
+    generic = diverges and item.k == 0 and len(item.missed) > 1  # fed piece 0, the model misses a later one too
+    return Divergence(piece_index=item.k, piece=pieces[item.k], pieces=pieces, position=position,
+                      before=tokenizer.decode(item.t_ids[: item.k]) if item.k else "",
+                      diverges=diverges, forced=item.forced, generic_first_piece=generic,
+                      missed_after=item.missed[1] if generic else None)
 
 
 def _attribution_list(row: dict[str, Tensor], layout: Layout, has_bias: list[bool], final_bias: bool

@@ -27,6 +27,11 @@ class UnsupportedModelError(ModelLoadError):
     """The model loaded, but its architecture is not one of the supported families (surgery.arch)."""
 
 
+class CheckpointError(ModelLoadError):
+    """A checkpoint's weights are unusable: tensors missing or unexpected (transformers would fill the gaps with
+    random values), or NaN/inf values."""
+
+
 class SurgeryFailed(SurgeryError):
     """Training ran but did not produce a usable edit (NaN/Inf, or facts not fixed in budget)."""
 
@@ -36,7 +41,8 @@ class PatchError(SurgeryError):
 
 
 class OutputError(SurgeryError):
-    """An output folder exists (without --overwrite) or cannot be written."""
+    """An output folder exists (without --overwrite), is not one this tool wrote (with --overwrite), or cannot be
+    written."""
 
 
 class HubError(SurgeryError):

@@ -215,7 +215,10 @@ def _convert(path: Path, out: Path) -> None:
 
     from .arch import check_supported
 
-    where = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    from .model_io import check_loading_info
+
+    # trust_remote_code=False: never run code from next to the file, and never ask [y/N] on stdin
+    where = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name, "trust_remote_code": False}
     try:
         config = AutoConfig.from_pretrained(**where)
     except Exception as e:
@@ -227,14 +230,17 @@ def _convert(path: Path, out: Path) -> None:
     try:
         # dequantize=True: plain nn.Linear weights even where transformers could keep GGUF blocks; float32 because
         # the dequantized values (block scale x small integer) are in general not representable in bf16/fp16.
-        model = AutoModelForCausalLM.from_pretrained(
-            **where, config=config, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            **where, config=config, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
+            output_loading_info=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(**where)
     except SurgeryError:
         raise
     except Exception as e:
         raise ModelLoadError(f"cannot convert {path}: {first_line(e)}") from e
+    # A tensor the file lacks would be cached as random values and then load as if it were real: refuse it here.
+    check_loading_info(info, f"cannot convert {path}")
     _drop_quantization_marks(model)
     wrong = {p.dtype for p in model.parameters()} - {torch.float32}
     if wrong:  # the cache promises float32; a loader change must not slip through silently

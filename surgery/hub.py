@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import HubError, first_line
-from .export import CARD_FILE, MODEL_FILES, PATCH_FILE, REPORT_FILE
+from .export import CARD_FILE, MARKER_FILE, MODEL_FILES, PATCH_FILE, REPORT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
             repo_type="model",
             token=token,
             commit_message=commit_message or "Upload model corrected by Transformer Surgery",
+            ignore_patterns=[MARKER_FILE],  # a local bookkeeping file (export.py), not part of the model
         )
     except Exception as e:  # httpx / HfHubHTTPError / OSError: all become one line, without the token
         raise HubError(f"pushing to {repo_id} failed: {_first_line(e, token)} (the local folder is unchanged)") from None

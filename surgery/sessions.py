@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import ModelLoadError
-from .export import PATCH_FILE, REPORT_FILE, _with_base
+from .export import PATCH_FILE, REPORT_FILE, _with_base, report_dict
 from .model_io import DEMO_MODEL, LoadedModel, load_model
 from .panels import Probe
 from .patch import patched_model
@@ -117,7 +117,7 @@ def write_downloads(folder: str | os.PathLike, loaded: LoadedModel, result: Surg
     ``operate --out`` folder, without the full model (which is written only when it is pushed)."""
     folder = Path(folder)
     patch = _with_base(result.patch, loaded)
-    report = {"base_model": loaded.source, "revision": loaded.revision, **result.report.to_dict()}
+    report = report_dict(loaded, result.report)  # the base named without local paths
     patch.save(folder / PATCH_FILE)
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return [folder / PATCH_FILE, folder / REPORT_FILE]

@@ -194,7 +194,7 @@ def test_operate_fixes_the_facts_and_leaves_the_base_alone(demo_app, demo_served
     assert edits.keys() == [demo_served.key] and edits.get(demo_served.key).model_key == demo_served.key
     assert sorted(os.path.basename(f) for f in files) == ["patch.safetensors", "report.json"]
     patch = Patch.load(files[0])
-    assert patch.site == "wv" and patch.metadata["base_model"] == demo_served.loaded.source
+    assert patch.site == "wv" and patch.metadata["base_model"] == demo_served.loaded.base_name
     assert json.loads(open(files[1]).read())["facts_fixed"] == "8/8"
     json.dumps(report)
     assert progress.calls and progress.calls[-1][1].startswith("writing")

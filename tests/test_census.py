@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from surgery.census import CENSUS_FILE, CensusConfig, run_census
-from surgery.census_report import legacy_verdict, summarize
+from surgery.census_report import legacy_verdict, outcome, summarize
 from surgery.cli import main
 from surgery.diagnosis import DiagnosisConfig
 from surgery.errors import InputError
@@ -62,8 +62,17 @@ def test_census_verdicts_and_records(demo_census):
             assert r["override"]["layer"] == 3 and r["prediction"].strip() == "the"
             assert r["best_lens_rank"] == 1 and r["best_lens_layer"] == 2
     assert records["Xanadu"]["verdict"] is None and "vocabulary" in records["Xanadu"]["error"]
-    for key in ("prompt", "target", "relation", "verdict", "prescribed_layer", "override", "lens_ranks"):
+    for key in ("prompt", "target", "relation", "verdict", "prescribed_layer", "override", "lens_ranks", "divergence",
+                "said", "says_answer", "says_later"):
         assert key in records["France"]
+    # What the model says, beside the first-token verdict: France is "routing" but says " the city of Paris"
+    france, italy, russia = records["France"], records["Italy"], records["Russia"]
+    assert france["said"].startswith("the city of Paris") and not france["says_answer"] and france["says_later"]
+    assert italy["says_answer"] and not italy["says_later"] and not russia["says_later"]  # " the city of Berlin"
+    assert france["divergence"] == {"piece_index": 0, "piece": "Paris", "pieces": ["Paris"], "position": 4,
+                                    "before": "", "diverges": True, "forced": False, "generic_first_piece": False,
+                                    "missed_after": None}
+    assert italy["divergence"]["diverges"] is False
 
 
 def test_summary_report_and_plots(demo_census):
@@ -72,16 +81,21 @@ def test_summary_report_and_plots(demo_census):
     assert summary == result.summary
     assert summary["verdicts"]["capital"] == {"routing": 6, "absence": 1, "correct": 2}
     assert summary["verdicts"]["all"]["correct"] == 3  # the sky is blue
+    # five of the six routing capitals are said a little later ("the city of Paris"): not failures; Russia is
+    assert summary["outcomes"]["capital"] == {"says": 2, "says_later": 5, "generic_first_piece": 0, "routing": 1,
+                                              "absence": 1, "correct": 0}
+    assert summary["outcomes"]["all"]["says"] == 3 and summary["divergence_piece"] == {"0": 7}
     assert summary["facts"]["unusable"] == {"capital": 1} and summary["facts"]["skipped_ambiguous"] == 1
-    assert summary["prescribed_layers"]["all"] == [0, 0, 6, 0]
-    assert sum(map(sum, summary["override_heads"])) == 6 and sum(summary["override_heads"][3]) == 6
+    assert summary["prescribed_layers"]["all"] == [0, 0, 1, 0]  # the routing outcomes: the facts to repair
+    assert sum(map(sum, summary["override_heads"])) == 1 and sum(summary["override_heads"][3]) == 1
     assert sum(summary["best_lens_rank"]["all"].values()) == 10
     assert summary["rule_change"]["all"] == {}  # the demo's verdicts are the same under the old rule
     report = (out / "report.md").read_text()
     for png in ("verdicts_per_relation.png", "prescribed_layers.png", "override_heads.png"):
         assert f"]({png})" in report
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| capital | 9 |" in report
+    assert "| capital | 9 |" in report and "## What the model says" in report
+    assert "| capital | 9 | 2 (22%) | 5 (56%) | 0 (0%) | 1 (11%) | 1 (11%) | 0 (0%) |" in report
 
 
 def test_interrupted_census_resumes(demo, demo_census, tmp_path):
@@ -130,6 +144,51 @@ def test_refuses_a_census_of_another_model_or_rule(demo, tmp_path):
                    model_name="demo")
 
 
+def _next_word(loaded, text: str) -> str:
+    import torch
+
+    ids = loaded.tokenizer(text)["input_ids"]
+    return loaded.tokenizer.decode([int(loaded.model(torch.tensor([ids])).logits[0, -1].argmax())]).strip()
+
+
+def test_generic_first_piece_counted_apart(demo, tmp_path):
+    """France -> " Rome ...": the demo model misses " Rome"; fed " Rome", it goes on to one word, not another. With
+    the other word, the first piece is generic and counted apart; with its own word, it is routing or absence."""
+    prompt = "The capital of France is"
+    then = _next_word(demo, f"{prompt} Rome")
+    other = next(w for w in ("city", "sky", "Paris") if w != then)
+    facts = [Fact(prompt, f" Rome {other}", "capital", "France"), Fact(prompt, f" Rome {then}", "other", "France")]
+    result = run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(batch_size=2), model_name="demo")
+    generic, goes_on = read_jsonl(tmp_path / CENSUS_FILE)
+    assert generic["divergence"]["generic_first_piece"] and generic["divergence"]["missed_after"] == 1
+    assert not goes_on["divergence"]["generic_first_piece"] and goes_on["divergence"]["diverges"]
+    assert result.summary["outcomes"]["capital"]["generic_first_piece"] == 1
+    assert result.summary["outcomes"]["other"]["generic_first_piece"] == 0
+    assert result.summary["outcomes"]["other"][goes_on["verdict"]] == 1
+
+
+def test_outcomes_counted_apart():
+    base = {"relation": "capital", "lens_ranks": [9, 9, 9], "lens_margin": [-1, -1, -1], "best_lens_rank": 2,
+            "prescribed_layer": 0, "override": {"layer": 1, "head": 0}}
+    diverges = {"piece_index": 1, "diverges": True, "generic_first_piece": False}
+    records = [
+        {**base, "verdict": "routing", "says_answer": False, "says_later": True, "divergence": diverges},
+        {**base, "verdict": "routing", "says_answer": False, "says_later": False,
+         "divergence": {"piece_index": 0, "diverges": True, "generic_first_piece": True}},
+        {**base, "verdict": "routing", "says_answer": False, "says_later": False, "divergence": diverges},
+        {**base, "verdict": "absence", "says_answer": None, "says_later": None, "divergence": diverges},
+        {**base, "verdict": "correct", "lens_ranks": [9, 9, 1], "says_answer": True, "says_later": False,
+         "divergence": {"piece_index": 0, "diverges": False, "generic_first_piece": False}},
+    ]
+    assert [outcome(r) for r in records] == ["says_later", "generic_first_piece", "routing", "absence", "says"]
+    s = summarize(records, n_layer=2, n_head=1)
+    assert s["outcomes"]["capital"] == {"says": 1, "says_later": 1, "generic_first_piece": 1, "routing": 1,
+                                        "absence": 1, "correct": 0}
+    assert s["verdicts"]["capital"] == {"routing": 3, "absence": 1, "correct": 1}  # the diagnosis, unchanged
+    assert s["divergence_piece"] == {"0": 1, "1": 3}
+    assert s["prescribed_layers"]["all"] == [1, 0] and s["override_heads"] == [[0], [1]]  # routing outcomes only
+
+
 def test_legacy_rule_and_moves():
     # L = 8: the old rule took a lead at block 1; the new one needs the top 3 from block 4 on
     r = {"relation": "capital", "verdict": "absence", "lens_ranks": [900, 5000, 800, 700, 600, 500, 400, 300, 200],
@@ -149,6 +208,8 @@ def test_cli_census(tmp_path, capsys):
                  "--batch-size", "3", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "| capital | 9 |" in printed and "1 ambiguous skipped" in printed
+    assert "5 say the answer a little later, 0 miss a generic first piece" in printed
+    assert "| capital | 9 | 2 (22%) | 5 (56%) |" in printed
     assert len(read_jsonl(out / CENSUS_FILE)) == 11
     mapped = tmp_path / "mapped"  # accelerate big-model inference (everything fits: all on the CPU here)
     assert main(["census", "--model", str(DEMO_DIR), "--facts", str(facts), "--out", str(mapped),

@@ -37,6 +37,29 @@ def test_human_report(capsys, tiny_model_dir):
     assert "verdict" in out and "logit lens" in out and "override head" in out and "L1 (h.0)" in out
 
 
+def test_multi_token_target_says_which_piece(capsys, tiny_model_dir, tiny_model, tiny_tokenizer):
+    """The piece diagnosed and its position, in the report and the JSON; no old "first token" note."""
+    import torch
+
+    prompt = "The capital of France is"
+    ids = tiny_tokenizer(prompt)["input_ids"]
+    first = tiny_tokenizer.convert_ids_to_tokens(int(tiny_model(torch.tensor([ids])).logits[0, -1].argmax()))
+    second = tiny_tokenizer.convert_ids_to_tokens(
+        int(tiny_model(torch.tensor([ids + [tiny_tokenizer.convert_tokens_to_ids(first)]])).logits[0, -1].argmax()))
+    wrong = "Rome" if second != "Rome" else "Paris"
+    target = f" {first} {wrong}"  # the model says the first piece and misses the second
+    code, out, _ = run_cli(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", prompt, "--target", target)
+    assert code == 0
+    piece = f"piece       2 of 2 ['{first}', '{wrong}'], '{wrong}' at token position {len(ids)} after '{first}'"
+    assert f"{piece} (diverges)" in out
+    assert "first is diagnosed" not in out and "Diagnosed at piece 2 of 2" in out
+    code, out, _ = run_cli(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", prompt, "--target", target,
+                           "--json")
+    d = json.loads(out)
+    assert d["divergence"]["piece_index"] == 1 and d["divergence"]["position"] == len(ids)
+    assert d["target"]["text"] == wrong and len(d["tokens"]) == len(ids) + 1 and "note" not in d
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

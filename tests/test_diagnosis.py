@@ -111,10 +111,140 @@ def test_batch_equals_one_at_a_time(tiny_model, tiny_tokenizer):
             assert x.target == pytest.approx(y.target, abs=1e-4)
 
 
-def test_multi_token_target_uses_first(tiny_model, tiny_tokenizer):
-    d = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris city")
-    assert d.multi_token_target and d.target.text.strip() == "Paris"
-    assert "first token" in d.to_dict()["note"]
+# --- multi-token targets: teacher forcing to the divergence piece ---------------------------------
+
+def _greedy(model, tokenizer, text: str, n: int) -> list[str]:
+    """The model's next ``n`` greedy words after ``text`` (the tiny tokenizer: one word per token)."""
+    ids = tokenizer(text)["input_ids"]
+    words = []
+    for _ in range(n):
+        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+        words.append(tokenizer.convert_ids_to_tokens(token))
+    return words
+
+
+def _other_word(tokenizer, avoid: str) -> str:
+    return next(w for w in ("Paris", "Rome", "blue", "cat") if w != avoid)
+
+
+def _same_diagnosis(a, b):
+    assert (a.verdict, a.override, a.prescribed_layer) == (b.verdict, b.override, b.prescribed_layer)
+    assert (a.target.token_id, a.competitor.token_id, a.prediction.token_id) == \
+        (b.target.token_id, b.competitor.token_id, b.prediction.token_id)
+    assert [e.target_rank for e in a.logit_lens] == [e.target_rank for e in b.logit_lens]
+    for x, y in zip(a.logit_lens, b.logit_lens):
+        assert x.target_logit == pytest.approx(y.target_logit, abs=1e-5)
+        assert x.competitor_logit == pytest.approx(y.competitor_logit, abs=1e-5)
+    for x, y in zip(a.dla, b.dla):
+        assert x.name == y.name
+        assert x.target == pytest.approx(y.target, abs=1e-5) and x.competitor == pytest.approx(y.competitor, abs=1e-5)
+
+
+def test_single_token_target_unchanged_by_teacher_forcing(tiny_model, tiny_tokenizer):
+    """A one-token target takes the path it always did: the same numbers, bit for bit, as without teacher forcing."""
+    forced = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris").to_dict()
+    off = DiagnosisConfig(teacher_force=False)
+    plain = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris", config=off).to_dict()
+    assert forced == plain
+    n = len(tiny_tokenizer(PROMPT)["input_ids"])
+    assert forced["divergence"]["piece_index"] == 0 and forced["divergence"]["position"] == n - 1
+    assert forced["divergence"]["forced"] is False and forced["divergence"]["pieces"] == [forced["target"]["text"]]
+    assert forced["divergence"]["diverges"] == (forced["target"]["rank"] != 1)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_divergence_at_piece_k_equals_a_direct_diagnosis(tiny_model, tiny_tokenizer, k):
+    """The model says the first k pieces and misses piece k: the same diagnosis as prompt + pieces[:k] -> piece k."""
+    said = _greedy(tiny_model, tiny_tokenizer, PROMPT, k + 1)
+    wrong = _other_word(tiny_tokenizer, said[k])
+    target = "".join(f" {w}" for w in said[:k]) + f" {wrong} city"
+    d = diagnose(tiny_model, tiny_tokenizer, PROMPT, target)
+    direct = diagnose(tiny_model, tiny_tokenizer, PROMPT + "".join(f" {w}" for w in said[:k]), f" {wrong}")
+    _same_diagnosis(d, direct)
+    assert d.tokens == direct.tokens and d.prompt == PROMPT
+    v = d.divergence
+    assert (v.piece_index, v.piece.strip(), v.diverges, v.forced) == (k, wrong, True, True)
+    assert not v.generic_first_piece
+    assert v.pieces == [*said[:k], wrong, "city"] and v.position == len(tiny_tokenizer(PROMPT)["input_ids"]) + k - 1
+    assert v.before == tiny_tokenizer.decode(tiny_tokenizer.convert_tokens_to_ids(said[:k]))
+    assert d.verdict != "correct" and f"piece {k + 1} of {k + 2}" in d.summary() and repr(v.before) in d.summary()
+    assert d.to_dict()["divergence"]["piece_index"] == k
+
+
+def test_divergence_in_every_family(family_model, tiny_tokenizer):
+    """Teacher forcing reads the family's own decoder and head (sliding windows, soft-caps, post-norms): a target
+    diverging at piece 2, batched with a one-piece target, equals the direct diagnosis of prompt + two pieces."""
+    said = _greedy(family_model, tiny_tokenizer, PROMPT, 3)
+    target = f" {said[0]} {said[1]} {_other_word(tiny_tokenizer, said[2])}"
+    forced, single = diagnose_batch(family_model, tiny_tokenizer, [PROMPT, "the cat sat on the"], [target, " mat"])
+    _same_diagnosis(forced, diagnose(family_model, tiny_tokenizer, f"{PROMPT} {said[0]} {said[1]}",
+                                     f" {target.split()[-1]}"))
+    assert forced.divergence.piece_index == 2
+    _same_diagnosis(single, diagnose(family_model, tiny_tokenizer, "the cat sat on the", " mat",
+                                     config=DiagnosisConfig(teacher_force=False)))
+
+
+def test_every_piece_predicted_diagnoses_the_first(tiny_model, tiny_tokenizer):
+    said = _greedy(tiny_model, tiny_tokenizer, PROMPT, 3)
+    d = diagnose(tiny_model, tiny_tokenizer, PROMPT, "".join(f" {w}" for w in said))
+    direct = diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {said[0]}")
+    _same_diagnosis(d, direct)
+    assert d.verdict == "correct" and d.divergence.piece_index == 0 and not d.divergence.diverges
+    assert "predicts all 3 pieces" in d.summary()
+
+
+def test_teacher_forcing_off_diagnoses_the_first_piece(tiny_model, tiny_tokenizer):
+    said = _greedy(tiny_model, tiny_tokenizer, PROMPT, 2)
+    target = f" {said[0]} {_other_word(tiny_tokenizer, said[1])}"
+    d = diagnose(tiny_model, tiny_tokenizer, PROMPT, target, config=DiagnosisConfig(teacher_force=False))
+    _same_diagnosis(d, diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {said[0]}"))
+    assert not d.divergence.forced and "teacher forcing off" in d.summary()
+
+
+def test_batch_with_mixed_pieces_equals_one_at_a_time(tiny_model, tiny_tokenizer):
+    prompts = [PROMPT, "The cat sat on the", "one", "The capital of Italy is the big city of", PROMPT]
+    said = [_greedy(tiny_model, tiny_tokenizer, p, 3) for p in prompts]
+    targets = [
+        " Paris",  # one piece
+        f" {said[1][0]} {_other_word(tiny_tokenizer, said[1][1])}",  # diverges at piece 1
+        f" {said[2][0]} {said[2][1]} {_other_word(tiny_tokenizer, said[2][2])}",  # at piece 2
+        " Rome city sea",  # most likely at piece 0
+        "".join(f" {w}" for w in said[4]),  # every piece predicted
+    ]
+    batch = diagnose_batch(tiny_model, tiny_tokenizer, prompts, targets, batch_size=3)
+    assert [b.divergence.piece_index for b in batch][1:3] == [1, 2] and not batch[4].divergence.diverges
+    for p, t, b in zip(prompts, targets, batch):
+        one = diagnose(tiny_model, tiny_tokenizer, p, t)
+        _same_diagnosis(b, one)
+        assert b.divergence == one.divergence
+
+
+def test_competitor_checked_against_the_diagnosed_piece(tiny_model, tiny_tokenizer):
+    said = _greedy(tiny_model, tiny_tokenizer, PROMPT, 2)
+    wrong = _other_word(tiny_tokenizer, said[1])
+    with pytest.raises(InputError, match="same token"):
+        diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {said[0]} {wrong}", competitor=f" {wrong}")
+    d = diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {said[0]} {wrong}", competitor=f" {said[0]}")
+    assert d.competitor.text.strip() == said[0]  # piece 0 is not the diagnosed one: a fair competitor
+
+
+def test_generic_first_piece(tiny_model, tiny_tokenizer):
+    """A missed first piece is generic when, fed it, the model still misses a later piece; not when it goes on."""
+    first = _greedy(tiny_model, tiny_tokenizer, PROMPT, 1)[0]
+    x = _other_word(tiny_tokenizer, first)  # a first piece the model misses
+    then = _greedy(tiny_model, tiny_tokenizer, f"{PROMPT} {x}", 1)[0]
+    y = _other_word(tiny_tokenizer, then)
+    generic = diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {x} {y}")  # fed " x", the model misses " y" too
+    v = generic.divergence
+    assert (v.piece_index, v.diverges, v.generic_first_piece, v.missed_after) == (0, True, True, 1)
+    assert "is generic" in generic.summary() and generic.to_dict()["divergence"]["generic_first_piece"] is True
+    _same_diagnosis(generic, diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {x}"))  # the same piece-0 diagnosis
+    goes_on = diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {x} {then}")  # fed " x", the model says the rest
+    assert goes_on.divergence.diverges and not goes_on.divergence.generic_first_piece
+    assert goes_on.divergence.missed_after is None and "generic" not in goes_on.summary()
+    single = diagnose(tiny_model, tiny_tokenizer, PROMPT, f" {x}")
+    assert single.divergence.diverges and not single.divergence.generic_first_piece  # one piece: nothing after it
 
 
 def test_to_dict_is_json(tiny_model, tiny_tokenizer):
@@ -160,6 +290,8 @@ def test_bad_input(tiny_model, tiny_tokenizer):
         DiagnosisConfig(routing_rank=0)
     with pytest.raises(InputError, match="routing_from"):
         DiagnosisConfig(routing_from=1.0)
+    with pytest.raises(InputError, match="teacher_force"):
+        DiagnosisConfig(teacher_force=1)
 
 
 def test_diagnosis_does_not_touch_the_model(tiny_model, tiny_tokenizer):

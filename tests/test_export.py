@@ -36,7 +36,7 @@ def test_output_folder_contents(out, loaded, result):
             "tokenizer.json", "generation_config.json"} <= names
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     report = json.loads((out / "report.json").read_text())
-    assert report["facts_fixed"] == "3/3" and report["base_model"] == loaded.source
+    assert report["facts_fixed"] == "3/3" and report["base_model"] == loaded.base_name
     assert report["weights"]["qk_unchanged"] is True
     assert oct(out.stat().st_mode & 0o777) != "0o700"  # not the private mode of the temporary folder
 
@@ -61,7 +61,7 @@ def test_patch_file_holds_only_the_v_slice_with_metadata(out, loaded):
     patch = Patch.load(out / "patch.safetensors")
     assert list(patch.values) == ["transformer.h.0.attn.c_attn.weight"]
     assert tuple(patch.values["transformer.h.0.attn.c_attn.weight"].shape) == (32, 32)
-    assert patch.metadata["base_model"] == loaded.source
+    assert patch.metadata["base_model"] == loaded.base_name
     assert patch.metadata["base_config"]["n_embd"] == 32 and len(patch.metadata["base_block_sha256"]) == 64
     assert (patch.site, patch.layer, patch.slices[0].cols) == ("wv", 0, slice(64, 96))
 
@@ -110,13 +110,68 @@ def test_apply_patch_refuses_another_base(tmp_path, out, loaded):
 
 def test_existing_output_is_refused_without_overwrite(tmp_path, loaded, result):
     target = tmp_path / "fixed"
-    target.mkdir()
-    (target / "keep.txt").write_text("mine")
+    write_output(target, loaded, result)
     with pytest.raises(OutputError, match="already exists; pass --overwrite"):
         write_output(target, loaded, result)
-    assert (target / "keep.txt").read_text() == "mine"
-    write_output(target, loaded, result, overwrite=True)
-    assert (target / "report.json").is_file() and not (target / "keep.txt").exists()
+    (target / "report.json").write_text("an earlier run")
+    write_output(target, loaded, result, overwrite=True)  # an earlier output (it has the marker) is replaced
+    assert json.loads((target / "report.json").read_text())["facts_fixed"] == "3/3"
+    assert (target / export.MARKER_FILE).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["fixed"]
+
+
+def test_overwrite_never_replaces_a_users_folder(tmp_path, loaded, result):
+    """--overwrite with a folder this tool did not write: refused in one line, the user's file survives."""
+    target = tmp_path / "my-models"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    for attempt in (lambda: check_output_dir(target, overwrite=True),
+                    lambda: write_output(target, loaded, result, overwrite=True),
+                    lambda: write_patched_model(target, loaded, result.patch, overwrite=True)):
+        with pytest.raises(OutputError) as e:
+            attempt()
+        assert "did not write" in str(e.value) and "\n" not in str(e.value)
+    assert (target / "keep.txt").read_text() == "mine" and [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["my-models"]  # no partial folder either
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_output(empty, loaded, result, overwrite=True)  # an empty folder holds nothing to lose
+    assert (empty / "report.json").is_file()
+
+
+def test_overwrite_cli_refuses_a_users_folder(tmp_path, out, loaded, capsys):
+    from surgery.cli import main
+
+    target = tmp_path / "some_user_folder"
+    target.mkdir()
+    (target / "notes.md").write_text("mine")
+    argv = ["apply-patch", "--base", loaded.source, "--patch", str(out / "patch.safetensors"), "--out", str(target),
+            "--overwrite", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "did not write" in err
+    assert [p.name for p in target.iterdir()] == ["notes.md"]
+    (target / "notes.md").unlink()
+    assert main(argv) == 0 and (target / "model.safetensors").is_file()
+    assert main(argv) == 0  # and now it is an earlier output: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["some_user_folder"]
+
+
+def test_interrupt_between_the_renames_restores_the_earlier_output(tmp_path, loaded, result, monkeypatch):
+    target = tmp_path / "fixed"
+    write_output(target, loaded, result)
+    before = (target / "model.safetensors").read_bytes()
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(src).startswith(str(tmp_path / ".fixed.partial-")):
+            raise KeyboardInterrupt  # after the earlier output was moved aside
+        real_rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_output(target, loaded, result, overwrite=True)
+    assert (target / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["fixed"]
 
 
@@ -153,3 +208,104 @@ def test_saving_does_not_write_to_the_base_config(tmp_path, loaded, result):
     write_output(tmp_path / "fixed", fresh, result)
     assert tiny_model.config.to_dict() == config_before
     assert json.loads((tmp_path / "fixed" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+
+def test_outputs_carry_no_local_paths(out, loaded):
+    """The base is named by its folder's name only: no file of the output holds the local path it was loaded from
+    (report.json, the patch metadata, the model card, the config and tokenizer files)."""
+    assert loaded.base_name == os.path.basename(loaded.source)
+    assert json.loads((out / "report.json").read_text())["base_model"] == loaded.base_name
+    assert Patch.load(out / "patch.safetensors").metadata["base_model"] == loaded.base_name
+    for f in out.iterdir():
+        assert loaded.source.encode() not in f.read_bytes(), f.name
+        assert str(out).encode() not in f.read_bytes(), f.name
+
+
+def test_a_bf16_model_is_saved_in_bf16(tmp_path, loaded):
+    """A bf16 checkpoint is loaded and edited in float32 but written back in bf16 (not doubled to float32); the
+    tied LM head stays tied (one tensor in the file), and the values are the edited view's, rounded to bf16."""
+    from safetensors import safe_open
+
+    from surgery.arch import layout_of
+    from surgery.patch import base_config, block_digest, patched_model
+
+    base_dir = tmp_path / "bf16-base"
+    make_tiny_model(len(loaded.tokenizer)).to(torch.bfloat16).save_pretrained(base_dir)
+    loaded.tokenizer.save_pretrained(base_dir)
+    base = load_model(base_dir)
+    assert base.checkpoint_dtype == torch.bfloat16 and base.model.dtype == torch.float32
+    params = dict(base.model.named_parameters())
+    slices = tuple(layout_of(base.model).site_slices("wv", 1, base.model))
+    patch = Patch("wv", 1, slices, {s.name: s.read(params[s.name]) + 0.25 for s in slices},
+                  {"base_config": base_config(base.model), "base_block_sha256": block_digest(base.model, 1)})
+
+    out = write_patched_model(tmp_path / "fixed", base, patch)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        assert {f.get_slice(n).get_dtype() for n in names} == {"BF16"}
+    assert "lm_head.weight" not in names
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / "model.safetensors").stat().st_size < 0.6 * 4 * sum(p.numel() for p in params.values())
+    view = dict(patched_model(base.model, patch).named_parameters())
+    fixed = load_model(out)
+    assert fixed.checkpoint_dtype == torch.bfloat16
+    for name, p in fixed.model.named_parameters():
+        assert torch.equal(p, view[name].to(torch.bfloat16).float()), name
+    assert fixed.model.lm_head.weight is fixed.model.transformer.wte.weight
+    assert base.model.dtype == torch.float32 and base.model.config.dtype == torch.float32  # the base untouched
+
+
+SLOW_WRITER = """
+import sys, time
+import surgery.export as export
+from surgery.cli import main
+
+real_save = export.save_model
+
+
+def slow_save(*args, **kwargs):  # the model is written; then wait, mid-output, for the test's SIGTERM
+    real_save(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(60)
+
+
+export.save_model = slow_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_write_leaves_no_partial_folder(tmp_path, out, loaded):
+    """SIGTERM while the output folder is being written cleans up as Ctrl-C does: exit 130, no hidden
+    .NAME.partial-* folder, and the earlier output that --overwrite was replacing is intact."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "fixed"
+    write_patched_model(target, loaded, Patch.load(out / "patch.safetensors"))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER, "apply-patch", "--base", loaded.source,
+         "--patch", str(out / "patch.safetensors"), "--out", str(target), "--overwrite", "--device", "cpu"],
+        cwd=export.Path(export.__file__).resolve().parent.parent, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fixed.partial-")]  # mid-write
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip() == "interrupted"
+    assert [p.name for p in tmp_path.iterdir()] == ["fixed"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_a_value_beyond_the_checkpoint_dtype_is_refused():
+    from surgery.export import cast_state_dict
+
+    wte = torch.tensor([[1.0, 7e4]])
+    with pytest.raises(OutputError, match="cannot save wte in float16"):
+        cast_state_dict({"wte": wte, "lm_head": wte}, torch.float16)
+    cast = cast_state_dict({"wte": wte, "lm_head": wte, "mask": torch.ones(2, dtype=torch.bool)}, torch.bfloat16)
+    assert cast["wte"] is cast["lm_head"] and cast["wte"].dtype == torch.bfloat16 and cast["mask"].dtype == torch.bool

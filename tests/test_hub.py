@@ -5,6 +5,7 @@ import pytest
 
 from surgery.cli import main
 from surgery.errors import HubError
+from surgery.export import MARKER_FILE
 from surgery.hub import REQUIRED_FILES, push_folder
 
 TOKEN = "hf_secretTOKEN123"
@@ -45,7 +46,7 @@ def test_push_creates_the_repo_and_uploads_in_one_commit(folder, calls):
          {"token": TOKEN, "private": True, "repo_type": "model", "exist_ok": True}),
         ("upload_folder", (),
          {"repo_id": "alice/fixed-gpt2", "folder_path": str(folder), "repo_type": "model", "token": TOKEN,
-          "commit_message": "Upload model corrected by Transformer Surgery"}),
+          "commit_message": "Upload model corrected by Transformer Surgery", "ignore_patterns": [MARKER_FILE]}),
     ]
 
 

@@ -10,7 +10,7 @@ from conftest import make_word_tokenizer
 from surgery import gguf as gguf_cache
 from surgery import model_io
 from surgery.arch import SUPPORTED
-from surgery.errors import ModelLoadError, UnsupportedModelError
+from surgery.errors import CheckpointError, ModelLoadError, UnsupportedModelError
 from surgery.model_io import load_model
 
 GGUF_WORDS = "the capital of France is Paris Rome a city".split()
@@ -382,3 +382,164 @@ def test_diagnose_cli_on_a_gguf_file(tiny_gguf, tmp_path, monkeypatch, capsys):
     assert d["family"] == "Llama" and d["n_kv_head"] == model.config.num_key_value_heads
     assert sum(a["target"] for a in d["dla"]) == pytest.approx(d["target"]["logit"], abs=1e-3)
     assert (tmp_path / ".cache" / "transformer-surgery" / "gguf").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refusing rather than guessing: remote code, incomplete checkpoints, NaN/inf weights
+# ---------------------------------------------------------------------------------------------------
+
+
+def _demo_copy(tmp_path, edit=None):
+    """A copy of the demo model whose state dict ``edit(sd)`` may change (in place)."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import DEMO_DIR
+
+    folder = tmp_path / "demo-copy"
+    shutil.copytree(DEMO_DIR, folder)
+    if edit is not None:
+        sd = load_file(folder / "model.safetensors")
+        edit(sd)
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_remote_code_is_refused_without_a_prompt(tmp_path):
+    """A config.json with auto_map and a model type transformers does not know: refused in one line, without
+    asking [y/N] (stdin closed) and without running the folder's code."""
+    import json
+    import subprocess
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "fancy-net", "auto_map": {"AutoConfig": "fancy.FancyConfig",
+                                                 "AutoModelForCausalLM": "fancy.FancyForCausalLM"}}))
+    (tmp_path / "fancy.py").write_text("open(__file__ + '.ran', 'w').close()\nraise SystemExit('remote code ran')\n")
+    with pytest.raises(UnsupportedModelError) as e:
+        load_model(tmp_path)
+    assert "own Python code" in str(e.value) and "\n" not in str(e.value)
+
+    proc = subprocess.run([sys.executable, "-m", "surgery", "diagnose", "--model", str(tmp_path), "--prompt", "a",
+                           "--target", " b"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                          cwd=model_io.REPO_ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: cannot load") and "own Python code" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "[y/N]" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "fancy.py.ran").exists()
+
+
+def test_trust_remote_code_is_false_in_every_call(tmp_path, monkeypatch):
+    """Every transformers loader gets trust_remote_code=False explicitly (None would prompt or follow a default)."""
+    import transformers
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append((klass.__name__, kwargs.get("trust_remote_code", "unset")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    from conftest import DEMO_DIR
+
+    load_model(DEMO_DIR)
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
+    assert all(value is False for _, value in seen), seen
+
+
+def test_checkpoint_with_missing_tensors_is_refused(tmp_path):
+    removed = []
+
+    def drop_two(sd):
+        for key in ("transformer.h.1.mlp.c_fc.weight", "transformer.h.0.ln_1.weight"):
+            removed.append(key)
+            del sd[key]
+
+    with pytest.raises(ModelLoadError) as e:
+        load_model(_demo_copy(tmp_path, drop_two))
+    msg = str(e.value)
+    assert isinstance(e.value, CheckpointError) and "\n" not in msg
+    assert "has no tensor transformer.h.0.ln_1.weight (and 1 more)" in msg
+
+
+def test_checkpoint_with_unexpected_or_misshapen_tensors_is_refused(tmp_path):
+    def add_one(sd):
+        sd["transformer.h.0.extra.weight"] = torch.zeros(3)
+
+    with pytest.raises(CheckpointError, match="unexpected tensor transformer.h.0.extra.weight"):
+        load_model(_demo_copy(tmp_path / "a", add_one))
+
+    def reshape(sd):
+        sd["transformer.h.2.ln_2.bias"] = torch.zeros(7)
+
+    with pytest.raises(CheckpointError) as e:
+        load_model(_demo_copy(tmp_path / "b", reshape))
+    assert "transformer.h.2.ln_2.bias" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_buffers_and_tied_weights_are_not_missing(tmp_path):
+    """GPT-2's attn.bias masks (stored by older checkpoints, rebuilt by transformers) and the unchanged demo model
+    load; so do tiny Llama and Gemma 3 models with the LM head tied to the embedding (no lm_head in the file)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def add_masks(sd):
+        for i in range(4):
+            sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
+            sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+
+    assert load_model(_demo_copy(tmp_path, add_masks)).is_demo
+    for family in ("llama", "gemma3"):
+        config = _tiny_config(family, len(GGUF_WORDS) + 3)
+        config.tie_word_embeddings = True
+        folder = tmp_path / family
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        _eos_only_tokenizer().save_pretrained(folder)
+        assert not any("lm_head" in k for k in load_file(folder / "model.safetensors"))
+        loaded = load_model(folder)
+        assert loaded.model.lm_head.weight is loaded.model.get_input_embeddings().weight
+
+
+def test_nan_weight_is_refused_by_load_and_diagnose(tmp_path, capsys):
+    from surgery.cli import main
+
+    def poison(sd):
+        sd["transformer.h.2.attn.c_proj.weight"][3, 5] = float("nan")
+
+    folder = _demo_copy(tmp_path, poison)
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert "transformer.h.2.attn.c_proj.weight" in str(e.value) and "NaN" in str(e.value)
+    assert "\n" not in str(e.value)
+
+    capsys.readouterr()  # the library call's own output (transformers' progress bar)
+    code = main(["diagnose", "--model", str(folder), "--prompt", "The capital of France is", "--target", " Paris"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: cannot load") and "transformer.h.2.attn.c_proj.weight" in err
+
+
+def test_inf_weight_is_refused(tmp_path):
+    def poison(sd):
+        sd["transformer.wte.weight"][0, 0] = float("-inf")
+
+    with pytest.raises(CheckpointError, match=r"transformer.wte.weight holds NaN or inf values \(0 NaN, 1 inf\)"):
+        load_model(_demo_copy(tmp_path, poison))
+
+
+def test_outputs_name_the_base_without_local_paths(tmp_path, tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    assert loaded.base_name == tiny_model_dir.resolve().name and "/" not in loaded.base_name
+    assert model_io.LoadedModel(None, None, "gpt2").base_name == "gpt2"
+    assert model_io.LoadedModel(None, None, "/home/me/models/tiny").base_name == "tiny"
+
+
+def test_checkpoint_dtype_is_remembered(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    assert load_model(tiny_model_dir).checkpoint_dtype == torch.float32
+    model = AutoModelForCausalLM.from_config(_tiny_config("llama", len(GGUF_WORDS) + 3))
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    _eos_only_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.checkpoint_dtype == torch.bfloat16 and loaded.model.dtype == torch.float32

@@ -158,6 +158,32 @@ def test_patch_refused_on_another_base(tiny_model, tiny_tokenizer):
         patched_model(tiny_model, bad)
 
 
+def test_patch_whose_slice_names_another_block_is_refused(tmp_path, tiny_model):
+    """A crafted patch: it names block 0 (and carries block 0's digest) but its slice is block 1's weight, which
+    applying by the name's tail would have written into block 0. Refused, in one line, in check_compatible and so
+    by patched_model, after a save/load round trip too."""
+    honest = make_patch(tiny_model, layer=1)
+    crafted = Patch("wv", 0, honest.slices, honest.values,
+                    {"base_config": base_config(tiny_model), "base_block_sha256": block_digest(tiny_model, 0)})
+    crafted.save(tmp_path / "crafted.safetensors")
+    for patch in (crafted, Patch.load(tmp_path / "crafted.safetensors")):
+        with pytest.raises(PatchError) as e:
+            patch.check_compatible(tiny_model)
+        msg = str(e.value)
+        assert "block 0" in msg and "transformer.h.1.attn.c_attn.weight" in msg and "\n" not in msg
+        with pytest.raises(PatchError, match="not in that block"):
+            patched_model(tiny_model, patch)
+
+
+def test_patch_with_nan_values_is_refused_on_load(tmp_path, tiny_model):
+    patch = make_patch(tiny_model)
+    name = next(iter(patch.values))
+    patch.values[name][0, 0] = float("nan")
+    patch.save(tmp_path / "p.safetensors")
+    with pytest.raises(PatchError, match=f"tensor {name} holds NaN or inf values"):
+        Patch.load(tmp_path / "p.safetensors")
+
+
 def test_broken_patch_files(tmp_path):
     with pytest.raises(PatchError, match="does not exist"):
         Patch.load(tmp_path / "nope.safetensors")

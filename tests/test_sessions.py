@@ -69,9 +69,9 @@ def test_downloads_and_discard(tiny_model, tiny_tokenizer, tiny_edit):
     files = write_downloads(tiny_edit.folder, loaded, tiny_edit.result)
     assert [f.name for f in files] == ["patch.safetensors", "report.json"]
     patch = Patch.load(files[0])
-    assert patch.metadata["base_model"] == "/models/tiny" and patch.metadata["revision"] == "abc123"
+    assert patch.metadata["base_model"] == "tiny" and patch.metadata["revision"] == "abc123"  # no local path
     patch.check_compatible(tiny_model)
     report = json.loads(files[1].read_text())
-    assert report["base_model"] == "/models/tiny" and report["facts_fixed"] == "2/2"
+    assert report["base_model"] == "tiny" and report["facts_fixed"] == "2/2"
     tiny_edit.discard()
     assert not tiny_edit.folder.exists()

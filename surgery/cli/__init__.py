@@ -2,7 +2,8 @@
 
 Each command lives in its own module of this package with a ``register(subparsers)`` function that adds its
 parser and sets ``run(args) -> int``. User errors (:class:`surgery.errors.SurgeryError`) are printed as one
-line on stderr with exit code 2; ``verify`` uses exit code 1 for "the check failed".
+line on stderr with exit code 2; ``verify`` uses exit code 1 for "the check failed". Ctrl-C and SIGTERM both
+interrupt cleanly (half-written outputs removed) with exit code 130.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import warnings
 
 from ..errors import SurgeryError
+from .common import sigterm_as_interrupt
 
 # Command modules, in the order `--help` lists them.
 COMMANDS = ["diagnose", "sites", "operate", "verify", "compare_sites", "apply_patch", "push", "heads", "crosscheck",
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries(args.verbose)
     try:
-        return int(args.run(args) or 0)
+        with sigterm_as_interrupt():  # SIGTERM cleans up half-written outputs as Ctrl-C does
+            return int(args.run(args) or 0)
     except SurgeryError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -11,7 +11,7 @@ import argparse
 import os
 
 from ..census import CensusConfig, SingleProcess, run_census
-from ..census_report import verdict_table
+from ..census_report import outcome_table, verdict_table
 from ..diagnosis import DiagnosisConfig
 from ..facts import load_facts
 from ..errors import InputError
@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
         s = result.summary
         print(f"{result.selected} facts ({result.skipped_ambiguous} ambiguous skipped); {result.already_done} "
               f"were already in {args.out}")
+        all_ = s["outcomes"]["all"]
+        print(f"what the model says ({all_['says_later']} say the answer a little later, "
+              f"{all_['generic_first_piece']} miss a generic first piece: neither counted as routing)")
+        print(outcome_table(s))
+        print("\ndiagnosis verdicts (a multi-token answer at its first missed piece)")
         print(verdict_table(s))
         moved = sum(s["rule_change"]["all"].values())
         print(f"\nverdicts moved by the routing rule (old -> new): {moved} {s['rule_change']['all'] or ''}")

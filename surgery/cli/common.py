@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -92,3 +95,24 @@ def tqdm_progress(desc: str, unit: str = "step"):
             bar["bar"].close()
 
     return progress, close
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While inside, SIGTERM (``kill``, a container stopping) raises KeyboardInterrupt as Ctrl-C does, so the same
+    ``finally``/``except`` cleanup runs: no hidden ``.NAME.partial-*`` output folder or ``.tmp-*`` GGUF conversion
+    is left behind. A second SIGTERM during that cleanup is ignored (SIGKILL still ends the process). Only the main
+    thread can own signal handlers; elsewhere this does nothing. The previous handler is restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

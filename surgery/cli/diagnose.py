@@ -41,8 +41,12 @@ def format_report(d: Diagnosis, top: int = 8) -> str:
         f"target      {t.text!r}  logit {t.logit:8.3f}  rank {t.rank}",
         f"competitor  {c.text!r}  logit {c.logit:8.3f}  rank {c.rank}",
     ]
-    if d.multi_token_target:
-        lines.append(f"note        the target is {len(d.target_tokens)} tokens {d.target_tokens}; the first is diagnosed")
+    v = d.divergence
+    if v is not None and (d.multi_token_target or v.generic_first_piece):
+        state = ("diverges" if v.diverges else "every piece predicted") if v.forced else "teacher forcing off"
+        lines.append(f"piece       {v.piece_index + 1} of {len(v.pieces)} {v.pieces}, {v.piece!r} at token position "
+                     f"{v.position}" + (f" after {v.before!r}" if v.before else "") + f" ({state})"
+                     + ("; a generic first piece" if v.generic_first_piece else ""))
     lines += ["", f"verdict     {d.verdict.upper()}: {d.summary()}", "", "logit lens (residual -> ln_f -> unembed, last position)",
               f"  {'after':<14}{'target':>10}{'competitor':>12}{'rank':>8}"]
     for e in d.logit_lens:
