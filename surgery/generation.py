@@ -7,8 +7,8 @@ word boundaries, within the first :data:`LENIENT_WORDS` generated words ("Lyon i
 France" says " France" a little later).
 
 Speed by design (:func:`greedy_continuations`): prompts of the same token length run together, so there is no
-padding and every row equals its unbatched run; each step feeds one token per row through the KV cache; a group
-stops as soon as every row is decided (:func:`decided`) or has spent its token budget.
+padding and every row equals its unbatched run; each step feeds one token per row through the KV cache; a row
+leaves the batch and its cache as soon as it is decided (:func:`decided`) or has spent its token budget.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import layout_of
+from .arch import layout_of, unembed
 from .errors import InputError
 from .tokens import encode_prompt, encode_target
 
@@ -83,20 +83,22 @@ def decided(continuation: str, target: str, words: int = LENIENT_WORDS) -> bool:
     strict_open = answer.startswith(said) or (said.startswith(answer) and len(said) == len(answer))
     if strict_open:
         return False
-    if judge(continuation, target, words).lenient:
+    # A match that ends the text so far may still grow into a longer word (" the Paris" -> " the Parisian"): a
+    # letter appended in its place tells a settled match from one that may not be.
+    if judge(continuation + "x", target, words).lenient:
         return True
     _, complete = _lenient_window(said, words)
     return complete
 
 
 def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str],
-                         max_new_tokens: int | Sequence[int], targets: Sequence[str] | None = None,
+                         max_new_tokens: int | Sequence[int], targets: Sequence[str | None] | None = None,
                          words: int = LENIENT_WORDS, batch_size: int = BATCH_SIZE) -> list[str]:
     """The greedy continuation (new text only) of each prompt, at most ``max_new_tokens`` tokens each (one number,
     or one per prompt) and never past the context or an end-of-text token.
 
     With ``targets`` (one per prompt), a row stops as soon as :func:`decided` says its verdict is settled, so a
-    judged continuation is only as long as it needs to be. Works on a base model and on a patched view alike.
+    judged continuation is only as long as it needs to be; a row whose target is None runs to its budget. Works on a base model and on a patched view alike.
     """
     prompts = list(prompts)
     if targets is not None and len(targets) != len(prompts):
@@ -125,33 +127,41 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str],
 
 
 def _generate_group(model: nn.Module, tokenizer, encoded: list[list[int]], budgets: list[int],
-                    targets: list[str] | None, words: int) -> list[str]:
-    """Greedy decoding of prompts of one token length, through the KV cache, until every row is done."""
+                    targets: list[str | None] | None, words: int) -> list[str]:
+    """Greedy decoding of prompts of one token length, through the KV cache, until every row is done. A row that
+    is done leaves the batch (and the cache) at once, so the rest run on without it."""
     device = next(model.parameters()).device
+    # The decoder and the unembedding, as every evaluation runs the model: a patched view of a model that
+    # accelerate dispatched keeps its hooked top-level forward bound to the base, its decoder is the view's.
+    decoder = model.get_submodule(layout_of(model).adapter.base)
     input_ids = torch.tensor(encoded, device=device)  # (B, T): equal lengths, no padding
     eos = tokenizer.eos_token_id
     new: list[list[int]] = [[] for _ in encoded]
-    done = [False] * len(encoded)
+    alive = list(range(len(encoded)))  # the rows still generating, in the order of the batch
     past = None
     with torch.no_grad():
-        for step in range(max(budgets)):
-            out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
+        while alive:
+            out = decoder(input_ids=input_ids, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            next_ids = out.logits[:, -1].argmax(-1)  # (B,)
-            for row, token in enumerate(next_ids.tolist()):
-                if done[row]:
-                    continue
+            # only the last position is unembedded (Gemma: 262k logits a position)
+            next_ids = unembed(model, out.last_hidden_state[:, -1]).argmax(-1)  # (b, d) -> (b, V) -> (b,)
+            keep = []
+            for i, (row, token) in enumerate(zip(alive, next_ids.tolist())):
                 if token == eos:
-                    done[row] = True
                     continue
                 new[row].append(token)
                 if len(new[row]) >= budgets[row]:
-                    done[row] = True
-                elif targets is not None:
-                    done[row] = decided(tokenizer.decode(new[row], skip_special_tokens=True), targets[row], words)
-            if all(done):
-                break
-            input_ids = next_ids[:, None]
+                    continue
+                if targets is not None and targets[row] is not None and decided(
+                        tokenizer.decode(new[row], skip_special_tokens=True), targets[row], words):
+                    continue
+                keep.append(i)
+            if len(keep) < len(alive) and keep:
+                index = torch.tensor(keep, device=device)
+                past.batch_select_indices(index)  # (b, ...) -> (b', ...) in every layer's keys and values
+                next_ids = next_ids[index]
+            alive = [alive[i] for i in keep]
+            input_ids = next_ids[:, None]  # (b', 1)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 
 
