@@ -25,14 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .arch import layout_of, unembed
-from .generation import greedy_continuations, judge, judge_budget
+from .generation import continuations, greedy_continuations, judge, judge_budget
 from .panels import Panel, Probe
 from .tokens import encode_prompt, encode_target, pad_right, real_positions, token_text
 
 BATCH_SIZE = 32
 KL_CHUNK = 64  # positions unembedded at a time by mean_kl
 FLUENCY_TOKENS = 32  # tokens generated greedily per fluency prompt
-FLUENCY_GENERAL = 3  # fluency prompts: the edited facts' own, then this many of the panel's general probes
+FLUENCY_FACTS = 4  # fluency prompts: the first edited facts' own prompts (so a 100-fact edit costs no more) ...
+FLUENCY_GENERAL = 2  # ... then this many of the panel's general probes
 NGRAM_WEIGHTS = {2: 2 / 3, 3: 4 / 3}  # ROME's compute_n_gram_entropy: n -> weight, averaged
 
 _NGRAM_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)  # words and punctuation marks, as nltk.word_tokenize roughly
@@ -163,8 +164,9 @@ def target_scores(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> Targe
 
 
 def score_probes(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> ProbeScores:
-    """Each probe judged by its greedy continuation (strict and lenient, one batched :func:`said` call), with
-    the first-token diagnostic beside it (top-1 next token against the target's first token, one padded pass)."""
+    """Each probe judged by its greedy continuation (strict and lenient, as :func:`~surgery.generation.said`
+    judges), with the first-token diagnostic beside it (the first generation step's top-1 token against the
+    target's first token, and that token's rank): one batched generation."""
     return judge_lists(model, tokenizer, {"probes": probes}).scores["probes"]
 
 
@@ -182,24 +184,22 @@ def judge_lists(model: nn.Module, tokenizer, lists: Mapping[str, Sequence[Probe]
     batched generation: prompts of one length share their decoding steps, whichever list they come from."""
     flat = [p for probes in lists.values() for p in probes]
     fluency_prompts = list(fluency_prompts)
-    if not flat and not fluency_prompts:
-        return JudgedLists({name: ProbeScores([]) for name in lists}, None)
-    s = target_scores(model, tokenizer, flat) if flat else None  # first: it also validates prompts and targets
-    texts = greedy_continuations(model, tokenizer, [p.prompt for p in flat] + fluency_prompts,
-                                 [judge_budget(tokenizer, p.target) for p in flat]
-                                 + [fluency_tokens] * len(fluency_prompts),
-                                 [p.target for p in flat] + [None] * len(fluency_prompts))
+    targets = [encode_target(tokenizer, p.target)[0] for p in flat]  # also validates every target
+    got = continuations(model, tokenizer, [p.prompt for p in flat] + fluency_prompts,
+                        [judge_budget(tokenizer, p.target) for p in flat] + [fluency_tokens] * len(fluency_prompts),
+                        [p.target for p in flat] + [None] * len(fluency_prompts),
+                        targets + [None] * len(fluency_prompts))
     results = []
-    for i, (p, text) in enumerate(zip(flat, texts)):
-        verdict = judge(text, p.target)
-        results.append(ProbeResult(p.prompt, p.target, answer=token_text(tokenizer, int(s.top[i])),
-                                   correct=verdict.strict, target_rank=int(s.ranks[i]), said=text,
-                                   lenient=verdict.lenient, first_token_correct=int(s.top[i]) == int(s.targets[i])))
+    for i, p in enumerate(flat):
+        verdict = judge(got.texts[i], p.target)
+        results.append(ProbeResult(p.prompt, p.target, answer=token_text(tokenizer, got.first_top[i]),
+                                   correct=verdict.strict, target_rank=got.first_rank[i], said=got.texts[i],
+                                   lenient=verdict.lenient, first_token_correct=got.first_top[i] == targets[i]))
     split, start = {}, 0
     for name, probes in lists.items():
         split[name] = ProbeScores(results[start : start + len(probes)])
         start += len(probes)
-    spoken = texts[len(flat):]
+    spoken = got.texts[len(flat):]
     fluent = Fluency(fluency_prompts, spoken, [ngram_entropy(t) for t in spoken], fluency_tokens) \
         if fluency_prompts else None
     return JudgedLists(split, fluent)
@@ -345,7 +345,10 @@ def fluency(model: nn.Module, tokenizer, prompts: Sequence[str], tokens: int = F
     return Fluency(prompts, texts, [ngram_entropy(t) for t in texts], tokens)
 
 
-def fluency_prompts(facts: Sequence[Probe], panel: Panel, general: int = FLUENCY_GENERAL) -> list[str]:
-    """The fluency prompts of an edit: its facts' prompts, then the first ``general`` of ``panel``'s general
-    probes (in the model's vocabulary once the panel is fitted), without repeats."""
-    return list(dict.fromkeys([f.prompt for f in facts] + [p.prompt for p in panel.general[:general]]))
+def fluency_prompts(facts: Sequence[Probe], panel: Panel, general: int = FLUENCY_GENERAL,
+                    edited: int = FLUENCY_FACTS) -> list[str]:
+    """The fluency prompts of an edit: the prompts of its first ``edited`` facts, then the first ``general`` of
+    ``panel``'s general probes (in the model's vocabulary once the panel is fitted), without repeats. Few and
+    fixed: fluency generates ``FLUENCY_TOKENS`` tokens from each, on every operate and verify."""
+    facts_first = list(dict.fromkeys(f.prompt for f in facts))[:edited]
+    return list(dict.fromkeys(facts_first + [p.prompt for p in panel.general[:general]]))

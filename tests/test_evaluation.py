@@ -134,6 +134,8 @@ def test_ngram_entropy_is_roms_weighted_mean():
 def test_fluency(tiny_model, tiny_tokenizer, tiny_panel):
     prompts = fluency_prompts(list(tiny_panel.facts) * 2, tiny_panel, general=1)
     assert prompts == [f.prompt for f in tiny_panel.facts] + ["the cat sat on the"]  # facts first, no repeats
+    assert fluency_prompts(tiny_panel.facts, tiny_panel, general=5, edited=2) == [
+        f.prompt for f in tiny_panel.facts[:2]] + [p.prompt for p in tiny_panel.general]  # both capped
     f = fluency(tiny_model, tiny_tokenizer, prompts, tokens=10)
     assert f.texts == greedy_continuations(tiny_model, tiny_tokenizer, prompts, 10)
     assert f.entropies == [ngram_entropy(t) for t in f.texts]

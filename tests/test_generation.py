@@ -116,3 +116,17 @@ def test_greedy_continuations_stop_at_the_context(tiny_model, tiny_tokenizer):
     prompt = " ".join(["the"] * 30)  # 30 of the tiny GPT-2's 32 positions
     text = greedy_continuations(tiny_model, tiny_tokenizer, [prompt], 10)[0]
     assert len(tiny_tokenizer(text)["input_ids"]) <= 2
+
+
+def test_first_step_gives_the_first_token_figures(family_model, tiny_tokenizer):
+    # top-1 and the target's rank from the generation's first step equal those of one padded next-token pass
+    from surgery.evaluation import target_scores
+    from surgery.generation import continuations
+    from surgery.panels import Probe
+
+    probes = [Probe(p, t) for p, t in zip(PROMPTS, [" Paris", " three", " sat", " blue", " Tokyo", " cat"])]
+    ids = [tiny_tokenizer.convert_tokens_to_ids(p.target.strip()) for p in probes]
+    got = continuations(family_model, tiny_tokenizer, PROMPTS, 3, first_ids=ids)
+    s = target_scores(family_model, tiny_tokenizer, probes)
+    assert got.first_top == s.top.tolist() and got.first_rank == s.ranks.tolist()
+    assert got.texts == greedy_continuations(family_model, tiny_tokenizer, PROMPTS, 3)
