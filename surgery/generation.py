@@ -26,7 +26,7 @@ from .tokens import encode_prompt, encode_target
 
 LENIENT_WORDS = 6  # the lenient figure looks for the whole answer within this many generated words
 EXTRA_TOKENS = 12  # tokens generated past the target's own length when judging (room for the lenient figure)
-BATCH_SIZE = 32
+BATCH_SIZE = 128  # rows generated together (no padding: one prompt length a batch)
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
