@@ -376,9 +376,9 @@ def format_rows(rows: list[tuple[str, str, str]], markdown: bool = False) -> str
         lines = ["| | before | after |", "|---|---|---|"]
         cell = lambda text: text.replace("|", "\\|")  # noqa: E731
         return "\n".join(lines + [f"| {cell(m)} | {cell(b)} | {cell(a)} |" for m, b, a in rows])
-    width = max(len(m) for m, _, _ in rows)
-    lines = [f"{'':<{width}}  {'before':>12}  after"]
-    return "\n".join(lines + [f"{m:<{width}}  {b:>12}  {a}" for m, b, a in rows])
+    width, before = max(len(m) for m, _, _ in rows), max(12, *(len(b) for _, b, _ in rows))
+    lines = [f"{'':<{width}}  {'before':>{before}}  after"]
+    return "\n".join(lines + [f"{m:<{width}}  {b:>{before}}  {a}" for m, b, a in rows])
 
 
 def format_facts(facts: list[FactOutcome]) -> str:
