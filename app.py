@@ -65,7 +65,9 @@ MAX_PROMPT_CHARS = 1000
 MAX_NEW_TOKENS = 64
 TOP_HEADS = 12
 PROMOTES_TARGET, PROMOTES_COMPETITOR = "promotes the target", "promotes the competitor"
-SIDE_BY_SIDE_COLUMNS = ["kind", "prompt", "target", "original answer", "corrected answer", "correct"]
+# answers: what each model says (greedy generation); then the corrected model's top-1 first token (diagnostic)
+SIDE_BY_SIDE_COLUMNS = ["kind", "prompt", "target", "original answer", "corrected answer", "correct",
+                        "first token (corrected)"]
 DEFAULT_CORRUPT = "The capital of Poland is"  # "France" -> "Poland": one token in the demo, GPT-2 and Gemma vocabularies
 HEAD_COLUMNS = ["head", "module", "QK overlap", "QK norm", "OV norm", "copying score",
                 "key response: proper nouns", "key response: function words"]
@@ -395,21 +397,40 @@ def verdict_markdown(d: Diagnosis) -> str:
 
 
 def side_by_side_rows(c: Comparison) -> list[list[str]]:
-    """The original's and the corrected model's answers (:data:`SIDE_BY_SIDE_COLUMNS`): the facts, then each
-    fact's paraphrases."""
+    """What the original and the corrected model say (:data:`SIDE_BY_SIDE_COLUMNS`): the facts, then each
+    fact's paraphrases; ✓ when the corrected model says the whole answer, and its top-1 first token beside."""
     def row(kind: str, f) -> list[str]:
-        return [kind, f.prompt, f.target, f.before, f.after, "✓" if f.correct_after else "✗"]
+        first = f"{f.first_token_after!r} {'✓' if f.first_token_correct_after else '✗'}"
+        return [kind, f.prompt, f.target, f.before, f.after, "✓" if f.correct_after else "✗", first]
 
     return [row("fact", f) for f in c.facts] + [row("paraphrase", p) for p in c.paraphrases]
 
 
 def evaluation_markdown(rows: list[tuple[str, str, str]], c: Comparison) -> str:
     """The before/after table (efficacy, paraphrases, unedited facts, neighbourhood, side effects, perplexity,
-    KL, ...) and what this tokenizer could not score."""
-    text = format_rows(rows, markdown=True)
+    fluency, KL, ...; counts of what the model says, lenient and first-token counts beside), what the corrected
+    model says wherever it is wrong, and what this tokenizer could not score."""
+    text = ("*Counts of what each model **says** (greedy generation: the whole answer, at a word boundary); "
+            "beside them the lenient count (the answer within the first few words) and the first-token count "
+            "(top-1 next token only, a diagnostic).*\n\n" + format_rows(rows, markdown=True))
+    text += "\n\n" + wrong_markdown(c)
     if c.unavailable:
         text += "\n\n*Not scored with this tokenizer: " + "; ".join(c.unavailable) + ".*"
     return text
+
+
+def wrong_markdown(c: Comparison) -> str:
+    """What the corrected model says wherever it is wrong: facts and paraphrases not said, probes broken or
+    changed (:meth:`~surgery.report.Comparison.wrong_after`)."""
+    wrong = c.wrong_after()
+    if not wrong:
+        return "**What the corrected model says:** every fact and paraphrase right, no probe broken or changed."
+    cell = lambda text: repr(text).replace("|", "\\|")  # noqa: E731
+    lines = ["**What the corrected model says where it is wrong**", "",
+             "| kind | | prompt | says | expected | original said |", "|---|---|---|---|---|---|"]
+    lines += [f"| {w.kind} | {w.why} | {cell(w.prompt)} | {cell(w.after)} | {cell(w.target)} | {cell(w.before)} |"
+              for w in wrong]
+    return "\n".join(lines)
 
 
 def operation_markdown(report) -> str:
@@ -421,7 +442,7 @@ def operation_markdown(report) -> str:
                    if para["total"] else "")
     return (f"**Surgery done** on `{report.site}` of {where} (L{report.layer + 1}) — "
             f"{report.params_in_site:,} parameters ({100 * report.fraction:.2f}% of the model), "
-            f"{report.steps} steps in {report.train_time_s:.1f} s. Facts correct: **{c.facts_before}/{n} → "
+            f"{report.steps} steps in {report.train_time_s:.1f} s. Facts said: **{c.facts_before}/{n} → "
             f"{c.facts_after}/{n}**.{paraphrases}\n\n*Layer: {report.layer_reason}.*")
 
 
@@ -443,8 +464,8 @@ def verification_outputs(c: Comparison, label: str):
     ``surgery verify``)."""
     reasons = regressions(c)
     n = len(c.facts)
-    verdict = (f"**✓ Verified — {label}**: {c.facts_after}/{n} facts correct (original {c.facts_before}/{n}), "
-               "no panel regressed." if not reasons else
+    verdict = (f"**✓ Verified — {label}**: the corrected model says {c.facts_after}/{n} facts (original "
+               f"{c.facts_before}/{n}), no panel regressed." if not reasons else
                f"**✗ Not verified — {label}**: " + "; ".join(reasons) + ".")
     return verdict, side_by_side_rows(c), evaluation_markdown(c.rows(), c), {
         "verified": not reasons, "reasons": reasons, "corrected": label, **c.to_dict()}

@@ -187,7 +187,7 @@ def test_operate_fixes_the_facts_and_leaves_the_base_alone(demo_app, demo_served
     before, progress, (summary, metrics, facts_rows, files, report, edits) = operated
     assert_unchanged(demo_served.model, before)
     assert "Surgery done" in summary and "8/8" in summary
-    assert "| facts correct (efficacy) |" in metrics and "| Q/K unchanged (bitwise) |  | true |" in metrics
+    assert "| facts said (efficacy) |" in metrics and "| Q/K unchanged (bitwise) |  | true |" in metrics
     assert "| side effects (specificity) |" in metrics and "| perplexity |" in metrics
     assert [row[0] for row in facts_rows] == ["fact"] * len(demo_served.facts)  # the demo panel has no paraphrases
     assert all(row[5] == "✓" for row in facts_rows)

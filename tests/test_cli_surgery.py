@@ -55,7 +55,7 @@ def test_operate_writes_a_verified_fix(capsys, operated, tiny_model_dir, tiny_pa
     code, out, _ = run_cli(capsys, "verify", "--base", tiny_model_dir, "--corrected", tiny_model_dir,
                            "--panels", tiny_panel_file, "--json")  # facts default to the panel's
     verdict = json.loads(out)
-    assert code == 1 and verdict["verified"] is False and "2/3 facts still wrong" in verdict["reasons"][0]
+    assert code == 1 and verdict["verified"] is False and "2/3 edited facts not said" in verdict["reasons"][0]
 
 
 def test_verify_fails_on_a_regression(capsys, tmp_path, operated, tiny_model_dir, tiny_panel_file, tiny_panel):
@@ -76,7 +76,7 @@ def test_verify_fails_on_a_regression(capsys, tmp_path, operated, tiny_model_dir
     path = tmp_path / "panel.json"
     path.write_text(json.dumps(panel))
     code, out, _ = run_cli(capsys, "verify", "--base", tiny_model_dir, "--corrected", operated, "--panels", path)
-    assert code == 1 and "general probes regressed: 1 -> 0 of 1" in out
+    assert code == 1 and "general probes broken: 1 of 1 said right before are wrong after (allowed 0" in out
 
 
 def test_apply_patch_reproduces_the_fix_bitwise(capsys, tmp_path, operated, tiny_model_dir):
@@ -197,7 +197,7 @@ def test_demo_model_end_to_end(capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "verify", "--base", DEMO_DIR, "--corrected", out)
     assert code == 0 and stdout.rstrip().endswith("VERIFIED")
     code, stdout, _ = run_cli(capsys, "verify", "--base", DEMO_DIR, "--corrected", DEMO_DIR)
-    assert code == 1 and "NOT VERIFIED: 6/8 facts still wrong" in stdout
+    assert code == 1 and "NOT VERIFIED:\n  - 6/8 edited facts not said" in stdout
 
     code, _, _ = run_cli(capsys, "apply-patch", "--base", DEMO_DIR, "--patch", out / "patch.safetensors",
                          "--out", tmp_path / "rebuilt")

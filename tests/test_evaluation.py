@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from surgery.evaluation import (BATCH_SIZE, answer, evaluate_panel, kl_divergence, mean_kl, next_token_logits,
-                                perplexity, score_probes, text_log_probs)
+from surgery.evaluation import (BATCH_SIZE, answer, evaluate_panel, fluency, fluency_prompts, kl_divergence, mean_kl,
+                                next_token_logits, ngram_entropy, perplexity, score_lists, score_probes,
+                                text_log_probs)
+from surgery.generation import greedy_continuations
 from surgery.panels import Probe
 from surgery.tokens import token_text
 
@@ -84,3 +86,58 @@ def test_evaluate_panel(tiny_model, tiny_tokenizer, tiny_panel):
     assert result.general.total == 2 and result.side_effects.total == 2
     assert result.perplexity == pytest.approx(perplexity(tiny_model, tiny_tokenizer, tiny_panel.perplexity_text))
     assert json.loads(json.dumps(result.to_dict()))["panel"] == "tiny"
+
+
+def _first_token_trap(model, tokenizer, prompt: str) -> Probe:
+    """A target whose first token is the model's top-1 next token but which the model does not go on to say:
+    its first generated word, then a word it does not generate next."""
+    words = greedy_continuations(model, tokenizer, [prompt], 2)[0].split()
+    other = next(w for w in ("Tokyo", "Rome", "Madrid") if w != words[1])
+    return Probe(prompt, f" {words[0]} {other}")
+
+
+def test_score_probes_judges_what_the_model_says(tiny_model, tiny_tokenizer):
+    said_text = greedy_continuations(tiny_model, tiny_tokenizer, [PROMPTS[1]], 3)[0]
+    right = Probe(PROMPTS[1], " " + said_text.split()[0])
+    trap = _first_token_trap(tiny_model, tiny_tokenizer, PROMPTS[2])
+    scores = score_probes(tiny_model, tiny_tokenizer, [right, trap])
+    r, t = scores.results
+    assert (r.correct, r.lenient, r.first_token_correct) == (True, True, True)
+    assert said_text.startswith(r.said)
+    # the first token is right, the answer is not: wrong by generation, right by the first-token diagnostic
+    assert (t.correct, t.first_token_correct, t.target_rank) == (False, True, 1)
+    assert t.answer.strip() == t.target.split()[0] and not t.said.lstrip().startswith(t.target.strip())
+    assert (scores.correct, scores.lenient, scores.first_token_correct, scores.total) == (1, 1, 2, 2)
+    d = json.loads(json.dumps(scores.to_dict()))
+    assert (d["correct"], d["lenient"], d["first_token_correct"]) == (1, 1, 2)
+    assert d["results"][1]["said"] == t.said
+
+
+def test_score_lists_equal_each_list_alone(tiny_model, tiny_tokenizer, tiny_panel):
+    lists = {"facts": list(tiny_panel.facts), "none": [], "general": list(tiny_panel.general)}
+    split = score_lists(tiny_model, tiny_tokenizer, lists)
+    assert list(split) == list(lists)
+    for name, probes in lists.items():
+        assert split[name].results == score_probes(tiny_model, tiny_tokenizer, probes).results
+
+
+def test_ngram_entropy_is_roms_weighted_mean():
+    # 2-grams (a,b) x3, (b,a) x2; 3-grams (a,b,a) x2, (b,a,b) x2
+    h2 = -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4))
+    assert ngram_entropy("a b a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("the the the the the the") == 0.0  # one 2-gram, one 3-gram
+    assert ngram_entropy("") == 0.0 and ngram_entropy("one") == 0.0
+    varied = "the cat sat on the mat, and the dog lay by the door of the old house."
+    assert ngram_entropy(varied) > ngram_entropy("the cat sat. the cat sat. the cat sat. the cat sat.")
+
+
+def test_fluency(tiny_model, tiny_tokenizer, tiny_panel):
+    prompts = fluency_prompts(list(tiny_panel.facts) * 2, tiny_panel, general=1)
+    assert prompts == [f.prompt for f in tiny_panel.facts] + ["the cat sat on the"]  # facts first, no repeats
+    assert fluency_prompts(tiny_panel.facts, tiny_panel, general=5, edited=2) == [
+        f.prompt for f in tiny_panel.facts[:2]] + [p.prompt for p in tiny_panel.general]  # both capped
+    f = fluency(tiny_model, tiny_tokenizer, prompts, tokens=10)
+    assert f.texts == greedy_continuations(tiny_model, tiny_tokenizer, prompts, 10)
+    assert f.entropies == [ngram_entropy(t) for t in f.texts]
+    assert f.mean == pytest.approx(sum(f.entropies) / len(prompts))
+    assert json.loads(json.dumps(f.to_dict()))["tokens"] == 10

@@ -71,7 +71,8 @@ def test_model_card(out, result, loaded):
     front = card.split("---")[1]
     assert "library_name: transformers" in front and "license: mit" in front and "- transformer-surgery" in front
     assert "base_model" not in front  # a local folder is not a Hub id
-    assert "| facts correct (efficacy) | 1/3 | 3/3 |" in card and "Q/K unchanged (bitwise) |  | true" in card
+    assert "| facts said (efficacy) | 1/3 (lenient 2, first token 1) | 3/3 (lenient 3, first token 3) |" in card
+    assert "Q/K unchanged (bitwise) |  | true" in card
     hub = LoadedModel(loaded.model, loaded.tokenizer, "gpt2", None)
     assert "base_model: gpt2\n" in model_card(hub, result.report)
     assert f"`{result.report.block}`" in card and "- gpt2" in front  # the edited block, the base's family

@@ -194,7 +194,7 @@ def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_toke
              Probe("The capital of Italy is", " Rome")]
     r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=panel).report
     e = r.to_dict()["evaluation"]
-    assert e["efficacy"] == {"before": 0, "after": 2, "total": 2}
+    assert [e["efficacy"][k] for k in ("before", "after", "total")] == [0, 2, 2]
     assert e["paraphrase"]["total"] == 1 and e["relation"]["total"] == 1
     assert e["specificity"]["total"] == len(panel.side_effects) + 1
     assert e["relation"]["fixed"] + e["relation"]["broken"] <= 1

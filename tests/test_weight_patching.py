@@ -159,8 +159,9 @@ def test_heads_sharing_a_value_head_share_one_hybrid(tiny_tokenizer, monkeypatch
 def test_donor_and_recipient_scores(model, tiny_tokenizer):
     donor = _donor_with(model, layout_of(model).site_slices("mlp", 1, model))
     result = patch_weights(model, donor, tiny_tokenizer, FACTS)
-    assert result.recipient_correct == score_probes(model, tiny_tokenizer, FACTS).correct
-    assert result.donor_correct == score_probes(donor, tiny_tokenizer, FACTS).correct
+    # weight patching scores the first token (its own diagnostic), as score_probes' first-token figure does
+    assert result.recipient_correct == score_probes(model, tiny_tokenizer, FACTS).first_token_correct
+    assert result.donor_correct == score_probes(donor, tiny_tokenizer, FACTS).first_token_correct
     d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert set(d) >= {"recipient", "donor", "components"}
     assert set(d["components"][0]) >= {"name", "layer", "head", "facts_correct", "mean_target_logit_change"}
@@ -169,7 +170,7 @@ def test_donor_and_recipient_scores(model, tiny_tokenizer):
 
 def test_score_facts_agrees_with_score_probes(model, tiny_tokenizer):
     s = score_facts(model, tiny_tokenizer, FACTS)
-    assert s.correct == [r.correct for r in score_probes(model, tiny_tokenizer, FACTS).results]
+    assert s.correct == [r.first_token_correct for r in score_probes(model, tiny_tokenizer, FACTS).results]
     logits = _logits(model, tiny_tokenizer)
     ids = [tiny_tokenizer.convert_tokens_to_ids(f.target.strip()) for f in FACTS]
     assert s.target_logits == pytest.approx([float(logits[i, t]) for i, t in enumerate(ids)])
@@ -252,12 +253,14 @@ def test_demo_corrected_v_slice_alone_restores_every_fixed_fact(demo, demo_surge
     assert _unchanged(demo.model, state)
     before = score_probes(demo.model, demo.tokenizer, facts)
     after = score_probes(donor, demo.tokenizer, facts)
-    assert (result.recipient_correct, result.donor_correct) == (before.correct, after.correct) == (2, 8)
+    assert (result.recipient_correct, result.donor_correct) == (before.first_token_correct,
+                                                                after.first_token_correct) == (2, 8)
     # Only the edited block's sites that hold its V slice differ: one hybrid each, the rest skipped.
     assert [(c.name, c.layer) for c in result.components] == [(s, patch.layer) for s in ("wv", "attn", "layer")]
     assert result.skipped_identical == 4 * layout_of(demo.model).n_layer - 3
     wv = result.components[0]
-    fixed = [r.prompt for r, b in zip(after.results, before.results) if r.correct and not b.correct]
+    fixed = [r.prompt for r, b in zip(after.results, before.results)
+             if r.first_token_correct and not b.first_token_correct]
     assert wv.facts_correct == 8 and wv.fixed == fixed and wv.broken == []
     assert wv.mean_target_logit_change > 0
     # The hybrid with the wv slice is the donor itself, bitwise.

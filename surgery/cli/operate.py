@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..export import check_output_dir, write_output
 from ..panels import load_facts
-from ..report import format_facts, format_rows
+from ..report import format_facts, format_rows, format_wrong
 from ..training import SurgeryConfig, SurgeryResult, operate
 from .common import (add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json,
                      tqdm_progress)
@@ -96,10 +96,14 @@ def run(args: argparse.Namespace) -> int:
     r = result.report
     print(f"site {r.site} of block {r.layer} ({r.block}, L{r.layer + 1}): {r.layer_reason}")
     print(f"{r.steps} steps in {r.train_time_s:.1f} s (total {r.wall_time_s:.1f} s); final loss {r.final_loss:.4f}")
-    print("facts:")
+    print("facts (what each model says):")
     print(format_facts(r.comparison.facts))
     print()
     print(format_rows(r.rows()))
+    wrong = r.comparison.wrong_after()
+    if wrong:
+        print("\nwhat the corrected model says where it is wrong:")
+        print(format_wrong(wrong))
     for note in r.notes:
         print(f"note: {note}")
     print(f"\nwritten to {out}")
