@@ -113,7 +113,7 @@ class Baseline:
     """Full fine-tuning (``kind="full"``) or naive masked training of ``site`` (``kind="naive"``) of ``j.model``
     without touching it: the trainable tensors are copies passed in with ``functional_call``."""
 
-    def __init__(self, j: Job, batch: Batch, kind: str, site: str = "wv", lr: float = SurgeryConfig().lr):
+    def __init__(self, j: Job, batch: Batch, kind: str, site: str = "wv", lr: float = 1e-3):
         self.model, self.batch = j.model, batch
         params = dict(j.model.named_parameters())
         if kind == "full":
