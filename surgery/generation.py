@@ -165,16 +165,19 @@ def _generate_wave(model: nn.Module, tokenizer, encoded: list[list[list[int]]], 
             live = [g for g in groups if not all(g.done)]
             if not live:
                 break
-            last = []
+            last, open_rows = [], []
             for g in live:
                 out = decoder(input_ids=g.input_ids, past_key_values=g.past, use_cache=True)
                 g.past = out.past_key_values
-                last.append(out.last_hidden_state[:, -1])  # (B_g, d), after the final norm
-            next_ids = apply_softcap(unembed(torch.cat(last)), cap).argmax(-1)  # (sum B_g,)
-            for g, ids in zip(live, next_ids.split([len(g.done) for g in live])):
-                for row, token in enumerate(ids.tolist()):
-                    if g.done[row]:
-                        continue
+                rows = [row for row, done in enumerate(g.done) if not done]
+                open_rows.append(rows)
+                last.append(out.last_hidden_state[rows, -1])  # (open rows, d), after the final norm
+            # Only the rows still open are unembedded; a finished row is fed a token nobody reads (0).
+            picked = iter(apply_softcap(unembed(torch.cat(last)), cap).argmax(-1).tolist())  # open rows, in order
+            for g, rows in zip(live, open_rows):
+                tokens = [0] * len(g.done)
+                for row in rows:
+                    token = tokens[row] = next(picked)
                     if token == eos:
                         g.done[row] = True
                         continue
@@ -184,7 +187,7 @@ def _generate_wave(model: nn.Module, tokenizer, encoded: list[list[list[int]]], 
                     elif g.targets is not None:
                         g.done[row] = decided(tokenizer.decode(g.new[row], skip_special_tokens=True),
                                               g.targets[row], words)
-                g.input_ids = ids[:, None]
+                g.input_ids = torch.tensor(tokens, device=device)[:, None]
     return [[tokenizer.decode(ids, skip_special_tokens=True) for ids in g.new] for g in groups]
 
 
