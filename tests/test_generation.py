@@ -130,3 +130,25 @@ def test_first_step_gives_the_first_token_figures(family_model, tiny_tokenizer):
     s = target_scores(family_model, tiny_tokenizer, probes)
     assert got.first_top == s.top.tolist() and got.first_rank == s.ranks.tolist()
     assert got.texts == greedy_continuations(family_model, tiny_tokenizer, PROMPTS, 3)
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_gemma_batched_continuations_equal_hf_generate(gemma):
+    """Gemma 3 270M, 24 bundled capital prompts of several token lengths: every batched continuation is the one
+    transformers' own greedy ``generate`` gives for that prompt alone."""
+    from surgery.facts import load_facts
+    from surgery.model_io import REPO_ROOT
+
+    facts = load_facts(REPO_ROOT / "assets" / "facts" / "capital.jsonl")[:24]
+    model, tokenizer = gemma.model, gemma.tokenizer
+    n_ctx = layout_of(model).n_ctx
+    lengths = {len(encode_prompt(tokenizer, f.prompt, n_ctx)) for f in facts}
+    assert len(lengths) > 1  # several length groups
+    got = greedy_continuations(model, tokenizer, [f.prompt for f in facts], 6)
+    for fact, text in zip(facts, got):
+        ids = torch.tensor([encode_prompt(tokenizer, fact.prompt, n_ctx)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                 pad_token_id=tokenizer.pad_token_id)
+        assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), fact.prompt
