@@ -88,7 +88,7 @@ def test_wv_at_the_prescribed_layer_fixes_all_eight(wv_edit, diagnoses):
     e = c.evaluation()
     assert [e["efficacy"][k] for k in ("before", "after", "total")] == [1, 8, 8]
     pb, pa = c.panel_before, c.panel_after
-    assert pa.general.correct >= pb.general.correct == pb.general.total  # the base gets every general probe
+    assert pa.general.correct >= pb.general.correct == pb.general.total  # the base says every general answer
     assert pa.neighbourhood.correct >= pb.neighbourhood.correct
     assert e["paraphrase"]["total"] == 24 and e["relation"]["total"] == 36  # reported, never trained on
     assert report.weights.others_unchanged and report.weights.qk_unchanged
