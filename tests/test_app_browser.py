@@ -101,6 +101,15 @@ def page(app_url):
         yield page
 
 
+def assert_france_fixed(row: list[str]) -> None:
+    """The side-by-side row of France: what the original and the corrected model say (generated text), whether the
+    corrected one says the whole answer, and the first-token figure beside it."""
+    assert row[:3] == ["fact", "The capital of France is", "Paris"], row
+    assert row[3].startswith("the") and row[3].strip(" .") != "Paris", row  # the original says " the ..."
+    assert row[4].strip(" .") == "Paris" and row[5] == "✓", row  # the corrected model says " Paris."
+    assert row[6].endswith("✓") and "Paris" in row[6], row  # and its first token is right too
+
+
 def test_diagnose_operate_and_compare_in_the_browser(page):
     from playwright.sync_api import expect
 
@@ -129,7 +138,7 @@ def test_diagnose_operate_and_compare_in_the_browser(page):
     page.locator("#operate").click()
     expect(page.locator("#surgery-summary")).to_contain_text("Surgery done", timeout=240_000)
     expect(page.locator("#surgery-summary")).to_contain_text("8/8")
-    assert side_by_side_row(page, 0) == ["fact", "The capital of France is", "Paris", "the", "Paris", "✓"]
+    assert_france_fixed(side_by_side_row(page, 0))
 
     # Side by side: original vs corrected.
     page.get_by_role("button", name="Generate", exact=True).click()
@@ -183,7 +192,7 @@ def test_gemma_diagnose_and_operate_in_the_browser(tmp_path):
         expect(summary).to_contain_text("8/8")
         expect(page.locator("#side-by-side")).to_be_visible()
         # Side by side: the facts first (France is the first), then their paraphrases (France's first).
-        assert side_by_side_row(page, 0) == ["fact", "The capital of France is", "Paris", "the", "Paris", "✓"]
+        assert_france_fixed(side_by_side_row(page, 0))
         paraphrase = side_by_side_row(page, 8)
         assert paraphrase[:3] == ["paraphrase", "The capital city of France is", "Paris"], paraphrase
         expect(page.locator("#surgery-evaluation")).to_contain_text("paraphrases (generalization)")
