@@ -60,7 +60,6 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InputError
