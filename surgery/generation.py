@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -108,11 +108,12 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str],
 @dataclass
 class Continuations:
     """:func:`continuations`' answer, one entry per prompt: the generated text; the first step's top-1 token id,
-    and the rank (1 = top) of the token id asked for at that step (0 where none was asked)."""
+    and the rank (1 = top) of the token id asked for at that step (0 where none was asked); the generated ids."""
 
     texts: list[str]
     first_top: list[int]
     first_rank: list[int]
+    ids: list[list[int]] = field(default_factory=list)
 
 
 def continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
@@ -137,7 +138,7 @@ def continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_t
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(i)
-    out = Continuations([""] * len(prompts), [0] * len(prompts), [0] * len(prompts))
+    out = Continuations([""] * len(prompts), [0] * len(prompts), [0] * len(prompts), [[] for _ in prompts])
     for length, rows in sorted(groups.items()):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -145,8 +146,8 @@ def continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_t
                                   [min(budgets[i], n_ctx - length) for i in chunk],
                                   None if targets is None else [targets[i] for i in chunk],
                                   None if first_ids is None else [first_ids[i] for i in chunk], words)
-            for i, text, top, rank in zip(chunk, got.texts, got.first_top, got.first_rank):
-                out.texts[i], out.first_top[i], out.first_rank[i] = text, top, rank
+            for i, text, top, rank, ids in zip(chunk, got.texts, got.first_top, got.first_rank, got.ids):
+                out.texts[i], out.first_top[i], out.first_rank[i], out.ids[i] = text, top, rank, ids
     return out
 
 
@@ -198,7 +199,7 @@ def _generate_group(model: nn.Module, tokenizer, encoded: list[list[int]], budge
             alive = [alive[i] for i in keep]
             input_ids = next_ids[:, None]  # (b', 1)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
-    return Continuations(texts, first_top, first_rank)
+    return Continuations(texts, first_top, first_rank, new)
 
 
 def judge_budget(tokenizer, target: str) -> int:

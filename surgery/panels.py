@@ -10,6 +10,9 @@ A panel is a JSON file (format in ``docs/panels.md``) holding, in one model's vo
   entity, so that an edit that merely suppresses " the" or says the capital everywhere is caught;
 * ``relation``: other facts of the same relation, never edited (relation generalization: does a repair carry
   to them, and do the ones already right stay right?);
+* ``preserve``: other facts of the same relation, never edited and never scored: surgery keeps what the model
+  says after each of these prompts unchanged (part of the preservation term), so that a repair does not carry
+  over to the relation's other subjects (disjoint from ``relation``, which judges exactly that);
 * ``perplexity_text``: a held-out passage whose perplexity must not rise;
 * ``unrelated_text``: passages for the preservation (KL) loss during training.
 
@@ -34,7 +37,7 @@ PANELS_DIR = Path(__file__).resolve().parent.parent / "assets" / "panels"
 DEMO_PANEL = PANELS_DIR / "demo.json"
 GPT2_PANEL = PANELS_DIR / "gpt2.json"
 ENGLISH_PANEL = PANELS_DIR / "english.json"
-PROBE_LISTS = ("facts", "absence", "general", "side_effects", "neighbourhood", "relation")
+PROBE_LISTS = ("facts", "absence", "general", "side_effects", "neighbourhood", "relation", "preserve")
 GPT2_VOCAB_SIZE = 50257  # gpt2, distilgpt2, gpt2-medium/large/xl share this BPE vocabulary
 
 
@@ -75,6 +78,7 @@ class Panel:
     unrelated_text: tuple[str, ...] = field(default=())
     neighbourhood: tuple[Probe, ...] = ()
     relation: tuple[Probe, ...] = ()
+    preserve: tuple[Probe, ...] = ()
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "description": self.description}

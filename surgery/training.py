@@ -49,7 +49,7 @@ from .arch import SITES, count_parameters, layout_of
 from .panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
 from .patch import Patch, base_config, block_digest, patched_model, weight_stats
 from .report import SurgeryReport, compare
-from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches
+from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches, kept_answers
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,20 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     adaptive = config.lr is None  # a given --lr is a plain, fixed Adam step, as it always was
     optimizer = torch.optim.Adam(values.values(), lr=lr)
     use_kl = text.text is not None and config.kl_weight > 0
-    if use_kl and text.ref_log_probs is None:
-        with torch.no_grad():
+    use_kept = text.kept is not None and config.kl_weight > 0
+    with torch.no_grad():
+        if use_kl and text.ref_log_probs is None:
             text.ref_log_probs = stack.text_log_probs(text, stack.block_params(slices, values))
+        if use_kept and text.kept_ref_log_probs is None:
+            text.kept_ref_log_probs = stack.kept_log_probs(text, stack.block_params(slices, values))
+
+    def preservation() -> Tensor:
+        """KL on the unrelated text plus KL where the kept prompts' own answers are said (each a mean)."""
+        params = stack.block_params(slices, values)
+        kl = kl_divergence(text.ref_log_probs, stack.text_log_probs(text, params)) if use_kl else torch.zeros(())
+        if use_kept:
+            kl = kl + kl_divergence(text.kept_ref_log_probs, stack.kept_log_probs(text, params))
+        return kl
     steps, backoffs = 0, 0
     good = {n: v.detach().clone() for n, v in values.items()}  # the last accepted values
     last: tuple[float, float] | None = None  # (loss, preservation term) of the last accepted values
@@ -267,8 +278,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
                 part.backward()
             ce += float(part.detach())
             fixed += _n_fixed(logits.detach(), batch.targets, batch.piece_rows, batch.n_facts, config.margin)
-        kl = (kl_divergence(text.ref_log_probs, stack.text_log_probs(text, stack.block_params(slices, values)))
-              if use_kl else torch.zeros(()))
+        kl = preservation()
         kl_term = config.kl_weight * float(kl.detach())
         loss = ce + kl_term
         if not math.isfinite(loss):
@@ -292,7 +302,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
                 group["lr"] = min(group["lr"] * LR_GROWTH, LR_MAX_GROWTH * lr)
         last = (loss, kl_term)
         good = {n: v.detach().clone() for n, v in values.items()}
-        if use_kl:
+        if use_kl or use_kept:
             (config.kl_weight * kl).backward()
         optimizer.step()
         steps += 1
@@ -336,14 +346,17 @@ def _n_fixed(logits: Tensor, targets: Tensor, rows: Tensor, n_facts: int, margin
 
 def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: SurgeryConfig = SurgeryConfig(),
             unrelated: Sequence[str] | None = None, progress: Progress | None = None,
-            panel: Panel | None = None, require_all: bool = True) -> SurgeryResult:
+            panel: Panel | None = None, require_all: bool = True,
+            preserve: Sequence[Probe] | None = None) -> SurgeryResult:
     """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
 
     ``facts``: probes (prompt, target); every piece of each target is trained. With ``layer=None`` the facts the
     diagnosis calls absences (the model never holds the answer) are not trained, and the report says so: a
     single-site repair would only teach them by rote. ``unrelated``: texts for the
     preservation term (default: the panel's ``unrelated_text``). ``panel``: what the report judges the edit by
-    (default :func:`panel_for_model`). ``progress(step, total, loss)`` is called after every step.
+    (default :func:`panel_for_model`). ``preserve``: prompts (with their answers) whose greedy continuation the
+    preservation term also keeps, as many tokens as each answer has pieces (default: the panel's ``preserve``
+    list; a prompt among the facts is left out). ``progress(step, total, loss)`` is called after every step.
     Raises :class:`InputError` (bad facts, nothing to fix, no routing failure for ``layer=None``) or
     :class:`SurgeryFailed` (NaN/Inf, or — with ``require_all``, the default — facts not all fixed within the
     budget; without it the report says how many were, as a many-fact edit is judged by its efficacy).
@@ -378,6 +391,9 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
     budget = config.max_unrelated_tokens
     budget = unrelated_token_budget(layout.d_vocab) if budget is None else budget
     trained = [f for f, k in zip(facts, keep) if k]
+    edited_prompts = {f.prompt for f in facts}
+    preserve = [p for p in (panel.preserve if preserve is None else preserve) if p.prompt not in edited_prompts]
+    kept = kept_answers(model, tokenizer, preserve)
     device = next(model.parameters()).device
     tried: list[dict] = []
     best = None
@@ -386,7 +402,8 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
             t_train = time.perf_counter()
-            frozen = freeze_fact_batches(model, tokenizer, trained, unrelated, layer, budget, config.batch_size)
+            frozen = freeze_fact_batches(model, tokenizer, trained, unrelated, layer, budget, config.batch_size,
+                                         kept)
             outcome = train_site(model, frozen, config.site, layer, config, progress)
             train_time += time.perf_counter() - t_train
         slices = tuple(layout.site_slices(config.site, layer, model))
@@ -426,7 +443,7 @@ def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: Surgery
         train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
         comparison=comparison, weights=weight_stats(model, patch, edited),
         config={**config.to_dict(), "layer": layer, "lr_start": outcome.lr, "panel": panel.name,
-                "max_unrelated_tokens": budget},
+                "max_unrelated_tokens": budget, "preserved_prompts": len(kept)},
         notes=notes,
         block=layout.adapter.block(layer),
         tried=tried,

@@ -7,8 +7,8 @@ one) and its rotary position table (Gemma 3 keeps one per layer type), exactly a
 the library never rebuilds a mask or a rotary table, so there is nothing to get subtly wrong. Each training step
 then runs only :class:`UpperStack`: a private copy of block ``layer`` whose site parameters are supplied per
 call, the base's blocks above it (read-only), the final norm and the unembedding at the positions that matter
-(the position before each piece of each fact's answer, teacher-forced, and every real position of the unrelated
-text).
+(the position before each piece of each fact's answer, teacher-forced; every real position of the unrelated
+text; and, for the kept prompts, the positions where the model says its own answer).
 Batches are right-padded: with a causal model the real positions never see the padding.
 """
 
@@ -25,6 +25,7 @@ from torch.func import functional_call
 from .arch import layout_of, unembed
 from .evaluation import encode_texts
 from .errors import InputError
+from .generation import continuations
 from .hooks import hooked, main_output
 from .panels import Probe
 from .patch import copy_block
@@ -93,6 +94,9 @@ class FrozenInputs:
     ref_log_probs: Tensor | None = None  # Float[Tensor, "N V"] original next-token log-probs, N = real positions
     piece_rows: Tensor | None = None  # Long[Tensor, "P"] the fact (row) each target piece belongs to
     piece_positions: Tensor | None = None  # Long[Tensor, "P"] the position whose next token is that piece
+    kept: BlockInputs | None = None  # kept prompts, each followed by the model's own answer (Bk, Tk, d)
+    kept_at: Tensor | None = None  # Bool[Tensor, "Bk Tk"] the positions whose next token is that answer's
+    kept_ref_log_probs: Tensor | None = None  # Float[Tensor, "K V"] original log-probs there, K = kept positions
 
     @property
     def n_facts(self) -> int:
@@ -112,11 +116,13 @@ def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
 
 
 def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated: Sequence[str], layer: int,
-                  max_unrelated_tokens: int) -> FrozenInputs:
-    """Capture block ``layer``'s inputs for the fact prompts and the unrelated text, once.
+                  max_unrelated_tokens: int, kept: Sequence[tuple[list[int], list[int]]] = ()) -> FrozenInputs:
+    """Capture block ``layer``'s inputs for the fact prompts, the unrelated text and the kept prompts, once.
 
     Each fact runs as its prompt followed by its target's pieces but the last (teacher forcing): piece ``i`` is
     the next token at position ``len(prompt) - 1 + i``, so one forward pass trains every piece of the answer.
+    ``kept``: ``(prompt ids, answer ids)`` pairs, the answer being what the model itself says; the preservation
+    term keeps the next-token distribution at each of the answer's positions (:func:`kept_answers`).
     """
     layout = layout_of(model)
     device = next(model.parameters()).device
@@ -140,15 +146,45 @@ def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated
         t_ids, t_lengths = pad_right(texts, tokenizer.pad_token_id, device)
         frozen.text = capture_block_inputs(model, t_ids, layer, t_lengths)
         frozen.text_real = real_positions(t_lengths, t_ids.shape[1])
+    kept = [(p, a) for p, a in kept if a]
+    if kept:
+        k_ids, k_lengths = pad_right([p + a[:-1] for p, a in kept], tokenizer.pad_token_id, device)
+        at = torch.zeros(k_ids.shape, dtype=torch.bool, device=device)
+        for row, (p, a) in enumerate(kept):
+            at[row, len(p) - 1 : len(p) - 1 + len(a)] = True
+        frozen.kept = capture_block_inputs(model, k_ids, layer, k_lengths)
+        frozen.kept_at = at
     return frozen
 
 
+def kept_answers(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> list[tuple[list[int], list[int]]]:
+    """For each probe, its prompt's ids and what the model says after it (greedy): as many tokens as the probe's
+    target has pieces. The preservation term keeps those positions as they are, whatever the model says there.
+    A probe this tokenizer cannot encode, or too long for the context, is left out."""
+    n_ctx = layout_of(model).n_ctx
+
+    def usable(p: Probe) -> bool:
+        try:
+            return len(encode_prompt(tokenizer, p.prompt, n_ctx)) + len(encode_target(tokenizer, p.target)) < n_ctx
+        except InputError:
+            return False
+
+    probes = [p for p in probes if usable(p)]
+    if not probes:
+        return []
+    said = continuations(model, tokenizer, [p.prompt for p in probes],
+                         [len(encode_target(tokenizer, p.target)) for p in probes]).ids
+    return [(encode_prompt(tokenizer, p.prompt, n_ctx), ids) for p, ids in zip(probes, said)]
+
+
 def freeze_fact_batches(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated: Sequence[str], layer: int,
-                        max_unrelated_tokens: int, batch_size: int) -> list[FrozenInputs]:
+                        max_unrelated_tokens: int, batch_size: int,
+                        kept: Sequence[tuple[list[int], list[int]]] = ()) -> list[FrozenInputs]:
     """:func:`freeze_inputs` for ``batch_size`` facts at a time (memory bounded by the batch); only the first
-    batch carries the unrelated text. :func:`surgery.training.train_site` accumulates over them."""
+    batch carries the unrelated text and the kept prompts. :func:`surgery.training.train_site` accumulates over
+    them."""
     facts = list(facts)
-    batches = [freeze_inputs(model, tokenizer, facts[:batch_size], unrelated, layer, max_unrelated_tokens)]
+    batches = [freeze_inputs(model, tokenizer, facts[:batch_size], unrelated, layer, max_unrelated_tokens, kept)]
     for start in range(batch_size, len(facts), batch_size):
         batches.append(freeze_inputs(model, tokenizer, facts[start : start + batch_size], [], layer, 0))
     return batches
@@ -190,5 +226,10 @@ class UpperStack:
         """Next-token log-probabilities at the unrelated text's real positions. Float[Tensor, "N V"]."""
         h = self.residual(frozen.text, params)
         return F.log_softmax(unembed(self.model, h[frozen.text_real]).float(), -1)
+
+    def kept_log_probs(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
+        """Next-token log-probabilities where each kept prompt's own answer is said. Float[Tensor, "K V"]."""
+        h = self.residual(frozen.kept, params)
+        return F.log_softmax(unembed(self.model, h[frozen.kept_at]).float(), -1)
 
 

@@ -29,7 +29,7 @@ from surgery.model_io import LoadedModel, load_model
 from surgery.panels import Probe
 from surgery.patch import Patch, base_config, block_digest, patched_model, weight_stats
 from surgery.training import SurgeryConfig, operate, train_site
-from surgery.upper_stack import UpperStack, freeze_inputs
+from surgery.upper_stack import UpperStack, freeze_inputs, kept_answers
 
 PROMPT = "The capital of France is a big red city in the sea and"  # 13 tokens: longer than every window (3)
 FACT_PROMPTS = ["The capital of France is", "the cat sat on the mat . the dog sat on the"]  # padded batch
@@ -335,6 +335,27 @@ def test_upper_stack_teacher_forces_every_piece_of_the_answer(family_model, tiny
     assert frozen.piece_rows.tolist() == [0, 0, 0, 1] and frozen.n_facts == 2
     with torch.no_grad():
         assert torch.allclose(UpperStack(model, layer).fact_logits(frozen, {}), expected, atol=1e-4)
+
+
+def test_upper_stack_keeps_what_the_model_says_after_the_kept_prompts(family_model, tiny_tokenizer):
+    """Kept prompts (the preservation term's same-relation prompts): each runs with what the model itself says
+    after it (greedy), and the stack's log-probabilities at those positions are the plain model's, on a
+    right-padded batch of prompts of different lengths."""
+    model, layer = family_model, 1
+    probes = [Probe(FACT_PROMPTS[0], " Paris is"), Probe(FACT_PROMPTS[1], " Rome")]
+    kept = kept_answers(model, tiny_tokenizer, probes)
+    assert [len(a) for _, a in kept] == [2, 1]  # as many tokens as each answer has pieces
+    expected = []
+    with torch.no_grad():
+        for ids, answer in kept:
+            seq = torch.tensor([ids + answer])
+            greedy = model(seq[:, :-1]).logits[0, len(ids) - 1 :].argmax(-1).tolist()
+            assert greedy == answer  # the model's own greedy continuation
+            expected.append(F.log_softmax(model(seq[:, :-1]).logits[0, len(ids) - 1 :], -1))
+    frozen = freeze_inputs(model, tiny_tokenizer, probes[:1], [], layer, 0, kept)
+    assert frozen.kept_at.sum() == 3 and not frozen.kept_at[1].all()  # padded
+    with torch.no_grad():
+        assert torch.allclose(UpperStack(model, layer).kept_log_probs(frozen, {}), torch.cat(expected), atol=1e-4)
 
 
 @pytest.mark.parametrize("family", SLIDING_FAMILIES)

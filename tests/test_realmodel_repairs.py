@@ -4,7 +4,8 @@ On SmolLM2-135M-Instruct (Llama family, 49,152 tokens) most capitals are several
 with " the" or a wrong name start with a short piece (" D" of Doha, Dakar, Dushanbe, Dili): a repair of the first
 piece alone teaches "say D..." and the model completes it into another word. On Gemma 3 270M eight routing
 failures with several-piece answers (Abu Dhabi, Tirana, Ouagadougou, ...). Each test checks that the default ``wv``
-repair makes the model *say* every whole answer, and that every bundled capital it said right before it still says.
+repair makes the model *say* every whole answer, and that every bundled capital it said right before it still says
+(the held-out ones: the edited facts and the panel's preserved prompts, which the repair trains on, are left out).
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ def test_a_multi_token_repair_keeps_the_capitals_said_right(repaired, request):
     name, g, facts, result, right_before = repaired
     if name == "smollm2-135m":  # a known gap, stated in the README: strict, so it reports when it is closed
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "on SmolLM2 the default wv repair (L28) breaks 8 of the ~50 bundled capitals it said right "
-            "(Norway -> ' Narvka', ...); Gemma's breaks none")))
-    lost = right_before - {f.prompt for f in facts} - capitals_said(patched_model(g.model, result.patch), g.tokenizer)
+            "on SmolLM2 the default wv repair (L28) breaks 2 of the 42 held-out bundled capitals it said right "
+            "(Uganda, the United Arab Emirates; 7 without the panel's preserved prompts); Gemma's breaks none")))
+    trained = {f.prompt for f in facts} | {p.prompt for p in panel_for_model(g.model).preserve}  # not held out
+    lost = right_before - trained - capitals_said(patched_model(g.model, result.patch), g.tokenizer)
     assert not lost, f"{name}: capitals said right before and not after: {sorted(lost)}"
 
 

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import surgery.training as training
 from surgery.diagnosis import diagnose_batch
@@ -201,6 +202,24 @@ def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_toke
     rel_before = r.comparison.panel_before.relation.results[0]
     assert e["relation"]["before"] == int(rel_before.correct)
     assert any(row[0].startswith("unedited facts") for row in r.rows())
+
+
+def test_preserved_prompts_keep_what_the_model_says(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    """The panel's ``preserve`` prompts join the preservation term: after a repair that carries over to them
+    without it, their next-token distribution moves less with it. An edited prompt is never preserved."""
+    keep = [Probe("The capital of Spain is", " Madrid"), Probe("the cat sat on the", " mat")]
+    prompts = [p.prompt for p in keep]
+    base = F.log_softmax(next_token_logits(tiny_model, tiny_tokenizer, prompts).float(), -1)
+
+    def drift(preserve):
+        r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel,
+                    preserve=preserve)
+        after = F.log_softmax(next_token_logits(patched_model(tiny_model, r.patch), tiny_tokenizer, prompts).float(), -1)
+        return r.report.config["preserved_prompts"], float((base.exp() * (base - after)).sum(-1).mean())
+
+    (n_without, without), (n_with, with_) = drift([]), drift(keep + [facts[0]])
+    assert (n_without, n_with) == (0, 2)  # the edited fact's prompt is left out
+    assert with_ < without, (with_, without)
 
 
 def test_mini_batches_give_the_full_batch_step(tiny_model, tiny_tokenizer, facts, tiny_panel):
