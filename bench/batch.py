@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import time
 
-from surgery.diagnosis import diagnose, diagnose_batch
-from surgery.panels import panel_for_model
+from surgery.diagnosis.diagnose import diagnose, diagnose_batch
+from surgery.evaluation.panels import panel_for_model
 
 from . import models
 from .measure import Stats

@@ -5,7 +5,7 @@
 The same clean facts (the first ``--facts`` of each bundled relation in turn) are diagnosed three ways in one
 process, interleaved over ``--repeats`` rounds so that a machine shared with other jobs slows every case alike:
 
-* **batched** — what ``python -m surgery census`` does: :func:`surgery.census.diagnose_facts`, ``--batch-size``
+* **batched** — what ``python -m surgery census`` does: :func:`surgery.census.run.diagnose_facts`, ``--batch-size``
   facts per forward pass;
 * **one at a time** — the same function, one fact per call;
 * **TransformerLens** — the same numbers the TransformerLens way, one fact at a time (it has no batch diagnosis):
@@ -32,10 +32,10 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from surgery.census import diagnose_facts  # noqa: E402
-from surgery.diagnosis import DiagnosisConfig  # noqa: E402
-from surgery.facts import load_facts  # noqa: E402
-from surgery.model_io import REPO_ROOT, load_model  # noqa: E402
+from surgery.census.run import diagnose_facts  # noqa: E402
+from surgery.diagnosis.diagnose import DiagnosisConfig  # noqa: E402
+from surgery.evaluation.facts import load_facts  # noqa: E402
+from surgery.io.loading import REPO_ROOT, load_model  # noqa: E402
 
 
 def pick_facts(n: int):

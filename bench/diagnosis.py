@@ -1,7 +1,7 @@
 """Diagnosis latency and memory at several prompt lengths: a plain HF forward vs ours vs TransformerLens.
 
 * ``hf``: ``model(input_ids)`` — the plain Hugging Face forward (full-vocabulary logits at every position).
-* ``ours``: ``surgery.diagnosis.diagnose`` on the same tokens (id-level tokenizer stub): logit lens at every
+* ``ours``: ``surgery.diagnosis.diagnose.diagnose`` on the same tokens (id-level tokenizer stub): logit lens at every
   layer with the target's rank, attribution of every head, attention bias and MLP, verdict.
 * ``tl``: TransformerLens on the same weights (no folding): ``TransformerBridge.run_with_cache``, then
   ``stack_head_results`` + ``apply_ln_to_stack`` for the heads, ``decompose_resid`` for embeddings and MLPs,
@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from surgery.diagnosis import diagnose
+from surgery.diagnosis.diagnose import diagnose
 from surgery.arch import layout_of
 
 from . import models

@@ -3,7 +3,7 @@
 Three sections (``--only`` picks some), all on ``load_model("gemma3-270m")`` (fp32, 18 blocks, vocabulary
 262,144 x d_model 640):
 
-* ``diagnosis``: a plain HF forward vs ``surgery.diagnosis.diagnose`` vs TransformerLens' ``TransformerBridge``
+* ``diagnosis``: a plain HF forward vs ``surgery.diagnosis.diagnose.diagnose`` vs TransformerLens' ``TransformerBridge``
   (idiomatic full cache, and a lean cache of the needed hooks at the last position) at 8 / 128 / 512 tokens,
   with the peak memory of each in a fresh subprocess (:mod:`bench.diagnosis`, :mod:`bench.measure`);
 * ``surgery``: one optimisation step of each site at the block ``--layer auto`` prescribes, against a naive masked

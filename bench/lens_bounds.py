@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from surgery.arch import layout_of
-from surgery.diagnosis import accumulated_resid, capture_last_position
-from surgery.model_io import load_model
-from surgery.tokens import encode_prompt, encode_target
+from surgery.core.tokens import encode_prompt, encode_target
+from surgery.diagnosis.diagnose import accumulated_resid, capture_last_position
+from surgery.io.loading import load_model
 
 from .census import pick_facts
 

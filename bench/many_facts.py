@@ -38,10 +38,10 @@ def run_case(n: int, batch_size: int) -> dict:
     """One case, in this process (called in a fresh subprocess by :func:`main`)."""
     import torch
 
-    from surgery.facts import load_fact_file
-    from surgery.model_io import load_model
-    from surgery.panels import ENGLISH_PANEL, Probe, load_panel
-    from surgery.training import SurgeryConfig, operate
+    from surgery.edit.training import SurgeryConfig, operate
+    from surgery.evaluation.facts import load_fact_file
+    from surgery.evaluation.panels import ENGLISH_PANEL, Probe, load_panel
+    from surgery.io.loading import load_model
 
     torch.set_num_threads(2)
     g = load_model("gemma3-270m")

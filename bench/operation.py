@@ -1,6 +1,6 @@
 """Where the time of one whole ``operate`` goes: wall time per stage, a cProfile and a torch.profiler table.
 
-``breakdown(...)`` runs ``surgery.training.operate`` with thin timing wrappers around the functions it calls
+``breakdown(...)`` runs ``surgery.edit.training.operate`` with thin timing wrappers around the functions it calls
 (installed by :func:`stages` for the duration of the call and removed in ``finally``; the library is not
 changed), so each stage's inclusive wall time is known with its place in the call tree, e.g.
 ``compare / evaluate_panel / perplexity``. The stages:
@@ -26,26 +26,26 @@ from contextlib import contextmanager
 
 import torch
 
-from surgery.errors import SurgeryFailed
-from surgery.training import SurgeryConfig, operate
+from surgery.core.errors import SurgeryFailed
+from surgery.edit.training import SurgeryConfig, operate
 
 from .measure import Stats
 
 # (module, attribute) pairs to time; a class attribute is written "Class.method".
 PROBES = (
-    ("surgery.training", "_unrelated_text"), ("surgery.training", "score_probes"),
-    ("surgery.training", "choose_layer"), ("surgery.training", "diagnose_batch"),
-    ("surgery.diagnosis", "capture_last_position"), ("surgery.diagnosis", "logit_lens"),
-    ("surgery.diagnosis", "logit_attrs"),
-    ("surgery.training", "freeze_inputs"), ("surgery.training", "freeze_fact_batches"),
-    ("surgery.training", "train_site"), ("surgery.upper_stack", "UpperStack.fact_logits"),
-    ("surgery.upper_stack", "UpperStack.text_log_probs"), ("torch", "Tensor.backward"),
+    ("surgery.edit.training", "_unrelated_text"), ("surgery.edit.training", "score_probes"),
+    ("surgery.edit.training", "choose_layer"), ("surgery.edit.training", "diagnose_batch"),
+    ("surgery.diagnosis.diagnose", "capture_last_position"), ("surgery.diagnosis.diagnose", "logit_lens"),
+    ("surgery.diagnosis.diagnose", "logit_attrs"),
+    ("surgery.edit.training", "freeze_inputs"), ("surgery.edit.training", "freeze_fact_batches"),
+    ("surgery.edit.training", "train_site"), ("surgery.edit.upper_stack", "UpperStack.fact_logits"),
+    ("surgery.edit.upper_stack", "UpperStack.text_log_probs"), ("torch", "Tensor.backward"),
     ("torch.optim", "Adam.step"),
-    ("surgery.training", "patched_model"), ("surgery.training", "compare"), ("surgery.report", "fit_panel"),
-    ("surgery.report", "evaluate_panel"), ("surgery.report", "mean_kl"), ("surgery.report", "score_probes"),
-    ("surgery.evaluation", "score_probes"), ("surgery.evaluation", "perplexity"),
-    ("surgery.evaluation", "text_log_probs"), ("surgery.training", "weight_stats"),
-    ("surgery.training", "block_digest"),
+    ("surgery.edit.training", "patched_model"), ("surgery.edit.training", "compare"), ("surgery.evaluation.report", "fit_panel"),
+    ("surgery.evaluation.report", "evaluate_panel"), ("surgery.evaluation.report", "mean_kl"), ("surgery.evaluation.report", "score_probes"),
+    ("surgery.evaluation.scoring", "score_probes"), ("surgery.evaluation.scoring", "perplexity"),
+    ("surgery.evaluation.scoring", "text_log_probs"), ("surgery.edit.training", "weight_stats"),
+    ("surgery.edit.training", "block_digest"),
 )
 
 
@@ -210,7 +210,7 @@ def stages_table(result: dict) -> str:
 
 if __name__ == "__main__":  # quick look on the demo model
     from . import models
-    from surgery.panels import panel_for_model
+    from surgery.evaluation.panels import panel_for_model
 
     model, tokenizer = models.load("demo")
     panel = panel_for_model(model)

@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import surgery.diagnosis as library  # noqa: E402
+import surgery.diagnosis.diagnose as library  # noqa: E402
 from surgery.arch import layout_of  # noqa: E402
 
 from . import models, report  # noqa: E402
@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def padded_lens(pad_rows: int = 16):
-    """``surgery.diagnosis.logit_lens`` with at least ``pad_rows`` residual rows per unembedding: the last residual
+    """``surgery.diagnosis.diagnose.logit_lens`` with at least ``pad_rows`` residual rows per unembedding: the last residual
     (the output row) is repeated, so the extra rows change no count, and cut off again."""
     def logit_lens(model, resid, token_ids, competitor_ids=None, chunk=16, slab=16384):
         n_s, n_b = resid.shape[:2]
@@ -86,7 +86,7 @@ def lens_variants(model_name: str, repeats: int, log=print) -> dict:
         jobs[f"diagnose {length} tokens"] = lambda text=text: library.diagnose(model, ids_tok, text,
                                                                               f" {target_id(model)}")
     if model_name != "gpt2-shaped":
-        from surgery.panels import panel_for_model
+        from surgery.evaluation.panels import panel_for_model
 
         facts = list(panel_for_model(model).facts)
         jobs[f"diagnose_batch {len(facts)} facts"] = lambda: library.diagnose_batch(
@@ -172,11 +172,11 @@ def kl_and_concat(log=print) -> dict:
 
 def lower_blocks(repeats: int = 3, log=print) -> dict:
     """Seconds of a full forward of every ``compare`` evaluation batch vs the part below block ``layer``."""
-    from surgery.evaluation import encode_texts
-    from surgery.hooks import hooked
-    from surgery.panels import fit_panel, panel_for_model
-    from surgery.tokens import encode_prompt, pad_right, real_positions
-    from surgery.training import choose_layer
+    from surgery.core.hooks import hooked
+    from surgery.core.tokens import encode_prompt, pad_right, real_positions
+    from surgery.edit.training import choose_layer
+    from surgery.evaluation.panels import fit_panel, panel_for_model
+    from surgery.evaluation.scoring import encode_texts
 
     model, tok = models.load("gemma3-270m")
     layout = layout_of(model)

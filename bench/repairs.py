@@ -33,9 +33,9 @@ OUT = ROOT / "bench" / "results" / "repairs.json"
 
 CHILD = """
 import json, sys, time, torch
-from surgery.model_io import load_model
-from surgery.panels import load_facts, panel_for_model
-from surgery.training import SurgeryConfig, operate
+from surgery.io.loading import load_model
+from surgery.evaluation.panels import load_facts, panel_for_model
+from surgery.edit.training import SurgeryConfig, operate
 from bench.measure import _release, _status_kib
 model_name, facts_path, out = sys.argv[1:4]
 torch.set_num_threads(2)
@@ -80,10 +80,10 @@ def run_child(tree: Path, model: str, facts: str, patch_path: Path) -> dict:
 
 def judge(model_name: str, facts_path: str, patch_path: Path) -> dict:
     """This tree's evaluation of a saved patch (generation-based headline, first-token beside it)."""
-    from surgery.model_io import load_model
-    from surgery.panels import load_facts, panel_for_model
-    from surgery.patch import Patch, patched_model
-    from surgery.report import compare
+    from surgery.evaluation.panels import load_facts, panel_for_model
+    from surgery.evaluation.report import compare
+    from surgery.io.edit_file import Patch, patched_model
+    from surgery.io.loading import load_model
 
     g = load_model(model_name)
     panel = panel_for_model(g.model)

@@ -1,4 +1,4 @@
-"""Before/after: ``surgery/diagnosis.py`` at a git revision vs the working tree, timed side by side.
+"""Before/after: ``surgery/diagnosis/diagnose.py`` at a git revision vs the working tree, timed side by side.
 
     python -m bench.revisions 138b300                         # the diagnosis as first committed vs now
     python -m bench.revisions HEAD --model gemma3-270m        # the working tree's change, on Gemma 3 270M
@@ -30,8 +30,8 @@ from .measure import ROOT, THREADS, interleaved  # noqa: E402
 
 
 def diagnosis_at(revision: str):
-    """The module ``surgery.diagnosis`` as it was at ``revision`` (its relative imports bound to today's package)."""
-    source = subprocess.run(["git", "show", f"{revision}:surgery/diagnosis.py"], cwd=ROOT, capture_output=True,
+    """The module ``surgery.diagnosis.diagnose`` as it was at ``revision`` (its relative imports bound to today's package)."""
+    source = subprocess.run(["git", "show", f"{revision}:surgery/diagnosis/diagnose.py"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout
     name = f"diagnosis_{revision}"
     path = Path(tempfile.mkdtemp()) / f"{name}.py"
@@ -55,7 +55,7 @@ def same(a, b, atol: float) -> bool:
 
 
 def main(revision: str, repeats: int = 9, model_name: str = "gpt2-shaped", atol: float = 0.0) -> dict:
-    from surgery import diagnosis as now
+    from surgery.diagnosis import diagnose as now
 
     torch.set_num_threads(THREADS)
     before = diagnosis_at(revision)

@@ -4,7 +4,7 @@ All three train with the engine's loss on the same batch (the 8 fact prompts and
 model's panel): cross-entropy of each target at its prompt's last position + KL to the original next-token
 distributions on the unrelated text (computed once, for every method).
 
-* ``wv`` / ``attn`` / ``mlp`` / ``layer``: the engine, ``surgery.training.train_site`` — block ``layer``'s input
+* ``wv`` / ``attn`` / ``mlp`` / ``layer``: the engine, ``surgery.edit.training.train_site`` — block ``layer``'s input
   captured once (``freeze_inputs``), each step runs only the blocks from ``layer`` up and unembeds only the
   positions that matter. Step time = time between two of its ``progress`` callbacks.
 * ``full``: full fine-tuning — every parameter trainable (a copy: the base is shared), full forward and backward
@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from surgery.errors import SurgeryFailed
-from surgery.evaluation import encode_texts, kl_divergence
+from surgery.core.errors import SurgeryFailed
+from surgery.evaluation.scoring import encode_texts, kl_divergence
 from surgery.arch import SITES, layout_of
-from surgery.panels import Panel, Probe, fit_panel, load_facts, panel_for_model
-from surgery.tokens import encode_prompt, encode_target, pad_right
-from surgery.training import SurgeryConfig, choose_layer, operate, train_site, unrelated_token_budget
-from surgery.upper_stack import FrozenInputs, _truncate_texts, freeze_inputs
+from surgery.evaluation.panels import Panel, Probe, fit_panel, load_facts, panel_for_model
+from surgery.core.tokens import encode_prompt, encode_target, pad_right
+from surgery.edit.training import SurgeryConfig, choose_layer, operate, train_site, unrelated_token_budget
+from surgery.edit.upper_stack import FrozenInputs, _truncate_texts, freeze_inputs
 
 from . import models
 from .measure import ROOT, Stats, peak_memory

@@ -14,7 +14,7 @@ entities and relation, its own word-level tokenizer, and its own placement of th
    two facts keep their bare answer (correct), and one subject's object is never taught (absence: only a vague
    sentence about it, as in the demo).
 
-A model is saved at its float16 rounding (half the bytes; `surgery.model_io.load_model` reads it as float32),
+A model is saved at its float16 rounding (half the bytes; `surgery.io.loading.load_model` reads it as float32),
 and every check runs on the rounded weights. The facts file (`facts.json`) lists every probe, `[{"prompt",
 "target"}]`; `assets/zoo/zoo.json` says which are meant to be routing, correct or absence, the placements, the
 sizes and the unrelated text for the preservation term.

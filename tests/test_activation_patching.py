@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import DEMO_DIR, count_hooks, make_family_model
-from surgery.activation_patching import (KINDS, ActivationPatchingConfig, PatchUnit, patch_activations, prepare_pair,
+from surgery.patching.activations import (KINDS, ActivationPatchingConfig, PatchUnit, patch_activations, prepare_pair,
                                          unit_module)
 from surgery.arch import layout_of
 from surgery.cli import main
-from surgery.diagnosis import diagnose
-from surgery.errors import InputError
+from surgery.diagnosis.diagnose import diagnose
+from surgery.core.errors import InputError
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Japan is"
 FAMILIES = ("gpt2", "llama", "gemma2", "gemma3")  # Conv1D; rotary + GQA; post-norms + soft-capping; q/k norms
@@ -188,7 +188,7 @@ def test_cli_bad_input_is_one_line(capsys, extra, message):
 def test_heatmap_figures(demo_patching):
     from matplotlib.figure import Figure
 
-    from surgery.patching_plots import patching_heatmap
+    from surgery.patching.plots import patching_heatmap
 
     for kind in KINDS:
         fig = patching_heatmap(demo_patching, kind)
@@ -203,7 +203,7 @@ def test_heatmap_figures(demo_patching):
 
 
 def test_crosscheck_with_a_corrupted_prompt_on_the_demo(demo):
-    from surgery.crosscheck import crosscheck
+    from surgery.patching.crosscheck import crosscheck
 
     r = crosscheck(demo.model, demo.tokenizer, "The capital of France is", " Paris",
                    corrupt="The capital of Poland is")
@@ -220,7 +220,7 @@ def test_crosscheck_with_a_corrupted_prompt_on_the_demo(demo):
 
 
 def test_crosscheck_without_causal_checks_is_unchanged(tiny_model, tiny_tokenizer):
-    from surgery.crosscheck import crosscheck
+    from surgery.patching.crosscheck import crosscheck
 
     r = crosscheck(tiny_model, tiny_tokenizer, CLEAN, " Paris")
     assert r.patching is None and r.weight_patching is None

@@ -20,11 +20,11 @@ import gradio as gr  # noqa: E402
 
 import app  # noqa: E402
 from conftest import make_tiny_model  # noqa: E402
-from surgery.model_io import LoadedModel  # noqa: E402
-from surgery.panels import Panel, Probe  # noqa: E402
-from surgery.patch import Patch  # noqa: E402
-from surgery.registry import ModelChoice, ModelRegistry  # noqa: E402
-from surgery.sessions import SessionEdits, StartUp  # noqa: E402
+from surgery.io.loading import LoadedModel  # noqa: E402
+from surgery.evaluation.panels import Panel, Probe  # noqa: E402
+from surgery.io.edit_file import Patch  # noqa: E402
+from surgery.serve.registry import ModelChoice, ModelRegistry  # noqa: E402
+from surgery.serve.sessions import SessionEdits, StartUp  # noqa: E402
 
 FRANCE = ("The capital of France is", " Paris")
 
@@ -369,7 +369,7 @@ def test_the_picker_lists_the_models_and_each_loads_once_on_first_use(tiny_token
 
 
 def test_switching_models_diagnoses_and_scores_each_panel_once(tiny_tokenizer, monkeypatch):
-    import surgery.registry as registry_module
+    import surgery.serve.registry as registry_module
 
     calls = []
     for name in ("choose_layer", "score_probes"):
@@ -439,7 +439,7 @@ def test_two_sessions_on_two_models_never_mix_edits(two_models):
 
 @pytest.mark.slow
 def test_one_session_keeps_one_edit_per_model(two_models):
-    from surgery.generation import generate
+    from surgery.evaluation.generation import generate
 
     edits = operate_tiny(two_models, "tiny-a")[-1]
     first_a = edits.get("tiny-a")
@@ -523,7 +523,7 @@ def test_verify_this_sessions_edit_and_a_folder(demo_app, operated, tmp_path):
     assert all(row[5] == "✓" for row in facts) and "| general |" in panels
     assert "| side effects (specificity) |" in panels and raw["evaluation"]["efficacy"]["after"] == 8
 
-    from surgery.export import write_output
+    from surgery.io.export import write_output
 
     folder = write_output(tmp_path / "corrected", demo_app.served().loaded, edits.get(demo_app.served().key).result)
     verdict2, _, _, raw2 = demo_app.verify(str(folder), None)
@@ -603,12 +603,12 @@ def test_importing_the_app_loads_nothing(monkeypatch):
     """No model, no environment, no server at import: only build_demo() and main() do things."""
     import importlib
 
-    import surgery.model_io
+    import surgery.io.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded at import")
 
-    monkeypatch.setattr(surgery.model_io, "load_model", refuse)
+    monkeypatch.setattr(surgery.io.loading, "load_model", refuse)
     monkeypatch.setenv("SURGERY_MODEL", "/nonexistent")
     importlib.reload(app)
     monkeypatch.undo()

@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import app  # noqa: E402
-from surgery.sessions import StartUp  # noqa: E402
+from surgery.serve.sessions import StartUp  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from surgery.errors import InputError
+from surgery.core.errors import InputError
 from surgery.arch import ParamSlice, layout_of
 
 
@@ -50,8 +50,8 @@ def test_bad_layer_and_site(tiny_model):
 
 
 def test_bad_head_is_refused_where_heads_are_patched(tiny_model, tiny_tokenizer):
-    from surgery.activation_patching import PatchUnit, prepare_pair
-    from surgery.weight_patching import head_slices
+    from surgery.patching.activations import PatchUnit, prepare_pair
+    from surgery.patching.weights import head_slices
 
     layout = layout_of(tiny_model)
     assert layout.check_head(layout.n_head - 1) == layout.n_head - 1

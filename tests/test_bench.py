@@ -6,7 +6,7 @@ import torch
 from bench import diagnosis, report, training
 from bench.measure import interleaved, peak_memory
 from bench.models import IdTokenizer
-from surgery.panels import Probe
+from surgery.evaluation.panels import Probe
 
 
 def test_interleaved_runs_every_case_in_every_round():
@@ -76,7 +76,7 @@ def test_transformer_lens_matches_on_a_gemma3_shaped_model(tiny_tokenizer):
 
 
 def test_operation_stages_time_each_call_and_put_the_library_back(tiny_model, tiny_tokenizer):
-    import surgery.evaluation as evaluation
+    import surgery.evaluation.scoring as evaluation
     from bench import operation
 
     original = evaluation.score_probes

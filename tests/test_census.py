@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from surgery.census import CENSUS_FILE, CensusConfig, run_census
-from surgery.census_report import legacy_verdict, outcome, summarize
+from surgery.census.run import CENSUS_FILE, CensusConfig, run_census
+from surgery.census.report import legacy_verdict, outcome, summarize
 from surgery.cli import main
-from surgery.diagnosis import DiagnosisConfig
-from surgery.errors import InputError
-from surgery.facts import Fact
+from surgery.diagnosis.diagnose import DiagnosisConfig
+from surgery.core.errors import InputError
+from surgery.evaluation.facts import Fact
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "assets" / "demo-model"
@@ -268,8 +268,8 @@ def test_diagnosis_exact_with_blocks_offloaded_to_disk(family, tiny_tokenizer, t
     diagnosis as the model in memory, within 1e-5."""
     from conftest import make_family_model
     from surgery.arch import layout_of
-    from surgery.diagnosis import diagnose_batch
-    from surgery.model_io import load_model
+    from surgery.diagnosis.diagnose import diagnose_batch
+    from surgery.io.loading import load_model
 
     make_family_model(family, len(tiny_tokenizer)).save_pretrained(tmp_path / "model")
     tiny_tokenizer.save_pretrained(tmp_path / "model")
@@ -297,7 +297,7 @@ def test_gemma_capitals_routing(gemma):
     loaded = gemma
     countries = ["France", "Germany", "China", "Russia", "England", "Italy", "Spain", "Japan"]
     facts = [Fact(f"The capital of {c} is", CAPITALS[c], "capital", c) for c in countries]
-    from surgery.census import diagnose_facts
+    from surgery.census.run import diagnose_facts
 
     records = {r["subject"]: r for r in diagnose_facts(loaded.model, loaded.tokenizer, facts, DiagnosisConfig())}
     for c in countries[:-1]:

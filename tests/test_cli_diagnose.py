@@ -76,7 +76,7 @@ def test_bad_input_one_line_nonzero(capsys, tiny_model_dir, args, message):
 
 
 def test_unknown_model_and_non_gpt2(capsys, tmp_path, monkeypatch):
-    from surgery import model_io
+    from surgery.io import loading as model_io
 
     monkeypatch.setattr(model_io, "hub_reachable", lambda timeout=3.0: False)
     code, _, err = run_cli(capsys, "diagnose", "--model", "no-such-model-abc", "--prompt", "a", "--target", " b")

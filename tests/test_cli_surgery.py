@@ -60,8 +60,8 @@ def test_operate_writes_a_verified_fix(capsys, operated, tiny_model_dir, tiny_pa
 
 def test_verify_fails_on_a_regression(capsys, tmp_path, operated, tiny_model_dir, tiny_panel_file, tiny_panel):
     """A panel probe the fix answers differently makes verify fail even though the facts are right."""
-    from surgery.evaluation import answer
-    from surgery.model_io import load_model
+    from surgery.evaluation.scoring import answer
+    from surgery.io.loading import load_model
 
     fixed = load_model(operated)
     prompts = ["the cat sat on the", "one two", "the sky is", "the sea is", "a big red dog and a small blue",

@@ -6,7 +6,7 @@ import torch
 
 from conftest import count_hooks
 from surgery.cli import main
-from surgery.crosscheck import (
+from surgery.patching.crosscheck import (
     CrossCheckConfig,
     ablated_logits,
     average_ranks,
@@ -14,9 +14,9 @@ from surgery.crosscheck import (
     crosscheck,
     spearman,
 )
-from surgery.diagnosis import diagnose
-from surgery.errors import InputError
-from surgery.hooks import hooked
+from surgery.diagnosis.diagnose import diagnose
+from surgery.core.errors import InputError
+from surgery.core.hooks import hooked
 from surgery.arch import layout_of
 
 PROMPT = "The capital of France is"

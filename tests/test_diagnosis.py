@@ -5,7 +5,7 @@ import torch
 
 from conftest import count_hooks
 from bench.models import IdTokenizer  # space-separated token ids, for random full-size models
-from surgery.diagnosis import (
+from surgery.diagnosis.diagnose import (
     DiagnosisConfig,
     capture_last_position,
     classify,
@@ -14,7 +14,7 @@ from surgery.diagnosis import (
     diagnose_batch,
     prescribe_layer,
 )
-from surgery.errors import InputError
+from surgery.core.errors import InputError
 from surgery.arch import layout_of
 
 PROMPT = "The capital of France is"

@@ -5,13 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import surgery.export as export
+import surgery.io.export as export
 from conftest import make_tiny_model
-from surgery.errors import OutputError, PatchError
-from surgery.export import check_output_dir, model_card, write_output, write_patched_model
-from surgery.model_io import LoadedModel, load_model
-from surgery.patch import Patch
-from surgery.training import SurgeryConfig, operate
+from surgery.core.errors import OutputError, PatchError
+from surgery.io.export import check_output_dir, model_card, write_output, write_patched_model
+from surgery.io.loading import LoadedModel, load_model
+from surgery.io.edit_file import Patch
+from surgery.edit.training import SurgeryConfig, operate
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_model_card_names_the_base_license(tmp_path, loaded):
     """The license is the base's: its folder's model card says it, else its family's (Gemma: gemma)."""
     from types import SimpleNamespace
 
-    from surgery.export import base_license
+    from surgery.io.export import base_license
 
     folder = tmp_path / "base"
     folder.mkdir()
@@ -228,7 +228,7 @@ def test_a_bf16_model_is_saved_in_bf16(tmp_path, loaded):
     from safetensors import safe_open
 
     from surgery.arch import layout_of
-    from surgery.patch import base_config, block_digest, patched_model
+    from surgery.io.edit_file import base_config, block_digest, patched_model
 
     base_dir = tmp_path / "bf16-base"
     make_tiny_model(len(loaded.tokenizer)).to(torch.bfloat16).save_pretrained(base_dir)
@@ -258,7 +258,7 @@ def test_a_bf16_model_is_saved_in_bf16(tmp_path, loaded):
 
 SLOW_WRITER = """
 import sys, time
-import surgery.export as export
+import surgery.io.export as export
 from surgery.cli import main
 
 real_save = export.save_model
@@ -303,7 +303,7 @@ def test_sigterm_during_the_write_leaves_no_partial_folder(tmp_path, out, loaded
 
 
 def test_a_value_beyond_the_checkpoint_dtype_is_refused():
-    from surgery.export import cast_state_dict
+    from surgery.io.export import cast_state_dict
 
     wte = torch.tensor([[1.0, 7e4]])
     with pytest.raises(OutputError, match="cannot save wte in float16"):

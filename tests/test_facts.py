@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from surgery.errors import InputError
-from surgery.facts import Fact, load_fact_file, load_facts
+from surgery.core.errors import InputError
+from surgery.evaluation.facts import Fact, load_fact_file, load_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTS_DIR = ROOT / "assets" / "facts"

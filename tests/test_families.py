@@ -22,14 +22,14 @@ from transformers import AutoModelForCausalLM
 from conftest import SLIDING_FAMILIES, family_config, make_family_model
 from surgery.arch import SITES, adapter_for, check_supported, layout_of
 from surgery.cli import main
-from surgery.diagnosis import accumulated_resid, capture_last_position, diagnose, diagnose_batch, logit_lens
-from surgery.errors import UnsupportedModelError
-from surgery.export import write_output, write_patched_model
-from surgery.model_io import LoadedModel, load_model
-from surgery.panels import Probe
-from surgery.patch import Patch, base_config, block_digest, patched_model, weight_stats
-from surgery.training import SurgeryConfig, operate, train_site
-from surgery.upper_stack import UpperStack, freeze_inputs, kept_answers
+from surgery.diagnosis.diagnose import accumulated_resid, capture_last_position, diagnose, diagnose_batch, logit_lens
+from surgery.core.errors import UnsupportedModelError
+from surgery.io.export import write_output, write_patched_model
+from surgery.io.loading import LoadedModel, load_model
+from surgery.evaluation.panels import Probe
+from surgery.io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
+from surgery.edit.training import SurgeryConfig, operate, train_site
+from surgery.edit.upper_stack import UpperStack, freeze_inputs, kept_answers
 
 PROMPT = "The capital of France is a big red city in the sea and"  # 13 tokens: longer than every window (3)
 FACT_PROMPTS = ["The capital of France is", "the cat sat on the mat . the dog sat on the"]  # padded batch

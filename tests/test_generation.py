@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from surgery.arch import layout_of
-from surgery.errors import InputError
-from surgery.generation import LENIENT_WORDS, Judgement, decided, greedy_continuations, judge, said
-from surgery.tokens import encode_prompt
+from surgery.core.errors import InputError
+from surgery.evaluation.generation import LENIENT_WORDS, Judgement, decided, greedy_continuations, judge, said
+from surgery.core.tokens import encode_prompt
 
 PROMPTS = ["The capital of France is", "one two", "the cat sat on the mat . the dog", "the sky is",
            "The capital of Japan is", "a big red dog and"]
@@ -120,9 +120,9 @@ def test_greedy_continuations_stop_at_the_context(tiny_model, tiny_tokenizer):
 
 def test_first_step_gives_the_first_token_figures(family_model, tiny_tokenizer):
     # top-1 and the target's rank from the generation's first step equal those of one padded next-token pass
-    from surgery.evaluation import target_scores
-    from surgery.generation import continuations
-    from surgery.panels import Probe
+    from surgery.evaluation.scoring import target_scores
+    from surgery.evaluation.generation import continuations
+    from surgery.evaluation.panels import Probe
 
     probes = [Probe(p, t) for p, t in zip(PROMPTS, [" Paris", " three", " sat", " blue", " Tokyo", " cat"])]
     ids = [tiny_tokenizer.convert_tokens_to_ids(p.target.strip()) for p in probes]
@@ -137,8 +137,8 @@ def test_first_step_gives_the_first_token_figures(family_model, tiny_tokenizer):
 def test_gemma_batched_continuations_equal_hf_generate(gemma):
     """Gemma 3 270M, 24 bundled capital prompts of several token lengths: every batched continuation is the one
     transformers' own greedy ``generate`` gives for that prompt alone."""
-    from surgery.facts import load_facts
-    from surgery.model_io import REPO_ROOT
+    from surgery.evaluation.facts import load_facts
+    from surgery.io.loading import REPO_ROOT
 
     facts = load_facts(REPO_ROOT / "assets" / "facts" / "capital.jsonl")[:24]
     model, tokenizer = gemma.model, gemma.tokenizer

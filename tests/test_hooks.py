@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from surgery.hooks import hooked
+from surgery.core.hooks import hooked
 
 
 def _our_hooks(model):

@@ -4,9 +4,9 @@ import huggingface_hub
 import pytest
 
 from surgery.cli import main
-from surgery.errors import HubError
-from surgery.export import MARKER_FILE
-from surgery.hub import REQUIRED_FILES, push_folder
+from surgery.core.errors import HubError
+from surgery.io.export import MARKER_FILE
+from surgery.io.hub import REQUIRED_FILES, push_folder
 
 TOKEN = "hf_secretTOKEN123"
 

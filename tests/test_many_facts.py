@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from surgery.census import census_record
+from surgery.census.run import census_record
 from surgery.cli import main
-from surgery.diagnosis import diagnose_batch
-from surgery.errors import InputError
-from surgery.facts import Fact
-from surgery.many_facts import RepairConfig, census_panel, repair_from_census, split_routing
-from surgery.panels import DEMO_PANEL, load_panel
-from surgery.training import SurgeryConfig
+from surgery.diagnosis.diagnose import diagnose_batch
+from surgery.core.errors import InputError
+from surgery.evaluation.facts import Fact
+from surgery.edit.many_facts import RepairConfig, census_panel, repair_from_census, split_routing
+from surgery.evaluation.panels import DEMO_PANEL, load_panel
+from surgery.edit.training import SurgeryConfig
 
 
 def _facts(n_relations=2, n=6):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import make_word_tokenizer
-from surgery import gguf as gguf_cache
-from surgery import model_io
+from surgery.io import gguf as gguf_cache
+from surgery.io import loading as model_io
 from surgery.arch import SUPPORTED
-from surgery.errors import CheckpointError, ModelLoadError, UnsupportedModelError
-from surgery.model_io import load_model
+from surgery.core.errors import CheckpointError, ModelLoadError, UnsupportedModelError
+from surgery.io.loading import load_model
 
 GGUF_WORDS = "the capital of France is Paris Rome a city".split()
 
@@ -206,7 +206,7 @@ def _cache_entries(root) -> list[str]:
 
 def test_gguf_round_trip_and_cache_hit(tiny_gguf, tmp_path, caplog, monkeypatch):
     path, model = tiny_gguf
-    with caplog.at_level(logging.INFO, logger="surgery.gguf"):
+    with caplog.at_level(logging.INFO, logger="surgery.io.gguf"):
         loaded = load_model(path, cache_root=tmp_path)
     assert any("converting" in r.getMessage() for r in caplog.records)
     sha = gguf_cache.file_sha256(path, cache_root=tmp_path)
@@ -231,7 +231,7 @@ def test_gguf_round_trip_and_cache_hit(tiny_gguf, tmp_path, caplog, monkeypatch)
 
     monkeypatch.setattr(gguf_cache, "_convert", no_conversion)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="surgery.gguf"):
+    with caplog.at_level(logging.INFO, logger="surgery.io.gguf"):
         again = load_model(path, cache_root=tmp_path)
     assert any("from the GGUF cache" in r.getMessage() for r in caplog.records)
     assert again.source == loaded.source
@@ -357,7 +357,7 @@ def test_gemma_tokenizer_and_answer(gemma):
 @pytest.mark.realmodel
 @pytest.mark.slow
 def test_gemma_second_load_uses_the_cache(gemma, caplog):
-    from surgery.realmodel import gemma3_270m
+    from surgery.io.presets import gemma3_270m
 
     with caplog.at_level(logging.INFO, logger="surgery"):
         real = gemma3_270m()

@@ -3,10 +3,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from surgery.errors import InputError
-from surgery.panels import (DEMO_PANEL, ENGLISH_PANEL, GPT2_PANEL, Panel, Probe, fit_panel, load_facts, load_panel,
+from surgery.core.errors import InputError
+from surgery.evaluation.panels import (DEMO_PANEL, ENGLISH_PANEL, GPT2_PANEL, Panel, Probe, fit_panel, load_facts, load_panel,
                             panel_for_model, panel_path_for_model)
-from surgery.tokens import encode_prompt, encode_target
+from surgery.core.tokens import encode_prompt, encode_target
 
 REFERENCE_COUNTRIES = ["France", "Japan", "Germany", "China", "Russia", "England", "Italy", "Spain"]
 

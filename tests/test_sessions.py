@@ -1,4 +1,4 @@
-"""surgery.sessions: start-up with the offline fallback, one edit per session, the downloadable files."""
+"""surgery.serve.sessions: start-up with the offline fallback, one edit per session, the downloadable files."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from surgery.errors import ModelLoadError
-from surgery.model_io import DEMO_MODEL, LoadedModel
-from surgery.panels import Panel, Probe
-from surgery.patch import Patch
-from surgery.sessions import SessionEdit, load_or_demo, write_downloads
-from surgery.training import SurgeryConfig, operate
+from surgery.core.errors import ModelLoadError
+from surgery.edit.training import SurgeryConfig, operate
+from surgery.evaluation.panels import Panel, Probe
+from surgery.io.edit_file import Patch
+from surgery.io.loading import DEMO_MODEL, LoadedModel
+from surgery.serve.sessions import SessionEdit, load_or_demo, write_downloads
 
 FACTS = [Probe("The capital of France is", "Paris"), Probe("The capital of Japan is", "Tokyo")]
 PANEL = Panel(name="tiny", facts=tuple(FACTS), general=(Probe("the cat sat on the", "mat"),),
@@ -48,9 +48,9 @@ def test_unloadable_model_falls_back_to_the_demo_model(monkeypatch):
 
 
 def test_a_broken_demo_model_is_not_hidden(monkeypatch, tmp_path):
-    import surgery.sessions
+    import surgery.serve.sessions
 
-    monkeypatch.setattr(surgery.sessions, "DEMO_MODEL", tmp_path)  # a folder without config.json
+    monkeypatch.setattr(surgery.serve.sessions, "DEMO_MODEL", tmp_path)  # a folder without config.json
     with pytest.raises(ModelLoadError):
         load_or_demo(tmp_path)
 

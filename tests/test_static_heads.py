@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from surgery.cli import main
-from surgery.errors import InputError
+from surgery.core.errors import InputError
 from surgery.arch import layout_of
-from surgery.static_heads import (
+from surgery.diagnosis.static_heads import (
     StaticHeadCache,
     StaticHeadConfig,
     copying_scores,
@@ -17,7 +17,7 @@ from surgery.static_heads import (
     product_frobenius,
     qk_overlap,
 )
-from surgery.token_classes import TOKEN_CLASSES, classify_token, token_classes
+from surgery.diagnosis.token_classes import TOKEN_CLASSES, classify_token, token_classes
 
 SMALL_K = StaticHeadConfig(top_k=4)  # the tiny model has d_model 32 (the default 100 is clipped to 8)
 

@@ -1,7 +1,7 @@
 import pytest
 
-from surgery.errors import InputError
-from surgery.tokens import encode_prompt, encode_target
+from surgery.core.errors import InputError
+from surgery.core.tokens import encode_prompt, encode_target
 
 
 def test_prompt_is_tokenized_as_the_tokenizer_does(tiny_tokenizer):

@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import surgery.training as training
-from surgery.diagnosis import diagnose_batch
-from surgery.errors import InputError, SurgeryFailed
-from surgery.evaluation import next_token_logits, text_log_probs
+import surgery.edit.training as training
+from surgery.diagnosis.diagnose import diagnose_batch
+from surgery.core.errors import InputError, SurgeryFailed
+from surgery.evaluation.scoring import next_token_logits, text_log_probs
 from surgery.arch import SITES, layout_of
-from surgery.panels import Probe
-from surgery.patch import patched_model
-from surgery.training import SurgeryConfig, choose_layer, operate
-from surgery.upper_stack import UpperStack, freeze_inputs
+from surgery.evaluation.panels import Probe
+from surgery.io.edit_file import patched_model
+from surgery.edit.training import SurgeryConfig, choose_layer, operate
+from surgery.edit.upper_stack import UpperStack, freeze_inputs
 
 FAST = dict(lr=1e-2, kl_weight=50.0)  # the tiny random model needs bigger steps than the documented defaults
 
@@ -119,7 +119,7 @@ def test_nan_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel, m
 
 def test_auto_layer_is_the_most_common_prescribed_layer(demo):
     """On the demo model (six routing failures; the tiny random model holds none under the routing rule)."""
-    from surgery.panels import DEMO_PANEL, load_panel
+    from surgery.evaluation.panels import DEMO_PANEL, load_panel
 
     panel = load_panel(DEMO_PANEL)
     facts = list(panel.facts)
@@ -224,7 +224,7 @@ def test_preserved_prompts_keep_what_the_model_says(tiny_model, tiny_tokenizer, 
 
 def test_mini_batches_give_the_full_batch_step(tiny_model, tiny_tokenizer, facts, tiny_panel):
     """Facts split into mini-batches (gradient accumulated) train exactly as one batch, up to float order."""
-    from surgery.upper_stack import freeze_fact_batches
+    from surgery.edit.upper_stack import freeze_fact_batches
 
     config = SurgeryConfig(site="wv", layer=1, **FAST)
     one = training.train_site(tiny_model, freeze_fact_batches(tiny_model, tiny_tokenizer, facts,
@@ -244,9 +244,9 @@ def test_surgery_exact_with_blocks_offloaded_to_disk(demo, tmp_path):
     """A model spread by device_map (accelerate big-model inference), blocks 1 and 3 on disk: an edit of block 2
     trains exactly as in memory (same patch, same steps), and its untouched tensors are still checked. The edited
     block itself must be held in memory: one clear error otherwise."""
-    from surgery.errors import PatchError
-    from surgery.model_io import load_model
-    from surgery.panels import DEMO_PANEL, load_panel
+    from surgery.core.errors import PatchError
+    from surgery.io.loading import load_model
+    from surgery.evaluation.panels import DEMO_PANEL, load_panel
     from test_census import offload_map
 
     panel = load_panel(DEMO_PANEL)
@@ -281,7 +281,7 @@ def test_a_fact_is_fixed_only_when_every_piece_leads():
 
 def test_default_lr_follows_the_weights_scale(tiny_model, tiny_tokenizer, facts, tiny_panel):
     """lr None: lr_scale x RMS of the site's base values (reported as lr_start); a given lr is used as it is."""
-    from surgery.training import site_lr
+    from surgery.edit.training import site_lr
 
     values = {"w": torch.full((4, 4), 0.5)}
     assert site_lr(values, SurgeryConfig()) == pytest.approx(SurgeryConfig().lr_scale * 0.5)
@@ -296,7 +296,7 @@ def test_default_lr_follows_the_weights_scale(tiny_model, tiny_tokenizer, facts,
 def test_candidate_layers_prescribed_first_then_beside():
     from types import SimpleNamespace
 
-    from surgery.training import candidate_layers
+    from surgery.edit.training import candidate_layers
 
     def d(prescribed, override=5, verdict="routing"):
         return SimpleNamespace(verdict=verdict, prescribed_layer=prescribed, override={"layer": override, "head": 0})
@@ -310,7 +310,7 @@ def test_candidate_layers_prescribed_first_then_beside():
 def test_auto_layer_tries_the_next_block_when_the_budget_runs_out(demo):
     """One epoch cannot fix the demo's capitals: --layer auto goes on to the next candidate, with its own
     budget, keeps the best, and the report lists every block it tried."""
-    from surgery.panels import DEMO_PANEL, load_panel
+    from surgery.evaluation.panels import DEMO_PANEL, load_panel
 
     panel = load_panel(DEMO_PANEL)
     r = operate(demo.model, demo.tokenizer, list(panel.facts), SurgeryConfig(site="wv", epochs=1), panel=panel,

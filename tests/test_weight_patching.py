@@ -7,12 +7,12 @@ import torch
 from conftest import DEMO_DIR, ROOT, make_family_model, make_tiny_model
 from surgery.arch import ParamSlice, layout_of
 from surgery.cli import main
-from surgery.errors import InputError
-from surgery.evaluation import next_token_logits, score_probes
-from surgery.panels import DEMO_PANEL, Probe, load_facts, load_panel
-from surgery.patch import Patch, base_config, patched_model
-from surgery import weight_patching as wp
-from surgery.weight_patching import (ablate_tensor, ablate_weights, check_same_architecture, components, head_slices,
+from surgery.core.errors import InputError
+from surgery.evaluation.scoring import next_token_logits, score_probes
+from surgery.evaluation.panels import DEMO_PANEL, Probe, load_facts, load_panel
+from surgery.io.edit_file import Patch, base_config, patched_model
+from surgery.patching import weights as wp
+from surgery.patching.weights import (ablate_tensor, ablate_weights, check_same_architecture, components, head_slices,
                                      hybrid, patch_weights, score_facts)
 
 FACTS = [Probe("The capital of France is", " Paris"), Probe("The capital of Japan is", " Tokyo"),
@@ -239,7 +239,7 @@ def test_bad_ablation_mode(model, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def demo_surgery(demo):
-    from surgery.training import SurgeryConfig, operate
+    from surgery.edit.training import SurgeryConfig, operate
 
     facts = load_facts(DEMO_FACTS)
     result = operate(demo.model, demo.tokenizer, facts, SurgeryConfig(site="wv"), panel=load_panel(DEMO_PANEL))
@@ -292,7 +292,7 @@ def test_demo_zero_ablation_finds_the_override_in_the_last_blocks_attention(demo
 
 @pytest.fixture(scope="module")
 def donor_dir(demo, demo_surgery, tmp_path_factory):
-    from surgery.export import save_model
+    from surgery.io.export import save_model
 
     folder = tmp_path_factory.mktemp("demo-fixed")
     save_model(demo_surgery[2], demo.tokenizer, folder)
@@ -338,7 +338,7 @@ def test_cli_other_architecture_is_one_line(tiny_model_dir, capsys):
 
 
 def test_crosscheck_with_the_corrected_model_as_donor(demo, demo_surgery):
-    from surgery.crosscheck import crosscheck
+    from surgery.patching.crosscheck import crosscheck
 
     _, patch, donor = demo_surgery
     r = crosscheck(demo.model, demo.tokenizer, "The capital of France is", " Paris", donor=donor)
@@ -352,7 +352,7 @@ def test_crosscheck_with_the_corrected_model_as_donor(demo, demo_surgery):
 def test_weight_patching_chart(demo, demo_surgery):
     from matplotlib.figure import Figure
 
-    from surgery.patching_plots import weight_patching_chart
+    from surgery.patching.plots import weight_patching_chart
 
     facts, _, donor = demo_surgery
     fig = weight_patching_chart(patch_weights(demo.model, donor, demo.tokenizer, facts))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.diagnosis import diagnose_batch
-from surgery.model_io import load_model
-from surgery.panels import Probe
-from surgery.training import SurgeryConfig, operate
+from surgery.diagnosis.diagnose import diagnose_batch
+from surgery.edit.training import SurgeryConfig, operate
+from surgery.evaluation.panels import Probe
+from surgery.io.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = ROOT / "assets" / "zoo"

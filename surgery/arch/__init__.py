@@ -2,14 +2,14 @@
 
 :func:`layout_of` gives a model's :class:`Layout`, after checking every assumption its family's adapter makes
 against the config and the modules; any model outside the supported families, or breaking one assumption, is
-refused in one line (:class:`~surgery.errors.UnsupportedModelError`) — there is no fallback computation.
+refused in one line (:class:`~surgery.core.errors.UnsupportedModelError`) — there is no fallback computation.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModelError
+from ..core.errors import UnsupportedModelError
 from .base import (SITE_DESCRIPTIONS, SITES, Adapter, Dims, Layout, NormSpec, ParamSlice, apply_softcap,
                    count_parameters)
 from .gemma import GEMMA, GEMMA2, GEMMA3

@@ -5,7 +5,7 @@ A family is written down *declaratively*: module paths relative to a block, how 
 projections are ``Conv1D`` (``[in, out]``) or ``nn.Linear`` (``[out, in]``), and which config entries fix every
 shape. Nothing is inferred from tensor shapes: the V slice of GPT-2 small is square, so a wrong transpose would
 pass every shape check silently. Every assumption is *checked* against the config and the modules when a layout
-is built, and a model that breaks one is refused in one line (:class:`~surgery.errors.UnsupportedModelError`);
+is built, and a model that breaks one is refused in one line (:class:`~surgery.core.errors.UnsupportedModelError`);
 there is no fallback that computes something else.
 
 Block anatomy shared by every supported family (pre-norm residual blocks)::
@@ -25,7 +25,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 SITES = ("wv", "attn", "mlp", "layer")
 SITE_DESCRIPTIONS = {

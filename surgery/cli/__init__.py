@@ -1,7 +1,7 @@
 """Command-line interface: ``python -m surgery <command> ...``.
 
 Each command lives in its own module of this package with a ``register(subparsers)`` function that adds its
-parser and sets ``run(args) -> int``. User errors (:class:`surgery.errors.SurgeryError`) are printed as one
+parser and sets ``run(args) -> int``. User errors (:class:`surgery.core.errors.SurgeryError`) are printed as one
 line on stderr with exit code 2; ``verify`` uses exit code 1 for "the check failed". Ctrl-C and SIGTERM both
 interrupt cleanly (half-written outputs removed) with exit code 130.
 """
@@ -14,7 +14,7 @@ import logging
 import sys
 import warnings
 
-from ..errors import SurgeryError
+from ..core.errors import SurgeryError
 from .common import sigterm_as_interrupt
 
 # Command modules, in the order `--help` lists them.

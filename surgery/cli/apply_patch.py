@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..export import check_output_dir, write_patched_model
-from ..patch import Patch
+from ..io.edit_file import Patch
+from ..io.export import check_output_dir, write_patched_model
 from .common import add_device_arg, load
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..census import CensusConfig, SingleProcess, run_census
-from ..census_report import outcome_table, verdict_table
-from ..diagnosis import DiagnosisConfig
-from ..facts import load_facts
-from ..errors import InputError
-from ..model_io import load_model
+from ..census.run import CensusConfig, SingleProcess, run_census
+from ..census.report import outcome_table, verdict_table
+from ..diagnosis.diagnose import DiagnosisConfig
+from ..evaluation.facts import load_facts
+from ..core.errors import InputError
+from ..io.loading import load_model
 from .common import add_device_arg, add_model_arg, load, resolve_device, tqdm_progress
 
 DEFAULTS = DiagnosisConfig()

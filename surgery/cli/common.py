@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..model_io import LoadedModel, load_model
+from ..io.loading import LoadedModel, load_model
 
 
 def add_model_arg(parser: argparse.ArgumentParser, flag: str = "--model", required: bool = True) -> None:
@@ -60,14 +60,14 @@ def add_panel_arg(parser: argparse.ArgumentParser) -> None:
 
 def load_panel_arg(args: argparse.Namespace, model):
     """The panel given with --panels, or the bundled one for ``model``."""
-    from ..panels import load_panel, panel_for_model
+    from ..evaluation.panels import load_panel, panel_for_model
 
     return load_panel(args.panels) if getattr(args, "panels", None) else panel_for_model(model)
 
 
 def parse_layer(text: str) -> int | None:
     """``--layer N|auto`` -> block index or None (auto). Range is checked against the model later."""
-    from ..errors import InputError
+    from ..core.errors import InputError
 
     if text is None or text.strip().lower() == "auto":
         return None

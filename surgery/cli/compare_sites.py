@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from ..errors import SurgeryFailed
+from ..core.errors import SurgeryFailed
 from ..arch import SITES, layout_of
-from ..panels import load_facts
-from ..training import choose_layer
+from ..evaluation.panels import load_facts
+from ..edit.training import choose_layer
 from .common import add_model_arg, load, load_panel_arg, print_json
 from .operate import add_training_args, config_from_args, read_unrelated, run_operate
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..crosscheck import PATCHING_CONFIRMS, CrossCheck, CrossCheckConfig, crosscheck
-from ..diagnosis import DiagnosisConfig
-from ..errors import InputError
+from ..patching.crosscheck import PATCHING_CONFIRMS, CrossCheck, CrossCheckConfig, crosscheck
+from ..diagnosis.diagnose import DiagnosisConfig
+from ..core.errors import InputError
 from .common import add_device_arg, add_model_arg, add_prompt_args, head_label, load, print_json
 
 

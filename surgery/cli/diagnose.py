@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..diagnosis import Diagnosis, DiagnosisConfig, diagnose
+from ..diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose
 from .common import add_device_arg, add_model_arg, add_prompt_args, head_label, load, print_json
 
 

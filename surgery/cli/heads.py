@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..static_heads import HeadStats, StaticHeadConfig, head_table
-from ..token_classes import TOKEN_CLASSES
+from ..diagnosis.static_heads import HeadStats, StaticHeadConfig, head_table
+from ..diagnosis.token_classes import TOKEN_CLASSES
 from .common import add_device_arg, add_model_arg, load, print_json
 
 

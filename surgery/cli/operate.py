@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InputError
-from ..export import check_output_dir, write_output
-from ..panels import load_facts
-from ..report import format_facts, format_rows, format_wrong
-from ..training import SurgeryConfig, SurgeryResult, operate
+from ..core.errors import InputError
+from ..io.export import check_output_dir, write_output
+from ..evaluation.panels import load_facts
+from ..evaluation.report import format_facts, format_rows, format_wrong
+from ..edit.training import SurgeryConfig, SurgeryResult, operate
 from .common import (add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json,
                      tqdm_progress)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..activation_patching import KINDS, ActivationPatching, ActivationPatchingConfig, patch_activations
-from ..errors import OutputError
+from ..patching.activations import KINDS, ActivationPatching, ActivationPatchingConfig, patch_activations
+from ..core.errors import OutputError
 from .common import add_device_arg, add_model_arg, load, print_json
 
 
@@ -64,7 +64,7 @@ def _output_dir(path: str) -> Path:
 
 def write_heatmaps(result: ActivationPatching, out: Path) -> list[Path]:
     """One ``{kind}.png`` per grid in ``out``."""
-    from ..patching_plots import patching_heatmap
+    from ..patching.plots import patching_heatmap
 
     written = []
     for kind in result.grids:

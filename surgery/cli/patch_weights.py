@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import InputError
-from ..panels import load_facts
-from ..weight_patching import ABLATIONS, GRANULARITIES, WeightPatching, ablate_weights, patch_weights
+from ..core.errors import InputError
+from ..evaluation.panels import load_facts
+from ..patching.weights import ABLATIONS, GRANULARITIES, WeightPatching, ablate_weights, patch_weights
 from .common import add_device_arg, load, print_json
 
 

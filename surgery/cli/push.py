@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..hub import push_folder
+from ..io.hub import push_folder
 
 
 def register(sub) -> None:

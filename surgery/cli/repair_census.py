@@ -7,13 +7,13 @@ import argparse
 import json
 from pathlib import Path
 
-from ..census import read_records
-from ..errors import InputError
-from ..export import PATCH_FILE, _with_base, atomic_output, check_output_dir
-from ..facts import load_fact_file
-from ..many_facts import RepairConfig, repair_from_census
-from ..panels import ENGLISH_PANEL, load_panel
-from ..report import format_rows
+from ..census.run import read_records
+from ..core.errors import InputError
+from ..edit.many_facts import RepairConfig, repair_from_census
+from ..evaluation.facts import load_fact_file
+from ..evaluation.panels import ENGLISH_PANEL, load_panel
+from ..evaluation.report import format_rows
+from ..io.export import PATCH_FILE, _with_base, atomic_output, check_output_dir
 from .common import add_device_arg, add_model_arg, load, parse_layer
 from .operate import DEFAULTS
 
@@ -47,7 +47,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import SurgeryConfig
+    from ..edit.training import SurgeryConfig
 
     surgery = SurgeryConfig(site=args.site, layer=parse_layer(args.layer), lr=args.lr, epochs=args.epochs,
                             batch_size=args.batch_size, seed=args.seed)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import plots
+from ..diagnosis import plots
 from ..arch import SITES
-from ..errors import InputError
-from ..export import atomic_output, check_output_dir
-from ..panels import load_facts
-from ..reproduce import reproduce
+from ..core.errors import InputError
+from ..io.export import atomic_output, check_output_dir
+from ..evaluation.panels import load_facts
+from ..edit.reproduce import reproduce
 from .common import add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer
 
 
@@ -35,7 +35,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import SurgeryConfig
+    from ..edit.training import SurgeryConfig
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     bad = [s for s in sites if s not in SITES]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import InputError
+from ..core.errors import InputError
 from ..arch import SITE_DESCRIPTIONS, SITES, count_parameters, layout_of
 from .common import add_device_arg, add_model_arg, load, parse_layer, print_json
 

@@ -3,7 +3,7 @@
 Everything is judged by what the models say (greedy generation, the whole answer at a word boundary). Exit 0 only
 if the corrected model says every fact, no more paraphrases are wrong than before, the unedited facts of the
 relation and the general, neighbourhood and side-effect probes each broke at most floor(5%) of their list (0 for
-lists under 20), and perplexity is at most 5% higher (:func:`surgery.report.regressions`); exit 1 with one reason
+lists under 20), and perplexity is at most 5% higher (:func:`surgery.evaluation.report.regressions`); exit 1 with one reason
 per failed check otherwise; 2 for user errors.
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import InputError
-from ..model_io import load_model
-from ..panels import load_facts
-from ..report import (PERPLEXITY_TOLERANCE, PROBE_TOLERANCE, compare, format_facts, format_rows, format_wrong,
+from ..core.errors import InputError
+from ..io.loading import load_model
+from ..evaluation.panels import load_facts
+from ..evaluation.report import (PERPLEXITY_TOLERANCE, PROBE_TOLERANCE, compare, format_facts, format_rows, format_wrong,
                       regressions)
 from .common import add_device_arg, add_panel_arg, load_panel_arg, print_json, resolve_device
 

@@ -1,0 +1,1 @@
+"""Diagnose a whole fact set and tabulate the verdicts."""

@@ -1,0 +1,1 @@
+"""Cross-cutting plumbing every stage uses: our error types, the one hook mechanism, prompt/target tokenization."""

@@ -1,0 +1,191 @@
+"""Many facts in one edit, chosen by a census: which failures to edit, and what the edit does to the rest.
+
+A census (``python -m surgery census``) says which facts are *routing* failures — the model holds the answer in
+the later blocks, then loses it. :func:`split_routing` splits them, per relation and seeded, into facts to edit
+and held-out facts never trained on. :func:`repair_from_census` makes one edit for all the edited facts at the
+block most of them prescribe, and judges it with the usual evaluation (:mod:`surgery.evaluation.report`) on a panel built
+from the census:
+
+* efficacy: the edited facts; paraphrase generalization: their paraphrases;
+* relation generalization: the held-out routing failures of the same relations (``relation`` probes);
+* specificity: facts of the census the model already answers right, in *other* relations (``side_effects``),
+  and the English panel's neighbourhood probes, general probes, perplexity passage and unrelated text.
+
+It then edits a sample of the same facts one at a time, so that one edit for all can be compared with one edit
+per fact: time, parameters changed, side effects. The base model is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+from torch import nn
+
+from ..census.run import record_key
+from ..core.errors import InputError, SurgeryFailed
+from ..evaluation.facts import Fact
+from ..evaluation.panels import Panel, Probe
+from ..evaluation.report import SurgeryReport
+from ..io.edit_file import Patch
+from .training import SurgeryConfig, operate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """``edit_fraction`` of each relation's routing failures is edited (at most ``max_edit`` in all), the rest
+    held out; ``specificity_facts``: correct facts of other relations scored as side effects; ``per_fact``: how
+    many of the edited facts are also edited one at a time for the comparison (0: none); ``seed`` fixes the
+    split and the samples."""
+
+    edit_fraction: float = 0.5
+    max_edit: int | None = None
+    specificity_facts: int = 64
+    per_fact: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.edit_fraction < 1.0:
+            raise InputError(f"edit_fraction must be between 0 and 1 (exclusive), not {self.edit_fraction!r}")
+        for name in ("max_edit", "specificity_facts", "per_fact"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InputError(f"{name} must be a non-negative integer, not {value!r}")
+
+
+def _probe(fact: Fact) -> Probe:
+    return Probe(fact.prompt, fact.target, fact.paraphrases)
+
+
+def split_routing(records: Sequence[dict], facts: Sequence[Fact], config: RepairConfig
+                  ) -> tuple[list[Fact], list[Fact]]:
+    """The census' routing failures among ``facts``, split per relation into (edited, held out), seeded.
+
+    ``records``: census lines (``prompt``, ``target``, ``verdict``). Ambiguous facts are never used.
+    """
+    verdicts = {record_key(r): r["verdict"] for r in records}
+    by_relation: dict[str, list[Fact]] = defaultdict(list)
+    for fact in facts:
+        if fact.ambiguous is None and verdicts.get(fact.key) == "routing":
+            by_relation[fact.relation].append(fact)
+    if not by_relation:
+        raise InputError("the census has no routing failure among these facts: nothing to edit")
+    rng = random.Random(config.seed)
+    edit, held = [], []
+    for relation in sorted(by_relation):
+        group = by_relation[relation][:]
+        rng.shuffle(group)
+        n = max(1, round(config.edit_fraction * len(group)))
+        edit += group[:n]
+        held += group[n:]
+    if config.max_edit is not None and len(edit) > config.max_edit:
+        rng.shuffle(edit)
+        held += edit[config.max_edit:]
+        edit = edit[: config.max_edit]
+    return edit, held
+
+
+def census_panel(base: Panel, edit: Sequence[Fact], held: Sequence[Fact], records: Sequence[dict],
+                 facts: Sequence[Fact], config: RepairConfig) -> Panel:
+    """The panel an edit of ``edit`` is judged by (module docstring): ``base`` supplies the neighbourhood and
+    general probes, the perplexity passage and the unrelated text."""
+    edited_relations = {f.relation for f in edit}
+    correct = {record_key(r) for r in records if r["verdict"] == "correct"}
+    others = [f for f in facts if f.key in correct and f.relation not in edited_relations and f.ambiguous is None]
+    random.Random(config.seed).shuffle(others)
+    return replace(base, name=f"census ({base.name} neighbourhood)", facts=tuple(_probe(f) for f in edit),
+                   relation=tuple(_probe(f) for f in held),
+                   side_effects=tuple(_probe(f) for f in others[: config.specificity_facts]), absence=())
+
+
+@dataclass
+class PerFactEdits:
+    """The same facts edited one at a time: how each single edit fared, for the comparison with one edit."""
+
+    facts: int
+    fixed: int
+    total_time_s: float
+    params_changed: int  # summed over the separate edits
+    side_effects_before: int
+    side_effects_after: list[int]  # per edit
+    side_effects_total: int
+    failed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class CensusRepair:
+    edited: int
+    held_out: int
+    layer: int
+    layer_reason: str
+    report: SurgeryReport
+    per_fact: PerFactEdits | None
+    patch: Patch | None = None
+
+    def to_dict(self) -> dict:
+        one = self.report
+        c = one.comparison
+        d = {"edited": self.edited, "held_out": self.held_out, "layer": self.layer,
+             "layer_reason": self.layer_reason, "evaluation": c.evaluation(), "report": one.to_dict()}
+        if self.per_fact is not None:
+            p = self.per_fact
+            n = max(p.facts, 1)
+            d["one_edit_vs_one_per_fact"] = {
+                "one_edit": {"facts": self.edited, "time_s": one.wall_time_s, "params_changed":
+                             one.weights.params_changed, "side_effects_after": c.panel_after.side_effects.correct,
+                             "side_effects_total": c.panel_after.side_effects.total},
+                "per_fact": {**p.to_dict(), "time_s_per_fact": p.total_time_s / n,
+                             "projected_time_s_for_all": p.total_time_s / n * self.edited,
+                             "projected_params_changed_for_all": p.params_changed / n * self.edited},
+            }
+        return d
+
+
+def repair_from_census(model: nn.Module, tokenizer, records: Sequence[dict], facts: Sequence[Fact], base: Panel,
+                       surgery: SurgeryConfig = SurgeryConfig(), config: RepairConfig = RepairConfig(),
+                       progress: Callable[[str], None] | None = None) -> CensusRepair:
+    """One edit for a census' routing failures (split by :func:`split_routing`), judged on :func:`census_panel`,
+    and ``config.per_fact`` of them edited one at a time for comparison. The layer: ``surgery.layer``, else the
+    most common prescribed layer of the edited facts in the census (no second diagnosis)."""
+    say = progress or log.info
+    edit, held = split_routing(records, facts, config)
+    panel = census_panel(base, edit, held, records, facts, config)
+    prescribed = {record_key(r): r["prescribed_layer"] for r in records}
+    if surgery.layer is None:
+        counts = Counter(prescribed[f.key] for f in edit)
+        layer, n = counts.most_common(1)[0]
+        reason = f"census: block {layer} (L{layer + 1}) is the prescribed layer of {n}/{len(edit)} edited facts"
+    else:
+        layer, reason = surgery.layer, "given"
+    config_one = replace(surgery, layer=layer)
+    say(f"one edit for {len(edit)} facts at L{layer + 1} ({len(held)} held out)")
+    result = operate(model, tokenizer, [_probe(f) for f in edit], config_one, panel=panel, require_all=False)
+    report = result.report
+    per_fact = None
+    if config.per_fact:
+        sample = random.Random(config.seed + 1).sample(edit, min(config.per_fact, len(edit)))
+        single = replace(panel, relation=(), facts=())
+        results, failed, t0 = [], [], time.perf_counter()
+        for fact in sample:
+            say(f"one edit for {fact.prompt!r} alone")
+            try:
+                results.append(operate(model, tokenizer, [_probe(fact)], config_one, panel=single).report)
+            except (SurgeryFailed, InputError) as e:
+                failed.append(f"{fact.prompt!r}: {e}")
+        c = report.comparison
+        per_fact = PerFactEdits(
+            facts=len(sample), fixed=sum(r.comparison.facts_after for r in results),
+            total_time_s=time.perf_counter() - t0, params_changed=sum(r.weights.params_changed for r in results),
+            side_effects_before=c.panel_before.side_effects.correct,
+            side_effects_after=[r.comparison.panel_after.side_effects.correct for r in results],
+            side_effects_total=c.panel_before.side_effects.total, failed=failed)
+    return CensusRepair(len(edit), len(held), layer, reason, report, per_fact, result.patch)

@@ -1,0 +1,451 @@
+"""Single-site surgery: retrain one site of one block so the facts come out right, and nothing else moves.
+
+Invariant (as in ROME): the model passed in is the same at the end as at the start — bitwise. Training works on
+a private copy of the edited block; the trainable tensors are exactly the site's slices (for ``wv`` the
+value projection's weight — GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight`` — so the Q/K
+weights, biases and norms are never trainable and stay bitwise identical); the blocks above are run read-only from the base. The result is a
+:class:`~surgery.io.edit_file.Patch`; :func:`~surgery.io.edit_file.patched_model` turns it into a usable view.
+
+Speed by design: the blocks below ``layer`` are frozen, so their output — the residual input of block
+``layer`` — is captured once for the fact prompts and the unrelated text; each step runs only blocks
+``layer .. n_layer-1``, then ``ln_f`` and the unembedding at the positions that matter (the last position of
+each fact prompt, every position of the unrelated text). The original model's next-token distributions on the
+unrelated text are computed once.
+
+Loss = cross-entropy of every piece of each target, teacher-forced (prompt + the answer's earlier pieces), summed
+       over the pieces and averaged over the facts: -log p(whole answer | prompt)
+       + ``kl_weight`` * mean KL(original || edited) of the next-token distributions on the unrelated text.
+A fact counts as fixed when every piece leads by ``margin``: greedy decoding then says the whole answer, not a
+first piece that the model completes into something else.
+
+Defaults (:class:`SurgeryConfig`): Adam with a step scaled to the edited weights (lr = ``lr_scale`` 0.025 x the
+RMS of the site's base values: 1e-3 on Gemma 3 270M's value projections), at most 300 epochs (one epoch = one
+full-batch step over all facts and the unrelated text), kl_weight 200, early stop as soon as every fact is top-1
+by at least ``margin`` = 0.1 logit. The step grows 5% per step that lowers the loss (up to 32x); a step after
+which the loss rose and the preservation term tripled is undone and the step halved (a given ``lr`` is fixed). With ``layer=None`` (``--layer auto``) a block that cannot fix every fact within the budget
+hands over to the next candidate (:func:`candidate_layers`); the report's ``tried`` lists each block trained.
+These defaults fix the routing facts of the zoo (assets/zoo, docs/zoo.md), models they were not tuned on. Training draws no random numbers (full batch, dropout off, the slices start at the base
+values), so a run is deterministic on CPU; ``seed`` seeds torch's RNG inside a forked RNG state anyway, so a
+future random op stays reproducible and the caller's RNG is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..arch import SITES, count_parameters, layout_of
+from ..core.errors import InputError, SurgeryFailed, require_positive_int
+from ..diagnosis.diagnose import Diagnosis, diagnose_batch
+from ..evaluation.panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
+from ..evaluation.report import SurgeryReport, compare
+from ..evaluation.scoring import kl_divergence, score_probes
+from ..io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
+from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches, kept_answers
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    """How to operate. Defaults are documented in the module docstring and ``docs/surgery.md``.
+
+    site: ``wv`` | ``attn`` | ``mlp`` | ``layer``; layer: 0-indexed block, or None for the diagnosis'
+    prescribed layer; lr: a fixed Adam learning rate, or None (the default) for an adaptive one that starts at
+    ``lr_scale`` x the RMS of the site's base weights (:func:`site_lr`: the step follows the weights' scale, so one
+    default serves models whose weights differ in scale) and grows or backs off (:func:`train_site`); epochs: step budget (per block tried); kl_weight: weight of the preservation term;
+    margin: logits by which each target must lead for the early stop; max_unrelated_tokens: tokens of unrelated
+    text used by the preservation term (the text is cut there; None: :func:`unrelated_token_budget` of the
+    model's vocabulary); seed: RNG seed; batch_size: facts per mini-batch (a step still covers every fact: the
+    gradient is accumulated over the mini-batches, so memory is bounded by the batch, not by the facts).
+    """
+
+    site: str = "wv"
+    layer: int | None = None
+    lr: float | None = None
+    lr_scale: float = 0.025
+    epochs: int = 300
+    kl_weight: float = 200.0
+    margin: float = 0.1
+    max_unrelated_tokens: int | None = None
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.site not in SITES:
+            raise InputError(f"unknown site {self.site!r}: choose one of {', '.join(SITES)}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
+                                       or self.layer < 0):
+            raise InputError(f"layer must be a block index (0, 1, ...) or auto, not {self.layer!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"the learning rate must be a positive number, not {self.lr}")
+        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
+            raise InputError(f"lr_scale must be a positive number, not {self.lr_scale}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise InputError(f"epochs must be at least 1, not {self.epochs}")
+        if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            raise InputError(f"kl_weight must be a non-negative number, not {self.kl_weight}")
+        require_positive_int("batch_size", self.batch_size)
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise InputError(f"margin must be a non-negative number, not {self.margin}")
+        if self.max_unrelated_tokens is not None and (
+                isinstance(self.max_unrelated_tokens, bool) or not isinstance(self.max_unrelated_tokens, int)
+                or self.max_unrelated_tokens < 0):
+            raise InputError(f"max_unrelated_tokens must be a non-negative integer, not {self.max_unrelated_tokens!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SurgeryConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise InputError(f"unknown surgery option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# Logits the preservation term may compute per step. Its cost is positions x vocabulary x d_model, so the
+# unembedding of the unrelated text dominates a step on large vocabularies: 512 positions of GPT-2 (50,257 tokens)
+# fit; Gemma's 262,144 tokens get 128 positions. The reported KL is still measured on the whole text.
+LOGIT_BUDGET = 2 ** 25
+
+
+def unrelated_token_budget(d_vocab: int) -> int:
+    """Tokens of unrelated text per training step: ``LOGIT_BUDGET / d_vocab``, between 64 and 512."""
+    return max(64, min(512, LOGIT_BUDGET // d_vocab))
+
+
+@dataclass
+class SurgeryResult:
+    patch: Patch
+    report: SurgeryReport
+
+    def to_dict(self) -> dict:
+        return self.report.to_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the layer.
+# --------------------------------------------------------------------------------------------------
+
+
+def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> tuple[int, str, list[str]]:
+    """The most common prescribed layer among the facts diagnosed as routing failures (ties: the first such
+    fact's). Returns ``(layer, reason, verdicts)``; raises :class:`InputError` when no fact is a routing failure.
+    """
+    diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    return (*layer_from_diagnoses(diagnoses), [d.verdict for d in diagnoses])
+
+
+def layer_from_diagnoses(diagnoses: Sequence[Diagnosis]) -> tuple[int, str]:
+    """:func:`choose_layer` on diagnoses already made: ``(layer, reason)``."""
+    routing = [d for d in diagnoses if d.verdict == "routing"]
+    if not routing:
+        absent = [d.prompt for d in diagnoses if d.verdict == "absence"]
+        raise InputError(
+            "--layer auto needs a routing failure among the facts, but "
+            + (f"{len(absent)} are absences (the model never had them: {absent[0]!r}, ...)" if absent
+               else "every fact is already correct")
+            + "; pass --layer N to operate anyway"
+        )
+    counts = Counter(d.prescribed_layer for d in routing)
+    layer, n = counts.most_common(1)[0]
+    overrides = Counter((d.override["layer"], d.override["head"]) for d in routing)
+    (o_layer, o_head), _ = overrides.most_common(1)[0]
+    reason = (f"auto: block {layer} (L{layer + 1}) is the prescribed layer of {n}/{len(routing)} routing "
+              f"failures (where the target is written most strongly before the override head, "
+              f"most often L{o_layer + 1} H{o_head})")
+    return layer, reason
+
+
+def candidate_layers(diagnoses: Sequence[Diagnosis], first: int, most: int = 3) -> list[int]:
+    """The blocks ``--layer auto`` tries, in order: ``first`` (:func:`layer_from_diagnoses`), the other layers the
+    routing failures prescribe (most often first), then the blocks beside ``first`` below the override head's
+    block; at most ``most``."""
+    routing = [d for d in diagnoses if d.verdict == "routing"]
+    prescribed = [layer for layer, _ in Counter(d.prescribed_layer for d in routing).most_common()]
+    override = Counter(d.override["layer"] for d in routing).most_common(1)[0][0] if routing else first + 1
+    order = [first, *prescribed, first - 1, first + 1]
+    out: list[int] = []
+    for layer in order:
+        if 0 <= layer < max(override, first + 1) and layer not in out:
+            out.append(layer)
+    return out[:most]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainOutcome:
+    values: dict[str, Tensor]
+    steps: int
+    loss: float
+    ce: float
+    kl: float
+    fixed: int
+    lr: float = 0.0  # the learning rate the run started with
+    backoffs: int = 0  # steps undone because the preservation term jumped (each halved the learning rate)
+
+
+# The step size adapts ("bold driver"): every accepted step that lowers the loss grows the learning rate by
+# LR_GROWTH, up to LR_MAX_GROWTH x where it started, so a model that needs bigger steps than the scaled default gets
+# them without a hand-tuned --lr; a step after which the loss rose and the preservation term jumped (by more than
+# KL_JUMP x) is undone (the slices restored to the last accepted values) and the learning rate halved, at most
+# MAX_BACKOFFS times per run. A run that converges within a few steps (Gemma 3 270M: one) never sees either.
+LR_GROWTH = 1.05
+LR_MAX_GROWTH = 32.0
+KL_JUMP = 3.0
+MAX_BACKOFFS = 20
+
+
+def site_lr(values: dict[str, Tensor], config: SurgeryConfig) -> float:
+    """The Adam learning rate of a run: ``config.lr`` when given, else ``config.lr_scale`` x the RMS of the site's
+    base values (all slices together). Adam's steps are about ``lr`` per weight whatever the gradient's scale,
+    so a step relative to the weights' own scale moves every model by the same fraction of its weights (Gemma
+    3 270M's value projections: RMS 0.04, lr 1e-3 as tuned before; the demo model's: RMS 0.085, lr 2.1e-3)."""
+    if config.lr is not None:
+        return config.lr
+    flat = torch.cat([v.detach().float().flatten() for v in values.values()])
+    return config.lr_scale * float(flat.pow(2).mean().sqrt())
+
+
+def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], site: str, layer: int,
+               config: SurgeryConfig, progress: Progress | None = None) -> TrainOutcome:
+    """Adam on the site's slices of block ``layer`` until every fact is top-1 by ``config.margin`` or the
+    budget is spent. Returns the trained slice values (the model is not touched).
+
+    With ``config.lr`` given, Adam runs at that fixed learning rate. Without (the default), the learning rate
+    starts at :func:`site_lr` and adapts (``LR_GROWTH``, ``KL_JUMP``: see there): it grows while
+    the loss falls; a step after which the loss rose and the preservation term jumped is undone (the slices go
+    back to the last accepted values) and the learning rate halved; an undone step is not counted in ``steps``.
+
+    ``frozen`` may be a list of fact mini-batches (:func:`~surgery.edit.upper_stack.freeze_fact_batches`; the first
+    holds the unrelated text): each step then accumulates the gradient over all of them before the one Adam
+    update, so a step is still one full-batch step over every fact — memory bounded by the mini-batch, the
+    result that of one batch (up to the order of float sums).
+    """
+    batches = [frozen] if isinstance(frozen, FrozenInputs) else list(frozen)
+    text = batches[0]
+    n_facts = sum(b.n_facts for b in batches)
+    layout = layout_of(model)
+    slices = layout.site_slices(site, layer, model)
+    stack = UpperStack(model, layer)
+    base = dict(stack.block.named_parameters())
+    values = {s.name: s.read(base[s.name[len(stack.prefix):]]).detach().clone().requires_grad_(True)
+              for s in slices}
+    lr = site_lr(values, config)
+    adaptive = config.lr is None  # a given --lr is a plain, fixed Adam step, as it always was
+    optimizer = torch.optim.Adam(values.values(), lr=lr)
+    use_kl = text.text is not None and config.kl_weight > 0
+    use_kept = text.kept is not None and config.kl_weight > 0
+    with torch.no_grad():
+        if use_kl and text.ref_log_probs is None:
+            text.ref_log_probs = stack.text_log_probs(text, stack.block_params(slices, values))
+        if use_kept and text.kept_ref_log_probs is None:
+            text.kept_ref_log_probs = stack.kept_log_probs(text, stack.block_params(slices, values))
+
+    def preservation() -> Tensor:
+        """KL on the unrelated text plus KL where the kept prompts' own answers are said (each a mean)."""
+        params = stack.block_params(slices, values)
+        kl = kl_divergence(text.ref_log_probs, stack.text_log_probs(text, params)) if use_kl else torch.zeros(())
+        if use_kept:
+            kl = kl + kl_divergence(text.kept_ref_log_probs, stack.kept_log_probs(text, params))
+        return kl
+    steps, backoffs = 0, 0
+    good = {n: v.detach().clone() for n, v in values.items()}  # the last accepted values
+    last: tuple[float, float] | None = None  # (loss, preservation term) of the last accepted values
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        ce, fixed = 0.0, 0
+        for batch in batches:  # the facts' cross-entropy, mean over all facts, gradient accumulated per batch
+            logits = stack.fact_logits(batch, stack.block_params(slices, values))  # (P, V): every answer piece
+            part = F.cross_entropy(logits.float(), batch.targets, reduction="sum") / n_facts
+            if steps < config.epochs:
+                part.backward()
+            ce += float(part.detach())
+            fixed += _n_fixed(logits.detach(), batch.targets, batch.piece_rows, batch.n_facts, config.margin)
+        kl = preservation()
+        kl_term = config.kl_weight * float(kl.detach())
+        loss = ce + kl_term
+        if not math.isfinite(loss):
+            raise SurgeryFailed(f"training diverged: the loss became {loss} at step {steps}; "
+                                f"try a lower learning rate (now {lr:.3g})")
+        if (adaptive and last is not None and loss > last[0] and kl_term > KL_JUMP * last[1]
+                and backoffs < MAX_BACKOFFS):
+            with torch.no_grad():  # undo the step that overshot; the moments keep the accepted gradients
+                for n, v in values.items():
+                    v.copy_(good[n])
+            backoffs += 1
+            for group in optimizer.param_groups:
+                group["lr"] /= 2
+            log.debug("step %d: preservation term %.3g -> %.3g, step undone, lr now %.3g",
+                      steps, last[1], kl_term, optimizer.param_groups[0]["lr"])
+            continue
+        if fixed == n_facts or steps >= config.epochs:
+            break
+        if adaptive and last is not None and loss < last[0]:
+            for group in optimizer.param_groups:
+                group["lr"] = min(group["lr"] * LR_GROWTH, LR_MAX_GROWTH * lr)
+        last = (loss, kl_term)
+        good = {n: v.detach().clone() for n, v in values.items()}
+        if use_kl or use_kept:
+            (config.kl_weight * kl).backward()
+        optimizer.step()
+        steps += 1
+        if progress is not None:
+            progress(steps, config.epochs, loss)
+        log.debug("step %d loss %.4f ce %.4f kl %.2e fixed %d/%d", steps, loss, ce, kl, fixed, n_facts)
+    bad = [n for n, v in values.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise SurgeryFailed(f"training produced NaN/Inf weights in {', '.join(bad)}; try a lower learning rate")
+    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss, ce, float(kl.detach()),
+                        fixed, lr, backoffs)
+
+
+def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | None) -> tuple[list[str], str]:
+    """The texts of the preservation term: ``given``, else the panel's that ``tokenizer`` can encode, else the
+    English panel's; with none at all, training runs on the facts alone and the returned note says so."""
+    if given is not None:
+        return list(given), ""
+    for source in (panel, load_panel(ENGLISH_PANEL)):
+        texts = list(fit_panel(source, tokenizer, n_ctx).panel.unrelated_text)
+        if texts:
+            note = "" if source is panel else f"preservation text: the English panel's (panel {panel.name!r} has none this tokenizer can encode)"
+            return texts, note
+    return [], "no unrelated text this tokenizer can encode: trained without the preservation (KL) term"
+
+
+def _n_fixed(logits: Tensor, targets: Tensor, rows: Tensor, n_facts: int, margin: float) -> int:
+    """Facts every piece of whose answer leads every other token by at least ``margin`` (teacher-forced): greedy
+    decoding then says the whole answer. ``logits`` (P, V), ``targets`` and ``rows`` (P,): piece labels, facts."""
+    target = logits.gather(-1, targets[:, None])[:, 0]  # (P,)
+    others = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1)  # (P,)
+    lead = target - others
+    worst = torch.full((n_facts,), float("inf"), device=lead.device).scatter_reduce(0, rows, lead, "amin")
+    return int((worst >= margin).sum()) if margin > 0 else int((worst > 0).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole operation.
+# --------------------------------------------------------------------------------------------------
+
+
+def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: SurgeryConfig = SurgeryConfig(),
+            unrelated: Sequence[str] | None = None, progress: Progress | None = None,
+            panel: Panel | None = None, require_all: bool = True,
+            preserve: Sequence[Probe] | None = None) -> SurgeryResult:
+    """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
+
+    ``facts``: probes (prompt, target); every piece of each target is trained. With ``layer=None`` the facts the
+    diagnosis calls absences (the model never holds the answer) are not trained, and the report says so: a
+    single-site repair would only teach them by rote. ``unrelated``: texts for the
+    preservation term (default: the panel's ``unrelated_text``). ``panel``: what the report judges the edit by
+    (default :func:`panel_for_model`). ``preserve``: prompts (with their answers) whose greedy continuation the
+    preservation term also keeps, as many tokens as each answer has pieces (default: the panel's ``preserve``
+    list; a prompt among the facts is left out). ``progress(step, total, loss)`` is called after every step.
+    Raises :class:`InputError` (bad facts, nothing to fix, no routing failure for ``layer=None``) or
+    :class:`SurgeryFailed` (NaN/Inf, or — with ``require_all``, the default — facts not all fixed within the
+    budget; without it the report says how many were, as a many-fact edit is judged by its efficacy).
+    """
+    t0 = time.perf_counter()
+    facts = list(facts)
+    if not facts:
+        raise InputError("no facts given: give at least one {\"prompt\", \"target\"} to fix")
+    layout = layout_of(model)
+    panel = panel if panel is not None else panel_for_model(model)
+    unrelated, unrelated_note = _unrelated_text(panel, tokenizer, layout.n_ctx, unrelated)
+    before = score_probes(model, tokenizer, facts)  # also validates every prompt and target
+    if before.correct == before.total:
+        raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
+    diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    verdicts = [d.verdict for d in diagnoses]
+    absent_notes: list[str] = []
+    keep = [True] * len(facts)  # the facts trained, and required to be fixed
+    if config.layer is None:
+        layer, reason = layer_from_diagnoses(diagnoses)
+        keep = [v != "absence" for v in verdicts]
+        absent_notes = [f"not trained: {f.prompt!r} -> {f.target!r} is an absence (the model never holds the "
+                        f"answer), which single-site surgery does not repair"
+                        for f, v in zip(facts, verdicts) if v == "absence"]
+    else:
+        layer, reason = layout.check_layer(config.layer), "given"
+    log.info("operating on site %s of block %d (%s)", config.site, layer, reason)
+
+    # --layer auto: when the prescribed block cannot fix the facts within the budget, the next candidate gets a
+    # fresh budget; the best try (most facts fixed, the first among equals) is kept and the report lists them all.
+    layers = candidate_layers(diagnoses, layer) if config.layer is None else [layer]
+    budget = config.max_unrelated_tokens
+    budget = unrelated_token_budget(layout.d_vocab) if budget is None else budget
+    trained = [f for f, k in zip(facts, keep) if k]
+    edited_prompts = {f.prompt for f in facts}
+    preserve = [p for p in (panel.preserve if preserve is None else preserve) if p.prompt not in edited_prompts]
+    kept = kept_answers(model, tokenizer, preserve)
+    device = next(model.parameters()).device
+    tried: list[dict] = []
+    best = None
+    train_time = 0.0
+    for layer in layers:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            t_train = time.perf_counter()
+            frozen = freeze_fact_batches(model, tokenizer, trained, unrelated, layer, budget, config.batch_size,
+                                         kept)
+            outcome = train_site(model, frozen, config.site, layer, config, progress)
+            train_time += time.perf_counter() - t_train
+        slices = tuple(layout.site_slices(config.site, layer, model))
+        patch = Patch(config.site, layer, slices, outcome.values,
+                      {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)})
+        edited = patched_model(model, patch)
+        after = score_probes(edited, tokenizer, facts)
+        wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
+        tried.append({"layer": layer, "steps": outcome.steps, "lr": outcome.lr, "backoffs": outcome.backoffs,
+                      "fixed": sum(keep) - len(wrong), "total": sum(keep)})
+        log.info("block %d: %d/%d facts fixed in %d steps", layer, tried[-1]["fixed"], sum(keep), outcome.steps)
+        if best is None or len(wrong) < len(best[5]):
+            best = (layer, outcome, patch, edited, after, wrong)
+        if not wrong:
+            break
+    layer, outcome, patch, edited, after, wrong = best
+    if layer != layers[0]:
+        reason += f"; block {layers[0]} did not fix every fact within {config.epochs} epochs, block {layer} did better"
+    if wrong and require_all:
+        raise SurgeryFailed(
+            f"not fixed within the budget: {sum(keep) - len(wrong)}/{sum(keep)} facts correct after {outcome.steps} "
+            f"epochs at site {config.site} of block {layer} (still wrong: {wrong[0]!r}"
+            f"{', ...' if len(wrong) > 1 else ''}); try more --epochs, a larger site or another --layer"
+        )
+    comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after)
+    notes = absent_notes + [f"not scored: {u}" for u in comparison.unavailable] + ([unrelated_note] if unrelated_note else [])
+    if after.correct < after.total:
+        notes.append(f"{after.correct}/{after.total} facts fixed within the budget of {config.epochs} epochs")
+    if len(tried) > 1:
+        notes.append("blocks tried: " + ", ".join(f"{t['layer']} ({t['fixed']}/{t['total']} fixed in {t['steps']} "
+                                                  f"steps)" for t in tried))
+    report = SurgeryReport(
+        site=config.site, layer=layer, layer_reason=reason,
+        params_in_site=patch.numel, params_total=count_parameters(model),
+        steps=outcome.steps, epochs=config.epochs,
+        final_loss=outcome.loss, final_ce=outcome.ce, final_kl=outcome.kl,
+        train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
+        comparison=comparison, weights=weight_stats(model, patch, edited),
+        config={**config.to_dict(), "layer": layer, "lr_start": outcome.lr, "panel": panel.name,
+                "max_unrelated_tokens": budget, "preserved_prompts": len(kept)},
+        notes=notes,
+        block=layout.adapter.block(layer),
+        tried=tried,
+    )
+    return SurgeryResult(patch, report)

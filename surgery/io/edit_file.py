@@ -1,0 +1,258 @@
+"""An edit as a patch: the new values of the trained slices of one block, and views that apply it.
+
+The base model is never modified. :func:`patched_model` builds a *view*: new container objects along the path to
+the blocks (``model -> transformer -> h`` for GPT-2, ``model -> model -> layers`` for the others), every untouched module and parameter shared with the base (same tensors, no
+copy), and a private copy of the one patched block carrying the new values. Several sessions can each hold
+their own view of one shared base at once, without locks.
+
+On disk a patch is a safetensors file holding only the trained slices (for ``wv``: just the
+value projection's weight; GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision, site,
+layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so a patch is refused
+on any other base.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..arch import ParamSlice, layout_of
+from ..core.errors import PatchError
+
+FORMAT = "transformer-surgery-patch/1"
+JSON_METADATA = ("base_config",)  # metadata entries stored as JSON text; the others are plain strings
+
+
+@dataclass
+class Patch:
+    """New values of the trained slices of block ``layer``; ``values[name]`` has the slice's shape."""
+
+    site: str
+    layer: int
+    slices: tuple[ParamSlice, ...]
+    values: dict[str, Tensor]
+    metadata: dict = field(default_factory=dict)  # base_model, revision, base_config, base_block_sha256, ...
+
+    @property
+    def numel(self) -> int:
+        return sum(v.numel() for v in self.values.values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the slices and the metadata (all JSON strings, as safetensors requires) to ``path``."""
+        meta = {"format": FORMAT, "site": self.site, "layer": str(self.layer),
+                "slices": json.dumps([s.to_dict() for s in self.slices])}
+        for key, value in self.metadata.items():
+            if value is not None:
+                meta[key] = json.dumps(value) if key in JSON_METADATA else str(value)
+        tensors = {name: v.detach().to("cpu").contiguous() for name, v in self.values.items()}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Patch":
+        """Read a patch file; raises :class:`PatchError` if it is missing or not a surgery patch."""
+        path = Path(path)
+        if not path.is_file():
+            raise PatchError(f"patch file {path} does not exist")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            values = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PatchError(f"{path} is not a readable safetensors file: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise PatchError(f"{path} is not a surgery patch (no '{FORMAT}' metadata)")
+        try:
+            slices = tuple(ParamSlice.from_dict(d) for d in json.loads(meta.pop("slices")))
+            site, layer = meta.pop("site"), int(meta.pop("layer"))
+        except (KeyError, ValueError, TypeError) as e:
+            raise PatchError(f"{path} has broken patch metadata ({e})") from None
+        meta.pop("format")
+        if {s.name for s in slices} != set(values):
+            raise PatchError(f"{path}: its tensors do not match its slice list")
+        for name, value in values.items():
+            if not value.is_floating_point():
+                raise PatchError(f"{path}: tensor {name} holds {value.dtype} values, not weights")
+            if not bool(torch.isfinite(value).all()):
+                raise PatchError(f"{path}: tensor {name} holds NaN or inf values")
+        try:
+            meta.update({k: json.loads(meta[k]) for k in JSON_METADATA if k in meta})
+        except json.JSONDecodeError as e:
+            raise PatchError(f"{path} has broken patch metadata ({e})") from None
+        return cls(site, layer, slices, values, meta)
+
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise :class:`PatchError` unless ``model`` is the base this patch was made from (config, shapes and
+        the SHA-256 of the patched block's weights)."""
+        config = base_config(model)
+        expected = self.metadata.get("base_config")
+        if expected is not None:
+            diff = [f"{k} {expected.get(k)} (patch) vs {config.get(k)} (model)"
+                    for k in sorted(set(expected) | set(config)) if expected.get(k) != config.get(k)]
+            if diff:
+                raise PatchError(f"this patch was made for another model architecture: {'; '.join(diff)}")
+        layout = layout_of(model)
+        if not 0 <= self.layer < layout.n_layer:
+            raise PatchError(f"this patch edits block {self.layer}; the model has blocks 0..{layout.n_layer - 1}")
+        block = layout.adapter.block(self.layer)
+        params = dict(model.named_parameters())
+        for s in self.slices:
+            # patched_model writes each slice into its copy of block `layer` by the name's tail: a slice of another
+            # block would silently land in this one
+            if not s.name.startswith(block + "."):
+                raise PatchError(f"this patch says it edits block {self.layer} ({block}), but it holds {s.name}, "
+                                 "which is not in that block: the file is damaged or was crafted")
+            if s.name not in params:
+                raise PatchError(f"this patch edits {s.name}, which the model does not have")
+            want = tuple(s.read(params[s.name]).shape)
+            if tuple(self.values[s.name].shape) != want:
+                raise PatchError(f"{s.name}: the patch holds shape {tuple(self.values[s.name].shape)}, "
+                                 f"the model's slice is {want}")
+        digest = self.metadata.get("base_block_sha256")
+        if digest is not None and digest != block_digest(model, self.layer):
+            raise PatchError(f"this patch was made for another base model: block {self.layer}'s weights differ "
+                             f"(patch base: {self.metadata.get('base_model', 'unknown')})")
+
+
+def base_config(model: nn.Module) -> dict:
+    """The config entries that fix every tensor shape (which ones: the family's adapter)."""
+    return layout_of(model).shape_config(model.config)
+
+
+def block_digest(model: nn.Module, layer: int) -> str:
+    """SHA-256 over block ``layer``'s parameters (names, shapes and bytes, in a fixed order)."""
+    h = hashlib.sha256()
+    block = model.get_submodule(layout_of(model).adapter.block(layer))
+    for name, p in sorted(block.named_parameters()):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+HOOK_REGISTRIES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _copy_registries(module: nn.Module) -> None:
+    """Give ``module`` (a fresh copy) its own registry dicts, so that adding a hook or swapping a child on it never
+    touches the original, and drop the request-scoped hooks of :func:`surgery.core.hooks.hooked` (another thread's
+    diagnosis must not follow into the copy). Other hooks — transformers' output recorders — are kept."""
+    for key, value in list(vars(module).items()):
+        if not isinstance(value, dict):
+            continue
+        if key in HOOK_REGISTRIES:
+            value = type(value)((k, h) for k, h in value.items() if not getattr(h, "thread_scoped", False))
+        module.__dict__[key] = copy.copy(value)
+
+
+def _install_output_recorders(model: nn.Module) -> None:
+    """transformers 5 records ``output_hidden_states``/``output_attentions`` with forward hooks that it installs
+    once per model, on first use. Install them on the base now, so every copy carries exactly one set: otherwise a
+    view would install a second set on the modules it shares with the base (hidden states recorded twice)."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # older transformers: outputs are returned, not recorded by hooks
+        return
+    maybe_install_capturing_hooks(model)
+
+
+def copy_block(model: nn.Module, layer: int) -> nn.Module:
+    """A private deep copy of block ``layer`` (sharing the config object), without request-scoped hooks."""
+    path = layout_of(model).adapter.block(layer)
+    if any(p.device.type == "meta" for p in model.get_submodule(path).parameters()):
+        raise PatchError(f"block {layer} ({path}) is offloaded (device_map put it on disk or offloaded it to the CPU): "
+                         "the block an edit changes must be held in memory; give it a device in device_map")
+    block = copy.deepcopy(model.get_submodule(path), memo={id(model.config): model.config})
+    for module in block.modules():
+        _copy_registries(module)
+    return block
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing every submodule, parameter and buffer with ``module``."""
+    new = copy.copy(module)
+    _copy_registries(new)
+    return new
+
+
+def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
+    """A view of ``model`` with ``patch`` applied; ``model``'s weights are not modified (see the module
+    docstring). transformers' inert output-recording hooks are installed on ``model`` first, as its first
+    ``output_hidden_states=True`` call would, so that the view and the base each record their outputs once.
+
+    Raises :class:`PatchError` if the patch does not fit ``model``.
+    """
+    patch.check_compatible(model)
+    _install_output_recorders(model)
+    block_path = layout_of(model).adapter.block(patch.layer)
+    new_block = copy_block(model, patch.layer)
+    prefix = block_path + "."
+    with torch.no_grad():
+        for s in patch.slices:
+            param = new_block.get_parameter(s.name[len(prefix):])
+            s.read(param).copy_(patch.values[s.name].to(param.device, param.dtype))
+    view = _shallow_copy(model)
+    parent = view
+    parts = block_path.split(".")
+    for part in parts[:-1]:  # e.g. transformer, h (GPT-2) or model, layers
+        child = _shallow_copy(parent.get_submodule(part))
+        parent._modules[part] = child
+        parent = child
+    parent._modules[parts[-1]] = new_block
+    return view
+
+
+@dataclass
+class WeightStats:
+    """How far an edit moved the weights, and what it provably did not touch."""
+
+    params_in_site: int  # size of the trained slices
+    params_changed: int  # elements whose value differs from the base
+    delta_l2: float  # ||new - base||_2 over the trained slices
+    max_abs_delta: float
+    others_unchanged: bool  # every tensor outside the slices is bitwise equal to the base
+    qk_unchanged: bool | None  # wv only: Q/K weights, biases and norms bitwise equal
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def weight_stats(model: nn.Module, patch: Patch, edited: nn.Module | None = None) -> WeightStats:
+    """Compare ``edited`` (default: ``patched_model(model, patch)``) with the base ``model``, bitwise."""
+    edited = patched_model(model, patch) if edited is None else edited
+    base_params = dict(model.named_parameters())
+    new_params = dict(edited.named_parameters())
+    trained = {s.name: s for s in patch.slices}
+    changed, sq, max_abs = 0, 0.0, 0.0
+    others_unchanged = True
+    for name, base in base_params.items():
+        new = new_params[name]
+        s = trained.get(name)
+        if s is None:
+            # A view shares every untouched tensor with the base: the same object is bitwise equal (and an
+            # offloaded one, on the meta device, could not be compared element by element).
+            others_unchanged &= new is base or torch.equal(base, new)
+            continue
+        delta = (s.read(new).double() - s.read(base).double())
+        changed += int((s.read(new) != s.read(base)).sum())
+        sq += float((delta ** 2).sum())
+        max_abs = max(max_abs, float(delta.abs().max()) if delta.numel() else 0.0)
+        if s.cols is not None:  # the columns outside the slice must be untouched too
+            mask = torch.ones(base.shape[1], dtype=torch.bool, device=base.device)
+            mask[s.cols] = False
+            others_unchanged &= torch.equal(base[:, mask], new[:, mask])
+    qk_unchanged = None
+    if patch.site == "wv":  # everything that shapes the attention pattern: Q/K weights, biases and norms
+        qk_unchanged = all(torch.equal(s.read(base_params[s.name]), s.read(new_params[s.name]))
+                           for s in layout_of(model).qk_slices(model, patch.layer))
+    return WeightStats(params_in_site=patch.numel, params_changed=changed, delta_l2=sq ** 0.5,
+                       max_abs_delta=max_abs, others_unchanged=bool(others_unchanged), qk_unchanged=qk_unchanged)

@@ -1,0 +1,294 @@
+"""Writing an edit to disk: a full model folder, the patch, the report and a model card — atomically.
+
+An output folder holds:
+
+* the corrected model, loadable with ``from_pretrained`` (``config.json`` — keeping a ``surgery_panels``
+  attribute if the base has one —, ``model.safetensors``, ``generation_config.json``, the tokenizer files);
+* ``patch.safetensors``: only the changed tensors (for ``wv`` the V slice) with metadata (base, revision, site,
+  layer, slice bounds, base config and block hash) — :func:`surgery.io.edit_file.Patch.load` reads it back;
+* ``report.json``: :meth:`SurgeryReport.to_dict`; ``README.md``: a Hub model card with the before/after table.
+
+Atomic: everything is written into a hidden temporary folder next to the target, which is renamed into place
+only when complete; an interrupted run (Ctrl-C, or SIGTERM in the CLI, which raises the same exception) removes
+it again, so nothing half-written is left (only SIGKILL can leave a hidden ``.NAME.partial-*`` folder).
+
+An existing target is refused unless ``overwrite`` is set, and even then only replaced when this tool wrote it:
+every output folder carries a ``.transformer-surgery`` marker file, and a folder without it (a user's own files)
+is refused and left alone.
+
+Outputs name the base model as :attr:`LoadedModel.base_name` says (a Hub id or preset as given, else only the
+folder's name): no absolute local path is written. The model is saved in the dtype its checkpoint had (a bf16
+base gives a bf16 model, though it was loaded and edited in float32); ``patch.safetensors`` keeps the trained
+values as they were trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..core.errors import OutputError
+from ..evaluation.report import format_rows
+from .edit_file import Patch, patched_model
+from .loading import LoadedModel
+
+PATCH_FILE = "patch.safetensors"
+REPORT_FILE = "report.json"
+CARD_FILE = "README.md"
+MODEL_FILES = ("config.json", "model.safetensors")
+MARKER_FILE = ".transformer-surgery"  # in every output folder: --overwrite replaces only folders that have it
+_MARKER_TEXT = json.dumps({"written_by": "transformer-surgery",
+                           "note": "--overwrite may replace this folder; delete this file to protect it"}) + "\n"
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, up front, an existing ``out_dir`` (unless ``overwrite``, and then still unless it is empty or this
+    tool wrote it) or one whose parent cannot be written."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out_dir} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise OutputError(f"--out {out_dir} already exists; pass --overwrite to replace it")
+    if out.exists():
+        _check_replaceable(out, out_dir)
+    parent = out.parent
+    while not parent.exists():  # the first existing ancestor is where folders would be created
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {parent}: permission denied (choose another --out)")
+    return out
+
+
+def _check_replaceable(out: Path, given) -> None:
+    """Refuse to replace a non-empty folder that this tool did not write (no marker file): it holds a user's files."""
+    if (out / MARKER_FILE).is_file():
+        return
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise OutputError(f"cannot read --out {given}: {e.strerror or e}") from None
+    if not empty:
+        raise OutputError(f"--out {given} holds files this tool did not write (no {MARKER_FILE} file); --overwrite "
+                          "only replaces an earlier output: choose another --out")
+
+
+@contextmanager
+def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out_dir``; on success it replaces ``out_dir`` in one rename.
+
+    On any exception (KeyboardInterrupt included) the temporary folder is removed and an existing ``out_dir`` is
+    left as it was. ``overwrite`` replaces only an empty folder or an earlier output (see :func:`check_output_dir`).
+    """
+    out = check_output_dir(out_dir, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {e.strerror or e}") from None
+    old = None
+    try:
+        yield tmp
+        (tmp / MARKER_FILE).write_text(_MARKER_TEXT, encoding="utf-8")
+        _default_permissions(tmp)
+        if out.exists():
+            check_output_dir(out_dir, overwrite)  # again: the folder may have changed while the output was written
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():  # interrupted between the two renames: put the old one back
+            os.rename(old, out)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder: give it and its files the usual umask-based permissions."""
+    umask = _current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (os.umask would, briefly, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def save_model(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """``save_pretrained`` of a (view of a) model and its tokenizer, its floating-point weights in ``dtype``
+    (default: as they are; the base checkpoint's dtype, :attr:`LoadedModel.checkpoint_dtype`, keeps a bf16 model
+    bf16 on disk though it is computed in float32). ``save_pretrained`` writes to the config (dtype,
+    architectures), so the view gets private copies first: the shared base's config stays as it is."""
+    model = copy.copy(model)
+    model.__dict__["config"] = copy.deepcopy(model.config)
+    if getattr(model, "generation_config", None) is not None:
+        model.__dict__["generation_config"] = copy.deepcopy(model.generation_config)
+    if dtype is None or dtype == model.dtype:
+        model.save_pretrained(folder)
+    else:  # cast copies (the shared weights stay as they are), then record the dtype the file now holds
+        model.save_pretrained(folder, state_dict=cast_state_dict(model.state_dict(), dtype))
+        model.config.dtype = str(dtype).removeprefix("torch.")
+        model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def cast_state_dict(state: dict, dtype: torch.dtype) -> dict:
+    """``state`` with its floating-point tensors cast to ``dtype``; tensors that shared storage (tied embeddings)
+    still share it, so ``save_pretrained`` still recognizes and drops the tied copy. Raises :class:`OutputError`
+    when a finite value does not fit ``dtype`` (an edit grown past float16's range would be saved as inf)."""
+    cast: dict = {}
+    out = {}
+    for name, t in state.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            out[name] = t
+            continue
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+        if key not in cast:
+            cast[key] = t.to(dtype)
+            if bool(torch.isfinite(t).all()) and not bool(torch.isfinite(cast[key]).all()):
+                raise OutputError(f"cannot save {name} in {str(dtype).removeprefix('torch.')}, the base's dtype: "
+                                  "some of its values are beyond that dtype's range")
+        out[name] = cast[key]
+    return out
+
+
+def _with_base(patch: Patch, loaded: LoadedModel) -> Patch:
+    meta = {"base_model": loaded.base_name, **({"revision": loaded.revision} if loaded.revision else {})}
+    return replace(patch, metadata={**patch.metadata, **meta})
+
+
+def report_dict(loaded: LoadedModel, report) -> dict:
+    """What ``report.json`` holds: the base (named without local paths), its revision and the report."""
+    return {"base_model": loaded.base_name, "revision": loaded.revision, **report.to_dict()}
+
+
+def write_output(out_dir: str | os.PathLike, loaded: LoadedModel, result, overwrite: bool = False,
+                 license: str | None = None) -> Path:
+    """Write the corrected model, ``patch.safetensors``, ``report.json`` and ``README.md`` to ``out_dir``.
+
+    ``result`` is a :class:`surgery.edit.training.SurgeryResult` made from ``loaded.model``. Raises
+    :class:`OutputError` when the folder exists (without ``overwrite``) or cannot be written.
+    """
+    patch = _with_base(result.patch, loaded)
+    report = report_dict(loaded, result.report)
+    with atomic_output(out_dir, overwrite) as tmp:
+        save_model(patched_model(loaded.model, patch), loaded.tokenizer, tmp, loaded.checkpoint_dtype)
+        patch.save(tmp / PATCH_FILE)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        (tmp / CARD_FILE).write_text(model_card(loaded, result.report, license=license), encoding="utf-8")
+    return Path(out_dir).expanduser().resolve()
+
+
+def write_patched_model(out_dir: str | os.PathLike, loaded: LoadedModel, patch: Patch,
+                        overwrite: bool = False) -> Path:
+    """Rebuild a corrected model folder from the base and a patch (``apply-patch``); the patch is copied in.
+
+    Raises :class:`~surgery.core.errors.PatchError` when the patch does not fit the base.
+    """
+    view = patched_model(loaded.model, patch)  # checks compatibility before anything is written
+    with atomic_output(out_dir, overwrite) as tmp:
+        save_model(view, loaded.tokenizer, tmp, loaded.checkpoint_dtype)
+        patch.save(tmp / PATCH_FILE)
+    return Path(out_dir).expanduser().resolve()
+
+
+def is_hub_id(source: str) -> bool:
+    """A Hub id (``gpt2``, ``user/model``) rather than a local folder (``LoadedModel.source`` is absolute then)."""
+    return not Path(source).is_absolute()
+
+
+# Licenses of the base models' families when nothing more specific is known (the card must name the base's).
+FAMILY_LICENSES = {"gpt2": "mit", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma"}
+
+
+def base_license(loaded: LoadedModel) -> str:
+    """The base model's license: its folder's model card front matter (``license: ...``) when it says one,
+    else its family's (GPT-2: mit, Gemma: gemma), else ``other``."""
+    card = Path(loaded.source) / "README.md"
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    if text.startswith("---"):
+        for line in text.split("---")[1].splitlines():  # the YAML front matter
+            key, _, value = line.partition(":")
+            if key.strip() == "license" and value.strip():
+                return value.strip()
+    return FAMILY_LICENSES.get(getattr(loaded.model.config, "model_type", ""), "other")
+
+
+def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
+    """A Hub model card: YAML metadata, what was edited, the before/after table and how to verify.
+    ``license`` defaults to the base model's (:func:`base_license`)."""
+    license = license or base_license(loaded)
+    model_type = getattr(loaded.model.config, "model_type", "transformer")
+    base = loaded.source
+    base_name = loaded.base_name
+    front = ["---"]
+    if is_hub_id(base):
+        front.append(f"base_model: {base}")
+    front += ["library_name: transformers", f"license: {license}", "tags:", "- transformer-surgery",
+              "- model-editing", f"- site-{report.site}", f"- {model_type}", "---", ""]
+    layer = report.layer
+    facts = report.comparison.facts
+    lines = [
+        f"# {base_name}, corrected by single-site surgery ({report.site}, block {layer})",
+        "",
+        f"This is `{base_name}` with one site retrained by Transformer Surgery to fix {len(facts)} facts: site **{report.site}** of block "
+        f"**{layer}** (`{report.block}`, L{layer + 1} 1-indexed), {report.params_in_site:,} parameters "
+        f"({100 * report.fraction:.2f}% of the model). Every other tensor is bitwise identical to the base.",
+        "",
+        f"Layer choice: {report.layer_reason}. Training: {report.steps} Adam steps "
+        f"(lr {report.config.get('lr')}, KL weight {report.config.get('kl_weight')}), "
+        f"{report.train_time_s:.1f} s.",
+        "",
+        "## Before / after",
+        "",
+        format_rows(report.rows(), markdown=True),
+        "",
+        "## Facts",
+        "",
+        "| prompt | target | before | after |",
+        "|---|---|---|---|",
+        *[f"| {_md(f.prompt)} | {_md(f.target)} | {_md(f.before)} {'✓' if f.correct_before else '✗'} | "
+          f"{_md(f.after)} {'✓' if f.correct_after else '✗'} |" for f in facts],
+        "",
+        "## Files",
+        "",
+        "- `model.safetensors`, `config.json`, tokenizer files: the corrected model (`from_pretrained`).",
+        f"- `{PATCH_FILE}`: only the changed tensors, with the base, site, layer and slice bounds as metadata.",
+        f"- `{REPORT_FILE}`: the full report (every probe's answer before and after).",
+        "",
+        "## Verify",
+        "",
+        "```",
+        f"python -m surgery verify --base {base_name if is_hub_id(base) else 'BASE_MODEL'} --corrected THIS_FOLDER_OR_REPO",
+        f"python -m surgery apply-patch --base BASE_MODEL --patch {PATCH_FILE} --out rebuilt/",
+        "```",
+        "",
+    ]
+    return "\n".join(front + lines)
+
+
+def _md(text: str) -> str:
+    """Table-safe text: visible leading spaces, escaped pipes."""
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`"

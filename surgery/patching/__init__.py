@@ -1,0 +1,1 @@
+"""The causal method: activation and weight patching, their plots, and the cross-check of a diagnosis against them."""
