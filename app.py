@@ -40,7 +40,8 @@ from surgery.diagnosis.static_heads import head_table
 from surgery.edit.training import SurgeryConfig, operate
 from surgery.evaluation.generation import generate
 from surgery.evaluation.panels import Panel, Probe, probes_from_json
-from surgery.evaluation.report import Comparison, compare, format_rows, regressions
+from surgery.evaluation.report import Comparison, format_rows
+from surgery.evaluation.verify import Verification, verify
 from surgery.io.export import write_output
 from surgery.io.hub import push_folder
 from surgery.io.loading import load_model
@@ -329,8 +330,7 @@ class SurgeryApp:
                              "id or a folder")
         facts = served.facts + ([f for f in edit.facts if f not in served.facts] if edit is not None and not source
                                 else [])
-        comparison = compare(served.model, corrected_model, served.tokenizer, facts, served.panel)
-        return verification_outputs(comparison, label)
+        return verification_outputs(verify(served.model, corrected_model, served.tokenizer, facts, served.panel), label)
 
     @user_errors
     def patch_weights(self, granularity: str, edits: SessionEdits | None, model: str | None = None):
@@ -460,10 +460,10 @@ def surgery_outputs(edit: SessionEdit | None) -> tuple:
             side_by_side_rows(report.comparison), [str(p) for p in edit.files], edit.result.to_dict())
 
 
-def verification_outputs(c: Comparison, label: str):
+def verification_outputs(v: Verification, label: str):
     """Verdict line, side-by-side rows, evaluation table and JSON of a verification (the rules of
-    ``surgery verify``)."""
-    reasons = regressions(c)
+    ``surgery verify``: :func:`surgery.evaluation.verify.verify`)."""
+    c, reasons = v.comparison, v.reasons
     n = len(c.facts)
     verdict = (f"**✓ Verified — {label}**: the corrected model says {c.facts_after}/{n} facts (original "
                f"{c.facts_before}/{n}), no panel regressed." if not reasons else

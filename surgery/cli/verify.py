@@ -3,7 +3,7 @@
 Everything is judged by what the models say (greedy generation, the whole answer at a word boundary). Exit 0 only
 if the corrected model says every fact, no more paraphrases are wrong than before, the unedited facts of the
 relation and the general, neighbourhood and side-effect probes each broke at most floor(5%) of their list (0 for
-lists under 20), and perplexity is at most 5% higher (:func:`surgery.evaluation.report.regressions`); exit 1 with one reason
+lists under 20), and perplexity is at most 5% higher (:func:`surgery.evaluation.verify.verify`); exit 1 with one reason
 per failed check otherwise; 2 for user errors.
 """
 
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.errors import InputError
-from ..io.loading import load_model
 from ..evaluation.panels import load_facts
-from ..evaluation.report import (PERPLEXITY_TOLERANCE, PROBE_TOLERANCE, compare, format_facts, format_rows, format_wrong,
-                      regressions)
+from ..evaluation.report import PERPLEXITY_TOLERANCE, PROBE_TOLERANCE, format_facts, format_rows, format_wrong
+from ..evaluation.verify import check_same_vocabulary, verify
+from ..io.loading import load_model
 from .common import add_device_arg, add_panel_arg, load_panel_arg, print_json, resolve_device
 
 EXIT_FAILED = 1
@@ -46,16 +45,10 @@ def run(args: argparse.Namespace) -> int:
     facts = load_facts(args.facts) if args.facts else None
     base = load_model(args.base, device=device)
     corrected = load_model(args.corrected, device=device)
-    if base.model.config.vocab_size != corrected.model.config.vocab_size or (
-            base.tokenizer.get_vocab() != corrected.tokenizer.get_vocab()):
-        raise InputError("the base and the corrected model use different vocabularies: not a base/fix pair")
-    panel = load_panel_arg(args, base.model)
-    if facts is None:
-        facts = list(panel.facts)
-        if not facts:
-            raise InputError(f"panel {panel.name!r} has no facts: pass --facts FILE")
-    c = compare(base.model, corrected.model, base.tokenizer, facts, panel)
-    reasons = regressions(c, args.tolerance, args.probe_tolerance)
+    check_same_vocabulary(base.model, corrected.model, base.tokenizer, corrected.tokenizer)
+    v = verify(base.model, corrected.model, base.tokenizer, facts, load_panel_arg(args, base.model),
+               perplexity_tolerance=args.tolerance, probe_tolerance=args.probe_tolerance)
+    c, reasons = v.comparison, v.reasons
     if args.json:
         print_json({"verified": not reasons, "reasons": reasons, "base": base.source,
                     "corrected": corrected.source, "perplexity_tolerance": args.tolerance,
