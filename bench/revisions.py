@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -28,15 +29,35 @@ from . import batch, models  # noqa: E402
 from .diagnosis import prompt_ids, target_id  # noqa: E402
 from .measure import ROOT, THREADS, interleaved  # noqa: E402
 
+# Before the packages (docs/architecture.md) the diagnosis was surgery/diagnosis.py; its relative imports, as seen
+# from surgery/diagnosis/ today.
+FLAT_IMPORTS = {"arch": "..arch", "divergence": ".divergence", "errors": "..core.errors", "hooks": "..core.hooks",
+                "tokens": "..core.tokens"}
+
+
+def diagnosis_source(revision: str) -> str:
+    """``surgery/diagnosis/diagnose.py`` at ``revision``; before the move, ``surgery/diagnosis.py`` with its
+    relative imports rewritten to today's packages."""
+    def show(path: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, capture_output=True, text=True)
+
+    now = show("surgery/diagnosis/diagnose.py")
+    if now.returncode == 0:
+        return now.stdout
+    flat = show("surgery/diagnosis.py")
+    flat.check_returncode()
+    return re.sub(r"^from \.(\w+) import", lambda m: f"from {FLAT_IMPORTS.get(m.group(1), '.' + m.group(1))} import",
+                  flat.stdout, flags=re.M)
+
 
 def diagnosis_at(revision: str):
-    """The module ``surgery.diagnosis.diagnose`` as it was at ``revision`` (its relative imports bound to today's package)."""
-    source = subprocess.run(["git", "show", f"{revision}:surgery/diagnosis/diagnose.py"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout
+    """The module ``surgery.diagnosis.diagnose`` as it was at ``revision`` (its relative imports bound to today's
+    package)."""
+    source = diagnosis_source(revision)
     name = f"diagnosis_{revision}"
     path = Path(tempfile.mkdtemp()) / f"{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"surgery.{name}", path)
+    spec = importlib.util.spec_from_file_location(f"surgery.diagnosis.{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
