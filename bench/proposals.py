@@ -45,8 +45,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def padded_lens(pad_rows: int = 16):
-    """``surgery.diagnosis.diagnose.logit_lens`` with at least ``pad_rows`` residual rows per unembedding: the last residual
-    (the output row) is repeated, so the extra rows change no count, and cut off again."""
+    """``surgery.diagnosis.diagnose.logit_lens`` with at least ``pad_rows`` residual rows per unembedding: the last
+    residual (the output row) is repeated, so the extra rows change no count, and cut off again."""
     def logit_lens(model, resid, token_ids, competitor_ids=None, chunk=16, slab=16384):
         n_s, n_b = resid.shape[:2]
         extra = -(-pad_rows // min(n_b, chunk)) - n_s

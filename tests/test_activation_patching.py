@@ -5,7 +5,7 @@ import torch
 
 from conftest import DEMO_DIR, count_hooks, make_family_model
 from surgery.patching.activations import (KINDS, ActivationPatchingConfig, PatchUnit, patch_activations, prepare_pair,
-                                         unit_module)
+                                          unit_module)
 from surgery.arch import layout_of
 from surgery.cli import main
 from surgery.diagnosis.diagnose import diagnose

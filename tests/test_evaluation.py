@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from surgery.evaluation.scoring import (BATCH_SIZE, answer, evaluate_panel, fluency, fluency_prompts, kl_divergence, mean_kl,
-                                next_token_logits, ngram_entropy, perplexity, score_lists, score_probes,
-                                text_log_probs)
+from surgery.evaluation.scoring import (BATCH_SIZE, answer, evaluate_panel, fluency, fluency_prompts, kl_divergence,
+                                        mean_kl, next_token_logits, ngram_entropy, perplexity, score_lists,
+                                        score_probes, text_log_probs)
 from surgery.evaluation.generation import greedy_continuations
 from surgery.evaluation.panels import Probe
 from surgery.core.tokens import token_text

@@ -288,7 +288,7 @@ def test_sigterm_during_the_write_leaves_no_partial_folder(tmp_path, out, loaded
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_WRITER, "apply-patch", "--base", loaded.source,
          "--patch", str(out / "patch.safetensors"), "--out", str(target), "--overwrite", "--device", "cpu"],
-        cwd=export.Path(export.__file__).resolve().parent.parent, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        cwd=export.Path(export.__file__).resolve().parents[2], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"

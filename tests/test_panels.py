@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 
 from surgery.core.errors import InputError
-from surgery.evaluation.panels import (DEMO_PANEL, ENGLISH_PANEL, GPT2_PANEL, Panel, Probe, fit_panel, load_facts, load_panel,
-                            panel_for_model, panel_path_for_model)
+from surgery.evaluation.panels import (DEMO_PANEL, ENGLISH_PANEL, GPT2_PANEL, Panel, Probe, fit_panel, load_facts,
+                                       load_panel, panel_for_model, panel_path_for_model)
 from surgery.core.tokens import encode_prompt, encode_target
 
 REFERENCE_COUNTRIES = ["France", "Japan", "Germany", "China", "Russia", "England", "Italy", "Spain"]

@@ -14,7 +14,7 @@ from surgery.io.loading import DEMO_MODEL, LoadedModel
 from surgery.evaluation.panels import Panel, Probe
 from surgery.io.presets import preset_installed
 from surgery.serve.registry import (DEMO_KEY, GEMMA_KEY, SMOLLM2_KEY, ModelChoice, ModelRegistry, cached_models,
-                              local_models, preset_choices, start_registry)
+                                    local_models, preset_choices, start_registry)
 
 PANEL = Panel(name="tiny", facts=(Probe("The capital of France is", " Paris", ("The capital city of France is",)),
                                   Probe("The capital of Narnia is", " Paris")),  # Narnia: not in the vocabulary

@@ -1,9 +1,10 @@
 import json
 
 from surgery.evaluation.scoring import (PanelResult, ProbeResult, ProbeScores, fluency, fluency_prompts,
-                                greedy_continuations)
+                                        greedy_continuations)
 from surgery.evaluation.panels import Panel, Probe
-from surgery.evaluation.report import Comparison, allowed_breaks, compare, fact_outcomes, format_facts, format_wrong, regressions
+from surgery.evaluation.report import (Comparison, allowed_breaks, compare, fact_outcomes, format_facts, format_wrong,
+                                       regressions)
 
 
 def _result(i: int, right: bool, first_token: bool | None = None, said: str | None = None) -> ProbeResult:

@@ -13,7 +13,7 @@ from surgery.evaluation.panels import DEMO_PANEL, Probe, load_facts, load_panel
 from surgery.io.edit_file import Patch, base_config, patched_model
 from surgery.patching import weights as wp
 from surgery.patching.weights import (ablate_tensor, ablate_weights, check_same_architecture, components, head_slices,
-                                     hybrid, patch_weights, score_facts)
+                                      hybrid, patch_weights, score_facts)
 
 FACTS = [Probe("The capital of France is", " Paris"), Probe("The capital of Japan is", " Tokyo"),
          Probe("The capital of Italy is", " Rome")]

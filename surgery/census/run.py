@@ -1,9 +1,9 @@
 """Census: diagnose every fact of a dataset and count what the model does with them.
 
-``run_census`` diagnoses the facts in batches (:func:`surgery.diagnosis.diagnose.diagnose_batch`) and appends one record per
-fact to ``DIR/census.jsonl`` after every batch (flushed), so a run that is interrupted resumes where it stopped:
-facts already in the file are skipped. At the end it writes ``DIR/summary.json``, ``DIR/report.md`` and its plots
-(:mod:`surgery.census.report`).
+``run_census`` diagnoses the facts in batches (:func:`surgery.diagnosis.diagnose.diagnose_batch`) and appends one
+record per fact to ``DIR/census.jsonl`` after every batch (flushed), so a run that is interrupted resumes where it
+stopped: facts already in the file are skipped. At the end it writes ``DIR/summary.json``, ``DIR/report.md`` and its
+plots (:mod:`surgery.census.report`).
 
 **Several processes.** Given a ``state`` (accelerate's ``PartialState``, or anything with ``process_index``,
 ``num_processes``, ``is_main_process`` and ``wait_for_everyone()``), the batches are dealt out round-robin: process

@@ -3,8 +3,8 @@
 Everything is judged by what the models say (greedy generation, the whole answer at a word boundary). Exit 0 only
 if the corrected model says every fact, no more paraphrases are wrong than before, the unedited facts of the
 relation and the general, neighbourhood and side-effect probes each broke at most floor(5%) of their list (0 for
-lists under 20), and perplexity is at most 5% higher (:func:`surgery.evaluation.verify.verify`); exit 1 with one reason
-per failed check otherwise; 2 for user errors.
+lists under 20), and perplexity is at most 5% higher (:func:`surgery.evaluation.verify.verify`); exit 1 with one
+reason per failed check otherwise; 2 for user errors.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Why the model answers wrong: direct logit attribution, divergence of multi-token answers, static head tables, their plots."""
+"""Why the model answers wrong: logit lens, direct logit attribution and verdict, divergence of multi-token answers,
+static head tables, their plots."""

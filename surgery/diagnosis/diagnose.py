@@ -1,9 +1,10 @@
 """Why does the model emit the wrong next token? Logit lens, direct logit attribution and a verdict.
 
-**Which token.** A target of several tokens (" Tir" + "ana") is teacher-forced first (:mod:`surgery.diagnosis.divergence`):
-the diagnosed piece is the first one the model's greedy prediction misses, read at the position before it, so the
-input is ``prompt + target[:k]`` and the target token ``target[k]``; when the model predicts every piece, piece 0
-at the prompt's last position (as for a single-token target, whose numbers are those of one plain pass).
+**Which token.** A target of several tokens (" Tir" + "ana") is teacher-forced first
+(:mod:`surgery.diagnosis.divergence`): the diagnosed piece is the first one the model's greedy prediction misses, read
+at the position before it, so the input is ``prompt + target[:k]`` and the target token ``target[k]``; when the model
+predicts every piece, piece 0 at the prompt's last position (as for a single-token target, whose numbers are those of
+one plain pass).
 :attr:`Diagnosis.divergence` says which piece and position, and whether a missed first piece is generic (fed
 it, the model still misses a later piece: a repair there would only teach the piece).
 
@@ -80,8 +81,8 @@ class DiagnosisConfig:
     :meth:`routing_start` (``floor(routing_from * n_layer)``, at most ``n_layer - 2``) up to the block before the
     last. Earlier lenses read a residual the final norm was never trained on, and on a large vocabulary a target
     lands near the top there by chance.
-    ``teacher_force``: diagnose a multi-token target at its divergence piece (:mod:`surgery.diagnosis.divergence`); False
-    diagnoses its first piece at the prompt's last position whatever the model says.
+    ``teacher_force``: diagnose a multi-token target at its divergence piece (:mod:`surgery.diagnosis.divergence`);
+    False diagnoses its first piece at the prompt's last position whatever the model says.
     """
 
     routing_rank: int = 3

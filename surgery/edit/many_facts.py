@@ -3,8 +3,8 @@
 A census (``python -m surgery census``) says which facts are *routing* failures — the model holds the answer in
 the later blocks, then loses it. :func:`split_routing` splits them, per relation and seeded, into facts to edit
 and held-out facts never trained on. :func:`repair_from_census` makes one edit for all the edited facts at the
-block most of them prescribe, and judges it with the usual evaluation (:mod:`surgery.evaluation.report`) on a panel built
-from the census:
+block most of them prescribe, and judges it with the usual evaluation (:mod:`surgery.evaluation.report`) on a panel
+built from the census:
 
 * efficacy: the edited facts; paraphrase generalization: their paraphrases;
 * relation generalization: the held-out routing failures of the same relations (``relation`` probes);

@@ -1,8 +1,8 @@
 """What an edit did, before and after: facts, panels, fluency, KL and weight statistics, as one dataclass.
 
 The same before/after rows feed the CLI, ``report.json``, the model card and ``verify``. Every fact and probe is
-judged by what the model says (its greedy continuation, :mod:`surgery.evaluation.generation`): the headline counts are the
-strict verdict (the whole answer, at a word boundary); the lenient and first-token counts stand beside them,
+judged by what the model says (its greedy continuation, :mod:`surgery.evaluation.generation`): the headline counts
+are the strict verdict (the whole answer, at a word boundary); the lenient and first-token counts stand beside them,
 labelled. The edit is judged as the model-editing field reports it (ROME, MEMIT, EasyEdit), on prompts never
 trained on except the first:
 
@@ -29,18 +29,8 @@ from torch import nn
 
 from ..io.edit_file import WeightStats
 from .panels import Panel, Probe, fit_panel
-from .scoring import (
-    FLUENCY_TOKENS,
-    Fluency,
-    JudgedLists,
-    PanelResult,
-    ProbeResult,
-    ProbeScores,
-    fluency_prompts,
-    judge_lists,
-    panel_probes,
-    panel_result,
-)
+from .scoring import (FLUENCY_TOKENS, Fluency, JudgedLists, PanelResult, ProbeResult, ProbeScores, fluency_prompts,
+                      judge_lists, panel_probes, panel_result)
 
 PERPLEXITY_TOLERANCE = 0.05  # verify: at most 5% relative perplexity increase counts as "no regression"
 PROBE_TOLERANCE = 0.05  # verify: a panel may break at most floor(5% of its probes) (0 below 20 probes)

@@ -43,8 +43,8 @@ _NGRAM_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)  # words and punctuation ma
 class ProbeResult:
     """One probe, judged by what the model says. ``correct`` (the headline): ``said``, the greedy continuation,
     starts with the whole target, ending at a word boundary; ``lenient``: the whole target comes within the
-    first :data:`~surgery.evaluation.generation.LENIENT_WORDS` words. First-token diagnostic: ``answer`` is the top-1 next
-    token, ``first_token_correct`` whether it is the target's first token, ``target_rank`` that token's rank."""
+    first :data:`~surgery.evaluation.generation.LENIENT_WORDS` words. First-token diagnostic: ``answer`` is the top-1
+    next token, ``first_token_correct`` whether it is the target's first token, ``target_rank`` that token's rank."""
 
     prompt: str
     target: str

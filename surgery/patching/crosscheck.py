@@ -3,7 +3,8 @@
 For one prompt, target and competitor (the diagnosis' own choice when not given), with
 ``diff = logit(target) - logit(competitor)`` at the last position:
 
-* **DLA** (from :func:`surgery.diagnosis.diagnose.diagnose`): each head's direct effect on ``diff`` at the last position.
+* **DLA** (from :func:`surgery.diagnosis.diagnose.diagnose`): each head's direct effect on ``diff`` at the last
+  position.
 * **Gradient x activation**: for each head, ``sum over positions and d_head of z * d(diff)/dz``, where z is the
   head's slice of the attention output projection's input (its output before W_O; GPT-2: ``attn.c_proj``). It counts indirect paths and all
   positions, and is exact to first order. Parameters stay ``requires_grad=False``: a hook on the token
