@@ -24,6 +24,12 @@ def test_import_surgery_is_cheap_and_exports_the_entry_points():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+def test_all_lists_exactly_the_lazily_imported_names():
+    import surgery
+
+    assert sorted(surgery.__all__) == sorted(surgery._EXPORTS)
+
+
 def test_readme_python_api_repairs_the_demo_model(tmp_path, monkeypatch, capsys):
     (tmp_path / "assets").symlink_to(ROOT / "assets")  # the example's paths are relative to the repository root
     monkeypatch.chdir(tmp_path)
