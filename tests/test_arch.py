@@ -71,3 +71,13 @@ def test_param_slice_write_leaves_original_untouched():
     assert torch.equal(new[:, :4], p[:, :4]) and torch.equal(new[:, 4:], torch.zeros(2, 2))
     assert ParamSlice.from_dict(s.to_dict()) == s
     assert s.numel(p) == 4
+
+
+def test_labels_name_the_familys_own_module_path(family_model):
+    """One label helper: ``L{block+1} H{head}``, with the module path of the family's blocks where asked."""
+    layout = layout_of(family_model)
+    blocks = layout.adapter.blocks
+    assert layout.label(16, 3) == "L17 H3" and layout.label(0) == "L1" and layout.label(None) == "embeddings"
+    assert layout.label(16, 3, path=True) == f"L17 H3 ({blocks}.16, head 3)"
+    assert layout.label(2, path=True) == f"L3 ({blocks}.2)"
+    assert family_model.get_submodule(f"{blocks}.2") is not None  # the path names a real module of this model

@@ -243,6 +243,19 @@ class Layout:
     def family(self) -> str:
         return self.adapter.family
 
+    # --- labels ---------------------------------------------------------------------------------
+    def label(self, layer: int | None, head: int | None = None, path: bool = False) -> str:
+        """How a block or head is named everywhere (CLI, reports, app): ``"L17 H3"`` — blocks 1-indexed as in the
+        reference write-up, heads 0-indexed — or ``"embeddings"`` for ``layer=None``; ``path=True`` adds the
+        family's own module path: ``"L17 H3 (model.layers.16, head 3)"``, ``"L17 (transformer.h.16)"``."""
+        if layer is None:
+            return "embeddings"
+        name = f"L{layer + 1}" if head is None else f"L{layer + 1} H{head}"
+        if not path:
+            return name
+        where = self.adapter.block(layer) if head is None else f"{self.adapter.block(layer)}, head {head}"
+        return f"{name} ({where})"
+
     # --- bookkeeping ------------------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layer:
