@@ -42,7 +42,7 @@ from surgery.evaluation.generation import generate
 from surgery.evaluation.panels import Panel, Probe, probes_from_json
 from surgery.evaluation.report import Comparison, format_rows
 from surgery.evaluation.verify import Verification, verify
-from surgery.io.export import write_output
+from surgery.io.export import is_hub_id, write_output
 from surgery.io.hub import push_folder
 from surgery.io.loading import load_model
 from surgery.patching import plots as patching_plots
@@ -317,7 +317,7 @@ class SurgeryApp:
         served = self.served(model)
         edit = self.edit_of(edits, served)
         if source:
-            if not self.allow_local_models and not _looks_like_hub_id(source):
+            if not self.allow_local_models and not is_hub_id(source):
                 raise InputError("give a Hub model id (user/name); local folders are not read on the Space")
             other = load_model(source, device=device_of(served))
             if other.tokenizer.get_vocab() != served.tokenizer.get_vocab():
@@ -365,10 +365,6 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not Path(name).exists()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Result -> Markdown and table rows.
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,7 +373,7 @@ def _looks_like_hub_id(name: str) -> bool:
 def top_heads(d: Diagnosis, k: int) -> pd.DataFrame:
     """The ``k`` heads with the largest |target − competitor| attribution, for a bar chart (the chart orders
     them from the strongest push towards the target to the strongest push towards the competitor)."""
-    heads = sorted((a for a in d.dla if a.head is not None), key=lambda a: -abs(a.target - a.competitor))[:k]
+    heads = d.top_heads(k)
     return pd.DataFrame({
         "head": [head_label(a.layer, a.head) for a in heads],
         "target − competitor": [a.target - a.competitor for a in heads],

@@ -80,6 +80,20 @@ def test_head_attribution_independent_recompute(tiny_model, tiny_tokenizer):
         assert a.target == pytest.approx(expected, abs=1e-5)
 
 
+def test_top_heads_ranks_the_heads(tiny_model, tiny_tokenizer):
+    d = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
+    heads = [a for a in d.dla if a.head is not None]
+    diff = lambda a: a.target - a.competitor  # noqa: E731
+    top = d.top_heads(3)
+    assert len(top) == 3 and all(a.head is not None for a in top)
+    assert [abs(diff(a)) for a in top] == sorted((abs(diff(a)) for a in heads), reverse=True)[:3]
+    assert [diff(a) for a in d.top_heads(3, toward="target")] == sorted(map(diff, heads), reverse=True)[:3]
+    assert [diff(a) for a in d.top_heads(3, toward="competitor")] == sorted(map(diff, heads))[:3]
+    assert len(d.top_heads(10_000)) == len(heads)
+    with pytest.raises(ValueError, match="toward"):
+        d.top_heads(3, toward="up")
+
+
 def test_lens_last_layer_is_the_output(tiny_model, tiny_tokenizer):
     d = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
     logits = tiny_model(torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]])).logits[0, -1]

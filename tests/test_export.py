@@ -78,6 +78,15 @@ def test_model_card(out, result, loaded):
     assert f"`{result.report.block}`" in card and "- gpt2" in front  # the edited block, the base's family
 
 
+def test_is_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    for hub in ("gpt2", "google/gemma-3-270m"):
+        assert export.is_hub_id(hub)
+    for local in (str(tmp_path), "./model", "../model", "~/model", "/abs/model", "a/b/c", "here"):
+        assert not export.is_hub_id(local)
+
+
 def test_model_card_names_the_base_license(tmp_path, loaded):
     """The license is the base's: its folder's model card says it, else its family's (Gemma: gemma)."""
     from types import SimpleNamespace

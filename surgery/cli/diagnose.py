@@ -53,12 +53,11 @@ def format_report(d: Diagnosis, top: int = 8) -> str:
         name = "embeddings" if e.layer is None else f"L{e.layer + 1} (h.{e.layer})"
         lead = "  <- target leads" if e.target_logit > e.competitor_logit else ""
         lines.append(f"  {name:<14}{e.target_logit:10.3f}{e.competitor_logit:12.3f}{e.target_rank:8d}{lead}")
-    heads = [a for a in d.dla if a.head is not None]
     lines += ["", f"heads writing the target (target - competitor), top {top}"]
-    for a in sorted(heads, key=lambda a: a.competitor - a.target)[:top]:
+    for a in d.top_heads(top, toward="target"):
         lines.append(f"  {head_label(a.layer, a.head):<24} target {a.target:+9.3f}  competitor {a.competitor:+9.3f}")
     lines += [f"heads pushing the competitor (competitor - target), top {top}"]
-    for a in sorted(heads, key=lambda a: a.target - a.competitor)[:top]:
+    for a in d.top_heads(top, toward="competitor"):
         lines.append(f"  {head_label(a.layer, a.head):<24} target {a.target:+9.3f}  competitor {a.competitor:+9.3f}")
     o = d.override
     lines += ["", f"override head     {head_label(o['layer'], o['head'])}",

@@ -177,6 +177,16 @@ class Diagnosis:
                 }[which]
         return grid
 
+    def top_heads(self, k: int, toward: str | None = None) -> list[Attribution]:
+        """The ``k`` heads that push hardest, strongest first (ties keep the order of ``dla``): ``toward="target"``
+        ranks by target − competitor, ``"competitor"`` by competitor − target, ``None`` by |target − competitor|
+        either way. One ranking for the CLI's report and the app's bar chart."""
+        keys = {None: lambda a: -abs(a.target - a.competitor), "target": lambda a: a.competitor - a.target,
+                "competitor": lambda a: a.target - a.competitor}
+        if toward not in keys:
+            raise ValueError(f"toward must be 'target', 'competitor' or None, not {toward!r}")
+        return sorted((a for a in self.dla if a.head is not None), key=keys[toward])[:k]
+
     def summary(self) -> str:
         """The verdict in one sentence (heads shown 1-indexed as in the reference write-up, module index too)."""
         o = self.override

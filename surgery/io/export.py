@@ -215,8 +215,11 @@ def write_patched_model(out_dir: str | os.PathLike, loaded: LoadedModel, patch: 
 
 
 def is_hub_id(source: str) -> bool:
-    """A Hub id (``gpt2``, ``user/model``) rather than a local folder (``LoadedModel.source`` is absolute then)."""
-    return not Path(source).is_absolute()
+    """A Hub id (``gpt2``, ``user/model``) rather than a local path: not absolute (``LoadedModel.source`` of a
+    folder is), not ``.``/``~``-relative, at most one ``/``, and no such file or folder here. The one rule for the
+    model card's ``base_model`` and for what the app on a Space accepts as a model to read."""
+    return (not Path(source).is_absolute() and not source.startswith((".", "/", "~")) and source.count("/") <= 1
+            and not Path(source).exists())
 
 
 # Licenses of the base models' families when nothing more specific is known (the card must name the base's).
