@@ -19,8 +19,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 import app  # noqa: E402
+import ui.callbacks as ui_callbacks  # noqa: E402
+import ui.common as ui_common  # noqa: E402
+import ui.diagnose as ui_diagnose  # noqa: E402
+import ui.heads as ui_heads  # noqa: E402
+import ui.picker as ui_picker  # noqa: E402
+import ui.surgery as ui_surgery  # noqa: E402
 from conftest import make_tiny_model  # noqa: E402
 from surgery.io.loading import LoadedModel  # noqa: E402
+from surgery.core.errors import SurgeryError  # noqa: E402
 from surgery.evaluation.panels import Panel, Probe  # noqa: E402
 from surgery.io.edit_file import Patch  # noqa: E402
 from surgery.serve.registry import ModelChoice, ModelRegistry  # noqa: E402
@@ -52,8 +59,8 @@ class NoProgress:
         self.calls.append((progress, desc))
 
 
-def serving(loaded: LoadedModel, panel: Panel | None = None, **kwargs) -> app.SurgeryApp:
-    return app.SurgeryApp(app.single_model_registry(StartUp(loaded), panel), **kwargs)
+def serving(loaded: LoadedModel, panel: Panel | None = None, **kwargs) -> ui_callbacks.SurgeryApp:
+    return ui_callbacks.SurgeryApp(ui_picker.single_model_registry(StartUp(loaded), panel), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +100,8 @@ def test_diagnose_demo_capital(demo_app):
     # The bar chart holds the TOP_HEADS heads with the largest |target - competitor|.
     shown = set(bars["head"])
     rest = [abs(a["target"] - a["competitor"]) for a in raw["dla"]
-            if a["head"] is not None and app.head_label(a["layer"], a["head"]) not in shown]
-    assert len(bars) == app.TOP_HEADS and bars["target − competitor"].abs().min() >= max(rest)
+            if a["head"] is not None and demo_app.served().layout.label(a["layer"], a["head"]) not in shown]
+    assert len(bars) == ui_diagnose.TOP_HEADS and bars["target − competitor"].abs().min() >= max(rest)
     assert raw["verdict"] == "routing" and raw["target"]["text"].strip() == "Paris"
     json.dumps(raw)  # JSON-friendly for API clients
     n_heads = raw["n_layer"] * raw["n_head"]
@@ -133,9 +140,9 @@ def test_parse_facts_accepts_json_rows_and_tables():
     import pandas as pd
 
     want = [Probe(*FRANCE)]
-    assert app.parse_facts(json.dumps([{"prompt": FRANCE[0], "target": FRANCE[1]}])) == want
-    assert app.parse_facts([list(FRANCE), ["", ""]]) == want  # empty table rows are ignored
-    assert app.parse_facts(pd.DataFrame([list(FRANCE)], columns=["prompt", "target"])) == want
+    assert ui_common.parse_facts(json.dumps([{"prompt": FRANCE[0], "target": FRANCE[1]}])) == want
+    assert ui_common.parse_facts([list(FRANCE), ["", ""]]) == want  # empty table rows are ignored
+    assert ui_common.parse_facts(pd.DataFrame([list(FRANCE)], columns=["prompt", "target"])) == want
 
 
 @pytest.mark.parametrize("facts, match", [
@@ -146,34 +153,35 @@ def test_parse_facts_accepts_json_rows_and_tables():
     ("{\"a\": 1}", "list"),
 ])
 def test_bad_facts(facts, match):
-    with pytest.raises(app.SurgeryError, match=match):
-        app.parse_facts(facts)
+    with pytest.raises(SurgeryError, match=match):
+        ui_common.parse_facts(facts)
 
 
 def test_facts_table_and_json_stay_in_step():
     rows = [list(FRANCE), ["The capital of Italy is", " Rome"]]
-    as_json = app.table_to_json(rows)
+    as_json = ui_surgery.table_to_json(rows)
     assert json.loads(as_json) == [{"prompt": p, "target": t} for p, t in rows]
-    assert app.facts_table(as_json) == rows
-    assert app.facts_table("[{\"prompt\": ") == gr.skip()  # half-typed JSON leaves the table as it is
+    assert ui_surgery.facts_table(as_json) == rows
+    assert ui_surgery.facts_table("[{\"prompt\": ") == gr.skip()  # half-typed JSON leaves the table as it is
 
 
 def test_parse_layer():
-    assert app.parse_layer("auto") is None and app.parse_layer(None) is None and app.parse_layer("") is None
-    assert app.parse_layer("3") == 3 and app.parse_layer(3) == 3
-    with pytest.raises(app.SurgeryError, match="block index"):
-        app.parse_layer("third")
+    parse_layer = ui_common.parse_layer
+    assert parse_layer("auto") is None and parse_layer(None) is None and parse_layer("") is None
+    assert parse_layer("3") == 3 and parse_layer(3) == 3
+    with pytest.raises(SurgeryError, match="block index"):
+        ui_common.parse_layer("third")
 
 
 def test_site_choices_show_parameter_counts(demo_served):
-    choices = dict((value, label) for label, value in app.site_choices(demo_served))
+    choices = dict((value, label) for label, value in ui_surgery.site_choices(demo_served))
     assert list(choices) == ["wv", "attn", "mlp", "layer"]
     d = demo_served.layout.d_model
     assert f"{d * d:,} params" in choices["wv"]
 
 
 def test_layer_choices_name_the_prescribed_layer(demo_served):
-    label, value = app.layer_choices(demo_served)[0]
+    label, value = ui_surgery.layer_choices(demo_served)[0]
     assert value == "auto" and "prescribed: L" in label
 
 
@@ -234,7 +242,8 @@ def test_surgery_that_fails_is_one_gr_error(tiny_tokenizer, monkeypatch):
     """Contradictory facts cannot all be top-1: the library's SurgeryFailed becomes a gr.Error."""
     import functools
 
-    monkeypatch.setattr(app, "SurgeryConfig", functools.partial(app.SurgeryConfig, epochs=5))  # fail fast
+    fast = functools.partial(ui_callbacks.SurgeryConfig, epochs=5)  # fail fast
+    monkeypatch.setattr(ui_callbacks, "SurgeryConfig", fast)
     tiny_model = make_tiny_model(len(tiny_tokenizer))  # its own: views install transformers' hooks on a base
     tiny = serving(LoadedModel(tiny_model, tiny_tokenizer, "tiny"), tiny_panel())
     before = snapshot(tiny_model)
@@ -329,13 +338,13 @@ def two_model_registry(tokenizer) -> tuple[ModelRegistry, TinyLoader]:
 @pytest.fixture(scope="module")
 def two_models(tiny_tokenizer, tmp_path_factory):
     registry, _ = two_model_registry(tiny_tokenizer)
-    return app.SurgeryApp(registry, work_dir=str(tmp_path_factory.mktemp("two-models")))
+    return ui_callbacks.SurgeryApp(registry, work_dir=str(tmp_path_factory.mktemp("two-models")))
 
 
 TINY_FACTS_JSON = json.dumps([f.to_dict() for f in TINY_FACTS])
 
 
-def operate_tiny(tiny_app: app.SurgeryApp, model: str, edits=None):
+def operate_tiny(tiny_app: ui_callbacks.SurgeryApp, model: str, edits=None):
     # The whole block 2 (site "layer"): a random tiny model is fixed within the default budget.
     return tiny_app.operate(TINY_FACTS_JSON, "layer", "2", edits, model, progress=NoProgress())
 
@@ -356,7 +365,7 @@ def test_the_picker_lists_the_models_and_each_loads_once_on_first_use(tiny_token
     picker = picker_of(app.build_demo(registry=registry))
     assert picker.choices == [("tiny model A", "tiny-a"), ("tiny model B", "tiny-b")] and picker.value == "tiny-a"
     assert loader.calls == ["/models/a"]  # the page is built on the default model; B is not loaded yet
-    tiny = app.SurgeryApp(registry)
+    tiny = ui_callbacks.SurgeryApp(registry)
     view = tiny.select_model("tiny-b", None, progress=NoProgress())
     assert loader.calls == ["/models/a", "/models/b"]
     assert "**tiny-b**" in view[0] and view[2] == TINY_FACTS[0].prompt  # model line, first example
@@ -376,7 +385,7 @@ def test_switching_models_diagnoses_and_scores_each_panel_once(tiny_tokenizer, m
         real = getattr(registry_module, name)
         monkeypatch.setattr(registry_module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     registry, _ = two_model_registry(tiny_tokenizer)
-    tiny = app.SurgeryApp(registry)
+    tiny = ui_callbacks.SurgeryApp(registry)
     first = tiny.select_model("tiny-b", None, progress=NoProgress())
     assert sorted(calls) == ["choose_layer", "score_probes"]
     again = tiny.select_model("tiny-a", None, progress=NoProgress()), tiny.select_model("tiny-b", None,
@@ -457,7 +466,7 @@ def test_one_session_keeps_one_edit_per_model(two_models):
     edits.discard()
     assert edits.keys() == []
     fresh = two_models.select_model("tiny-a", SessionEdits(), progress=NoProgress())
-    assert fresh[12] == app.NO_EDIT_YET and fresh[-1].visible is False
+    assert fresh[12] == ui_surgery.NO_EDIT_YET and fresh[-1].visible is False
 
 
 def test_weight_patching_of_the_sessions_edit(two_models, operated_a):
@@ -476,8 +485,8 @@ def test_weight_patching_of_the_sessions_edit(two_models, operated_a):
 
 
 def test_activation_patching_on_the_demo_model(demo_app):
-    summary, positions, heads, raw = demo_app.patch_activations(FRANCE[0], app.DEFAULT_CORRUPT, FRANCE[1], "",
-                                                                 "attn")
+    summary, positions, heads, raw = demo_app.patch_activations(FRANCE[0], ui_diagnose.DEFAULT_CORRUPT, FRANCE[1],
+                                                                "", "attn")
     assert positions.__class__.__name__ == heads.__class__.__name__ == "Figure"
     assert set(raw["grids"]) == {"attn", "head"} and raw["target"]["text"].strip() == "Paris"
     assert "clean" in summary and "corrupted" in summary and "L3" in summary  # block 2 attention carries it
@@ -487,7 +496,7 @@ def test_activation_patching_on_the_demo_model(demo_app):
 @pytest.mark.parametrize("corrupt, kind, match", [
     ("The capital city of Poland is", "resid", "same number of tokens"),
     ("", "resid", "corrupted prompt is empty"),
-    (app.DEFAULT_CORRUPT, "head", "unknown grid"),
+    (ui_diagnose.DEFAULT_CORRUPT, "head", "unknown grid"),
 ])
 def test_activation_patching_errors(demo_app, corrupt, kind, match):
     with pytest.raises(gr.Error, match=match):
@@ -559,7 +568,7 @@ def test_push_goes_to_the_users_namespace(demo_app, operated, monkeypatch):
         calls.append((folder, repo_id, token, private))
         return f"https://huggingface.co/{repo_id}"
 
-    monkeypatch.setattr(app, "push_folder", fake_push)
+    monkeypatch.setattr(ui_callbacks, "push_folder", fake_push)
     edits = operated[2][-1]
     token = gr.OAuthToken(token="hf_oauth_secret", scope="openid profile contribute-repos", expires_at=0)
     profile = gr.OAuthProfile({"name": "Ada", "preferred_username": "ada", "profile": "", "picture": ""})
@@ -631,5 +640,5 @@ def test_offline_start_falls_back_to_the_demo_model_with_a_banner(monkeypatch):
 def test_heads_views(demo_app, demo_served):
     overlap, keys, rows = demo_app.heads()
     lay = demo_served.layout
-    assert len(rows) == lay.n_layer * lay.n_head and len(rows[0]) == len(app.HEAD_COLUMNS)
+    assert len(rows) == lay.n_layer * lay.n_head and len(rows[0]) == len(ui_heads.HEAD_COLUMNS)
     assert demo_app.heads(demo_served.key)[2] == rows and len(demo_served.head_cache) == 1  # cached per model

@@ -83,7 +83,9 @@ def test_head_attribution_independent_recompute(tiny_model, tiny_tokenizer):
 def test_top_heads_ranks_the_heads(tiny_model, tiny_tokenizer):
     d = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
     heads = [a for a in d.dla if a.head is not None]
-    diff = lambda a: a.target - a.competitor  # noqa: E731
+    def diff(a):
+        return a.target - a.competitor
+
     top = d.top_heads(3)
     assert len(top) == 3 and all(a.head is not None for a in top)
     assert [abs(diff(a)) for a in top] == sorted((abs(diff(a)) for a in heads), reverse=True)[:3]
