@@ -83,6 +83,7 @@ def test_head_attribution_independent_recompute(tiny_model, tiny_tokenizer):
 def test_top_heads_ranks_the_heads(tiny_model, tiny_tokenizer):
     d = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
     heads = [a for a in d.dla if a.head is not None]
+
     def diff(a):
         return a.target - a.competitor
 
