@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..core.errors import UnsupportedModelError
-from .base import (SITE_DESCRIPTIONS, SITES, Adapter, Dims, Layout, NormSpec, ParamSlice, apply_softcap,
+from .base import (SITE_DESCRIPTIONS, SITES, Adapter, Dims, Layout, NormSpec, ParamSlice, apply_softcap, block_label,
                    count_parameters)
 from .gemma import GEMMA, GEMMA2, GEMMA3
 from .gpt2 import GPT2
@@ -25,8 +25,8 @@ _MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_scaling",
                 "scale_emb", "scale_depth", "logit_scale")
 
 __all__ = ["ADAPTERS", "SITES", "SITE_DESCRIPTIONS", "SUPPORTED", "Adapter", "Dims", "Layout", "NormSpec",
-           "ParamSlice", "adapter_for", "apply_softcap", "check_supported", "count_parameters", "layout_of",
-           "remember_layout", "unembed"]
+           "ParamSlice", "adapter_for", "apply_softcap", "block_label", "check_supported", "count_parameters",
+           "layout_of", "remember_layout", "unembed"]
 
 
 def adapter_for(config) -> Adapter:

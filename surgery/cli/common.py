@@ -48,11 +48,6 @@ def print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
-def head_label(layer: int, head: int) -> str:
-    """Human label: 1-indexed layer as in the reference write-up, plus the module index."""
-    return f"L{layer + 1} H{head} (h.{layer} head {head})"
-
-
 def add_panel_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--panels", metavar="FILE",
                         help="evaluation panel JSON (default: the bundled panel for this model; docs/panels.md)")

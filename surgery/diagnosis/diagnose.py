@@ -63,7 +63,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..arch import Layout, apply_softcap, layout_of
+from ..arch import Layout, apply_softcap, block_label, layout_of
 from ..core.errors import InputError
 from ..core.hooks import hooked
 from ..core.tokens import encode_prompt, encode_target, token_text
@@ -177,11 +177,16 @@ class Diagnosis:
                 }[which]
         return grid
 
+    def label(self, layer: int | None, head: int | None = None, path: bool = False) -> str:
+        """:meth:`Layout.label <surgery.arch.Layout.label>` for this diagnosis's model: ``"L17 H3"``, with
+        ``path=True`` ``"L17 H3 (model.layers.16, head 3)"``; ``"embeddings"`` for ``layer=None``."""
+        return block_label(layer, head, self.blocks if path else None)
+
     def summary(self) -> str:
         """The verdict in one sentence (heads shown 1-indexed as in the reference write-up, module index too)."""
         o = self.override
-        head = f"L{o['layer'] + 1} H{o['head']} ({self.blocks}.{o['layer']}, head {o['head']})"
-        layer = f"L{self.prescribed_layer + 1} ({self.blocks}.{self.prescribed_layer})"
+        head = self.label(o["layer"], o["head"], path=True)
+        layer = self.label(self.prescribed_layer, path=True)
         t, c = self.target.text, self.competitor.text
         where = self.divergence.sentence() if self.divergence is not None else ""
         if self.verdict == "correct":
