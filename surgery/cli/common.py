@@ -72,26 +72,6 @@ def parse_layer(text: str) -> int | None:
         raise InputError(f"--layer must be a block index (0, 1, ...) or auto, not {text!r}") from None
 
 
-def tqdm_progress(desc: str, unit: str = "step"):
-    """A ``progress(step, total, loss=None)`` callback drawing a tqdm bar on stderr, and a function closing it."""
-    from tqdm.auto import tqdm
-
-    bar = {}
-
-    def progress(step: int, total: int, loss: float | None = None) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
-        if loss is not None:
-            bar["bar"].set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bar["bar"].update(step - bar["bar"].n)
-
-    def close() -> None:
-        if "bar" in bar:
-            bar["bar"].close()
-
-    return progress, close
-
-
 @contextmanager
 def sigterm_as_interrupt():
     """While inside, SIGTERM (``kill``, a container stopping) raises KeyboardInterrupt as Ctrl-C does, so the same

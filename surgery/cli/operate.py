@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from ..core.errors import InputError
+from ..core.progress import progress_bar
 from ..io.export import check_output_dir, write_output
 from ..evaluation.panels import load_facts
 from ..evaluation.report import format_facts, format_rows, format_wrong
 from ..edit.training import SurgeryConfig, SurgeryResult, operate
-from .common import (add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json,
-                     tqdm_progress)
+from .common import add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json
 
 DEFAULTS = SurgeryConfig()
 
@@ -72,8 +72,8 @@ def read_unrelated(path: str | None) -> list[str] | None:
 
 
 def run_operate(loaded, facts, config: SurgeryConfig, panel, unrelated, desc: str) -> SurgeryResult:
-    """``operate`` with a tqdm bar on stderr."""
-    progress, close = tqdm_progress(desc)
+    """``operate`` with a progress bar on stderr (one line when stderr is not a terminal)."""
+    progress, close = progress_bar(desc)
     try:
         return operate(loaded.model, loaded.tokenizer, facts, config, unrelated=unrelated, progress=progress,
                        panel=panel)
