@@ -107,7 +107,7 @@ def _causal_lines(r: CrossCheck) -> list[str]:
         lines.append(f"  weight patching from the donor (target logit change; {w.skipped_identical} identical sites "
                      f"skipped)")
         for c in w.components:
-            lines.append(f"    L{c.layer + 1} ({d.blocks}.{c.layer}) {c.name:<6} {c.mean_target_logit_change:+.3f}"
+            lines.append(f"    {d.label(c.layer, path=True)} {c.name:<6} {c.mean_target_logit_change:+.3f}"
                          f"   answers right: {_yes(bool(c.facts_correct))}")
         if a.donor_best_in_prescribed is not None:
             lines.append(f"    the site raising the target most is in the prescribed layer: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..arch import block_label
 from ..core.errors import InputError
 from ..core.progress import progress_bar
 from ..io.export import check_output_dir, write_output
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print_json({"out": str(out), **result.report.to_dict()})
         return 0
     r = result.report
-    print(f"site {r.site} of block {r.layer} ({r.block}, L{r.layer + 1}): {r.layer_reason}")
+    print(f"site {r.site} of block {r.layer} ({r.block}, {block_label(r.layer)}): {r.layer_reason}")
     print(f"{r.steps} steps in {r.train_time_s:.1f} s (total {r.wall_time_s:.1f} s); final loss {r.final_loss:.4f}")
     print("facts (what each model says):")
     print(format_facts(r.comparison.facts))

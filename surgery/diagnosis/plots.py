@@ -66,7 +66,7 @@ def attribution_heatmap(d: Diagnosis) -> Figure:
     o = d.override
     ax.add_patch(_box(o["head"], o["layer"]))
     ax.set_title(f"Per-head attribution, {d.target.text!r} − {d.competitor.text!r}\n"
-                 f"(boxed: override L{o['layer'] + 1} H{o['head']})", fontsize="medium")
+                 f"(boxed: override {d.label(o['layer'], o['head'])})", fontsize="medium")
     _caption(fig, d.n_layer)
     return fig
 

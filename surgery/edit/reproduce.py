@@ -187,7 +187,7 @@ def reproduce(model: nn.Module, tokenizer, facts: Sequence[Probe], panel: Panel,
         layer, reason = layout.check_layer(config.layer), "given"
     outcomes = []
     for site in sites:
-        say(f"surgery at site {site} of L{layer + 1}")
+        say(f"surgery at site {site} of {block_label(layer)}")
         try:
             result = operate(model, tokenizer, facts, SurgeryConfig(**{**config.to_dict(), "site": site,
                                                                        "layer": layer}), panel=panel)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..arch import SITES, count_parameters, layout_of
+from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, SurgeryFailed, require_positive_int
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
 from ..evaluation.panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
@@ -166,9 +166,9 @@ def layer_from_diagnoses(diagnoses: Sequence[Diagnosis]) -> tuple[int, str]:
     layer, n = counts.most_common(1)[0]
     overrides = Counter((d.override["layer"], d.override["head"]) for d in routing)
     (o_layer, o_head), _ = overrides.most_common(1)[0]
-    reason = (f"auto: block {layer} (L{layer + 1}) is the prescribed layer of {n}/{len(routing)} routing "
+    reason = (f"auto: block {layer} ({block_label(layer)}) is the prescribed layer of {n}/{len(routing)} routing "
               f"failures (where the target is written most strongly before the override head, "
-              f"most often L{o_layer + 1} H{o_head})")
+              f"most often {block_label(o_layer, o_head)})")
     return layer, reason
 
 
