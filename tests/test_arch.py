@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -81,3 +83,62 @@ def test_labels_name_the_familys_own_module_path(family_model):
     assert layout.label(16, 3, path=True) == f"L17 H3 ({blocks}.16, head 3)"
     assert layout.label(2, path=True) == f"L3 ({blocks}.2)"
     assert family_model.get_submodule(f"{blocks}.2") is not None  # the path names a real module of this model
+
+
+def _count_walks(monkeypatch, model) -> list:
+    """Count ``model.named_modules()`` calls (the walk a first resolution does) on this one object."""
+    calls = []
+    walk = model.named_modules
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(model, "named_modules", counting)
+    return calls
+
+
+def test_the_layout_is_resolved_once_per_model(monkeypatch, tiny_tokenizer):
+    from conftest import make_family_model
+
+    model = make_family_model("llama", len(tiny_tokenizer))
+    walks = _count_walks(monkeypatch, model)
+    first = layout_of(model)
+    assert len(walks) == 1
+    assert layout_of(model) is first and len(walks) == 1  # the second call does not walk the modules again
+    copied = copy.copy(model)  # a copy may have other modules: it resolves its own layout
+    assert layout_of(copied) == first
+
+
+def test_a_patched_view_reports_its_base_layout_without_a_walk(monkeypatch, tiny_tokenizer):
+    from conftest import make_family_model
+    from surgery.io.edit_file import Patch, base_config, block_digest, patched_model
+
+    model = make_family_model("llama", len(tiny_tokenizer))
+    layout = layout_of(model)
+    params = dict(model.named_parameters())
+    slices = tuple(layout.site_slices("wv", 1, model))
+    patch = Patch("wv", 1, slices, {s.name: s.read(params[s.name]) + 0.1 for s in slices},
+                  {"base_config": base_config(model), "base_block_sha256": block_digest(model, 1)})
+    view = patched_model(model, patch)
+    walks = _count_walks(monkeypatch, view)
+    assert layout_of(view) == layout and layout_of(view).adapter.block(1) == "model.layers.1"
+    assert walks == []
+
+
+def test_a_config_changed_in_place_is_checked_again(tiny_tokenizer):
+    from conftest import make_family_model
+    from surgery.core.errors import UnsupportedModelError
+
+    model = make_family_model("llama", len(tiny_tokenizer))
+    layout_of(model)
+    model.config.residual_multiplier = 0.5
+    with pytest.raises(UnsupportedModelError, match="residual_multiplier"):
+        layout_of(model)
+
+
+def test_a_loaded_model_exposes_its_layout(tiny_model_dir):
+    from surgery.io.loading import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    assert loaded.layout is layout_of(loaded.model) and loaded.layout.family == "GPT-2"

@@ -34,7 +34,7 @@ def test_human_report(capsys, tiny_model_dir):
     code, out, _ = run_cli(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", "The capital of France is",
                            "--target", " Paris")
     assert code == 0
-    assert "verdict" in out and "logit lens" in out and "override head" in out and "L1 (h.0)" in out
+    assert "verdict" in out and "logit lens" in out and "override head" in out and "L1 (transformer.h.0)" in out
 
 
 def test_multi_token_target_says_which_piece(capsys, tiny_model_dir, tiny_model, tiny_tokenizer):
@@ -113,3 +113,15 @@ def test_module_entry_point_subprocess(tiny_model_dir):
     bad = subprocess.run([sys.executable, "-m", "surgery", "diagnose", "--model", str(tiny_model_dir), "--prompt", "",
                           "--target", " Paris"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_llama_report_names_its_own_modules(capsys, tmp_path, tiny_tokenizer):
+    """Every label names the family's module path ("L2 (model.layers.1)"), never GPT-2's "h.1"."""
+    from conftest import make_family_model
+
+    make_family_model("llama", len(tiny_tokenizer)).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    code, out, _ = run_cli(capsys, "diagnose", "--model", str(tmp_path), "--prompt", "The capital of France is",
+                           "--target", " Paris")
+    assert code == 0
+    assert "model.layers." in out and "(h." not in out and "transformer.h" not in out

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..core.errors import UnsupportedModelError
-from .base import (SITE_DESCRIPTIONS, SITES, Adapter, Dims, Layout, NormSpec, ParamSlice, apply_softcap,
+from .base import (SITE_DESCRIPTIONS, SITES, Adapter, Dims, Layout, NormSpec, ParamSlice, apply_softcap, block_label,
                    count_parameters)
 from .gemma import GEMMA, GEMMA2, GEMMA3
 from .gpt2 import GPT2
@@ -25,7 +25,8 @@ _MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_scaling",
                 "scale_emb", "scale_depth", "logit_scale")
 
 __all__ = ["ADAPTERS", "SITES", "SITE_DESCRIPTIONS", "SUPPORTED", "Adapter", "Dims", "Layout", "NormSpec",
-           "ParamSlice", "adapter_for", "apply_softcap", "check_supported", "count_parameters", "layout_of", "unembed"]
+           "ParamSlice", "adapter_for", "apply_softcap", "block_label", "check_supported", "count_parameters",
+           "layout_of", "remember_layout", "unembed"]
 
 
 def adapter_for(config) -> Adapter:
@@ -60,12 +61,32 @@ def check_supported(config) -> None:
         raise UnsupportedModelError(f"{layout.n_head} query heads cannot share {layout.n_kv_head} key/value heads")
 
 
+# Where a model keeps its resolved layout: ``(id(model), layout)`` in its own ``__dict__``, so the cache lives and
+# dies with the model (no module-level cache). The id makes a copy miss: ``copy.copy``/``deepcopy`` carry the entry
+# over, but a copy's modules may differ (``patched_model`` swaps a block), so a copy resolves its own layout.
+_LAYOUT_ATTR = "_surgery_layout"
+
+
 def layout_of(model: nn.Module) -> Layout:
-    """The :class:`Layout` of ``model``, its modules checked against the adapter (paths, shapes, no LM-head bias)."""
+    """The :class:`Layout` of ``model``, its modules checked against the adapter (paths, shapes, no LM-head bias).
+
+    Resolved once per model object: the module tree is walked on the first call only. The config is re-read on
+    every call (attribute reads, cheap), so a config changed in place is checked again, never served stale.
+    """
     adapter = adapter_for(model.config)
     layout = Layout(adapter, adapter.read_dims(model.config))
+    cached = model.__dict__.get(_LAYOUT_ATTR)
+    if cached is not None and cached[0] == id(model) and cached[1] == layout:
+        return cached[1]
     _check_modules(model, layout)
+    remember_layout(model, layout)
     return layout
+
+
+def remember_layout(model: nn.Module, layout: Layout) -> None:
+    """Record ``layout`` as ``model``'s resolved layout (for a view known to have its base's modules, e.g. a
+    patched model: it then skips the module walk)."""
+    model.__dict__[_LAYOUT_ATTR] = (id(model), layout)
 
 
 def unembed(model: nn.Module, normed: Tensor) -> Tensor:

@@ -248,13 +248,7 @@ class Layout:
         """How a block or head is named everywhere (CLI, reports, app): ``"L17 H3"`` — blocks 1-indexed as in the
         reference write-up, heads 0-indexed — or ``"embeddings"`` for ``layer=None``; ``path=True`` adds the
         family's own module path: ``"L17 H3 (model.layers.16, head 3)"``, ``"L17 (transformer.h.16)"``."""
-        if layer is None:
-            return "embeddings"
-        name = f"L{layer + 1}" if head is None else f"L{layer + 1} H{head}"
-        if not path:
-            return name
-        where = self.adapter.block(layer) if head is None else f"{self.adapter.block(layer)}, head {head}"
-        return f"{name} ({where})"
+        return block_label(layer, head, self.adapter.blocks if path else None)
 
     # --- bookkeeping ------------------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
@@ -381,6 +375,19 @@ class Layout:
         names = [f"{a.path(p, layer)}.{w}" for p in ("q", "k") for w in ("weight", "bias")]
         names += [f"{a.block(layer)}.{n}.weight" for n in a.qk_norms]
         return [ParamSlice(n) for n in names if n in params]
+
+
+def block_label(layer: int | None, head: int | None = None, blocks: str | None = None) -> str:
+    """The one place a block's or head's label is spelled (:meth:`Layout.label` and every report use it):
+    ``"L17 H3"`` (blocks 1-indexed, heads 0-indexed), ``"embeddings"`` for ``layer=None``; given the blocks'
+    module path (``"model.layers"``) it adds the module: ``"L17 H3 (model.layers.16, head 3)"``."""
+    if layer is None:
+        return "embeddings"
+    name = f"L{layer + 1}" if head is None else f"L{layer + 1} H{head}"
+    if blocks is None:
+        return name
+    where = f"{blocks}.{layer}" if head is None else f"{blocks}.{layer}, head {head}"
+    return f"{name} ({where})"
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -33,7 +33,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from torch import nn
 
@@ -43,6 +43,9 @@ from ..core.tokens import encode_prompt, encode_target
 from ..diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose_batch
 from ..evaluation.facts import Fact
 from ..evaluation.generation import said
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class CensusConfig:
     include_ambiguous: bool = False
     diagnosis: DiagnosisConfig = field(default_factory=DiagnosisConfig)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require_positive_int("batch_size", self.batch_size)
         if self.limit is not None:
             require_positive_int("limit", self.limit)
@@ -84,6 +87,17 @@ class CensusResult:
         return asdict(self)
 
 
+class ProcessGroup(Protocol):
+    """What ``run_census`` needs of a process group: accelerate's ``PartialState`` has it, so does
+    :class:`SingleProcess`."""
+
+    process_index: int
+    num_processes: int
+    is_main_process: bool
+
+    def wait_for_everyone(self) -> None: ...
+
+
 class SingleProcess:
     """The trivial process group: what ``run_census`` uses without an accelerate ``PartialState``."""
 
@@ -102,8 +116,8 @@ def select_facts(facts: list[Fact], config: CensusConfig) -> tuple[list[Fact], i
     return (kept[: config.limit] if config.limit else kept), skipped
 
 
-def run_census(model: nn.Module, tokenizer, facts: list[Fact], out_dir: str | os.PathLike,
-               config: CensusConfig = CensusConfig(), *, model_name: str = "", state=None,
+def run_census(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: list[Fact], out_dir: str | os.PathLike,
+               config: CensusConfig = CensusConfig(), *, model_name: str = "", state: ProcessGroup | None = None,
                progress: Callable[[int, int], None] | None = None) -> CensusResult:
     """Diagnose ``facts`` into ``out_dir`` (resuming what is there), then write the summary and the report.
 

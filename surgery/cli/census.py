@@ -15,8 +15,9 @@ from ..census.report import outcome_table, verdict_table
 from ..diagnosis.diagnose import DiagnosisConfig
 from ..evaluation.facts import load_facts
 from ..core.errors import InputError
+from ..core.progress import progress_bar
 from ..io.loading import load_model
-from .common import add_device_arg, add_model_arg, load, resolve_device, tqdm_progress
+from .common import add_device_arg, add_model_arg, load, resolve_device
 
 DEFAULTS = DiagnosisConfig()
 
@@ -92,9 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _progress_bar(state):
-    """A tqdm bar on stderr, on the main process only; ``progress(done, total)`` and a closer."""
+    """A progress bar on stderr (one line off a terminal), on the main process only; ``progress(done, total)``
+    and a closer."""
     if not state.is_main_process:
         return (lambda done, total: None), (lambda: None)
     n = state.num_processes
-    bar, close = tqdm_progress("census" if n == 1 else f"census (process 0 of {n})", unit="fact")
+    bar, close = progress_bar("census" if n == 1 else f"census (process 0 of {n})", unit="fact")
     return (lambda done, total: bar(min(done * n, total), total)), close

@@ -48,11 +48,6 @@ def print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
-def head_label(layer: int, head: int) -> str:
-    """Human label: 1-indexed layer as in the reference write-up, plus the module index."""
-    return f"L{layer + 1} H{head} (h.{layer} head {head})"
-
-
 def add_panel_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--panels", metavar="FILE",
                         help="evaluation panel JSON (default: the bundled panel for this model; docs/panels.md)")
@@ -75,26 +70,6 @@ def parse_layer(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise InputError(f"--layer must be a block index (0, 1, ...) or auto, not {text!r}") from None
-
-
-def tqdm_progress(desc: str, unit: str = "step"):
-    """A ``progress(step, total, loss=None)`` callback drawing a tqdm bar on stderr, and a function closing it."""
-    from tqdm.auto import tqdm
-
-    bar = {}
-
-    def progress(step: int, total: int, loss: float | None = None) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
-        if loss is not None:
-            bar["bar"].set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bar["bar"].update(step - bar["bar"].n)
-
-    def close() -> None:
-        if "bar" in bar:
-            bar["bar"].close()
-
-    return progress, close
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 
 from ..core.errors import SurgeryFailed
-from ..arch import SITES, layout_of
+from ..arch import SITES
 from ..evaluation.panels import load_facts
 from ..edit.training import choose_layer
 from .common import add_model_arg, load, load_panel_arg, print_json
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"layer": layer, "layer_reason": reason, "sites": rows})
     else:
-        print(f"block {layer} ({layout_of(loaded.model).adapter.block(layer)}, L{layer + 1}): {reason}")
+        print(f"block {layer}: {loaded.layout.label(layer, path=True)}: {reason}")
         print(format_table(rows))
     return EXIT_SOME_FAILED if failed else 0
 

@@ -7,7 +7,7 @@ import argparse
 from ..patching.crosscheck import PATCHING_CONFIRMS, CrossCheck, CrossCheckConfig, crosscheck
 from ..diagnosis.diagnose import DiagnosisConfig
 from ..core.errors import InputError
-from .common import add_device_arg, add_model_arg, add_prompt_args, head_label, load, print_json
+from .common import add_device_arg, add_model_arg, add_prompt_args, load, print_json
 
 
 def register(sub) -> None:
@@ -56,21 +56,23 @@ def format_report(r: CrossCheck) -> str:
         f"prompt      {d.prompt!r}",
         f"target      {d.target.text!r} (logit {d.target.logit:.3f})  competitor {d.competitor.text!r} "
         f"(logit {d.competitor.logit:.3f})  verdict {d.verdict}",
-        f"override    {head_label(o['layer'], o['head'])}   prescribed layer L{d.prescribed_layer + 1} "
-        f"({d.blocks}.{d.prescribed_layer})",
+        f"override    {d.label(o['layer'], o['head'], path=True)}   prescribed layer "
+        f"{d.label(d.prescribed_layer, path=True)}",
         "",
         f"top {a.top_k} heads by |effect on target - competitor|",
-        f"  {'DLA':<36}{'grad x act':<36}",
+        f"  {'DLA':<44}{'grad x act':<44}",
     ]
     for x, y in zip(r.dla[: a.top_k], r.grad_x_act[: a.top_k]):
-        lines.append(f"  {head_label(x.layer, x.head):<26}{x.value:+9.3f} {head_label(y.layer, y.head):<26}{y.value:+9.3f}")
+        lines.append(f"  {d.label(x.layer, x.head, path=True):<34}{x.value:+9.3f} "
+                     f"{d.label(y.layer, y.head, path=True):<34}{y.value:+9.3f}")
     lines += ["", "ablations (all positions; d = ablated - clean)",
-              f"  {'unit':<28}{'mode':<6}{'d target':>10}{'d competitor':>14}{'d diff':>10}"]
+              f"  {'unit':<36}{'mode':<6}{'d target':>10}{'d competitor':>14}{'d diff':>10}"]
     for ab in r.ablations:
-        unit = head_label(ab.layer, ab.head) if ab.head is not None else f"attn out L{ab.layer + 1} (h.{ab.layer})"
-        lines.append(f"  {unit:<28}{ab.mode:<6}{ab.d_target:+10.3f}{ab.d_competitor:+14.3f}{-ab.effect:+10.3f}")
+        unit = d.label(ab.layer, ab.head, path=True) if ab.head is not None else \
+            f"attn out {d.label(ab.layer, path=True)}"
+        lines.append(f"  {unit:<36}{ab.mode:<6}{ab.d_target:+10.3f}{ab.d_competitor:+14.3f}{-ab.effect:+10.3f}")
     lead = "never" if a.lens_first_lead_layer is None else \
-        f"L{a.lens_first_lead_layer + 1} ({d.blocks}.{a.lens_first_lead_layer})"
+        d.label(a.lens_first_lead_layer, path=True)
     spearman = "n/a" if a.spearman is None else f"{a.spearman:+.3f}"
     lines += [
         "",
@@ -94,8 +96,8 @@ def _causal_lines(r: CrossCheck) -> list[str]:
         pc = r.patching
         lines += [f"  activation patching into {pc.corrupt_prompt!r} (target vs {pc.corrupt_answer!r}; "
                   f"fraction restored, all positions)",
-                  "    attention per block  " + "  ".join(f"L{l + 1} {v:+.2f}" for l, v in enumerate(pc.attn_restored)),
-                  "    MLP per block        " + "  ".join(f"L{l + 1} {v:+.2f}" for l, v in enumerate(pc.mlp_restored)),
+                  "    attention per block  " + "  ".join(f"{d.label(i)} {v:+.2f}" for i, v in enumerate(pc.attn_restored)),
+                  "    MLP per block        " + "  ".join(f"{d.label(i)} {v:+.2f}" for i, v in enumerate(pc.mlp_restored)),
                   f"    prescribed layer's attention restores >= {PATCHING_CONFIRMS:.0%}: "
                   f"{_yes(a.prescribed_patching_confirmed)}",
                   f"    override moves the corrupted run toward the competitor: {_yes(a.override_patching_confirmed)} "
@@ -105,7 +107,7 @@ def _causal_lines(r: CrossCheck) -> list[str]:
         lines.append(f"  weight patching from the donor (target logit change; {w.skipped_identical} identical sites "
                      f"skipped)")
         for c in w.components:
-            lines.append(f"    L{c.layer + 1} ({d.blocks}.{c.layer}) {c.name:<6} {c.mean_target_logit_change:+.3f}"
+            lines.append(f"    {d.label(c.layer, path=True)} {c.name:<6} {c.mean_target_logit_change:+.3f}"
                          f"   answers right: {_yes(bool(c.facts_correct))}")
         if a.donor_best_in_prescribed is not None:
             lines.append(f"    the site raising the target most is in the prescribed layer: "

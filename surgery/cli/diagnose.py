@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose
-from .common import add_device_arg, add_model_arg, add_prompt_args, head_label, load, print_json
+from .common import add_device_arg, add_model_arg, add_prompt_args, load, print_json
 
 
 def register(sub) -> None:
@@ -47,19 +47,23 @@ def format_report(d: Diagnosis, top: int = 8) -> str:
         lines.append(f"piece       {v.piece_index + 1} of {len(v.pieces)} {v.pieces}, {v.piece!r} at token position "
                      f"{v.position}" + (f" after {v.before!r}" if v.before else "") + f" ({state})"
                      + ("; a generic first piece" if v.generic_first_piece else ""))
+    width = max(14, len(d.label(d.n_layer - 1, path=True)) + 2)  # "L12 (transformer.h.11)" or "L30 (model.layers.29)"
+    head_width = len(d.label(d.n_layer - 1, d.n_head - 1, path=True)) + 2
     lines += ["", f"verdict     {d.verdict.upper()}: {d.summary()}", "", "logit lens (residual -> ln_f -> unembed, last position)",
-              f"  {'after':<14}{'target':>10}{'competitor':>12}{'rank':>8}"]
+              f"  {'after':<{width}}{'target':>10}{'competitor':>12}{'rank':>8}"]
     for e in d.logit_lens:
-        name = "embeddings" if e.layer is None else f"L{e.layer + 1} (h.{e.layer})"
+        name = d.label(e.layer, path=True)
         lead = "  <- target leads" if e.target_logit > e.competitor_logit else ""
-        lines.append(f"  {name:<14}{e.target_logit:10.3f}{e.competitor_logit:12.3f}{e.target_rank:8d}{lead}")
+        lines.append(f"  {name:<{width}}{e.target_logit:10.3f}{e.competitor_logit:12.3f}{e.target_rank:8d}{lead}")
     lines += ["", f"heads writing the target (target - competitor), top {top}"]
     for a in d.top_heads(top, toward="target"):
-        lines.append(f"  {head_label(a.layer, a.head):<24} target {a.target:+9.3f}  competitor {a.competitor:+9.3f}")
+        lines.append(f"  {d.label(a.layer, a.head, path=True):<{head_width}} target {a.target:+9.3f}  "
+                     f"competitor {a.competitor:+9.3f}")
     lines += [f"heads pushing the competitor (competitor - target), top {top}"]
     for a in d.top_heads(top, toward="competitor"):
-        lines.append(f"  {head_label(a.layer, a.head):<24} target {a.target:+9.3f}  competitor {a.competitor:+9.3f}")
+        lines.append(f"  {d.label(a.layer, a.head, path=True):<{head_width}} target {a.target:+9.3f}  "
+                     f"competitor {a.competitor:+9.3f}")
     o = d.override
-    lines += ["", f"override head     {head_label(o['layer'], o['head'])}",
-              f"prescribed layer  L{d.prescribed_layer + 1} ({d.blocks}.{d.prescribed_layer})"]
+    lines += ["", f"override head     {d.label(o['layer'], o['head'], path=True)}",
+              f"prescribed layer  {d.label(d.prescribed_layer, path=True)}"]
     return "\n".join(lines)

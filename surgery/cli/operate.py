@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..arch import block_label
 from ..core.errors import InputError
+from ..core.progress import progress_bar
 from ..io.export import check_output_dir, write_output
 from ..evaluation.panels import load_facts
 from ..evaluation.report import format_facts, format_rows, format_wrong
 from ..edit.training import SurgeryConfig, SurgeryResult, operate
-from .common import (add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json,
-                     tqdm_progress)
+from .common import add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json
 
 DEFAULTS = SurgeryConfig()
 
@@ -72,8 +73,8 @@ def read_unrelated(path: str | None) -> list[str] | None:
 
 
 def run_operate(loaded, facts, config: SurgeryConfig, panel, unrelated, desc: str) -> SurgeryResult:
-    """``operate`` with a tqdm bar on stderr."""
-    progress, close = tqdm_progress(desc)
+    """``operate`` with a progress bar on stderr (one line when stderr is not a terminal)."""
+    progress, close = progress_bar(desc)
     try:
         return operate(loaded.model, loaded.tokenizer, facts, config, unrelated=unrelated, progress=progress,
                        panel=panel)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print_json({"out": str(out), **result.report.to_dict()})
         return 0
     r = result.report
-    print(f"site {r.site} of block {r.layer} ({r.block}, L{r.layer + 1}): {r.layer_reason}")
+    print(f"site {r.site} of block {r.layer} ({r.block}, {block_label(r.layer)}): {r.layer_reason}")
     print(f"{r.steps} steps in {r.train_time_s:.1f} s (total {r.wall_time_s:.1f} s); final loss {r.final_loss:.4f}")
     print("facts (what each model says):")
     print(format_facts(r.comparison.facts))

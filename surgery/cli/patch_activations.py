@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..arch import block_label
 from ..patching.activations import KINDS, ActivationPatching, ActivationPatchingConfig, patch_activations
 from ..core.errors import OutputError
 from .common import add_device_arg, add_model_arg, load, print_json
@@ -97,10 +98,13 @@ def format_report(r: ActivationPatching) -> str:
         widths = [max(7, len(h) + 2) for h in header]
         lines += ["", f"{kind}: {title}", "  " + " " * 12 + "".join(f"{h:>{w}}" for h, w in zip(header, widths))]
         for layer, row in enumerate(grid.restored):
-            label = f"L{layer + 1} ({layer})"
+            label = block_label(layer)
             lines.append(f"  {label:<12}" + "".join(f"{v:>+{w}.2f}" for v, w in zip(row, widths)))
         l, j, v = grid.best()
-        where = f"H{j}" if grid.axis == "head" else f"position {j} {r.clean_tokens[j].strip()!r}"
-        lines.append(f"  most restored: L{l + 1} ({r.blocks}.{l}) {where}: {v:+.3f}")
+        if grid.axis == "head":
+            where = block_label(l, j, r.blocks)
+        else:
+            where = f"{block_label(l, blocks=r.blocks)} position {j} {r.clean_tokens[j].strip()!r}"
+        lines.append(f"  most restored: {where}: {v:+.3f}")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..arch import Layout
 from ..core.errors import InputError
 from ..evaluation.panels import load_facts
 from ..patching.weights import ABLATIONS, GRANULARITIES, WeightPatching, ablate_weights, patch_weights
@@ -51,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"recipient_model": recipient.source, "donor_model": args.donor, **result.to_dict()})
     else:
-        print(format_report(result, recipient.source, args.donor))
+        print(format_report(result, recipient.source, args.donor, recipient.layout))
     return 0
 
 
-def format_report(r: WeightPatching, recipient: str, donor: str | None) -> str:
+def format_report(r: WeightPatching, recipient: str, donor: str | None, layout: Layout) -> str:
     n = r.facts_total
     lines = [f"recipient   {recipient}: {r.recipient_correct}/{n} facts right"]
     if r.mode == "donor":
@@ -63,17 +64,18 @@ def format_report(r: WeightPatching, recipient: str, donor: str | None) -> str:
         lines.append("each row: the recipient with that component's weights from the donor")
     else:
         lines.append(f"each row: the recipient with that component's weights {r.mode}-ablated")
-    lines += ["", f"  {'component':<20}{'facts':>8}{'mean d target logit':>22}   fixed / broken"]
+    width = max(20, len(layout.label(layout.n_layer - 1, layout.n_head - 1)) + 8)
+    lines += ["", f"  {'component':<{width}}{'facts':>8}{'mean d target logit':>22}   fixed / broken"]
     for c in r.components:
-        name = f"L{c.layer + 1} {c.name}" if c.head is None else f"L{c.layer + 1} H{c.head} {c.name}"
-        lines.append(f"  {name:<20}{f'{c.facts_correct}/{n}':>8}{c.mean_target_logit_change:>+22.3f}   "
+        name = f"{layout.label(c.layer, c.head)} {c.name}"
+        lines.append(f"  {name:<{width}}{f'{c.facts_correct}/{n}':>8}{c.mean_target_logit_change:>+22.3f}   "
                      f"{len(c.fixed)} / {len(c.broken)}")
     if not r.components:
         lines.append("  (no component differs)")
     lines.append(f"\n{r.skipped_identical} component(s) skipped: their weights would not change")
     best = r.best()
     if best is not None:
-        lines.append(f"largest mean target-logit gain: L{best.layer + 1} {best.name}"
+        lines.append(f"largest mean target-logit gain: {layout.label(best.layer, path=True)} {best.name}"
                      + ("" if best.head is None else f" head {best.head}")
                      + f" ({best.mean_target_logit_change:+.3f}, {best.facts_correct}/{n} right)")
     return "\n".join(lines)

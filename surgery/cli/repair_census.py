@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..census.run import read_records
+from ..arch import block_label
 from ..core.errors import InputError
 from ..edit.many_facts import RepairConfig, repair_from_census
 from ..evaluation.facts import load_fact_file
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     summary = result.to_dict()
     rows = format_rows(result.report.rows(), markdown=True)
     markdown = (f"# One edit for {result.edited} routing failures ({result.held_out} held out)\n\n"
-                f"Site {result.report.site} of L{result.layer + 1}: {result.layer_reason}.\n\n{rows}\n")
+                f"Site {result.report.site} of {block_label(result.layer)}: {result.layer_reason}.\n\n{rows}\n")
     if "one_edit_vs_one_per_fact" in summary:
         cmp = summary["one_edit_vs_one_per_fact"]
         one, per = cmp["one_edit"], cmp["per_fact"]

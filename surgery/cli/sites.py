@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.errors import InputError
-from ..arch import SITE_DESCRIPTIONS, SITES, count_parameters, layout_of
+from ..arch import SITE_DESCRIPTIONS, SITES, count_parameters
 from .common import add_device_arg, add_model_arg, load, parse_layer, print_json
 
 
@@ -25,14 +25,15 @@ def run(args: argparse.Namespace) -> int:
     if layer is None:
         raise InputError("sites needs a block index for --layer (0, 1, ...), not auto")
     loaded = load(args)
-    layout = layout_of(loaded.model)
+    layout = loaded.layout
     layout.check_layer(layer)
     sizes = {site: layout.site_size(loaded.model, site, layer) for site in SITES}
     if args.json:
         print_json(sizes)
         return 0
     total = count_parameters(loaded.model)
-    print(f"sites of block {layer} ({layout.adapter.block(layer)}, L{layer + 1}, {layout.family}); model total {total:,} parameters")
+    print(f"sites of block {layer}: {layout.label(layer, path=True)}, {layout.family}; "
+          f"model total {total:,} parameters")
     for site in SITES:
         print(f"  {site:<6}{sizes[site]:>14,}  {100 * sizes[site] / total:6.2f}%  {SITE_DESCRIPTIONS[site]}")
     return 0

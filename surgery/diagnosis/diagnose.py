@@ -58,16 +58,19 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ..arch import Layout, apply_softcap, layout_of
+from ..arch import Layout, apply_softcap, block_label, layout_of
 from ..core.errors import InputError
 from ..core.hooks import hooked
 from ..core.tokens import encode_prompt, encode_target, token_text
 from .divergence import Divergence, missed_pieces
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 VERDICTS = ("routing", "absence", "correct")
 
@@ -90,7 +93,7 @@ class DiagnosisConfig:
     prepend_bos: bool = False
     teacher_force: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.routing_rank, bool) or not isinstance(self.routing_rank, int) or self.routing_rank < 1:
             raise InputError(f"routing_rank must be a whole number of at least 1, not {self.routing_rank!r}")
         if isinstance(self.routing_from, bool) or not isinstance(self.routing_from, (int, float)) \
@@ -187,11 +190,16 @@ class Diagnosis:
             raise ValueError(f"toward must be 'target', 'competitor' or None, not {toward!r}")
         return sorted((a for a in self.dla if a.head is not None), key=keys[toward])[:k]
 
+    def label(self, layer: int | None, head: int | None = None, path: bool = False) -> str:
+        """:meth:`Layout.label <surgery.arch.Layout.label>` for this diagnosis's model: ``"L17 H3"``, with
+        ``path=True`` ``"L17 H3 (model.layers.16, head 3)"``; ``"embeddings"`` for ``layer=None``."""
+        return block_label(layer, head, self.blocks if path else None)
+
     def summary(self) -> str:
         """The verdict in one sentence (heads shown 1-indexed as in the reference write-up, module index too)."""
         o = self.override
-        head = f"L{o['layer'] + 1} H{o['head']} ({self.blocks}.{o['layer']}, head {o['head']})"
-        layer = f"L{self.prescribed_layer + 1} ({self.blocks}.{self.prescribed_layer})"
+        head = self.label(o["layer"], o["head"], path=True)
+        layer = self.label(self.prescribed_layer, path=True)
         t, c = self.target.text, self.competitor.text
         where = self.divergence.sentence() if self.divergence is not None else ""
         if self.verdict == "correct":
@@ -491,14 +499,14 @@ def classify(ranks: Tensor, config: DiagnosisConfig = DiagnosisConfig()) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def diagnose(model: nn.Module, tokenizer, prompt: str, target: str, competitor: str | None = None,
-             config: DiagnosisConfig = DiagnosisConfig()) -> Diagnosis:
+def diagnose(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, target: str,
+             competitor: str | None = None, config: DiagnosisConfig = DiagnosisConfig()) -> Diagnosis:
     """Diagnose one prompt. ``target``/``competitor`` are answer texts (e.g. ``" Paris"``); the competitor
     defaults to the model's own top prediction (or its runner-up when the target is already top)."""
     return diagnose_batch(model, tokenizer, [prompt], [target], [competitor], config=config)[0]
 
 
-def diagnose_batch(model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
+def diagnose_batch(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
                    competitors: list[str | None] | None = None, config: DiagnosisConfig = DiagnosisConfig(),
                    batch_size: int = 32) -> list[Diagnosis]:
     """Diagnose many prompts, ``batch_size`` at a time (right-padded; results equal one-at-a-time runs).

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
+from ..arch import block_label
 from .diagnose import Diagnosis
 from .static_heads import HeadStats, layer_key_response
 from .token_classes import TOKEN_CLASSES
@@ -45,7 +46,7 @@ def key_response_plot(table: list[HeadStats]) -> Figure:
     for name in TOKEN_CLASSES:
         values = [math.nan if v is None else v for v in per_class[name]]
         ax.plot(layers, values, marker="o", label=name.replace("_", " "))
-    ax.set_xticks(layers, [f"L{l}" for l in layers])
+    ax.set_xticks(layers, [block_label(layer - 1) for layer in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("mean key norm (mean over heads)")
     ax.set_title("Key response by token class")
@@ -65,7 +66,7 @@ def attribution_heatmap(d: Diagnosis) -> Figure:
     o = d.override
     ax.add_patch(_box(o["head"], o["layer"]))
     ax.set_title(f"Per-head attribution, {d.target.text!r} − {d.competitor.text!r}\n"
-                 f"(boxed: override L{o['layer'] + 1} H{o['head']})", fontsize="medium")
+                 f"(boxed: override {d.label(o['layer'], o['head'])})", fontsize="medium")
     _caption(fig, d.n_layer)
     return fig
 
@@ -77,8 +78,8 @@ def cumulative_logit_plot(d: Diagnosis) -> Figure:
     x = list(range(len(d.logit_lens)))
     ax.plot(x, [e.target_logit for e in d.logit_lens], marker="o", label=f"target {d.target.text!r}")
     ax.plot(x, [e.competitor_logit for e in d.logit_lens], marker="s", label=f"competitor {d.competitor.text!r}")
-    ax.axvline(d.prescribed_layer + 1, color="grey", linestyle=":", label=f"prescribed L{d.prescribed_layer + 1}")
-    ax.set_xticks(x, ["emb" if e.layer is None else f"L{e.layer + 1}" for e in d.logit_lens])
+    ax.axvline(d.prescribed_layer + 1, color="grey", linestyle=":", label=f"prescribed {d.label(d.prescribed_layer)}")
+    ax.set_xticks(x, ["emb" if e.layer is None else d.label(e.layer) for e in d.logit_lens])
     ax.set_xlabel("residual after")
     ax.set_ylabel("logit (final norm + unembedding)")
     _clip_outliers(ax, [v for e in d.logit_lens for v in (e.target_logit, e.competitor_logit)])
@@ -101,7 +102,7 @@ def _figure(n_layer: int, n_head: int) -> tuple[Figure, Axes]:
     fig = new_figure((min(14.0, max(6.0, 2.5 + 0.6 * n_head)), min(12.0, max(3.5, 1.8 + 0.4 * n_layer))))
     ax = fig.add_subplot()
     ax.set_xticks(range(n_head), [f"H{h}" for h in range(n_head)])
-    ax.set_yticks(range(n_layer), [f"L{l + 1}" for l in range(n_layer)])
+    ax.set_yticks(range(n_layer), [block_label(layer) for layer in range(n_layer)])
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     return fig, ax
@@ -146,4 +147,4 @@ def _box(head: int, layer: int) -> Rectangle:
 def _caption(fig: Figure, n_layer: int) -> None:
     last = n_layer - 1
     fig.supxlabel(f"Layers 1-indexed as in the reference write-up: L1 = block 0 … "
-                  f"L{n_layer} = block {last}\nheads by module index", fontsize="x-small", color="dimgray")
+                  f"{block_label(last)} = block {last}\nheads by module index", fontsize="x-small", color="dimgray")

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..arch import layout_of
+from ..arch import block_label, layout_of
 from ..core.errors import require_positive_int
 from .token_classes import TOKEN_CLASSES, TokenClasses, token_classes
 
@@ -85,7 +85,7 @@ class HeadStats:
     @property
     def label(self) -> str:
         """1-indexed layer as in the reference write-up: "L10 H8" is transformer.h.9 head 8."""
-        return f"L{self.layer + 1} H{self.head}"
+        return block_label(self.layer, self.head)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "label": self.label}

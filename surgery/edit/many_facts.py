@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from ..arch import block_label
 from ..census.run import record_key
 from ..core.errors import InputError, SurgeryFailed
 from ..evaluation.facts import Fact
@@ -163,11 +164,11 @@ def repair_from_census(model: nn.Module, tokenizer, records: Sequence[dict], fac
     if surgery.layer is None:
         counts = Counter(prescribed[f.key] for f in edit)
         layer, n = counts.most_common(1)[0]
-        reason = f"census: block {layer} (L{layer + 1}) is the prescribed layer of {n}/{len(edit)} edited facts"
+        reason = f"census: block {layer} ({block_label(layer)}) is the prescribed layer of {n}/{len(edit)} edited facts"
     else:
         layer, reason = surgery.layer, "given"
     config_one = replace(surgery, layer=layer)
-    say(f"one edit for {len(edit)} facts at L{layer + 1} ({len(held)} held out)")
+    say(f"one edit for {len(edit)} facts at {block_label(layer)} ({len(held)} held out)")
     result = operate(model, tokenizer, [_probe(f) for f in edit], config_one, panel=panel, require_all=False)
     report = result.report
     per_fact = None

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from ..arch import SITES, count_parameters, layout_of
+from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, SurgeryFailed
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
 from ..evaluation.panels import Panel, Probe
@@ -103,21 +103,21 @@ class Reproduction:
         for d in self.diagnoses:
             o = d.override
             lines.append(f"| {d.prompt} | {d.prediction.text!r} | {d.target.rank} | {d.verdict} | "
-                         f"L{o['layer'] + 1} H{o['head']} | L{d.prescribed_layer + 1} |")
+                         f"{d.label(o['layer'], o['head'])} | {d.label(d.prescribed_layer)} |")
         if self.trace is not None:
             t = self.trace
             lines += ["", f"## Trace: {t.prompt!r} -> {t.target!r} (competitor {t.competitor!r})", "",
-                      f"- the target first leads the logit lens after **L{t.emerges_after + 1}**" if t.emerges_after
+                      f"- the target first leads the logit lens after **{block_label(t.emerges_after)}**" if t.emerges_after
                       is not None else "- the target never leads the logit lens before the output",
-                      f"- its strongest writer: **L{t.strongest_writer['layer'] + 1} H{t.strongest_writer['head']}** "
+                      f"- its strongest writer: **{block_label(t.strongest_writer['layer'], t.strongest_writer['head'])}** "
                       f"(+{t.strongest_writer['target']:.2f} target logit)",
-                      f"- the override: **L{t.override['layer'] + 1} H{t.override['head']}** "
+                      f"- the override: **{block_label(t.override['layer'], t.override['head'])}** "
                       f"(competitor - target {t.override['margin']:+.2f})", "",
                       "| after | target rank | target logit | competitor logit |", "|---|---|---|---|"]
             for e in t.lens:
-                name = "embeddings" if e["block"] is None else f"L{e['block'] + 1}"
+                name = block_label(e["block"])
                 lines.append(f"| {name} | {e['target_rank']} | {e['target_logit']:.2f} | {e['competitor_logit']:.2f} |")
-        lines += ["", f"## Four sites at L{self.layer + 1}", "", f"Layer: {self.layer_reason}.", "",
+        lines += ["", f"## Four sites at {block_label(self.layer)}", "", f"Layer: {self.layer_reason}.", "",
                   "| site | params | facts | general | neighbourhood | side effects | perplexity | ΔL2 | max abs Δ | "
                   "Q/K unchanged | steps | time |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in self.sites:
@@ -187,7 +187,7 @@ def reproduce(model: nn.Module, tokenizer, facts: Sequence[Probe], panel: Panel,
         layer, reason = layout.check_layer(config.layer), "given"
     outcomes = []
     for site in sites:
-        say(f"surgery at site {site} of L{layer + 1}")
+        say(f"surgery at site {site} of {block_label(layer)}")
         try:
             result = operate(model, tokenizer, facts, SurgeryConfig(**{**config.to_dict(), "site": site,
                                                                        "layer": layer}), panel=panel)

@@ -36,13 +36,13 @@ import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..arch import SITES, count_parameters, layout_of
+from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, SurgeryFailed, require_positive_int
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
 from ..evaluation.panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
@@ -50,6 +50,9 @@ from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
 from ..io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
 from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches, kept_answers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ class SurgeryConfig:
     seed: int = 0
     batch_size: int = 64
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.site not in SITES:
             raise InputError(f"unknown site {self.site!r}: choose one of {', '.join(SITES)}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
@@ -163,9 +166,9 @@ def layer_from_diagnoses(diagnoses: Sequence[Diagnosis]) -> tuple[int, str]:
     layer, n = counts.most_common(1)[0]
     overrides = Counter((d.override["layer"], d.override["head"]) for d in routing)
     (o_layer, o_head), _ = overrides.most_common(1)[0]
-    reason = (f"auto: block {layer} (L{layer + 1}) is the prescribed layer of {n}/{len(routing)} routing "
+    reason = (f"auto: block {layer} ({block_label(layer)}) is the prescribed layer of {n}/{len(routing)} routing "
               f"failures (where the target is written most strongly before the override head, "
-              f"most often L{o_layer + 1} H{o_head})")
+              f"most often {block_label(o_layer, o_head)})")
     return layer, reason
 
 
@@ -344,8 +347,8 @@ def _n_fixed(logits: Tensor, targets: Tensor, rows: Tensor, n_facts: int, margin
 # --------------------------------------------------------------------------------------------------
 
 
-def operate(model: nn.Module, tokenizer, facts: Sequence[Probe], config: SurgeryConfig = SurgeryConfig(),
-            unrelated: Sequence[str] | None = None, progress: Progress | None = None,
+def operate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Probe],
+            config: SurgeryConfig = SurgeryConfig(), unrelated: Sequence[str] | None = None, progress: Progress | None = None,
             panel: Panel | None = None, require_all: bool = True,
             preserve: Sequence[Probe] | None = None) -> SurgeryResult:
     """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.

@@ -51,8 +51,8 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, layer: int, length
 
     ``input_ids`` (B, T) may be right-padded, with ``lengths`` (B,). The final norm and unembedding are not run.
     """
-    a = layout_of(model).adapter
-    n_layer = layout_of(model).n_layer
+    layout = layout_of(model)
+    a, n_layer = layout.adapter, layout.n_layer
     mask = None if lengths is None else real_positions(lengths, input_ids.shape[1]).long()
     out = BlockInputs(hidden=None)
 

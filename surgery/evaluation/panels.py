@@ -49,7 +49,7 @@ class Probe:
     target: str
     paraphrases: tuple[str, ...] = ()  # other wordings of the prompt with the same answer (scored, never trained)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InputError("a probe has an empty prompt")
         if not isinstance(self.target, str) or not self.target.strip():

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..core.errors import InputError
 from .panels import Panel, Probe, panel_for_model
 from .report import PERPLEXITY_TOLERANCE, PROBE_TOLERANCE, Comparison, compare, regressions
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -41,9 +45,9 @@ def check_same_vocabulary(base: nn.Module, corrected: nn.Module, base_tokenizer,
         raise InputError("the base and the corrected model use different vocabularies: not a base/fix pair")
 
 
-def verify(base: nn.Module, corrected: nn.Module, tokenizer, facts: Sequence[Probe] | None = None,
-           panel: Panel | None = None, perplexity_tolerance: float = PERPLEXITY_TOLERANCE,
-           probe_tolerance: float = PROBE_TOLERANCE) -> Verification:
+def verify(base: nn.Module, corrected: nn.Module, tokenizer: PreTrainedTokenizerBase,
+           facts: Sequence[Probe] | None = None, panel: Panel | None = None,
+           perplexity_tolerance: float = PERPLEXITY_TOLERANCE, probe_tolerance: float = PROBE_TOLERANCE) -> Verification:
     """Check ``corrected`` against ``base`` (same tokenizer) on ``facts`` and ``panel``.
 
     ``panel`` defaults to the bundled panel for ``base`` (:func:`surgery.evaluation.panels.panel_for_model`);

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..arch import ParamSlice, layout_of
+from ..arch import ParamSlice, layout_of, remember_layout
 from ..core.errors import PatchError
 
 FORMAT = "transformer-surgery-patch/1"
@@ -193,7 +193,8 @@ def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
     """
     patch.check_compatible(model)
     _install_output_recorders(model)
-    block_path = layout_of(model).adapter.block(patch.layer)
+    layout = layout_of(model)
+    block_path = layout.adapter.block(patch.layer)
     new_block = copy_block(model, patch.layer)
     prefix = block_path + "."
     with torch.no_grad():
@@ -208,6 +209,7 @@ def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
         parent._modules[part] = child
         parent = child
     parent._modules[parts[-1]] = new_block
+    remember_layout(view, layout)  # the base's modules, one block swapped for a copy of itself
     return view
 
 

@@ -37,6 +37,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..arch import block_label
 from ..core.errors import OutputError
 from ..evaluation.report import format_rows
 from .edit_file import Patch, patched_model
@@ -257,7 +258,7 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         f"# {base_name}, corrected by single-site surgery ({report.site}, block {layer})",
         "",
         f"This is `{base_name}` with one site retrained by Transformer Surgery to fix {len(facts)} facts: site **{report.site}** of block "
-        f"**{layer}** (`{report.block}`, L{layer + 1} 1-indexed), {report.params_in_site:,} parameters "
+        f"**{layer}** (`{report.block}`, {block_label(layer)} 1-indexed), {report.params_in_site:,} parameters "
         f"({100 * report.fraction:.2f}% of the model). Every other tensor is bitwise identical to the base.",
         "",
         f"Layer choice: {report.layer_reason}. Training: {report.steps} Adam steps "

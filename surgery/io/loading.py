@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from ..arch import Layout, layout_of
 from ..core.errors import CheckpointError, ModelLoadError, UnsupportedModelError, first_line
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ class LoadedModel:
     gguf_file: str | None = None  # the absolute path of the .gguf file the folder was converted from, if any
     name: str | None = None  # what outputs call the base (see base_name); None: derived from source
     checkpoint_dtype: torch.dtype | None = None  # the dtype the checkpoint stores (config.json), None if unknown
+
+    @property
+    def layout(self) -> Layout:
+        """The model's resolved :class:`~surgery.arch.Layout` (resolved once, on first use)."""
+        return layout_of(self.model)
 
     @property
     def is_demo(self) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,9 @@ from ..arch import Layout, apply_softcap, layout_of, unembed
 from ..core.errors import InputError, require_positive_int
 from ..core.hooks import hooked, main_output
 from ..core.tokens import encode_prompt, encode_target, token_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class ActivationPatchingConfig:
     batch_size: int = 32
     prepend_bos: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require_positive_int("batch_size", self.batch_size)
         object.__setattr__(self, "kinds", tuple(dict.fromkeys(self.kinds)))  # in order, each once
         if not self.kinds:
@@ -78,7 +81,7 @@ class PatchUnit:
     head: int | None = None
     position: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InputError(f"unknown patching kind {self.kind!r}: choose from {', '.join(KINDS)}")
         if self.head is not None and self.kind != "head":
@@ -342,7 +345,7 @@ def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: 
                         Answer(token_text(tokenizer, c_id), c_id), source, d_clean, d_corrupt, clean_acts)
 
 
-def patch_activations(model: nn.Module, tokenizer, clean: str, corrupt: str, target: str,
+def patch_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, clean: str, corrupt: str, target: str,
                       competitor: str | None = None,
                       config: ActivationPatchingConfig = ActivationPatchingConfig()) -> ActivationPatching:
     """Patch every unit of ``config.kinds`` from the ``clean`` prompt's run into the ``corrupt`` prompt's run, one

@@ -44,6 +44,7 @@ The model is never modified: ablations are hooks inside :func:`surgery.core.hook
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -297,25 +298,21 @@ def ranking(x: Tensor) -> list[HeadScore]:
     return [HeadScore(l, h, float(x[l, h])) for l, h in top_by_magnitude(x, x.numel())]
 
 
-def _label(layer: int, head: int | None = None) -> str:
-    """1-indexed layer as in the reference write-up, with the module index: "L10 H8 (h.9)"."""
-    return f"L{layer + 1} (h.{layer})" if head is None else f"L{layer + 1} H{head} (h.{layer})"
-
-
 def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], top_k: int) -> Agreement:
     """The agreement summary. ``dla``, ``gxa``: (L, H) effects on target - competitor."""
     differences: list[str] = []
+    named = partial(d.label, path=True)  # "L10 H8 (transformer.h.9, head 8)"
     o_layer, o_head = d.override["layer"], d.override["head"]
     top_dla, top_gxa = top_by_magnitude(dla, top_k), top_by_magnitude(gxa, top_k)
     overlap = len(set(top_dla) & set(top_gxa)) / len(top_dla)
     if top_dla[0] != top_gxa[0]:
-        differences.append(f"DLA ranks {_label(*top_dla[0])} first, grad x act ranks {_label(*top_gxa[0])} first")
+        differences.append(f"DLA ranks {named(*top_dla[0])} first, grad x act ranks {named(*top_gxa[0])} first")
     if overlap < 1:
         differences.append(f"top-{len(top_dla)} heads overlap {overlap:.0%} between DLA and grad x act")
     gxa_override = divmod(int(gxa.argmin()), gxa.shape[1])
     if gxa_override != (o_layer, o_head):
-        differences.append(f"grad x act's most competitor-favouring head is {_label(*gxa_override)}, "
-                           f"not the override {_label(o_layer, o_head)}")
+        differences.append(f"grad x act's most competitor-favouring head is {named(*gxa_override)}, "
+                           f"not the override {named(o_layer, o_head)}")
 
     def effects(unit: str, layer: int, head: int | None) -> dict[str, Ablation]:
         return {a.mode: a for a in ablations if a.unit == unit and a.layer == layer and a.head == head}
@@ -323,17 +320,17 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
     override = {mode: a.effect < 0 for mode, a in effects("head", o_layer, o_head).items()}  # diff rises
     for mode, a in effects("head", o_layer, o_head).items():
         if not override[mode]:
-            differences.append(f"{mode}-ablating the override {_label(o_layer, o_head)} does not move the "
+            differences.append(f"{mode}-ablating the override {named(o_layer, o_head)} does not move the "
                                f"answer toward the target (target - competitor {-a.effect:+.3f})")
     prescribed = {mode: a.d_target < 0 for mode, a in effects("attn_out", d.prescribed_layer, None).items()}
     for mode, a in effects("attn_out", d.prescribed_layer, None).items():
         if not prescribed[mode]:
             differences.append(f"{mode}-ablating the attention output of the prescribed layer "
-                               f"{_label(d.prescribed_layer)} does not lower the target ({a.d_target:+.3f})")
+                               f"{named(d.prescribed_layer)} does not lower the target ({a.d_target:+.3f})")
     lead = next((e.layer for e in d.logit_lens if e.layer is not None and e.target_logit > e.competitor_logit), None)
     before = lead is not None and lead < o_layer
     if not before:
-        differences.append(f"the target never leads in the logit lens before the override block {_label(o_layer)}")
+        differences.append(f"the target never leads in the logit lens before the override block {named(o_layer)}")
     return Agreement(
         spearman=spearman(dla, gxa), top_k=len(top_dla), top_k_overlap=overlap, top1_same=top_dla[0] == top_gxa[0],
         override_top_grad_x_act=gxa_override == (o_layer, o_head),
@@ -363,17 +360,18 @@ def causal_agreement(d: Diagnosis, patching: PatchingCheck | None, weights: Weig
                      ) -> tuple[dict, list[str]]:
     """The causal checks' :class:`Agreement` fields and their differences (empty when none was asked for)."""
     fields, differences = {}, []
+    named = partial(d.label, path=True)
     p, o = d.prescribed_layer, (d.override["layer"], d.override["head"])
     if patching is not None:
         x = patching.attn_restored[p]
         fields["prescribed_patching_confirmed"] = x >= PATCHING_CONFIRMS
         if x < PATCHING_CONFIRMS:
-            differences.append(f"patching the attention output of the prescribed layer {_label(p)} into "
+            differences.append(f"patching the attention output of the prescribed layer {named(p)} into "
                                f"{patching.corrupt_prompt!r} restores only {x:.0%} of the target's lead over "
                                f"{patching.corrupt_answer!r}")
         fields["override_patching_confirmed"] = patching.override_restored > 0
         if patching.override_restored <= 0:
-            differences.append(f"patching the override {_label(*o)} into {patching.corrupt_prompt!r} does not move "
+            differences.append(f"patching the override {named(*o)} into {patching.corrupt_prompt!r} does not move "
                                f"it toward the competitor ({patching.override_restored:+.2f} of the difference)")
     if weights is not None:
         best = weights.best()
@@ -382,8 +380,8 @@ def causal_agreement(d: Diagnosis, patching: PatchingCheck | None, weights: Weig
         else:
             fields["donor_best_in_prescribed"] = best.layer == p
             if best.layer != p:
-                differences.append(f"the donor's {best.name} of {_label(best.layer)} raises the target most "
-                                   f"({best.mean_target_logit_change:+.3f}), not the prescribed layer {_label(p)}")
+                differences.append(f"the donor's {best.name} of {named(best.layer)} raises the target most "
+                                   f"({best.mean_target_logit_change:+.3f}), not the prescribed layer {named(p)}")
     return fields, differences
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
+from ..arch import block_label
 from ..diagnosis.plots import label_cells, new_figure
 from .activations import KIND_DESCRIPTIONS, ActivationPatching
 from .weights import WeightPatching
@@ -34,14 +35,14 @@ def patching_heatmap(result: ActivationPatching, kind: str) -> Figure:
     fig.colorbar(image, ax=ax, label="fraction of the logit difference restored")
     ax.set_xticks(range(width), labels, rotation=30 if grid.axis == "position" else 0, ha="right"
                   if grid.axis == "position" else "center", fontsize="small")
-    ax.set_yticks(range(n_layer), [f"L{l + 1}" for l in range(n_layer)])
+    ax.set_yticks(range(n_layer), [block_label(layer) for layer in range(n_layer)])
     ax.set_xlabel(grid.axis)
     ax.set_ylabel("layer")
     label_cells(ax, image, values, "{:.2f}")
     ax.set_title(f"Activation patching: {KIND_DESCRIPTIONS[kind]}\n{result.target.text!r} vs "
                  f"{result.competitor.text!r}, {result.clean_prompt!r} → {result.corrupt_prompt!r}",
                  fontsize="medium")
-    fig.supxlabel(f"L1 = block 0 ({result.blocks}.0) … L{n_layer} = block {n_layer - 1}", fontsize="x-small",
+    fig.supxlabel(f"L1 = block 0 ({result.blocks}.0) … {block_label(n_layer - 1)} = block {n_layer - 1}", fontsize="x-small",
                   color="dimgray")
     return fig
 
@@ -53,7 +54,7 @@ def weight_patching_chart(result: WeightPatching, top: int = 20) -> Figure:
     comps = sorted(result.components, key=lambda c: -abs(c.mean_target_logit_change))[:top]
     fig = new_figure((7.0, max(2.5, 1.2 + 0.35 * len(comps))))
     ax = fig.add_subplot()
-    labels = [f"L{c.layer + 1} {c.name}" if c.head is None else f"L{c.layer + 1} H{c.head} {c.name}" for c in comps]
+    labels = [f"{block_label(c.layer, c.head)} {c.name}" for c in comps]
     values = [c.mean_target_logit_change for c in comps]
     ax.barh(range(len(comps)), values, color=["tab:blue" if v >= 0 else "tab:red" for v in values])
     ax.set_yticks(range(len(comps)), labels)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,9 @@ from ..core.errors import InputError
 from ..evaluation.panels import Probe
 from ..evaluation.scoring import target_scores
 from ..io.edit_file import Patch, base_config, patched_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +259,7 @@ def _check_facts(facts: Sequence[Probe]) -> list[Probe]:
     return facts
 
 
-def patch_weights(recipient: nn.Module, donor: nn.Module, tokenizer, facts: Sequence[Probe],
+def patch_weights(recipient: nn.Module, donor: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Probe],
                   granularity: str = "site") -> WeightPatching:
     """Copy each component from ``donor`` into ``recipient`` in turn and score ``facts`` on the hybrid.
 

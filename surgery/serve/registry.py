@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ..arch import Layout, check_supported, layout_of
+from ..arch import Layout, check_supported
 from ..core.errors import InputError, SurgeryError
 from ..diagnosis.static_heads import StaticHeadCache
 from ..edit.training import choose_layer
@@ -100,7 +100,7 @@ class ServedModel:
 def serve(choice: ModelChoice, loaded: LoadedModel, panel: Panel | None = None) -> ServedModel:
     """Wrap a loaded model for serving: its layout, its panel (default: the bundled one for it) fitted to its
     tokenizer, and an empty head cache."""
-    layout = layout_of(loaded.model)
+    layout = loaded.layout
     panel = panel if panel is not None else panel_for_model(loaded.model)
     return ServedModel(choice, loaded, layout, panel, fit_panel(panel, loaded.tokenizer, layout.n_ctx))
 
