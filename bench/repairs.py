@@ -33,9 +33,14 @@ OUT = ROOT / "bench" / "results" / "repairs.json"
 
 CHILD = """
 import json, sys, time, torch
-from surgery.io.loading import load_model
-from surgery.evaluation.panels import load_facts, panel_for_model
-from surgery.edit.training import SurgeryConfig, operate
+try:  # the package layout since the modules were grouped by stage
+    from surgery.io.loading import load_model
+    from surgery.evaluation.panels import load_facts, panel_for_model
+    from surgery.edit.training import SurgeryConfig, operate
+except ImportError:  # a tree from before that (--before-tree)
+    from surgery.model_io import load_model
+    from surgery.panels import load_facts, panel_for_model
+    from surgery.training import SurgeryConfig, operate
 from bench.measure import _release, _status_kib
 model_name, facts_path, out = sys.argv[1:4]
 torch.set_num_threads(2)
