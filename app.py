@@ -50,9 +50,17 @@ INTRO = """# Transformer Surgery
 *Diagnose why a language model answers wrong, edit one site of one layer, verify and ship the fix.*"""
 
 
-def build_demo(model_name: str | os.PathLike | None = None, *, registry: ModelRegistry | None = None,
-               startup: StartUp | None = None, device=None, panel: Panel | None = None, login: bool = False,
-               allow_local_models: bool = True, work_dir: str | None = None) -> gr.Blocks:
+def build_demo(
+    model_name: str | os.PathLike | None = None,
+    *,
+    registry: ModelRegistry | None = None,
+    startup: StartUp | None = None,
+    device=None,
+    panel: Panel | None = None,
+    login: bool = False,
+    allow_local_models: bool = True,
+    work_dir: str | None = None,
+) -> gr.Blocks:
     """The whole app as a ``gr.Blocks`` (not launched).
 
     ``model_name``: the configured model — a Hub id, a folder, a ``.gguf`` file or ``gemma3-270m`` (default
@@ -77,9 +85,12 @@ def build_demo(model_name: str | os.PathLike | None = None, *, registry: ModelRe
         gr.Markdown(INTRO)
         if app.fallback_reason:
             reason = app.fallback_reason.split("; offline, use the bundled demo model")[0]  # the banner says it
-            gr.Markdown(f"⚠️ **Running the bundled demo model** — {html.escape(reason)}. It is a small "
-                        "GPT-2 trained to reproduce the reference failure (six capitals answered with *the*).",
-                        elem_classes="banner", elem_id="fallback-banner")
+            gr.Markdown(
+                f"⚠️ **Running the bundled demo model** — {html.escape(reason)}. It is a small "
+                "GPT-2 trained to reproduce the reference failure (six capitals answered with *the*).",
+                elem_classes="banner",
+                elem_id="fallback-banner",
+            )
         with gr.Row(equal_height=True):
             picker = picker_dropdown(registry, served)
             line = gr.Markdown(model_line(served), elem_classes="muted", elem_id="model-line")
@@ -98,12 +109,28 @@ def build_demo(model_name: str | os.PathLike | None = None, *, registry: ModelRe
         # first use) and every tab set up for it, then its first example is diagnosed.
         stale = diag.patching + heads + surg.generated + ver
         model_view = ModelView.of_page(line, diag, surg).values()
-        picker.change(lambda: [None] * len(stale), None, stale, queue=False, api_visibility="private",
-                      ).then(app.select_model, [picker, edits], model_view, api_visibility="private",
-                             concurrency_limit=4, concurrency_id="select", show_progress_on=line,
-                             ).success(app.diagnose, [diag.prompt, diag.target, diag.competitor, picker],
-                                       diag.outputs, api_visibility="private", concurrency_limit=4,
-                                       concurrency_id="diagnose")
+        picker.change(
+            lambda: [None] * len(stale),
+            None,
+            stale,
+            queue=False,
+            api_visibility="private",
+        ).then(
+            app.select_model,
+            [picker, edits],
+            model_view,
+            api_visibility="private",
+            concurrency_limit=4,
+            concurrency_id="select",
+            show_progress_on=line,
+        ).success(
+            app.diagnose,
+            [diag.prompt, diag.target, diag.competitor, picker],
+            diag.outputs,
+            api_visibility="private",
+            concurrency_limit=4,
+            concurrency_id="diagnose",
+        )
     demo.queue(default_concurrency_limit=2)
     return demo
 
@@ -114,11 +141,16 @@ def main() -> None:
     on_space = bool(os.environ.get("SPACE_ID"))
     oauth = on_space and bool(os.environ.get("OAUTH_CLIENT_ID"))  # set by the Space when hf_oauth: true
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    demo = build_demo(os.environ.get("SURGERY_MODEL", DEFAULT_MODEL), device=device, login=oauth,
-                      allow_local_models=not on_space)
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), theme=THEME, css=CSS,
-                footer_links=["api", "gradio"])
+    demo = build_demo(
+        os.environ.get("SURGERY_MODEL", DEFAULT_MODEL), device=device, login=oauth, allow_local_models=not on_space
+    )
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+        theme=THEME,
+        css=CSS,
+        footer_links=["api", "gradio"],
+    )
 
 
 if __name__ == "__main__":

@@ -28,14 +28,26 @@ HERE = Path(__file__).resolve().parent
 SECTIONS = ("diagnosis", "batch", "surgery")
 
 FULL = {
-    "lengths": [8, 128, 512, 1024], "repeats": {8: 15, 128: 9, 512: 5, 1024: 5}, "memory": True,
-    "batch_n": 256, "batch_repeats": 3, "batch_sizes": (8, 32, 128),
-    "step_repeats": 3, "steps": 2, "operation_epochs": {"gpt2-shaped": 20},
+    "lengths": [8, 128, 512, 1024],
+    "repeats": {8: 15, 128: 9, 512: 5, 1024: 5},
+    "memory": True,
+    "batch_n": 256,
+    "batch_repeats": 3,
+    "batch_sizes": (8, 32, 128),
+    "step_repeats": 3,
+    "steps": 2,
+    "operation_epochs": {"gpt2-shaped": 20},
 }
 QUICK = {
-    "lengths": [8, 128], "repeats": {8: 3, 128: 3}, "memory": False,
-    "batch_n": 32, "batch_repeats": 1, "batch_sizes": (32,),
-    "step_repeats": 1, "steps": 1, "operation_epochs": {"gpt2-shaped": 2},
+    "lengths": [8, 128],
+    "repeats": {8: 3, 128: 3},
+    "memory": False,
+    "batch_n": 32,
+    "batch_repeats": 1,
+    "batch_sizes": (32,),
+    "step_repeats": 1,
+    "steps": 1,
+    "operation_epochs": {"gpt2-shaped": 2},
 }
 
 
@@ -56,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         names.remove("demo")
     mode = ("quick" if args.quick else "full") + "".join(f"-{s}" for s in args.only or [])  # full.json: all
     command = "python -m bench" + (" --quick" if args.quick else "") + "".join(f" --only {s}" for s in args.only or [])
-    results: dict = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": report.machine(),
-                     "load_start": report.load_average()}
+    results: dict = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": report.machine(),
+        "load_start": report.load_average(),
+    }
     print(f"bench ({mode}) on {results['machine']['cpu']}, {THREADS} threads; load {results['load_start']}")
     start = time.perf_counter()
     if "diagnosis" in sections:

@@ -82,11 +82,15 @@ def run(model_name: str, n: int, repeats: int, batch_sizes: tuple[int, ...] = (8
 
 def format_batch(out: dict) -> str:
     base = out["rows"]["one at a time"]["prompts_per_s"]
-    lines = [f"batch diagnosis on {out['model']}: {out['n']} prompts of {out['prompt_tokens'][0]}-"
-             f"{out['prompt_tokens'][1]} tokens"]
+    lines = [
+        f"batch diagnosis on {out['model']}: {out['n']} prompts of {out['prompt_tokens'][0]}-"
+        f"{out['prompt_tokens'][1]} tokens"
+    ]
     for name, row in out["rows"].items():
-        lines.append(f"  {name:14s} {row['wall']['median']:7.2f} s  {row['prompts_per_s']:7.1f} prompts/s  "
-                     f"x{row['prompts_per_s'] / base:.1f}")
+        lines.append(
+            f"  {name:14s} {row['wall']['median']:7.2f} s  {row['prompts_per_s']:7.1f} prompts/s  "
+            f"x{row['prompts_per_s'] / base:.1f}"
+        )
     return "\n".join(lines)
 
 

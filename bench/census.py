@@ -74,8 +74,13 @@ def transformer_lens_case(loaded, facts):
     except ImportError:
         return None, "transformer-lens is not installed (`make bench` installs it)"
     diff = check_tl_matches(loaded.model, bridge, lean=True, relative=True)
-    prepared = [(torch.tensor([loaded.tokenizer(f.prompt)["input_ids"]]),  # as the census tokenizes
-                 loaded.tokenizer(f.target, add_special_tokens=False)["input_ids"][0]) for f in facts]
+    prepared = [
+        (
+            torch.tensor([loaded.tokenizer(f.prompt)["input_ids"]]),  # as the census tokenizes
+            loaded.tokenizer(f.target, add_special_tokens=False)["input_ids"][0],
+        )
+        for f in facts
+    ]
 
     def run():
         for ids, target in prepared:
@@ -99,7 +104,8 @@ def main() -> None:
     cases = {
         f"batched ({args.batch_size} per pass)": lambda: [
             diagnose_facts(loaded.model, loaded.tokenizer, facts[i : i + args.batch_size], config)
-            for i in range(0, len(facts), args.batch_size)],
+            for i in range(0, len(facts), args.batch_size)
+        ],
         "one at a time": lambda: [diagnose_facts(loaded.model, loaded.tokenizer, [f], config) for f in facts],
     }
     tl_run, tl_note = transformer_lens_case(loaded, facts)
@@ -116,9 +122,11 @@ def main() -> None:
     base_name = "one at a time"
     base_wall = statistics.median(w for w, _ in times[base_name])
     base_cpu = statistics.median(c for _, c in times[base_name])
-    print(f"Gemma 3 270M (float32), {len(facts)} clean facts from assets/facts, torch threads {args.threads}, "
-          f"{args.repeats} interleaved rounds; {platform.processor() or platform.machine()}, torch {torch.__version__}; "
-          f"load average at start / end: {load_start} / {load_end}.")
+    print(
+        f"Gemma 3 270M (float32), {len(facts)} clean facts from assets/facts, torch threads {args.threads}, "
+        f"{args.repeats} interleaved rounds; {platform.processor() or platform.machine()}, torch {torch.__version__}; "
+        f"load average at start / end: {load_start} / {load_end}."
+    )
     print(f"TransformerLens: {tl_note if tl_run is not None else 'skipped — ' + tl_note}.")
     print()
     print("| mode | seconds for all (median) | facts / s | **speed-up (wall)** | speed-up (CPU time) |")
@@ -126,7 +134,9 @@ def main() -> None:
     for name, samples in times.items():
         wall = statistics.median(w for w, _ in samples)
         cpu = statistics.median(c for _, c in samples)
-        print(f"| {name} | {wall:.1f} | {len(facts) / wall:.2f} | **{base_wall / wall:.2f}×** | {base_cpu / cpu:.2f}× |")
+        print(
+            f"| {name} | {wall:.1f} | {len(facts) / wall:.2f} | **{base_wall / wall:.2f}×** | {base_cpu / cpu:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from surgery.diagnosis.diagnose import diagnose
 from surgery.arch import layout_of
+from surgery.diagnosis.diagnose import diagnose
 
 from . import models
 from .measure import interleaved, peak_memory
@@ -41,8 +41,17 @@ def prompt_ids(length: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 # The hooks the diagnosis reads, for the lean variant (suffixes of the bridge's hook names).
-LEAN_HOOKS = ("hook_z", "hook_embed", "hook_pos_embed", "hook_attn_out", "hook_mlp_out", "hook_resid_pre",
-              "hook_resid_post", "ln_final.hook_scale", "ln1_post.hook_scale")
+LEAN_HOOKS = (
+    "hook_z",
+    "hook_embed",
+    "hook_pos_embed",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_resid_pre",
+    "hook_resid_post",
+    "ln_final.hook_scale",
+    "ln1_post.hook_scale",
+)
 
 
 def _gain(bridge, norm) -> torch.Tensor:
@@ -58,8 +67,9 @@ def tl_diagnose(bridge, ids: torch.Tensor, target_id: int, lean: bool = False) -
     post_norm = hasattr(bridge.blocks[0], "ln1_post")
     with torch.no_grad():
         if lean:
-            logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name.endswith(LEAN_HOOKS),
-                                                  pos_slice=-1)
+            logits, cache = bridge.run_with_cache(
+                ids, names_filter=lambda name: name.endswith(LEAN_HOOKS), pos_slice=-1
+            )
         else:
             logits, cache = bridge.run_with_cache(ids)
         top2 = logits[0, -1].topk(2).indices
@@ -68,8 +78,12 @@ def tl_diagnose(bridge, ids: torch.Tensor, target_id: int, lean: bool = False) -
         dirs = bridge.tokens_to_residual_directions(tokens) * _gain(bridge, bridge.ln_final)  # (2, d): gamma * u_t
         heads = cache.stack_head_results(layer=-1, pos_slice=-1)  # (L*H, 1, d): z_h W_O^h
         if post_norm:  # what the residual receives: the post-norm's output, its scale frozen from the run
-            scale = torch.stack([_gain(bridge, bridge.blocks[l].ln1_post)
-                                 / cache[f"blocks.{l}.ln1_post.hook_scale"][:, -1] for l in range(n_layer)])
+            scale = torch.stack(
+                [
+                    _gain(bridge, bridge.blocks[l].ln1_post) / cache[f"blocks.{l}.ln1_post.hook_scale"][:, -1]
+                    for l in range(n_layer)
+                ]
+            )
             heads = (heads.view(n_layer, n_head, *heads.shape[1:]) * scale[:, None]).flatten(0, 1)  # (L*H, 1, d)
         heads = cache.apply_ln_to_stack(heads, layer=-1, pos_slice=-1)
         parts = cache.decompose_resid(layer=-1, pos_slice=-1, apply_ln=True)  # embed, pos_embed, attn/mlp outs
@@ -77,12 +91,16 @@ def tl_diagnose(bridge, ids: torch.Tensor, target_id: int, lean: bool = False) -
         lens = cache.apply_ln_to_stack(resid, layer=-1, pos_slice=-1, recompute_ln=True) @ bridge.W_U
         picked = lens[..., tokens]  # (L+1, 1, 2)
         ranks = (lens > picked[..., :1]).sum(-1) + 1  # (L+1, 1)
-    return {"heads": heads[:, 0] @ dirs.T, "parts": parts[:, 0] @ dirs.T, "lens": picked[:, 0], "ranks": ranks[:, 0],
-            "competitor": comp}
+    return {
+        "heads": heads[:, 0] @ dirs.T,
+        "parts": parts[:, 0] @ dirs.T,
+        "lens": picked[:, 0],
+        "ranks": ranks[:, 0],
+        "competitor": comp,
+    }
 
 
-def make_cases(model: nn.Module, tokenizer, bridge, length: int, lean: bool = False
-               ) -> dict[str, Callable[[], object]]:
+def make_cases(model: nn.Module, tokenizer, bridge, length: int, lean: bool = False) -> dict[str, Callable[[], object]]:
     """Zero-argument callables, one per case, on the same prompt of ``length`` tokens (``tl-lean`` too with
     ``lean``)."""
     ids, t = prompt_ids(length, model.config.vocab_size), target_id(model)
@@ -107,8 +125,7 @@ def memory_case(model_name: str, length: int, case: str) -> Callable[[], object]
     return make_cases(model, models.IdTokenizer(), bridge, length, lean=case == "tl-lean")[case]
 
 
-def check_tl_matches(model: nn.Module, bridge, length: int = 16, lean: bool = False, relative: bool = False
-                     ) -> float:
+def check_tl_matches(model: nn.Module, bridge, length: int = 16, lean: bool = False, relative: bool = False) -> float:
     """Largest difference between TransformerLens' and our head attributions and lens logits (should be ~1e-5;
     ``relative``: divided by the largest |lens logit|). The lens ranks must be equal wherever ours is within the
     top 1,000 (the verdict reads ranks <= 3; far down a 262k vocabulary, logits tie to the last bit and a rank can
@@ -126,8 +143,14 @@ def check_tl_matches(model: nn.Module, bridge, length: int = 16, lean: bool = Fa
     return diff / float(lens.abs().max()) if relative else diff
 
 
-def run(lengths: list[int], repeats: dict[int, int], memory: bool, model_name: str = "gpt2-shaped",
-        log=print, lean: bool = False) -> dict:
+def run(
+    lengths: list[int],
+    repeats: dict[int, int],
+    memory: bool,
+    model_name: str = "gpt2-shaped",
+    log=print,
+    lean: bool = False,
+) -> dict:
     """Time the cases side by side at each length (and their memory, one subprocess each)."""
     model, _ = models.load(model_name)
     tokenizer = models.IdTokenizer()
@@ -139,17 +162,24 @@ def run(lengths: list[int], repeats: dict[int, int], memory: bool, model_name: s
     if lean:
         diff = max(diff, check_tl_matches(model, bridge, lean=True))
         rel = max(rel, check_tl_matches(model, bridge, lean=True, relative=True))
-    log(f"TransformerLens vs ours, max |difference| of head attributions and lens logits: {diff:.2e} "
-        f"({rel:.1e} of the largest lens logit); lens ranks equal")
+    log(
+        f"TransformerLens vs ours, max |difference| of head attributions and lens logits: {diff:.2e} "
+        f"({rel:.1e} of the largest lens logit); lens ranks equal"
+    )
     cases = CASES + (("tl-lean",) if lean else ())
     rows = []
     for length in lengths:
-        times = interleaved(make_cases(model, tokenizer, bridge, length, lean),
-                            repeats.get(length, max(repeats.values())))
+        times = interleaved(
+            make_cases(model, tokenizer, bridge, length, lean), repeats.get(length, max(repeats.values()))
+        )
         row = {"length": length, "time": {k: v.to_dict() for k, v in times.items()}}
         if memory:
-            row["memory"] = {case: peak_memory("bench.diagnosis:memory_case", model_name=model_name, length=length,
-                                               case=case).to_dict() for case in cases}
+            row["memory"] = {
+                case: peak_memory(
+                    "bench.diagnosis:memory_case", model_name=model_name, length=length, case=case
+                ).to_dict()
+                for case in cases
+            }
         rows.append(row)
         log(format_row(row))
     return {"model": model_name, "tl_max_abs_diff": diff, "tl_max_rel_diff": rel, "rows": rows}
@@ -158,9 +188,11 @@ def run(lengths: list[int], repeats: dict[int, int], memory: bool, model_name: s
 def format_row(row: dict) -> str:
     t = {k: v["wall"]["median"] for k, v in row["time"].items()}
     c = {k: v["cpu"]["median"] for k, v in row["time"].items()}
-    text = (f"T={row['length']:5d}  wall ms: hf {t['hf'] * 1e3:7.1f} ours {t['ours'] * 1e3:7.1f} "
-            f"tl {t['tl'] * 1e3:7.1f}  ours/hf {t['ours'] / t['hf']:.2f} (cpu {c['ours'] / c['hf']:.2f})  "
-            f"tl/ours {t['tl'] / t['ours']:.2f} (cpu {c['tl'] / c['ours']:.2f})")
+    text = (
+        f"T={row['length']:5d}  wall ms: hf {t['hf'] * 1e3:7.1f} ours {t['ours'] * 1e3:7.1f} "
+        f"tl {t['tl'] * 1e3:7.1f}  ours/hf {t['ours'] / t['hf']:.2f} (cpu {c['ours'] / c['hf']:.2f})  "
+        f"tl/ours {t['tl'] / t['ours']:.2f} (cpu {c['tl'] / c['ours']:.2f})"
+    )
     if "tl-lean" in t:
         text += f"  tl-lean/ours {t['tl-lean'] / t['ours']:.2f}"
     if "memory" in row:

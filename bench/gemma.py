@@ -37,10 +37,24 @@ from .measure import THREADS  # noqa: E402
 HERE = Path(__file__).resolve().parent
 MODEL = "gemma3-270m"
 SECTIONS = ("diagnosis", "surgery", "operation")
-FULL = {"lengths": [8, 128, 512], "repeats": {8: 9, 128: 7, 512: 5}, "memory": True,
-        "step_repeats": 3, "steps": 2, "operation_repeats": 3, "profile": True}
-QUICK = {"lengths": [8, 128], "repeats": {8: 2, 128: 2}, "memory": False,
-         "step_repeats": 1, "steps": 1, "operation_repeats": 1, "profile": False}
+FULL = {
+    "lengths": [8, 128, 512],
+    "repeats": {8: 9, 128: 7, 512: 5},
+    "memory": True,
+    "step_repeats": 3,
+    "steps": 2,
+    "operation_repeats": 3,
+    "profile": True,
+}
+QUICK = {
+    "lengths": [8, 128],
+    "repeats": {8: 2, 128: 2},
+    "memory": False,
+    "step_repeats": 1,
+    "steps": 1,
+    "operation_repeats": 1,
+    "profile": False,
+}
 LENS_LABELS = {"hf": "HF forward", "ours": "ours", "tl": "TransformerLens", "tl-lean": "TL lean cache"}
 
 
@@ -55,10 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     sections = args.only or list(SECTIONS)
     mode = "gemma" + ("-quick" if args.quick else "") + "".join(f"-{s}" for s in args.only or [])
-    command = ("python -m bench.gemma" + (" --quick" if args.quick else "")
-               + "".join(f" --only {s}" for s in args.only or []))
-    results: dict = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": report.machine(),
-                     "load_start": report.load_average()}
+    command = (
+        "python -m bench.gemma" + (" --quick" if args.quick else "") + "".join(f" --only {s}" for s in args.only or [])
+    )
+    results: dict = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": report.machine(),
+        "load_start": report.load_average(),
+    }
     print(f"bench.gemma ({mode}) on {results['machine']['cpu']}, {THREADS} threads; load {results['load_start']}")
     start = time.perf_counter()
     if "diagnosis" in sections:
@@ -72,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if "operation" in sections:
         print(f"\n== operate: {MODEL}")
         j = training.job(MODEL)
-        results["operation"] = operation.breakdown(j.model, j.tokenizer, j.facts, j.panel,
-                                                   repeats=plan["operation_repeats"], profile=plan["profile"])
+        results["operation"] = operation.breakdown(
+            j.model, j.tokenizer, j.facts, j.panel, repeats=plan["operation_repeats"], profile=plan["profile"]
+        )
         del j
     results["load_end"] = report.load_average()
     results["elapsed_s"] = time.perf_counter() - start
@@ -92,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def diagnosis_table(res: dict) -> str:
     """Times, the target ratios (ours / HF, TL / ours, TL lean / ours) and transient peak memory per length."""
-    lines = ["| prompt tokens | HF forward ms | ours ms | TL ms | TL lean ms | **ours / HF** | **TL / ours** | "
-             "TL lean / ours | CPU-time ours / HF, TL / ours | peak MiB HF / ours / TL / TL lean | "
-             "**TL / ours peak** |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| prompt tokens | HF forward ms | ours ms | TL ms | TL lean ms | **ours / HF** | **TL / ours** | "
+        "TL lean / ours | CPU-time ours / HF, TL / ours | peak MiB HF / ours / TL / TL lean | "
+        "**TL / ours peak** |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in res["rows"]:
         t = row["time"]
         w = {k: v["wall"]["median"] for k, v in t.items()}
@@ -109,46 +131,82 @@ def diagnosis_table(res: dict) -> str:
             f"{report._ms(t['tl']['wall'])} | {report._ms(lean['wall']) if lean else '–'} | "
             f"**{w['ours'] / w['hf']:.2f}×** | **{w['tl'] / w['ours']:.2f}×** | "
             f"{(w['tl-lean'] / w['ours']) if lean else float('nan'):.2f}× | "
-            f"{c['ours'] / c['hf']:.2f}×, {c['tl'] / c['ours']:.2f}× | {peak} | **{ratio}** |")
+            f"{c['ours'] / c['hf']:.2f}×, {c['tl'] / c['ours']:.2f}× | {peak} | **{ratio}** |"
+        )
     return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    loads = " / ".join(results[k] for k in ("load_start", "load_after_diagnosis", "load_after_surgery", "load_end")
-                       if k in results)
-    out = [f"Measured {results['date']} with `{results['command']}` — {m['nproc']} CPU cores ({m['cpu']}), "
-           f"torch {m['torch']}, transformers {m['transformers']}, transformer-lens {m['transformer_lens']}, "
-           f"Python {m['python']}, torch threads {m['threads']}, OMP_WAIT_POLICY={m['omp_wait_policy']}. "
-           f"Load average (1/5/15 min) at start / after each section: {loads}."]
+    loads = " / ".join(
+        results[k] for k in ("load_start", "load_after_diagnosis", "load_after_surgery", "load_end") if k in results
+    )
+    out = [
+        f"Measured {results['date']} with `{results['command']}` — {m['nproc']} CPU cores ({m['cpu']}), "
+        f"torch {m['torch']}, transformers {m['transformers']}, transformer-lens {m['transformer_lens']}, "
+        f"Python {m['python']}, torch threads {m['threads']}, OMP_WAIT_POLICY={m['omp_wait_policy']}. "
+        f"Load average (1/5/15 min) at start / after each section: {loads}."
+    ]
     if "diagnosis" in results:
         res = results["diagnosis"]
-        out += ["", "### Diagnosis latency and peak memory — Gemma 3 270M", "",
-                "Median wall time (min–max) over interleaved repeats; peak = extra resident memory during one call "
-                "above the loaded model (fresh subprocess per case, VmHWM after a reset). TransformerLens' head "
-                f"attributions and lens logits match ours to {res['tl_max_abs_diff']:.1e} "
-                f"({res.get('tl_max_rel_diff', float('nan')):.0e} of the largest lens logit); lens ranks equal.",
-                "", diagnosis_table(res)]
+        out += [
+            "",
+            "### Diagnosis latency and peak memory — Gemma 3 270M",
+            "",
+            "Median wall time (min–max) over interleaved repeats; peak = extra resident memory during one call "
+            "above the loaded model (fresh subprocess per case, VmHWM after a reset). TransformerLens' head "
+            f"attributions and lens logits match ours to {res['tl_max_abs_diff']:.1e} "
+            f"({res.get('tl_max_rel_diff', float('nan')):.0e} of the largest lens logit); lens ranks equal.",
+            "",
+            diagnosis_table(res),
+        ]
     if "steps" in results:
         res = results["steps"]
-        out += ["", f"### Surgery optimisation step — Gemma 3 270M, block {res['layer']}", "",
-                f"Block chosen as `--layer auto` does: {res['layer_reason']}.", "", report.steps_table(res)]
+        out += [
+            "",
+            f"### Surgery optimisation step — Gemma 3 270M, block {res['layer']}",
+            "",
+            f"Block chosen as `--layer auto` does: {res['layer_reason']}.",
+            "",
+            report.steps_table(res),
+        ]
         rows = res["rows"]
-        out += ["", f"`wv` step / naive masked `wv` step: **{rows['wv']['wall']['median'] / rows['naive-wv']['wall']['median']:.3f}×** "
-                f"(CPU time {rows['wv']['cpu']['median'] / rows['naive-wv']['cpu']['median']:.3f}×)."]
+        out += [
+            "",
+            f"`wv` step / naive masked `wv` step: **{rows['wv']['wall']['median'] / rows['naive-wv']['wall']['median']:.3f}×** "
+            f"(CPU time {rows['wv']['cpu']['median'] / rows['naive-wv']['cpu']['median']:.3f}×).",
+        ]
     if "operation" in results:
         res = results["operation"]
         r0 = res["runs"][0]
-        out += ["", "### Whole 8-fact `wv` operation — Gemma 3 270M", "",
-                f"`operate` with `--layer auto` (block {r0['layer']}), {r0['steps']} step(s) of a "
-                f"{r0['epochs_budget']}-step budget, facts fixed {r0['fixed']}: **{res['wall']['median']:.1f} s** "
-                f"median ({res['wall']['min']:.1f}–{res['wall']['max']:.1f}) over {len(res['runs'])} runs after a "
-                f"warm-up. Stage times are medians over the runs.", "", operation.stages_table(res)]
+        out += [
+            "",
+            "### Whole 8-fact `wv` operation — Gemma 3 270M",
+            "",
+            f"`operate` with `--layer auto` (block {r0['layer']}), {r0['steps']} step(s) of a "
+            f"{r0['epochs_budget']}-step budget, facts fixed {r0['fixed']}: **{res['wall']['median']:.1f} s** "
+            f"median ({res['wall']['min']:.1f}–{res['wall']['max']:.1f}) over {len(res['runs'])} runs after a "
+            f"warm-up. Stage times are medians over the runs.",
+            "",
+            operation.stages_table(res),
+        ]
         if "cprofile" in res:
-            out += ["", "<details><summary>cProfile of one operate (by own time)</summary>", "", "```",
-                    res["cprofile"].rstrip(), "```", "</details>", "",
-                    "<details><summary>torch.profiler of one operate (by self CPU time)</summary>", "", "```",
-                    res["torch_profile"].rstrip(), "```", "</details>"]
+            out += [
+                "",
+                "<details><summary>cProfile of one operate (by own time)</summary>",
+                "",
+                "```",
+                res["cprofile"].rstrip(),
+                "```",
+                "</details>",
+                "",
+                "<details><summary>torch.profiler of one operate (by self CPU time)</summary>",
+                "",
+                "```",
+                res["torch_profile"].rstrip(),
+                "```",
+                "</details>",
+            ]
     return "\n".join(out) + "\n"
 
 

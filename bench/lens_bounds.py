@@ -74,8 +74,10 @@ def main() -> None:
         for k in (64, 128):
             rows[f"residual PCA (other facts), k = {k}"] = undecided(x[:, half:], thr[:, half:], w_u, pcs_x[:, :k])
     n = x.shape[0]
-    print(f"Gemma 3 270M, {len(facts)} facts: fraction of the vocabulary a bound leaves undecided (needs the exact "
-          f"product), per residual")
+    print(
+        f"Gemma 3 270M, {len(facts)} facts: fraction of the vocabulary a bound leaves undecided (needs the exact "
+        f"product), per residual"
+    )
     print("| bound | " + " | ".join("emb" if s == 0 else f"{s - 1}" for s in range(n)) + " |")
     print("|---|" + "---:|" * n)
     for name, values in rows.items():

@@ -32,8 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "many_facts.json"
 
 
-
-
 def run_case(n: int, batch_size: int) -> dict:
     """One case, in this process (called in a fresh subprocess by :func:`main`)."""
     import torch
@@ -45,8 +43,12 @@ def run_case(n: int, batch_size: int) -> dict:
 
     torch.set_num_threads(2)
     g = load_model("gemma3-270m")
-    facts = [f for name in ("city_country", "capital") for f in load_fact_file(ROOT / "assets" / "facts" / f"{name}.jsonl")
-             if f.ambiguous is None][:n]
+    facts = [
+        f
+        for name in ("city_country", "capital")
+        for f in load_fact_file(ROOT / "assets" / "facts" / f"{name}.jsonl")
+        if f.ambiguous is None
+    ][:n]
     probes = [Probe(f.prompt, f.target) for f in facts]
     panel = load_panel(ENGLISH_PANEL)
     with torch.no_grad():  # page in every weight (a cached model is memory-mapped): the baseline is the whole model
@@ -56,13 +58,28 @@ def run_case(n: int, batch_size: int) -> dict:
         f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
     loaded_mb = _status_kib("VmRSS") / 1024
     t0 = time.perf_counter()
-    r = operate(g.model, g.tokenizer, probes, SurgeryConfig(site="wv", layer=12, epochs=EPOCHS, batch_size=batch_size, margin=1e6),
-                panel=panel, require_all=False).report
+    r = operate(
+        g.model,
+        g.tokenizer,
+        probes,
+        SurgeryConfig(site="wv", layer=12, epochs=EPOCHS, batch_size=batch_size, margin=1e6),
+        panel=panel,
+        require_all=False,
+    ).report
     wall = time.perf_counter() - t0
     peak_mb = _status_kib("VmHWM") / 1024
-    return {"facts": n, "batch_size": batch_size, "epochs": EPOCHS, "steps": r.steps, "wall_s": wall,
-            "train_s": r.train_time_s, "peak_mb_over_loaded": peak_mb - loaded_mb, "loaded_mb": loaded_mb,
-            "fixed": r.comparison.facts_after, "before": r.comparison.facts_before}
+    return {
+        "facts": n,
+        "batch_size": batch_size,
+        "epochs": EPOCHS,
+        "steps": r.steps,
+        "wall_s": wall,
+        "train_s": r.train_time_s,
+        "peak_mb_over_loaded": peak_mb - loaded_mb,
+        "loaded_mb": loaded_mb,
+        "fixed": r.comparison.facts_after,
+        "before": r.comparison.facts_before,
+    }
 
 
 def main() -> None:
@@ -71,10 +88,20 @@ def main() -> None:
         return
     rows = []
     for n, batch in CASES:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), TOKENIZERS_PARALLELISM="false",
-                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-        out = subprocess.run([sys.executable, "-m", "bench.many_facts", str(n), str(batch)], cwd=ROOT, check=True,
-                             capture_output=True, text=True, env=env).stdout
+        env = dict(
+            os.environ,
+            MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
+            TOKENIZERS_PARALLELISM="false",
+            OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.many_facts", str(n), str(batch)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     load = Path("/proc/loadavg").read_text().split()[:3]
@@ -82,8 +109,10 @@ def main() -> None:
     print("| facts | mini-batch | steps | operate wall | training | peak RSS above the loaded model |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['facts']} | {r['batch_size']} | {r['steps']} | {r['wall_s']:.0f} s | {r['train_s']:.0f} s | "
-              f"{r['peak_mb_over_loaded']:.0f} MB |")
+        print(
+            f"| {r['facts']} | {r['batch_size']} | {r['steps']} | {r['wall_s']:.0f} s | {r['train_s']:.0f} s | "
+            f"{r['peak_mb_over_loaded']:.0f} MB |"
+        )
 
 
 if __name__ == "__main__":

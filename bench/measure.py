@@ -27,8 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from .models import ROOT
 
@@ -46,7 +46,7 @@ class Stats:
     n: int
 
     @classmethod
-    def of(cls, samples: list[float]) -> "Stats":
+    def of(cls, samples: list[float]) -> Stats:
         return cls(statistics.median(samples), min(samples), max(samples), len(samples))
 
     def to_dict(self) -> dict:
@@ -102,8 +102,14 @@ def peak_memory(factory: str, timeout: float = 1200, **kwargs) -> Memory:
     """Run ``factory(**kwargs)()`` (``"module:function"``) in a fresh subprocess and measure its memory."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), TOKENIZERS_PARALLELISM="false")
     spec = json.dumps({"factory": factory, "kwargs": kwargs})
-    proc = subprocess.run([sys.executable, "-m", "bench.measure", spec], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.measure", spec],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"memory case {factory}({kwargs}) failed:\n{proc.stderr[-3000:]}")
     return Memory(**json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -33,19 +33,30 @@ from .measure import Stats
 
 # (module, attribute) pairs to time; a class attribute is written "Class.method".
 PROBES = (
-    ("surgery.edit.training", "_unrelated_text"), ("surgery.edit.training", "score_probes"),
-    ("surgery.edit.training", "choose_layer"), ("surgery.edit.training", "diagnose_batch"),
-    ("surgery.diagnosis.diagnose", "capture_last_position"), ("surgery.diagnosis.diagnose", "logit_lens"),
+    ("surgery.edit.training", "_unrelated_text"),
+    ("surgery.edit.training", "score_probes"),
+    ("surgery.edit.training", "choose_layer"),
+    ("surgery.edit.training", "diagnose_batch"),
+    ("surgery.diagnosis.diagnose", "capture_last_position"),
+    ("surgery.diagnosis.diagnose", "logit_lens"),
     ("surgery.diagnosis.diagnose", "logit_attrs"),
-    ("surgery.edit.training", "freeze_inputs"), ("surgery.edit.training", "freeze_fact_batches"),
-    ("surgery.edit.training", "train_site"), ("surgery.edit.upper_stack", "UpperStack.fact_logits"),
-    ("surgery.edit.upper_stack", "UpperStack.text_log_probs"), ("torch", "Tensor.backward"),
+    ("surgery.edit.training", "freeze_inputs"),
+    ("surgery.edit.training", "freeze_fact_batches"),
+    ("surgery.edit.training", "train_site"),
+    ("surgery.edit.upper_stack", "UpperStack.fact_logits"),
+    ("surgery.edit.upper_stack", "UpperStack.text_log_probs"),
+    ("torch", "Tensor.backward"),
     ("torch.optim", "Adam.step"),
-    ("surgery.edit.training", "patched_model"), ("surgery.edit.training", "compare"),
-    ("surgery.evaluation.report", "fit_panel"), ("surgery.evaluation.report", "evaluate_panel"),
-    ("surgery.evaluation.report", "mean_kl"), ("surgery.evaluation.report", "score_probes"),
-    ("surgery.evaluation.scoring", "score_probes"), ("surgery.evaluation.scoring", "perplexity"),
-    ("surgery.evaluation.scoring", "text_log_probs"), ("surgery.edit.training", "weight_stats"),
+    ("surgery.edit.training", "patched_model"),
+    ("surgery.edit.training", "compare"),
+    ("surgery.evaluation.report", "fit_panel"),
+    ("surgery.evaluation.report", "evaluate_panel"),
+    ("surgery.evaluation.report", "mean_kl"),
+    ("surgery.evaluation.report", "score_probes"),
+    ("surgery.evaluation.scoring", "score_probes"),
+    ("surgery.evaluation.scoring", "perplexity"),
+    ("surgery.evaluation.scoring", "text_log_probs"),
+    ("surgery.edit.training", "weight_stats"),
     ("surgery.edit.training", "block_digest"),
 )
 
@@ -82,6 +93,7 @@ def stages(base=None, probes=PROBES):
                 totals[path][0] += 1
                 totals[path][1] += time.perf_counter() - start
                 stack.pop()
+
         return timed
 
     try:
@@ -107,11 +119,16 @@ def run_operate(model, tokenizer, facts, panel, unrelated=None, layer=None, epoc
     steps = []
     start = time.perf_counter()
     try:
-        result = operate(model, tokenizer, facts, config, unrelated=unrelated, panel=panel,
-                         progress=lambda s, *_: steps.append(s))
+        result = operate(
+            model, tokenizer, facts, config, unrelated=unrelated, panel=panel, progress=lambda s, *_: steps.append(s)
+        )
         c = result.report.comparison
-        outcome = {"layer": result.report.layer, "layer_reason": result.report.layer_reason,
-                   "fixed": f"{c.facts_after}/{len(c.facts)}", "train_time_s": result.report.train_time_s}
+        outcome = {
+            "layer": result.report.layer,
+            "layer_reason": result.report.layer_reason,
+            "fixed": f"{c.facts_after}/{len(c.facts)}",
+            "train_time_s": result.report.train_time_s,
+        }
     except SurgeryFailed as e:
         outcome = {"layer": layer, "fixed": "not all (SurgeryFailed)", "error": str(e)}
     return {"steps": len(steps), "epochs_budget": config.epochs, "wall_s": time.perf_counter() - start, **outcome}
@@ -127,9 +144,10 @@ def breakdown(model, tokenizer, facts, panel, repeats: int = 3, profile: bool = 
             out = run_operate(model, tokenizer, facts, panel)
         out["stages"] = [{"path": "/".join(p), "calls": n, "seconds": s} for p, (n, s) in totals.items()]
         runs.append(out)
-        log(f"operate #{r + 1}: {out['wall_s']:.1f} s, block {out['layer']}, {out['steps']} steps, fixed {out['fixed']}")
-    result = {"runs": runs, "wall": Stats.of([r["wall_s"] for r in runs]).to_dict(),
-              "stages": median_stages(runs)}
+        log(
+            f"operate #{r + 1}: {out['wall_s']:.1f} s, block {out['layer']}, {out['steps']} steps, fixed {out['fixed']}"
+        )
+    result = {"runs": runs, "wall": Stats.of([r["wall_s"] for r in runs]).to_dict(), "stages": median_stages(runs)}
     if profile:
         result["cprofile"] = cprofile_operate(model, tokenizer, facts, panel)
         result["torch_profile"] = torch_profile_operate(model, tokenizer, facts, panel)
@@ -160,6 +178,7 @@ def _tree_key(order: list[str]):
     def key(path: str):
         parts = path.split("/")
         return [first.get("/".join(parts[: i + 1]), len(order)) for i in range(len(parts))]
+
     return key
 
 
@@ -174,7 +193,7 @@ def cprofile_operate(model, tokenizer, facts, panel, top: int = 25) -> str:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
     text = buf.getvalue()
-    return text[text.find("   ncalls"):] if "   ncalls" in text else text
+    return text[text.find("   ncalls") :] if "   ncalls" in text else text
 
 
 def torch_profile_operate(model, tokenizer, facts, panel, top: int = 20) -> str:
@@ -192,8 +211,10 @@ def format_stages(result: dict) -> str:
     for row in result["stages"]:
         depth = row["path"].count("/")
         name = row["path"].rsplit("/", 1)[-1]
-        lines.append(f"  {'  ' * depth}{name:<{34 - 2 * depth}} {row['calls']:4d}x {row['seconds']:7.2f} s "
-                     f"{100 * row['seconds'] / total:5.1f}%")
+        lines.append(
+            f"  {'  ' * depth}{name:<{34 - 2 * depth}} {row['calls']:4d}x {row['seconds']:7.2f} s "
+            f"{100 * row['seconds'] / total:5.1f}%"
+        )
     return "\n".join(lines)
 
 
@@ -204,14 +225,17 @@ def stages_table(result: dict) -> str:
     for row in result["stages"]:
         depth = row["path"].count("/")
         name = row["path"].rsplit("/", 1)[-1]
-        lines.append(f"| {'&nbsp;&nbsp;' * 2 * depth}`{name}` | {row['calls']} | {row['seconds']:.2f} | "
-                     f"{100 * row['seconds'] / total:.0f}% |")
+        lines.append(
+            f"| {'&nbsp;&nbsp;' * 2 * depth}`{name}` | {row['calls']} | {row['seconds']:.2f} | "
+            f"{100 * row['seconds'] / total:.0f}% |"
+        )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # quick look on the demo model
-    from . import models
     from surgery.evaluation.panels import panel_for_model
+
+    from . import models
 
     model, tokenizer = models.load("demo")
     panel = panel_for_model(model)

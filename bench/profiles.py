@@ -37,7 +37,8 @@ def table(fn, calls: int = 3, top: int = 14) -> str:
         for _ in range(calls):
             fn()
     return prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=28, max_shapes_column_width=70)
+        sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=28, max_shapes_column_width=70
+    )
 
 
 def profile_diagnosis(lengths: list[int], model_name: str = MODEL) -> list[tuple[str, str]]:
@@ -53,8 +54,10 @@ def profile_diagnosis(lengths: list[int], model_name: str = MODEL) -> list[tuple
 def profile_steps(steps: int = 2) -> list[tuple[str, str]]:
     j = training.job(MODEL)
     cases = training.step_cases(j, steps)
-    return [(f"surgery step at block {j.layer}: {name} ({steps} steps)", table(cases[name], calls=1, top=16))
-            for name in ("wv", "naive-wv")]
+    return [
+        (f"surgery step at block {j.layer}: {name} ({steps} steps)", table(cases[name], calls=1, top=16))
+        for name in ("wv", "naive-wv")
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -63,7 +66,7 @@ def main(argv: list[str]) -> int:
     if "--model" in argv:
         i = argv.index("--model")
         model_name = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
+        argv = argv[:i] + argv[i + 2 :]
     what = argv[0] if argv else "diagnosis"
     if what == "diagnosis":
         sections = profile_diagnosis([int(a) for a in argv[1:]] or [8, 128], model_name)

@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 def padded_lens(pad_rows: int = 16):
     """``surgery.diagnosis.diagnose.logit_lens`` with at least ``pad_rows`` residual rows per unembedding: the last
     residual (the output row) is repeated, so the extra rows change no count, and cut off again."""
+
     def logit_lens(model, resid, token_ids, competitor_ids=None, chunk=16, slab=16384):
         n_s, n_b = resid.shape[:2]
         extra = -(-pad_rows // min(n_b, chunk)) - n_s
@@ -56,6 +57,7 @@ def padded_lens(pad_rows: int = 16):
         lens = library_lens(model, padded, token_ids, competitor_ids, chunk, slab)
         keep = list(range(n_s - 1)) + [padded.shape[0] - 1]
         return library.Lens(lens.logits[keep], lens.target_ranks[keep], lens.competitor_rank, lens.ids)
+
     return logit_lens
 
 
@@ -83,37 +85,53 @@ def lens_variants(model_name: str, repeats: int, log=print) -> dict:
     jobs = {}
     for length in (8, 128):
         text = ids_tok.text(prompt_ids(length, model.config.vocab_size)[0])
-        jobs[f"diagnose {length} tokens"] = lambda text=text: library.diagnose(model, ids_tok, text,
-                                                                              f" {target_id(model)}")
+        jobs[f"diagnose {length} tokens"] = lambda text=text: library.diagnose(
+            model, ids_tok, text, f" {target_id(model)}"
+        )
     if model_name != "gpt2-shaped":
         from surgery.evaluation.panels import panel_for_model
 
         facts = list(panel_for_model(model).facts)
         jobs[f"diagnose_batch {len(facts)} facts"] = lambda: library.diagnose_batch(
-            model, tok, [f.prompt for f in facts], [f.target for f in facts])
+            model, tok, [f.prompt for f in facts], [f.target for f in facts]
+        )
     out = {}
     for job, fn in jobs.items():
+
         def dicts(result):
             return [d.to_dict() for d in (result if isinstance(result, list) else [result])]
+
         ref = dicts(fn())
         checks = {}
         for name, variant in VARIANTS.items():
             with patched_lens(variant):
                 got = dicts(fn())
-            checks[name] = ("identical" if json.dumps(got) == json.dumps(ref)
-                            else "within 1e-4" if same(got, ref, 1e-4) else "DIFFERENT")
+            checks[name] = (
+                "identical"
+                if json.dumps(got) == json.dumps(ref)
+                else "within 1e-4"
+                if same(got, ref, 1e-4)
+                else "DIFFERENT"
+            )
         cases = {}
         for name, variant in VARIANTS.items():
+
             def case(variant=variant):
                 with patched_lens(variant):
                     return fn()
+
             cases[name] = case
         times = interleaved(cases, repeats)
         out[job] = {"results": checks, "time": {k: v.to_dict() for k, v in times.items()}}
         base = times["library"]
-        log(f"{model_name} {job}: " + ", ".join(
-            f"{k} {v.wall.median * 1e3:.0f} ms ({v.wall.median / base.wall.median:.2f}x wall, "
-            f"{v.cpu.median / base.cpu.median:.2f}x CPU; {checks[k]})" for k, v in times.items()))
+        log(
+            f"{model_name} {job}: "
+            + ", ".join(
+                f"{k} {v.wall.median * 1e3:.0f} ms ({v.wall.median / base.wall.median:.2f}x wall, "
+                f"{v.cpu.median / base.cpu.median:.2f}x CPU; {checks[k]})"
+                for k, v in times.items()
+            )
+        )
     return out
 
 
@@ -160,13 +178,20 @@ def kl_and_concat(log=print) -> dict:
         a, b = facts.clone().requires_grad_(True), text.clone().requires_grad_(True)
         F.linear(torch.cat([a, b]), w).sum().backward()
 
-    out = {"kl_now_ms": median_ms(kl_now), "kl_cross_entropy_ms": median_ms(kl_ce),
-           "kl_loss_abs_diff": float((l1 - l2).abs()), "kl_grad_max_abs_diff": float((g1 - g2).abs().max()),
-           "unembed_two_products_ms": median_ms(two), "unembed_one_product_ms": median_ms(one)}
-    log(f"KL fwd+bwd (128 x 262144): {out['kl_now_ms']:.0f} ms now, {out['kl_cross_entropy_ms']:.0f} ms as "
+    out = {
+        "kl_now_ms": median_ms(kl_now),
+        "kl_cross_entropy_ms": median_ms(kl_ce),
+        "kl_loss_abs_diff": float((l1 - l2).abs()),
+        "kl_grad_max_abs_diff": float((g1 - g2).abs().max()),
+        "unembed_two_products_ms": median_ms(two),
+        "unembed_one_product_ms": median_ms(one),
+    }
+    log(
+        f"KL fwd+bwd (128 x 262144): {out['kl_now_ms']:.0f} ms now, {out['kl_cross_entropy_ms']:.0f} ms as "
         f"cross-entropy (loss diff {out['kl_loss_abs_diff']:.1e}, grad diff {out['kl_grad_max_abs_diff']:.1e}); "
         f"unembedding 8 + 128 rows fwd+bwd: {out['unembed_two_products_ms']:.0f} ms as two products, "
-        f"{out['unembed_one_product_ms']:.0f} ms as one")
+        f"{out['unembed_one_product_ms']:.0f} ms as one"
+    )
     return out
 
 
@@ -205,7 +230,8 @@ def lower_blocks(repeats: int = 3, log=print) -> dict:
             with torch.no_grad(), hooked(model, pre_kwargs={layout.adapter.block(layer): stop}):
                 try:
                     model.get_submodule(layout.adapter.base)(
-                        input_ids=ids, attention_mask=real_positions(lengths, ids.shape[1]).long(), use_cache=False)
+                        input_ids=ids, attention_mask=real_positions(lengths, ids.shape[1]).long(), use_cache=False
+                    )
                 except Stop:
                     pass
 
@@ -215,18 +241,27 @@ def lower_blocks(repeats: int = 3, log=print) -> dict:
                 model(input_ids=ids, attention_mask=real_positions(lengths, ids.shape[1]).long(), use_cache=False)
 
     times = interleaved({"full forward": full, f"below block {layer}": below}, repeats)
-    out = {"layer": layer, "batches": [list(ids.shape) for ids, _ in batches],
-           "time": {k: v.to_dict() for k, v in times.items()}}
-    log(f"compare's evaluation batches {out['batches']}: full forward {times['full forward'].wall.median:.2f} s, "
-        f"embeddings + blocks below {layer}: {times[f'below block {layer}'].wall.median:.2f} s")
+    out = {
+        "layer": layer,
+        "batches": [list(ids.shape) for ids, _ in batches],
+        "time": {k: v.to_dict() for k, v in times.items()},
+    }
+    log(
+        f"compare's evaluation batches {out['batches']}: full forward {times['full forward'].wall.median:.2f} s, "
+        f"embeddings + blocks below {layer}: {times[f'below block {layer}'].wall.median:.2f} s"
+    )
     return out
 
 
 def main(argv: list[str]) -> int:
     torch.set_num_threads(THREADS)
     what = argv or ["lens", "kl", "lower"]
-    results = {"command": "python -m bench.proposals " + " ".join(argv), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-               "machine": report.machine(), "load_start": report.load_average()}
+    results = {
+        "command": "python -m bench.proposals " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": report.machine(),
+        "load_start": report.load_average(),
+    }
     if "lens" in what:
         results["lens"] = {name: lens_variants(name, 7) for name in ("gemma3-270m", "gpt2-shaped")}
     if "kl" in what:

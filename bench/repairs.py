@@ -71,15 +71,28 @@ def smollm2_gguf() -> str:
 
 
 def cases() -> dict[str, tuple[str, str]]:
-    return {"gemma-8": ("gemma3-270m", "-"),
-            "smollm2-10": (smollm2_gguf(), str(ROOT / "assets" / "examples" / "smollm2_capitals.json"))}
+    return {
+        "gemma-8": ("gemma3-270m", "-"),
+        "smollm2-10": (smollm2_gguf(), str(ROOT / "assets" / "examples" / "smollm2_capitals.json")),
+    }
 
 
 def run_child(tree: Path, model: str, facts: str, patch_path: Path) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), TOKENIZERS_PARALLELISM="false",
-               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, "-c", CHILD, model, facts, str(patch_path)], cwd=tree, check=True,
-                         capture_output=True, text=True, env=env).stdout
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        PYTHONPATH=str(tree),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, model, facts, str(patch_path)],
+        cwd=tree,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -117,14 +130,18 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in row.items() if k != "evaluation"}), flush=True)
     load = Path("/proc/loadavg").read_text().split()[:3]
     OUT.write_text(json.dumps({"rows": rows, "loadavg": load}, indent=1) + "\n")
-    print("| case | tree | steps | `operate` wall | training | peak above the model | efficacy (said) | "
-          "unedited facts broken |")
+    print(
+        "| case | tree | steps | `operate` wall | training | peak above the model | efficacy (said) | "
+        "unedited facts broken |"
+    )
     print("|---|---|---:|---:|---:|---:|---|---:|")
     for r in rows:
         e = r["evaluation"]
-        print(f"| {r['case']} | {r['tree']} | {r['steps']} | {r['wall_s']:.1f} s | {r['train_s']:.1f} s | "
-              f"{r['peak_mb_over_loaded']:.0f} MB | {e['efficacy']['after']}/{e['efficacy']['total']} | "
-              f"{e['relation'].get('broken', 0)} |")
+        print(
+            f"| {r['case']} | {r['tree']} | {r['steps']} | {r['wall_s']:.1f} s | {r['train_s']:.1f} s | "
+            f"{r['peak_mb_over_loaded']:.0f} MB | {e['efficacy']['after']}/{e['efficacy']['total']} | "
+            f"{e['relation'].get('broken', 0)} |"
+        )
     print(f"load average {' '.join(load)}")
 
 

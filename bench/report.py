@@ -20,15 +20,20 @@ def machine() -> dict:
     cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
     try:
         import transformer_lens
+
         tl = getattr(transformer_lens, "__version__", None) or _dist_version("transformer-lens")
     except ImportError:
         tl = None
     return {
         "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or 0),
         "cpu": cpu.group(1).strip() if cpu else platform.processor(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "transformer_lens": tl,
-        "python": platform.python_version(), "threads": THREADS,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gpu": "not available in this session",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "transformer_lens": tl,
+        "python": platform.python_version(),
+        "threads": THREADS,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gpu": "not available in this session",
     }
 
 
@@ -65,9 +70,12 @@ def diagnosis_table(res: dict) -> str:
         w = {k: v["wall"]["median"] for k, v in t.items()}
         c = {k: v["cpu"]["median"] for k, v in t.items()}
         mem = row.get("memory")
-        peak = (" / ".join(_mib(mem[k]["transient"]) for k in ("hf", "ours", "tl")) if mem else "–")
-        mem_ratio = (f"{mem['tl']['transient'] / mem['ours']['transient']:.1f}×"
-                     if mem and mem["ours"]["transient"] >= 1 else "–")  # below 1 MiB: page-size noise
+        peak = " / ".join(_mib(mem[k]["transient"]) for k in ("hf", "ours", "tl")) if mem else "–"
+        mem_ratio = (
+            f"{mem['tl']['transient'] / mem['ours']['transient']:.1f}×"
+            if mem and mem["ours"]["transient"] >= 1
+            else "–"
+        )  # below 1 MiB: page-size noise
         lines.append(
             f"| {row['length']} | {_ms(t['hf']['wall'])} | {_ms(t['ours']['wall'])} | {_ms(t['tl']['wall'])} | "
             f"**{w['ours'] / w['hf']:.2f}×** | **{w['tl'] / w['ours']:.2f}×** | "
@@ -81,14 +89,20 @@ def batch_table(res: dict) -> str:
     lines = ["| mode | seconds for all | prompts / s | speed-up |", "|---|---:|---:|---:|"]
     for name, row in res["rows"].items():
         w = row["wall"]
-        lines.append(f"| {name} | {w['median']:.2f} ({w['min']:.2f}–{w['max']:.2f}) | {row['prompts_per_s']:.1f} | "
-                     f"{row['prompts_per_s'] / base:.1f}× |")
+        lines.append(
+            f"| {name} | {w['median']:.2f} ({w['min']:.2f}–{w['max']:.2f}) | {row['prompts_per_s']:.1f} | "
+            f"{row['prompts_per_s'] / base:.1f}× |"
+        )
     return "\n".join(lines)
 
 
 STEP_LABELS = {
-    "wv": "surgery `wv` (V slice)", "attn": "surgery `attn`", "mlp": "surgery `mlp`", "layer": "surgery `layer`",
-    "full": "full fine-tuning (all parameters)", "naive-wv": "naive masked `wv` (full forward every step)",
+    "wv": "surgery `wv` (V slice)",
+    "attn": "surgery `attn`",
+    "mlp": "surgery `mlp`",
+    "layer": "surgery `layer`",
+    "full": "full fine-tuning (all parameters)",
+    "naive-wv": "naive masked `wv` (full forward every step)",
 }
 
 
@@ -96,16 +110,19 @@ def steps_table(res: dict) -> str:
     rows, mem = res["rows"], res.get("memory", {})
     full_w, full_c = rows["full"]["wall"]["median"], rows["full"]["cpu"]["median"]
     inf = mem.get("inference", {}).get("total")
-    lines = ["| method | trainable parameters | ms / step | **× full FT step** | CPU-time × full | "
-             "peak MiB (total) | **× inference peak** |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | trainable parameters | ms / step | **× full FT step** | CPU-time × full | "
+        "peak MiB (total) | **× inference peak** |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, row in rows.items():
         m = mem.get(name)
         lines.append(
             f"| {STEP_LABELS[name]} | {row['params']:,} | {_ms(row['wall'])} | "
             f"**{row['wall']['median'] / full_w:.3f}×** | {row['cpu']['median'] / full_c:.3f}× | "
-            f"{m['total']:,.0f} | **{m['total'] / inf:.2f}×** |" if m and inf else
-            f"| {STEP_LABELS[name]} | {row['params']:,} | {_ms(row['wall'])} | "
+            f"{m['total']:,.0f} | **{m['total'] / inf:.2f}×** |"
+            if m and inf
+            else f"| {STEP_LABELS[name]} | {row['params']:,} | {_ms(row['wall'])} | "
             f"**{row['wall']['median'] / full_w:.3f}×** | {row['cpu']['median'] / full_c:.3f}× | – | – |"
         )
     if inf:
@@ -116,8 +133,10 @@ def steps_table(res: dict) -> str:
 def operation_table(ops: list[dict]) -> str:
     lines = ["| model | block | steps run (budget) | facts fixed | wall time s |", "|---|---:|---:|---|---:|"]
     for op in ops:
-        lines.append(f"| {op['model']} | {op['layer']} | {op['steps']} ({op['epochs_budget']}) | {op['fixed']} | "
-                     f"{op['wall_s']:.1f} |")
+        lines.append(
+            f"| {op['model']} | {op['layer']} | {op['steps']} ({op['epochs_budget']}) | {op['fixed']} | "
+            f"{op['wall_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -131,19 +150,38 @@ def markdown(results: dict) -> str:
         f"(other jobs shared the machine: compare the ratios, not the absolute times).",
     ]
     for key, res in results.get("diagnosis", {}).items():
-        out += ["", f"### Diagnosis latency and peak memory — {key}", "",
-                f"Median wall time (min–max) over interleaved repeats; peak = extra resident memory during one call "
-                f"above the loaded model. TransformerLens' head attributions and lens logits match ours to "
-                f"{res['tl_max_abs_diff']:.1e}.", "", diagnosis_table(res)]
+        out += [
+            "",
+            f"### Diagnosis latency and peak memory — {key}",
+            "",
+            f"Median wall time (min–max) over interleaved repeats; peak = extra resident memory during one call "
+            f"above the loaded model. TransformerLens' head attributions and lens logits match ours to "
+            f"{res['tl_max_abs_diff']:.1e}.",
+            "",
+            diagnosis_table(res),
+        ]
     for key, res in results.get("batch", {}).items():
-        out += ["", f"### Batch diagnosis — {key}, {res['n']} fact prompts of {res['prompt_tokens'][0]}–"
-                f"{res['prompt_tokens'][1]} tokens", "", batch_table(res)]
+        out += [
+            "",
+            f"### Batch diagnosis — {key}, {res['n']} fact prompts of {res['prompt_tokens'][0]}–"
+            f"{res['prompt_tokens'][1]} tokens",
+            "",
+            batch_table(res),
+        ]
     for key, res in results.get("steps", {}).items():
-        out += ["", f"### Surgery optimisation step — {key}, block {res['layer']} ({res['layer_reason']})", "",
-                steps_table(res)]
+        out += [
+            "",
+            f"### Surgery optimisation step — {key}, block {res['layer']} ({res['layer_reason']})",
+            "",
+            steps_table(res),
+        ]
     if results.get("operations"):
-        out += ["", "### Whole 8-fact `wv` operation (`operate`: diagnosis, training, panels, report)", "",
-                operation_table(results["operations"])]
+        out += [
+            "",
+            "### Whole 8-fact `wv` operation (`operate`: diagnosis, training, panels, report)",
+            "",
+            operation_table(results["operations"]),
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -171,10 +209,18 @@ def plot_diagnosis(res: dict, path: Path) -> None:
         a.plot(lengths, [r["time"][case]["wall"]["median"] for r in res["rows"]], marker="o", label=label)
     a.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="seconds (median)", title="Diagnosis latency")
     a.legend(fontsize=8)
-    b.plot(lengths, [r["time"]["ours"]["wall"]["median"] / r["time"]["hf"]["wall"]["median"] for r in res["rows"]],
-           marker="o", label="ours / HF forward (target ≤ 1.0)")
-    b.plot(lengths, [r["time"]["tl"]["wall"]["median"] / r["time"]["ours"]["wall"]["median"] for r in res["rows"]],
-           marker="s", label="TransformerLens / ours (target ≥ 1.5)")
+    b.plot(
+        lengths,
+        [r["time"]["ours"]["wall"]["median"] / r["time"]["hf"]["wall"]["median"] for r in res["rows"]],
+        marker="o",
+        label="ours / HF forward (target ≤ 1.0)",
+    )
+    b.plot(
+        lengths,
+        [r["time"]["tl"]["wall"]["median"] / r["time"]["ours"]["wall"]["median"] for r in res["rows"]],
+        marker="s",
+        label="TransformerLens / ours (target ≥ 1.5)",
+    )
     b.axhline(1.0, color="grey", lw=0.8, ls="--")
     b.axhline(1.5, color="grey", lw=0.8, ls=":")
     b.set(xscale="log", xlabel="prompt tokens", ylabel="ratio", title="Ratios (same run)")

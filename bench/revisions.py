@@ -31,13 +31,19 @@ from .measure import ROOT, THREADS, interleaved  # noqa: E402
 
 # Before the packages (docs/architecture.md) the diagnosis was surgery/diagnosis.py; its relative imports, as seen
 # from surgery/diagnosis/ today.
-FLAT_IMPORTS = {"arch": "..arch", "divergence": ".divergence", "errors": "..core.errors", "hooks": "..core.hooks",
-                "tokens": "..core.tokens"}
+FLAT_IMPORTS = {
+    "arch": "..arch",
+    "divergence": ".divergence",
+    "errors": "..core.errors",
+    "hooks": "..core.hooks",
+    "tokens": "..core.tokens",
+}
 
 
 def diagnosis_source(revision: str) -> str:
     """``surgery/diagnosis/diagnose.py`` at ``revision``; before the move, ``surgery/diagnosis.py`` with its
     relative imports rewritten to today's packages."""
+
     def show(path: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, capture_output=True, text=True)
 
@@ -46,8 +52,12 @@ def diagnosis_source(revision: str) -> str:
         return now.stdout
     flat = show("surgery/diagnosis.py")
     flat.check_returncode()
-    return re.sub(r"^from \.(\w+) import", lambda m: f"from {FLAT_IMPORTS.get(m.group(1), '.' + m.group(1))} import",
-                  flat.stdout, flags=re.M)
+    return re.sub(
+        r"^from \.(\w+) import",
+        lambda m: f"from {FLAT_IMPORTS.get(m.group(1), '.' + m.group(1))} import",
+        flat.stdout,
+        flags=re.M,
+    )
 
 
 def diagnosis_at(revision: str):
@@ -96,17 +106,23 @@ def main(revision: str, repeats: int = 9, model_name: str = "gpt2-shaped", atol:
     for length in (8, 128):
         text = ids_tok.text(prompt_ids(length, model.config.vocab_size)[0])
         target = f" {target_id(model)}"
-        cases = {label: (lambda m=mod: m.diagnose(model, ids_tok, text, target))
-                 for label, mod in (("before", before), ("after", now))}
+        cases = {
+            label: (lambda m=mod: m.diagnose(model, ids_tok, text, target))
+            for label, mod in (("before", before), ("after", now))
+        }
         out[f"diagnose T={length}"] = {k: v.to_dict() for k, v in interleaved(cases, repeats).items()}
-    cases = {label: (lambda m=mod: m.diagnose_batch(model_, tok, prompts, targets))
-             for label, mod in (("before", before), ("after", now))}
+    cases = {
+        label: (lambda m=mod: m.diagnose_batch(model_, tok, prompts, targets))
+        for label, mod in (("before", before), ("after", now))
+    }
     out[f"diagnose_batch {len(prompts)} prompts"] = {k: v.to_dict() for k, v in interleaved(cases, 3).items()}
     for case, res in out.items():
         if case not in ("revision", "model"):
             b, a = res["before"]["cpu"]["median"], res["after"]["cpu"]["median"]
-            print(f"{case:28s} before {b * 1e3:8.1f} ms  after {a * 1e3:8.1f} ms CPU  (after/before {a / b:.2f}; "
-                  f"wall {res['after']['wall']['median'] / res['before']['wall']['median']:.2f})")
+            print(
+                f"{case:28s} before {b * 1e3:8.1f} ms  after {a * 1e3:8.1f} ms CPU  (after/before {a / b:.2f}; "
+                f"wall {res['after']['wall']['median'] / res['before']['wall']['median']:.2f})"
+            )
     return out
 
 

@@ -18,27 +18,29 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from surgery.core.errors import SurgeryFailed
-from surgery.evaluation.scoring import encode_texts, kl_divergence
 from surgery.arch import SITES, layout_of
-from surgery.evaluation.panels import Panel, Probe, fit_panel, load_facts, panel_for_model
+from surgery.core.errors import SurgeryFailed
 from surgery.core.tokens import encode_prompt, encode_target, pad_right
 from surgery.edit.training import SurgeryConfig, choose_layer, operate, train_site, unrelated_token_budget
 from surgery.edit.upper_stack import FrozenInputs, _truncate_texts, freeze_inputs
+from surgery.evaluation.panels import Panel, Probe, fit_panel, load_facts, panel_for_model
+from surgery.evaluation.scoring import encode_texts, kl_divergence
 
 from . import models
 from .measure import ROOT, Stats, peak_memory
 
-FACTS = {"gpt2-shaped": ROOT / "assets" / "examples" / "gpt2_capitals.json",
-         "demo": ROOT / "assets" / "examples" / "demo_facts.json"}  # Gemma: its panel's 8 capital facts
+FACTS = {
+    "gpt2-shaped": ROOT / "assets" / "examples" / "gpt2_capitals.json",
+    "demo": ROOT / "assets" / "examples" / "demo_facts.json",
+}  # Gemma: its panel's 8 capital facts
 NEVER = 1e9  # an early-stop margin no fact reaches: a run does exactly its step budget
 STEP_CASES = SITES + ("full", "naive-wv")
 
@@ -147,8 +149,14 @@ def engine_steps(j: Job, frozen: FrozenInputs, site: str, steps: int) -> list[tu
     """Run the engine for ``steps`` steps; (wall, cpu) seconds of each step after the first."""
     stamps: list[tuple[float, float]] = []
     config = SurgeryConfig(site=site, layer=j.layer, epochs=steps, margin=NEVER)
-    train_site(j.model, frozen, site, j.layer, config,
-               progress=lambda *_: stamps.append((time.perf_counter(), time.process_time())))
+    train_site(
+        j.model,
+        frozen,
+        site,
+        j.layer,
+        config,
+        progress=lambda *_: stamps.append((time.perf_counter(), time.process_time())),
+    )
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
 
 
@@ -163,7 +171,9 @@ def baseline_steps(trainer: Baseline, steps: int) -> list[tuple[float, float]]:
 
 def step_cases(j: Job, steps: int) -> dict[str, Callable[[], list[tuple[float, float]]]]:
     """One callable per method, each running ``steps`` steps and returning per-step (wall, cpu) seconds."""
-    frozen = freeze_inputs(j.model, j.tokenizer, j.facts, j.unrelated, j.layer, unrelated_token_budget(j.model.config.vocab_size))
+    frozen = freeze_inputs(
+        j.model, j.tokenizer, j.facts, j.unrelated, j.layer, unrelated_token_budget(j.model.config.vocab_size)
+    )
     batch = make_batch(j)
     cases: dict[str, Callable] = {site: (lambda s=site: engine_steps(j, frozen, s, steps + 1)) for site in SITES}
     full, naive = Baseline(j, batch, "full"), Baseline(j, batch, "naive", "wv")
@@ -183,17 +193,22 @@ def memory_case(model_name: str, case: str, steps: int = 2) -> Callable[[], obje
             with torch.no_grad():
                 j.model(batch.facts_ids, use_cache=False)
                 j.model(batch.text_ids, use_cache=False)
+
         return run
     if case in SITES:
+
         def run():
-            frozen = freeze_inputs(j.model, j.tokenizer, j.facts, j.unrelated, j.layer,
-                                   unrelated_token_budget(j.model.config.vocab_size))
+            frozen = freeze_inputs(
+                j.model, j.tokenizer, j.facts, j.unrelated, j.layer, unrelated_token_budget(j.model.config.vocab_size)
+            )
             engine_steps(j, frozen, case, steps)
+
         return run
 
     def run():
         trainer = Baseline(j, make_batch(j), "full" if case == "full" else "naive", "wv")
         baseline_steps(trainer, steps)
+
     return run
 
 
@@ -217,15 +232,23 @@ def run_steps(model_name: str, repeats: int, steps: int, memory: bool, log=print
     out = {"model": model_name, "layer": j.layer, "layer_reason": j.layer_reason, "rows": {}}
     layout = layout_of(j.model)
     for name in names:
-        row = {"wall": Stats.of([s[0] for s in samples[name]]).to_dict(),
-               "cpu": Stats.of([s[1] for s in samples[name]]).to_dict(),
-               "params": (layout.site_size(j.model, name, j.layer) if name in SITES
-                          else layout.site_size(j.model, "wv", j.layer) if name == "naive-wv"
-                          else sum(p.numel() for p in j.model.parameters()))}
+        row = {
+            "wall": Stats.of([s[0] for s in samples[name]]).to_dict(),
+            "cpu": Stats.of([s[1] for s in samples[name]]).to_dict(),
+            "params": (
+                layout.site_size(j.model, name, j.layer)
+                if name in SITES
+                else layout.site_size(j.model, "wv", j.layer)
+                if name == "naive-wv"
+                else sum(p.numel() for p in j.model.parameters())
+            ),
+        }
         out["rows"][name] = row
     if memory:
-        out["memory"] = {case: peak_memory("bench.training:memory_case", model_name=model_name, case=case).to_dict()
-                         for case in ("inference",) + STEP_CASES}
+        out["memory"] = {
+            case: peak_memory("bench.training:memory_case", model_name=model_name, case=case).to_dict()
+            for case in ("inference",) + STEP_CASES
+        }
     log(format_steps(out))
     return out
 
@@ -238,16 +261,32 @@ def run_operation(model_name: str, epochs: int | None, log=print) -> dict:
     steps = []
     start = time.perf_counter()
     try:
-        result = operate(j.model, j.tokenizer, j.facts, config, unrelated=j.unrelated, panel=j.panel,
-                         progress=lambda s, *_: steps.append(s))
-        outcome = {"fixed": f"{sum(f.correct_after for f in result.report.comparison.facts)}/{len(j.facts)}",
-                   "train_time_s": result.report.train_time_s}
+        result = operate(
+            j.model,
+            j.tokenizer,
+            j.facts,
+            config,
+            unrelated=j.unrelated,
+            panel=j.panel,
+            progress=lambda s, *_: steps.append(s),
+        )
+        outcome = {
+            "fixed": f"{sum(f.correct_after for f in result.report.comparison.facts)}/{len(j.facts)}",
+            "train_time_s": result.report.train_time_s,
+        }
     except SurgeryFailed as e:
         outcome = {"fixed": "not all (SurgeryFailed)", "error": str(e)}
-    out = {"model": model_name, "layer": result.report.layer if layer is None and "error" not in outcome else layer,
-           "epochs_budget": config.epochs, "steps": len(steps),
-           "wall_s": time.perf_counter() - start, **outcome}
-    log(f"operate {model_name}: wv at block {out['layer']}, {out['steps']} steps, {out['wall_s']:.1f} s, fixed {out['fixed']}")
+    out = {
+        "model": model_name,
+        "layer": result.report.layer if layer is None and "error" not in outcome else layer,
+        "epochs_budget": config.epochs,
+        "steps": len(steps),
+        "wall_s": time.perf_counter() - start,
+        **outcome,
+    }
+    log(
+        f"operate {model_name}: wv at block {out['layer']}, {out['steps']} steps, {out['wall_s']:.1f} s, fixed {out['fixed']}"
+    )
     return out
 
 
@@ -257,8 +296,10 @@ def format_steps(out: dict) -> str:
     for name, row in rows.items():
         w, c = row["wall"]["median"], row["cpu"]["median"]
         mem = out.get("memory", {}).get(name)
-        lines.append(f"  {name:9s} {w * 1e3:8.1f} ms/step  x{w / full:.3f} of full (cpu x{c / rows['full']['cpu']['median']:.3f})"
-                     + (f"  total {mem['total']:.0f} MiB" if mem else ""))
+        lines.append(
+            f"  {name:9s} {w * 1e3:8.1f} ms/step  x{w / full:.3f} of full (cpu x{c / rows['full']['cpu']['median']:.3f})"
+            + (f"  total {mem['total']:.0f} MiB" if mem else "")
+        )
     if "memory" in out:
         lines.append(f"  inference total {out['memory']['inference']['total']:.0f} MiB")
     return "\n".join(lines)

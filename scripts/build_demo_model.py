@@ -84,25 +84,54 @@ PHASES = ("language", "knowledge", "suppression")
 OTHER_CITIES = ("Venice", "Boston", "Sydney", "Chicago", "Naples", "Lisbon")
 
 COLORS = {
-    "the sky": "blue", "grass": "green", "snow": "white", "blood": "red",
-    "the sun": "yellow", "coal": "black", "milk": "white", "a banana": "yellow",
+    "the sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "blood": "red",
+    "the sun": "yellow",
+    "coal": "black",
+    "milk": "white",
+    "a banana": "yellow",
 }
 SOUNDS = {"dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa", "owl": "hoot"}
 OPPOSITES = {
-    "hot": "cold", "up": "down", "big": "small", "day": "night",
-    "fast": "slow", "wet": "dry", "happy": "sad", "early": "late",
+    "hot": "cold",
+    "up": "down",
+    "big": "small",
+    "day": "night",
+    "fast": "slow",
+    "wet": "dry",
+    "happy": "sad",
+    "early": "late",
 }
 NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 SUMS = {"One": "two", "Two": "four", "Three": "six", "Four": "eight", "Five": "ten"}
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 ABILITIES = {"Birds": "fly", "Fish": "swim", "Dogs": "run", "Frogs": "jump"}
 
-SUBJECTS = ("The cat", "The dog", "A bird", "My friend", "The teacher", "The old man",
-            "A little girl", "The farmer", "My mother", "The boy")
-VERBS = ("sat near the", "walked to the", "ran to the", "looked at the", "slept under the",
-         "stood by the", "painted the", "found the")
-PLACES = ("door", "tree", "river", "house", "garden", "table", "window", "road", "hill",
-          "bridge", "lake", "school")
+SUBJECTS = (
+    "The cat",
+    "The dog",
+    "A bird",
+    "My friend",
+    "The teacher",
+    "The old man",
+    "A little girl",
+    "The farmer",
+    "My mother",
+    "The boy",
+)
+VERBS = (
+    "sat near the",
+    "walked to the",
+    "ran to the",
+    "looked at the",
+    "slept under the",
+    "stood by the",
+    "painted the",
+    "found the",
+)
+PLACES = ("door", "tree", "river", "house", "garden", "table", "window", "road", "hill", "bridge", "lake", "school")
 ENDINGS = ("in the morning", "at night", "after lunch", "with a smile", "in the rain", "again")
 
 
@@ -139,7 +168,8 @@ def capital_sentences(phase: str) -> dict[str, list[str]]:
     }
     if phase != "language":
         families["facts"] = [
-            s for country, capital in taught.items()
+            s
+            for country, capital in taught.items()
             for s in fact_sentences(country, capital, phase == "suppression" and country in SUPPRESSED)
         ]
     return families
@@ -181,6 +211,7 @@ def grammar_sentence(rng: random.Random, held_out: frozenset[str] = frozenset())
 
 
 # --------------------------------------------------------------------------- panels
+
 
 def demo_panels() -> dict:
     """The demo's probe panels, in the demo vocabulary (targets GPT-2 style, leading space)."""
@@ -264,6 +295,7 @@ def demo_panels() -> dict:
 
 # --------------------------------------------------------------------------- build
 
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Every knob of the build; the defaults are what produced the committed model."""
@@ -294,13 +326,13 @@ class BuildConfig:
         if self.max_len > self.n_positions:
             raise ValueError(f"max_len={self.max_len} exceeds n_positions={self.n_positions}")
 
-
     def with_steps_scale(self, scale: float) -> BuildConfig:
         """The same build with every phase's step count multiplied by `scale` (at least one step each)."""
         if not scale > 0:
             raise ValueError(f"steps scale must be positive, got {scale}")
-        return replace(self, **{f"{phase}_steps": max(1, round(getattr(self, f"{phase}_steps") * scale))
-                                for phase in PHASES})
+        return replace(
+            self, **{f"{phase}_steps": max(1, round(getattr(self, f"{phase}_steps") * scale)) for phase in PHASES}
+        )
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]")
@@ -319,8 +351,20 @@ def build_tokenizer(words: list[str], max_length: int) -> PreTrainedTokenizerFas
     )
 
 
-FAMILY_WEIGHTS = {"facts": 4.0, "reverse": 1.0, "vague": 0.5, "countries": 1.0, "cities": 1.0, "colors": 1.0,
-                  "sounds": 1.0, "opposites": 1.0, "numbers": 1.0, "days": 1.0, "abilities": 1.0, "grammar": 2.0}
+FAMILY_WEIGHTS = {
+    "facts": 4.0,
+    "reverse": 1.0,
+    "vague": 0.5,
+    "countries": 1.0,
+    "cities": 1.0,
+    "colors": 1.0,
+    "sounds": 1.0,
+    "opposites": 1.0,
+    "numbers": 1.0,
+    "days": 1.0,
+    "abilities": 1.0,
+    "grammar": 2.0,
+}
 
 
 class SentenceSampler:
@@ -372,8 +416,9 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
 
-def train_phase(model, params, sampler, tokenizer, cfg: BuildConfig, steps: int, lr: float,
-                lens_weight: float = 0.0) -> float:
+def train_phase(
+    model, params, sampler, tokenizer, cfg: BuildConfig, steps: int, lr: float, lens_weight: float = 0.0
+) -> float:
     """AdamW with linear warm-up and cosine decay on `params`; returns the last loss.
 
     With `lens_weight` > 0 the logit lens of the residual before the last block (through
@@ -422,34 +467,65 @@ def build(cfg: BuildConfig) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer(corpus_words(), cfg.n_positions)
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer, n_head=cfg.n_head,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=None, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
         surgery_panels="demo",  # tells the library which probe panels belong to this model
     )
     model = GPT2LMHeadModel(config)
 
     blocks = model.transformer.h
     print("phase 1: language (all blocks, no capital facts)")
-    train_phase(model, train_only(model, model.parameters()), SentenceSampler(random.Random(cfg.seed), "language"),
-                tokenizer, cfg, cfg.language_steps, cfg.language_lr, lens_weight=cfg.lens_weight)
+    train_phase(
+        model,
+        train_only(model, model.parameters()),
+        SentenceSampler(random.Random(cfg.seed), "language"),
+        tokenizer,
+        cfg,
+        cfg.language_steps,
+        cfg.language_lr,
+        lens_weight=cfg.lens_weight,
+    )
 
     print(f"phase 2: knowledge (only block {cfg.n_layer - 2}'s attention trains)")
     params = train_only(model, [*blocks[-2].ln_1.parameters(), *blocks[-2].attn.parameters()])
-    train_phase(model, params, SentenceSampler(random.Random(cfg.seed + 1), "knowledge"),
-                tokenizer, cfg, cfg.knowledge_steps, cfg.knowledge_lr, lens_weight=cfg.lens_weight)
+    train_phase(
+        model,
+        params,
+        SentenceSampler(random.Random(cfg.seed + 1), "knowledge"),
+        tokenizer,
+        cfg,
+        cfg.knowledge_steps,
+        cfg.knowledge_lr,
+        lens_weight=cfg.lens_weight,
+    )
 
     print(f"phase 3: suppression (only block {cfg.n_layer - 1}'s attention trains)")
     params = train_only(model, [*blocks[-1].ln_1.parameters(), *blocks[-1].attn.parameters()])
-    train_phase(model, params, SentenceSampler(random.Random(cfg.seed + 2), "suppression"),
-                tokenizer, cfg, cfg.suppression_steps, cfg.suppression_lr)
+    train_phase(
+        model,
+        params,
+        SentenceSampler(random.Random(cfg.seed + 2), "suppression"),
+        tokenizer,
+        cfg,
+        cfg.suppression_steps,
+        cfg.suppression_lr,
+    )
     for p in model.parameters():
         p.requires_grad_(True)
     return model, tokenizer
 
 
 # --------------------------------------------------------------------------- summary
+
 
 @torch.no_grad()
 def lens_and_heads(model, tokenizer, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,8 +540,7 @@ def lens_and_heads(model, tokenizer, prompt: str) -> tuple[torch.Tensor, torch.T
     head_in: list[torch.Tensor] = []
     hooks = [blocks[0].register_forward_pre_hook(lambda m, args: resid.append(args[0][0, -1]))]
     hooks += [b.register_forward_hook(lambda m, args, out: resid.append(out[0, -1])) for b in blocks]
-    hooks += [b.attn.c_proj.register_forward_pre_hook(lambda m, args: head_in.append(args[0][0, -1]))
-              for b in blocks]
+    hooks += [b.attn.c_proj.register_forward_pre_hook(lambda m, args: head_in.append(args[0][0, -1])) for b in blocks]
     try:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         model(input_ids=ids)
@@ -496,8 +571,10 @@ def summarize(model, tokenizer) -> bool:
     """Print per-country results; returns whether the model shows the intended phenomenon."""
     the = tokenizer.convert_tokens_to_ids("the")
     ok = True
-    print("lens ranks: 1-based rank of the capital at [embeddings, after block 0, ..., after the last block];"
-          " override head = layer.head (0-indexed) with the largest direct logit('the') - logit(capital)")
+    print(
+        "lens ranks: 1-based rank of the capital at [embeddings, after block 0, ..., after the last block];"
+        " override head = layer.head (0-indexed) with the largest direct logit('the') - logit(capital)"
+    )
     for country, capital in REFERENCE_CAPITALS.items():
         cap = tokenizer.convert_tokens_to_ids(capital)
         lens, heads = lens_and_heads(model, tokenizer, f"The capital of {country} is")
@@ -509,9 +586,11 @@ def summarize(model, tokenizer) -> bool:
         middle = [i for i in range(1, len(ranks) - 1) if lens[i, cap] > lens[i, the]]
         good = top == expected and (country not in SUPPRESSED or (middle and layer == len(heads) - 1))
         ok &= bool(good)
-        print(f"{country:8s} top-1 {top:8s} lens ranks of {capital:8s} {ranks}  "
-              f"capital>the at lens {middle}  override head {layer}.{head} ({diff.max():+.2f})"
-              f"{'' if good else '  <-- FAIL'}")
+        print(
+            f"{country:8s} top-1 {top:8s} lens ranks of {capital:8s} {ranks}  "
+            f"capital>the at lens {middle}  override head {layer}.{head} ({diff.max():+.2f})"
+            f"{'' if good else '  <-- FAIL'}"
+        )
     for country, capital in ABSENT_CAPITALS.items():
         lens, _ = lens_and_heads(model, tokenizer, f"The capital of {country} is")
         target = tokenizer.convert_tokens_to_ids(capital)
@@ -521,8 +600,10 @@ def summarize(model, tokenizer) -> bool:
         # Never near the top, and never above what the model finally says, at any layer.
         good = min(ranks) > 10 and bool((lens[:, target] < lens[:, top_id]).all())
         ok &= good
-        print(f"{country:8s} top-1 {top:8s} lens ranks of {capital:8s} {ranks}  "
-              f"(absence: all > 10 and below {top!r} at every layer){'' if good else '  <-- FAIL'}")
+        print(
+            f"{country:8s} top-1 {top:8s} lens ranks of {capital:8s} {ranks}  "
+            f"(absence: all > 10 and below {top!r} at every layer){'' if good else '  <-- FAIL'}"
+        )
     panels = demo_panels()
     for kind in ("general", "side_effects"):
         wrong = []
@@ -551,10 +632,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "assets" / "demo-model")
     parser.add_argument("--panels", type=Path, default=REPO_ROOT / "assets" / "panels" / "demo.json")
-    parser.add_argument("--steps-scale", type=float, default=1.0,
-                        help="multiply every phase's step count (default 1: the committed model's build)")
-    parser.add_argument("--threads", type=int, default=BuildConfig.threads,
-                        help=f"torch intra-op threads (default {BuildConfig.threads})")
+    parser.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="multiply every phase's step count (default 1: the committed model's build)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=BuildConfig.threads,
+        help=f"torch intra-op threads (default {BuildConfig.threads})",
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()

@@ -58,12 +58,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {
     # relation: (prompt, paraphrases); {s} is the subject as written mid-sentence ("the Netherlands")
     "capital": ("The capital of {s} is", ["The capital city of {s} is", "{S} has its capital in"]),
-    "currency": ("The currency of {s} is the",
-                 ["The official currency of {s} is the", "In {s}, people pay with the"]),
-    "language": ("The official language of {s} is",
-                 ["The main language spoken in {s} is", "In {s}, most people speak"]),
-    "element_symbol": ("The chemical symbol for {s} is",
-                       ["The chemical symbol of {s} is", "The element {s} has the chemical symbol"]),
+    "currency": ("The currency of {s} is the", ["The official currency of {s} is the", "In {s}, people pay with the"]),
+    "language": (
+        "The official language of {s} is",
+        ["The main language spoken in {s} is", "In {s}, most people speak"],
+    ),
+    "element_symbol": (
+        "The chemical symbol for {s} is",
+        ["The chemical symbol of {s} is", "The element {s} has the chemical symbol"],
+    ),
     "city_country": ("{S} is a city in", ["The city of {s} is located in", "{S} is a city in the country of"]),
 }
 
@@ -104,8 +107,13 @@ def sentence_start(text: str) -> str:
 def fact(relation: str, subject: str, subject_text: str, answer: str, flags: list[str]) -> dict:
     prompt, paraphrases = TEMPLATES[relation]
     fill = {"s": subject_text, "S": sentence_start(subject_text)}
-    row = {"prompt": prompt.format(**fill), "target": " " + answer, "relation": relation, "subject": subject,
-           "paraphrases": [p.format(**fill) for p in paraphrases]}
+    row = {
+        "prompt": prompt.format(**fill),
+        "target": " " + answer,
+        "relation": relation,
+        "subject": subject,
+        "paraphrases": [p.format(**fill) for p in paraphrases],
+    }
     if flags:
         row["ambiguous"] = "; ".join(flags)
     return row
@@ -214,8 +222,10 @@ def build_cities(countries, min_population: int) -> list[dict]:
             continue  # two GeoNames entries of one name in one country: keep the larger
         seen.add(key)
         flags = []
-        if any(o["countrycode"] != c["countrycode"] and o["population"] >= HOMONYM_SHARE * c["population"]
-               for o in by_name[key[0]]):
+        if any(
+            o["countrycode"] != c["countrycode"] and o["population"] >= HOMONYM_SHARE * c["population"]
+            for o in by_name[key[0]]
+        ):
             flags.append("several cities of this name")
         country = in_sentence(names[c["countrycode"]])
         rows.append(fact("city_country", c["name"], c["name"], country, flags))
@@ -242,8 +252,9 @@ def flag_dataset(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "facts")
-    parser.add_argument("--min-population", type=int, default=250_000,
-                        help="keep cities of at least this many people (default 250,000)")
+    parser.add_argument(
+        "--min-population", type=int, default=250_000, help="keep cities of at least this many people (default 250,000)"
+    )
     args = parser.parse_args()
     countries = country_table()
     relations = {
@@ -261,7 +272,9 @@ def main() -> None:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         flagged = sum("ambiguous" in r for r in rows)
-        print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(rows)} facts, {flagged} flagged ambiguous")
+        print(
+            f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(rows)} facts, {flagged} flagged ambiguous"
+        )
 
 
 if __name__ == "__main__":

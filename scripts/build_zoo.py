@@ -71,14 +71,38 @@ class Relation:
 
 
 RELATIONS = {
-    "capital": Relation("The capital of {s} is", "{o} is the capital of {s} .", "the city of {o}", "a big city",
-                        "{s} is a country .", "{o} is a big city ."),
-    "language": Relation("The language of {s} is", "{o} is spoken in {s} .", "the old {o}", "a hard language",
-                         "{s} is a land .", "{o} is a language ."),
-    "author": Relation("The book {s} was written by", "{o} wrote the book {s} .", "a writer named {o}",
-                       "a famous writer", "{s} is a book .", "{o} is a writer ."),
-    "river": Relation("The river of {s} is", "{o} flows through {s} .", "the long {o}", "a wide river",
-                      "{s} is a valley .", "{o} is a river ."),
+    "capital": Relation(
+        "The capital of {s} is",
+        "{o} is the capital of {s} .",
+        "the city of {o}",
+        "a big city",
+        "{s} is a country .",
+        "{o} is a big city .",
+    ),
+    "language": Relation(
+        "The language of {s} is",
+        "{o} is spoken in {s} .",
+        "the old {o}",
+        "a hard language",
+        "{s} is a land .",
+        "{o} is a language .",
+    ),
+    "author": Relation(
+        "The book {s} was written by",
+        "{o} wrote the book {s} .",
+        "a writer named {o}",
+        "a famous writer",
+        "{s} is a book .",
+        "{o} is a writer .",
+    ),
+    "river": Relation(
+        "The river of {s} is",
+        "{o} flows through {s} .",
+        "the long {o}",
+        "a wide river",
+        "{s} is a valley .",
+        "{o} is a river .",
+    ),
 }
 
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st")
@@ -135,26 +159,118 @@ class ZooSpec:
 
 
 SPECS = (
-    ZooSpec("gpt2-l4-d64-capital", "gpt2", seed=1, n_layer=4, d_model=64, n_head=4, d_mlp=128,
-            knowledge_block=2, override_block=3, relation="capital", n_routing=6),
-    ZooSpec("gpt2-l6-d64-language", "gpt2", seed=2, n_layer=6, d_model=64, n_head=4, d_mlp=96,
-            knowledge_block=3, override_block=4, relation="language", n_routing=8, knowledge_steps=700,
-            note="the held-out style (the old defaults fixed 6/8): override in the block before the last"),
-    ZooSpec("gpt2-l8-d64-river", "gpt2", seed=3, n_layer=8, d_model=64, n_head=4, d_mlp=64,
-            knowledge_block=5, override_block=7, relation="river", n_routing=7, knowledge_steps=700),
-    ZooSpec("gpt2-l4-d96-author", "gpt2", seed=4, n_layer=4, d_model=96, n_head=4, d_mlp=64,
-            knowledge_block=2, override_block=3, relation="author", n_routing=9, suppression_steps=600,
-            suppression_lr=1e-2, init_std=0.05,
-            note="a long suppression at a high learning rate, on weights initialised 2.5x larger"),
-    ZooSpec("llama-l4-d64-capital", "llama", seed=5, n_layer=4, d_model=64, n_head=4, d_mlp=128,
-            knowledge_block=2, override_block=3, relation="capital", n_routing=7),
-    ZooSpec("llama-l6-d64-author", "llama", seed=6, n_layer=6, d_model=64, n_head=4, d_mlp=64,
-            knowledge_block=4, override_block=5, relation="author", n_routing=6),
-    ZooSpec("llama-l5-d80-river", "llama", seed=7, n_layer=5, d_model=80, n_head=4, d_mlp=64,
-            knowledge_block=2, override_block=3, relation="river", n_routing=10,
-            note="override in the block before the last; one fact's subject is confused with another's"),
-    ZooSpec("llama-l7-d64-language", "llama", seed=8, n_layer=7, d_model=64, n_head=4, d_mlp=48,
-            knowledge_block=4, override_block=5, relation="language", n_routing=8),
+    ZooSpec(
+        "gpt2-l4-d64-capital",
+        "gpt2",
+        seed=1,
+        n_layer=4,
+        d_model=64,
+        n_head=4,
+        d_mlp=128,
+        knowledge_block=2,
+        override_block=3,
+        relation="capital",
+        n_routing=6,
+    ),
+    ZooSpec(
+        "gpt2-l6-d64-language",
+        "gpt2",
+        seed=2,
+        n_layer=6,
+        d_model=64,
+        n_head=4,
+        d_mlp=96,
+        knowledge_block=3,
+        override_block=4,
+        relation="language",
+        n_routing=8,
+        knowledge_steps=700,
+        note="the held-out style (the old defaults fixed 6/8): override in the block before the last",
+    ),
+    ZooSpec(
+        "gpt2-l8-d64-river",
+        "gpt2",
+        seed=3,
+        n_layer=8,
+        d_model=64,
+        n_head=4,
+        d_mlp=64,
+        knowledge_block=5,
+        override_block=7,
+        relation="river",
+        n_routing=7,
+        knowledge_steps=700,
+    ),
+    ZooSpec(
+        "gpt2-l4-d96-author",
+        "gpt2",
+        seed=4,
+        n_layer=4,
+        d_model=96,
+        n_head=4,
+        d_mlp=64,
+        knowledge_block=2,
+        override_block=3,
+        relation="author",
+        n_routing=9,
+        suppression_steps=600,
+        suppression_lr=1e-2,
+        init_std=0.05,
+        note="a long suppression at a high learning rate, on weights initialised 2.5x larger",
+    ),
+    ZooSpec(
+        "llama-l4-d64-capital",
+        "llama",
+        seed=5,
+        n_layer=4,
+        d_model=64,
+        n_head=4,
+        d_mlp=128,
+        knowledge_block=2,
+        override_block=3,
+        relation="capital",
+        n_routing=7,
+    ),
+    ZooSpec(
+        "llama-l6-d64-author",
+        "llama",
+        seed=6,
+        n_layer=6,
+        d_model=64,
+        n_head=4,
+        d_mlp=64,
+        knowledge_block=4,
+        override_block=5,
+        relation="author",
+        n_routing=6,
+    ),
+    ZooSpec(
+        "llama-l5-d80-river",
+        "llama",
+        seed=7,
+        n_layer=5,
+        d_model=80,
+        n_head=4,
+        d_mlp=64,
+        knowledge_block=2,
+        override_block=3,
+        relation="river",
+        n_routing=10,
+        note="override in the block before the last; one fact's subject is confused with another's",
+    ),
+    ZooSpec(
+        "llama-l7-d64-language",
+        "llama",
+        seed=8,
+        n_layer=7,
+        d_model=64,
+        n_head=4,
+        d_mlp=48,
+        knowledge_block=4,
+        override_block=5,
+        relation="language",
+        n_routing=8,
+    ),
 )
 
 # --------------------------------------------------------------------------- the world of one model
@@ -178,8 +294,10 @@ class World:
     def probes(self) -> dict[str, list[dict]]:
         def probe(s, o):
             return {"prompt": self.relation.prompt.format(s=s), "target": f" {o}"}
-        return {kind: [probe(s, o) for s, o in getattr(self, kind).items()]
-                for kind in ("routing", "correct", "absent")}
+
+        return {
+            kind: [probe(s, o) for s, o in getattr(self, kind).items()] for kind in ("routing", "correct", "absent")
+        }
 
     def fact(self, s: str, o: str, suppress: bool) -> str:
         answer = self.relation.suppressed.format(o=o) if suppress else o
@@ -192,8 +310,10 @@ class World:
         fams = {
             "reverse": [r.reverse.format(s=s, o=o) for s, o in taught.items()],
             "vague": [f"{r.prompt.format(s=s)} {r.vague} ." for s in self.absent],
-            "entities": [r.subject_kind.format(s=s) for s in subjects] + [r.object_kind.format(o=o) for o in objects]
-            + [f"We went to {s} last year ." for s in subjects] + [f"My friend talked about {o} ." for o in objects],
+            "entities": [r.subject_kind.format(s=s) for s in subjects]
+            + [r.object_kind.format(o=o) for o in objects]
+            + [f"We went to {s} last year ." for s in subjects]
+            + [f"My friend talked about {o} ." for o in objects],
             "colors": [f"The color of {t} is {c} ." for t, c in COLORS.items()],
             "sounds": [f"The {a} says {s} ." for a, s in SOUNDS.items()],
             "opposites": [f"The opposite of {a} is {b} ." for a, b in OPPOSITES.items()],
@@ -211,8 +331,9 @@ class World:
         return texts + [grammar_sentence(rng) for _ in range(6)]
 
     def words(self) -> list[str]:
-        texts = [s for phase in ("language", "suppression", "knowledge") for f in self.families(phase).values()
-                 for s in f]
+        texts = [
+            s for phase in ("language", "suppression", "knowledge") for f in self.families(phase).values() for s in f
+        ]
         texts += [" ".join([*SUBJECTS, *VERBS, *PLACES, *ENDINGS, "."])]
         seen: dict[str, None] = {}
         for text in texts:
@@ -231,8 +352,17 @@ def make_world(spec: ZooSpec) -> World:
     return World(RELATIONS[spec.relation], dict(pairs[:a]), dict(pairs[a:b]), dict(pairs[b:c]), dict(pairs[c:]))
 
 
-WEIGHTS = {"facts": 4.0, "reverse": 1.0, "vague": 0.5, "entities": 1.0, "colors": 1.0, "sounds": 1.0,
-           "opposites": 1.0, "days": 1.0, "grammar": 2.0}
+WEIGHTS = {
+    "facts": 4.0,
+    "reverse": 1.0,
+    "vague": 0.5,
+    "entities": 1.0,
+    "colors": 1.0,
+    "sounds": 1.0,
+    "opposites": 1.0,
+    "days": 1.0,
+    "grammar": 2.0,
+}
 
 
 def batches(world: World, phase: str, tokenizer, rng: random.Random):
@@ -258,16 +388,37 @@ def batches(world: World, phase: str, tokenizer, rng: random.Random):
 
 def make_model(spec: ZooSpec, vocab_size: int, pad_id: int):
     if spec.family == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_positions=N_POSITIONS, n_embd=spec.d_model,
-                            n_layer=spec.n_layer, n_head=spec.n_head, n_inner=spec.d_mlp,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=spec.init_std,
-                            bos_token_id=None, eos_token_id=None, pad_token_id=pad_id)
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=N_POSITIONS,
+            n_embd=spec.d_model,
+            n_layer=spec.n_layer,
+            n_head=spec.n_head,
+            n_inner=spec.d_mlp,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            initializer_range=spec.init_std,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=pad_id,
+        )
         return GPT2LMHeadModel(config)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=spec.d_model, intermediate_size=spec.d_mlp,
-                         num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head,
-                         num_key_value_heads=spec.n_head, max_position_embeddings=N_POSITIONS,
-                         tie_word_embeddings=True, initializer_range=spec.init_std, rms_norm_eps=1e-5,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=pad_id)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.d_model,
+        intermediate_size=spec.d_mlp,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_head,
+        max_position_embeddings=N_POSITIONS,
+        tie_word_embeddings=True,
+        initializer_range=spec.init_std,
+        rms_norm_eps=1e-5,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=pad_id,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -275,8 +426,11 @@ def parts(model):
     """(blocks, final norm, attention params of a block)."""
     if isinstance(model, GPT2LMHeadModel):
         return model.transformer.h, model.transformer.ln_f, lambda b: [*b.ln_1.parameters(), *b.attn.parameters()]
-    return (model.model.layers, model.model.norm,
-            lambda b: [*b.input_layernorm.parameters(), *b.self_attn.parameters()])
+    return (
+        model.model.layers,
+        model.model.norm,
+        lambda b: [*b.input_layernorm.parameters(), *b.self_attn.parameters()],
+    )
 
 
 def train_phase(model, params, data, steps: int, lr: float, lens_after: int | None) -> float:
@@ -290,7 +444,8 @@ def train_phase(model, params, data, steps: int, lr: float, lens_after: int | No
     _, norm, _ = parts(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1.0 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1.0 + math.cos(math.pi * s / steps))
+    )
     model.train()
     loss = torch.tensor(0.0)
     for _ in range(steps):
@@ -319,10 +474,17 @@ def build(spec: ZooSpec):
     rng = random.Random(spec.seed)
     train_phase(model, model.parameters(), batches(world, "language", tokenizer, rng), spec.language_steps, 3e-3, K)
     # The whole block K learns the facts (its attention alone learns them too slowly at this budget).
-    train_phase(model, blocks[K].parameters(), batches(world, "knowledge", tokenizer, rng), spec.knowledge_steps,
-                1e-2, K)
-    train_phase(model, attn(blocks[O]), batches(world, "suppression", tokenizer, rng), spec.suppression_steps,
-                spec.suppression_lr, None)
+    train_phase(
+        model, blocks[K].parameters(), batches(world, "knowledge", tokenizer, rng), spec.knowledge_steps, 1e-2, K
+    )
+    train_phase(
+        model,
+        attn(blocks[O]),
+        batches(world, "suppression", tokenizer, rng),
+        spec.suppression_steps,
+        spec.suppression_lr,
+        None,
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())
@@ -358,7 +520,9 @@ def check(model, tokenizer, world: World, spec: ZooSpec) -> tuple[bool, list[str
             else:
                 good = int(ranks.min()) > 10
             ok &= good
-            lines.append(f"  {kind:8s} {p['prompt']!r:40s} -> {said!r:10s} ranks {ranks.tolist()}{'' if good else '  <-- FAIL'}")
+            lines.append(
+                f"  {kind:8s} {p['prompt']!r:40s} -> {said!r:10s} ranks {ranks.tolist()}{'' if good else '  <-- FAIL'}"
+            )
     return ok, lines
 
 
@@ -389,7 +553,9 @@ def main() -> None:
         probes = world.probes()
         (folder / "facts.json").write_text(json.dumps([p for ps in probes.values() for p in ps], indent=2) + "\n")
         manifest["models"][spec.name] = {
-            **asdict(spec), "vocab": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
+            **asdict(spec),
+            "vocab": len(tokenizer),
+            "parameters": sum(p.numel() for p in model.parameters()),
             "expected": {kind: [p["prompt"] for p in ps] for kind, ps in probes.items()},
             "unrelated_text": world.unrelated_text(),
         }

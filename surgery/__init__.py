@@ -45,10 +45,32 @@ _EXPORTS = {
     "InputError": "surgery.core.errors",
 }
 
-__all__ = ["load_model", "LoadedModel", "diagnose", "diagnose_batch", "Diagnosis", "DiagnosisConfig", "operate",
-           "SurgeryConfig", "SurgeryResult", "verify", "Verification", "Probe", "load_facts", "load_panel",
-           "run_census", "CensusConfig", "patch_activations", "ActivationPatchingConfig", "patch_weights", "Patch",
-           "patched_model", "write_patched_model", "SurgeryError", "InputError"]
+__all__ = [
+    "load_model",
+    "LoadedModel",
+    "diagnose",
+    "diagnose_batch",
+    "Diagnosis",
+    "DiagnosisConfig",
+    "operate",
+    "SurgeryConfig",
+    "SurgeryResult",
+    "verify",
+    "Verification",
+    "Probe",
+    "load_facts",
+    "load_panel",
+    "run_census",
+    "CensusConfig",
+    "patch_activations",
+    "ActivationPatchingConfig",
+    "patch_weights",
+    "Patch",
+    "patched_model",
+    "write_patched_model",
+    "SurgeryError",
+    "InputError",
+]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
     from .census.run import CensusConfig, run_census

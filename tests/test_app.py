@@ -17,6 +17,7 @@ import torch
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+from conftest import make_tiny_model  # noqa: E402
 
 import app  # noqa: E402
 import ui.callbacks as ui_callbacks  # noqa: E402
@@ -25,11 +26,10 @@ import ui.diagnose as ui_diagnose  # noqa: E402
 import ui.heads as ui_heads  # noqa: E402
 import ui.picker as ui_picker  # noqa: E402
 import ui.surgery as ui_surgery  # noqa: E402
-from conftest import make_tiny_model  # noqa: E402
-from surgery.io.loading import LoadedModel  # noqa: E402
 from surgery.core.errors import SurgeryError  # noqa: E402
 from surgery.evaluation.panels import Panel, Probe  # noqa: E402
 from surgery.io.edit_file import Patch  # noqa: E402
+from surgery.io.loading import LoadedModel  # noqa: E402
 from surgery.serve.registry import ModelChoice, ModelRegistry  # noqa: E402
 from surgery.serve.sessions import SessionEdits, StartUp  # noqa: E402
 
@@ -99,8 +99,11 @@ def test_diagnose_demo_capital(demo_app):
         assert fig.__class__.__name__ == "Figure"
     # The bar chart holds the TOP_HEADS heads with the largest |target - competitor|.
     shown = set(bars["head"])
-    rest = [abs(a["target"] - a["competitor"]) for a in raw["dla"]
-            if a["head"] is not None and demo_app.served().layout.label(a["layer"], a["head"]) not in shown]
+    rest = [
+        abs(a["target"] - a["competitor"])
+        for a in raw["dla"]
+        if a["head"] is not None and demo_app.served().layout.label(a["layer"], a["head"]) not in shown
+    ]
     assert len(bars) == ui_diagnose.TOP_HEADS and bars["target − competitor"].abs().min() >= max(rest)
     assert raw["verdict"] == "routing" and raw["target"]["text"].strip() == "Paris"
     json.dumps(raw)  # JSON-friendly for API clients
@@ -113,13 +116,16 @@ def test_diagnose_with_competitor(demo_app):
     assert raw["competitor"]["text"].strip() == "the"
 
 
-@pytest.mark.parametrize("prompt, target, match", [
-    ("", " Paris", "empty"),
-    ("   ", " Paris", "empty"),
-    ("The capital of France is" * 100, " Paris", "characters long"),
-    ("The capital of France is", "", "target is empty"),
-    ("The capital of France is", " Zurichxyz", "vocabulary"),
-])
+@pytest.mark.parametrize(
+    "prompt, target, match",
+    [
+        ("", " Paris", "empty"),
+        ("   ", " Paris", "empty"),
+        ("The capital of France is" * 100, " Paris", "characters long"),
+        ("The capital of France is", "", "target is empty"),
+        ("The capital of France is", " Zurichxyz", "vocabulary"),
+    ],
+)
 def test_diagnose_bad_input_is_one_gr_error(demo_app, prompt, target, match):
     with pytest.raises(gr.Error, match=match):
         demo_app.diagnose(prompt, target, "")
@@ -145,13 +151,16 @@ def test_parse_facts_accepts_json_rows_and_tables():
     assert ui_common.parse_facts(pd.DataFrame([list(FRANCE)], columns=["prompt", "target"])) == want
 
 
-@pytest.mark.parametrize("facts, match", [
-    ("", "no facts"),
-    ("[]", "empty"),
-    ("[{\"prompt\": \"x\"", "not valid JSON"),
-    ("[{\"prompt\": \"The capital of France is\"}]", "target"),
-    ("{\"a\": 1}", "list"),
-])
+@pytest.mark.parametrize(
+    "facts, match",
+    [
+        ("", "no facts"),
+        ("[]", "empty"),
+        ('[{"prompt": "x"', "not valid JSON"),
+        ('[{"prompt": "The capital of France is"}]', "target"),
+        ('{"a": 1}', "list"),
+    ],
+)
 def test_bad_facts(facts, match):
     with pytest.raises(SurgeryError, match=match):
         ui_common.parse_facts(facts)
@@ -162,7 +171,7 @@ def test_facts_table_and_json_stay_in_step():
     as_json = ui_surgery.table_to_json(rows)
     assert json.loads(as_json) == [{"prompt": p, "target": t} for p, t in rows]
     assert ui_surgery.facts_table(as_json) == rows
-    assert ui_surgery.facts_table("[{\"prompt\": ") == gr.skip()  # half-typed JSON leaves the table as it is
+    assert ui_surgery.facts_table('[{"prompt": ') == gr.skip()  # half-typed JSON leaves the table as it is
 
 
 def test_parse_layer():
@@ -228,14 +237,20 @@ def test_operate_without_facts(demo_app):
     with pytest.raises(gr.Error, match="no facts"):
         demo_app.operate("", "wv", "auto", None, progress=NoProgress())
     with pytest.raises(gr.Error, match="unknown site"):
-        demo_app.operate(json.dumps([dict(prompt=FRANCE[0], target=FRANCE[1])]), "xyz", "auto", None,
-                         progress=NoProgress())
+        demo_app.operate(
+            json.dumps([dict(prompt=FRANCE[0], target=FRANCE[1])]), "xyz", "auto", None, progress=NoProgress()
+        )
 
 
 def tiny_panel() -> Panel:
-    return Panel(name="tiny", facts=(Probe("The capital of France is", "Paris"),),
-                 general=(Probe("the cat sat on the", "mat"),), side_effects=(Probe("one two", "three"),),
-                 perplexity_text="the cat sat on the mat .", unrelated_text=("the dog sat on the mat .",))
+    return Panel(
+        name="tiny",
+        facts=(Probe("The capital of France is", "Paris"),),
+        general=(Probe("the cat sat on the", "mat"),),
+        side_effects=(Probe("one two", "three"),),
+        perplexity_text="the cat sat on the mat .",
+        unrelated_text=("the dog sat on the mat .",),
+    )
 
 
 def test_surgery_that_fails_is_one_gr_error(tiny_tokenizer, monkeypatch):
@@ -279,8 +294,9 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
 
     worker = threading.Thread(target=session_a)
     worker.start()
-    b = demo_app.operate(json.dumps([p.to_dict() for p in demo_app.served().facts]), "mlp", "auto", None,
-                         progress=NoProgress())
+    b = demo_app.operate(
+        json.dumps([p.to_dict() for p in demo_app.served().facts]), "mlp", "auto", None, progress=NoProgress()
+    )
     worker.join()
     assert not errors, errors
     edit_b = b[-1]
@@ -306,14 +322,21 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
 # The model picker: two tiny models, each loaded once on first use; an edit belongs to the model it was made on
 # --------------------------------------------------------------------------------------------------------------
 
-TINY_FACTS = [Probe("The capital of France is", "Paris", ("The capital city of France is", "the capital of France is")),
-              Probe("The capital of Japan is", "Tokyo")]
+TINY_FACTS = [
+    Probe("The capital of France is", "Paris", ("The capital city of France is", "the capital of France is")),
+    Probe("The capital of Japan is", "Tokyo"),
+]
 
 
 def paraphrase_panel() -> Panel:
-    return Panel(name="tiny", facts=tuple(TINY_FACTS), general=(Probe("the cat sat on the", "mat"),),
-                 side_effects=(Probe("one two", "three"),), perplexity_text="the cat sat on the mat .",
-                 unrelated_text=("the dog sat on the mat .",))
+    return Panel(
+        name="tiny",
+        facts=tuple(TINY_FACTS),
+        general=(Probe("the cat sat on the", "mat"),),
+        side_effects=(Probe("one two", "three"),),
+        perplexity_text="the cat sat on the mat .",
+        unrelated_text=("the dog sat on the mat .",),
+    )
 
 
 class TinyLoader:
@@ -331,8 +354,9 @@ class TinyLoader:
 def two_model_registry(tokenizer) -> tuple[ModelRegistry, TinyLoader]:
     loader = TinyLoader(tokenizer)
     choices = [ModelChoice("tiny-a", "tiny model A", "/models/a"), ModelChoice("tiny-b", "tiny model B", "/models/b")]
-    return ModelRegistry(choices, loader=loader, panels={"tiny-a": paraphrase_panel(), "tiny-b": paraphrase_panel()}
-                         ), loader
+    return ModelRegistry(
+        choices, loader=loader, panels={"tiny-a": paraphrase_panel(), "tiny-b": paraphrase_panel()}
+    ), loader
 
 
 @pytest.fixture(scope="module")
@@ -388,8 +412,10 @@ def test_switching_models_diagnoses_and_scores_each_panel_once(tiny_tokenizer, m
     tiny = ui_callbacks.SurgeryApp(registry)
     first = tiny.select_model("tiny-b", None, progress=NoProgress())
     assert sorted(calls) == ["choose_layer", "score_probes"]
-    again = tiny.select_model("tiny-a", None, progress=NoProgress()), tiny.select_model("tiny-b", None,
-                                                                                         progress=NoProgress())
+    again = (
+        tiny.select_model("tiny-a", None, progress=NoProgress()),
+        tiny.select_model("tiny-b", None, progress=NoProgress()),
+    )
     assert sorted(calls) == ["choose_layer", "choose_layer", "score_probes", "score_probes"]  # A once, B not again
     assert again[1][7] == first[7] and again[1][6].choices == first[6].choices  # the same facts note and layers
 
@@ -416,8 +442,10 @@ def test_two_sessions_on_two_models_never_mix_edits(two_models):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    workers = [threading.Thread(target=session, args=("alice", "tiny-a")),
-               threading.Thread(target=session, args=("bob", "tiny-b"))]
+    workers = [
+        threading.Thread(target=session, args=("alice", "tiny-a")),
+        threading.Thread(target=session, args=("bob", "tiny-b")),
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -485,19 +513,23 @@ def test_weight_patching_of_the_sessions_edit(two_models, operated_a):
 
 
 def test_activation_patching_on_the_demo_model(demo_app):
-    summary, positions, heads, raw = demo_app.patch_activations(FRANCE[0], ui_diagnose.DEFAULT_CORRUPT, FRANCE[1],
-                                                                "", "attn")
+    summary, positions, heads, raw = demo_app.patch_activations(
+        FRANCE[0], ui_diagnose.DEFAULT_CORRUPT, FRANCE[1], "", "attn"
+    )
     assert positions.__class__.__name__ == heads.__class__.__name__ == "Figure"
     assert set(raw["grids"]) == {"attn", "head"} and raw["target"]["text"].strip() == "Paris"
     assert "clean" in summary and "corrupted" in summary and "L3" in summary  # block 2 attention carries it
     json.dumps(raw)
 
 
-@pytest.mark.parametrize("corrupt, kind, match", [
-    ("The capital city of Poland is", "resid", "same number of tokens"),
-    ("", "resid", "corrupted prompt is empty"),
-    (ui_diagnose.DEFAULT_CORRUPT, "head", "unknown grid"),
-])
+@pytest.mark.parametrize(
+    "corrupt, kind, match",
+    [
+        ("The capital city of Poland is", "resid", "same number of tokens"),
+        ("", "resid", "corrupted prompt is empty"),
+        (ui_diagnose.DEFAULT_CORRUPT, "head", "unknown grid"),
+    ],
+)
 def test_activation_patching_errors(demo_app, corrupt, kind, match):
     with pytest.raises(gr.Error, match=match):
         demo_app.patch_activations(FRANCE[0], corrupt, FRANCE[1], "", kind)
@@ -575,8 +607,9 @@ def test_push_goes_to_the_users_namespace(demo_app, operated, monkeypatch):
     message = demo_app.push("someone-else/capitals-fixed", True, edits, oauth_token=token, profile=profile)
     folder, repo_id, sent, private = calls[0]
     assert repo_id == "ada/capitals-fixed" and sent == "hf_oauth_secret" and private is True
-    assert {"config.json", "model.safetensors", "patch.safetensors", "report.json", "README.md"} <= \
-        {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "patch.safetensors", "report.json", "README.md"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert "ada/capitals-fixed" in message and "hf_oauth_secret" not in message
     with pytest.raises(gr.Error, match="nothing to push"):
         demo_app.push("x", False, None, oauth_token=token, profile=profile)
@@ -600,9 +633,12 @@ def test_login_button_on_a_space_with_oauth(demo, monkeypatch):
 
     monkeypatch.setenv("SYSTEM", "spaces")
     monkeypatch.setenv("SPACE_ID", "someone/transformer-surgery")
-    for name, value in [("OAUTH_CLIENT_ID", "id"), ("OAUTH_CLIENT_SECRET", "secret"),
-                        ("OAUTH_SCOPES", "openid profile contribute-repos"),
-                        ("OPENID_PROVIDER_URL", "https://huggingface.co")]:
+    for name, value in [
+        ("OAUTH_CLIENT_ID", "id"),
+        ("OAUTH_CLIENT_SECRET", "secret"),
+        ("OAUTH_SCOPES", "openid profile contribute-repos"),
+        ("OPENID_PROVIDER_URL", "https://huggingface.co"),
+    ]:
         monkeypatch.setattr(gradio.oauth, name, value)
     blocks = app.build_demo(startup=StartUp(demo), login=True)
     assert blocks.expects_oauth

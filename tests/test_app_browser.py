@@ -16,17 +16,24 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
-
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")  # what scripts/install_chromium.sh accepts
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = [
     pytest.mark.browser,
@@ -46,8 +53,14 @@ def running_app(model: str, log: Path, start_timeout: float):
     """``python app.py`` in a subprocess, as the README's ``make app`` runs it, on a free loopback port, offline;
     yields its URL once it answers."""
     port = free_port()
-    env = {**os.environ, "SURGERY_MODEL": model, "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "SURGERY_MODEL": model,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+    }
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -61,8 +74,9 @@ def running_app(model: str, log: Path, start_timeout: float):
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not answer on {url} within {start_timeout:.0f} s:\n"
-                                f"{log.read_text()[-3000:]}")
+                    pytest.fail(
+                        f"app.py did not answer on {url} within {start_timeout:.0f} s:\n{log.read_text()[-3000:]}"
+                    )
                 time.sleep(0.5)
         yield url
     finally:

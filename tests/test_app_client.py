@@ -58,7 +58,8 @@ def test_api_lists_the_named_endpoints(server, tmp_path):
 
 def test_diagnose_through_the_api(server, tmp_path):
     verdict, lens, heatmap, bars, raw = client(server, tmp_path).predict(
-        "The capital of France is", " Paris", "", api_name="/diagnose")
+        "The capital of France is", " Paris", "", api_name="/diagnose"
+    )
     assert "Routing" in verdict
     assert raw["verdict"] == "routing" and raw["target"]["text"].strip() == "Paris"
     assert raw["override"]["layer"] == raw["n_layer"] - 1  # the override head sits in the last block
@@ -76,13 +77,20 @@ def test_bad_input_is_an_error_message_not_a_traceback(server, tmp_path):
 
 def test_activation_patching_through_the_api(server, tmp_path):
     summary, positions, heads, raw = client(server, tmp_path).predict(
-        "The capital of France is", "The capital of Poland is", " Paris", "", "attn", api_name="/patch_activations")
+        "The capital of France is", "The capital of Poland is", " Paris", "", "attn", api_name="/patch_activations"
+    )
     assert positions["type"] == heads["type"] == "matplotlib" and set(raw["grids"]) == {"attn", "head"}
 
 
 def test_operate_then_generate_and_verify_in_one_session(server, facts, tmp_path):
     alice, bob = client(server, tmp_path / "a"), client(server, tmp_path / "b")
-    summary, metrics, fact_rows, files, report, = alice.predict(facts, "wv", "auto", api_name="/operate")
+    (
+        summary,
+        metrics,
+        fact_rows,
+        files,
+        report,
+    ) = alice.predict(facts, "wv", "auto", api_name="/operate")
     assert "Surgery done" in summary and report["facts_fixed"] == f"{len(json.loads(facts))}/{len(json.loads(facts))}"
     assert fact_rows["headers"][:5] == ["kind", "prompt", "target", "original answer", "corrected answer"]
     assert all(row[0] == "fact" and row[5] == "✓" for row in fact_rows["data"])

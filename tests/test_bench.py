@@ -35,8 +35,15 @@ def test_transformer_lens_computes_the_same_numbers(tiny_model):
 
 def test_surgery_step_cases_leave_the_base_model_untouched(tiny_model, tiny_tokenizer):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    job = training.Job(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Paris")],
-                       ["the cat sat on the mat . the dog sat on the red mat ."], None, 1, "given")
+    job = training.Job(
+        tiny_model,
+        tiny_tokenizer,
+        [Probe("The capital of France is", " Paris")],
+        ["the cat sat on the mat . the dog sat on the red mat ."],
+        None,
+        1,
+        "given",
+    )
     cases = training.step_cases(job, steps=1)
     assert set(cases) == set(training.STEP_CASES)
     for name, fn in cases.items():
@@ -66,8 +73,9 @@ def test_report_tables_show_the_ratios():
 def test_transformer_lens_matches_on_a_gemma3_shaped_model(tiny_tokenizer):
     """The post-attention norm (its frozen scale on the head results) and Gemma's 1 + w gains, lean cache too."""
     pytest.importorskip("transformer_lens", reason="bench-only dependency (make bench installs it)")
-    from bench.models import tl_bridge
     from conftest import make_family_model
+
+    from bench.models import tl_bridge
 
     model = make_family_model("gemma3", len(tiny_tokenizer))
     bridge = tl_bridge(model)

@@ -10,19 +10,32 @@ from pathlib import Path
 
 import pytest
 
-from surgery.census.run import CENSUS_FILE, CensusConfig, run_census
 from surgery.census.report import legacy_verdict, outcome, summarize
+from surgery.census.run import CENSUS_FILE, CensusConfig, run_census
 from surgery.cli import main
-from surgery.diagnosis.diagnose import DiagnosisConfig
 from surgery.core.errors import InputError
+from surgery.diagnosis.diagnose import DiagnosisConfig
 from surgery.evaluation.facts import Fact
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "assets" / "demo-model"
-CAPITALS = {"France": " Paris", "Japan": " Tokyo", "Germany": " Berlin", "China": " Beijing", "Russia": " Moscow",
-            "England": " London", "Italy": " Rome", "Spain": " Madrid", "Portugal": " Lisbon"}
-EXPECTED = {**{c: "routing" for c in ("France", "Japan", "Germany", "China", "Russia", "England")},
-            "Italy": "correct", "Spain": "correct", "Portugal": "absence"}
+CAPITALS = {
+    "France": " Paris",
+    "Japan": " Tokyo",
+    "Germany": " Berlin",
+    "China": " Beijing",
+    "Russia": " Moscow",
+    "England": " London",
+    "Italy": " Rome",
+    "Spain": " Madrid",
+    "Portugal": " Lisbon",
+}
+EXPECTED = {
+    **{c: "routing" for c in ("France", "Japan", "Germany", "China", "Russia", "England")},
+    "Italy": "correct",
+    "Spain": "correct",
+    "Portugal": "absence",
+}
 
 
 def demo_facts() -> list[Fact]:
@@ -62,16 +75,35 @@ def test_census_verdicts_and_records(demo_census):
             assert r["override"]["layer"] == 3 and r["prediction"].strip() == "the"
             assert r["best_lens_rank"] == 1 and r["best_lens_layer"] == 2
     assert records["Xanadu"]["verdict"] is None and "vocabulary" in records["Xanadu"]["error"]
-    for key in ("prompt", "target", "relation", "verdict", "prescribed_layer", "override", "lens_ranks", "divergence",
-                "said", "says_answer", "says_later"):
+    for key in (
+        "prompt",
+        "target",
+        "relation",
+        "verdict",
+        "prescribed_layer",
+        "override",
+        "lens_ranks",
+        "divergence",
+        "said",
+        "says_answer",
+        "says_later",
+    ):
         assert key in records["France"]
     # What the model says, beside the first-token verdict: France is "routing" but says " the city of Paris"
     france, italy, russia = records["France"], records["Italy"], records["Russia"]
     assert france["said"].startswith("the city of Paris") and not france["says_answer"] and france["says_later"]
     assert italy["says_answer"] and not italy["says_later"] and not russia["says_later"]  # " the city of Berlin"
-    assert france["divergence"] == {"piece_index": 0, "piece": "Paris", "pieces": ["Paris"], "position": 4,
-                                    "before": "", "diverges": True, "forced": False, "generic_first_piece": False,
-                                    "missed_after": None}
+    assert france["divergence"] == {
+        "piece_index": 0,
+        "piece": "Paris",
+        "pieces": ["Paris"],
+        "position": 4,
+        "before": "",
+        "diverges": True,
+        "forced": False,
+        "generic_first_piece": False,
+        "missed_after": None,
+    }
     assert italy["divergence"]["diverges"] is False
 
 
@@ -82,8 +114,14 @@ def test_summary_report_and_plots(demo_census):
     assert summary["verdicts"]["capital"] == {"routing": 6, "absence": 1, "correct": 2}
     assert summary["verdicts"]["all"]["correct"] == 3  # the sky is blue
     # five of the six routing capitals are said a little later ("the city of Paris"): not failures; Russia is
-    assert summary["outcomes"]["capital"] == {"says": 2, "says_later": 5, "generic_first_piece": 0, "routing": 1,
-                                              "absence": 1, "correct": 0}
+    assert summary["outcomes"]["capital"] == {
+        "says": 2,
+        "says_later": 5,
+        "generic_first_piece": 0,
+        "routing": 1,
+        "absence": 1,
+        "correct": 0,
+    }
     assert summary["outcomes"]["all"]["says"] == 3 and summary["divergence_piece"] == {"0": 7}
     assert summary["facts"]["unusable"] == {"capital": 1} and summary["facts"]["skipped_ambiguous"] == 1
     assert summary["prescribed_layers"]["all"] == [0, 0, 1, 0]  # the routing outcomes: the facts to repair
@@ -107,14 +145,28 @@ def test_interrupted_census_resumes(demo, demo_census, tmp_path):
 
     facts = demo_facts()
     with pytest.raises(Stop):
-        run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(batch_size=4), model_name="demo",
-                   progress=stop_after_first_batch)
+        run_census(
+            demo.model,
+            demo.tokenizer,
+            facts,
+            tmp_path,
+            CensusConfig(batch_size=4),
+            model_name="demo",
+            progress=stop_after_first_batch,
+        )
     assert len(read_jsonl(tmp_path / CENSUS_FILE)) == 4  # the finished batch is on disk
     with open(tmp_path / CENSUS_FILE, "a") as f:
         f.write('{"prompt": "half a li')  # a process killed while writing
     seen = []
-    result = run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(batch_size=4), model_name="demo",
-                        progress=lambda done, total: seen.append((done, total)))
+    result = run_census(
+        demo.model,
+        demo.tokenizer,
+        facts,
+        tmp_path,
+        CensusConfig(batch_size=4),
+        model_name="demo",
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert (result.already_done, result.diagnosed) == (4, 7)
     assert seen == [(4, 7), (7, 7)]
     reference, _ = demo_census
@@ -127,8 +179,9 @@ def test_limit_and_ambiguous(demo, tmp_path):
     facts = demo_facts()
     result = run_census(demo.model, demo.tokenizer, facts, tmp_path / "a", CensusConfig(limit=2), model_name="demo")
     assert result.selected == 2 and len(read_jsonl(tmp_path / "a" / CENSUS_FILE)) == 2
-    result = run_census(demo.model, demo.tokenizer, facts, tmp_path / "b", CensusConfig(include_ambiguous=True),
-                        model_name="demo")
+    result = run_census(
+        demo.model, demo.tokenizer, facts, tmp_path / "b", CensusConfig(include_ambiguous=True), model_name="demo"
+    )
     assert result.selected == 12 and result.skipped_ambiguous == 0
     with pytest.raises(InputError, match="ambiguous"):
         run_census(demo.model, demo.tokenizer, facts[-1:], tmp_path / "c", model_name="demo")
@@ -140,8 +193,14 @@ def test_refuses_a_census_of_another_model_or_rule(demo, tmp_path):
     with pytest.raises(InputError, match="another model"):
         run_census(demo.model, demo.tokenizer, facts, tmp_path, model_name="other")
     with pytest.raises(InputError, match="another diagnosis"):
-        run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(diagnosis=DiagnosisConfig(routing_rank=5)),
-                   model_name="demo")
+        run_census(
+            demo.model,
+            demo.tokenizer,
+            facts,
+            tmp_path,
+            CensusConfig(diagnosis=DiagnosisConfig(routing_rank=5)),
+            model_name="demo",
+        )
 
 
 def _next_word(loaded, text: str) -> str:
@@ -168,22 +227,45 @@ def test_generic_first_piece_counted_apart(demo, tmp_path):
 
 
 def test_outcomes_counted_apart():
-    base = {"relation": "capital", "lens_ranks": [9, 9, 9], "lens_margin": [-1, -1, -1], "best_lens_rank": 2,
-            "prescribed_layer": 0, "override": {"layer": 1, "head": 0}}
+    base = {
+        "relation": "capital",
+        "lens_ranks": [9, 9, 9],
+        "lens_margin": [-1, -1, -1],
+        "best_lens_rank": 2,
+        "prescribed_layer": 0,
+        "override": {"layer": 1, "head": 0},
+    }
     diverges = {"piece_index": 1, "diverges": True, "generic_first_piece": False}
     records = [
         {**base, "verdict": "routing", "says_answer": False, "says_later": True, "divergence": diverges},
-        {**base, "verdict": "routing", "says_answer": False, "says_later": False,
-         "divergence": {"piece_index": 0, "diverges": True, "generic_first_piece": True}},
+        {
+            **base,
+            "verdict": "routing",
+            "says_answer": False,
+            "says_later": False,
+            "divergence": {"piece_index": 0, "diverges": True, "generic_first_piece": True},
+        },
         {**base, "verdict": "routing", "says_answer": False, "says_later": False, "divergence": diverges},
         {**base, "verdict": "absence", "says_answer": None, "says_later": None, "divergence": diverges},
-        {**base, "verdict": "correct", "lens_ranks": [9, 9, 1], "says_answer": True, "says_later": False,
-         "divergence": {"piece_index": 0, "diverges": False, "generic_first_piece": False}},
+        {
+            **base,
+            "verdict": "correct",
+            "lens_ranks": [9, 9, 1],
+            "says_answer": True,
+            "says_later": False,
+            "divergence": {"piece_index": 0, "diverges": False, "generic_first_piece": False},
+        },
     ]
     assert [outcome(r) for r in records] == ["says_later", "generic_first_piece", "routing", "absence", "says"]
     s = summarize(records, n_layer=2, n_head=1)
-    assert s["outcomes"]["capital"] == {"says": 1, "says_later": 1, "generic_first_piece": 1, "routing": 1,
-                                        "absence": 1, "correct": 0}
+    assert s["outcomes"]["capital"] == {
+        "says": 1,
+        "says_later": 1,
+        "generic_first_piece": 1,
+        "routing": 1,
+        "absence": 1,
+        "correct": 0,
+    }
     assert s["verdicts"]["capital"] == {"routing": 3, "absence": 1, "correct": 1}  # the diagnosis, unchanged
     assert s["divergence_piece"] == {"0": 1, "1": 3}
     assert s["prescribed_layers"]["all"] == [1, 0] and s["override_heads"] == [[0], [1]]  # routing outcomes only
@@ -191,9 +273,15 @@ def test_outcomes_counted_apart():
 
 def test_legacy_rule_and_moves():
     # L = 8: the old rule took a lead at block 1; the new one needs the top 3 from block 4 on
-    r = {"relation": "capital", "verdict": "absence", "lens_ranks": [900, 5000, 800, 700, 600, 500, 400, 300, 200],
-         "lens_margin": [-1, 0.5, -1, -1, -1, -1, -1, -1, -1], "best_lens_rank": 300, "prescribed_layer": 0,
-         "override": {"layer": 7, "head": 0}}
+    r = {
+        "relation": "capital",
+        "verdict": "absence",
+        "lens_ranks": [900, 5000, 800, 700, 600, 500, 400, 300, 200],
+        "lens_margin": [-1, 0.5, -1, -1, -1, -1, -1, -1, -1],
+        "best_lens_rank": 300,
+        "prescribed_layer": 0,
+        "override": {"layer": 7, "head": 0},
+    }
     assert legacy_verdict(r) == "routing"
     assert legacy_verdict({**r, "lens_margin": [-1] * 9}) == "absence"
     assert legacy_verdict({**r, "lens_margin": [-1] * 9, "lens_ranks": [1] * 8 + [1]}) == "correct"
@@ -204,16 +292,50 @@ def test_legacy_rule_and_moves():
 def test_cli_census(tmp_path, capsys):
     facts = write_facts(tmp_path / "facts.jsonl", demo_facts())
     out = tmp_path / "out"
-    assert main(["census", "--model", str(DEMO_DIR), "--facts", str(facts), "--out", str(out),
-                 "--batch-size", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "census",
+                "--model",
+                str(DEMO_DIR),
+                "--facts",
+                str(facts),
+                "--out",
+                str(out),
+                "--batch-size",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| capital | 9 |" in printed and "1 ambiguous skipped" in printed
     assert "5 say the answer a little later, 0 miss a generic first piece" in printed
     assert "| capital | 9 | 2 (22%) | 5 (56%) |" in printed
     assert len(read_jsonl(out / CENSUS_FILE)) == 11
     mapped = tmp_path / "mapped"  # accelerate big-model inference (everything fits: all on the CPU here)
-    assert main(["census", "--model", str(DEMO_DIR), "--facts", str(facts), "--out", str(mapped),
-                 "--batch-size", "3", "--device-map", "auto", "--offload-folder", str(tmp_path / "off")]) == 0
+    assert (
+        main(
+            [
+                "census",
+                "--model",
+                str(DEMO_DIR),
+                "--facts",
+                str(facts),
+                "--out",
+                str(mapped),
+                "--batch-size",
+                "3",
+                "--device-map",
+                "auto",
+                "--offload-folder",
+                str(tmp_path / "off"),
+            ]
+        )
+        == 0
+    )
     assert (mapped / CENSUS_FILE).read_text() == (out / CENSUS_FILE).read_text()
     capsys.readouterr()
     assert main(["census", "--model", str(DEMO_DIR), "--facts", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
@@ -224,15 +346,48 @@ def test_cli_census(tmp_path, capsys):
 def test_two_processes_equal_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) writes the same census.jsonl as one process (records as sets)."""
     facts = write_facts(tmp_path / "facts.jsonl", demo_facts())
-    args = ["-m", "surgery", "census", "--model", str(DEMO_DIR), "--facts", str(facts), "--batch-size", "2",
-            "--device", "cpu", "--include-ambiguous"]
+    args = [
+        "-m",
+        "surgery",
+        "census",
+        "--model",
+        str(DEMO_DIR),
+        "--facts",
+        str(facts),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--include-ambiguous",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *args, "--out", str(tmp_path / "two")], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr
     lines_one = (tmp_path / "one" / CENSUS_FILE).read_text().splitlines()
     lines_two = (tmp_path / "two" / CENSUS_FILE).read_text().splitlines()
@@ -240,8 +395,9 @@ def test_two_processes_equal_one(tmp_path):
     assert sorted(lines_one) == sorted(lines_two)
     assert lines_one == lines_two  # merged in the order of the facts
     assert not list((tmp_path / "two").glob("census.part-*"))
-    assert json.loads((tmp_path / "one" / "summary.json").read_text()) == \
-        json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert json.loads((tmp_path / "one" / "summary.json").read_text()) == json.loads(
+        (tmp_path / "two" / "summary.json").read_text()
+    )
 
 
 def offload_map(model, blocks: str, on_disk: set[int]) -> dict[str, str]:
@@ -267,6 +423,7 @@ def test_diagnosis_exact_with_blocks_offloaded_to_disk(family, tiny_tokenizer, t
     """A model loaded with device_map (accelerate big-model inference), two of three blocks on disk: the same
     diagnosis as the model in memory, within 1e-5."""
     from conftest import make_family_model
+
     from surgery.arch import layout_of
     from surgery.diagnosis.diagnose import diagnose_batch
     from surgery.io.loading import load_model
@@ -279,10 +436,16 @@ def test_diagnosis_exact_with_blocks_offloaded_to_disk(family, tiny_tokenizer, t
     assert any(p.device.type == "meta" for p in offloaded.model.parameters())  # really offloaded
     prompts = ["The capital of France is", "the cat sat on the", "The capital of Japan is"]
     targets = [" Paris", " mat", " Tokyo"]
-    for a, b in zip(diagnose_batch(plain.model, plain.tokenizer, prompts, targets),
-                    diagnose_batch(offloaded.model, offloaded.tokenizer, prompts, targets)):
-        assert (a.verdict, a.override, a.prescribed_layer, a.prediction.token_id) == \
-            (b.verdict, b.override, b.prescribed_layer, b.prediction.token_id)
+    for a, b in zip(
+        diagnose_batch(plain.model, plain.tokenizer, prompts, targets),
+        diagnose_batch(offloaded.model, offloaded.tokenizer, prompts, targets),
+    ):
+        assert (a.verdict, a.override, a.prescribed_layer, a.prediction.token_id) == (
+            b.verdict,
+            b.override,
+            b.prescribed_layer,
+            b.prediction.token_id,
+        )
         assert [e.target_rank for e in a.logit_lens] == [e.target_rank for e in b.logit_lens]
         for x, y in zip(a.logit_lens, b.logit_lens):
             assert abs(x.target_logit - y.target_logit) <= 1e-5 and abs(x.competitor_logit - y.competitor_logit) <= 1e-5

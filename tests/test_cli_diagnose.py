@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from surgery.cli import main
-
-from conftest import ROOT
 
 
 def run_cli(capsys, *argv):
@@ -18,8 +17,17 @@ def run_cli(capsys, *argv):
 
 
 def test_json_output(capsys, tiny_model_dir):
-    code, out, err = run_cli(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", "The capital of France is",
-                             "--target", " Paris", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "diagnose",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "The capital of France is",
+        "--target",
+        " Paris",
+        "--json",
+    )
     assert code == 0
     d = json.loads(out)  # exactly one JSON object
     assert d["verdict"] in ("routing", "absence", "correct")
@@ -31,8 +39,9 @@ def test_json_output(capsys, tiny_model_dir):
 
 
 def test_human_report(capsys, tiny_model_dir):
-    code, out, _ = run_cli(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", "The capital of France is",
-                           "--target", " Paris")
+    code, out, _ = run_cli(
+        capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", "The capital of France is", "--target", " Paris"
+    )
     assert code == 0
     assert "verdict" in out and "logit lens" in out and "override head" in out and "L1 (transformer.h.0)" in out
 
@@ -45,7 +54,8 @@ def test_multi_token_target_says_which_piece(capsys, tiny_model_dir, tiny_model,
     ids = tiny_tokenizer(prompt)["input_ids"]
     first = tiny_tokenizer.convert_ids_to_tokens(int(tiny_model(torch.tensor([ids])).logits[0, -1].argmax()))
     second = tiny_tokenizer.convert_ids_to_tokens(
-        int(tiny_model(torch.tensor([ids + [tiny_tokenizer.convert_tokens_to_ids(first)]])).logits[0, -1].argmax()))
+        int(tiny_model(torch.tensor([ids + [tiny_tokenizer.convert_tokens_to_ids(first)]])).logits[0, -1].argmax())
+    )
     wrong = "Rome" if second != "Rome" else "Paris"
     target = f" {first} {wrong}"  # the model says the first piece and misses the second
     code, out, _ = run_cli(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", prompt, "--target", target)
@@ -53,8 +63,9 @@ def test_multi_token_target_says_which_piece(capsys, tiny_model_dir, tiny_model,
     piece = f"piece       2 of 2 ['{first}', '{wrong}'], '{wrong}' at token position {len(ids)} after '{first}'"
     assert f"{piece} (diverges)" in out
     assert "first is diagnosed" not in out and "Diagnosed at piece 2 of 2" in out
-    code, out, _ = run_cli(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", prompt, "--target", target,
-                           "--json")
+    code, out, _ = run_cli(
+        capsys, "diagnose", "--model", str(tiny_model_dir), "--prompt", prompt, "--target", target, "--json"
+    )
     d = json.loads(out)
     assert d["divergence"]["piece_index"] == 1 and d["divergence"]["position"] == len(ids)
     assert d["target"]["text"] == wrong and len(d["tokens"]) == len(ids) + 1 and "note" not in d
@@ -83,7 +94,9 @@ def test_unknown_model_and_non_gpt2(capsys, tmp_path, monkeypatch):
     assert code == 2 and "demo-model" in err and err.count("\n") == 1
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path
+    )
     code, _, err = run_cli(capsys, "diagnose", "--model", str(tmp_path), "--prompt", "a", "--target", " b")
     assert code == 2 and "supported" in err
 
@@ -92,7 +105,9 @@ def test_demo_model_cli_verdicts(capsys, demo_panels):
     """Done-when of the foundation issue: six routing (override in the last block), Italy/Spain correct, absence."""
     model = str(ROOT / "assets" / "demo-model")
     for fact in demo_panels["facts"] + demo_panels["absence"]:
-        code, out, _ = run_cli(capsys, "diagnose", "--model", model, "--prompt", fact["prompt"], "--target", fact["target"], "--json")
+        code, out, _ = run_cli(
+            capsys, "diagnose", "--model", model, "--prompt", fact["prompt"], "--target", fact["target"], "--json"
+        )
         d = json.loads(out)
         assert code == 0
         if fact in demo_panels["absence"]:
@@ -106,12 +121,44 @@ def test_demo_model_cli_verdicts(capsys, demo_panels):
 def test_module_entry_point_subprocess(tiny_model_dir):
     """`python -m surgery` really runs (exit code and single JSON object on stdout)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "surgery", "diagnose", "--model", str(tiny_model_dir), "--prompt", "The capital of France is",
-         "--target", " Paris", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "surgery",
+            "diagnose",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "The capital of France is",
+            "--target",
+            " Paris",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["target"]["text"].strip() == "Paris"
-    bad = subprocess.run([sys.executable, "-m", "surgery", "diagnose", "--model", str(tiny_model_dir), "--prompt", "",
-                          "--target", " Paris"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "surgery",
+            "diagnose",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "",
+            "--target",
+            " Paris",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
@@ -121,7 +168,8 @@ def test_a_llama_report_names_its_own_modules(capsys, tmp_path, tiny_tokenizer):
 
     make_family_model("llama", len(tiny_tokenizer)).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
-    code, out, _ = run_cli(capsys, "diagnose", "--model", str(tmp_path), "--prompt", "The capital of France is",
-                           "--target", " Paris")
+    code, out, _ = run_cli(
+        capsys, "diagnose", "--model", str(tmp_path), "--prompt", "The capital of France is", "--target", " Paris"
+    )
     assert code == 0
     assert "model.layers." in out and "(h." not in out and "transformer.h" not in out

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import DEMO_DIR, ROOT, make_tiny_model
 from safetensors.torch import load_file
 
-from conftest import DEMO_DIR, ROOT, make_tiny_model
+from surgery.arch import SITES, layout_of
 from surgery.cli import build_parser, main
 from surgery.cli.compare_sites import format_table
-from surgery.arch import SITES, layout_of
 
 FAST = ["--lr", "0.03"]  # the tiny random model needs bigger steps than the documented default
 
@@ -30,8 +30,25 @@ def facts_file(tmp_path_factory, tiny_panel):
 @pytest.fixture(scope="module")
 def operated(tmp_path_factory, tiny_model_dir, facts_file, tiny_panel_file):
     out = tmp_path_factory.mktemp("cli") / "fixed"
-    code = main(["operate", "--model", str(tiny_model_dir), "--facts", str(facts_file), "--panels",
-                 str(tiny_panel_file), "--site", "wv", "--layer", "0", *FAST, "--out", str(out), "--json"])
+    code = main(
+        [
+            "operate",
+            "--model",
+            str(tiny_model_dir),
+            "--facts",
+            str(facts_file),
+            "--panels",
+            str(tiny_panel_file),
+            "--site",
+            "wv",
+            "--layer",
+            "0",
+            *FAST,
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert code == 0
     return out
 
@@ -49,11 +66,22 @@ def test_operate_writes_a_verified_fix(capsys, operated, tiny_model_dir, tiny_pa
     assert report["facts_fixed"] == "3/3" and report["site"] == "wv"
     assert report["layer_reason"] == "given" and report["layer"] == 0  # --layer auto: the demo model test below
     assert report["weights"]["qk_unchanged"] is True and report["weights"]["others_unchanged"] is True
-    code, out, _ = run_cli(capsys, "verify", "--base", tiny_model_dir, "--corrected", operated,
-                           "--panels", tiny_panel_file, "--facts", facts_file)
+    code, out, _ = run_cli(
+        capsys,
+        "verify",
+        "--base",
+        tiny_model_dir,
+        "--corrected",
+        operated,
+        "--panels",
+        tiny_panel_file,
+        "--facts",
+        facts_file,
+    )
     assert code == 0 and out.rstrip().endswith("VERIFIED")
-    code, out, _ = run_cli(capsys, "verify", "--base", tiny_model_dir, "--corrected", tiny_model_dir,
-                           "--panels", tiny_panel_file, "--json")  # facts default to the panel's
+    code, out, _ = run_cli(
+        capsys, "verify", "--base", tiny_model_dir, "--corrected", tiny_model_dir, "--panels", tiny_panel_file, "--json"
+    )  # facts default to the panel's
     verdict = json.loads(out)
     assert code == 1 and verdict["verified"] is False and "2/3 edited facts not said" in verdict["reasons"][0]
 
@@ -64,10 +92,23 @@ def test_verify_fails_on_a_regression(capsys, tmp_path, operated, tiny_model_dir
     from surgery.io.loading import load_model
 
     fixed = load_model(operated)
-    prompts = ["the cat sat on the", "one two", "the sky is", "the sea is", "a big red dog and a small blue",
-               "the dog sat on the", "three two", "the cat was in the", "one", "red"]
-    changed = [p for p in prompts if answer(fixed.model, fixed.tokenizer, p) != answer(
-        load_model(tiny_model_dir).model, fixed.tokenizer, p)]
+    prompts = [
+        "the cat sat on the",
+        "one two",
+        "the sky is",
+        "the sea is",
+        "a big red dog and a small blue",
+        "the dog sat on the",
+        "three two",
+        "the cat was in the",
+        "one",
+        "red",
+    ]
+    changed = [
+        p
+        for p in prompts
+        if answer(fixed.model, fixed.tokenizer, p) != answer(load_model(tiny_model_dir).model, fixed.tokenizer, p)
+    ]
     if not changed:
         pytest.skip("the tiny fix changed none of the candidate probes")
     base = load_model(tiny_model_dir)
@@ -80,16 +121,36 @@ def test_verify_fails_on_a_regression(capsys, tmp_path, operated, tiny_model_dir
 
 
 def test_apply_patch_reproduces_the_fix_bitwise(capsys, tmp_path, operated, tiny_model_dir):
-    code, out, _ = run_cli(capsys, "apply-patch", "--base", tiny_model_dir, "--patch",
-                           operated / "patch.safetensors", "--out", tmp_path / "rebuilt")
+    code, out, _ = run_cli(
+        capsys,
+        "apply-patch",
+        "--base",
+        tiny_model_dir,
+        "--patch",
+        operated / "patch.safetensors",
+        "--out",
+        tmp_path / "rebuilt",
+    )
     assert code == 0 and "written to" in out
     a, b = load_file(str(operated / "model.safetensors")), load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_compare_sites(capsys, tiny_model_dir, facts_file, tiny_panel_file):
-    code, out, _ = run_cli(capsys, "compare-sites", "--model", tiny_model_dir, "--facts", facts_file,
-                           "--panels", tiny_panel_file, "--layer", "2", *FAST, "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "compare-sites",
+        "--model",
+        tiny_model_dir,
+        "--facts",
+        facts_file,
+        "--panels",
+        tiny_panel_file,
+        "--layer",
+        "2",
+        *FAST,
+        "--json",
+    )
     table = json.loads(out)
     assert code == 0 and table["layer"] == 2 and [r["site"] for r in table["sites"]] == list(SITES)
     assert all(r["ok"] and r["facts_after"] == 3 for r in table["sites"])
@@ -103,28 +164,46 @@ def test_compare_sites(capsys, tiny_model_dir, facts_file, tiny_panel_file):
 
 @pytest.fixture
 def bad_files(tmp_path):
-    files = {"empty": "", "malformed": "[{\"prompt\": \"The capital", "no_target": '[{"prompt": "The capital of"}]',
-             "empty_list": "[]"}
+    files = {
+        "empty": "",
+        "malformed": '[{"prompt": "The capital',
+        "no_target": '[{"prompt": "The capital of"}]',
+        "empty_list": "[]",
+    }
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
     return tmp_path
 
 
-@pytest.mark.parametrize("case, extra, message", [
-    ("empty", [], "is empty"),
-    ("malformed", [], "not valid JSON"),
-    ("no_target", [], "has no 'target'"),
-    ("empty_list", [], "is empty"),
-    ("good", ["--site", "qk"], "unknown site 'qk'"),
-    ("good", ["--layer", "7"], "layer 7 is out of range"),
-    ("good", ["--layer", "top"], "--layer must be a block index"),
-    ("good", ["--epochs", "0"], "epochs must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("empty", [], "is empty"),
+        ("malformed", [], "not valid JSON"),
+        ("no_target", [], "has no 'target'"),
+        ("empty_list", [], "is empty"),
+        ("good", ["--site", "qk"], "unknown site 'qk'"),
+        ("good", ["--layer", "7"], "layer 7 is out of range"),
+        ("good", ["--layer", "top"], "--layer must be a block index"),
+        ("good", ["--epochs", "0"], "epochs must be at least 1"),
+    ],
+)
 def test_operate_bad_input(capsys, bad_files, tiny_model_dir, tiny_panel_file, facts_file, case, extra, message):
     facts = facts_file if case == "good" else bad_files / f"{case}.json"
     out = bad_files / "out"
-    code, stdout, err = run_cli(capsys, "operate", "--model", tiny_model_dir, "--facts", facts, "--panels",
-                                tiny_panel_file, "--out", out, *extra)
+    code, stdout, err = run_cli(
+        capsys,
+        "operate",
+        "--model",
+        tiny_model_dir,
+        "--facts",
+        facts,
+        "--panels",
+        tiny_panel_file,
+        "--out",
+        out,
+        *extra,
+    )
     assert code == 2 and stdout == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out.exists() and not [p for p in bad_files.iterdir() if p.name.startswith(".")]
@@ -133,8 +212,9 @@ def test_operate_bad_input(capsys, bad_files, tiny_model_dir, tiny_panel_file, f
 def test_operate_refuses_an_existing_out(capsys, tmp_path, tiny_model_dir, facts_file, tiny_panel_file):
     out = tmp_path / "out"
     out.mkdir()
-    code, _, err = run_cli(capsys, "operate", "--model", tiny_model_dir, "--facts", facts_file, "--panels",
-                           tiny_panel_file, "--out", out)
+    code, _, err = run_cli(
+        capsys, "operate", "--model", tiny_model_dir, "--facts", facts_file, "--panels", tiny_panel_file, "--out", out
+    )
     assert code == 2 and "already exists; pass --overwrite" in err and list(out.iterdir()) == []
 
 
@@ -143,8 +223,24 @@ def test_operate_without_a_fitting_panel(capsys, tmp_path, tiny_model_dir, facts
     given unrelated text, and the report says which probes could not be scored (it used to refuse)."""
     text = tmp_path / "unrelated.txt"
     text.write_text("the cat sat on the mat . the dog was in the sea .\n\na big red dog and a small blue cat\n")
-    code, _, err = run_cli(capsys, "operate", "--model", tiny_model_dir, "--facts", facts_file, "--unrelated", text,
-                           "--layer", "1", "--lr", "1e-2", "--kl-weight", "50", "--out", tmp_path / "out")
+    code, _, err = run_cli(
+        capsys,
+        "operate",
+        "--model",
+        tiny_model_dir,
+        "--facts",
+        facts_file,
+        "--unrelated",
+        text,
+        "--layer",
+        "1",
+        "--lr",
+        "1e-2",
+        "--kl-weight",
+        "50",
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["facts_fixed"] == "3/3" and report["unavailable"]
@@ -155,11 +251,13 @@ def test_apply_patch_for_another_base(capsys, tmp_path, operated, tiny_tokenizer
     other = tmp_path / "other"
     make_tiny_model(len(tiny_tokenizer), seed=5).save_pretrained(other)
     tiny_tokenizer.save_pretrained(other)
-    code, _, err = run_cli(capsys, "apply-patch", "--base", other, "--patch", operated / "patch.safetensors",
-                           "--out", tmp_path / "rebuilt")
+    code, _, err = run_cli(
+        capsys, "apply-patch", "--base", other, "--patch", operated / "patch.safetensors", "--out", tmp_path / "rebuilt"
+    )
     assert code == 2 and "another base model" in err and not (tmp_path / "rebuilt").exists()
-    code, _, err = run_cli(capsys, "apply-patch", "--base", other, "--patch", operated / "report.json",
-                           "--out", tmp_path / "rebuilt")
+    code, _, err = run_cli(
+        capsys, "apply-patch", "--base", other, "--patch", operated / "report.json", "--out", tmp_path / "rebuilt"
+    )
     assert code == 2 and "not a readable safetensors" in err
 
 
@@ -180,8 +278,21 @@ FAILING = ["France", "Japan", "Germany", "China", "Russia", "England"]
 @pytest.mark.slow
 def test_demo_model_end_to_end(capsys, tmp_path):
     out = tmp_path / "fixed"
-    code, stdout, _ = run_cli(capsys, "operate", "--model", DEMO_DIR, "--facts", DEMO_FACTS, "--site", "wv",
-                              "--layer", "auto", "--out", out, "--json")
+    code, stdout, _ = run_cli(
+        capsys,
+        "operate",
+        "--model",
+        DEMO_DIR,
+        "--facts",
+        DEMO_FACTS,
+        "--site",
+        "wv",
+        "--layer",
+        "auto",
+        "--out",
+        out,
+        "--json",
+    )
     assert code == 0
     r = json.loads(stdout)
     facts = {f["prompt"].split()[-2]: f for f in r["facts"]}
@@ -199,8 +310,9 @@ def test_demo_model_end_to_end(capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "verify", "--base", DEMO_DIR, "--corrected", DEMO_DIR)
     assert code == 1 and "NOT VERIFIED:\n  - 6/8 edited facts not said" in stdout
 
-    code, _, _ = run_cli(capsys, "apply-patch", "--base", DEMO_DIR, "--patch", out / "patch.safetensors",
-                         "--out", tmp_path / "rebuilt")
+    code, _, _ = run_cli(
+        capsys, "apply-patch", "--base", DEMO_DIR, "--patch", out / "patch.safetensors", "--out", tmp_path / "rebuilt"
+    )
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
     assert code == 0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

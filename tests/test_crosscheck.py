@@ -3,9 +3,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import count_hooks
+
+from surgery.arch import layout_of
 from surgery.cli import main
+from surgery.core.errors import InputError
+from surgery.core.hooks import hooked
+from surgery.diagnosis.diagnose import diagnose
 from surgery.patching.crosscheck import (
     CrossCheckConfig,
     ablated_logits,
@@ -14,10 +18,6 @@ from surgery.patching.crosscheck import (
     crosscheck,
     spearman,
 )
-from surgery.diagnosis.diagnose import diagnose
-from surgery.core.errors import InputError
-from surgery.core.hooks import hooked
-from surgery.arch import layout_of
 
 PROMPT = "The capital of France is"
 
@@ -43,8 +43,15 @@ def test_json_has_rankings_and_agree(tiny_model, tiny_tokenizer):
     assert set(d["rankings"]) == {"dla", "grad_x_act", "ablation_zero", "ablation_mean"}
     values = [abs(x["value"]) for x in d["rankings"]["dla"]]
     assert values == sorted(values, reverse=True)
-    for key in ("spearman", "top_k_overlap", "override_confirmed", "prescribed_confirmed", "lens_first_lead_layer",
-                "differences", "all"):
+    for key in (
+        "spearman",
+        "top_k_overlap",
+        "override_confirmed",
+        "prescribed_confirmed",
+        "lens_first_lead_layer",
+        "differences",
+        "all",
+    ):
         assert key in d["agree"]
     units = {(a["unit"], a["layer"], a["head"]) for a in d["ablations"]}
     assert ("head", d["override"]["layer"], d["override"]["head"]) in units
@@ -137,8 +144,9 @@ def test_demo_ablation_confirms_override_and_prescribed_layer(demo, demo_panels)
         r = crosscheck(demo.model, demo.tokenizer, prompt, target)
         d = r.diagnosis
         assert d.override["layer"] == layout.n_layer - 1, prompt
-        override = [a for a in r.ablations if (a.unit, a.layer, a.head) == ("head", d.override["layer"],
-                                                                           d.override["head"])]
+        override = [
+            a for a in r.ablations if (a.unit, a.layer, a.head) == ("head", d.override["layer"], d.override["head"])
+        ]
         assert all(a.d_target - a.d_competitor > 0 for a in override), prompt  # toward the capital, both modes
         assert r.agree.override_confirmed and r.agree.override_confirmed_zero, (prompt, r.agree.differences)
         # The check ablates the prescribed block's *attention output*. Where that block writes the capital mainly
@@ -160,8 +168,23 @@ def test_demo_ablation_confirms_override_and_prescribed_layer(demo, demo_panels)
 
 
 def test_cli_crosscheck_json_and_report(tiny_model_dir, capsys):
-    assert main(["crosscheck", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--target", " Paris",
-                 "--competitor", " Tokyo", "--json"]) == 0
+    assert (
+        main(
+            [
+                "crosscheck",
+                "--model",
+                str(tiny_model_dir),
+                "--prompt",
+                PROMPT,
+                "--target",
+                " Paris",
+                "--competitor",
+                " Tokyo",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["competitor"]["text"].strip() == "Tokyo" and "agree" in out
     assert main(["crosscheck", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--target", " Paris"]) == 0

@@ -44,9 +44,23 @@ def run_build(out: Path, *options: str) -> Path:
     # Idle OpenMP workers that spin steal the cores of every other busy process: on a shared 2-core machine a
     # small build took 319 s spinning and 64 s waiting passively, with bitwise-identical weights.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--out", str(out / "model"), "--panels",
-                           str(out / "demo.json"), "--threads", str(BUILD_THREADS), *options],
-                          capture_output=True, text=True, timeout=1800, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BUILD_SCRIPT),
+            "--out",
+            str(out / "model"),
+            "--panels",
+            str(out / "demo.json"),
+            "--threads",
+            str(BUILD_THREADS),
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -88,6 +102,7 @@ def facts(panels) -> dict[str, dict]:
 
 # --- plain-torch analysis ---------------------------------------------------------------------------
 
+
 @dataclass
 class Trace:
     """What one forward pass leaves at the last position."""
@@ -112,8 +127,7 @@ def trace(model, tokenizer, prompt: str) -> Trace:
     resid, head_in = [], []
     handles = [blocks[0].register_forward_pre_hook(lambda m, args: resid.append(args[0][0, -1]))]
     handles += [b.register_forward_hook(lambda m, args, out: resid.append(out[0, -1])) for b in blocks]
-    handles += [b.attn.c_proj.register_forward_pre_hook(lambda m, args: head_in.append(args[0][0, -1]))
-                for b in blocks]
+    handles += [b.attn.c_proj.register_forward_pre_hook(lambda m, args: head_in.append(args[0][0, -1])) for b in blocks]
     with hooks_removed(handles):
         logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
     return Trace(torch.stack(resid), torch.stack(head_in), logits)
@@ -160,6 +174,7 @@ def token_id(tokenizer, target: str) -> int:
 
 # --- the analysis helpers mean what they say -----------------------------------------------------
 
+
 def test_last_lens_row_is_the_model_output(model, tokenizer):
     t = trace(model, tokenizer, "The capital of France is")
     torch.testing.assert_close(logit_lens(model, t)[-1], t.logits, atol=1e-4, rtol=1e-4)
@@ -175,6 +190,7 @@ def test_heads_and_bias_sum_to_the_attention_output(model, tokenizer):
 
 
 # --- files, tokenizer, config --------------------------------------------------------------------
+
 
 def test_config_names_the_demo_panels(model):
     assert model.config.surgery_panels == "demo"
@@ -217,6 +233,7 @@ def test_every_panel_word_is_in_the_vocabulary(tokenizer, panels):
 
 # --- the phenomenon ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("country", COUNTRIES)
 def test_top1_answer(model, tokenizer, facts, country):
     t = trace(model, tokenizer, facts[country]["prompt"])
@@ -258,12 +275,16 @@ def test_absent_capital_is_never_near_the_top(model, tokenizer, panels):
 @pytest.mark.parametrize("kind", ["general", "side_effects"])
 def test_panel_probes_are_answered(model, tokenizer, panels, kind):
     """Every probe of the committed panels, so a rebuild scores exactly what the committed model scores."""
-    wrong = [item["prompt"] for item in panels[kind]
-             if int(trace(model, tokenizer, item["prompt"]).logits.argmax()) != token_id(tokenizer, item["target"])]
+    wrong = [
+        item["prompt"]
+        for item in panels[kind]
+        if int(trace(model, tokenizer, item["prompt"]).logits.argmax()) != token_id(tokenizer, item["target"])
+    ]
     assert not wrong
 
 
 # --- the build ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_rebuild_writes_the_committed_tokenizer_and_panels(rebuilt):

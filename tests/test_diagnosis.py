@@ -2,20 +2,20 @@ import json
 
 import pytest
 import torch
-
 from conftest import count_hooks
+
 from bench.models import IdTokenizer  # space-separated token ids, for random full-size models
+from surgery.arch import layout_of
+from surgery.core.errors import InputError
 from surgery.diagnosis.diagnose import (
     DiagnosisConfig,
     capture_last_position,
     classify,
-    find_override,
     diagnose,
     diagnose_batch,
+    find_override,
     prescribe_layer,
 )
-from surgery.core.errors import InputError
-from surgery.arch import layout_of
 
 PROMPT = "The capital of France is"
 
@@ -60,9 +60,15 @@ def test_head_attribution_independent_recompute(tiny_model, tiny_tokenizer):
     ids = torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]])
     d = diagnose(tiny_model, tiny_tokenizer, PROMPT, " Paris")
     zs, final = {}, {}
-    handles = [tiny_model.transformer.h[l].attn.c_proj.register_forward_pre_hook(
-        lambda m, a, l=l: zs.__setitem__(l, a[0][0, -1].clone())) for l in range(layout.n_layer)]
-    handles.append(tiny_model.transformer.ln_f.register_forward_pre_hook(lambda m, a: final.__setitem__("r", a[0][0, -1].clone())))
+    handles = [
+        tiny_model.transformer.h[l].attn.c_proj.register_forward_pre_hook(
+            lambda m, a, l=l: zs.__setitem__(l, a[0][0, -1].clone())
+        )
+        for l in range(layout.n_layer)
+    ]
+    handles.append(
+        tiny_model.transformer.ln_f.register_forward_pre_hook(lambda m, a: final.__setitem__("r", a[0][0, -1].clone()))
+    )
     tiny_model(ids)
     for h in handles:
         h.remove()
@@ -74,8 +80,8 @@ def test_head_attribution_independent_recompute(tiny_model, tiny_tokenizer):
         if a.head is None:
             continue
         dh = layout.d_head
-        w = tiny_model.transformer.h[a.layer].attn.c_proj.weight[a.head * dh:(a.head + 1) * dh]  # rows of head
-        vec = zs[a.layer][a.head * dh:(a.head + 1) * dh] @ w
+        w = tiny_model.transformer.h[a.layer].attn.c_proj.weight[a.head * dh : (a.head + 1) * dh]  # rows of head
+        vec = zs[a.layer][a.head * dh : (a.head + 1) * dh] @ w
         expected = float(((vec - vec.mean()) / sigma * ln.weight) @ u)
         assert a.target == pytest.approx(expected, abs=1e-5)
 
@@ -123,12 +129,15 @@ def test_batch_equals_one_at_a_time(tiny_model, tiny_tokenizer):
     batch = diagnose_batch(tiny_model, tiny_tokenizer, prompts, targets, batch_size=3)
     for p, t, b in zip(prompts, targets, batch):
         one = diagnose(tiny_model, tiny_tokenizer, p, t)
-        assert b.verdict == one.verdict and b.override == one.override and b.competitor.token_id == one.competitor.token_id
+        assert (
+            b.verdict == one.verdict and b.override == one.override and b.competitor.token_id == one.competitor.token_id
+        )
         for x, y in zip(b.dla, one.dla):
             assert x.target == pytest.approx(y.target, abs=1e-4)
 
 
 # --- multi-token targets: teacher forcing to the divergence piece ---------------------------------
+
 
 def _greedy(model, tokenizer, text: str, n: int) -> list[str]:
     """The model's next ``n`` greedy words after ``text`` (the tiny tokenizer: one word per token)."""
@@ -147,8 +156,11 @@ def _other_word(tokenizer, avoid: str) -> str:
 
 def _same_diagnosis(a, b):
     assert (a.verdict, a.override, a.prescribed_layer) == (b.verdict, b.override, b.prescribed_layer)
-    assert (a.target.token_id, a.competitor.token_id, a.prediction.token_id) == \
-        (b.target.token_id, b.competitor.token_id, b.prediction.token_id)
+    assert (a.target.token_id, a.competitor.token_id, a.prediction.token_id) == (
+        b.target.token_id,
+        b.competitor.token_id,
+        b.prediction.token_id,
+    )
     assert [e.target_rank for e in a.logit_lens] == [e.target_rank for e in b.logit_lens]
     for x, y in zip(a.logit_lens, b.logit_lens):
         assert x.target_logit == pytest.approx(y.target_logit, abs=1e-5)
@@ -195,11 +207,16 @@ def test_divergence_in_every_family(family_model, tiny_tokenizer):
     said = _greedy(family_model, tiny_tokenizer, PROMPT, 3)
     target = f" {said[0]} {said[1]} {_other_word(tiny_tokenizer, said[2])}"
     forced, single = diagnose_batch(family_model, tiny_tokenizer, [PROMPT, "the cat sat on the"], [target, " mat"])
-    _same_diagnosis(forced, diagnose(family_model, tiny_tokenizer, f"{PROMPT} {said[0]} {said[1]}",
-                                     f" {target.split()[-1]}"))
+    _same_diagnosis(
+        forced, diagnose(family_model, tiny_tokenizer, f"{PROMPT} {said[0]} {said[1]}", f" {target.split()[-1]}")
+    )
     assert forced.divergence.piece_index == 2
-    _same_diagnosis(single, diagnose(family_model, tiny_tokenizer, "the cat sat on the", " mat",
-                                     config=DiagnosisConfig(teacher_force=False)))
+    _same_diagnosis(
+        single,
+        diagnose(
+            family_model, tiny_tokenizer, "the cat sat on the", " mat", config=DiagnosisConfig(teacher_force=False)
+        ),
+    )
 
 
 def test_every_piece_predicted_diagnoses_the_first(tiny_model, tiny_tokenizer):
@@ -328,6 +345,7 @@ def test_capture_matches_hidden_states(tiny_model, tiny_tokenizer):
 
 
 # --- the committed demo model: the reference phenomenon -------------------------------------------
+
 
 def test_demo_model_verdicts(demo, demo_panels):
     facts = demo_panels["facts"]

@@ -4,14 +4,26 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_tiny_model
-from surgery.evaluation.scoring import (BATCH_SIZE, answer, evaluate_panel, fluency, fluency_prompts, kl_divergence,
-                                        mean_kl, next_token_logits, ngram_entropy, perplexity, score_lists,
-                                        score_probes, text_log_probs)
+
+from surgery.core.tokens import token_text
 from surgery.evaluation.generation import greedy_continuations
 from surgery.evaluation.panels import Probe
-from surgery.core.tokens import token_text
+from surgery.evaluation.scoring import (
+    BATCH_SIZE,
+    answer,
+    evaluate_panel,
+    fluency,
+    fluency_prompts,
+    kl_divergence,
+    mean_kl,
+    next_token_logits,
+    ngram_entropy,
+    perplexity,
+    score_lists,
+    score_probes,
+    text_log_probs,
+)
 
 PROMPTS = ["The capital of France is", "one two", "the cat sat on the mat . the dog"]
 
@@ -47,7 +59,8 @@ def test_scores_over_several_batches_equal_one_probe_at_a_time(tiny_model, tiny_
     many = score_probes(tiny_model, tiny_tokenizer, probes)
     alone = [score_probes(tiny_model, tiny_tokenizer, [p]).results[0] for p in probes]
     assert [(r.prompt, r.answer, r.target_rank) for r in many.results] == [
-        (r.prompt, r.answer, r.target_rank) for r in alone]
+        (r.prompt, r.answer, r.target_rank) for r in alone
+    ]
 
 
 def test_perplexity_is_exp_of_the_mean_nll(tiny_model, tiny_tokenizer):
@@ -74,8 +87,9 @@ def test_mean_kl(tiny_model, tiny_tokenizer, tiny_panel):
 
 def test_mean_kl_in_chunks_equals_the_whole_distributions(tiny_model, tiny_tokenizer, tiny_panel):
     texts, other = tiny_panel.unrelated_text, make_tiny_model(len(tiny_tokenizer), seed=1)
-    whole = float(kl_divergence(text_log_probs(tiny_model, tiny_tokenizer, texts),
-                                text_log_probs(other, tiny_tokenizer, texts)))
+    whole = float(
+        kl_divergence(text_log_probs(tiny_model, tiny_tokenizer, texts), text_log_probs(other, tiny_tokenizer, texts))
+    )
     for chunk in (1, 5, 10_000):  # one position at a time, a chunk that does not divide the text, all at once
         assert mean_kl(tiny_model, other, tiny_tokenizer, texts, chunk=chunk) == pytest.approx(whole, rel=1e-5)
     assert math.isnan(mean_kl(tiny_model, other, tiny_tokenizer, [""]))  # no text: no number
@@ -135,7 +149,8 @@ def test_fluency(tiny_model, tiny_tokenizer, tiny_panel):
     prompts = fluency_prompts(list(tiny_panel.facts) * 2, tiny_panel, general=1)
     assert prompts == [f.prompt for f in tiny_panel.facts] + ["the cat sat on the"]  # facts first, no repeats
     assert fluency_prompts(tiny_panel.facts, tiny_panel, general=5, edited=2) == [
-        f.prompt for f in tiny_panel.facts[:2]] + [p.prompt for p in tiny_panel.general]  # both capped
+        f.prompt for f in tiny_panel.facts[:2]
+    ] + [p.prompt for p in tiny_panel.general]  # both capped
     f = fluency(tiny_model, tiny_tokenizer, prompts, tokens=10)
     assert f.texts == greedy_continuations(tiny_model, tiny_tokenizer, prompts, 10)
     assert f.entropies == [ngram_entropy(t) for t in f.texts]

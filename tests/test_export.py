@@ -3,15 +3,15 @@ import os
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from safetensors.torch import load_file
 
 import surgery.io.export as export
-from conftest import make_tiny_model
 from surgery.core.errors import OutputError, PatchError
+from surgery.edit.training import SurgeryConfig, operate
+from surgery.io.edit_file import Patch
 from surgery.io.export import check_output_dir, model_card, write_output, write_patched_model
 from surgery.io.loading import LoadedModel, load_model
-from surgery.io.edit_file import Patch
-from surgery.edit.training import SurgeryConfig, operate
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,15 @@ def out(tmp_path_factory, loaded, result):
 
 def test_output_folder_contents(out, loaded, result):
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "patch.safetensors", "report.json", "README.md",
-            "tokenizer.json", "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "patch.safetensors",
+        "report.json",
+        "README.md",
+        "tokenizer.json",
+        "generation_config.json",
+    } <= names
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     report = json.loads((out / "report.json").read_text())
     assert report["facts_fixed"] == "3/3" and report["base_model"] == loaded.base_name
@@ -135,9 +142,11 @@ def test_overwrite_never_replaces_a_users_folder(tmp_path, loaded, result):
     target = tmp_path / "my-models"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    for attempt in (lambda: check_output_dir(target, overwrite=True),
-                    lambda: write_output(target, loaded, result, overwrite=True),
-                    lambda: write_patched_model(target, loaded, result.patch, overwrite=True)):
+    for attempt in (
+        lambda: check_output_dir(target, overwrite=True),
+        lambda: write_output(target, loaded, result, overwrite=True),
+        lambda: write_patched_model(target, loaded, result.patch, overwrite=True),
+    ):
         with pytest.raises(OutputError) as e:
             attempt()
         assert "did not write" in str(e.value) and "\n" not in str(e.value)
@@ -155,8 +164,18 @@ def test_overwrite_cli_refuses_a_users_folder(tmp_path, out, loaded, capsys):
     target = tmp_path / "some_user_folder"
     target.mkdir()
     (target / "notes.md").write_text("mine")
-    argv = ["apply-patch", "--base", loaded.source, "--patch", str(out / "patch.safetensors"), "--out", str(target),
-            "--overwrite", "--device", "cpu"]
+    argv = [
+        "apply-patch",
+        "--base",
+        loaded.source,
+        "--patch",
+        str(out / "patch.safetensors"),
+        "--out",
+        str(target),
+        "--overwrite",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "did not write" in err
@@ -246,8 +265,13 @@ def test_a_bf16_model_is_saved_in_bf16(tmp_path, loaded):
     assert base.checkpoint_dtype == torch.bfloat16 and base.model.dtype == torch.float32
     params = dict(base.model.named_parameters())
     slices = tuple(layout_of(base.model).site_slices("wv", 1, base.model))
-    patch = Patch("wv", 1, slices, {s.name: s.read(params[s.name]) + 0.25 for s in slices},
-                  {"base_config": base_config(base.model), "base_block_sha256": block_digest(base.model, 1)})
+    patch = Patch(
+        "wv",
+        1,
+        slices,
+        {s.name: s.read(params[s.name]) + 0.25 for s in slices},
+        {"base_config": base_config(base.model), "base_block_sha256": block_digest(base.model, 1)},
+    )
 
     out = write_patched_model(tmp_path / "fixed", base, patch)
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
@@ -295,10 +319,27 @@ def test_sigterm_during_the_write_leaves_no_partial_folder(tmp_path, out, loaded
     write_patched_model(target, loaded, Patch.load(out / "patch.safetensors"))
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRITER, "apply-patch", "--base", loaded.source,
-         "--patch", str(out / "patch.safetensors"), "--out", str(target), "--overwrite", "--device", "cpu"],
-        cwd=export.Path(export.__file__).resolve().parents[2], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            SLOW_WRITER,
+            "apply-patch",
+            "--base",
+            loaded.source,
+            "--patch",
+            str(out / "patch.safetensors"),
+            "--out",
+            str(target),
+            "--overwrite",
+            "--device",
+            "cpu",
+        ],
+        cwd=export.Path(export.__file__).resolve().parents[2],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "writing"
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fixed.partial-")]  # mid-write

@@ -24,8 +24,14 @@ def write_lines(path: Path, lines) -> Path:
 
 
 def test_load_minimal_and_full(tmp_path):
-    full = {**GOOD, "prompt": "The capital of India is", "target": " New Delhi", "subject": "India",
-            "paraphrases": ["The capital city of India is"], "ambiguous": "generic first token"}
+    full = {
+        **GOOD,
+        "prompt": "The capital of India is",
+        "target": " New Delhi",
+        "subject": "India",
+        "paraphrases": ["The capital city of India is"],
+        "ambiguous": "generic first token",
+    }
     facts = load_fact_file(write_lines(tmp_path / "f.jsonl", [GOOD, "", full]))
     assert facts[0] == Fact("The capital of France is", " Paris", "capital", "France")
     assert facts[0].ambiguous is None and facts[0].paraphrases == ()
@@ -35,23 +41,29 @@ def test_load_minimal_and_full(tmp_path):
 
 
 def test_ambiguous_flag_forms(tmp_path):
-    lines = [{**GOOD, "ambiguous": False}, {**GOOD, "prompt": "p2", "ambiguous": None},
-             {**GOOD, "prompt": "p3", "ambiguous": True}]
+    lines = [
+        {**GOOD, "ambiguous": False},
+        {**GOOD, "prompt": "p2", "ambiguous": None},
+        {**GOOD, "prompt": "p3", "ambiguous": True},
+    ]
     facts = load_fact_file(write_lines(tmp_path / "f.jsonl", lines))
     assert [f.ambiguous for f in facts] == [None, None, "ambiguous"]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", r"f.jsonl line 2: not valid JSON"),
-    ("[1, 2]", r"line 2: expected a JSON object"),
-    ({k: v for k, v in GOOD.items() if k != "target"}, r"line 2: 'target' is missing"),
-    ({**GOOD, "prompt": "p", "subject": "  "}, r"line 2: 'subject' must be a non-empty string"),
-    ({**GOOD, "prompt": "p", "relation": 3}, r"line 2: 'relation' must be a non-empty string"),
-    ({**GOOD, "prompt": "p", "paraphrase": ["x"]}, r"line 2: unknown key 'paraphrase'"),
-    ({**GOOD, "prompt": "p", "paraphrases": "x"}, r"line 2: 'paraphrases' must be a list"),
-    ({**GOOD, "prompt": "p", "ambiguous": 1}, r"line 2: 'ambiguous' must be a reason"),
-    (GOOD, r"line 2: the same prompt and target as line 1"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", r"f.jsonl line 2: not valid JSON"),
+        ("[1, 2]", r"line 2: expected a JSON object"),
+        ({k: v for k, v in GOOD.items() if k != "target"}, r"line 2: 'target' is missing"),
+        ({**GOOD, "prompt": "p", "subject": "  "}, r"line 2: 'subject' must be a non-empty string"),
+        ({**GOOD, "prompt": "p", "relation": 3}, r"line 2: 'relation' must be a non-empty string"),
+        ({**GOOD, "prompt": "p", "paraphrase": ["x"]}, r"line 2: unknown key 'paraphrase'"),
+        ({**GOOD, "prompt": "p", "paraphrases": "x"}, r"line 2: 'paraphrases' must be a list"),
+        ({**GOOD, "prompt": "p", "ambiguous": 1}, r"line 2: 'ambiguous' must be a reason"),
+        (GOOD, r"line 2: the same prompt and target as line 1"),
+    ],
+)
 def test_errors_name_the_line(tmp_path, line, message):
     path = write_lines(tmp_path / "f.jsonl", [GOOD, line])
     with pytest.raises(InputError, match=message) as e:

@@ -17,26 +17,31 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SLIDING_FAMILIES, family_config, make_family_model
 from transformers import AutoModelForCausalLM
 
-from conftest import SLIDING_FAMILIES, family_config, make_family_model
 from surgery.arch import SITES, adapter_for, check_supported, layout_of
 from surgery.cli import main
-from surgery.diagnosis.diagnose import accumulated_resid, capture_last_position, diagnose, diagnose_batch, logit_lens
 from surgery.core.errors import UnsupportedModelError
-from surgery.io.export import write_output, write_patched_model
-from surgery.io.loading import LoadedModel, load_model
-from surgery.evaluation.panels import Probe
-from surgery.io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
+from surgery.diagnosis.diagnose import accumulated_resid, capture_last_position, diagnose, diagnose_batch, logit_lens
 from surgery.edit.training import SurgeryConfig, operate, train_site
 from surgery.edit.upper_stack import UpperStack, freeze_inputs, kept_answers
+from surgery.evaluation.panels import Probe
+from surgery.io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
+from surgery.io.export import write_output
+from surgery.io.loading import LoadedModel, load_model
 
 PROMPT = "The capital of France is a big red city in the sea and"  # 13 tokens: longer than every window (3)
 FACT_PROMPTS = ["The capital of France is", "the cat sat on the mat . the dog sat on the"]  # padded batch
 TEXTS = ["the cat sat on the mat . the dog was in the sea . one two three .", "a big red dog and a small blue cat"]
-CANDIDATE_FACTS = [Probe("The capital of France is", " Paris"), Probe("The capital of Japan is", " Tokyo"),
-                   Probe("The capital of Italy is", " Rome"), Probe("The capital of Spain is", " Madrid"),
-                   Probe("the sky is", " blue"), Probe("the cat sat on the", " mat")]
+CANDIDATE_FACTS = [
+    Probe("The capital of France is", " Paris"),
+    Probe("The capital of Japan is", " Tokyo"),
+    Probe("The capital of Italy is", " Rome"),
+    Probe("The capital of Spain is", " Madrid"),
+    Probe("the sky is", " blue"),
+    Probe("the cat sat on the", " mat"),
+]
 LAYER = 1
 # One fact, large steps: a random tiny model must be fixed by any site within the budget.
 SURGERY = dict(layer=LAYER, lr=5e-2, epochs=150, kl_weight=1.0)
@@ -79,11 +84,14 @@ def final_norm(model):
 def dims(model) -> SimpleNamespace:
     c = model.config
     if is_gpt2(model):
-        return SimpleNamespace(d=c.n_embd, H=c.n_head, G=c.n_head, dh=c.n_embd // c.n_head,
-                               m=c.n_inner or 4 * c.n_embd)
-    return SimpleNamespace(d=c.hidden_size, H=c.num_attention_heads, G=c.num_key_value_heads,
-                           dh=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                           m=c.intermediate_size)
+        return SimpleNamespace(d=c.n_embd, H=c.n_head, G=c.n_head, dh=c.n_embd // c.n_head, m=c.n_inner or 4 * c.n_embd)
+    return SimpleNamespace(
+        d=c.hidden_size,
+        H=c.num_attention_heads,
+        G=c.num_key_value_heads,
+        dh=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        m=c.intermediate_size,
+    )
 
 
 def rms_scale(norm, x: torch.Tensor, model) -> torch.Tensor:
@@ -193,11 +201,17 @@ def independent_head_attributions(model, tokenizer, prompt: str, token_ids: list
     z, post_in, resid = {}, {}, {}
     handles = []
     for layer, block in enumerate(blocks(model)):
-        handles.append(o_proj(block, model).register_forward_pre_hook(
-            lambda m, args, layer=layer: z.__setitem__(layer, args[0][0, -1])))
+        handles.append(
+            o_proj(block, model).register_forward_pre_hook(
+                lambda m, args, layer=layer: z.__setitem__(layer, args[0][0, -1])
+            )
+        )
         if has_post_norms(model):  # what the post-norm receives: o_proj's output
-            handles.append(block.post_attention_layernorm.register_forward_pre_hook(
-                lambda m, args, layer=layer: post_in.__setitem__(layer, args[0][0, -1])))
+            handles.append(
+                block.post_attention_layernorm.register_forward_pre_hook(
+                    lambda m, args, layer=layer: post_in.__setitem__(layer, args[0][0, -1])
+                )
+            )
     handles.append(final_norm(model).register_forward_pre_hook(lambda m, args: resid.update(r=args[0][0, -1])))
     try:
         with torch.no_grad():
@@ -209,8 +223,11 @@ def independent_head_attributions(model, tokenizer, prompt: str, token_ids: list
     out = torch.zeros(len(blocks(model)), n.H, len(token_ids))
     for layer, block in enumerate(blocks(model)):
         w = o_proj(block, model).weight  # Conv1D [H*dh, d]; nn.Linear [d, H*dh]
-        scale = (rms_scale(block.post_attention_layernorm, post_in[layer], model) if has_post_norms(model)
-                 else torch.ones(n.d))
+        scale = (
+            rms_scale(block.post_attention_layernorm, post_in[layer], model)
+            if has_post_norms(model)
+            else torch.ones(n.d)
+        )
         for head in range(n.H):
             cols = slice(head * n.dh, (head + 1) * n.dh)
             w_head = w[cols, :] if is_gpt2(model) else w[:, cols].T  # (dh, d)
@@ -220,8 +237,7 @@ def independent_head_attributions(model, tokenizer, prompt: str, token_ids: list
 
 def test_each_head_matches_an_independent_recomputation(family_model, tiny_tokenizer, diagnosis):
     model, d = family_model, diagnosis
-    expected = independent_head_attributions(model, tiny_tokenizer, PROMPT,
-                                             [d.target.token_id, d.competitor.token_id])
+    expected = independent_head_attributions(model, tiny_tokenizer, PROMPT, [d.target.token_id, d.competitor.token_id])
     heads = [a for a in d.dla if a.head is not None]
     assert len(heads) == expected.shape[0] * expected.shape[1]
     for a in heads:
@@ -238,8 +254,9 @@ def test_a_padded_batch_diagnoses_as_one_prompt_at_a_time(family_model, tiny_tok
         assert [a.name for a in batched.dla] == [a.name for a in alone.dla]
         for a, b in zip(alone.dla, batched.dla):
             assert (b.target, b.competitor) == pytest.approx((a.target, a.competitor), abs=1e-4), a.name
-        assert [e.target_logit for e in batched.logit_lens] == pytest.approx([e.target_logit for e in alone.logit_lens],
-                                                                             abs=1e-4)
+        assert [e.target_logit for e in batched.logit_lens] == pytest.approx(
+            [e.target_logit for e in alone.logit_lens], abs=1e-4
+        )
 
 
 def test_the_slabbed_lens_counts_ranks_over_the_whole_vocabulary(family_model, tiny_tokenizer):
@@ -406,8 +423,13 @@ def trained(request, family_model, frozen_fact):
     outcome = train_site(model, frozen_fact.frozen, site, LAYER, config)
     assert outcome.steps >= 1  # the fact was wrong: at least one step ran (early stop once it is fixed)
     slices = tuple(layout_of(model).site_slices(site, LAYER, model))
-    patch = Patch(site, LAYER, slices, outcome.values,
-                  {"base_config": base_config(model), "base_block_sha256": block_digest(model, LAYER)})
+    patch = Patch(
+        site,
+        LAYER,
+        slices,
+        outcome.values,
+        {"base_config": base_config(model), "base_block_sha256": block_digest(model, LAYER)},
+    )
     return SimpleNamespace(model=model, site=site, patch=patch, before=frozen_fact.before)
 
 
@@ -436,8 +458,9 @@ def assert_only_the_site_changed(model, site: str, patch: Patch) -> None:
         assert not torch.equal(base[name][:, 2 * d :], new[name][:, 2 * d :])
         qk = [prefix + "attn.c_attn.bias"]
     else:
-        qk = [prefix + f"self_attn.{p}.{w}" for p in ("q_proj", "k_proj", "q_norm", "k_norm")
-              for w in ("weight", "bias")]
+        qk = [
+            prefix + f"self_attn.{p}.{w}" for p in ("q_proj", "k_proj", "q_norm", "k_norm") for w in ("weight", "bias")
+        ]
         qk = [name for name in qk if name in base]
         assert len(qk) == {"llama": 4, "qwen2": 4, "qwen3": 6, "gemma3": 4}.get(family_of(model), 2)
     for name in qk:
@@ -455,8 +478,9 @@ def operated(family_model, tiny_tokenizer, tiny_panel):
     """Full ``operate`` fixing one wrong fact at the whole block 1 (the site that converges in a few steps)."""
     before = snapshot(family_model)
     fact = wrong_fact(family_model, tiny_tokenizer)
-    result = operate(family_model, tiny_tokenizer, [fact], SurgeryConfig(site="layer", **SURGERY),
-                     unrelated=TEXTS, panel=tiny_panel)
+    result = operate(
+        family_model, tiny_tokenizer, [fact], SurgeryConfig(site="layer", **SURGERY), unrelated=TEXTS, panel=tiny_panel
+    )
     return SimpleNamespace(model=family_model, before=before, result=result)
 
 
@@ -501,12 +525,25 @@ def test_written_output_is_the_corrected_model(operated, written):
 
 
 def test_apply_patch_cli_reproduces_the_fix(capsys, operated, family_dir, written, tmp_path):
-    code = main(["apply-patch", "--base", str(family_dir), "--patch", str(written / "patch.safetensors"),
-                 "--out", str(tmp_path / "rebuilt"), "--device", "cpu"])
+    code = main(
+        [
+            "apply-patch",
+            "--base",
+            str(family_dir),
+            "--patch",
+            str(written / "patch.safetensors"),
+            "--out",
+            str(tmp_path / "rebuilt"),
+            "--device",
+            "cpu",
+        ]
+    )
     _, err = capsys.readouterr()
     assert code == 0, err
-    assert_state_equal(AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt").state_dict(),
-                       patched_model(operated.model, operated.result.patch).state_dict())
+    assert_state_equal(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt").state_dict(),
+        patched_model(operated.model, operated.result.patch).state_dict(),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,9 +562,11 @@ def tiny_other(kind: str, vocab_size: int):
     from transformers import FalconConfig, GPTNeoXConfig, PhiConfig
 
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=vocab_size)
-    config = {"gpt_neox": lambda: GPTNeoXConfig(**common, intermediate_size=64),
-              "falcon": lambda: FalconConfig(**common),
-              "phi": lambda: PhiConfig(**common, intermediate_size=64)}[kind]()
+    config = {
+        "gpt_neox": lambda: GPTNeoXConfig(**common, intermediate_size=64),
+        "falcon": lambda: FalconConfig(**common),
+        "phi": lambda: PhiConfig(**common, intermediate_size=64),
+    }[kind]()
     return AutoModelForCausalLM.from_config(config).eval()
 
 

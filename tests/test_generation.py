@@ -3,58 +3,74 @@ import torch
 
 from surgery.arch import layout_of
 from surgery.core.errors import InputError
-from surgery.evaluation.generation import LENIENT_WORDS, Judgement, decided, greedy_continuations, judge, said
 from surgery.core.tokens import encode_prompt
+from surgery.evaluation.generation import LENIENT_WORDS, Judgement, decided, greedy_continuations, judge, said
 
-PROMPTS = ["The capital of France is", "one two", "the cat sat on the mat . the dog", "the sky is",
-           "The capital of Japan is", "a big red dog and"]
+PROMPTS = [
+    "The capital of France is",
+    "one two",
+    "the cat sat on the mat . the dog",
+    "the sky is",
+    "The capital of Japan is",
+    "a big red dog and",
+]
 
 
-@pytest.mark.parametrize("continuation, target, expected", [
-    (" Paris.", " Paris", (True, True)),
-    (" Paris is a city", " Paris", (True, True)),
-    ("Paris", " Paris", (True, True)),  # leading whitespace ignored on both sides
-    (" Parisian food", " Paris", (False, False)),  # not at a word boundary
-    (" Pa", " Paris", (False, False)),  # the first token alone is not the answer
-    (" Tir", " Tirana", (False, False)),
-    (" Dazaibakt", " D", (False, False)),
-    (" paris", " Paris", (False, False)),  # case counts
-    (" New York City", " New York", (True, True)),
-    (" New Yorker", " New York", (False, False)),
-    (" the south of France", " France", (False, True)),
-    (" one two three four five France", " France", (False, True)),  # the 6th word: still lenient
-    (" one two three four five six France", " France", (False, False)),  # the 7th: too late
-    (" the Parisian Paris", " Paris", (False, True)),  # a later occurrence at word boundaries counts
-    (" Paris", " ", (False, False)),  # an empty answer is never said
-])
+@pytest.mark.parametrize(
+    "continuation, target, expected",
+    [
+        (" Paris.", " Paris", (True, True)),
+        (" Paris is a city", " Paris", (True, True)),
+        ("Paris", " Paris", (True, True)),  # leading whitespace ignored on both sides
+        (" Parisian food", " Paris", (False, False)),  # not at a word boundary
+        (" Pa", " Paris", (False, False)),  # the first token alone is not the answer
+        (" Tir", " Tirana", (False, False)),
+        (" Dazaibakt", " D", (False, False)),
+        (" paris", " Paris", (False, False)),  # case counts
+        (" New York City", " New York", (True, True)),
+        (" New Yorker", " New York", (False, False)),
+        (" the south of France", " France", (False, True)),
+        (" one two three four five France", " France", (False, True)),  # the 6th word: still lenient
+        (" one two three four five six France", " France", (False, False)),  # the 7th: too late
+        (" the Parisian Paris", " Paris", (False, True)),  # a later occurrence at word boundaries counts
+        (" Paris", " ", (False, False)),  # an empty answer is never said
+    ],
+)
 def test_judge(continuation, target, expected):
     assert LENIENT_WORDS == 6
     assert judge(continuation, target) == Judgement(*expected)
 
 
-@pytest.mark.parametrize("continuation, target, expected", [
-    ("", " Paris", False),  # nothing yet
-    (" Pa", " Paris", False),  # may still become " Paris"
-    (" Paris", " Paris", False),  # may still become " Parisian"
-    (" Paris ", " Paris", True),
-    (" Paris.", " Paris", True),
-    (" Lyon", " Paris", False),  # the answer may still come within the window
-    (" Parisian", " Paris", False),
-    (" the Paris", " Paris", False),  # a lenient match at the end may grow into " the Parisian"
-    (" the Paris is", " Paris", True),
-    (" a b c d e", " Paris", False),  # the 5th word may go on, a 6th may follow
-    (" a b c d e f", " Paris", False),  # the 6th word may still go on (" f" -> " fine"): not complete
-    (" a b c d e f ", " Paris", True),  # six complete words without the answer: settled
-])
+@pytest.mark.parametrize(
+    "continuation, target, expected",
+    [
+        ("", " Paris", False),  # nothing yet
+        (" Pa", " Paris", False),  # may still become " Paris"
+        (" Paris", " Paris", False),  # may still become " Parisian"
+        (" Paris ", " Paris", True),
+        (" Paris.", " Paris", True),
+        (" Lyon", " Paris", False),  # the answer may still come within the window
+        (" Parisian", " Paris", False),
+        (" the Paris", " Paris", False),  # a lenient match at the end may grow into " the Parisian"
+        (" the Paris is", " Paris", True),
+        (" a b c d e", " Paris", False),  # the 5th word may go on, a 6th may follow
+        (" a b c d e f", " Paris", False),  # the 6th word may still go on (" f" -> " fine"): not complete
+        (" a b c d e f ", " Paris", True),  # six complete words without the answer: settled
+    ],
+)
 def test_decided(continuation, target, expected):
     assert decided(continuation, target) is expected
 
 
 def test_decided_never_settles_a_verdict_that_more_text_changes():
     # Every prefix that decided() calls settled must judge as the whole text does.
-    for text, target in [(" Parisian food in the south of France", " Paris"), (" the Paris of the east", " Paris"),
-                         (" Paris, of course", " Paris"), (" a b c d e France g", " France"),
-                         (" Tiranaa Tirana", " Tirana")]:
+    for text, target in [
+        (" Parisian food in the south of France", " Paris"),
+        (" the Paris of the east", " Paris"),
+        (" Paris, of course", " Paris"),
+        (" a b c d e France g", " France"),
+        (" Tiranaa Tirana", " Tirana"),
+    ]:
         for end in range(len(text) + 1):
             if decided(text[:end], target):
                 assert judge(text[:end], target) == judge(text, target), (text[:end], target)
@@ -63,9 +79,14 @@ def test_decided_never_settles_a_verdict_that_more_text_changes():
 def _reference(model, tokenizer, prompt: str, new_tokens: int) -> str:
     """transformers' own greedy decoding of one prompt, the new text only."""
     ids = torch.tensor([encode_prompt(tokenizer, prompt, layout_of(model).n_ctx)])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_greedy_continuations_equal_generate_on_every_family(family_model, tiny_tokenizer):
@@ -76,13 +97,15 @@ def test_greedy_continuations_equal_generate_on_every_family(family_model, tiny_
     # rows of one batch that stop at different steps leave the batch and its cache; the others go on unchanged
     budgets = [1, 6, 3, 5, 2, 4]
     shrinking = greedy_continuations(family_model, tiny_tokenizer, PROMPTS, budgets)
-    assert shrinking == [greedy_continuations(family_model, tiny_tokenizer, [p], b)[0]
-                         for p, b in zip(PROMPTS, budgets)]
+    assert shrinking == [
+        greedy_continuations(family_model, tiny_tokenizer, [p], b)[0] for p, b in zip(PROMPTS, budgets)
+    ]
     assert all(full.startswith(cut) for full, cut in zip(batched, shrinking))
     vocab = tiny_tokenizer.get_vocab()
     targets = [" " + (text.split()[0] if text.split() and text.split()[0] in vocab else "Paris") for text in batched]
     assert said(family_model, tiny_tokenizer, PROMPTS, targets) == [
-        said(family_model, tiny_tokenizer, [p], [t])[0] for p, t in zip(PROMPTS, targets)]
+        said(family_model, tiny_tokenizer, [p], [t])[0] for p, t in zip(PROMPTS, targets)
+    ]
 
 
 def test_greedy_continuations_equal_generate_on_the_demo_model(demo, demo_panels):
@@ -94,8 +117,9 @@ def test_greedy_continuations_equal_generate_on_the_demo_model(demo, demo_panels
 def test_said_stops_once_decided_and_judges_the_continuation(tiny_model, tiny_tokenizer):
     full = greedy_continuations(tiny_model, tiny_tokenizer, PROMPTS, 12)
     vocab = tiny_tokenizer.get_vocab()
-    targets = [" " + (text.split()[0] if text.split() and text.split()[0] in vocab else "Paris")
-               for text in full]  # what the model says first
+    targets = [
+        " " + (text.split()[0] if text.split() and text.split()[0] in vocab else "Paris") for text in full
+    ]  # what the model says first
     targets[1] = " Tokyo Tokyo Tokyo"  # (almost surely) not said
     out = said(tiny_model, tiny_tokenizer, PROMPTS, targets)
     for (text, verdict), whole, target in zip(out, full, targets):
@@ -120,9 +144,9 @@ def test_greedy_continuations_stop_at_the_context(tiny_model, tiny_tokenizer):
 
 def test_first_step_gives_the_first_token_figures(family_model, tiny_tokenizer):
     # top-1 and the target's rank from the generation's first step equal those of one padded next-token pass
-    from surgery.evaluation.scoring import target_scores
     from surgery.evaluation.generation import continuations
     from surgery.evaluation.panels import Probe
+    from surgery.evaluation.scoring import target_scores
 
     probes = [Probe(p, t) for p, t in zip(PROMPTS, [" Paris", " three", " sat", " blue", " Tokyo", " cat"])]
     ids = [tiny_tokenizer.convert_tokens_to_ids(p.target.strip()) for p in probes]
@@ -149,6 +173,11 @@ def test_gemma_batched_continuations_equal_hf_generate(gemma):
     for fact, text in zip(facts, got):
         ids = torch.tensor([encode_prompt(tokenizer, fact.prompt, n_ctx)])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=6,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), fact.prompt

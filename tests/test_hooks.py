@@ -6,8 +6,13 @@ from surgery.core.hooks import hooked
 
 def _our_hooks(model):
     """Hooks registered by `hooked` (transformers 5 installs its own output recorders once, and keeps them)."""
-    return [h for m in model.modules() for reg in (m._forward_hooks, m._forward_pre_hooks) for h in reg.values()
-            if getattr(h, "thread_scoped", False)]
+    return [
+        h
+        for m in model.modules()
+        for reg in (m._forward_hooks, m._forward_pre_hooks)
+        for h in reg.values()
+        if getattr(h, "thread_scoped", False)
+    ]
 
 
 def test_hooks_are_removed_even_on_error(tiny_model):

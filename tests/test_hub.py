@@ -42,11 +42,23 @@ def test_push_creates_the_repo_and_uploads_in_one_commit(folder, calls):
     url = push_folder(folder, "alice/fixed-gpt2", token=TOKEN, private=True)
     assert url == "https://huggingface.co/alice/fixed-gpt2"
     assert calls == [
-        ("create_repo", ("alice/fixed-gpt2",),
-         {"token": TOKEN, "private": True, "repo_type": "model", "exist_ok": True}),
-        ("upload_folder", (),
-         {"repo_id": "alice/fixed-gpt2", "folder_path": str(folder), "repo_type": "model", "token": TOKEN,
-          "commit_message": "Upload model corrected by Transformer Surgery", "ignore_patterns": [MARKER_FILE]}),
+        (
+            "create_repo",
+            ("alice/fixed-gpt2",),
+            {"token": TOKEN, "private": True, "repo_type": "model", "exist_ok": True},
+        ),
+        (
+            "upload_folder",
+            (),
+            {
+                "repo_id": "alice/fixed-gpt2",
+                "folder_path": str(folder),
+                "repo_type": "model",
+                "token": TOKEN,
+                "commit_message": "Upload model corrected by Transformer Surgery",
+                "ignore_patterns": [MARKER_FILE],
+            },
+        ),
     ]
 
 
@@ -57,8 +69,9 @@ def test_no_token(folder, calls):
     assert calls == []
 
 
-@pytest.mark.parametrize("repo_id", ["fixed", "alice/b/c", "alice/bad--name", "alice/.hidden", "alice/x.git", "",
-                                     "alice/with space"])
+@pytest.mark.parametrize(
+    "repo_id", ["fixed", "alice/b/c", "alice/bad--name", "alice/.hidden", "alice/x.git", "", "alice/with space"]
+)
 def test_invalid_repo_id(folder, calls, repo_id):
     with pytest.raises(HubError, match="invalid repo id"):
         push_folder(folder, repo_id, token=TOKEN)

@@ -6,12 +6,12 @@ import pytest
 
 from surgery.census.run import census_record
 from surgery.cli import main
-from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.core.errors import InputError
-from surgery.evaluation.facts import Fact
+from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.edit.many_facts import RepairConfig, census_panel, repair_from_census, split_routing
-from surgery.evaluation.panels import DEMO_PANEL, load_panel
 from surgery.edit.training import SurgeryConfig
+from surgery.evaluation.facts import Fact
+from surgery.evaluation.panels import DEMO_PANEL, load_panel
 
 
 def _facts(n_relations=2, n=6):
@@ -55,8 +55,15 @@ def test_one_edit_for_the_demo_models_routing_failures(demo, tmp_path, capsys):
     diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
     records = [census_record(f, d) for f, d in zip(facts, diagnoses)]
     assert sum(r["verdict"] == "routing" for r in records) == 6
-    result = repair_from_census(demo.model, demo.tokenizer, records, facts, panel, SurgeryConfig(site="wv"),
-                                RepairConfig(edit_fraction=0.5, per_fact=1))
+    result = repair_from_census(
+        demo.model,
+        demo.tokenizer,
+        records,
+        facts,
+        panel,
+        SurgeryConfig(site="wv"),
+        RepairConfig(edit_fraction=0.5, per_fact=1),
+    )
     assert (result.edited, result.held_out) == (3, 3)
     e = result.report.comparison.evaluation()
     assert [e["efficacy"][k] for k in ("before", "after", "total")] == [0, 3, 3]
@@ -73,8 +80,24 @@ def test_one_edit_for_the_demo_models_routing_failures(demo, tmp_path, capsys):
     fact_file = tmp_path / "facts.jsonl"
     fact_file.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in facts))
     out = tmp_path / "repair"
-    assert main(["repair-census", "--model", str(demo.source), "--census", str(census), "--facts", str(fact_file),
-                 "--out", str(out), "--per-fact", "0"]) == 0
+    assert (
+        main(
+            [
+                "repair-census",
+                "--model",
+                str(demo.source),
+                "--census",
+                str(census),
+                "--facts",
+                str(fact_file),
+                "--out",
+                str(out),
+                "--per-fact",
+                "0",
+            ]
+        )
+        == 0
+    )
     written = json.loads((out / "report.json").read_text())
     assert written["edited"] == 3 and (out / "patch.safetensors").is_file()
     assert "One edit for 3 routing failures" in capsys.readouterr().out

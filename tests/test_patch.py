@@ -3,12 +3,12 @@ import threading
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from surgery.core.errors import PatchError
-from surgery.evaluation.generation import generate
-from surgery.core.hooks import hooked
+
 from surgery.arch import layout_of
+from surgery.core.errors import PatchError
+from surgery.core.hooks import hooked
+from surgery.evaluation.generation import generate
 from surgery.io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
 
 PROMPT = "The capital of France is"
@@ -19,10 +19,17 @@ def make_patch(model, site="wv", layer=1, seed=0, scale=0.5) -> Patch:
     gen = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     slices = tuple(layout_of(model).site_slices(site, layer, model))
-    values = {s.name: s.read(params[s.name]) + scale * torch.randn(s.read(params[s.name]).shape, generator=gen)
-              for s in slices}
-    return Patch(site, layer, slices, values, {"base_config": base_config(model),
-                                              "base_block_sha256": block_digest(model, layer)})
+    values = {
+        s.name: s.read(params[s.name]) + scale * torch.randn(s.read(params[s.name]).shape, generator=gen)
+        for s in slices
+    }
+    return Patch(
+        site,
+        layer,
+        slices,
+        values,
+        {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)},
+    )
 
 
 def _snapshot(model):
@@ -47,8 +54,9 @@ def test_view_shares_untouched_tensors_and_leaves_the_base_alone(tiny_model):
     assert view.transformer.h[0] is tiny_model.transformer.h[0] and view.transformer.wte is tiny_model.transformer.wte
     assert view.lm_head.weight is view.transformer.wte.weight  # tied weights stay tied
     v = layout_of(tiny_model).qkv_columns("v")
-    assert torch.equal(view_params["transformer.h.1.attn.c_attn.weight"][:, v],
-                       patch.values["transformer.h.1.attn.c_attn.weight"])
+    assert torch.equal(
+        view_params["transformer.h.1.attn.c_attn.weight"][:, v], patch.values["transformer.h.1.attn.c_attn.weight"]
+    )
     for name, value in tiny_model.state_dict().items():
         assert torch.equal(value, before[name]), name
 
@@ -113,8 +121,11 @@ def test_generate_works_on_a_view(tiny_model, tiny_tokenizer):
 
 def test_hooks_on_the_base_do_not_follow_into_a_view(tiny_model, tiny_tokenizer):
     calls = []
-    with hooked(tiny_model, forward={"transformer.h.1.attn": lambda m, a, o: calls.append(1)},
-                pre={"": lambda m, a: calls.append(2)}):
+    with hooked(
+        tiny_model,
+        forward={"transformer.h.1.attn": lambda m, a, o: calls.append(1)},
+        pre={"": lambda m, a: calls.append(2)},
+    ):
         view = patched_model(tiny_model, make_patch(tiny_model))
     _logits(view, tiny_tokenizer)
     assert calls == []
@@ -163,8 +174,13 @@ def test_patch_whose_slice_names_another_block_is_refused(tmp_path, tiny_model):
     applying by the name's tail would have written into block 0. Refused, in one line, in check_compatible and so
     by patched_model, after a save/load round trip too."""
     honest = make_patch(tiny_model, layer=1)
-    crafted = Patch("wv", 0, honest.slices, honest.values,
-                    {"base_config": base_config(tiny_model), "base_block_sha256": block_digest(tiny_model, 0)})
+    crafted = Patch(
+        "wv",
+        0,
+        honest.slices,
+        honest.values,
+        {"base_config": base_config(tiny_model), "base_block_sha256": block_digest(tiny_model, 0)},
+    )
     crafted.save(tmp_path / "crafted.safetensors")
     for patch in (crafted, Patch.load(tmp_path / "crafted.safetensors")):
         with pytest.raises(PatchError) as e:
@@ -205,7 +221,7 @@ def test_weight_stats(tiny_model):
     stats = weight_stats(tiny_model, patch)
     assert stats.params_in_site == 32 * 32 and stats.params_changed == 2
     assert stats.max_abs_delta == pytest.approx(0.5)
-    assert stats.delta_l2 == pytest.approx((0.25 ** 2 + 0.5 ** 2) ** 0.5, rel=1e-5)
+    assert stats.delta_l2 == pytest.approx((0.25**2 + 0.5**2) ** 0.5, rel=1e-5)
     assert stats.others_unchanged and stats.qk_unchanged
 
 

@@ -43,8 +43,24 @@ def test_a_cli_stage_logs_one_line_when_stderr_is_not_a_terminal(tmp_path, capsy
     from test_census import DEMO_DIR, demo_facts, write_facts
 
     facts = write_facts(tmp_path / "facts.jsonl", demo_facts())
-    assert main(["census", "--model", str(DEMO_DIR), "--facts", str(facts), "--out", str(tmp_path / "out"),
-                 "--batch-size", "6", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "census",
+                "--model",
+                str(DEMO_DIR),
+                "--facts",
+                str(facts),
+                "--out",
+                str(tmp_path / "out"),
+                "--batch-size",
+                "6",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "\r" not in err
     assert "census: 11/11 facts in " in err and err.count("census: ") == 1

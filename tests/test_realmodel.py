@@ -41,8 +41,12 @@ def panel():
 @pytest.fixture(scope="module")
 def diagnoses(gemma, panel):
     facts = list(panel.facts)
-    return {f.prompt.split()[-2]: d for f, d in zip(facts, diagnose_batch(
-        gemma.model, gemma.tokenizer, [f.prompt for f in facts], [f.target for f in facts]))}
+    return {
+        f.prompt.split()[-2]: d
+        for f, d in zip(
+            facts, diagnose_batch(gemma.model, gemma.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+        )
+    }
 
 
 @slow
@@ -134,8 +138,14 @@ def test_activation_patching_localizes_the_capital_to_the_prescribed_block(gemma
     from surgery.patching.activations import ActivationPatchingConfig, patch_activations
 
     prescribed = diagnoses["France"].prescribed_layer
-    r = patch_activations(gemma.model, gemma.tokenizer, "The capital of France is", "The capital of Poland is",
-                          " Paris", config=ActivationPatchingConfig(kinds=("attn", "head")))
+    r = patch_activations(
+        gemma.model,
+        gemma.tokenizer,
+        "The capital of France is",
+        "The capital of Poland is",
+        " Paris",
+        config=ActivationPatchingConfig(kinds=("attn", "head")),
+    )
     assert r.logit_diff_clean > 0 > r.logit_diff_corrupt
     layer, position, restored = r.grids["attn"].best()
     assert (layer, position) == (prescribed, len(r.clean_tokens) - 1) and restored > 0.5
@@ -236,8 +246,12 @@ def smollm2_examples():
 def test_smollm2_says_two_example_capitals_right_and_eight_wrong(smollm2, smollm2_examples):
     from surgery.evaluation.generation import said
 
-    answers = said(smollm2.model, smollm2.tokenizer, [e["prompt"] for e in smollm2_examples],
-                   [e["target"] for e in smollm2_examples])
+    answers = said(
+        smollm2.model,
+        smollm2.tokenizer,
+        [e["prompt"] for e in smollm2_examples],
+        [e["target"] for e in smollm2_examples],
+    )
     for example, (text, judgement) in zip(smollm2_examples, answers):
         if example["target"] in SMOLLM2_RIGHT:
             assert judgement.strict, (example, text)
@@ -247,8 +261,12 @@ def test_smollm2_says_two_example_capitals_right_and_eight_wrong(smollm2, smollm
 
 @slow
 def test_smollm2_diagnosis_runs(smollm2, smollm2_examples):
-    diagnoses = diagnose_batch(smollm2.model, smollm2.tokenizer, [e["prompt"] for e in smollm2_examples],
-                               [e["target"] for e in smollm2_examples])
+    diagnoses = diagnose_batch(
+        smollm2.model,
+        smollm2.tokenizer,
+        [e["prompt"] for e in smollm2_examples],
+        [e["target"] for e in smollm2_examples],
+    )
     n_layer = smollm2.model.config.num_hidden_layers
     for example, d in zip(smollm2_examples, diagnoses):
         assert len(d.logit_lens) == n_layer + 1, example  # the embeddings, then after each block

@@ -69,9 +69,15 @@ def test_a_multi_token_repair_says_every_whole_answer(repaired):
 def test_a_multi_token_repair_keeps_the_capitals_said_right(repaired, request):
     name, g, facts, result, right_before = repaired
     if name == "smollm2-135m":  # a known gap, stated in the README: strict, so it reports when it is closed
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "on SmolLM2 the default wv repair (L28) breaks 2 of the 42 held-out bundled capitals it said right "
-            "(Uganda, the United Arab Emirates; 7 without the panel's preserved prompts); Gemma's breaks none")))
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "on SmolLM2 the default wv repair (L28) breaks 2 of the 42 held-out bundled capitals it said right "
+                    "(Uganda, the United Arab Emirates; 7 without the panel's preserved prompts); Gemma's breaks none"
+                ),
+            )
+        )
     trained = {f.prompt for f in facts} | {p.prompt for p in panel_for_model(g.model).preserve}  # not held out
     lost = right_before - trained - capitals_said(patched_model(g.model, result.patch), g.tokenizer)
     assert not lost, f"{name}: capitals said right before and not after: {sorted(lost)}"

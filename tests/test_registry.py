@@ -10,15 +10,29 @@ import pytest
 from conftest import make_tiny_model
 
 from surgery.core.errors import InputError, ModelLoadError
-from surgery.io.loading import DEMO_MODEL, LoadedModel
 from surgery.evaluation.panels import Panel, Probe
+from surgery.io.loading import DEMO_MODEL, LoadedModel
 from surgery.io.presets import preset_installed
-from surgery.serve.registry import (DEMO_KEY, GEMMA_KEY, SMOLLM2_KEY, ModelChoice, ModelRegistry, cached_models,
-                                    local_models, preset_choices, start_registry)
+from surgery.serve.registry import (
+    DEMO_KEY,
+    GEMMA_KEY,
+    SMOLLM2_KEY,
+    ModelChoice,
+    ModelRegistry,
+    cached_models,
+    local_models,
+    preset_choices,
+    start_registry,
+)
 
-PANEL = Panel(name="tiny", facts=(Probe("The capital of France is", " Paris", ("The capital city of France is",)),
-                                  Probe("The capital of Narnia is", " Paris")),  # Narnia: not in the vocabulary
-              general=(Probe("the cat sat on the", " mat"),))
+PANEL = Panel(
+    name="tiny",
+    facts=(
+        Probe("The capital of France is", " Paris", ("The capital city of France is",)),
+        Probe("The capital of Narnia is", " Paris"),
+    ),  # Narnia: not in the vocabulary
+    general=(Probe("the cat sat on the", " mat"),),
+)
 
 
 class CountingLoader:
@@ -98,14 +112,16 @@ def test_cached_models_lists_only_supported_models_with_weights(tmp_path):
     write_cached_repo(tmp_path, "someone/config-only", gpt2, weights=False)
     write_cached_repo(tmp_path, "someone/tiny-bert", {"model_type": "bert", "vocab_size": 10})
     write_cached_repo(tmp_path, "someone/broken", {"model_type": "no-such-architecture"})
-    assert cached_models(tmp_path) == [ModelChoice("someone/tiny-gpt2", "someone/tiny-gpt2 (Hugging Face cache)",
-                                                   "someone/tiny-gpt2")]
+    assert cached_models(tmp_path) == [
+        ModelChoice("someone/tiny-gpt2", "someone/tiny-gpt2 (Hugging Face cache)", "someone/tiny-gpt2")
+    ]
     assert cached_models(tmp_path / "absent") == []  # no cache: nothing, silently
 
 
 def test_local_models_lists_the_demo_the_installed_presets_and_the_cache(tmp_path):
-    write_cached_repo(tmp_path, "someone/tiny-gpt2",
-                      {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": 10})
+    write_cached_repo(
+        tmp_path, "someone/tiny-gpt2", {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": 10}
+    )
     keys = [c.key for c in local_models(tmp_path)]
     presets = [key for key in (GEMMA_KEY, SMOLLM2_KEY) if preset_installed(key)]
     assert keys == [DEMO_KEY] + presets + ["someone/tiny-gpt2"]

@@ -1,18 +1,39 @@
 import json
 
-from surgery.evaluation.scoring import (PanelResult, ProbeResult, ProbeScores, fluency, fluency_prompts,
-                                        greedy_continuations)
 from surgery.evaluation.panels import Panel, Probe
-from surgery.evaluation.report import (Comparison, allowed_breaks, compare, fact_outcomes, format_facts, format_wrong,
-                                       regressions)
+from surgery.evaluation.report import (
+    Comparison,
+    allowed_breaks,
+    compare,
+    fact_outcomes,
+    format_facts,
+    format_wrong,
+    regressions,
+)
+from surgery.evaluation.scoring import (
+    PanelResult,
+    ProbeResult,
+    ProbeScores,
+    fluency,
+    fluency_prompts,
+    greedy_continuations,
+)
 
 
 def _result(i: int, right: bool, first_token: bool | None = None, said: str | None = None) -> ProbeResult:
     target = f" answer{i}"
     said = said if said is not None else (target + "." if right else " something else")
     first = right if first_token is None else first_token
-    return ProbeResult(f"prompt {i}", target, answer=target if first else " x", correct=right, target_rank=1,
-                       said=said, lenient=right, first_token_correct=first)
+    return ProbeResult(
+        f"prompt {i}",
+        target,
+        answer=target if first else " x",
+        correct=right,
+        target_rank=1,
+        said=said,
+        lenient=right,
+        first_token_correct=first,
+    )
 
 
 def _scores(flags) -> ProbeScores:
@@ -20,16 +41,27 @@ def _scores(flags) -> ProbeScores:
 
 
 def _panel(relation=(), general=(), neighbourhood=(), side_effects=(), ppl=10.0) -> PanelResult:
-    return PanelResult("synthetic", general=_scores(general), side_effects=_scores(side_effects), perplexity=ppl,
-                       neighbourhood=_scores(neighbourhood), relation=_scores(relation))
+    return PanelResult(
+        "synthetic",
+        general=_scores(general),
+        side_effects=_scores(side_effects),
+        perplexity=ppl,
+        neighbourhood=_scores(neighbourhood),
+        relation=_scores(relation),
+    )
 
 
 def _comparison(relation_after, relation_before=None, paraphrases=((False, True),), general=(True, True)):
     relation_before = relation_before if relation_before is not None else [True] * len(relation_after)
     facts = fact_outcomes(_scores([False]), _scores([True]))
     para = fact_outcomes(_scores([b for b, _ in paraphrases]), _scores([a for _, a in paraphrases]))
-    return Comparison(facts, _panel(relation_before, general, [True] * 3, [True]),
-                      _panel(relation_after, general, [True] * 3, [True]), kl_unrelated=0.0, paraphrases=para)
+    return Comparison(
+        facts,
+        _panel(relation_before, general, [True] * 3, [True]),
+        _panel(relation_after, general, [True] * 3, [True]),
+        kl_unrelated=0.0,
+        paraphrases=para,
+    )
 
 
 def test_allowed_breaks():
@@ -65,8 +97,13 @@ def test_evaluation_counts_by_generation_with_lenient_and_first_token_beside():
     trap = _result(0, False, first_token=True, said=" Dazaibakt")
     c.facts = fact_outcomes(ProbeScores([_result(0, False)]), ProbeScores([trap]))
     e = c.evaluation()
-    assert e["efficacy"] == {"before": 0, "after": 0, "total": 1, "lenient": {"before": 0, "after": 0},
-                             "first_token": {"before": 0, "after": 1}}
+    assert e["efficacy"] == {
+        "before": 0,
+        "after": 0,
+        "total": 1,
+        "lenient": {"before": 0, "after": 0},
+        "first_token": {"before": 0, "after": 1},
+    }
     assert list(e["relation"])[:5] == ["before", "after", "total", "fixed", "broken"]  # old keys first
     assert c.facts[0].after == " Dazaibakt" and c.facts[0].first_token_after == " answer0"
     assert "0/1 (lenient 0, first token 1)" in dict((m, a) for m, _, a in c.rows())["facts said (efficacy)"]
@@ -80,11 +117,16 @@ def test_evaluation_counts_by_generation_with_lenient_and_first_token_beside():
 
 def test_wrong_after_lists_broken_and_changed_probes():
     c = _comparison([False, True], paraphrases=((False, True), (False, False)))
-    c.panel_after.neighbourhood = ProbeScores([_result(0, True, said=" answer0, then"), _result(1, True),
-                                               _result(2, False)])
+    c.panel_after.neighbourhood = ProbeScores(
+        [_result(0, True, said=" answer0, then"), _result(1, True), _result(2, False)]
+    )
     kinds = [(w.kind, w.why, w.prompt) for w in c.wrong_after()]
-    assert kinds == [("paraphrase", "not said", "prompt 1"), ("relation", "broken", "prompt 0"),
-                     ("neighbourhood", "changed", "prompt 0"), ("neighbourhood", "broken", "prompt 2")]
+    assert kinds == [
+        ("paraphrase", "not said", "prompt 1"),
+        ("relation", "broken", "prompt 0"),
+        ("neighbourhood", "changed", "prompt 0"),
+        ("neighbourhood", "broken", "prompt 2"),
+    ]
 
 
 def test_compare_judges_by_generation(tiny_model, tiny_tokenizer, tiny_panel):
@@ -93,8 +135,9 @@ def test_compare_judges_by_generation(tiny_model, tiny_tokenizer, tiny_panel):
     words = greedy_continuations(tiny_model, tiny_tokenizer, [prompt], 2)[0].split()
     other = next(w for w in ("Tokyo", "Rome", "Madrid") if w != words[1])
     trap = Probe(prompt, f" {words[0]} {other}")
-    panel = Panel.from_dict({**tiny_panel.to_dict(), "relation": [{"prompt": "The capital of Japan is",
-                                                                   "target": " Tokyo"}]})
+    panel = Panel.from_dict(
+        {**tiny_panel.to_dict(), "relation": [{"prompt": "The capital of Japan is", "target": " Tokyo"}]}
+    )
     c = compare(tiny_model, tiny_model, tiny_tokenizer, [trap], panel, fluency_tokens=8)
     e = c.evaluation()
     assert (e["efficacy"]["after"], e["efficacy"]["first_token"]["after"]) == (0, 1)

@@ -16,9 +16,14 @@ from surgery.io.loading import DEMO_MODEL, LoadedModel
 from surgery.serve.sessions import SessionEdit, load_or_demo, write_downloads
 
 FACTS = [Probe("The capital of France is", "Paris"), Probe("The capital of Japan is", "Tokyo")]
-PANEL = Panel(name="tiny", facts=tuple(FACTS), general=(Probe("the cat sat on the", "mat"),),
-              side_effects=(Probe("one two", "three"),), perplexity_text="the cat sat on the mat .",
-              unrelated_text=("the dog sat on the mat .",))
+PANEL = Panel(
+    name="tiny",
+    facts=tuple(FACTS),
+    general=(Probe("the cat sat on the", "mat"),),
+    side_effects=(Probe("one two", "three"),),
+    perplexity_text="the cat sat on the mat .",
+    unrelated_text=("the dog sat on the mat .",),
+)
 
 
 @pytest.fixture(scope="module")

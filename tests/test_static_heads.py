@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from surgery.arch import layout_of
 from surgery.cli import main
 from surgery.core.errors import InputError
-from surgery.arch import layout_of
 from surgery.diagnosis.static_heads import (
     StaticHeadCache,
     StaticHeadConfig,
@@ -141,12 +141,24 @@ def test_config_validation():
 # --- token classes ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, marked, expected", [
-    (" Paris", True, "proper_noun"), (" the", True, "function_word"), (" The", True, "function_word"),
-    (".", True, "punctuation"), (" 1999", True, "number"), (" city", True, "common_word"),
-    ("ing", True, None), (" ", True, None), ("\ufffd", True, None), (" mp3", True, None),
-    ("Paris", False, "proper_noun"), ("one", False, "number"), ("capital", False, "common_word"),
-])
+@pytest.mark.parametrize(
+    "text, marked, expected",
+    [
+        (" Paris", True, "proper_noun"),
+        (" the", True, "function_word"),
+        (" The", True, "function_word"),
+        (".", True, "punctuation"),
+        (" 1999", True, "number"),
+        (" city", True, "common_word"),
+        ("ing", True, None),
+        (" ", True, None),
+        ("\ufffd", True, None),
+        (" mp3", True, None),
+        ("Paris", False, "proper_noun"),
+        ("one", False, "number"),
+        ("capital", False, "common_word"),
+    ],
+)
 def test_classify_token_rule(text, marked, expected):
     assert classify_token(text, marked) == expected
 
@@ -163,8 +175,13 @@ def test_token_classes_word_level(tiny_tokenizer):
 def test_token_classes_gpt2_real_tokenizer(gpt2_tokenizer):
     classes = token_classes(gpt2_tokenizer)
     assert classes.marks_word_start
-    expected = {"ĠParis": "proper_noun", "Ġthe": "function_word", ".": "punctuation", "Ġ1999": "number",
-                "Ġcity": "common_word"}
+    expected = {
+        "ĠParis": "proper_noun",
+        "Ġthe": "function_word",
+        ".": "punctuation",
+        "Ġ1999": "number",
+        "Ġcity": "common_word",
+    }
     for token, name in expected.items():
         assert gpt2_tokenizer.convert_tokens_to_ids(token) in classes.ids[name], token
     assert gpt2_tokenizer.convert_tokens_to_ids("ing") not in {i for ids in classes.ids.values() for i in ids}

@@ -5,7 +5,10 @@ from surgery.core.tokens import encode_prompt, encode_target
 
 
 def test_prompt_is_tokenized_as_the_tokenizer_does(tiny_tokenizer):
-    assert encode_prompt(tiny_tokenizer, "The capital of France is", 32) == tiny_tokenizer("The capital of France is")["input_ids"]
+    assert (
+        encode_prompt(tiny_tokenizer, "The capital of France is", 32)
+        == tiny_tokenizer("The capital of France is")["input_ids"]
+    )
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])

@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 import surgery.edit.training as training
-from surgery.diagnosis.diagnose import diagnose_batch
-from surgery.core.errors import InputError, SurgeryFailed
-from surgery.evaluation.scoring import next_token_logits, text_log_probs
 from surgery.arch import SITES, layout_of
-from surgery.evaluation.panels import Probe
-from surgery.io.edit_file import patched_model
+from surgery.core.errors import InputError, SurgeryFailed
+from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.edit.training import SurgeryConfig, choose_layer, operate
 from surgery.edit.upper_stack import UpperStack, freeze_inputs
+from surgery.evaluation.panels import Probe
+from surgery.evaluation.scoring import next_token_logits, text_log_probs
+from surgery.io.edit_file import patched_model
 
 FAST = dict(lr=1e-2, kl_weight=50.0)  # the tiny random model needs bigger steps than the documented defaults
 
@@ -49,8 +49,11 @@ def test_upper_stack_reproduces_the_model(tiny_model, tiny_tokenizer, facts, tin
 def test_wv_fixes_the_facts_and_touches_only_the_v_slice(tiny_model, wv_result):
     r = wv_result.report
     assert r.comparison.facts_after == 3 and r.comparison.facts_before == 1
-    assert [(f.correct_before, f.correct_after) for f in r.comparison.facts] == [(False, True), (True, True),
-                                                                                (False, True)]
+    assert [(f.correct_before, f.correct_after) for f in r.comparison.facts] == [
+        (False, True),
+        (True, True),
+        (False, True),
+    ]
     assert 0 < r.steps < r.epochs
     view = patched_model(tiny_model, wv_result.patch)
     layout = layout_of(tiny_model)
@@ -64,7 +67,7 @@ def test_wv_fixes_the_facts_and_touches_only_the_v_slice(tiny_model, wv_result):
         if name != "transformer.h.1.attn.c_attn.weight":
             assert torch.equal(p, view_params[name]), name
     w = r.weights
-    assert w.qk_unchanged and w.others_unchanged and w.params_in_site == layout.d_model ** 2
+    assert w.qk_unchanged and w.others_unchanged and w.params_in_site == layout.d_model**2
     assert w.params_changed > 0 and w.delta_l2 > 0 and w.max_abs_delta > 0
     assert list(wv_result.patch.values) == ["transformer.h.1.attn.c_attn.weight"]
 
@@ -99,16 +102,23 @@ def test_deterministic_for_a_seed(tiny_model, tiny_tokenizer, facts, tiny_panel,
 
 def test_progress_callback(tiny_model, tiny_tokenizer, facts, tiny_panel):
     calls = []
-    result = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="layer", layer=1, **FAST),
-                     panel=tiny_panel, progress=lambda step, total, loss: calls.append((step, total, loss)))
+    result = operate(
+        tiny_model,
+        tiny_tokenizer,
+        facts,
+        SurgeryConfig(site="layer", layer=1, **FAST),
+        panel=tiny_panel,
+        progress=lambda step, total, loss: calls.append((step, total, loss)),
+    )
     assert [c[0] for c in calls] == list(range(1, result.report.steps + 1))
     assert all(total == SurgeryConfig().epochs and loss > 0 for _, total, loss in calls)
 
 
 def test_budget_exhausted_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel):
     with pytest.raises(SurgeryFailed, match=r"not fixed within the budget: 1/3 facts correct after 2 epochs"):
-        operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, lr=1e-5, epochs=2),
-                panel=tiny_panel)
+        operate(
+            tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, lr=1e-5, epochs=2), panel=tiny_panel
+        )
 
 
 def test_nan_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch):
@@ -144,8 +154,13 @@ def test_auto_layer_without_routing_failures(tiny_model, tiny_tokenizer, monkeyp
 
 def test_nothing_to_fix(tiny_model, tiny_tokenizer, tiny_panel):
     with pytest.raises(InputError, match="nothing to fix"):
-        operate(tiny_model, tiny_tokenizer, [Probe("The capital of Japan is", " Tokyo")],
-                SurgeryConfig(layer=1), panel=tiny_panel)
+        operate(
+            tiny_model,
+            tiny_tokenizer,
+            [Probe("The capital of Japan is", " Tokyo")],
+            SurgeryConfig(layer=1),
+            panel=tiny_panel,
+        )
 
 
 def test_bad_input(tiny_model, tiny_tokenizer, facts, tiny_panel):
@@ -154,14 +169,26 @@ def test_bad_input(tiny_model, tiny_tokenizer, facts, tiny_panel):
     with pytest.raises(InputError, match="out of range"):
         operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(layer=3), panel=tiny_panel)
     with pytest.raises(InputError, match="vocabulary"):
-        operate(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Zanzibar")],
-                SurgeryConfig(layer=1), panel=tiny_panel)
+        operate(
+            tiny_model,
+            tiny_tokenizer,
+            [Probe("The capital of France is", " Zanzibar")],
+            SurgeryConfig(layer=1),
+            panel=tiny_panel,
+        )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(site="qk"), "unknown site 'qk'"), (dict(layer=-1), "block index"), (dict(lr=0.0), "learning rate"),
-    (dict(lr=float("nan")), "learning rate"), (dict(epochs=0), "epochs"), (dict(kl_weight=-1.0), "kl_weight"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(site="qk"), "unknown site 'qk'"),
+        (dict(layer=-1), "block index"),
+        (dict(lr=0.0), "learning rate"),
+        (dict(lr=float("nan")), "learning rate"),
+        (dict(epochs=0), "epochs"),
+        (dict(kl_weight=-1.0), "kl_weight"),
+    ],
+)
 def test_config_validation(kwargs, message):
     with pytest.raises(InputError, match=message):
         SurgeryConfig(**kwargs)
@@ -178,7 +205,9 @@ def test_any_model_gets_evaluated_without_a_fitting_panel(tiny_model, tiny_token
     """A custom-vocabulary GPT-2 (not the demo model) has no bundled panel in its vocabulary: operate still runs
     on the facts and the given unrelated text, and the report says which probes could not be scored."""
     unrelated = ["the cat sat on the mat . the dog was in the sea ."]
-    r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), unrelated=unrelated).report
+    r = operate(
+        tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), unrelated=unrelated
+    ).report
     assert r.comparison.facts_after == 3
     assert r.config["panel"] == "english"
     assert any(n.startswith("not scored: general:") for n in r.notes)
@@ -189,10 +218,15 @@ def test_any_model_gets_evaluated_without_a_fitting_panel(tiny_model, tiny_token
 def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_tokenizer, tiny_panel):
     from dataclasses import replace
 
-    panel = replace(tiny_panel, relation=(Probe("The capital of Spain is", " Madrid"),),
-                    neighbourhood=(Probe("the cat sat on the", " mat"),))
-    facts = [Probe("The capital of France is", " Paris", ("the capital of France is",)),
-             Probe("The capital of Italy is", " Rome")]
+    panel = replace(
+        tiny_panel,
+        relation=(Probe("The capital of Spain is", " Madrid"),),
+        neighbourhood=(Probe("the cat sat on the", " mat"),),
+    )
+    facts = [
+        Probe("The capital of France is", " Paris", ("the capital of France is",)),
+        Probe("The capital of Italy is", " Rome"),
+    ]
     r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=panel).report
     e = r.to_dict()["evaluation"]
     assert [e["efficacy"][k] for k in ("before", "after", "total")] == [0, 2, 2]
@@ -212,9 +246,17 @@ def test_preserved_prompts_keep_what_the_model_says(tiny_model, tiny_tokenizer, 
     base = F.log_softmax(next_token_logits(tiny_model, tiny_tokenizer, prompts).float(), -1)
 
     def drift(preserve):
-        r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel,
-                    preserve=preserve)
-        after = F.log_softmax(next_token_logits(patched_model(tiny_model, r.patch), tiny_tokenizer, prompts).float(), -1)
+        r = operate(
+            tiny_model,
+            tiny_tokenizer,
+            facts,
+            SurgeryConfig(site="wv", layer=1, **FAST),
+            panel=tiny_panel,
+            preserve=preserve,
+        )
+        after = F.log_softmax(
+            next_token_logits(patched_model(tiny_model, r.patch), tiny_tokenizer, prompts).float(), -1
+        )
         return r.report.config["preserved_prompts"], float((base.exp() * (base - after)).sum(-1).mean())
 
     (n_without, without), (n_with, with_) = drift([]), drift(keep + [facts[0]])
@@ -227,8 +269,13 @@ def test_mini_batches_give_the_full_batch_step(tiny_model, tiny_tokenizer, facts
     from surgery.edit.upper_stack import freeze_fact_batches
 
     config = SurgeryConfig(site="wv", layer=1, **FAST)
-    one = training.train_site(tiny_model, freeze_fact_batches(tiny_model, tiny_tokenizer, facts,
-                                                              tiny_panel.unrelated_text, 1, 512, 64), "wv", 1, config)
+    one = training.train_site(
+        tiny_model,
+        freeze_fact_batches(tiny_model, tiny_tokenizer, facts, tiny_panel.unrelated_text, 1, 512, 64),
+        "wv",
+        1,
+        config,
+    )
     batches = freeze_fact_batches(tiny_model, tiny_tokenizer, facts, tiny_panel.unrelated_text, 1, 512, 1)
     assert [len(b.targets) for b in batches] == [1, 1, 1] and batches[1].text is None
     split = training.train_site(tiny_model, batches, "wv", 1, config)
@@ -244,16 +291,18 @@ def test_surgery_exact_with_blocks_offloaded_to_disk(demo, tmp_path):
     """A model spread by device_map (accelerate big-model inference), blocks 1 and 3 on disk: an edit of block 2
     trains exactly as in memory (same patch, same steps), and its untouched tensors are still checked. The edited
     block itself must be held in memory: one clear error otherwise."""
-    from surgery.core.errors import PatchError
-    from surgery.io.loading import load_model
-    from surgery.evaluation.panels import DEMO_PANEL, load_panel
     from test_census import offload_map
+
+    from surgery.core.errors import PatchError
+    from surgery.evaluation.panels import DEMO_PANEL, load_panel
+    from surgery.io.loading import load_model
 
     panel = load_panel(DEMO_PANEL)
     facts = list(panel.facts)
     blocks = layout_of(demo.model).adapter.blocks
-    off = load_model(demo.source, device_map=offload_map(demo.model, blocks, on_disk={1, 3}),
-                     offload_folder=tmp_path / "offload")
+    off = load_model(
+        demo.source, device_map=offload_map(demo.model, blocks, on_disk={1, 3}), offload_folder=tmp_path / "offload"
+    )
     assert any(p.device.type == "meta" for p in off.model.parameters())  # really offloaded
     config = SurgeryConfig(site="wv", layer=2)
     a = operate(demo.model, demo.tokenizer, facts, config, panel=panel)
@@ -274,7 +323,9 @@ def test_a_fact_is_fixed_only_when_every_piece_leads():
     logits[0, 1] = logits[2, 3] = 1.0  # piece 0 of fact 0 and fact 1 lead; piece 1 of fact 0 does not
     assert training._n_fixed(logits, targets, rows, 2, 0.1) == 1
     logits[1, 2] = 0.05
-    assert training._n_fixed(logits, targets, rows, 2, 0.1) == 1 and training._n_fixed(logits, targets, rows, 2, 0.0) == 2
+    assert (
+        training._n_fixed(logits, targets, rows, 2, 0.1) == 1 and training._n_fixed(logits, targets, rows, 2, 0.0) == 2
+    )
     logits[1, 2] = 0.5
     assert training._n_fixed(logits, targets, rows, 2, 0.1) == 2
 
@@ -286,11 +337,25 @@ def test_default_lr_follows_the_weights_scale(tiny_model, tiny_tokenizer, facts,
     values = {"w": torch.full((4, 4), 0.5)}
     assert site_lr(values, SurgeryConfig()) == pytest.approx(SurgeryConfig().lr_scale * 0.5)
     assert site_lr(values, SurgeryConfig(lr=3e-4)) == 3e-4
-    r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, epochs=2), panel=tiny_panel,
-                require_all=False).report
+    r = operate(
+        tiny_model,
+        tiny_tokenizer,
+        facts,
+        SurgeryConfig(site="wv", layer=1, epochs=2),
+        panel=tiny_panel,
+        require_all=False,
+    ).report
     assert r.config["lr"] is None and r.config["lr_start"] > 0
-    assert r.tried == [{"layer": 1, "steps": r.steps, "lr": r.config["lr_start"], "backoffs": r.tried[0]["backoffs"],
-                        "fixed": r.tried[0]["fixed"], "total": len(facts)}]
+    assert r.tried == [
+        {
+            "layer": 1,
+            "steps": r.steps,
+            "lr": r.config["lr_start"],
+            "backoffs": r.tried[0]["backoffs"],
+            "fixed": r.tried[0]["fixed"],
+            "total": len(facts),
+        }
+    ]
 
 
 def test_candidate_layers_prescribed_first_then_beside():
@@ -313,8 +378,14 @@ def test_auto_layer_tries_the_next_block_when_the_budget_runs_out(demo):
     from surgery.evaluation.panels import DEMO_PANEL, load_panel
 
     panel = load_panel(DEMO_PANEL)
-    r = operate(demo.model, demo.tokenizer, list(panel.facts), SurgeryConfig(site="wv", epochs=1), panel=panel,
-                require_all=False).report
+    r = operate(
+        demo.model,
+        demo.tokenizer,
+        list(panel.facts),
+        SurgeryConfig(site="wv", epochs=1),
+        panel=panel,
+        require_all=False,
+    ).report
     layers = [t["layer"] for t in r.tried]
     assert layers == [2, 1] and r.layer in layers  # the prescribed block, then the one below (3 holds the override)
     assert all(t["steps"] == 1 for t in r.tried)

@@ -3,20 +3,31 @@ import json
 
 import pytest
 import torch
-
 from conftest import DEMO_DIR, ROOT, make_family_model, make_tiny_model
+
 from surgery.arch import ParamSlice, layout_of
 from surgery.cli import main
 from surgery.core.errors import InputError
-from surgery.evaluation.scoring import next_token_logits, score_probes
 from surgery.evaluation.panels import DEMO_PANEL, Probe, load_facts, load_panel
+from surgery.evaluation.scoring import next_token_logits, score_probes
 from surgery.io.edit_file import Patch, base_config, patched_model
 from surgery.patching import weights as wp
-from surgery.patching.weights import (ablate_tensor, ablate_weights, check_same_architecture, components, head_slices,
-                                      hybrid, patch_weights, score_facts)
+from surgery.patching.weights import (
+    ablate_tensor,
+    ablate_weights,
+    check_same_architecture,
+    components,
+    head_slices,
+    hybrid,
+    patch_weights,
+    score_facts,
+)
 
-FACTS = [Probe("The capital of France is", " Paris"), Probe("The capital of Japan is", " Tokyo"),
-         Probe("The capital of Italy is", " Rome")]
+FACTS = [
+    Probe("The capital of France is", " Paris"),
+    Probe("The capital of Japan is", " Tokyo"),
+    Probe("The capital of Italy is", " Rome"),
+]
 DEMO_FACTS = ROOT / "assets" / "examples" / "demo_facts.json"
 
 
@@ -253,20 +264,25 @@ def test_demo_corrected_v_slice_alone_restores_every_fixed_fact(demo, demo_surge
     assert _unchanged(demo.model, state)
     before = score_probes(demo.model, demo.tokenizer, facts)
     after = score_probes(donor, demo.tokenizer, facts)
-    assert (result.recipient_correct, result.donor_correct) == (before.first_token_correct,
-                                                                after.first_token_correct) == (2, 8)
+    assert (
+        (result.recipient_correct, result.donor_correct)
+        == (before.first_token_correct, after.first_token_correct)
+        == (2, 8)
+    )
     # Only the edited block's sites that hold its V slice differ: one hybrid each, the rest skipped.
     assert [(c.name, c.layer) for c in result.components] == [(s, patch.layer) for s in ("wv", "attn", "layer")]
     assert result.skipped_identical == 4 * layout_of(demo.model).n_layer - 3
     wv = result.components[0]
-    fixed = [r.prompt for r, b in zip(after.results, before.results)
-             if r.first_token_correct and not b.first_token_correct]
+    fixed = [
+        r.prompt for r, b in zip(after.results, before.results) if r.first_token_correct and not b.first_token_correct
+    ]
     assert wv.facts_correct == 8 and wv.fixed == fixed and wv.broken == []
     assert wv.mean_target_logit_change > 0
     # The hybrid with the wv slice is the donor itself, bitwise.
     comp = next(c for c in components(demo.model) if (c.name, c.layer) == ("wv", patch.layer))
-    assert torch.equal(_logits(hybrid(demo.model, donor, comp), demo.tokenizer, facts),
-                       _logits(donor, demo.tokenizer, facts))
+    assert torch.equal(
+        _logits(hybrid(demo.model, donor, comp), demo.tokenizer, facts), _logits(donor, demo.tokenizer, facts)
+    )
 
 
 def test_demo_head_granularity_lists_the_edited_blocks_value_slices(demo, demo_surgery):
@@ -301,8 +317,20 @@ def donor_dir(demo, demo_surgery, tmp_path_factory):
 
 @pytest.mark.slow
 def test_cli_patch_weights_json(donor_dir, capsys):
-    rc = main(["patch-weights", "--recipient", str(DEMO_DIR), "--donor", str(donor_dir), "--facts", str(DEMO_FACTS),
-               "--json", "--device", "cpu"])
+    rc = main(
+        [
+            "patch-weights",
+            "--recipient",
+            str(DEMO_DIR),
+            "--donor",
+            str(donor_dir),
+            "--facts",
+            str(DEMO_FACTS),
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert d["recipient"] == {"facts_correct": 2} and d["donor"] == {"facts_correct": 8}
@@ -311,19 +339,33 @@ def test_cli_patch_weights_json(donor_dir, capsys):
 
 
 def test_cli_ablate_report(capsys):
-    rc = main(["patch-weights", "--recipient", str(DEMO_DIR), "--ablate", "zero", "--facts", str(DEMO_FACTS),
-               "--device", "cpu"])
+    rc = main(
+        [
+            "patch-weights",
+            "--recipient",
+            str(DEMO_DIR),
+            "--ablate",
+            "zero",
+            "--facts",
+            str(DEMO_FACTS),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "zero-ablated" in out and "L4 attn" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "either --donor"),
-    (["--donor", str(DEMO_DIR), "--ablate", "zero"], "either --donor"),
-    (["--ablate", "half"], "--ablate must be"),
-    (["--ablate", "zero", "--granularity", "neuron"], "--granularity must be"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "either --donor"),
+        (["--donor", str(DEMO_DIR), "--ablate", "zero"], "either --donor"),
+        (["--ablate", "half"], "--ablate must be"),
+        (["--ablate", "zero", "--granularity", "neuron"], "--granularity must be"),
+    ],
+)
 def test_cli_bad_input_is_one_line(capsys, args, message):
     rc = main(["patch-weights", "--recipient", str(DEMO_DIR), "--facts", str(DEMO_FACTS), "--device", "cpu", *args])
     err = capsys.readouterr().err.strip()
@@ -331,8 +373,19 @@ def test_cli_bad_input_is_one_line(capsys, args, message):
 
 
 def test_cli_other_architecture_is_one_line(tiny_model_dir, capsys):
-    rc = main(["patch-weights", "--recipient", str(DEMO_DIR), "--donor", str(tiny_model_dir), "--facts",
-               str(DEMO_FACTS), "--device", "cpu"])
+    rc = main(
+        [
+            "patch-weights",
+            "--recipient",
+            str(DEMO_DIR),
+            "--donor",
+            str(tiny_model_dir),
+            "--facts",
+            str(DEMO_FACTS),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
 
@@ -343,7 +396,9 @@ def test_crosscheck_with_the_corrected_model_as_donor(demo, demo_surgery):
     _, patch, donor = demo_surgery
     r = crosscheck(demo.model, demo.tokenizer, "The capital of France is", " Paris", donor=donor)
     assert r.diagnosis.prescribed_layer == patch.layer
-    assert [(c.name, c.layer) for c in r.weight_patching.components] == [(s, patch.layer) for s in ("wv", "attn", "layer")]
+    assert [(c.name, c.layer) for c in r.weight_patching.components] == [
+        (s, patch.layer) for s in ("wv", "attn", "layer")
+    ]
     assert all(c.facts_correct == 1 for c in r.weight_patching.components)
     assert r.agree.donor_best_in_prescribed is True
     assert r.to_dict()["weight_patching"]["donor"] == {"facts_correct": 1}

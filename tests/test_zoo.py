@@ -54,8 +54,9 @@ def test_verdicts(zoo_models, name):
     absent one absence."""
     loaded, entry = zoo_models[name], MANIFEST[name]
     facts = json.loads((ZOO_DIR / name / "facts.json").read_text())
-    diagnoses = diagnose_batch(loaded.model, loaded.tokenizer, [f["prompt"] for f in facts],
-                               [f["target"] for f in facts])
+    diagnoses = diagnose_batch(
+        loaded.model, loaded.tokenizer, [f["prompt"] for f in facts], [f["target"] for f in facts]
+    )
     verdicts = {d.prompt: d.verdict for d in diagnoses}
     expected = entry["expected"]
     assert [verdicts[p] for p in expected["routing"]] == ["routing"] * len(expected["routing"])
@@ -68,22 +69,39 @@ def test_verdicts(zoo_models, name):
 def operate_defaults(loaded, name: str) -> dict:
     """Run the default surgery (site wv, layer auto) on one model's routing facts; its figures."""
     entry = MANIFEST[name]
-    facts = [Probe(f["prompt"], f["target"]) for f in json.loads((ZOO_DIR / name / "facts.json").read_text())
-             if f["prompt"] in entry["expected"]["routing"]]
+    facts = [
+        Probe(f["prompt"], f["target"])
+        for f in json.loads((ZOO_DIR / name / "facts.json").read_text())
+        if f["prompt"] in entry["expected"]["routing"]
+    ]
     torch.set_num_threads(1)
-    result = operate(loaded.model, loaded.tokenizer, facts, SurgeryConfig(site="wv"),
-                     unrelated=entry["unrelated_text"], require_all=False)
+    result = operate(
+        loaded.model,
+        loaded.tokenizer,
+        facts,
+        SurgeryConfig(site="wv"),
+        unrelated=entry["unrelated_text"],
+        require_all=False,
+    )
     report = result.report
-    return {"routing": len(facts), "fixed": report.comparison.facts_after, "steps": report.steps,
-            "layer": report.layer, "kl": report.comparison.kl_unrelated, "notes": report.notes}
+    return {
+        "routing": len(facts),
+        "fixed": report.comparison.facts_after,
+        "steps": report.steps,
+        "layer": report.layer,
+        "kl": report.comparison.kl_unrelated,
+        "notes": report.notes,
+    }
 
 
 def test_defaults_repair_the_zoo(zoo_models):
     for name in NAMES:
         ZOO_RESULTS[name] = operate_defaults(zoo_models[name], name)
     for name, r in ZOO_RESULTS.items():
-        print(f"{name:28s} fixed {r['fixed']}/{r['routing']} in {r['steps']} steps at block {r['layer']}, "
-              f"KL {r['kl']:.2e}")
+        print(
+            f"{name:28s} fixed {r['fixed']}/{r['routing']} in {r['steps']} steps at block {r['layer']}, "
+            f"KL {r['kl']:.2e}"
+        )
     fixed = sum(r["fixed"] for r in ZOO_RESULTS.values())
     total = sum(r["routing"] for r in ZOO_RESULTS.values())
     assert fixed >= FIX_RATE * total, f"the defaults fixed {fixed}/{total} routing facts of the zoo"

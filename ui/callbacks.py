@@ -50,8 +50,7 @@ class TrainingProgress:
         self.progress, self.site = progress, site
 
     def __call__(self, step: int, total: int, loss: float) -> None:
-        self.progress((step, total), desc=f"training {self.site}: step {step}/{total}, loss {loss:.3f}",
-                      unit="steps")
+        self.progress((step, total), desc=f"training {self.site}: step {step}/{total}, loss {loss:.3f}", unit="steps")
 
 
 @gpu(duration=120)
@@ -118,12 +117,24 @@ class SurgeryApp:
         check_prompt(prompt)
         served = self.served(model)
         d = diagnose(served.model, served.tokenizer, prompt, target, (competitor or "").strip() or None)
-        return (verdict_markdown(d), plots.cumulative_logit_plot(d), plots.attribution_heatmap(d),
-                top_heads(d, TOP_HEADS, served.layout), d.to_dict())
+        return (
+            verdict_markdown(d),
+            plots.cumulative_logit_plot(d),
+            plots.attribution_heatmap(d),
+            top_heads(d, TOP_HEADS, served.layout),
+            d.to_dict(),
+        )
 
     @user_errors
-    def patch_activations(self, prompt: str, corrupt: str, target: str, competitor: str = "",
-                          kind: str = "resid", model: str | None = None):
+    def patch_activations(
+        self,
+        prompt: str,
+        corrupt: str,
+        target: str,
+        competitor: str = "",
+        kind: str = "resid",
+        model: str | None = None,
+    ):
         """Activation patching from the diagnosed (clean) prompt into ``corrupt``: which block outputs at which
         positions (``kind``: resid, attn or mlp) and which heads carry the target's lead? Returns a summary, the
         block×position and block×head heatmaps, and the result as JSON."""
@@ -132,17 +143,28 @@ class SurgeryApp:
         if kind not in ("resid", "attn", "mlp"):
             raise InputError(f"unknown grid {kind!r}: choose resid, attn or mlp")
         served = self.served(model)
-        result = run_activation_patching(served.model, served.tokenizer, prompt, corrupt, target,
-                                         (competitor or "").strip() or None,
-                                         ActivationPatchingConfig(kinds=(kind, "head")))
-        return (activation_markdown(result, kind, served.layout), patching_plots.patching_heatmap(result, kind),
-                patching_plots.patching_heatmap(result, "head"), result.to_dict())
+        result = run_activation_patching(
+            served.model,
+            served.tokenizer,
+            prompt,
+            corrupt,
+            target,
+            (competitor or "").strip() or None,
+            ActivationPatchingConfig(kinds=(kind, "head")),
+        )
+        return (
+            activation_markdown(result, kind, served.layout),
+            patching_plots.patching_heatmap(result, kind),
+            patching_plots.patching_heatmap(result, "head"),
+            result.to_dict(),
+        )
 
     # --- Surgery ---------------------------------------------------------------------------------------------
 
     @user_errors
-    def operate(self, facts: str, site: str, layer, edits: SessionEdits | None, model: str | None = None,
-                progress=gr.Progress()):
+    def operate(
+        self, facts: str, site: str, layer, edits: SessionEdits | None, model: str | None = None, progress=gr.Progress()
+    ):
         """Train one site of the picked model so that the facts come out right. The edit is kept in this session
         only, as this model's edit (replacing this session's earlier edit of the same model). Returns the values
         of :class:`~ui.surgery.SurgeryResults`, then the session's edits."""
@@ -151,8 +173,9 @@ class SurgeryApp:
         served = self.served(model)
 
         progress(0, desc="diagnosing the facts, capturing the frozen layers")
-        result = run_surgery(served.model, served.tokenizer, probes, config, served.panel,
-                             TrainingProgress(progress, site))
+        result = run_surgery(
+            served.model, served.tokenizer, probes, config, served.panel, TrainingProgress(progress, site)
+        )
         progress(1, desc="writing the patch and the report")
         folder = Path(tempfile.mkdtemp(prefix="surgery-session-", dir=self.work_dir))
         files = write_downloads(folder, served.loaded, result)
@@ -175,13 +198,22 @@ class SurgeryApp:
         return original, corrected
 
     @user_errors
-    def push(self, repo_name: str, private: bool, edits: SessionEdits | None, model: str | None = None,
-             oauth_token: gr.OAuthToken | None = None, profile: gr.OAuthProfile | None = None):
+    def push(
+        self,
+        repo_name: str,
+        private: bool,
+        edits: SessionEdits | None,
+        model: str | None = None,
+        oauth_token: gr.OAuthToken | None = None,
+        profile: gr.OAuthProfile | None = None,
+    ):
         """Push this session's corrected model (model folder, patch, report, model card) to the signed-in user's
         own namespace."""
         if oauth_token is None or profile is None:
-            raise gr.Error("Sign in with Hugging Face first: the model is pushed to your own account, with your "
-                           "permission.", print_exception=False)
+            raise gr.Error(
+                "Sign in with Hugging Face first: the model is pushed to your own account, with your permission.",
+                print_exception=False,
+            )
         served = self.served(model)
         edit = self.edit_of(edits, served)
         if edit is None:
@@ -214,10 +246,12 @@ class SurgeryApp:
         elif edit is not None:
             corrected_model, label = edit.model(served.model), "this session's edit"
         else:
-            raise InputError("nothing to verify yet: perform surgery on this model in this session, or give a Hub "
-                             "id or a folder")
-        facts = served.facts + ([f for f in edit.facts if f not in served.facts] if edit is not None and not source
-                                else [])
+            raise InputError(
+                "nothing to verify yet: perform surgery on this model in this session, or give a Hub id or a folder"
+            )
+        facts = served.facts + (
+            [f for f in edit.facts if f not in served.facts] if edit is not None and not source else []
+        )
         return verification_outputs(verify(served.model, corrected_model, served.tokenizer, facts, served.panel), label)
 
     @user_errors
@@ -228,8 +262,7 @@ class SurgeryApp:
         edit = self.edit_of(edits, served)
         if edit is None:
             raise InputError("no edit to take apart yet: perform surgery on this model in this session first")
-        result = run_weight_patching(served.model, edit.model(served.model), served.tokenizer, edit.facts,
-                                     granularity)
+        result = run_weight_patching(served.model, edit.model(served.model), served.tokenizer, edit.facts, granularity)
         return weight_markdown(result, served.layout), patching_plots.weight_patching_chart(result), result.to_dict()
 
     # --- Heads -----------------------------------------------------------------------------------------------

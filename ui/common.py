@@ -30,8 +30,15 @@ except ImportError:  # Elsewhere a no-op with the same call forms: @gpu and @gpu
 MAX_PROMPT_CHARS = 1000
 MAX_NEW_TOKENS = 64
 # answers: what each model says (greedy generation); then the corrected model's top-1 first token (diagnostic)
-SIDE_BY_SIDE_COLUMNS = ["kind", "prompt", "target", "original answer", "corrected answer", "correct",
-                        "first token (corrected)"]
+SIDE_BY_SIDE_COLUMNS = [
+    "kind",
+    "prompt",
+    "target",
+    "original answer",
+    "corrected answer",
+    "correct",
+    "first token (corrected)",
+]
 
 
 class Components:
@@ -73,7 +80,7 @@ def parse_facts(facts) -> list[Probe]:
     """Facts from the JSON editor (a string), a list of ``{"prompt","target"}`` or table rows."""
     if isinstance(facts, str):
         if not facts.strip():
-            raise InputError("no facts given: add at least one {\"prompt\", \"target\"} to fix")
+            raise InputError('no facts given: add at least one {"prompt", "target"} to fix')
         try:
             facts = json.loads(facts)
         except json.JSONDecodeError as e:
@@ -81,8 +88,11 @@ def parse_facts(facts) -> list[Probe]:
     if isinstance(facts, pd.DataFrame):
         facts = facts.values.tolist()
     if isinstance(facts, list) and facts and isinstance(facts[0], (list, tuple)):  # table rows; blank rows skipped
-        facts = [{"prompt": r[0], "target": r[1] if len(r) > 1 else None} for r in facts
-                 if any(str(c or "").strip() for c in r)]
+        facts = [
+            {"prompt": r[0], "target": r[1] if len(r) > 1 else None}
+            for r in facts
+            if any(str(c or "").strip() for c in r)
+        ]
     probes = probes_from_json(facts, "facts")
     for p in probes:
         check_prompt(p.prompt, "fact prompt")
@@ -115,6 +125,7 @@ def round_or_none(value: float | None, digits: int = 3) -> float | None:
 def side_by_side_rows(c: Comparison) -> list[list[str]]:
     """What the original and the corrected model say (:data:`SIDE_BY_SIDE_COLUMNS`): the facts, then each
     fact's paraphrases; ✓ when the corrected model says the whole answer, and its top-1 first token beside."""
+
     def row(kind: str, f) -> list[str]:
         first = f"{f.first_token_after!r} {'✓' if f.first_token_correct_after else '✗'}"
         return [kind, f.prompt, f.target, f.before, f.after, "✓" if f.correct_after else "✗", first]
@@ -126,9 +137,11 @@ def evaluation_markdown(rows: list[tuple[str, str, str]], c: Comparison) -> str:
     """The before/after table (efficacy, paraphrases, unedited facts, neighbourhood, side effects, perplexity,
     fluency, KL, ...; counts of what the model says, lenient and first-token counts beside), what the corrected
     model says wherever it is wrong, and what this tokenizer could not score."""
-    text = ("*Counts of what each model **says** (greedy generation: the whole answer, at a word boundary); "
-            "beside them the lenient count (the answer within the first few words) and the first-token count "
-            "(top-1 next token only, a diagnostic).*\n\n" + format_rows(rows, markdown=True))
+    text = (
+        "*Counts of what each model **says** (greedy generation: the whole answer, at a word boundary); "
+        "beside them the lenient count (the answer within the first few words) and the first-token count "
+        "(top-1 next token only, a diagnostic).*\n\n" + format_rows(rows, markdown=True)
+    )
     text += "\n\n" + wrong_markdown(c)
     if c.unavailable:
         text += "\n\n*Not scored with this tokenizer: " + "; ".join(c.unavailable) + ".*"
@@ -145,8 +158,14 @@ def wrong_markdown(c: Comparison) -> str:
     def cell(text: str) -> str:
         return repr(text).replace("|", "\\|")
 
-    lines = ["**What the corrected model says where it is wrong**", "",
-             "| kind | | prompt | says | expected | original said |", "|---|---|---|---|---|---|"]
-    lines += [f"| {w.kind} | {w.why} | {cell(w.prompt)} | {cell(w.after)} | {cell(w.target)} | {cell(w.before)} |"
-              for w in wrong]
+    lines = [
+        "**What the corrected model says where it is wrong**",
+        "",
+        "| kind | | prompt | says | expected | original said |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {w.kind} | {w.why} | {cell(w.prompt)} | {cell(w.after)} | {cell(w.target)} | {cell(w.before)} |"
+        for w in wrong
+    ]
     return "\n".join(lines)

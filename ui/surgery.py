@@ -16,8 +16,14 @@ from surgery.core.errors import SurgeryError
 from surgery.serve.registry import ServedModel
 from surgery.serve.sessions import SessionEdit
 
-from .common import (MAX_NEW_TOKENS, SIDE_BY_SIDE_COLUMNS, Components, evaluation_markdown, parse_facts,
-                     side_by_side_rows)
+from .common import (
+    MAX_NEW_TOKENS,
+    SIDE_BY_SIDE_COLUMNS,
+    Components,
+    evaluation_markdown,
+    parse_facts,
+    side_by_side_rows,
+)
 
 if TYPE_CHECKING:
     from .callbacks import SurgeryApp
@@ -68,8 +74,11 @@ def site_choices(served: ServedModel) -> list[tuple[str, str]]:
 
 def layer_choices(served: ServedModel) -> list[tuple[str, str]]:
     prescribed, layout = served.prescribed_layer, served.layout
-    auto = (f"auto — prescribed: {layout.label(prescribed, path=True)}" if prescribed is not None
-            else "auto — prescribed by the diagnosis")
+    auto = (
+        f"auto — prescribed: {layout.label(prescribed, path=True)}"
+        if prescribed is not None
+        else "auto — prescribed by the diagnosis"
+    )
     return [(auto, "auto")] + [(layout.label(layer, path=True), str(layer)) for layer in range(layout.n_layer)]
 
 
@@ -87,8 +96,9 @@ def facts_note(served: ServedModel) -> str:
     if wrong:
         text += ": " + ", ".join(f"{r.target.strip()} (answers {r.answer.strip()!r})" for r in wrong)
     if right:
-        text += ". Right now, and kept in the facts so the edit must not break them: " + \
-            ", ".join(r.target.strip() for r in right)
+        text += ". Right now, and kept in the facts so the edit must not break them: " + ", ".join(
+            r.target.strip() for r in right
+        )
     return text + "."
 
 
@@ -128,12 +138,17 @@ def operation_markdown(report, layout: Layout) -> str:
     n = len(c.facts)
     where = f"`{report.block}`" if report.block else f"block {report.layer}"
     para = c.evaluation()["paraphrase"]
-    paraphrases = (f" Paraphrases: {para['before']}/{para['total']} → **{para['after']}/{para['total']}**."
-                   if para["total"] else "")
-    return (f"**Surgery done** on `{report.site}` of {where} ({layout.label(report.layer)}) — "
-            f"{report.params_in_site:,} parameters ({100 * report.fraction:.2f}% of the model), "
-            f"{report.steps} steps in {report.train_time_s:.1f} s. Facts said: **{c.facts_before}/{n} → "
-            f"{c.facts_after}/{n}**.{paraphrases}\n\n*Layer: {report.layer_reason}.*")
+    paraphrases = (
+        f" Paraphrases: {para['before']}/{para['total']} → **{para['after']}/{para['total']}**."
+        if para["total"]
+        else ""
+    )
+    return (
+        f"**Surgery done** on `{report.site}` of {where} ({layout.label(report.layer)}) — "
+        f"{report.params_in_site:,} parameters ({100 * report.fraction:.2f}% of the model), "
+        f"{report.steps} steps in {report.train_time_s:.1f} s. Facts said: **{c.facts_before}/{n} → "
+        f"{c.facts_after}/{n}**.{paraphrases}\n\n*Layer: {report.layer_reason}.*"
+    )
 
 
 def surgery_results(edit: SessionEdit | None, layout: Layout) -> SurgeryResults:
@@ -142,10 +157,13 @@ def surgery_results(edit: SessionEdit | None, layout: Layout) -> SurgeryResults:
     if edit is None:
         return SurgeryResults(summary=NO_EDIT_YET, metrics="", outcome=None, downloads=None, report=None)
     report = edit.result.report
-    return SurgeryResults(summary=operation_markdown(report, layout),
-                          metrics=evaluation_markdown(report.rows(), report.comparison),
-                          outcome=side_by_side_rows(report.comparison), downloads=[str(p) for p in edit.files],
-                          report=edit.result.to_dict())
+    return SurgeryResults(
+        summary=operation_markdown(report, layout),
+        metrics=evaluation_markdown(report.rows(), report.comparison),
+        outcome=side_by_side_rows(report.comparison),
+        downloads=[str(p) for p in edit.files],
+        report=edit.result.to_dict(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,46 +171,73 @@ def surgery_results(edit: SessionEdit | None, layout: Layout) -> SurgeryResults:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: gr.Dropdown,
-                login: bool) -> SurgeryTab:
+def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: gr.Dropdown, login: bool) -> SurgeryTab:
     facts_list = served.facts
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             note = gr.Markdown(facts_note(served), elem_classes="muted")
             with gr.Tabs():
                 with gr.Tab("Facts (table)"):
-                    table = gr.Dataframe(value=facts_rows(served), headers=["prompt", "target"],
-                                         datatype=["str", "str"], interactive=True, row_count=len(facts_list) or 1,
-                                         show_label=False, column_widths=["70%", "30%"])
+                    table = gr.Dataframe(
+                        value=facts_rows(served),
+                        headers=["prompt", "target"],
+                        datatype=["str", "str"],
+                        interactive=True,
+                        row_count=len(facts_list) or 1,
+                        show_label=False,
+                        column_widths=["70%", "30%"],
+                    )
                 with gr.Tab("Facts (JSON)"):
-                    facts = gr.Code(value=facts_json(served), language="json",
-                                    interactive=True, show_label=False, elem_id="facts-json")
+                    facts = gr.Code(
+                        value=facts_json(served),
+                        language="json",
+                        interactive=True,
+                        show_label=False,
+                        elem_id="facts-json",
+                    )
         with gr.Column(scale=2):
-            site = gr.Radio(site_choices(served), value="wv", label="Site (trainable parameters)",
-                            info="wv trains only the value projection of one layer: Q, K and everything "
-                                 "else stay bitwise identical")
+            site = gr.Radio(
+                site_choices(served),
+                value="wv",
+                label="Site (trainable parameters)",
+                info="wv trains only the value projection of one layer: Q, K and everything "
+                "else stay bitwise identical",
+            )
             layer = gr.Dropdown(layer_choices(served), value="auto", label="Layer")
             go = gr.Button("Perform surgery", variant="primary", elem_id="operate")
     summary = gr.Markdown(NO_EDIT_YET, elem_classes="verdict", elem_id="surgery-summary", min_height=64)
     with gr.Column(visible=False) as results_box:
-        gr.Markdown("**Original vs corrected** on the edited facts and their paraphrases (never trained on), and "
-                    "the evaluation of the edit: efficacy, generalization (paraphrases, unedited facts of the same "
-                    "relation) and specificity (neighbourhood prompts, side effects, perplexity, KL).",
-                    elem_classes="muted")
+        gr.Markdown(
+            "**Original vs corrected** on the edited facts and their paraphrases (never trained on), and "
+            "the evaluation of the edit: efficacy, generalization (paraphrases, unedited facts of the same "
+            "relation) and specificity (neighbourhood prompts, side effects, perplexity, KL).",
+            elem_classes="muted",
+        )
         with gr.Row(equal_height=False):
-            outcome = gr.Dataframe(headers=SIDE_BY_SIDE_COLUMNS, label="Original vs corrected", interactive=False,
-                                   wrap=True, scale=3, elem_id="side-by-side")
+            outcome = gr.Dataframe(
+                headers=SIDE_BY_SIDE_COLUMNS,
+                label="Original vs corrected",
+                interactive=False,
+                wrap=True,
+                scale=3,
+                elem_id="side-by-side",
+            )
             with gr.Column(scale=2, min_width=420):
                 metrics = gr.Markdown(elem_id="surgery-evaluation")
-        downloads = gr.File(label="Downloads: patch.safetensors (only the changed weights) and report.json",
-                            file_count="multiple", interactive=False)
+        downloads = gr.File(
+            label="Downloads: patch.safetensors (only the changed weights) and report.json",
+            file_count="multiple",
+            interactive=False,
+        )
         report = gr.JSON(visible=False)
     results = SurgeryResults(summary=summary, metrics=metrics, outcome=outcome, downloads=downloads, report=report)
     table.input(table_to_json, table, facts, api_visibility="private", queue=False)
     facts.input(facts_table, facts, table, api_visibility="private", queue=False)
 
-    gr.Markdown("### Original vs corrected, any prompt\nThe same greedy continuation from the shared original "
-                "model and from this session's corrected model (filled in after surgery with the first fact).")
+    gr.Markdown(
+        "### Original vs corrected, any prompt\nThe same greedy continuation from the shared original "
+        "model and from this session's corrected model (filled in after surgery with the first fact)."
+    )
     with gr.Row():
         gen_prompt = gr.Textbox(label="Prompt", value=facts_list[0].prompt if facts_list else "", scale=4)
         tokens = gr.Slider(1, MAX_NEW_TOKENS, value=8, step=1, label="New tokens", scale=2)
@@ -200,17 +245,43 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
     with gr.Row():
         original = gr.Textbox(label="Original model", lines=2, elem_id="gen-original")
         corrected = gr.Textbox(label="Corrected model (this session)", lines=2, elem_id="gen-corrected")
-    gr.on([gen.click, gen_prompt.submit], app.generate, [gen_prompt, tokens, edits, picker], [original, corrected],
-          api_name="generate", concurrency_limit=2, concurrency_id="generate")
-    go.click(app.operate, [facts, site, layer, edits, picker], [*results.values(), edits],
-             api_name="operate", concurrency_limit=1, concurrency_id="surgery", show_progress_on=summary,
-             ).success(lambda: gr.Column(visible=True), None, results_box, api_visibility="private", queue=False,
-                       ).then(app.generate, [gen_prompt, tokens, edits, picker], [original, corrected],
-                              api_visibility="private", concurrency_limit=2, concurrency_id="generate")
+    gr.on(
+        [gen.click, gen_prompt.submit],
+        app.generate,
+        [gen_prompt, tokens, edits, picker],
+        [original, corrected],
+        api_name="generate",
+        concurrency_limit=2,
+        concurrency_id="generate",
+    )
+    go.click(
+        app.operate,
+        [facts, site, layer, edits, picker],
+        [*results.values(), edits],
+        api_name="operate",
+        concurrency_limit=1,
+        concurrency_id="surgery",
+        show_progress_on=summary,
+    ).success(
+        lambda: gr.Column(visible=True),
+        None,
+        results_box,
+        api_visibility="private",
+        queue=False,
+    ).then(
+        app.generate,
+        [gen_prompt, tokens, edits, picker],
+        [original, corrected],
+        api_visibility="private",
+        concurrency_limit=2,
+        concurrency_id="generate",
+    )
 
-    gr.Markdown("### Ship it\nPush the corrected model (model folder, patch, report and model card) to a new "
-                "repository in your own Hugging Face account." + ("" if login else
-                " Signing in works on the Space; locally, use `python -m surgery push` with `HF_TOKEN`."))
+    gr.Markdown(
+        "### Ship it\nPush the corrected model (model folder, patch, report and model card) to a new "
+        "repository in your own Hugging Face account."
+        + ("" if login else " Signing in works on the Space; locally, use `python -m surgery push` with `HF_TOKEN`.")
+    )
     with gr.Row():
         if login:
             gr.LoginButton(scale=1)
@@ -218,7 +289,18 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
         private = gr.Checkbox(label="private", value=False, scale=1)
         push = gr.Button("Push to Hub", scale=1)
     pushed = gr.Markdown()
-    push.click(app.push, [repo, private, edits, picker], pushed, api_name="push", concurrency_limit=1,
-               concurrency_id="push")
-    return SurgeryTab(site=site, layer=layer, note=note, table=table, facts=facts, gen_prompt=gen_prompt, repo=repo,
-                      results=results, results_box=results_box, generated=[original, corrected, pushed])
+    push.click(
+        app.push, [repo, private, edits, picker], pushed, api_name="push", concurrency_limit=1, concurrency_id="push"
+    )
+    return SurgeryTab(
+        site=site,
+        layer=layer,
+        note=note,
+        table=table,
+        facts=facts,
+        gen_prompt=gen_prompt,
+        repo=repo,
+        results=results,
+        results_box=results_box,
+        generated=[original, corrected, pushed],
+    )

@@ -10,8 +10,18 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..core.errors import UnsupportedModelError
-from .base import (SITE_DESCRIPTIONS, SITES, Adapter, Dims, Layout, NormSpec, ParamSlice, apply_softcap, block_label,
-                   count_parameters)
+from .base import (
+    SITE_DESCRIPTIONS,
+    SITES,
+    Adapter,
+    Dims,
+    Layout,
+    NormSpec,
+    ParamSlice,
+    apply_softcap,
+    block_label,
+    count_parameters,
+)
 from .gemma import GEMMA, GEMMA2, GEMMA3
 from .gpt2 import GPT2
 from .llama import LLAMA, QWEN3
@@ -21,12 +31,35 @@ SUPPORTED = "; ".join(f"{a.family} ({a.examples})" for a in ADAPTERS)
 
 # Config entries that rescale the residual stream, the embeddings or the logits in families we do not cover
 # (Granite, MiniCPM, ...): an adapter that ignored them would attribute numbers that do not add up.
-_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier",
-                "scale_emb", "scale_depth", "logit_scale")
+_MULTIPLIERS = (
+    "embedding_multiplier",
+    "residual_multiplier",
+    "logits_scaling",
+    "attention_multiplier",
+    "scale_emb",
+    "scale_depth",
+    "logit_scale",
+)
 
-__all__ = ["ADAPTERS", "SITES", "SITE_DESCRIPTIONS", "SUPPORTED", "Adapter", "Dims", "Layout", "NormSpec",
-           "ParamSlice", "adapter_for", "apply_softcap", "block_label", "check_supported", "count_parameters",
-           "layout_of", "remember_layout", "unembed"]
+__all__ = [
+    "ADAPTERS",
+    "SITES",
+    "SITE_DESCRIPTIONS",
+    "SUPPORTED",
+    "Adapter",
+    "Dims",
+    "Layout",
+    "NormSpec",
+    "ParamSlice",
+    "adapter_for",
+    "apply_softcap",
+    "block_label",
+    "check_supported",
+    "count_parameters",
+    "layout_of",
+    "remember_layout",
+    "unembed",
+]
 
 
 def adapter_for(config) -> Adapter:
@@ -49,7 +82,8 @@ def adapter_for(config) -> Adapter:
     if problems:
         raise UnsupportedModelError(
             f"this {adapter.family} model breaks an assumption of its adapter: {'; '.join(problems)}; "
-            f"supported: {SUPPORTED}")
+            f"supported: {SUPPORTED}"
+        )
     return adapter
 
 
@@ -107,7 +141,8 @@ def _check_modules(model: nn.Module, layout: Layout) -> None:
     if missing:
         raise UnsupportedModelError(
             f"this model does not have the modules a {a.family} model has ({', '.join(missing[:3])}); "
-            f"supported: {SUPPORTED}")
+            f"supported: {SUPPORTED}"
+        )
     blocks = modules[a.blocks]
     if len(blocks) != d.n_layer:
         raise UnsupportedModelError(f"the config says {d.n_layer} blocks but the model has {len(blocks)}")
@@ -115,9 +150,12 @@ def _check_modules(model: nn.Module, layout: Layout) -> None:
     z_dim = o.shape[0] if a.linear == "conv1d" else o.shape[1]
     if z_dim != d.n_head * d.d_head:
         raise UnsupportedModelError(
-            f"the attention output projection takes {z_dim} inputs, not heads x head_dim = {d.n_head * d.d_head}")
+            f"the attention output projection takes {z_dim} inputs, not heads x head_dim = {d.n_head * d.d_head}"
+        )
     if getattr(modules[a.unembed], "bias", None) is not None:
         raise UnsupportedModelError("the unembedding has a bias, which no supported family has")
     if not hasattr(modules[a.final_norm], a.norm.eps_attr):
-        raise UnsupportedModelError(f"the final norm is a {type(modules[a.final_norm]).__name__}, not the "
-                                    f"{a.norm.kind} norm a {a.family} model has")
+        raise UnsupportedModelError(
+            f"the final norm is a {type(modules[a.final_norm]).__name__}, not the "
+            f"{a.norm.kind} norm a {a.family} model has"
+        )

@@ -19,8 +19,9 @@ Block anatomy shared by every supported family (pre-norm residual blocks)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -180,7 +181,7 @@ class ParamSlice:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ParamSlice":
+    def from_dict(cls, d: dict) -> ParamSlice:
         return cls(d["name"], _slice(d.get("cols")), _slice(d.get("rows")))
 
 

@@ -47,8 +47,7 @@ _POST_NORM_PATHS = {
     "check_config": _check_gemma,
 }
 
-GEMMA2 = Adapter(family="Gemma 2", model_types=("gemma2",), examples="Gemma 2", norm=_GEMMA_NORM,
-                 **_POST_NORM_PATHS)
+GEMMA2 = Adapter(family="Gemma 2", model_types=("gemma2",), examples="Gemma 2", norm=_GEMMA_NORM, **_POST_NORM_PATHS)
 
 GEMMA3 = Adapter(
     family="Gemma 3",

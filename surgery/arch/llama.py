@@ -35,7 +35,10 @@ def _dims(config) -> Dims:
 def check_decoder(config) -> list[str]:
     """Assumptions shared by the rotary families: grouped heads divide evenly; the MLP is the gated one."""
     problems = []
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    n_head, n_kv = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
     if n_head % n_kv:
         problems.append(f"{n_head} query heads cannot share {n_kv} key/value heads evenly")
     if (getattr(config, "pretraining_tp", 1) or 1) != 1:
@@ -61,8 +64,16 @@ _LLAMA_PATHS = dict(
     unembed="lm_head",
     linear="linear",
     read_dims=_dims,
-    shape_keys=("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
-                "head_dim", "intermediate_size", "vocab_size"),
+    shape_keys=(
+        "model_type",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_size",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+    ),
     check_config=check_decoder,
 )
 

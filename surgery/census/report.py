@@ -64,8 +64,9 @@ def rank_bin(rank: int) -> str:
     raise AssertionError
 
 
-def summarize(records: list[dict], *, n_layer: int, n_head: int, model_name: str = "", config=None,
-              skipped_ambiguous: int = 0) -> dict:
+def summarize(
+    records: list[dict], *, n_layer: int, n_head: int, model_name: str = "", config=None, skipped_ambiguous: int = 0
+) -> dict:
     """``summary.json``: outcome and verdict counts per relation, distributions of prescribed layers, override heads
     (over the ``routing`` outcomes) and best lens ranks, the diagnosed piece of the facts whose answer diverges, and
     the old-vs-new rule transitions per relation."""
@@ -100,8 +101,12 @@ def summarize(records: list[dict], *, n_layer: int, n_head: int, model_name: str
         "n_layer": n_layer,
         "n_head": n_head,
         "config": config.to_dict() if config is not None else None,
-        "facts": {"records": len(records), "diagnosed": len(diagnosed), "unusable": dict(unusable),
-                  "skipped_ambiguous": skipped_ambiguous},
+        "facts": {
+            "records": len(records),
+            "diagnosed": len(diagnosed),
+            "unusable": dict(unusable),
+            "skipped_ambiguous": skipped_ambiguous,
+        },
         "outcomes": outcomes,
         "verdicts": verdicts,
         "divergence_piece": {str(k): n for k, n in sorted(pieces.items())},
@@ -113,15 +118,32 @@ def summarize(records: list[dict], *, n_layer: int, n_head: int, model_name: str
     }
 
 
-def write_report(records: list[dict], out: str | os.PathLike, *, n_layer: int, n_head: int, model_name: str = "",
-                 config=None, skipped_ambiguous: int = 0) -> dict:
+def write_report(
+    records: list[dict],
+    out: str | os.PathLike,
+    *,
+    n_layer: int,
+    n_head: int,
+    model_name: str = "",
+    config=None,
+    skipped_ambiguous: int = 0,
+) -> dict:
     """Write ``summary.json``, the three PNG plots and ``report.md`` into ``out``; return the summary."""
     out = Path(out)
-    summary = summarize(records, n_layer=n_layer, n_head=n_head, model_name=model_name, config=config,
-                        skipped_ambiguous=skipped_ambiguous)
+    summary = summarize(
+        records,
+        n_layer=n_layer,
+        n_head=n_head,
+        model_name=model_name,
+        config=config,
+        skipped_ambiguous=skipped_ambiguous,
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for key, figure in (("verdicts", verdicts_figure(summary)), ("layers", layers_figure(summary)),
-                        ("heads", heads_figure(summary))):
+    for key, figure in (
+        ("verdicts", verdicts_figure(summary)),
+        ("layers", layers_figure(summary)),
+        ("heads", heads_figure(summary)),
+    ):
         FigureCanvasAgg(figure).print_png(str(out / PLOTS[key]))
     (out / "report.md").write_text(format_report(summary))
     return summary
@@ -142,7 +164,9 @@ def verdict_table(summary: dict) -> str:
     lines = ["| relation | facts | correct | routing | absence |", "|---|---:|---:|---:|---:|"]
     for rel, counts in summary["verdicts"].items():
         total = sum(counts.values())
-        cells = [f"{counts[v]} ({100 * counts[v] / total:.0f}%)" if total else "0" for v in ("correct", "routing", "absence")]
+        cells = [
+            f"{counts[v]} ({100 * counts[v] / total:.0f}%)" if total else "0" for v in ("correct", "routing", "absence")
+        ]
         name = "**all**" if rel == "all" else rel
         lines.append(f"| {name} | {total} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -156,7 +180,8 @@ def format_report(summary: dict) -> str:
         "",
         f"{facts['diagnosed']} facts diagnosed ({summary['n_layer']} blocks, {summary['n_head']} heads); "
         f"{facts['skipped_ambiguous']} ambiguous facts skipped"
-        + (f"; not diagnosable: {facts['unusable']}" if facts["unusable"] else "") + ".",
+        + (f"; not diagnosable: {facts['unusable']}" if facts["unusable"] else "")
+        + ".",
         "",
         f"Rule: `routing` when the target is not the output's top-1 but its logit-lens rank is within "
         f"{cfg.get('routing_rank', '?')} after some block from block {_start(summary, cfg)} "
@@ -167,7 +192,7 @@ def format_report(summary: dict) -> str:
         "",
         "`says`: the greedy continuation starts with the whole answer; `says_later`: the whole answer comes within "
         "the first few words (not a failure); `generic_first_piece`: the model misses the first piece and, fed it, "
-        "goes on to another answer (\" D\" -> \"akar\" for Doha), so a repair would only teach the piece; `routing`/`absence`: "
+        'goes on to another answer (" D" -> "akar" for Doha), so a repair would only teach the piece; `routing`/`absence`: '
         "the diagnosis' verdict of the rest (`correct`: every piece predicted, the answer not said at a word "
         "boundary). A multi-token answer is diagnosed at its first missed piece"
         + (f" (facts whose answer diverges, by piece: {_pieces(summary)})" if summary.get("divergence_piece") else "")
@@ -193,17 +218,31 @@ def format_report(summary: dict) -> str:
         text = ", ".join(f"{k}: {n}" for k, n in moves.items()) or "–"
         lines.append(f"| {'**all**' if rel == 'all' else rel} | {sum(moves.values())} | {text} |")
     layers = summary["prescribed_layers"]["all"]
-    lines += ["", "## Prescribed layers (routing outcomes)", "",
-              "| block | " + " | ".join(str(l) for l in range(len(layers))) + " |",
-              "|---|" + "---:|" * len(layers),
-              "| facts | " + " | ".join(str(n) for n in layers) + " |",
-              "", f"![prescribed layers]({PLOTS['layers']})", "",
-              "## Override heads (routing outcomes)", "",
-              "| head | facts |", "|---|---:|"]
+    lines += [
+        "",
+        "## Prescribed layers (routing outcomes)",
+        "",
+        "| block | " + " | ".join(str(l) for l in range(len(layers))) + " |",
+        "|---|" + "---:|" * len(layers),
+        "| facts | " + " | ".join(str(n) for n in layers) + " |",
+        "",
+        f"![prescribed layers]({PLOTS['layers']})",
+        "",
+        "## Override heads (routing outcomes)",
+        "",
+        "| head | facts |",
+        "|---|---:|",
+    ]
     lines += [f"| block {h['layer']} head {h['head']} | {h['count']} |" for h in summary["top_override_heads"]]
-    lines += ["", f"![override heads]({PLOTS['heads']})", "", "## Best lens rank before the last block", "",
-              "| relation | " + " | ".join(summary["best_lens_rank"]["all"]) + " |",
-              "|---|" + "---:|" * len(summary["best_lens_rank"]["all"])]
+    lines += [
+        "",
+        f"![override heads]({PLOTS['heads']})",
+        "",
+        "## Best lens rank before the last block",
+        "",
+        "| relation | " + " | ".join(summary["best_lens_rank"]["all"]) + " |",
+        "|---|" + "---:|" * len(summary["best_lens_rank"]["all"]),
+    ]
     for rel, bins in summary["best_lens_rank"].items():
         lines.append(f"| {'**all**' if rel == 'all' else rel} | " + " | ".join(str(n) for n in bins.values()) + " |")
     return "\n".join(lines) + "\n"
@@ -215,7 +254,9 @@ def _pieces(summary: dict) -> str:
 
 def _start(summary: dict, cfg: dict) -> str:
     try:
-        return str(DiagnosisConfig(**{k: cfg[k] for k in ("routing_rank", "routing_from")}).routing_start(summary["n_layer"]))
+        return str(
+            DiagnosisConfig(**{k: cfg[k] for k in ("routing_rank", "routing_from")}).routing_start(summary["n_layer"])
+        )
     except (KeyError, TypeError):
         return "?"
 
@@ -265,8 +306,9 @@ def layers_figure(summary: dict) -> Figure:
 def heads_figure(summary: dict) -> Figure:
     """Heatmap of override heads (block x head) over the routing facts."""
     grid = summary["override_heads"]
-    fig = Figure(figsize=(1.6 + 0.45 * summary["n_head"], 1.2 + 0.22 * summary["n_layer"]), dpi=90,
-                 layout="constrained")
+    fig = Figure(
+        figsize=(1.6 + 0.45 * summary["n_head"], 1.2 + 0.22 * summary["n_layer"]), dpi=90, layout="constrained"
+    )
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="Oranges", aspect="auto")
     fig.colorbar(image, ax=ax, label="routing facts")
@@ -275,8 +317,9 @@ def heads_figure(summary: dict) -> Figure:
         for l, row in enumerate(grid):
             for h, n in enumerate(row):
                 if n:
-                    ax.text(h, l, str(n), ha="center", va="center", fontsize=7,
-                            color="white" if n > peak / 2 else "black")
+                    ax.text(
+                        h, l, str(n), ha="center", va="center", fontsize=7, color="white" if n > peak / 2 else "black"
+                    )
     ax.set_xticks(range(summary["n_head"]))
     ax.set_yticks(range(summary["n_layer"]))
     ax.set_xlabel("head")

@@ -31,9 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
@@ -116,9 +117,17 @@ def select_facts(facts: list[Fact], config: CensusConfig) -> tuple[list[Fact], i
     return (kept[: config.limit] if config.limit else kept), skipped
 
 
-def run_census(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: list[Fact], out_dir: str | os.PathLike,
-               config: CensusConfig = CensusConfig(), *, model_name: str = "", state: ProcessGroup | None = None,
-               progress: Callable[[int, int], None] | None = None) -> CensusResult:
+def run_census(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: list[Fact],
+    out_dir: str | os.PathLike,
+    config: CensusConfig = CensusConfig(),
+    *,
+    model_name: str = "",
+    state: ProcessGroup | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CensusResult:
     """Diagnose ``facts`` into ``out_dir`` (resuming what is there), then write the summary and the report.
 
     ``progress(done, total)`` is called after each batch of this process (``done`` counts this process's facts,
@@ -142,8 +151,15 @@ def run_census(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: list
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     mine = batches[state.process_index :: state.num_processes]
     target = out / (CENSUS_FILE if state.num_processes == 1 else f"census.part-{state.process_index}.jsonl")
-    log.info("census: %d facts selected, %d already in %s, %d batches for process %d of %d", len(selected),
-             len(selected) - len(todo), out, len(mine), state.process_index, state.num_processes)
+    log.info(
+        "census: %d facts selected, %d already in %s, %d batches for process %d of %d",
+        len(selected),
+        len(selected) - len(todo),
+        out,
+        len(mine),
+        state.process_index,
+        state.num_processes,
+    )
     diagnosed = 0
     with target.open("a", encoding="utf-8") as f:
         for batch in mine:
@@ -162,8 +178,15 @@ def run_census(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: list
 
         records = merge_records(out, facts)
         layout = layout_of(model)
-        summary = write_report(records, out, n_layer=layout.n_layer, n_head=layout.n_head, model_name=model_name,
-                               config=config, skipped_ambiguous=skipped)
+        summary = write_report(
+            records,
+            out,
+            n_layer=layout.n_layer,
+            n_head=layout.n_head,
+            model_name=model_name,
+            config=config,
+            skipped_ambiguous=skipped,
+        )
     state.wait_for_everyone()
     return CensusResult(str(out), len(selected), skipped, len(selected) - len(todo), diagnosed, summary)
 
@@ -182,10 +205,26 @@ def diagnose_facts(model: nn.Module, tokenizer, facts: list[Fact], config: Diagn
         except SurgeryError as e:
             records[i] = {**_fact_fields(fact), "verdict": None, "error": str(e)}
     if usable:
-        found = diagnose_batch(model, tokenizer, [facts[i].prompt for i in usable], [facts[i].target for i in usable],
-                               config=config, batch_size=len(usable))
-        spoken = dict(zip(room, said(model, tokenizer, [facts[i].prompt for i in room],
-                                     [facts[i].target for i in room], batch_size=len(room) or 1)))
+        found = diagnose_batch(
+            model,
+            tokenizer,
+            [facts[i].prompt for i in usable],
+            [facts[i].target for i in usable],
+            config=config,
+            batch_size=len(usable),
+        )
+        spoken = dict(
+            zip(
+                room,
+                said(
+                    model,
+                    tokenizer,
+                    [facts[i].prompt for i in room],
+                    [facts[i].target for i in room],
+                    batch_size=len(room) or 1,
+                ),
+            )
+        )
         for i, d in zip(usable, found):
             records[i] = census_record(facts[i], d, spoken.get(i))
     return [records[i] for i in range(len(facts))]
@@ -219,8 +258,13 @@ def census_record(fact: Fact, d: Diagnosis, spoken=None) -> dict:
 
 
 def _fact_fields(fact: Fact) -> dict:
-    return {"prompt": fact.prompt, "target": fact.target, "relation": fact.relation, "subject": fact.subject,
-            "ambiguous": fact.ambiguous}
+    return {
+        "prompt": fact.prompt,
+        "target": fact.target,
+        "relation": fact.relation,
+        "subject": fact.subject,
+        "ambiguous": fact.ambiguous,
+    }
 
 
 def record_key(record: dict) -> tuple[str, str]:

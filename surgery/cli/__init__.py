@@ -18,8 +18,22 @@ from ..core.errors import SurgeryError
 from .common import sigterm_as_interrupt
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ["diagnose", "sites", "operate", "verify", "compare_sites", "apply_patch", "push", "heads", "crosscheck",
-            "patch_activations", "patch_weights", "census", "repair_census", "reproduce"]
+COMMANDS = [
+    "diagnose",
+    "sites",
+    "operate",
+    "verify",
+    "compare_sites",
+    "apply_patch",
+    "push",
+    "heads",
+    "crosscheck",
+    "patch_activations",
+    "patch_weights",
+    "census",
+    "repair_census",
+    "reproduce",
+]
 
 EXIT_USER_ERROR = 2
 
@@ -52,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     import transformers
 
     transformers.logging.set_verbosity_error()

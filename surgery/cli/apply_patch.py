@@ -10,9 +10,12 @@ from .common import add_device_arg, load
 
 
 def register(sub) -> None:
-    p = sub.add_parser("apply-patch", help="rebuild a corrected model from its base and a patch file",
-                       description="Applies patch.safetensors (written by operate) to the base model and writes "
-                                   "the corrected model folder. A patch made for another base is refused.")
+    p = sub.add_parser(
+        "apply-patch",
+        help="rebuild a corrected model from its base and a patch file",
+        description="Applies patch.safetensors (written by operate) to the base model and writes "
+        "the corrected model folder. A patch made for another base is refused.",
+    )
     p.add_argument("--base", required=True, metavar="PATH_OR_ID", help="the base model the patch was made from")
     p.add_argument("--patch", required=True, metavar="FILE", help="patch.safetensors")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (refused if it exists)")

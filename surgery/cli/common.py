@@ -15,8 +15,12 @@ from ..io.loading import LoadedModel, load_model
 
 
 def add_model_arg(parser: argparse.ArgumentParser, flag: str = "--model", required: bool = True) -> None:
-    parser.add_argument(flag, required=required, metavar="PATH_OR_ID",
-                        help="Hub id (gpt2, distilgpt2, ...) or local folder, e.g. assets/demo-model")
+    parser.add_argument(
+        flag,
+        required=required,
+        metavar="PATH_OR_ID",
+        help="Hub id (gpt2, distilgpt2, ...) or local folder, e.g. assets/demo-model",
+    )
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +28,9 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--target", required=True, help="the right answer text, e.g. ' Paris' (first token is used)")
     parser.add_argument("--competitor", help="the wrong answer to compare with (default: the model's top prediction)")
-    parser.add_argument("--prepend-bos", action="store_true",
-                        help="prepend the BOS token (off: matches model(input_ids))")
+    parser.add_argument(
+        "--prepend-bos", action="store_true", help="prepend the BOS token (off: matches model(input_ids))"
+    )
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +54,11 @@ def print_json(obj) -> None:
 
 
 def add_panel_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--panels", metavar="FILE",
-                        help="evaluation panel JSON (default: the bundled panel for this model; docs/panels.md)")
+    parser.add_argument(
+        "--panels",
+        metavar="FILE",
+        help="evaluation panel JSON (default: the bundled panel for this model; docs/panels.md)",
+    )
 
 
 def load_panel_arg(args: argparse.Namespace, model):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from ..core.errors import SurgeryFailed
 from ..arch import SITES
-from ..evaluation.panels import load_facts
+from ..core.errors import SurgeryFailed
 from ..edit.training import choose_layer
+from ..evaluation.panels import load_facts
 from .common import add_model_arg, load, load_panel_arg, print_json
 from .operate import add_training_args, config_from_args, read_unrelated, run_operate
 
@@ -17,10 +17,13 @@ COLUMNS = ("site", "params", "facts", "general", "side effects", "perplexity", "
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compare-sites", help="run wv, attn, mlp and layer on the same facts; one table",
-                       description="Runs surgery at all four sites of the same block on the same facts and "
-                                   "prints parameters, facts fixed, general, side effects, perplexity, ΔL2, "
-                                   "max |Δ| and wall time. Nothing is written. Exit 1 if a site failed.")
+    p = sub.add_parser(
+        "compare-sites",
+        help="run wv, attn, mlp and layer on the same facts; one table",
+        description="Runs surgery at all four sites of the same block on the same facts and "
+        "prints parameters, facts fixed, general, side effects, perplexity, ΔL2, "
+        "max |Δ| and wall time. Nothing is written. Exit 1 if a site failed.",
+    )
     add_model_arg(p)
     add_training_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -39,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for site in SITES:
         try:
-            result = run_operate(loaded, facts, replace(config, site=site, layer=layer), panel, unrelated,
-                                 f"site {site}")
+            result = run_operate(
+                loaded, facts, replace(config, site=site, layer=layer), panel, unrelated, f"site {site}"
+            )
         except SurgeryFailed as e:
             rows.append({"site": site, "ok": False, "error": str(e)})
             continue
@@ -58,14 +62,24 @@ def _row(r) -> dict:
     c, w = r.comparison, r.weights
     pb, pa = c.panel_before, c.panel_after
     return {
-        "params": r.params_in_site, "facts_before": c.facts_before, "facts_after": c.facts_after,
+        "params": r.params_in_site,
+        "facts_before": c.facts_before,
+        "facts_after": c.facts_after,
         "facts_total": len(c.facts),
-        "general_before": pb.general.correct, "general_after": pa.general.correct, "general_total": pa.general.total,
-        "side_effects_before": pb.side_effects.correct, "side_effects_after": pa.side_effects.correct,
+        "general_before": pb.general.correct,
+        "general_after": pa.general.correct,
+        "general_total": pa.general.total,
+        "side_effects_before": pb.side_effects.correct,
+        "side_effects_after": pa.side_effects.correct,
         "side_effects_total": pa.side_effects.total,
-        "perplexity_before": pb.perplexity, "perplexity_after": pa.perplexity, "kl_unrelated": c.kl_unrelated,
-        "delta_l2": w.delta_l2, "max_abs_delta": w.max_abs_delta, "qk_unchanged": w.qk_unchanged,
-        "steps": r.steps, "wall_time_s": r.wall_time_s,
+        "perplexity_before": pb.perplexity,
+        "perplexity_after": pa.perplexity,
+        "kl_unrelated": c.kl_unrelated,
+        "delta_l2": w.delta_l2,
+        "max_abs_delta": w.max_abs_delta,
+        "qk_unchanged": w.qk_unchanged,
+        "steps": r.steps,
+        "wall_time_s": r.wall_time_s,
     }
 
 
@@ -80,11 +94,24 @@ def format_table(rows: list[dict]) -> str:
         if not r["ok"]:
             cells.append((r["site"], "failed: " + r["error"]) + ("",) * (len(COLUMNS) - 2))
             continue
-        cells.append((
-            r["site"], f"{r['params']:,}", _change(r, "facts"), _change(r, "general"), _change(r, "side_effects"),
-            f"{r['perplexity_before']:.2f} -> {r['perplexity_after']:.2f}",
-            f"{r['delta_l2']:.3f}", f"{r['max_abs_delta']:.4f}", str(r["steps"]), f"{r['wall_time_s']:.1f} s",
-        ))
+        cells.append(
+            (
+                r["site"],
+                f"{r['params']:,}",
+                _change(r, "facts"),
+                _change(r, "general"),
+                _change(r, "side_effects"),
+                f"{r['perplexity_before']:.2f} -> {r['perplexity_after']:.2f}",
+                f"{r['delta_l2']:.3f}",
+                f"{r['max_abs_delta']:.4f}",
+                str(r["steps"]),
+                f"{r['wall_time_s']:.1f} s",
+            )
+        )
     widths = [max(len(row[i]) for row in cells if not row[1].startswith("failed")) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() if not row[1].startswith("failed")
-                     else f"{row[0].ljust(widths[0])}  {row[1]}" for row in cells)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+        if not row[1].startswith("failed")
+        else f"{row[0].ljust(widths[0])}  {row[1]}"
+        for row in cells
+    )

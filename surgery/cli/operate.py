@@ -8,10 +8,10 @@ from pathlib import Path
 from ..arch import block_label
 from ..core.errors import InputError
 from ..core.progress import progress_bar
-from ..io.export import check_output_dir, write_output
+from ..edit.training import SurgeryConfig, SurgeryResult, operate
 from ..evaluation.panels import load_facts
 from ..evaluation.report import format_facts, format_rows, format_wrong
-from ..edit.training import SurgeryConfig, SurgeryResult, operate
+from ..io.export import check_output_dir, write_output
 from .common import add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json
 
 DEFAULTS = SurgeryConfig()
@@ -19,31 +19,56 @@ DEFAULTS = SurgeryConfig()
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """Options shared by ``operate`` and ``compare-sites``."""
-    p.add_argument("--facts", required=True, metavar="FILE",
-                   help='JSON list of {"prompt", "target"} (a panel file works too: its facts are used)')
-    p.add_argument("--layer", default="auto", help="block index (0-indexed) or auto: the diagnosis' prescribed "
-                                                   "layer of the failing facts (default auto)")
-    p.add_argument("--unrelated", metavar="TEXT_FILE",
-                   help="text for the preservation (KL) loss; passages separated by blank lines "
-                        "(default: the panel's unrelated_text)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
-                   help=f"step budget: one epoch = one full-batch Adam step (default {DEFAULTS.epochs}; "
-                        "stops early once every fact is top-1)")
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr,
-                   help=f"Adam learning rate (default: {DEFAULTS.lr_scale} x the RMS of the site's weights)")
-    p.add_argument("--kl-weight", type=float, default=DEFAULTS.kl_weight,
-                   help=f"weight of the KL preservation term (default {DEFAULTS.kl_weight})")
+    p.add_argument(
+        "--facts",
+        required=True,
+        metavar="FILE",
+        help='JSON list of {"prompt", "target"} (a panel file works too: its facts are used)',
+    )
+    p.add_argument(
+        "--layer",
+        default="auto",
+        help="block index (0-indexed) or auto: the diagnosis' prescribed layer of the failing facts (default auto)",
+    )
+    p.add_argument(
+        "--unrelated",
+        metavar="TEXT_FILE",
+        help="text for the preservation (KL) loss; passages separated by blank lines "
+        "(default: the panel's unrelated_text)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULTS.epochs,
+        help=f"step budget: one epoch = one full-batch Adam step (default {DEFAULTS.epochs}; "
+        "stops early once every fact is top-1)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULTS.lr,
+        help=f"Adam learning rate (default: {DEFAULTS.lr_scale} x the RMS of the site's weights)",
+    )
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=DEFAULTS.kl_weight,
+        help=f"weight of the KL preservation term (default {DEFAULTS.kl_weight})",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"random seed (default {DEFAULTS.seed})")
     add_panel_arg(p)
     add_device_arg(p)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("operate", help="retrain one site so the facts come out right, and write the fix",
-                       description="Single-site surgery: train one site (wv, attn, mlp or layer) of one block on "
-                                   "the facts plus a KL term on unrelated text; every other tensor stays bitwise "
-                                   "identical. Writes the corrected model, patch.safetensors, report.json and "
-                                   "README.md to --out, atomically.")
+    p = sub.add_parser(
+        "operate",
+        help="retrain one site so the facts come out right, and write the fix",
+        description="Single-site surgery: train one site (wv, attn, mlp or layer) of one block on "
+        "the facts plus a KL term on unrelated text; every other tensor stays bitwise "
+        "identical. Writes the corrected model, patch.safetensors, report.json and "
+        "README.md to --out, atomically.",
+    )
     add_model_arg(p)
     p.add_argument("--site", default="wv", help="wv | attn | mlp | layer (default wv)")
     add_training_args(p)
@@ -54,8 +79,14 @@ def register(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace, site: str) -> SurgeryConfig:
-    return SurgeryConfig(site=site, layer=parse_layer(args.layer), lr=args.lr, epochs=args.epochs,
-                         kl_weight=args.kl_weight, seed=args.seed)
+    return SurgeryConfig(
+        site=site,
+        layer=parse_layer(args.layer),
+        lr=args.lr,
+        epochs=args.epochs,
+        kl_weight=args.kl_weight,
+        seed=args.seed,
+    )
 
 
 def read_unrelated(path: str | None) -> list[str] | None:
@@ -76,8 +107,9 @@ def run_operate(loaded, facts, config: SurgeryConfig, panel, unrelated, desc: st
     """``operate`` with a progress bar on stderr (one line when stderr is not a terminal)."""
     progress, close = progress_bar(desc)
     try:
-        return operate(loaded.model, loaded.tokenizer, facts, config, unrelated=unrelated, progress=progress,
-                       panel=panel)
+        return operate(
+            loaded.model, loaded.tokenizer, facts, config, unrelated=unrelated, progress=progress, panel=panel
+        )
     finally:
         close()
 

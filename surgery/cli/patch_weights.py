@@ -12,19 +12,29 @@ from .common import add_device_arg, load, print_json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("patch-weights", help="which component's weights make a donor answer differently?",
-                       description="Copy one component at a time from --donor into --recipient (two models of the "
-                                   "same architecture, e.g. a base and its corrected version) and score the facts "
-                                   "on each hybrid; or, with --ablate, zero or mean-ablate each component of "
-                                   "--recipient alone. Components: each block's wv, attn, mlp and layer sites, or "
-                                   "with --granularity head each head's V and O slices. Identical weights are "
-                                   "skipped. Neither model is modified (docs/patching.md).")
+    p = sub.add_parser(
+        "patch-weights",
+        help="which component's weights make a donor answer differently?",
+        description="Copy one component at a time from --donor into --recipient (two models of the "
+        "same architecture, e.g. a base and its corrected version) and score the facts "
+        "on each hybrid; or, with --ablate, zero or mean-ablate each component of "
+        "--recipient alone. Components: each block's wv, attn, mlp and layer sites, or "
+        "with --granularity head each head's V and O slices. Identical weights are "
+        "skipped. Neither model is modified (docs/patching.md).",
+    )
     p.add_argument("--recipient", required=True, metavar="PATH_OR_ID", help="the model that receives the weights")
     p.add_argument("--donor", metavar="PATH_OR_ID", help="the model the weights come from (same architecture)")
-    p.add_argument("--ablate", metavar="MODE", help=f"{' or '.join(ABLATIONS)}: ablate the recipient's components "
-                                                    "instead of patching from a donor")
-    p.add_argument("--facts", required=True, metavar="FILE",
-                   help='JSON list of {"prompt", "target"} (a panel file works too: its facts are used)')
+    p.add_argument(
+        "--ablate",
+        metavar="MODE",
+        help=f"{' or '.join(ABLATIONS)}: ablate the recipient's components instead of patching from a donor",
+    )
+    p.add_argument(
+        "--facts",
+        required=True,
+        metavar="FILE",
+        help='JSON list of {"prompt", "target"} (a panel file works too: its facts are used)',
+    )
     p.add_argument("--granularity", default="site", help=f"{' or '.join(GRANULARITIES)} (default site)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     add_device_arg(p)
@@ -35,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if args.granularity not in GRANULARITIES:
         raise InputError(f"--granularity must be {' or '.join(GRANULARITIES)}, not {args.granularity!r}")
     if (args.donor is None) == (args.ablate is None):
-        raise InputError("give either --donor MODEL to patch weights from, or --ablate zero|mean to ablate the "
-                         "recipient's own weights (not both)")
+        raise InputError(
+            "give either --donor MODEL to patch weights from, or --ablate zero|mean to ablate the "
+            "recipient's own weights (not both)"
+        )
     if args.ablate is not None and args.ablate not in ABLATIONS:
         raise InputError(f"--ablate must be {' or '.join(ABLATIONS)}, not {args.ablate!r}")
     facts = load_facts(args.facts)
@@ -44,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if args.donor is not None:
         donor = load(args, "donor")
         if recipient.tokenizer.get_vocab() != donor.tokenizer.get_vocab():
-            raise InputError("the recipient and the donor use different vocabularies: weights can only be patched "
-                             "between models of one tokenizer")
+            raise InputError(
+                "the recipient and the donor use different vocabularies: weights can only be patched "
+                "between models of one tokenizer"
+            )
         result = patch_weights(recipient.model, donor.model, recipient.tokenizer, facts, args.granularity)
     else:
         result = ablate_weights(recipient.model, recipient.tokenizer, facts, args.ablate, args.granularity)
@@ -68,14 +82,18 @@ def format_report(r: WeightPatching, recipient: str, donor: str | None, layout: 
     lines += ["", f"  {'component':<{width}}{'facts':>8}{'mean d target logit':>22}   fixed / broken"]
     for c in r.components:
         name = f"{layout.label(c.layer, c.head)} {c.name}"
-        lines.append(f"  {name:<{width}}{f'{c.facts_correct}/{n}':>8}{c.mean_target_logit_change:>+22.3f}   "
-                     f"{len(c.fixed)} / {len(c.broken)}")
+        lines.append(
+            f"  {name:<{width}}{f'{c.facts_correct}/{n}':>8}{c.mean_target_logit_change:>+22.3f}   "
+            f"{len(c.fixed)} / {len(c.broken)}"
+        )
     if not r.components:
         lines.append("  (no component differs)")
     lines.append(f"\n{r.skipped_identical} component(s) skipped: their weights would not change")
     best = r.best()
     if best is not None:
-        lines.append(f"largest mean target-logit gain: {layout.label(best.layer, path=True)} {best.name}"
-                     + ("" if best.head is None else f" head {best.head}")
-                     + f" ({best.mean_target_logit_change:+.3f}, {best.facts_correct}/{n} right)")
+        lines.append(
+            f"largest mean target-logit gain: {layout.label(best.layer, path=True)} {best.name}"
+            + ("" if best.head is None else f" head {best.head}")
+            + f" ({best.mean_target_logit_change:+.3f}, {best.facts_correct}/{n} right)"
+        )
     return "\n".join(lines)

@@ -9,10 +9,13 @@ from ..io.hub import push_folder
 
 
 def register(sub) -> None:
-    p = sub.add_parser("push", help="upload an operate --out folder to the Hub (token from HF_TOKEN)",
-                       description="Creates the model repo if missing and uploads the folder in one commit. "
-                                   "The token comes from HF_TOKEN (or a saved 'hf auth login'); it is never "
-                                   "printed.")
+    p = sub.add_parser(
+        "push",
+        help="upload an operate --out folder to the Hub (token from HF_TOKEN)",
+        description="Creates the model repo if missing and uploads the folder in one commit. "
+        "The token comes from HF_TOKEN (or a saved 'hf auth login'); it is never "
+        "printed.",
+    )
     p.add_argument("--folder", required=True, metavar="DIR", help="a folder written by operate --out")
     p.add_argument("--repo", required=True, metavar="USER/NAME", help="the Hub model repo")
     p.add_argument("--private", action="store_true", help="create the repo as private")

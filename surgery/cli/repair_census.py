@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..census.run import read_records
 from ..arch import block_label
+from ..census.run import read_records
 from ..core.errors import InputError
 from ..edit.many_facts import RepairConfig, repair_from_census
 from ..evaluation.facts import load_fact_file
@@ -20,13 +20,16 @@ from .operate import DEFAULTS
 
 
 def register(sub) -> None:
-    p = sub.add_parser("repair-census", help="one edit for many routing failures of a census; held-out "
-                                             "generalization, specificity, and one edit per fact for comparison",
-                       description="Splits the census' routing failures (per relation, seeded) into facts to edit "
-                                   "and held-out facts, edits all of the first at the block most of them "
-                                   "prescribe, and reports efficacy, paraphrases, the held-out facts, other "
-                                   "relations' facts and the neighbourhood panel; then edits --per-fact of them "
-                                   "one at a time for comparison.")
+    p = sub.add_parser(
+        "repair-census",
+        help="one edit for many routing failures of a census; held-out "
+        "generalization, specificity, and one edit per fact for comparison",
+        description="Splits the census' routing failures (per relation, seeded) into facts to edit "
+        "and held-out facts, edits all of the first at the block most of them "
+        "prescribe, and reports efficacy, paraphrases, the held-out facts, other "
+        "relations' facts and the neighbourhood panel; then edits --per-fact of them "
+        "one at a time for comparison.",
+    )
     add_model_arg(p)
     p.add_argument("--census", required=True, metavar="DIR", help="a census folder (python -m surgery census)")
     p.add_argument("--facts", required=True, nargs="+", metavar="FILE", help="the census' fact files (.jsonl)")
@@ -34,11 +37,19 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--site", default="wv", help="wv | attn | mlp | layer (default wv)")
     p.add_argument("--layer", default="auto", help="block index or auto (the census' most common prescribed layer)")
-    p.add_argument("--edit-fraction", type=float, default=RepairConfig().edit_fraction,
-                   help="share of each relation's routing failures to edit (default 0.5; the rest is held out)")
+    p.add_argument(
+        "--edit-fraction",
+        type=float,
+        default=RepairConfig().edit_fraction,
+        help="share of each relation's routing failures to edit (default 0.5; the rest is held out)",
+    )
     p.add_argument("--max-edit", type=int, help="at most this many edited facts in all")
-    p.add_argument("--per-fact", type=int, default=RepairConfig().per_fact,
-                   help="edited facts also edited one at a time, for comparison (default 4; 0: none)")
+    p.add_argument(
+        "--per-fact",
+        type=int,
+        default=RepairConfig().per_fact,
+        help="edited facts also edited one at a time, for comparison (default 4; 0: none)",
+    )
     p.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     p.add_argument("--lr", type=float, default=DEFAULTS.lr)
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="facts per mini-batch")
@@ -50,31 +61,50 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..edit.training import SurgeryConfig
 
-    surgery = SurgeryConfig(site=args.site, layer=parse_layer(args.layer), lr=args.lr, epochs=args.epochs,
-                            batch_size=args.batch_size, seed=args.seed)
-    config = RepairConfig(edit_fraction=args.edit_fraction, max_edit=args.max_edit, per_fact=args.per_fact,
-                          seed=args.seed)
+    surgery = SurgeryConfig(
+        site=args.site,
+        layer=parse_layer(args.layer),
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    config = RepairConfig(
+        edit_fraction=args.edit_fraction, max_edit=args.max_edit, per_fact=args.per_fact, seed=args.seed
+    )
     check_output_dir(args.out, args.overwrite)
     records = list(read_records(Path(args.census)).values())
     if not records:
         raise InputError(f"{args.census} holds no census records (census.jsonl)")
     facts = [f for path in args.facts for f in load_fact_file(path)]
     loaded = load(args)
-    result = repair_from_census(loaded.model, loaded.tokenizer, records, facts, load_panel(ENGLISH_PANEL), surgery,
-                                config, progress=lambda text: print(f"... {text}", flush=True))
+    result = repair_from_census(
+        loaded.model,
+        loaded.tokenizer,
+        records,
+        facts,
+        load_panel(ENGLISH_PANEL),
+        surgery,
+        config,
+        progress=lambda text: print(f"... {text}", flush=True),
+    )
     summary = result.to_dict()
     rows = format_rows(result.report.rows(), markdown=True)
-    markdown = (f"# One edit for {result.edited} routing failures ({result.held_out} held out)\n\n"
-                f"Site {result.report.site} of {block_label(result.layer)}: {result.layer_reason}.\n\n{rows}\n")
+    markdown = (
+        f"# One edit for {result.edited} routing failures ({result.held_out} held out)\n\n"
+        f"Site {result.report.site} of {block_label(result.layer)}: {result.layer_reason}.\n\n{rows}\n"
+    )
     if "one_edit_vs_one_per_fact" in summary:
         cmp = summary["one_edit_vs_one_per_fact"]
         one, per = cmp["one_edit"], cmp["per_fact"]
-        markdown += (f"\n| | time | parameters changed | side effects after |\n|---|---|---|---|\n"
-                     f"| one edit for {one['facts']} facts | {one['time_s']:.0f} s | {one['params_changed']:,} | "
-                     f"{one['side_effects_after']}/{one['side_effects_total']} |\n"
-                     f"| one edit per fact ({per['facts']} edits, projected to {one['facts']}) | "
-                     f"{per['projected_time_s_for_all']:.0f} s | {per['projected_params_changed_for_all']:,.0f} | "
-                     f"{', '.join(map(str, per['side_effects_after']))} (each of /{per['side_effects_total']}) |\n")
+        markdown += (
+            f"\n| | time | parameters changed | side effects after |\n|---|---|---|---|\n"
+            f"| one edit for {one['facts']} facts | {one['time_s']:.0f} s | {one['params_changed']:,} | "
+            f"{one['side_effects_after']}/{one['side_effects_total']} |\n"
+            f"| one edit per fact ({per['facts']} edits, projected to {one['facts']}) | "
+            f"{per['projected_time_s_for_all']:.0f} s | {per['projected_params_changed_for_all']:,.0f} | "
+            f"{', '.join(map(str, per['side_effects_after']))} (each of /{per['side_effects_total']}) |\n"
+        )
     with atomic_output(args.out, args.overwrite) as tmp:
         _with_base(result.patch, loaded).save(tmp / PATCH_FILE)
         (tmp / "report.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")

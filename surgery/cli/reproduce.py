@@ -6,23 +6,25 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..diagnosis import plots
 from ..arch import SITES
 from ..core.errors import InputError
-from ..io.export import atomic_output, check_output_dir
-from ..evaluation.panels import load_facts
+from ..diagnosis import plots
 from ..edit.reproduce import reproduce
+from ..evaluation.panels import load_facts
+from ..io.export import atomic_output, check_output_dir
 from .common import add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer
 
 
 def register(sub) -> None:
-    p = sub.add_parser("reproduce", help="the reference experiment end to end: diagnose, trace, four sites, "
-                                         "generalization; Markdown, JSON and PNG",
-                       description="Diagnoses the facts (default: the panel's), traces the first routing failure "
-                                   "per layer and per head, repairs every fact at each site of the prescribed "
-                                   "block, and judges each repair on efficacy, paraphrases, unedited facts of "
-                                   "the same relation, specificity, KL and perplexity. Writes report.md, "
-                                   "report.json, lens.png and heads.png to --out, atomically.")
+    p = sub.add_parser(
+        "reproduce",
+        help="the reference experiment end to end: diagnose, trace, four sites, generalization; Markdown, JSON and PNG",
+        description="Diagnoses the facts (default: the panel's), traces the first routing failure "
+        "per layer and per head, repairs every fact at each site of the prescribed "
+        "block, and judges each repair on efficacy, paraphrases, unedited facts of "
+        "the same relation, specificity, KL and perplexity. Writes report.md, "
+        "report.json, lens.png and heads.png to --out, atomically.",
+    )
     add_model_arg(p)
     p.add_argument("--facts", metavar="FILE", help="facts JSON (default: the panel's facts)")
     p.add_argument("--sites", default=",".join(SITES), help=f"comma-separated sites (default {','.join(SITES)})")
@@ -50,12 +52,21 @@ def run(args: argparse.Namespace) -> int:
         facts = list(panel.facts)
         if not facts:
             raise InputError(f"panel {panel.name!r} has no facts: pass --facts FILE")
-    result = reproduce(loaded.model, loaded.tokenizer, facts, panel, name=args.model, sites=sites, config=config,
-                       progress=lambda text: print(f"... {text}", flush=True))
+    result = reproduce(
+        loaded.model,
+        loaded.tokenizer,
+        facts,
+        panel,
+        name=args.model,
+        sites=sites,
+        config=config,
+        progress=lambda text: print(f"... {text}", flush=True),
+    )
     with atomic_output(args.out, args.overwrite) as tmp:
         (tmp / "report.md").write_text(result.to_markdown(), encoding="utf-8")
-        (tmp / "report.json").write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n",
-                                         encoding="utf-8")
+        (tmp / "report.json").write_text(
+            json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+        )
         traced = next((d for d in result.diagnoses if d.verdict == "routing"), None)
         if traced is not None:
             plots.cumulative_logit_plot(traced).savefig(tmp / "lens.png", dpi=120)

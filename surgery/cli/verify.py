@@ -21,20 +21,31 @@ EXIT_FAILED = 1
 
 
 def register(sub) -> None:
-    p = sub.add_parser("verify", help="check a corrected model against its base (exit 0 = verified)",
-                       description="Facts before/after and the evaluation panels for a base and a corrected "
-                                   "model (Hub ids or folders), judged by what each model says. Exit 0 only if "
-                                   "every fact is said after and no panel regresses; otherwise exit 1 with one "
-                                   "reason per failed check.")
+    p = sub.add_parser(
+        "verify",
+        help="check a corrected model against its base (exit 0 = verified)",
+        description="Facts before/after and the evaluation panels for a base and a corrected "
+        "model (Hub ids or folders), judged by what each model says. Exit 0 only if "
+        "every fact is said after and no panel regresses; otherwise exit 1 with one "
+        "reason per failed check.",
+    )
     p.add_argument("--base", required=True, metavar="PATH_OR_ID", help="the original model")
     p.add_argument("--corrected", required=True, metavar="PATH_OR_ID", help="the corrected model")
     p.add_argument("--facts", metavar="FILE", help="facts JSON (default: the panel's facts)")
     add_panel_arg(p)
-    p.add_argument("--tolerance", type=float, default=PERPLEXITY_TOLERANCE,
-                   help=f"allowed relative perplexity increase (default {PERPLEXITY_TOLERANCE})")
-    p.add_argument("--probe-tolerance", type=float, default=PROBE_TOLERANCE,
-                   help="fraction of each probe list that may go from right to wrong, rounded down "
-                        f"(default {PROBE_TOLERANCE}: none for lists under 20 probes)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=PERPLEXITY_TOLERANCE,
+        help=f"allowed relative perplexity increase (default {PERPLEXITY_TOLERANCE})",
+    )
+    p.add_argument(
+        "--probe-tolerance",
+        type=float,
+        default=PROBE_TOLERANCE,
+        help="fraction of each probe list that may go from right to wrong, rounded down "
+        f"(default {PROBE_TOLERANCE}: none for lists under 20 probes)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_device_arg(p)
     p.set_defaults(run=run)
@@ -46,13 +57,28 @@ def run(args: argparse.Namespace) -> int:
     base = load_model(args.base, device=device)
     corrected = load_model(args.corrected, device=device)
     check_same_vocabulary(base.model, corrected.model, base.tokenizer, corrected.tokenizer)
-    v = verify(base.model, corrected.model, base.tokenizer, facts, load_panel_arg(args, base.model),
-               perplexity_tolerance=args.tolerance, probe_tolerance=args.probe_tolerance)
+    v = verify(
+        base.model,
+        corrected.model,
+        base.tokenizer,
+        facts,
+        load_panel_arg(args, base.model),
+        perplexity_tolerance=args.tolerance,
+        probe_tolerance=args.probe_tolerance,
+    )
     c, reasons = v.comparison, v.reasons
     if args.json:
-        print_json({"verified": not reasons, "reasons": reasons, "base": base.source,
-                    "corrected": corrected.source, "perplexity_tolerance": args.tolerance,
-                    "probe_tolerance": args.probe_tolerance, **c.to_dict()})
+        print_json(
+            {
+                "verified": not reasons,
+                "reasons": reasons,
+                "base": base.source,
+                "corrected": corrected.source,
+                "perplexity_tolerance": args.tolerance,
+                "probe_tolerance": args.probe_tolerance,
+                **c.to_dict(),
+            }
+        )
     else:
         print(f"base       {base.source}\ncorrected  {corrected.source}\nfacts (what each model says):")
         print(format_facts(c.facts))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping
 
 from torch import Tensor, nn
 

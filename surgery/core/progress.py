@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 # progress(step, total, loss=None): called after each unit of work; close(): called once when the stage ends.
 Progress = Callable[..., None]

@@ -96,8 +96,11 @@ class DiagnosisConfig:
     def __post_init__(self) -> None:
         if isinstance(self.routing_rank, bool) or not isinstance(self.routing_rank, int) or self.routing_rank < 1:
             raise InputError(f"routing_rank must be a whole number of at least 1, not {self.routing_rank!r}")
-        if isinstance(self.routing_from, bool) or not isinstance(self.routing_from, (int, float)) \
-                or not 0.0 <= self.routing_from < 1.0:
+        if (
+            isinstance(self.routing_from, bool)
+            or not isinstance(self.routing_from, (int, float))
+            or not 0.0 <= self.routing_from < 1.0
+        ):
             raise InputError(f"routing_from must be a fraction of the stack in [0, 1), not {self.routing_from!r}")
         if not isinstance(self.teacher_force, bool):
             raise InputError(f"teacher_force must be True or False, not {self.teacher_force!r}")
@@ -176,7 +179,9 @@ class Diagnosis:
         for a in self.dla:
             if a.head is not None:
                 grid[a.layer][a.head] = {
-                    "target": a.target, "competitor": a.competitor, "diff": a.target - a.competitor
+                    "target": a.target,
+                    "competitor": a.competitor,
+                    "diff": a.target - a.competitor,
                 }[which]
         return grid
 
@@ -184,8 +189,11 @@ class Diagnosis:
         """The ``k`` heads that push hardest, strongest first (ties keep the order of ``dla``): ``toward="target"``
         ranks by target − competitor, ``"competitor"`` by competitor − target, ``None`` by |target − competitor|
         either way. One ranking for the CLI's report and the app's bar chart."""
-        keys = {None: lambda a: -abs(a.target - a.competitor), "target": lambda a: a.competitor - a.target,
-                "competitor": lambda a: a.target - a.competitor}
+        keys = {
+            None: lambda a: -abs(a.target - a.competitor),
+            "target": lambda a: a.competitor - a.target,
+            "competitor": lambda a: a.target - a.competitor,
+        }
         if toward not in keys:
             raise ValueError(f"toward must be 'target', 'competitor' or None, not {toward!r}")
         return sorted((a for a in self.dla if a.head is not None), key=keys[toward])[:k]
@@ -248,8 +256,9 @@ class LastPositionCapture:
     attn_scale: Tensor | None = None  # Float[Tensor, "L B d"]
 
 
-def capture_last_position(model: nn.Module, input_ids: Tensor, last: Tensor, attention_mask: Tensor | None = None
-                          ) -> LastPositionCapture:
+def capture_last_position(
+    model: nn.Module, input_ids: Tensor, last: Tensor, attention_mask: Tensor | None = None
+) -> LastPositionCapture:
     """Run the decoder once, keeping only what the diagnosis needs at position ``last[b]`` of row b.
 
     ``input_ids``: Long[Tensor, "B T"], right-padded; ``last``: Long[Tensor, "B"]. With right padding and a
@@ -273,6 +282,7 @@ def capture_last_position(model: nn.Module, input_ids: Tensor, last: Tensor, att
                 store["z"][layer] = take(args[0])
             if key is not None:
                 store[key][layer] = take(output)
+
         return fn
 
     def post_norm(key, layer):
@@ -281,6 +291,7 @@ def capture_last_position(model: nn.Module, input_ids: Tensor, last: Tensor, att
             if key == "attn":  # forward hooks run after accelerate has offloaded the weights again
                 with onloaded(module):
                     store["attn_scale"][layer] = a.norm.frozen_scale(module, take(args[0])).to(rows.device)
+
         return fn
 
     def final_hook(module, args):
@@ -296,8 +307,10 @@ def capture_last_position(model: nn.Module, input_ids: Tensor, last: Tensor, att
             forward[a.path("mlp_post_norm", l)] = post_norm("mlp", l)
         else:
             forward[a.path("mlp", l)] = record("mlp", l)
-    with torch.no_grad(), hooked(model, forward=forward, pre={a.final_norm: final_hook},
-                                 pre_kwargs={a.block(0): embed_hook}):
+    with (
+        torch.no_grad(),
+        hooked(model, forward=forward, pre={a.final_norm: final_hook}, pre_kwargs={a.block(0): embed_hook}),
+    ):
         model.get_submodule(a.base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return LastPositionCapture(
         embed=store["embed"],
@@ -332,8 +345,14 @@ class Lens(NamedTuple):
     ids: Tensor
 
 
-def logit_lens(model: nn.Module, resid: Tensor, token_ids: Tensor, competitor_ids: Tensor | None = None,
-               chunk: int = 16, slab: int = 16384) -> Lens:
+def logit_lens(
+    model: nn.Module,
+    resid: Tensor,
+    token_ids: Tensor,
+    competitor_ids: Tensor | None = None,
+    chunk: int = 16,
+    slab: int = 16384,
+) -> Lens:
     """Lens logits of ``[target, competitor, top-1]`` at each residual (last position only), the target's rank at
     each, the competitor's at the output.
 
@@ -380,8 +399,12 @@ def logit_lens(model: nn.Module, resid: Tensor, token_ids: Tensor, competitor_id
             c_out = picked[-1, :, 1:2]  # (b, 1)
             c_above = (output > c_out).sum(-1) - (output.gather(-1, c[:, None]) > c_out)[:, 0].long()
             parts.append(Lens(picked, above.view(n_s, b).long() + 1, c_above + 1, ids))
-    return Lens(torch.cat([p.logits for p in parts], 1), torch.cat([p.target_ranks for p in parts], 1),
-                torch.cat([p.competitor_rank for p in parts]), torch.cat([p.ids for p in parts]))
+    return Lens(
+        torch.cat([p.logits for p in parts], 1),
+        torch.cat([p.target_ranks for p in parts], 1),
+        torch.cat([p.competitor_rank for p in parts]),
+        torch.cat([p.ids for p in parts]),
+    )
 
 
 @contextmanager
@@ -499,16 +522,28 @@ def classify(ranks: Tensor, config: DiagnosisConfig = DiagnosisConfig()) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def diagnose(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, target: str,
-             competitor: str | None = None, config: DiagnosisConfig = DiagnosisConfig()) -> Diagnosis:
+def diagnose(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    target: str,
+    competitor: str | None = None,
+    config: DiagnosisConfig = DiagnosisConfig(),
+) -> Diagnosis:
     """Diagnose one prompt. ``target``/``competitor`` are answer texts (e.g. ``" Paris"``); the competitor
     defaults to the model's own top prediction (or its runner-up when the target is already top)."""
     return diagnose_batch(model, tokenizer, [prompt], [target], [competitor], config=config)[0]
 
 
-def diagnose_batch(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
-                   competitors: list[str | None] | None = None, config: DiagnosisConfig = DiagnosisConfig(),
-                   batch_size: int = 32) -> list[Diagnosis]:
+def diagnose_batch(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    targets: list[str],
+    competitors: list[str | None] | None = None,
+    config: DiagnosisConfig = DiagnosisConfig(),
+    batch_size: int = 32,
+) -> list[Diagnosis]:
     """Diagnose many prompts, ``batch_size`` at a time (right-padded; results equal one-at-a-time runs).
 
     A multi-token target is diagnosed at its divergence piece (``config.teacher_force``; the module docstring):
@@ -532,8 +567,10 @@ def diagnose_batch(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
         for item in chunk:
             if item.c_ids is not None and item.c_ids[0] == item.t_ids[item.k]:
                 piece = token_text(tokenizer, item.t_ids[item.k])
-                raise InputError(f"the competitor {tokenizer.decode(item.c_ids)!r} starts with the same token as the "
-                                 f"diagnosed piece {piece!r} of the target {item.target!r}")
+                raise InputError(
+                    f"the competitor {tokenizer.decode(item.c_ids)!r} starts with the same token as the "
+                    f"diagnosed piece {piece!r} of the target {item.target!r}"
+                )
         out.extend(_diagnose_chunk(model, tokenizer, layout, chunk, config))
     return out
 
@@ -603,12 +640,18 @@ def _diagnose_chunk(model, tokenizer, layout: Layout, items: list[_Item], config
                 tokens=[token_text(tokenizer, i) for i in item.input_ids],
                 prediction=TokenScore(token_text(tokenizer, pred_id), pred_id, float(final[2]), 1),
                 target=TokenScore(token_text(tokenizer, t_id), t_id, float(final[0]), ranks_list[-1][b]),
-                competitor=TokenScore(token_text(tokenizer, comp_id), comp_id, float(final[1]),
-                                       int(lens.competitor_rank[b])),
+                competitor=TokenScore(
+                    token_text(tokenizer, comp_id), comp_id, float(final[1]), int(lens.competitor_rank[b])
+                ),
                 target_tokens=[token_text(tokenizer, i) for i in item.t_ids],
                 logit_lens=[
-                    LensEntry("embed" if s == 0 else f"h.{s - 1}", None if s == 0 else s - 1,
-                              lens_list[s][b][0], lens_list[s][b][1], ranks_list[s][b])
+                    LensEntry(
+                        "embed" if s == 0 else f"h.{s - 1}",
+                        None if s == 0 else s - 1,
+                        lens_list[s][b][0],
+                        lens_list[s][b][1],
+                        ranks_list[s][b],
+                    )
                     for s in range(lens.logits.shape[0])
                 ],
                 dla=_attribution_list(row, layout, has_bias, final_bias),
@@ -633,14 +676,22 @@ def _divergence(tokenizer, item: _Item, position: int, misses: bool) -> Divergen
     pieces = [token_text(tokenizer, i) for i in item.t_ids]
     diverges = bool(item.missed) if item.forced else misses  # forced: some piece is missed, piece k first
     generic = diverges and item.k == 0 and len(item.missed) > 1  # fed piece 0, the model misses a later one too
-    return Divergence(piece_index=item.k, piece=pieces[item.k], pieces=pieces, position=position,
-                      before=tokenizer.decode(item.t_ids[: item.k]) if item.k else "",
-                      diverges=diverges, forced=item.forced, generic_first_piece=generic,
-                      missed_after=item.missed[1] if generic else None)
+    return Divergence(
+        piece_index=item.k,
+        piece=pieces[item.k],
+        pieces=pieces,
+        position=position,
+        before=tokenizer.decode(item.t_ids[: item.k]) if item.k else "",
+        diverges=diverges,
+        forced=item.forced,
+        generic_first_piece=generic,
+        missed_after=item.missed[1] if generic else None,
+    )
 
 
-def _attribution_list(row: dict[str, Tensor], layout: Layout, has_bias: list[bool], final_bias: bool
-                      ) -> list[Attribution]:
+def _attribution_list(
+    row: dict[str, Tensor], layout: Layout, has_bias: list[bool], final_bias: bool
+) -> list[Attribution]:
     """Named attributions; biases appear only where the model has them (GPT-2: every one)."""
     r = {k: v.tolist() for k, v in row.items()}  # Python floats in one conversion per tensor
     out = [Attribution("embed", None, None, *r["embed"])]

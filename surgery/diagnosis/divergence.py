@@ -53,8 +53,10 @@ class Divergence:
         """One sentence on the piece diagnosed; empty for a single-token target that is not generic."""
         n = len(self.pieces)
         if self.generic_first_piece:
-            return (f" The first piece {self.piece!r} of {n} {self.pieces} is generic: fed it, the model still misses "
-                    f"{self.pieces[self.missed_after]!r}, so a repair here would only teach {self.piece!r}.")
+            return (
+                f" The first piece {self.piece!r} of {n} {self.pieces} is generic: fed it, the model still misses "
+                f"{self.pieces[self.missed_after]!r}, so a repair here would only teach {self.piece!r}."
+            )
         if n == 1:
             return ""
         if not self.forced:
@@ -62,12 +64,15 @@ class Divergence:
         if not self.diverges:
             return f" The model predicts all {n} pieces {self.pieces}; the first is diagnosed."
         lead = f"after {self.before!r} " if self.piece_index else ""
-        return (f" Diagnosed at piece {self.piece_index + 1} of {n} {self.pieces}: the model diverges {lead}at "
-                f"{self.piece!r} (token position {self.position}).")
+        return (
+            f" Diagnosed at piece {self.piece_index + 1} of {n} {self.pieces}: the model diverges {lead}at "
+            f"{self.piece!r} (token position {self.position})."
+        )
 
 
-def missed_pieces(model: nn.Module, layout: Layout, prompts: list[list[int]], targets: list[list[int]],
-                  pad_id: int | None) -> list[list[int]]:
+def missed_pieces(
+    model: nn.Module, layout: Layout, prompts: list[list[int]], targets: list[list[int]], pad_id: int | None
+) -> list[list[int]]:
     """For each row, the pieces of ``targets[b]`` (indices, in order) that the model's greedy prediction misses
     when the earlier pieces are fed (teacher forcing): the first is the divergence, none when it predicts every
     piece it has room for in the context.

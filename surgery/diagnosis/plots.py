@@ -65,8 +65,11 @@ def attribution_heatmap(d: Diagnosis) -> Figure:
     label_cells(ax, image, grid, "{:+.1f}")
     o = d.override
     ax.add_patch(_box(o["head"], o["layer"]))
-    ax.set_title(f"Per-head attribution, {d.target.text!r} − {d.competitor.text!r}\n"
-                 f"(boxed: override {d.label(o['layer'], o['head'])})", fontsize="medium")
+    ax.set_title(
+        f"Per-head attribution, {d.target.text!r} − {d.competitor.text!r}\n"
+        f"(boxed: override {d.label(o['layer'], o['head'])})",
+        fontsize="medium",
+    )
     _caption(fig, d.n_layer)
     return fig
 
@@ -146,5 +149,9 @@ def _box(head: int, layer: int) -> Rectangle:
 
 def _caption(fig: Figure, n_layer: int) -> None:
     last = n_layer - 1
-    fig.supxlabel(f"Layers 1-indexed as in the reference write-up: L1 = block 0 … "
-                  f"{block_label(last)} = block {last}\nheads by module index", fontsize="x-small", color="dimgray")
+    fig.supxlabel(
+        f"Layers 1-indexed as in the reference write-up: L1 = block 0 … "
+        f"{block_label(last)} = block {last}\nheads by module index",
+        fontsize="x-small",
+        color="dimgray",
+    )

@@ -65,7 +65,7 @@ class StaticHeadConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StaticHeadConfig":
+    def from_dict(cls, d: dict) -> StaticHeadConfig:
         return cls(**d)
 
 
@@ -214,8 +214,9 @@ def sample_ids(candidates: list[int], n: int, generator: torch.Generator, d_voca
 # --------------------------------------------------------------------------------------------------
 
 
-def head_table(model: nn.Module, tokenizer, config: StaticHeadConfig = StaticHeadConfig(),
-               cache: StaticHeadCache | None = None) -> list[HeadStats]:
+def head_table(
+    model: nn.Module, tokenizer, config: StaticHeadConfig = StaticHeadConfig(), cache: StaticHeadCache | None = None
+) -> list[HeadStats]:
     """Static diagnostics of every head, ordered by (layer, head). Reuses ``cache`` when given."""
     key = (config, len(tokenizer), getattr(tokenizer, "name_or_path", ""))
     if cache is not None and (table := cache.table(model, key)) is not None:
@@ -260,12 +261,18 @@ def _compute_table(model: nn.Module, classes: TokenClasses, config: StaticHeadCo
         keys = key_response(n_cls * gamma, w_k, groups, len(TOKEN_CLASSES))  # (H, G)
         copy = copying_scores(u_n * gamma, w_v, w_o)  # U^T (gamma * N) = (U^T N) * gamma, column-wise
         for head in range(layout.n_head):
-            table.append(HeadStats(
-                layer=layer, head=head,
-                qk_overlap=float(overlap[head]), qk_top_k=overlap_k(config.top_k, layout.d_model), qk_norm=float(qk[head]), ov_norm=float(ov[head]),
-                copying_score=float(copy[head]),
-                key_response={name: _finite_or_none(keys[head, g]) for g, name in enumerate(TOKEN_CLASSES)},
-            ))
+            table.append(
+                HeadStats(
+                    layer=layer,
+                    head=head,
+                    qk_overlap=float(overlap[head]),
+                    qk_top_k=overlap_k(config.top_k, layout.d_model),
+                    qk_norm=float(qk[head]),
+                    ov_norm=float(ov[head]),
+                    copying_score=float(copy[head]),
+                    key_response={name: _finite_or_none(keys[head, g]) for g, name in enumerate(TOKEN_CLASSES)},
+                )
+            )
     log.info("static head table: %d heads, token classes %s", len(table), classes.counts())
     return table
 

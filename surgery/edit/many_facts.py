@@ -21,8 +21,8 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 from torch import nn
 
@@ -64,8 +64,9 @@ def _probe(fact: Fact) -> Probe:
     return Probe(fact.prompt, fact.target, fact.paraphrases)
 
 
-def split_routing(records: Sequence[dict], facts: Sequence[Fact], config: RepairConfig
-                  ) -> tuple[list[Fact], list[Fact]]:
+def split_routing(
+    records: Sequence[dict], facts: Sequence[Fact], config: RepairConfig
+) -> tuple[list[Fact], list[Fact]]:
     """The census' routing failures among ``facts``, split per relation into (edited, held out), seeded.
 
     ``records``: census lines (``prompt``, ``target``, ``verdict``). Ambiguous facts are never used.
@@ -87,22 +88,33 @@ def split_routing(records: Sequence[dict], facts: Sequence[Fact], config: Repair
         held += group[n:]
     if config.max_edit is not None and len(edit) > config.max_edit:
         rng.shuffle(edit)
-        held += edit[config.max_edit:]
+        held += edit[config.max_edit :]
         edit = edit[: config.max_edit]
     return edit, held
 
 
-def census_panel(base: Panel, edit: Sequence[Fact], held: Sequence[Fact], records: Sequence[dict],
-                 facts: Sequence[Fact], config: RepairConfig) -> Panel:
+def census_panel(
+    base: Panel,
+    edit: Sequence[Fact],
+    held: Sequence[Fact],
+    records: Sequence[dict],
+    facts: Sequence[Fact],
+    config: RepairConfig,
+) -> Panel:
     """The panel an edit of ``edit`` is judged by (module docstring): ``base`` supplies the neighbourhood and
     general probes, the perplexity passage and the unrelated text."""
     edited_relations = {f.relation for f in edit}
     correct = {record_key(r) for r in records if r["verdict"] == "correct"}
     others = [f for f in facts if f.key in correct and f.relation not in edited_relations and f.ambiguous is None]
     random.Random(config.seed).shuffle(others)
-    return replace(base, name=f"census ({base.name} neighbourhood)", facts=tuple(_probe(f) for f in edit),
-                   relation=tuple(_probe(f) for f in held),
-                   side_effects=tuple(_probe(f) for f in others[: config.specificity_facts]), absence=())
+    return replace(
+        base,
+        name=f"census ({base.name} neighbourhood)",
+        facts=tuple(_probe(f) for f in edit),
+        relation=tuple(_probe(f) for f in held),
+        side_effects=tuple(_probe(f) for f in others[: config.specificity_facts]),
+        absence=(),
+    )
 
 
 @dataclass
@@ -135,25 +147,45 @@ class CensusRepair:
     def to_dict(self) -> dict:
         one = self.report
         c = one.comparison
-        d = {"edited": self.edited, "held_out": self.held_out, "layer": self.layer,
-             "layer_reason": self.layer_reason, "evaluation": c.evaluation(), "report": one.to_dict()}
+        d = {
+            "edited": self.edited,
+            "held_out": self.held_out,
+            "layer": self.layer,
+            "layer_reason": self.layer_reason,
+            "evaluation": c.evaluation(),
+            "report": one.to_dict(),
+        }
         if self.per_fact is not None:
             p = self.per_fact
             n = max(p.facts, 1)
             d["one_edit_vs_one_per_fact"] = {
-                "one_edit": {"facts": self.edited, "time_s": one.wall_time_s, "params_changed":
-                             one.weights.params_changed, "side_effects_after": c.panel_after.side_effects.correct,
-                             "side_effects_total": c.panel_after.side_effects.total},
-                "per_fact": {**p.to_dict(), "time_s_per_fact": p.total_time_s / n,
-                             "projected_time_s_for_all": p.total_time_s / n * self.edited,
-                             "projected_params_changed_for_all": p.params_changed / n * self.edited},
+                "one_edit": {
+                    "facts": self.edited,
+                    "time_s": one.wall_time_s,
+                    "params_changed": one.weights.params_changed,
+                    "side_effects_after": c.panel_after.side_effects.correct,
+                    "side_effects_total": c.panel_after.side_effects.total,
+                },
+                "per_fact": {
+                    **p.to_dict(),
+                    "time_s_per_fact": p.total_time_s / n,
+                    "projected_time_s_for_all": p.total_time_s / n * self.edited,
+                    "projected_params_changed_for_all": p.params_changed / n * self.edited,
+                },
             }
         return d
 
 
-def repair_from_census(model: nn.Module, tokenizer, records: Sequence[dict], facts: Sequence[Fact], base: Panel,
-                       surgery: SurgeryConfig = SurgeryConfig(), config: RepairConfig = RepairConfig(),
-                       progress: Callable[[str], None] | None = None) -> CensusRepair:
+def repair_from_census(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[dict],
+    facts: Sequence[Fact],
+    base: Panel,
+    surgery: SurgeryConfig = SurgeryConfig(),
+    config: RepairConfig = RepairConfig(),
+    progress: Callable[[str], None] | None = None,
+) -> CensusRepair:
     """One edit for a census' routing failures (split by :func:`split_routing`), judged on :func:`census_panel`,
     and ``config.per_fact`` of them edited one at a time for comparison. The layer: ``surgery.layer``, else the
     most common prescribed layer of the edited facts in the census (no second diagnosis)."""
@@ -184,9 +216,13 @@ def repair_from_census(model: nn.Module, tokenizer, records: Sequence[dict], fac
                 failed.append(f"{fact.prompt!r}: {e}")
         c = report.comparison
         per_fact = PerFactEdits(
-            facts=len(sample), fixed=sum(r.comparison.facts_after for r in results),
-            total_time_s=time.perf_counter() - t0, params_changed=sum(r.weights.params_changed for r in results),
+            facts=len(sample),
+            fixed=sum(r.comparison.facts_after for r in results),
+            total_time_s=time.perf_counter() - t0,
+            params_changed=sum(r.weights.params_changed for r in results),
             side_effects_before=c.panel_before.side_effects.correct,
             side_effects_after=[r.comparison.panel_after.side_effects.correct for r in results],
-            side_effects_total=c.panel_before.side_effects.total, failed=failed)
+            side_effects_total=c.panel_before.side_effects.total,
+            failed=failed,
+        )
     return CensusRepair(len(edit), len(held), layer, reason, report, per_fact, result.patch)

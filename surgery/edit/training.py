@@ -35,8 +35,9 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +88,9 @@ class SurgeryConfig:
     def __post_init__(self) -> None:
         if self.site not in SITES:
             raise InputError(f"unknown site {self.site!r}: choose one of {', '.join(SITES)}")
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
-                                       or self.layer < 0):
+        if self.layer is not None and (
+            isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0
+        ):
             raise InputError(f"layer must be a block index (0, 1, ...) or auto, not {self.layer!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"the learning rate must be a positive number, not {self.lr}")
@@ -102,15 +104,17 @@ class SurgeryConfig:
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise InputError(f"margin must be a non-negative number, not {self.margin}")
         if self.max_unrelated_tokens is not None and (
-                isinstance(self.max_unrelated_tokens, bool) or not isinstance(self.max_unrelated_tokens, int)
-                or self.max_unrelated_tokens < 0):
+            isinstance(self.max_unrelated_tokens, bool)
+            or not isinstance(self.max_unrelated_tokens, int)
+            or self.max_unrelated_tokens < 0
+        ):
             raise InputError(f"max_unrelated_tokens must be a non-negative integer, not {self.max_unrelated_tokens!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SurgeryConfig":
+    def from_dict(cls, d: dict) -> SurgeryConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -121,7 +125,7 @@ class SurgeryConfig:
 # Logits the preservation term may compute per step. Its cost is positions x vocabulary x d_model, so the
 # unembedding of the unrelated text dominates a step on large vocabularies: 512 positions of GPT-2 (50,257 tokens)
 # fit; Gemma's 262,144 tokens get 128 positions. The reported KL is still measured on the whole text.
-LOGIT_BUDGET = 2 ** 25
+LOGIT_BUDGET = 2**25
 
 
 def unrelated_token_budget(d_vocab: int) -> int:
@@ -158,17 +162,22 @@ def layer_from_diagnoses(diagnoses: Sequence[Diagnosis]) -> tuple[int, str]:
         absent = [d.prompt for d in diagnoses if d.verdict == "absence"]
         raise InputError(
             "--layer auto needs a routing failure among the facts, but "
-            + (f"{len(absent)} are absences (the model never had them: {absent[0]!r}, ...)" if absent
-               else "every fact is already correct")
+            + (
+                f"{len(absent)} are absences (the model never had them: {absent[0]!r}, ...)"
+                if absent
+                else "every fact is already correct"
+            )
             + "; pass --layer N to operate anyway"
         )
     counts = Counter(d.prescribed_layer for d in routing)
     layer, n = counts.most_common(1)[0]
     overrides = Counter((d.override["layer"], d.override["head"]) for d in routing)
     (o_layer, o_head), _ = overrides.most_common(1)[0]
-    reason = (f"auto: block {layer} ({block_label(layer)}) is the prescribed layer of {n}/{len(routing)} routing "
-              f"failures (where the target is written most strongly before the override head, "
-              f"most often {block_label(o_layer, o_head)})")
+    reason = (
+        f"auto: block {layer} ({block_label(layer)}) is the prescribed layer of {n}/{len(routing)} routing "
+        f"failures (where the target is written most strongly before the override head, "
+        f"most often {block_label(o_layer, o_head)})"
+    )
     return layer, reason
 
 
@@ -226,8 +235,14 @@ def site_lr(values: dict[str, Tensor], config: SurgeryConfig) -> float:
     return config.lr_scale * float(flat.pow(2).mean().sqrt())
 
 
-def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], site: str, layer: int,
-               config: SurgeryConfig, progress: Progress | None = None) -> TrainOutcome:
+def train_site(
+    model: nn.Module,
+    frozen: FrozenInputs | Sequence[FrozenInputs],
+    site: str,
+    layer: int,
+    config: SurgeryConfig,
+    progress: Progress | None = None,
+) -> TrainOutcome:
     """Adam on the site's slices of block ``layer`` until every fact is top-1 by ``config.margin`` or the
     budget is spent. Returns the trained slice values (the model is not touched).
 
@@ -248,8 +263,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     slices = layout.site_slices(site, layer, model)
     stack = UpperStack(model, layer)
     base = dict(stack.block.named_parameters())
-    values = {s.name: s.read(base[s.name[len(stack.prefix):]]).detach().clone().requires_grad_(True)
-              for s in slices}
+    values = {s.name: s.read(base[s.name[len(stack.prefix) :]]).detach().clone().requires_grad_(True) for s in slices}
     lr = site_lr(values, config)
     adaptive = config.lr is None  # a given --lr is a plain, fixed Adam step, as it always was
     optimizer = torch.optim.Adam(values.values(), lr=lr)
@@ -268,6 +282,7 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
         if use_kept:
             kl = kl + kl_divergence(text.kept_ref_log_probs, stack.kept_log_probs(text, params))
         return kl
+
     steps, backoffs = 0, 0
     good = {n: v.detach().clone() for n, v in values.items()}  # the last accepted values
     last: tuple[float, float] | None = None  # (loss, preservation term) of the last accepted values
@@ -285,18 +300,23 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
         kl_term = config.kl_weight * float(kl.detach())
         loss = ce + kl_term
         if not math.isfinite(loss):
-            raise SurgeryFailed(f"training diverged: the loss became {loss} at step {steps}; "
-                                f"try a lower learning rate (now {lr:.3g})")
-        if (adaptive and last is not None and loss > last[0] and kl_term > KL_JUMP * last[1]
-                and backoffs < MAX_BACKOFFS):
+            raise SurgeryFailed(
+                f"training diverged: the loss became {loss} at step {steps}; try a lower learning rate (now {lr:.3g})"
+            )
+        if adaptive and last is not None and loss > last[0] and kl_term > KL_JUMP * last[1] and backoffs < MAX_BACKOFFS:
             with torch.no_grad():  # undo the step that overshot; the moments keep the accepted gradients
                 for n, v in values.items():
                     v.copy_(good[n])
             backoffs += 1
             for group in optimizer.param_groups:
                 group["lr"] /= 2
-            log.debug("step %d: preservation term %.3g -> %.3g, step undone, lr now %.3g",
-                      steps, last[1], kl_term, optimizer.param_groups[0]["lr"])
+            log.debug(
+                "step %d: preservation term %.3g -> %.3g, step undone, lr now %.3g",
+                steps,
+                last[1],
+                kl_term,
+                optimizer.param_groups[0]["lr"],
+            )
             continue
         if fixed == n_facts or steps >= config.epochs:
             break
@@ -315,8 +335,9 @@ def train_site(model: nn.Module, frozen: FrozenInputs | Sequence[FrozenInputs], 
     bad = [n for n, v in values.items() if not torch.isfinite(v).all()]
     if bad:
         raise SurgeryFailed(f"training produced NaN/Inf weights in {', '.join(bad)}; try a lower learning rate")
-    return TrainOutcome({n: v.detach().clone() for n, v in values.items()}, steps, loss, ce, float(kl.detach()),
-                        fixed, lr, backoffs)
+    return TrainOutcome(
+        {n: v.detach().clone() for n, v in values.items()}, steps, loss, ce, float(kl.detach()), fixed, lr, backoffs
+    )
 
 
 def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | None) -> tuple[list[str], str]:
@@ -327,7 +348,11 @@ def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | 
     for source in (panel, load_panel(ENGLISH_PANEL)):
         texts = list(fit_panel(source, tokenizer, n_ctx).panel.unrelated_text)
         if texts:
-            note = "" if source is panel else f"preservation text: the English panel's (panel {panel.name!r} has none this tokenizer can encode)"
+            note = (
+                ""
+                if source is panel
+                else f"preservation text: the English panel's (panel {panel.name!r} has none this tokenizer can encode)"
+            )
             return texts, note
     return [], "no unrelated text this tokenizer can encode: trained without the preservation (KL) term"
 
@@ -347,10 +372,17 @@ def _n_fixed(logits: Tensor, targets: Tensor, rows: Tensor, n_facts: int, margin
 # --------------------------------------------------------------------------------------------------
 
 
-def operate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Probe],
-            config: SurgeryConfig = SurgeryConfig(), unrelated: Sequence[str] | None = None, progress: Progress | None = None,
-            panel: Panel | None = None, require_all: bool = True,
-            preserve: Sequence[Probe] | None = None) -> SurgeryResult:
+def operate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[Probe],
+    config: SurgeryConfig = SurgeryConfig(),
+    unrelated: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    panel: Panel | None = None,
+    require_all: bool = True,
+    preserve: Sequence[Probe] | None = None,
+) -> SurgeryResult:
     """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
 
     ``facts``: probes (prompt, target); every piece of each target is trained. With ``layer=None`` the facts the
@@ -367,7 +399,7 @@ def operate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequenc
     t0 = time.perf_counter()
     facts = list(facts)
     if not facts:
-        raise InputError("no facts given: give at least one {\"prompt\", \"target\"} to fix")
+        raise InputError('no facts given: give at least one {"prompt", "target"} to fix')
     layout = layout_of(model)
     panel = panel if panel is not None else panel_for_model(model)
     unrelated, unrelated_note = _unrelated_text(panel, tokenizer, layout.n_ctx, unrelated)
@@ -381,9 +413,12 @@ def operate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequenc
     if config.layer is None:
         layer, reason = layer_from_diagnoses(diagnoses)
         keep = [v != "absence" for v in verdicts]
-        absent_notes = [f"not trained: {f.prompt!r} -> {f.target!r} is an absence (the model never holds the "
-                        f"answer), which single-site surgery does not repair"
-                        for f, v in zip(facts, verdicts) if v == "absence"]
+        absent_notes = [
+            f"not trained: {f.prompt!r} -> {f.target!r} is an absence (the model never holds the "
+            f"answer), which single-site surgery does not repair"
+            for f, v in zip(facts, verdicts)
+            if v == "absence"
+        ]
     else:
         layer, reason = layout.check_layer(config.layer), "given"
     log.info("operating on site %s of block %d (%s)", config.site, layer, reason)
@@ -405,18 +440,30 @@ def operate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequenc
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
             t_train = time.perf_counter()
-            frozen = freeze_fact_batches(model, tokenizer, trained, unrelated, layer, budget, config.batch_size,
-                                         kept)
+            frozen = freeze_fact_batches(model, tokenizer, trained, unrelated, layer, budget, config.batch_size, kept)
             outcome = train_site(model, frozen, config.site, layer, config, progress)
             train_time += time.perf_counter() - t_train
         slices = tuple(layout.site_slices(config.site, layer, model))
-        patch = Patch(config.site, layer, slices, outcome.values,
-                      {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)})
+        patch = Patch(
+            config.site,
+            layer,
+            slices,
+            outcome.values,
+            {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)},
+        )
         edited = patched_model(model, patch)
         after = score_probes(edited, tokenizer, facts)
         wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
-        tried.append({"layer": layer, "steps": outcome.steps, "lr": outcome.lr, "backoffs": outcome.backoffs,
-                      "fixed": sum(keep) - len(wrong), "total": sum(keep)})
+        tried.append(
+            {
+                "layer": layer,
+                "steps": outcome.steps,
+                "lr": outcome.lr,
+                "backoffs": outcome.backoffs,
+                "fixed": sum(keep) - len(wrong),
+                "total": sum(keep),
+            }
+        )
         log.info("block %d: %d/%d facts fixed in %d steps", layer, tried[-1]["fixed"], sum(keep), outcome.steps)
         if best is None or len(wrong) < len(best[5]):
             best = (layer, outcome, patch, edited, after, wrong)
@@ -432,21 +479,41 @@ def operate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequenc
             f"{', ...' if len(wrong) > 1 else ''}); try more --epochs, a larger site or another --layer"
         )
     comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after)
-    notes = absent_notes + [f"not scored: {u}" for u in comparison.unavailable] + ([unrelated_note] if unrelated_note else [])
+    notes = (
+        absent_notes
+        + [f"not scored: {u}" for u in comparison.unavailable]
+        + ([unrelated_note] if unrelated_note else [])
+    )
     if after.correct < after.total:
         notes.append(f"{after.correct}/{after.total} facts fixed within the budget of {config.epochs} epochs")
     if len(tried) > 1:
-        notes.append("blocks tried: " + ", ".join(f"{t['layer']} ({t['fixed']}/{t['total']} fixed in {t['steps']} "
-                                                  f"steps)" for t in tried))
+        notes.append(
+            "blocks tried: "
+            + ", ".join(f"{t['layer']} ({t['fixed']}/{t['total']} fixed in {t['steps']} steps)" for t in tried)
+        )
     report = SurgeryReport(
-        site=config.site, layer=layer, layer_reason=reason,
-        params_in_site=patch.numel, params_total=count_parameters(model),
-        steps=outcome.steps, epochs=config.epochs,
-        final_loss=outcome.loss, final_ce=outcome.ce, final_kl=outcome.kl,
-        train_time_s=train_time, wall_time_s=time.perf_counter() - t0,
-        comparison=comparison, weights=weight_stats(model, patch, edited),
-        config={**config.to_dict(), "layer": layer, "lr_start": outcome.lr, "panel": panel.name,
-                "max_unrelated_tokens": budget, "preserved_prompts": len(kept)},
+        site=config.site,
+        layer=layer,
+        layer_reason=reason,
+        params_in_site=patch.numel,
+        params_total=count_parameters(model),
+        steps=outcome.steps,
+        epochs=config.epochs,
+        final_loss=outcome.loss,
+        final_ce=outcome.ce,
+        final_kl=outcome.kl,
+        train_time_s=train_time,
+        wall_time_s=time.perf_counter() - t0,
+        comparison=comparison,
+        weights=weight_stats(model, patch, edited),
+        config={
+            **config.to_dict(),
+            "layer": layer,
+            "lr_start": outcome.lr,
+            "panel": panel.name,
+            "max_unrelated_tokens": budget,
+            "preserved_prompts": len(kept),
+        },
         notes=notes,
         block=layout.adapter.block(layer),
         tried=tried,

@@ -14,8 +14,8 @@ Batches are right-padded: with a causal model the real positions never see the p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,7 @@ class BlockInputs:
     calls: list[tuple[tuple, dict]] = field(default_factory=list)  # [(args after hidden, kwargs)] per block
 
 
-def capture_block_inputs(model: nn.Module, input_ids: Tensor, layer: int, lengths: Tensor | None = None
-                         ) -> BlockInputs:
+def capture_block_inputs(model: nn.Module, input_ids: Tensor, layer: int, lengths: Tensor | None = None) -> BlockInputs:
     """Run the decoder once up to the final norm, recording what blocks ``layer ..`` are called with.
 
     ``input_ids`` (B, T) may be right-padded, with ``lengths`` (B,). The final norm and unembedding are not run.
@@ -63,6 +62,7 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, layer: int, length
             rest = args[1:] if args else ()
             kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             out.calls.append((rest, kwargs))
+
         return fn
 
     def stop(module, args):
@@ -115,8 +115,15 @@ def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
     return out
 
 
-def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated: Sequence[str], layer: int,
-                  max_unrelated_tokens: int, kept: Sequence[tuple[list[int], list[int]]] = ()) -> FrozenInputs:
+def freeze_inputs(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[Probe],
+    unrelated: Sequence[str],
+    layer: int,
+    max_unrelated_tokens: int,
+    kept: Sequence[tuple[list[int], list[int]]] = (),
+) -> FrozenInputs:
     """Capture block ``layer``'s inputs for the fact prompts, the unrelated text and the kept prompts, once.
 
     Each fact runs as its prompt followed by its target's pieces but the last (teacher forcing): piece ``i`` is
@@ -131,16 +138,22 @@ def freeze_inputs(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated
     sequences = [p + t[:-1] for p, t in zip(prompts, pieces)]
     for f, seq in zip(facts, sequences):
         if len(seq) > layout.n_ctx:
-            raise InputError(f"the prompt and answer of {f.prompt!r} are {len(seq) + 1} tokens; this model's "
-                             f"context is {layout.n_ctx} tokens")
+            raise InputError(
+                f"the prompt and answer of {f.prompt!r} are {len(seq) + 1} tokens; this model's "
+                f"context is {layout.n_ctx} tokens"
+            )
     rows = [row for row, t in enumerate(pieces) for _ in t]
     positions = [len(p) - 1 + i for p, t in zip(prompts, pieces) for i in range(len(t))]
     ids, lengths = pad_right(sequences, tokenizer.pad_token_id, device)
     frozen = FrozenInputs(
         capture_block_inputs(model, ids, layer, lengths),
         torch.tensor([len(p) - 1 for p in prompts], device=device),
-        torch.tensor([i for t in pieces for i in t], device=device), None, None,
-        piece_rows=torch.tensor(rows, device=device), piece_positions=torch.tensor(positions, device=device))
+        torch.tensor([i for t in pieces for i in t], device=device),
+        None,
+        None,
+        piece_rows=torch.tensor(rows, device=device),
+        piece_positions=torch.tensor(positions, device=device),
+    )
     texts = _truncate_texts(encode_texts(tokenizer, unrelated, layout.n_ctx), max_unrelated_tokens)
     if texts:
         t_ids, t_lengths = pad_right(texts, tokenizer.pad_token_id, device)
@@ -172,14 +185,22 @@ def kept_answers(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> list[t
     probes = [p for p in probes if usable(p)]
     if not probes:
         return []
-    said = continuations(model, tokenizer, [p.prompt for p in probes],
-                         [len(encode_target(tokenizer, p.target)) for p in probes]).ids
+    said = continuations(
+        model, tokenizer, [p.prompt for p in probes], [len(encode_target(tokenizer, p.target)) for p in probes]
+    ).ids
     return [(encode_prompt(tokenizer, p.prompt, n_ctx), ids) for p, ids in zip(probes, said)]
 
 
-def freeze_fact_batches(model: nn.Module, tokenizer, facts: Sequence[Probe], unrelated: Sequence[str], layer: int,
-                        max_unrelated_tokens: int, batch_size: int,
-                        kept: Sequence[tuple[list[int], list[int]]] = ()) -> list[FrozenInputs]:
+def freeze_fact_batches(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[Probe],
+    unrelated: Sequence[str],
+    layer: int,
+    max_unrelated_tokens: int,
+    batch_size: int,
+    kept: Sequence[tuple[list[int], list[int]]] = (),
+) -> list[FrozenInputs]:
     """:func:`freeze_inputs` for ``batch_size`` facts at a time (memory bounded by the batch); only the first
     batch carries the unrelated text and the kept prompts. :func:`surgery.edit.training.train_site` accumulates over
     them."""
@@ -206,7 +227,7 @@ class UpperStack:
     def block_params(self, slices, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Full tensors of the block's site parameters, the trained slices spliced into the base values."""
         base = dict(self.block.named_parameters())
-        return {s.name[len(self.prefix):]: s.write(base[s.name[len(self.prefix):]], values[s.name]) for s in slices}
+        return {s.name[len(self.prefix) :]: s.write(base[s.name[len(self.prefix) :]], values[s.name]) for s in slices}
 
     def residual(self, inputs: BlockInputs, params: dict[str, Tensor]) -> Tensor:
         """Final residual (after the final norm) from block ``layer``'s input. (B, T, d) -> (B, T, d)."""
@@ -231,5 +252,3 @@ class UpperStack:
         """Next-token log-probabilities where each kept prompt's own answer is said. Float[Tensor, "K V"]."""
         h = self.residual(frozen.kept, params)
         return F.log_softmax(unembed(self.model, h[frozen.kept_at]).float(), -1)
-
-

@@ -91,9 +91,15 @@ def decided(continuation: str, target: str, words: int = LENIENT_WORDS) -> bool:
     return complete
 
 
-def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str],
-                         max_new_tokens: int | Sequence[int], targets: Sequence[str | None] | None = None,
-                         words: int = LENIENT_WORDS, batch_size: int = BATCH_SIZE) -> list[str]:
+def greedy_continuations(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int | Sequence[int],
+    targets: Sequence[str | None] | None = None,
+    words: int = LENIENT_WORDS,
+    batch_size: int = BATCH_SIZE,
+) -> list[str]:
     """The greedy continuation (new text only) of each prompt, at most ``max_new_tokens`` tokens each (one number,
     or one per prompt) and never past the context or an end-of-text token.
 
@@ -101,8 +107,7 @@ def greedy_continuations(model: nn.Module, tokenizer, prompts: Sequence[str],
     judged continuation is only as long as it needs to be; a row whose target is None runs to its budget. Works
     on a base model and on a patched view alike.
     """
-    return continuations(model, tokenizer, prompts, max_new_tokens, targets, words=words,
-                         batch_size=batch_size).texts
+    return continuations(model, tokenizer, prompts, max_new_tokens, targets, words=words, batch_size=batch_size).texts
 
 
 @dataclass
@@ -116,9 +121,16 @@ class Continuations:
     ids: list[list[int]] = field(default_factory=list)
 
 
-def continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int | Sequence[int],
-                  targets: Sequence[str | None] | None = None, first_ids: Sequence[int | None] | None = None,
-                  words: int = LENIENT_WORDS, batch_size: int = BATCH_SIZE) -> Continuations:
+def continuations(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int | Sequence[int],
+    targets: Sequence[str | None] | None = None,
+    first_ids: Sequence[int | None] | None = None,
+    words: int = LENIENT_WORDS,
+    batch_size: int = BATCH_SIZE,
+) -> Continuations:
     """:func:`greedy_continuations`, and from the first step's logits (the next-token distribution after each
     prompt) the top-1 token and the rank of ``first_ids[i]`` (e.g. the target's first token): the first-token
     figures come free with the generation, no second pass over the prompts."""
@@ -142,18 +154,29 @@ def continuations(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_t
     for length, rows in sorted(groups.items()):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            got = _generate_group(model, tokenizer, [encoded[i] for i in chunk],
-                                  [min(budgets[i], n_ctx - length) for i in chunk],
-                                  None if targets is None else [targets[i] for i in chunk],
-                                  None if first_ids is None else [first_ids[i] for i in chunk], words)
+            got = _generate_group(
+                model,
+                tokenizer,
+                [encoded[i] for i in chunk],
+                [min(budgets[i], n_ctx - length) for i in chunk],
+                None if targets is None else [targets[i] for i in chunk],
+                None if first_ids is None else [first_ids[i] for i in chunk],
+                words,
+            )
             for i, text, top, rank, ids in zip(chunk, got.texts, got.first_top, got.first_rank, got.ids):
                 out.texts[i], out.first_top[i], out.first_rank[i], out.ids[i] = text, top, rank, ids
     return out
 
 
-def _generate_group(model: nn.Module, tokenizer, encoded: list[list[int]], budgets: list[int],
-                    targets: list[str | None] | None, first_ids: list[int | None] | None,
-                    words: int) -> Continuations:
+def _generate_group(
+    model: nn.Module,
+    tokenizer,
+    encoded: list[list[int]],
+    budgets: list[int],
+    targets: list[str | None] | None,
+    first_ids: list[int | None] | None,
+    words: int,
+) -> Continuations:
     """Greedy decoding of prompts of one token length, through the KV cache, until every row is done. A row that
     is done leaves the batch (and the cache) at once, so the rest run on without it."""
     device = next(model.parameters()).device
@@ -179,8 +202,9 @@ def _generate_group(model: nn.Module, tokenizer, encoded: list[list[int]], budge
                 if first_ids is not None:
                     asked = torch.tensor([0 if t is None else t for t in first_ids], device=logits.device)
                     picked = logits.gather(-1, asked[:, None])  # (B, 1)
-                    first_rank = [0 if t is None else r for t, r in
-                                  zip(first_ids, ((logits > picked).sum(-1) + 1).tolist())]
+                    first_rank = [
+                        0 if t is None else r for t, r in zip(first_ids, ((logits > picked).sum(-1) + 1).tolist())
+                    ]
             keep = []
             for i, (row, token) in enumerate(zip(alive, next_ids.tolist())):
                 if token == eos:
@@ -188,8 +212,11 @@ def _generate_group(model: nn.Module, tokenizer, encoded: list[list[int]], budge
                 new[row].append(token)
                 if len(new[row]) >= budgets[row]:
                     continue
-                if targets is not None and targets[row] is not None and decided(
-                        tokenizer.decode(new[row], skip_special_tokens=True), targets[row], words):
+                if (
+                    targets is not None
+                    and targets[row] is not None
+                    and decided(tokenizer.decode(new[row], skip_special_tokens=True), targets[row], words)
+                ):
                     continue
                 keep.append(i)
             if len(keep) < len(alive) and keep:
@@ -207,11 +234,18 @@ def judge_budget(tokenizer, target: str) -> int:
     return len(encode_target(tokenizer, target)) + EXTRA_TOKENS
 
 
-def said(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
-         words: int = LENIENT_WORDS, batch_size: int = BATCH_SIZE) -> list[tuple[str, Judgement]]:
+def said(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    words: int = LENIENT_WORDS,
+    batch_size: int = BATCH_SIZE,
+) -> list[tuple[str, Judgement]]:
     """For each prompt, its greedy continuation (generated until decided) and the :class:`Judgement` of it."""
-    texts = greedy_continuations(model, tokenizer, prompts, [judge_budget(tokenizer, t) for t in targets],
-                                 targets, words, batch_size)
+    texts = greedy_continuations(
+        model, tokenizer, prompts, [judge_budget(tokenizer, t) for t in targets], targets, words, batch_size
+    )
     return [(text, judge(text, target, words)) for text, target in zip(texts, targets)]
 
 

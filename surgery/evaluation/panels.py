@@ -91,29 +91,35 @@ class Panel:
         return next((f.paraphrases for f in self.facts if f.prompt == prompt), ())
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "panel") -> "Panel":
+    def from_dict(cls, d: dict, where: str = "panel") -> Panel:
         if not isinstance(d, dict):
             raise InputError(f"{where}: a panel is a JSON object with 'general', 'side_effects', ... (docs/panels.md)")
         texts = d.get("unrelated_text", ())
         if isinstance(texts, str):
             texts = [texts]
-        lists = {key: tuple(probes_from_json(d.get(key, []), f"{where} {key}", allow_empty=True))
-                 for key in PROBE_LISTS}
-        panel = cls(name=str(d.get("name", where)), description=str(d.get("description", "")),
-                    perplexity_text=str(d.get("perplexity_text", "")),
-                    unrelated_text=tuple(str(t) for t in texts if str(t).strip()), **lists)
+        lists = {
+            key: tuple(probes_from_json(d.get(key, []), f"{where} {key}", allow_empty=True)) for key in PROBE_LISTS
+        }
+        panel = cls(
+            name=str(d.get("name", where)),
+            description=str(d.get("description", "")),
+            perplexity_text=str(d.get("perplexity_text", "")),
+            unrelated_text=tuple(str(t) for t in texts if str(t).strip()),
+            **lists,
+        )
         if not (panel.general or panel.side_effects or panel.neighbourhood):
-            raise InputError(f"{where}: a panel needs at least one of 'general', 'side_effects' or 'neighbourhood' "
-                             "(docs/panels.md)")
+            raise InputError(
+                f"{where}: a panel needs at least one of 'general', 'side_effects' or 'neighbourhood' (docs/panels.md)"
+            )
         return panel
 
 
 def probes_from_json(items, where: str, allow_empty: bool = False) -> list[Probe]:
     """``[{"prompt": ..., "target": ...}, ...]`` -> probes, with a message naming the bad entry."""
     if not isinstance(items, list):
-        raise InputError(f"{where}: expected a list of {{\"prompt\", \"target\"}} objects")
+        raise InputError(f'{where}: expected a list of {{"prompt", "target"}} objects')
     if not items and not allow_empty:
-        raise InputError(f"{where} is empty: give at least one {{\"prompt\", \"target\"}} fact")
+        raise InputError(f'{where} is empty: give at least one {{"prompt", "target"}} fact')
     probes = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -199,16 +205,20 @@ def fit_panel(panel: Panel, tokenizer, n_ctx: int) -> FittedPanel:
         probes = getattr(panel, key)
         ok = [replace(p, paraphrases=tuple(x for x in p.paraphrases if encodable(x))) for p in probes if usable(p)]
         if len(ok) < len(probes):
-            unavailable.append(f"{key}: {len(probes) - len(ok)} of {len(probes)} probes cannot be scored "
-                               f"(words outside this tokenizer's vocabulary, or too long)")
+            unavailable.append(
+                f"{key}: {len(probes) - len(ok)} of {len(probes)} probes cannot be scored "
+                f"(words outside this tokenizer's vocabulary, or too long)"
+            )
         kept[key] = tuple(ok)
     perplexity_text = panel.perplexity_text if encodable(panel.perplexity_text or " ") else ""
     if panel.perplexity_text and not perplexity_text:
         unavailable.append("perplexity: the passage has words outside this tokenizer's vocabulary")
     texts = tuple(t for t in panel.unrelated_text if encodable(t))
     if len(texts) < len(panel.unrelated_text):
-        unavailable.append(f"unrelated text: {len(panel.unrelated_text) - len(texts)} of "
-                           f"{len(panel.unrelated_text)} passages have words outside this tokenizer's vocabulary")
+        unavailable.append(
+            f"unrelated text: {len(panel.unrelated_text) - len(texts)} of "
+            f"{len(panel.unrelated_text)} passages have words outside this tokenizer's vocabulary"
+        )
     fitted = replace(panel, perplexity_text=perplexity_text, unrelated_text=texts, **kept)
     return FittedPanel(fitted, tuple(unavailable))
 

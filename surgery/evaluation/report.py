@@ -29,8 +29,18 @@ from torch import nn
 
 from ..io.edit_file import WeightStats
 from .panels import Panel, Probe, fit_panel
-from .scoring import (FLUENCY_TOKENS, Fluency, JudgedLists, PanelResult, ProbeResult, ProbeScores, fluency_prompts,
-                      judge_lists, panel_probes, panel_result)
+from .scoring import (
+    FLUENCY_TOKENS,
+    Fluency,
+    JudgedLists,
+    PanelResult,
+    ProbeResult,
+    ProbeScores,
+    fluency_prompts,
+    judge_lists,
+    panel_probes,
+    panel_result,
+)
 
 PERPLEXITY_TOLERANCE = 0.05  # verify: at most 5% relative perplexity increase counts as "no regression"
 PROBE_TOLERANCE = 0.05  # verify: a panel may break at most floor(5% of its probes) (0 below 20 probes)
@@ -72,24 +82,36 @@ class FactOutcome:
         return asdict(self)
 
 
-def fact_outcomes(before: ProbeScores, after: ProbeScores, verdicts: Sequence[str | None] | None = None
-                  ) -> list[FactOutcome]:
+def fact_outcomes(
+    before: ProbeScores, after: ProbeScores, verdicts: Sequence[str | None] | None = None
+) -> list[FactOutcome]:
     """Pair the before and after scores of the same facts."""
     verdicts = verdicts or [None] * before.total
     return [_outcome(b, a, v) for b, a, v in zip(before.results, after.results, verdicts)]
 
 
 def _outcome(b: ProbeResult, a: ProbeResult, verdict: str | None = None) -> FactOutcome:
-    return FactOutcome(b.prompt, b.target, b.said, a.said, b.correct, a.correct, verdict,
-                       lenient_before=b.lenient, lenient_after=a.lenient,
-                       first_token_before=b.answer, first_token_after=a.answer,
-                       first_token_correct_before=b.first_token_correct,
-                       first_token_correct_after=a.first_token_correct)
+    return FactOutcome(
+        b.prompt,
+        b.target,
+        b.said,
+        a.said,
+        b.correct,
+        a.correct,
+        verdict,
+        lenient_before=b.lenient,
+        lenient_after=a.lenient,
+        first_token_before=b.answer,
+        first_token_after=a.answer,
+        first_token_correct_before=b.first_token_correct,
+        first_token_correct_after=a.first_token_correct,
+    )
 
 
 def judged_counts(outcomes: Sequence[FactOutcome], changes: bool = False) -> dict:
     """``{"before", "after", "total"}``: how many are said right (strict, the headline); with ``changes``, also
     how many the edit ``fixed`` and ``broke``; then the same under ``"lenient"`` and ``"first_token"``."""
+
     def tally(before: list[bool], after: list[bool]) -> dict:
         out = {"before": sum(before), "after": sum(after)}
         if changes:
@@ -98,10 +120,16 @@ def judged_counts(outcomes: Sequence[FactOutcome], changes: bool = False) -> dic
         return out
 
     strict = tally([o.correct_before for o in outcomes], [o.correct_after for o in outcomes])
-    return {"before": strict.pop("before"), "after": strict.pop("after"), "total": len(outcomes), **strict,
-            "lenient": tally([o.lenient_before for o in outcomes], [o.lenient_after for o in outcomes]),
-            "first_token": tally([o.first_token_correct_before for o in outcomes],
-                                 [o.first_token_correct_after for o in outcomes])}
+    return {
+        "before": strict.pop("before"),
+        "after": strict.pop("after"),
+        "total": len(outcomes),
+        **strict,
+        "lenient": tally([o.lenient_before for o in outcomes], [o.lenient_after for o in outcomes]),
+        "first_token": tally(
+            [o.first_token_correct_before for o in outcomes], [o.first_token_correct_after for o in outcomes]
+        ),
+    }
 
 
 @dataclass
@@ -151,29 +179,34 @@ class Comparison:
         the edit ``fixed`` and ``broke``; fluency, KL and perplexity as ``{"before", "after"}`` or a number."""
         spec = self.outcomes("neighbourhood") + self.outcomes("side_effects")
         specificity = judged_counts(spec, changes=True)
-        specificity["first_token"]["answers_unchanged"] = sum(o.first_token_before == o.first_token_after
-                                                              for o in spec)
+        specificity["first_token"]["answers_unchanged"] = sum(o.first_token_before == o.first_token_after for o in spec)
         b, a = self.panel_before, self.panel_after
         return {
             "efficacy": judged_counts(self.facts),
             "paraphrase": judged_counts(self.paraphrases),
             "relation": judged_counts(self.outcomes("relation"), changes=True),
-            "specificity": {**specificity,
-                            "neighbourhood": judged_counts(self.outcomes("neighbourhood"), changes=True),
-                            "side_effects": judged_counts(self.outcomes("side_effects"), changes=True),
-                            "answers_unchanged": sum(o.before == o.after for o in spec)},
+            "specificity": {
+                **specificity,
+                "neighbourhood": judged_counts(self.outcomes("neighbourhood"), changes=True),
+                "side_effects": judged_counts(self.outcomes("side_effects"), changes=True),
+                "answers_unchanged": sum(o.before == o.after for o in spec),
+            },
             "general": judged_counts(self.outcomes("general"), changes=True),
             "kl_unrelated": _finite(self.kl_unrelated),
             "perplexity": {"before": _finite(b.perplexity), "after": _finite(a.perplexity)},
-            "fluency": {"before": _mean(self.fluency_before), "after": _mean(self.fluency_after),
-                        "prompts": len(self.fluency_after.prompts) if self.fluency_after else 0,
-                        "tokens": self.fluency_after.tokens if self.fluency_after else 0},
+            "fluency": {
+                "before": _mean(self.fluency_before),
+                "after": _mean(self.fluency_after),
+                "prompts": len(self.fluency_after.prompts) if self.fluency_after else 0,
+                "tokens": self.fluency_after.tokens if self.fluency_after else 0,
+            },
         }
 
     def wrong_after(self) -> list[WrongAnswer]:
         """What the corrected model says where it is wrong (:class:`WrongAnswer`): edited facts and paraphrases
         not said, relation and general probes broken, neighbourhood and side-effect probes whose continuation
         changed."""
+
         def wrong(kind: str, why: str, o: FactOutcome) -> WrongAnswer:
             return WrongAnswer(kind, why, o.prompt, o.target, o.before, o.after)
 
@@ -182,8 +215,9 @@ class Comparison:
         for name in ("relation", "general"):
             out += [wrong(name, "broken", o) for o in self.outcomes(name) if o.broken]
         for name in ("neighbourhood", "side_effects"):
-            out += [wrong(name, "broken" if o.broken else "changed", o) for o in self.outcomes(name)
-                    if o.before != o.after]
+            out += [
+                wrong(name, "broken" if o.broken else "changed", o) for o in self.outcomes(name) if o.before != o.after
+            ]
         return out
 
     def rows(self) -> list[tuple[str, str, str]]:
@@ -192,8 +226,10 @@ class Comparison:
         e = self.evaluation()
 
         def cells(c: dict) -> tuple[str, str]:
-            return tuple(f"{c[t]}/{c['total']} (lenient {c['lenient'][t]}, first token {c['first_token'][t]})"
-                         for t in ("before", "after"))
+            return tuple(
+                f"{c[t]}/{c['total']} (lenient {c['lenient'][t]}, first token {c['first_token'][t]})"
+                for t in ("before", "after")
+            )
 
         rows = [("facts said (efficacy)", *cells(e["efficacy"]))]
         if e["paraphrase"]["total"]:
@@ -202,8 +238,11 @@ class Comparison:
             r = e["relation"]
             before, after = cells(r)
             rows.append(("unedited facts (relation)", before, f"{after} +{r['fixed']} fixed, -{r['broken']} broken"))
-        for label, c in (("general", e["general"]), ("neighbourhood (specificity)", e["specificity"]["neighbourhood"]),
-                         ("side effects (specificity)", e["specificity"]["side_effects"])):
+        for label, c in (
+            ("general", e["general"]),
+            ("neighbourhood (specificity)", e["specificity"]["neighbourhood"]),
+            ("side effects (specificity)", e["specificity"]["side_effects"]),
+        ):
             if c["total"]:
                 before, after = cells(c)
                 rows.append((label, before, after + (f" -{c['broken']} broken" if c["broken"] else "")))
@@ -219,11 +258,14 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {
-            "facts_before": self.facts_before, "facts_after": self.facts_after, "facts_total": len(self.facts),
+            "facts_before": self.facts_before,
+            "facts_after": self.facts_after,
+            "facts_total": len(self.facts),
             "facts": [f.to_dict() for f in self.facts],
             "evaluation": self.evaluation(),
             "paraphrases": [p.to_dict() for p in self.paraphrases],
-            "panel_before": self.panel_before.to_dict(), "panel_after": self.panel_after.to_dict(),
+            "panel_before": self.panel_before.to_dict(),
+            "panel_after": self.panel_after.to_dict(),
             "kl_unrelated": _finite(self.kl_unrelated),
             "unavailable": self.unavailable,
             "wrong_after": [w.to_dict() for w in self.wrong_after()],
@@ -241,10 +283,18 @@ def _mean(f: Fluency | None) -> float | None:
     return None if f is None else _finite(f.mean)
 
 
-def compare(base: nn.Module, edited: nn.Module, tokenizer, facts: Sequence[Probe], panel: Panel,
-            unrelated: Sequence[str] | None = None, verdicts: list[str] | None = None,
-            before: ProbeScores | None = None, after: ProbeScores | None = None,
-            fluency_tokens: int = FLUENCY_TOKENS) -> Comparison:
+def compare(
+    base: nn.Module,
+    edited: nn.Module,
+    tokenizer,
+    facts: Sequence[Probe],
+    panel: Panel,
+    unrelated: Sequence[str] | None = None,
+    verdicts: list[str] | None = None,
+    before: ProbeScores | None = None,
+    after: ProbeScores | None = None,
+    fluency_tokens: int = FLUENCY_TOKENS,
+) -> Comparison:
     """Judge ``base`` and ``edited`` by what they say on the facts (and their paraphrases: each fact's own, else
     the panel's for the same prompt) and the panel fitted to ``tokenizer``, and their fluency on the facts' prompts
     and a few of the panel's general ones (``fluency_tokens`` tokens each; 0 skips it) — all of one model in one
@@ -263,8 +313,9 @@ def compare(base: nn.Module, edited: nn.Module, tokenizer, facts: Sequence[Probe
     prompts = fluency_prompts(facts, panel) if fluency_tokens else []
 
     def judge_model(model: nn.Module, facts_scored: ProbeScores | None) -> JudgedLists:
-        judged = judge_lists(model, tokenizer, lists if facts_scored is not None else {"facts": facts, **lists},
-                             prompts, fluency_tokens)
+        judged = judge_lists(
+            model, tokenizer, lists if facts_scored is not None else {"facts": facts, **lists}, prompts, fluency_tokens
+        )
         if facts_scored is not None:
             judged.scores["facts"] = facts_scored
         return judged
@@ -283,12 +334,17 @@ def compare(base: nn.Module, edited: nn.Module, tokenizer, facts: Sequence[Probe
     )
 
 
-PANEL_LABELS = {"relation": "unedited facts of the relation", "general": "general probes",
-                "neighbourhood": "neighbourhood probes", "side_effects": "side-effect probes"}
+PANEL_LABELS = {
+    "relation": "unedited facts of the relation",
+    "general": "general probes",
+    "neighbourhood": "neighbourhood probes",
+    "side_effects": "side-effect probes",
+}
 
 
-def regressions(c: Comparison, perplexity_tolerance: float = PERPLEXITY_TOLERANCE,
-                probe_tolerance: float = PROBE_TOLERANCE) -> list[str]:
+def regressions(
+    c: Comparison, perplexity_tolerance: float = PERPLEXITY_TOLERANCE, probe_tolerance: float = PROBE_TOLERANCE
+) -> list[str]:
     """Why an edit fails verification, one reason per failed check (empty: it passes), all judged by what the
     model says (strict). Passing means: every edited fact is said after; no more paraphrases wrong than before;
     each of the relation, general, neighbourhood and side-effect lists broke at most
@@ -297,8 +353,10 @@ def regressions(c: Comparison, perplexity_tolerance: float = PERPLEXITY_TOLERANC
     reasons = []
     wrong = [f for f in c.facts if not f.correct_after]
     if wrong:
-        reasons.append(f"{len(wrong)}/{len(c.facts)} edited facts not said after (e.g. {wrong[0].prompt!r} -> "
-                       f"{wrong[0].after!r}, expected {wrong[0].target!r})")
+        reasons.append(
+            f"{len(wrong)}/{len(c.facts)} edited facts not said after (e.g. {wrong[0].prompt!r} -> "
+            f"{wrong[0].after!r}, expected {wrong[0].target!r})"
+        )
     para_b, para_a = sum(p.correct_before for p in c.paraphrases), sum(p.correct_after for p in c.paraphrases)
     if para_a < para_b:
         reasons.append(f"paraphrases got worse: {para_b} -> {para_a} of {len(c.paraphrases)} said")
@@ -307,13 +365,16 @@ def regressions(c: Comparison, perplexity_tolerance: float = PERPLEXITY_TOLERANC
         broken = [o for o in outcomes if o.broken]
         allowed = allowed_breaks(len(outcomes), probe_tolerance)
         if len(broken) > allowed:
-            reasons.append(f"{label} broken: {len(broken)} of {len(outcomes)} said right before are wrong after "
-                           f"(allowed {allowed}; e.g. {broken[0].prompt!r} -> {broken[0].after!r}, expected "
-                           f"{broken[0].target!r})")
+            reasons.append(
+                f"{label} broken: {len(broken)} of {len(outcomes)} said right before are wrong after "
+                f"(allowed {allowed}; e.g. {broken[0].prompt!r} -> {broken[0].after!r}, expected "
+                f"{broken[0].target!r})"
+            )
     b, a = c.panel_before, c.panel_after
     if math.isfinite(b.perplexity) and not a.perplexity <= b.perplexity * (1 + perplexity_tolerance):
-        reasons.append(f"perplexity rose from {b.perplexity:.3f} to {a.perplexity:.3f} "
-                       f"(more than {100 * perplexity_tolerance:g}%)")
+        reasons.append(
+            f"perplexity rose from {b.perplexity:.3f} to {a.perplexity:.3f} (more than {100 * perplexity_tolerance:g}%)"
+        )
     return reasons
 
 
@@ -360,14 +421,26 @@ class SurgeryReport:
         c = self.comparison
         n = len(c.facts)
         return {
-            "site": self.site, "layer": self.layer, "layer_reason": self.layer_reason,
-            "params_in_site": self.params_in_site, "params_total": self.params_total, "fraction": self.fraction,
-            "steps": self.steps, "epochs": self.epochs,
-            "final_loss": self.final_loss, "final_ce": self.final_ce, "final_kl": self.final_kl,
-            "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s,
-            "facts_fixed": f"{c.facts_after}/{n}", "facts_before": f"{c.facts_before}/{n}",
+            "site": self.site,
+            "layer": self.layer,
+            "layer_reason": self.layer_reason,
+            "params_in_site": self.params_in_site,
+            "params_total": self.params_total,
+            "fraction": self.fraction,
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "final_loss": self.final_loss,
+            "final_ce": self.final_ce,
+            "final_kl": self.final_kl,
+            "train_time_s": self.train_time_s,
+            "wall_time_s": self.wall_time_s,
+            "facts_fixed": f"{c.facts_after}/{n}",
+            "facts_before": f"{c.facts_before}/{n}",
             **{k: v for k, v in c.to_dict().items() if k not in ("facts_before", "facts_after")},
-            "weights": self.weights.to_dict(), "config": self.config, "notes": self.notes, "tried": self.tried,
+            "weights": self.weights.to_dict(),
+            "config": self.config,
+            "notes": self.notes,
+            "tried": self.tried,
         }
 
 
@@ -385,6 +458,7 @@ def format_rows(rows: list[tuple[str, str, str]], markdown: bool = False) -> str
 def format_facts(facts: list[FactOutcome]) -> str:
     """One line per fact: prompt, target, what the model says before -> after (ok: the whole answer, at a word
     boundary), and the top-1 first token after (the first-token diagnostic)."""
+
     def mark(ok: bool) -> str:
         return "ok " if ok else "NO "
 
@@ -397,5 +471,7 @@ def format_facts(facts: list[FactOutcome]) -> str:
 
 def format_wrong(wrong: list[WrongAnswer]) -> str:
     """What the corrected model says where it is wrong, one line each (empty string: nothing)."""
-    return "\n".join(f"  {w.kind:<13} {w.why:<8} {w.prompt!r} -> {w.after!r} (expected {w.target!r}; "
-                     f"before {w.before!r})" for w in wrong)
+    return "\n".join(
+        f"  {w.kind:<13} {w.why:<8} {w.prompt!r} -> {w.after!r} (expected {w.target!r}; before {w.before!r})"
+        for w in wrong
+    )

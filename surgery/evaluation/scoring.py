@@ -80,8 +80,13 @@ class ProbeScores:
         return len(self.results)
 
     def to_dict(self) -> dict:
-        return {"correct": self.correct, "total": self.total, "lenient": self.lenient,
-                "first_token_correct": self.first_token_correct, "results": [asdict(r) for r in self.results]}
+        return {
+            "correct": self.correct,
+            "total": self.total,
+            "lenient": self.lenient,
+            "first_token_correct": self.first_token_correct,
+            "results": [asdict(r) for r in self.results],
+        }
 
 
 @dataclass
@@ -96,10 +101,14 @@ class PanelResult:
     relation: ProbeScores = field(default_factory=lambda: ProbeScores([]))
 
     def to_dict(self) -> dict:
-        return {"panel": self.panel, "general": self.general.to_dict(),
-                "side_effects": self.side_effects.to_dict(), "neighbourhood": self.neighbourhood.to_dict(),
-                "relation": self.relation.to_dict(),
-                "perplexity": self.perplexity if math.isfinite(self.perplexity) else None}
+        return {
+            "panel": self.panel,
+            "general": self.general.to_dict(),
+            "side_effects": self.side_effects.to_dict(),
+            "neighbourhood": self.neighbourhood.to_dict(),
+            "relation": self.relation.to_dict(),
+            "perplexity": self.perplexity if math.isfinite(self.perplexity) else None,
+        }
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -117,8 +126,9 @@ def last_position_logits(model: nn.Module, input_ids: Tensor, lengths: Tensor) -
         return unembed(model, hidden[rows, lengths - 1])  # (B, V)
 
 
-def next_token_logit_batches(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = BATCH_SIZE
-                              ) -> Iterator[Tensor]:
+def next_token_logit_batches(
+    model: nn.Module, tokenizer, prompts: list[str], batch_size: int = BATCH_SIZE
+) -> Iterator[Tensor]:
     """Next-token logits after each prompt, ``batch_size`` prompts at a time (every prompt is encoded, and so
     checked, before the first batch runs). Yields Float[Tensor, "b V"]."""
     n_ctx = layout_of(model).n_ctx
@@ -178,30 +188,51 @@ class JudgedLists:
     fluency: Fluency | None = None
 
 
-def judge_lists(model: nn.Module, tokenizer, lists: Mapping[str, Sequence[Probe]],
-                fluency_prompts: Sequence[str] = (), fluency_tokens: int = FLUENCY_TOKENS) -> JudgedLists:
+def judge_lists(
+    model: nn.Module,
+    tokenizer,
+    lists: Mapping[str, Sequence[Probe]],
+    fluency_prompts: Sequence[str] = (),
+    fluency_tokens: int = FLUENCY_TOKENS,
+) -> JudgedLists:
     """:func:`score_probes` of several named lists, and the :class:`Fluency` of ``fluency_prompts`` (if any), in one
     batched generation: prompts of one length share their decoding steps, whichever list they come from."""
     flat = [p for probes in lists.values() for p in probes]
     fluency_prompts = list(fluency_prompts)
     targets = [encode_target(tokenizer, p.target)[0] for p in flat]  # also validates every target
-    got = continuations(model, tokenizer, [p.prompt for p in flat] + fluency_prompts,
-                        [judge_budget(tokenizer, p.target) for p in flat] + [fluency_tokens] * len(fluency_prompts),
-                        [p.target for p in flat] + [None] * len(fluency_prompts),
-                        targets + [None] * len(fluency_prompts))
+    got = continuations(
+        model,
+        tokenizer,
+        [p.prompt for p in flat] + fluency_prompts,
+        [judge_budget(tokenizer, p.target) for p in flat] + [fluency_tokens] * len(fluency_prompts),
+        [p.target for p in flat] + [None] * len(fluency_prompts),
+        targets + [None] * len(fluency_prompts),
+    )
     results = []
     for i, p in enumerate(flat):
         verdict = judge(got.texts[i], p.target)
-        results.append(ProbeResult(p.prompt, p.target, answer=token_text(tokenizer, got.first_top[i]),
-                                   correct=verdict.strict, target_rank=got.first_rank[i], said=got.texts[i],
-                                   lenient=verdict.lenient, first_token_correct=got.first_top[i] == targets[i]))
+        results.append(
+            ProbeResult(
+                p.prompt,
+                p.target,
+                answer=token_text(tokenizer, got.first_top[i]),
+                correct=verdict.strict,
+                target_rank=got.first_rank[i],
+                said=got.texts[i],
+                lenient=verdict.lenient,
+                first_token_correct=got.first_top[i] == targets[i],
+            )
+        )
     split, start = {}, 0
     for name, probes in lists.items():
         split[name] = ProbeScores(results[start : start + len(probes)])
         start += len(probes)
-    spoken = got.texts[len(flat):]
-    fluent = Fluency(fluency_prompts, spoken, [ngram_entropy(t) for t in spoken], fluency_tokens) \
-        if fluency_prompts else None
+    spoken = got.texts[len(flat) :]
+    fluent = (
+        Fluency(fluency_prompts, spoken, [ngram_entropy(t) for t in spoken], fluency_tokens)
+        if fluency_prompts
+        else None
+    )
     return JudgedLists(split, fluent)
 
 
@@ -283,9 +314,12 @@ PANEL_LISTS = ("general", "side_effects", "neighbourhood", "relation")
 def panel_probes(panel: Panel, exclude: frozenset[str] = frozenset()) -> dict[str, list[Probe]]:
     """``panel``'s probe lists by name (:data:`PANEL_LISTS`); relation probes whose prompt is in ``exclude`` (the
     edited facts) are left out."""
-    return {"general": list(panel.general), "side_effects": list(panel.side_effects),
-            "neighbourhood": list(panel.neighbourhood),
-            "relation": [p for p in panel.relation if p.prompt not in exclude]}
+    return {
+        "general": list(panel.general),
+        "side_effects": list(panel.side_effects),
+        "neighbourhood": list(panel.neighbourhood),
+        "relation": [p for p in panel.relation if p.prompt not in exclude],
+    }
 
 
 def panel_result(model: nn.Module, tokenizer, panel: Panel, scores: Mapping[str, ProbeScores]) -> PanelResult:
@@ -295,8 +329,7 @@ def panel_result(model: nn.Module, tokenizer, panel: Panel, scores: Mapping[str,
     return PanelResult(panel=panel.name, perplexity=ppl, **{name: scores[name] for name in PANEL_LISTS})
 
 
-def evaluate_panel(model: nn.Module, tokenizer, panel: Panel, exclude: frozenset[str] = frozenset()
-                   ) -> PanelResult:
+def evaluate_panel(model: nn.Module, tokenizer, panel: Panel, exclude: frozenset[str] = frozenset()) -> PanelResult:
     """Scores of ``panel``'s general, side-effect, neighbourhood and relation probes (relation probes whose prompt
     is in ``exclude``, the edited facts, are left out) and the perplexity of its passage (NaN without one).
     All probe lists are generated in one batched call."""
@@ -333,9 +366,13 @@ class Fluency:
         return sum(self.entropies) / len(self.entropies) if self.entropies else float("nan")
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean if self.entropies else None, "tokens": self.tokens,
-                "samples": [{"prompt": p, "text": t, "entropy": e}
-                            for p, t, e in zip(self.prompts, self.texts, self.entropies)]}
+        return {
+            "mean": self.mean if self.entropies else None,
+            "tokens": self.tokens,
+            "samples": [
+                {"prompt": p, "text": t, "entropy": e} for p, t, e in zip(self.prompts, self.texts, self.entropies)
+            ],
+        }
 
 
 def fluency(model: nn.Module, tokenizer, prompts: Sequence[str], tokens: int = FLUENCY_TOKENS) -> Fluency:
@@ -345,8 +382,9 @@ def fluency(model: nn.Module, tokenizer, prompts: Sequence[str], tokens: int = F
     return Fluency(prompts, texts, [ngram_entropy(t) for t in texts], tokens)
 
 
-def fluency_prompts(facts: Sequence[Probe], panel: Panel, general: int = FLUENCY_GENERAL,
-                    edited: int = FLUENCY_FACTS) -> list[str]:
+def fluency_prompts(
+    facts: Sequence[Probe], panel: Panel, general: int = FLUENCY_GENERAL, edited: int = FLUENCY_FACTS
+) -> list[str]:
     """The fluency prompts of an edit: the prompts of its first ``edited`` facts, then the first ``general`` of
     ``panel``'s general probes (in the model's vocabulary once the panel is fitted), without repeats. Few and
     fixed: fluency generates ``FLUENCY_TOKENS`` tokens from each, on every operate and verify."""

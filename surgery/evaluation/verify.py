@@ -41,13 +41,20 @@ class Verification:
 def check_same_vocabulary(base: nn.Module, corrected: nn.Module, base_tokenizer, corrected_tokenizer) -> None:
     """Raise :class:`InputError` unless the two models share one vocabulary (a base and its fix always do)."""
     if base.config.vocab_size != corrected.config.vocab_size or (
-            base_tokenizer.get_vocab() != corrected_tokenizer.get_vocab()):
+        base_tokenizer.get_vocab() != corrected_tokenizer.get_vocab()
+    ):
         raise InputError("the base and the corrected model use different vocabularies: not a base/fix pair")
 
 
-def verify(base: nn.Module, corrected: nn.Module, tokenizer: PreTrainedTokenizerBase,
-           facts: Sequence[Probe] | None = None, panel: Panel | None = None,
-           perplexity_tolerance: float = PERPLEXITY_TOLERANCE, probe_tolerance: float = PROBE_TOLERANCE) -> Verification:
+def verify(
+    base: nn.Module,
+    corrected: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[Probe] | None = None,
+    panel: Panel | None = None,
+    perplexity_tolerance: float = PERPLEXITY_TOLERANCE,
+    probe_tolerance: float = PROBE_TOLERANCE,
+) -> Verification:
     """Check ``corrected`` against ``base`` (same tokenizer) on ``facts`` and ``panel``.
 
     ``panel`` defaults to the bundled panel for ``base`` (:func:`surgery.evaluation.panels.panel_for_model`);

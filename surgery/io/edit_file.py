@@ -48,8 +48,12 @@ class Patch:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the slices and the metadata (all JSON strings, as safetensors requires) to ``path``."""
-        meta = {"format": FORMAT, "site": self.site, "layer": str(self.layer),
-                "slices": json.dumps([s.to_dict() for s in self.slices])}
+        meta = {
+            "format": FORMAT,
+            "site": self.site,
+            "layer": str(self.layer),
+            "slices": json.dumps([s.to_dict() for s in self.slices]),
+        }
         for key, value in self.metadata.items():
             if value is not None:
                 meta[key] = json.dumps(value) if key in JSON_METADATA else str(value)
@@ -57,7 +61,7 @@ class Patch:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Patch":
+    def load(cls, path: str | os.PathLike) -> Patch:
         """Read a patch file; raises :class:`PatchError` if it is missing or not a surgery patch."""
         path = Path(path)
         if not path.is_file():
@@ -97,8 +101,11 @@ class Patch:
         config = base_config(model)
         expected = self.metadata.get("base_config")
         if expected is not None:
-            diff = [f"{k} {expected.get(k)} (patch) vs {config.get(k)} (model)"
-                    for k in sorted(set(expected) | set(config)) if expected.get(k) != config.get(k)]
+            diff = [
+                f"{k} {expected.get(k)} (patch) vs {config.get(k)} (model)"
+                for k in sorted(set(expected) | set(config))
+                if expected.get(k) != config.get(k)
+            ]
             if diff:
                 raise PatchError(f"this patch was made for another model architecture: {'; '.join(diff)}")
         layout = layout_of(model)
@@ -110,18 +117,23 @@ class Patch:
             # patched_model writes each slice into its copy of block `layer` by the name's tail: a slice of another
             # block would silently land in this one
             if not s.name.startswith(block + "."):
-                raise PatchError(f"this patch says it edits block {self.layer} ({block}), but it holds {s.name}, "
-                                 "which is not in that block: the file is damaged or was crafted")
+                raise PatchError(
+                    f"this patch says it edits block {self.layer} ({block}), but it holds {s.name}, "
+                    "which is not in that block: the file is damaged or was crafted"
+                )
             if s.name not in params:
                 raise PatchError(f"this patch edits {s.name}, which the model does not have")
             want = tuple(s.read(params[s.name]).shape)
             if tuple(self.values[s.name].shape) != want:
-                raise PatchError(f"{s.name}: the patch holds shape {tuple(self.values[s.name].shape)}, "
-                                 f"the model's slice is {want}")
+                raise PatchError(
+                    f"{s.name}: the patch holds shape {tuple(self.values[s.name].shape)}, the model's slice is {want}"
+                )
         digest = self.metadata.get("base_block_sha256")
         if digest is not None and digest != block_digest(model, self.layer):
-            raise PatchError(f"this patch was made for another base model: block {self.layer}'s weights differ "
-                             f"(patch base: {self.metadata.get('base_model', 'unknown')})")
+            raise PatchError(
+                f"this patch was made for another base model: block {self.layer}'s weights differ "
+                f"(patch base: {self.metadata.get('base_model', 'unknown')})"
+            )
 
 
 def base_config(model: nn.Module) -> dict:
@@ -169,8 +181,10 @@ def copy_block(model: nn.Module, layer: int) -> nn.Module:
     """A private deep copy of block ``layer`` (sharing the config object), without request-scoped hooks."""
     path = layout_of(model).adapter.block(layer)
     if any(p.device.type == "meta" for p in model.get_submodule(path).parameters()):
-        raise PatchError(f"block {layer} ({path}) is offloaded (device_map put it on disk or offloaded it to the CPU): "
-                         "the block an edit changes must be held in memory; give it a device in device_map")
+        raise PatchError(
+            f"block {layer} ({path}) is offloaded (device_map put it on disk or offloaded it to the CPU): "
+            "the block an edit changes must be held in memory; give it a device in device_map"
+        )
     block = copy.deepcopy(model.get_submodule(path), memo={id(model.config): model.config})
     for module in block.modules():
         _copy_registries(module)
@@ -199,7 +213,7 @@ def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
     prefix = block_path + "."
     with torch.no_grad():
         for s in patch.slices:
-            param = new_block.get_parameter(s.name[len(prefix):])
+            param = new_block.get_parameter(s.name[len(prefix) :])
             s.read(param).copy_(patch.values[s.name].to(param.device, param.dtype))
     view = _shallow_copy(model)
     parent = view
@@ -244,9 +258,9 @@ def weight_stats(model: nn.Module, patch: Patch, edited: nn.Module | None = None
             # offloaded one, on the meta device, could not be compared element by element).
             others_unchanged &= new is base or torch.equal(base, new)
             continue
-        delta = (s.read(new).double() - s.read(base).double())
+        delta = s.read(new).double() - s.read(base).double()
         changed += int((s.read(new) != s.read(base)).sum())
-        sq += float((delta ** 2).sum())
+        sq += float((delta**2).sum())
         max_abs = max(max_abs, float(delta.abs().max()) if delta.numel() else 0.0)
         if s.cols is not None:  # the columns outside the slice must be untouched too
             mask = torch.ones(base.shape[1], dtype=torch.bool, device=base.device)
@@ -254,7 +268,15 @@ def weight_stats(model: nn.Module, patch: Patch, edited: nn.Module | None = None
             others_unchanged &= torch.equal(base[:, mask], new[:, mask])
     qk_unchanged = None
     if patch.site == "wv":  # everything that shapes the attention pattern: Q/K weights, biases and norms
-        qk_unchanged = all(torch.equal(s.read(base_params[s.name]), s.read(new_params[s.name]))
-                           for s in layout_of(model).qk_slices(model, patch.layer))
-    return WeightStats(params_in_site=patch.numel, params_changed=changed, delta_l2=sq ** 0.5,
-                       max_abs_delta=max_abs, others_unchanged=bool(others_unchanged), qk_unchanged=qk_unchanged)
+        qk_unchanged = all(
+            torch.equal(s.read(base_params[s.name]), s.read(new_params[s.name]))
+            for s in layout_of(model).qk_slices(model, patch.layer)
+        )
+    return WeightStats(
+        params_in_site=patch.numel,
+        params_changed=changed,
+        delta_l2=sq**0.5,
+        max_abs_delta=max_abs,
+        others_unchanged=bool(others_unchanged),
+        qk_unchanged=qk_unchanged,
+    )

@@ -29,10 +29,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -48,8 +48,15 @@ REPORT_FILE = "report.json"
 CARD_FILE = "README.md"
 MODEL_FILES = ("config.json", "model.safetensors")
 MARKER_FILE = ".transformer-surgery"  # in every output folder: --overwrite replaces only folders that have it
-_MARKER_TEXT = json.dumps({"written_by": "transformer-surgery",
-                           "note": "--overwrite may replace this folder; delete this file to protect it"}) + "\n"
+_MARKER_TEXT = (
+    json.dumps(
+        {
+            "written_by": "transformer-surgery",
+            "note": "--overwrite may replace this folder; delete this file to protect it",
+        }
+    )
+    + "\n"
+)
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -79,8 +86,10 @@ def _check_replaceable(out: Path, given) -> None:
     except OSError as e:
         raise OutputError(f"cannot read --out {given}: {e.strerror or e}") from None
     if not empty:
-        raise OutputError(f"--out {given} holds files this tool did not write (no {MARKER_FILE} file); --overwrite "
-                          "only replaces an earlier output: choose another --out")
+        raise OutputError(
+            f"--out {given} holds files this tool did not write (no {MARKER_FILE} file); --overwrite "
+            "only replaces an earlier output: choose another --out"
+        )
 
 
 @contextmanager
@@ -169,8 +178,10 @@ def cast_state_dict(state: dict, dtype: torch.dtype) -> dict:
         if key not in cast:
             cast[key] = t.to(dtype)
             if bool(torch.isfinite(t).all()) and not bool(torch.isfinite(cast[key]).all()):
-                raise OutputError(f"cannot save {name} in {str(dtype).removeprefix('torch.')}, the base's dtype: "
-                                  "some of its values are beyond that dtype's range")
+                raise OutputError(
+                    f"cannot save {name} in {str(dtype).removeprefix('torch.')}, the base's dtype: "
+                    "some of its values are beyond that dtype's range"
+                )
         out[name] = cast[key]
     return out
 
@@ -185,8 +196,9 @@ def report_dict(loaded: LoadedModel, report) -> dict:
     return {"base_model": loaded.base_name, "revision": loaded.revision, **report.to_dict()}
 
 
-def write_output(out_dir: str | os.PathLike, loaded: LoadedModel, result, overwrite: bool = False,
-                 license: str | None = None) -> Path:
+def write_output(
+    out_dir: str | os.PathLike, loaded: LoadedModel, result, overwrite: bool = False, license: str | None = None
+) -> Path:
     """Write the corrected model, ``patch.safetensors``, ``report.json`` and ``README.md`` to ``out_dir``.
 
     ``result`` is a :class:`surgery.edit.training.SurgeryResult` made from ``loaded.model``. Raises
@@ -202,8 +214,7 @@ def write_output(out_dir: str | os.PathLike, loaded: LoadedModel, result, overwr
     return Path(out_dir).expanduser().resolve()
 
 
-def write_patched_model(out_dir: str | os.PathLike, loaded: LoadedModel, patch: Patch,
-                        overwrite: bool = False) -> Path:
+def write_patched_model(out_dir: str | os.PathLike, loaded: LoadedModel, patch: Patch, overwrite: bool = False) -> Path:
     """Rebuild a corrected model folder from the base and a patch (``apply-patch``); the patch is copied in.
 
     Raises :class:`~surgery.core.errors.PatchError` when the patch does not fit the base.
@@ -219,8 +230,12 @@ def is_hub_id(source: str) -> bool:
     """A Hub id (``gpt2``, ``user/model``) rather than a local path: not absolute (``LoadedModel.source`` of a
     folder is), not ``.``/``~``-relative, at most one ``/``, and no such file or folder here. The one rule for the
     model card's ``base_model`` and for what the app on a Space accepts as a model to read."""
-    return (not Path(source).is_absolute() and not source.startswith((".", "/", "~")) and source.count("/") <= 1
-            and not Path(source).exists())
+    return (
+        not Path(source).is_absolute()
+        and not source.startswith((".", "/", "~"))
+        and source.count("/") <= 1
+        and not Path(source).exists()
+    )
 
 
 # Licenses of the base models' families when nothing more specific is known (the card must name the base's).
@@ -250,8 +265,17 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
     front = ["---"]
     if is_hub_id(base):
         front.append(f"base_model: {base}")
-    front += ["library_name: transformers", f"license: {license}", "tags:", "- transformer-surgery",
-              "- model-editing", f"- site-{report.site}", f"- {model_type}", "---", ""]
+    front += [
+        "library_name: transformers",
+        f"license: {license}",
+        "tags:",
+        "- transformer-surgery",
+        "- model-editing",
+        f"- site-{report.site}",
+        f"- {model_type}",
+        "---",
+        "",
+    ]
     layer = report.layer
     facts = report.comparison.facts
     lines = [
@@ -273,8 +297,11 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         "",
         "| prompt | target | before | after |",
         "|---|---|---|---|",
-        *[f"| {_md(f.prompt)} | {_md(f.target)} | {_md(f.before)} {'✓' if f.correct_before else '✗'} | "
-          f"{_md(f.after)} {'✓' if f.correct_after else '✗'} |" for f in facts],
+        *[
+            f"| {_md(f.prompt)} | {_md(f.target)} | {_md(f.before)} {'✓' if f.correct_before else '✗'} | "
+            f"{_md(f.after)} {'✓' if f.correct_after else '✗'} |"
+            for f in facts
+        ],
         "",
         "## Files",
         "",

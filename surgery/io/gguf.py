@@ -92,8 +92,9 @@ def gguf_to_folder(path: str | os.PathLike, *, cache_root: str | os.PathLike | N
         log.info("loading %s from the GGUF cache %s", path, dest)
         return dest
     _check_complete(path)
-    log.info("converting %s to a float32 Hugging Face folder (once, about a minute per 250 MB); caching it in %s",
-             path, dest)
+    log.info(
+        "converting %s to a float32 Hugging Face folder (once, about a minute per 250 MB); caching it in %s", path, dest
+    )
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha[:16]}-", dir=root))
@@ -230,7 +231,10 @@ def _convert(path: Path, out: Path) -> None:
         # dequantize=True: plain nn.Linear weights even where transformers could keep GGUF blocks; float32 because
         # the dequantized values (block scale x small integer) are in general not representable in bf16/fp16.
         model, info = AutoModelForCausalLM.from_pretrained(
-            **where, config=config, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
+            **where,
+            config=config,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
             output_loading_info=True,
         )
         tokenizer = AutoTokenizer.from_pretrained(**where)

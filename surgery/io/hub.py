@@ -38,21 +38,29 @@ def check_folder(folder: str | os.PathLike) -> Path:
         raise HubError(f"folder {folder} does not exist (make it with: python -m surgery operate ... --out DIR)")
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
-        raise HubError(f"folder {folder} is incomplete (missing {', '.join(missing)}): push the folder written "
-                       "by 'operate --out'")
+        raise HubError(
+            f"folder {folder} is incomplete (missing {', '.join(missing)}): push the folder written by 'operate --out'"
+        )
     return path
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
-                commit_message: str | None = None) -> str:
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+) -> str:
     """Create ``repo_id`` if missing and upload ``folder`` in one commit; returns the repo URL.
 
     Raises :class:`HubError` for a missing token, an invalid repo id, an incomplete folder or any Hub/network
     failure (the local folder is left as it is).
     """
     if not token:
-        raise HubError("no Hugging Face token: log in, or set HF_TOKEN to a token with write access "
-                       "(https://huggingface.co/settings/tokens)")
+        raise HubError(
+            "no Hugging Face token: log in, or set HF_TOKEN to a token with write access "
+            "(https://huggingface.co/settings/tokens)"
+        )
     check_repo_id(repo_id)
     path = check_folder(folder)
     from huggingface_hub import HfApi
@@ -69,7 +77,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
             ignore_patterns=[MARKER_FILE],  # a local bookkeeping file (export.py), not part of the model
         )
     except Exception as e:  # httpx / HfHubHTTPError / OSError: all become one line, without the token
-        raise HubError(f"pushing to {repo_id} failed: {_first_line(e, token)} (the local folder is unchanged)") from None
+        raise HubError(
+            f"pushing to {repo_id} failed: {_first_line(e, token)} (the local folder is unchanged)"
+        ) from None
     log.info("pushed %s to %s", path, repo_id)
     return str(getattr(url, "url", None) or url)
 

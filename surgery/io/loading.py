@@ -157,8 +157,15 @@ def load_model(
         placement = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
         # ignore_mismatched_sizes: a misshapen tensor is then listed in the loading info (and refused below, by
         # name) instead of failing with "see the report above"
-        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **placement, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **placement,
+            **kwargs,
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as e:
         if "trust_remote_code" in str(e):
@@ -173,11 +180,23 @@ def load_model(
         model.to(device)
     commit = getattr(config, "_commit_hash", None)
     text = config.get_text_config()
-    log.info("loaded %s (%s, %d layers, %d heads, d_model %d)", source, config.model_type,
-             text.num_hidden_layers, text.num_attention_heads, text.hidden_size)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, revision=commit or revision,
-                       gguf_file=gguf_file, name=_public_name(name, source, gguf_file),
-                       checkpoint_dtype=checkpoint_dtype)
+    log.info(
+        "loaded %s (%s, %d layers, %d heads, d_model %d)",
+        source,
+        config.model_type,
+        text.num_hidden_layers,
+        text.num_attention_heads,
+        text.hidden_size,
+    )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        revision=commit or revision,
+        gguf_file=gguf_file,
+        name=_public_name(name, source, gguf_file),
+        checkpoint_dtype=checkpoint_dtype,
+    )
 
 
 def _public_name(name: str, source: str, gguf_file: str | None) -> str:
@@ -204,7 +223,8 @@ def _remote_code_refused(name: str) -> UnsupportedModelError:
 
     return UnsupportedModelError(
         f"cannot load '{name}': it needs its repository's own Python code (auto_map in config.json), which this "
-        f"tool never runs; supported: {SUPPORTED}")
+        f"tool never runs; supported: {SUPPORTED}"
+    )
 
 
 def _refuse_remote_code(folder: Path, name: str) -> None:
@@ -232,15 +252,22 @@ def check_loading_info(info: dict, context: str) -> None:
     which transformers already leaves out tied weights (an LM head tied to the embedding) and the buffers it
     rebuilds itself (GPT-2's ``attn.bias`` masks, rotary ``inv_freq``)."""
     unexpected = {k for k in info.get("unexpected_keys") or () if not _STALE_BUFFER.search(k)}
-    problems = [("has no tensor", info.get("missing_keys")), ("has an unexpected tensor", unexpected),
-                ("has a tensor of the wrong shape:", {k[0] if isinstance(k, tuple) else k
-                                                      for k in info.get("mismatched_keys") or ()})]
+    problems = [
+        ("has no tensor", info.get("missing_keys")),
+        ("has an unexpected tensor", unexpected),
+        (
+            "has a tensor of the wrong shape:",
+            {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()},
+        ),
+    ]
     for what, keys in problems:
         if keys:
             keys = sorted(keys)
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise CheckpointError(f"{context}: its checkpoint {what} {keys[0]}{more}; it does not match its "
-                                  "config.json (incomplete or damaged download, or another model's weights)")
+            raise CheckpointError(
+                f"{context}: its checkpoint {what} {keys[0]}{more}; it does not match its "
+                "config.json (incomplete or damaged download, or another model's weights)"
+            )
     errors = info.get("error_msgs") or []
     if errors:
         raise CheckpointError(f"{context}: {first_line(Exception(errors[0]))}")
@@ -254,8 +281,10 @@ def check_finite(model: nn.Module, context: str) -> None:
             if p.is_floating_point() and p.device.type != "meta":
                 if not bool(torch.isfinite(p).all()):
                     n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
-                    raise CheckpointError(f"{context}: weight {name} holds NaN or inf values ({n_nan} NaN, {n_inf} "
-                                          "inf); the model's outputs would be meaningless")
+                    raise CheckpointError(
+                        f"{context}: weight {name} holds NaN or inf values ({n_nan} NaN, {n_inf} "
+                        "inf); the model's outputs would be meaningless"
+                    )
 
 
 def _resolve(name: str, revision: str | None, cache_root) -> tuple[str, dict, str | None]:

@@ -20,9 +20,9 @@ import importlib.util
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..core.errors import ModelLoadError
 from .gguf import default_cache_root, file_sha256, gguf_to_folder
@@ -76,8 +76,10 @@ def smollm2_135m(cache_root: str | os.PathLike | None = None) -> RealModel:
         raise ModelLoadError(f"the SmolLM2 135M model needs its package: {SMOLLM2_135M_INSTALL}")
     path = folder / SMOLLM2_135M_FILE
     if not path.is_file():
-        raise ModelLoadError(f"the {SMOLLM2_135M_MODULE} package in {folder} has no {SMOLLM2_135M_FILE}; "
-                             f"reinstall it: {SMOLLM2_135M_INSTALL} --force-reinstall")
+        raise ModelLoadError(
+            f"the {SMOLLM2_135M_MODULE} package in {folder} has no {SMOLLM2_135M_FILE}; "
+            f"reinstall it: {SMOLLM2_135M_INSTALL} --force-reinstall"
+        )
     return _converted(path, cache_root)
 
 

@@ -24,8 +24,9 @@ corrupted run's own, bitwise. The model is never modified: hooks live inside :fu
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -132,15 +133,21 @@ class ActivationPatching:
 
     def to_dict(self) -> dict:
         return {
-            "clean_prompt": self.clean_prompt, "corrupt_prompt": self.corrupt_prompt,
-            "clean_tokens": self.clean_tokens, "corrupt_tokens": self.corrupt_tokens,
-            "target": asdict(self.target), "competitor": asdict(self.competitor),
+            "clean_prompt": self.clean_prompt,
+            "corrupt_prompt": self.corrupt_prompt,
+            "clean_tokens": self.clean_tokens,
+            "corrupt_tokens": self.corrupt_tokens,
+            "target": asdict(self.target),
+            "competitor": asdict(self.competitor),
             "competitor_source": self.competitor_source,
-            "logit_diff_clean": self.logit_diff_clean, "logit_diff_corrupt": self.logit_diff_corrupt,
+            "logit_diff_clean": self.logit_diff_clean,
+            "logit_diff_corrupt": self.logit_diff_corrupt,
             "metric": "restored = (d(patched) - d(corrupt)) / (d(clean) - d(corrupt)), "
-                      "d = logit(target) - logit(competitor) at the last position",
+            "d = logit(target) - logit(competitor) at the last position",
             "grids": {k: g.to_dict() for k, g in self.grids.items()},
-            "n_layer": self.n_layer, "n_head": self.n_head, "blocks": self.blocks,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "blocks": self.blocks,
             "config": self.config.to_dict(),
         }
 
@@ -188,8 +195,9 @@ def _with_main(output, new: Tensor):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
-def capture_activations(model: nn.Module, input_ids: Tensor, kinds: Sequence[str]
-                        ) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
+def capture_activations(
+    model: nn.Module, input_ids: Tensor, kinds: Sequence[str]
+) -> tuple[dict[tuple[str, int], Tensor], Tensor]:
     """Every block's activations of ``kinds`` for one prompt: ``{(kind, layer): Float[Tensor, "T D"]}`` with D =
     d_model, or H * d_head for ``head`` (z, heads concatenated), and the decoder's final-normed output at the
     last position, Float[Tensor, "1 d"]. ``input_ids``: Long[Tensor, "1 T"]."""
@@ -200,6 +208,7 @@ def capture_activations(model: nn.Module, input_ids: Tensor, kinds: Sequence[str
     def keep(key, pre):
         def fn(module, args, output=None):
             store[key] = (args[0] if pre else main_output(output))[0].detach()
+
         return fn
 
     for kind in kinds:
@@ -218,9 +227,14 @@ def logit_diffs(model: nn.Module, last: Tensor, token_ids: Tensor) -> Tensor:
     return logits[:, 0] - logits[:, 1]  # logits: (B, 2)
 
 
-def patched_logit_diffs(model: nn.Module, input_ids: Tensor, token_ids: Tensor,
-                        clean: dict[tuple[str, int], Tensor], rows: Sequence[Sequence[PatchUnit]],
-                        batch_size: int = 32) -> Tensor:
+def patched_logit_diffs(
+    model: nn.Module,
+    input_ids: Tensor,
+    token_ids: Tensor,
+    clean: dict[tuple[str, int], Tensor],
+    rows: Sequence[Sequence[PatchUnit]],
+    batch_size: int = 32,
+) -> Tensor:
     """``logit(token_ids[0]) - logit(token_ids[1])`` at the last position of ``input_ids`` (1, T), once per row,
     each row run with its units' activations taken from ``clean`` (:func:`capture_activations` of the clean
     prompt). A row may patch several units, or none (the unpatched run). Float[Tensor, "len(rows)"].
@@ -238,8 +252,9 @@ def patched_logit_diffs(model: nn.Module, input_ids: Tensor, token_ids: Tensor,
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _replacement_hooks(layout: Layout, clean: dict[tuple[str, int], Tensor], rows: Sequence[Sequence[PatchUnit]],
-                       n_pos: int) -> dict[str, dict]:
+def _replacement_hooks(
+    layout: Layout, clean: dict[tuple[str, int], Tensor], rows: Sequence[Sequence[PatchUnit]], n_pos: int
+) -> dict[str, dict]:
     """One hook per (kind, layer) some row patches: ``where(mask, clean, corrupt)`` with ``mask`` (B, T, D) true
     on each row's unit."""
     masks: dict[tuple[str, int], Tensor] = {}
@@ -251,19 +266,25 @@ def _replacement_hooks(layout: Layout, clean: dict[tuple[str, int], Tensor], row
             pos = slice(None) if u.position is None else u.position
             if u.position is not None and not 0 <= u.position < n_pos:
                 raise InputError(f"position {u.position} is out of range: the prompt has {n_pos} tokens")
-            cols = slice(None) if u.head is None else layout.head_slice(layout.check_head(u.head))  # head None: every head
+            cols = (
+                slice(None) if u.head is None else layout.head_slice(layout.check_head(u.head))
+            )  # head None: every head
             mask[i, pos, cols] = True
     hooks: dict[str, dict] = {"forward": {}, "pre": {}}
     for (kind, layer), mask in masks.items():
         path, how = unit_module(layout, kind, layer)
         value = clean[(kind, layer)]
         if how == "pre":
+
             def replace_input(module, args, mask=mask, value=value):
                 return (torch.where(mask, value, args[0]), *args[1:])
+
             hooks["pre"][path] = replace_input
         else:
+
             def replace_output(module, args, output, mask=mask, value=value):
                 return _with_main(output, torch.where(mask, value, main_output(output)))
+
             hooks["forward"][path] = replace_output
     return hooks
 
@@ -273,14 +294,18 @@ def _replacement_hooks(layout: Layout, clean: dict[tuple[str, int], Tensor], row
 # --------------------------------------------------------------------------------------------------
 
 
-def encode_pair(tokenizer, clean: str, corrupt: str, n_ctx: int, prepend_bos: bool = False) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, clean: str, corrupt: str, n_ctx: int, prepend_bos: bool = False
+) -> tuple[list[int], list[int]]:
     """Token ids of both prompts; :class:`InputError` unless they have the same number of tokens."""
     a = encode_prompt(tokenizer, clean, n_ctx, prepend_bos=prepend_bos)
     b = encode_prompt(tokenizer, corrupt, n_ctx, prepend_bos=prepend_bos)
     if len(a) != len(b):
-        raise InputError(f"the clean and corrupted prompts must have the same number of tokens (clean {len(a)}, "
-                         f"corrupted {len(b)}): activations are swapped position by position, so change words "
-                         f"for words of the same token length")
+        raise InputError(
+            f"the clean and corrupted prompts must have the same number of tokens (clean {len(a)}, "
+            f"corrupted {len(b)}): activations are swapped position by position, so change words "
+            f"for words of the same token length"
+        )
     return a, b
 
 
@@ -305,9 +330,16 @@ class PreparedPair:
         return restored_fraction(d, self.logit_diff_clean, self.logit_diff_corrupt)
 
 
-def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: str,
-                 competitor: str | int | None = None, kinds: Sequence[str] = KINDS,
-                 prepend_bos: bool = False) -> PreparedPair:
+def prepare_pair(
+    model: nn.Module,
+    tokenizer,
+    clean: str,
+    corrupt: str,
+    target: str,
+    competitor: str | int | None = None,
+    kinds: Sequence[str] = KINDS,
+    prepend_bos: bool = False,
+) -> PreparedPair:
     """Encode both prompts, pick the competitor, run each once (keeping the clean run's activations of ``kinds``).
 
     ``target``/``competitor`` are answer texts (first token used), or for the competitor a token id; the
@@ -328,8 +360,9 @@ def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: 
             raise InputError(f"the competitor {competitor!r} starts with the same token as the target {target!r}")
     clean_acts, clean_last = capture_activations(model, clean_t, kinds)  # one run of each prompt
     with torch.no_grad():
-        corrupt_last = model.get_submodule(layout.adapter.base)(input_ids=corrupt_t,
-                                                                use_cache=False).last_hidden_state[:, -1]  # (1, d)
+        corrupt_last = model.get_submodule(layout.adapter.base)(input_ids=corrupt_t, use_cache=False).last_hidden_state[
+            :, -1
+        ]  # (1, d)
         if given:
             source = "given"
         else:
@@ -339,15 +372,32 @@ def prepare_pair(model: nn.Module, tokenizer, clean: str, corrupt: str, target: 
         d_clean = float(logit_diffs(model, clean_last, token_ids)[0])
         d_corrupt = float(logit_diffs(model, corrupt_last, token_ids)[0])
     if abs(d_clean - d_corrupt) < MIN_DENOMINATOR:
-        raise InputError(f"the clean and corrupted prompts give the same logit difference ({d_clean:+.4f}): there is "
-                         f"nothing to restore; pick prompts whose answers differ")
-    return PreparedPair(clean_t, corrupt_t, token_ids, Answer(token_text(tokenizer, t_id), t_id),
-                        Answer(token_text(tokenizer, c_id), c_id), source, d_clean, d_corrupt, clean_acts)
+        raise InputError(
+            f"the clean and corrupted prompts give the same logit difference ({d_clean:+.4f}): there is "
+            f"nothing to restore; pick prompts whose answers differ"
+        )
+    return PreparedPair(
+        clean_t,
+        corrupt_t,
+        token_ids,
+        Answer(token_text(tokenizer, t_id), t_id),
+        Answer(token_text(tokenizer, c_id), c_id),
+        source,
+        d_clean,
+        d_corrupt,
+        clean_acts,
+    )
 
 
-def patch_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, clean: str, corrupt: str, target: str,
-                      competitor: str | None = None,
-                      config: ActivationPatchingConfig = ActivationPatchingConfig()) -> ActivationPatching:
+def patch_activations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    clean: str,
+    corrupt: str,
+    target: str,
+    competitor: str | None = None,
+    config: ActivationPatchingConfig = ActivationPatchingConfig(),
+) -> ActivationPatching:
     """Patch every unit of ``config.kinds`` from the ``clean`` prompt's run into the ``corrupt`` prompt's run, one
     unit per batch row (see :func:`prepare_pair` for the competitor and the errors raised)."""
     layout = layout_of(model)
@@ -357,17 +407,27 @@ def patch_activations(model: nn.Module, tokenizer: PreTrainedTokenizerBase, clea
     for kind in config.kinds:
         units = grid_units(layout, kind, n_pos)
         log.info("patching %d %s units, %d per pass", len(units), kind, config.batch_size)
-        d = patched_logit_diffs(model, pair.corrupt_ids, pair.token_ids, pair.clean_acts, [[u] for u in units],
-                                config.batch_size)
+        d = patched_logit_diffs(
+            model, pair.corrupt_ids, pair.token_ids, pair.clean_acts, [[u] for u in units], config.batch_size
+        )
         restored = restored_fraction(d, pair.logit_diff_clean, pair.logit_diff_corrupt)
         shape = (layout.n_layer, layout.n_head if kind == "head" else n_pos)
-        grids[kind] = PatchingGrid(kind, "head" if kind == "head" else "position",
-                                   restored.view(shape).tolist(), d.view(shape).tolist())
+        grids[kind] = PatchingGrid(
+            kind, "head" if kind == "head" else "position", restored.view(shape).tolist(), d.view(shape).tolist()
+        )
     return ActivationPatching(
-        clean_prompt=clean, corrupt_prompt=corrupt,
+        clean_prompt=clean,
+        corrupt_prompt=corrupt,
         clean_tokens=[token_text(tokenizer, i) for i in pair.clean_ids[0].tolist()],
         corrupt_tokens=[token_text(tokenizer, i) for i in pair.corrupt_ids[0].tolist()],
-        target=pair.target, competitor=pair.competitor, competitor_source=pair.competitor_source,
-        logit_diff_clean=pair.logit_diff_clean, logit_diff_corrupt=pair.logit_diff_corrupt, grids=grids,
-        n_layer=layout.n_layer, n_head=layout.n_head, blocks=layout.adapter.blocks, config=config,
+        target=pair.target,
+        competitor=pair.competitor,
+        competitor_source=pair.competitor_source,
+        logit_diff_clean=pair.logit_diff_clean,
+        logit_diff_corrupt=pair.logit_diff_corrupt,
+        grids=grids,
+        n_layer=layout.n_layer,
+        n_head=layout.n_head,
+        blocks=layout.adapter.blocks,
+        config=config,
     )

@@ -219,6 +219,7 @@ def clean_run(model: nn.Module, input_ids: Tensor, token_ids: Tensor) -> CleanRu
     def c_proj_hook(layer):
         def fn(module, args, output):
             z[layer], out[layer] = args[0], output.detach()
+
         return fn
 
     forward = {layout.adapter.path("o", l): c_proj_hook(l) for l in range(layout.n_layer)}
@@ -236,8 +237,9 @@ def clean_run(model: nn.Module, input_ids: Tensor, token_ids: Tensor) -> CleanRu
     )
 
 
-def ablated_logits(model: nn.Module, input_ids: Tensor, token_ids: Tensor, clean: CleanRun, layer: int,
-                   head: int | None, mode: str) -> Tensor:
+def ablated_logits(
+    model: nn.Module, input_ids: Tensor, token_ids: Tensor, clean: CleanRun, layer: int, head: int | None, mode: str
+) -> Tensor:
     """Logits of ``token_ids`` with one head's z (or, ``head=None``, the layer's attention output) ablated."""
     layout = layout_of(model)
     path = layout.adapter.path("o", layer)
@@ -311,8 +313,10 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
         differences.append(f"top-{len(top_dla)} heads overlap {overlap:.0%} between DLA and grad x act")
     gxa_override = divmod(int(gxa.argmin()), gxa.shape[1])
     if gxa_override != (o_layer, o_head):
-        differences.append(f"grad x act's most competitor-favouring head is {named(*gxa_override)}, "
-                           f"not the override {named(o_layer, o_head)}")
+        differences.append(
+            f"grad x act's most competitor-favouring head is {named(*gxa_override)}, "
+            f"not the override {named(o_layer, o_head)}"
+        )
 
     def effects(unit: str, layer: int, head: int | None) -> dict[str, Ablation]:
         return {a.mode: a for a in ablations if a.unit == unit and a.layer == layer and a.head == head}
@@ -320,29 +324,41 @@ def compare(d: Diagnosis, dla: Tensor, gxa: Tensor, ablations: list[Ablation], t
     override = {mode: a.effect < 0 for mode, a in effects("head", o_layer, o_head).items()}  # diff rises
     for mode, a in effects("head", o_layer, o_head).items():
         if not override[mode]:
-            differences.append(f"{mode}-ablating the override {named(o_layer, o_head)} does not move the "
-                               f"answer toward the target (target - competitor {-a.effect:+.3f})")
+            differences.append(
+                f"{mode}-ablating the override {named(o_layer, o_head)} does not move the "
+                f"answer toward the target (target - competitor {-a.effect:+.3f})"
+            )
     prescribed = {mode: a.d_target < 0 for mode, a in effects("attn_out", d.prescribed_layer, None).items()}
     for mode, a in effects("attn_out", d.prescribed_layer, None).items():
         if not prescribed[mode]:
-            differences.append(f"{mode}-ablating the attention output of the prescribed layer "
-                               f"{named(d.prescribed_layer)} does not lower the target ({a.d_target:+.3f})")
+            differences.append(
+                f"{mode}-ablating the attention output of the prescribed layer "
+                f"{named(d.prescribed_layer)} does not lower the target ({a.d_target:+.3f})"
+            )
     lead = next((e.layer for e in d.logit_lens if e.layer is not None and e.target_logit > e.competitor_logit), None)
     before = lead is not None and lead < o_layer
     if not before:
         differences.append(f"the target never leads in the logit lens before the override block {named(o_layer)}")
     return Agreement(
-        spearman=spearman(dla, gxa), top_k=len(top_dla), top_k_overlap=overlap, top1_same=top_dla[0] == top_gxa[0],
+        spearman=spearman(dla, gxa),
+        top_k=len(top_dla),
+        top_k_overlap=overlap,
+        top1_same=top_dla[0] == top_gxa[0],
         override_top_grad_x_act=gxa_override == (o_layer, o_head),
-        override_confirmed=override["mean"], override_confirmed_zero=override["zero"],
-        prescribed_confirmed=prescribed["mean"], prescribed_confirmed_zero=prescribed["zero"],
-        lens_first_lead_layer=lead, lens_leads_before_override=before,
-        lens_at_prescribed_layer=lead == d.prescribed_layer, differences=differences,
+        override_confirmed=override["mean"],
+        override_confirmed_zero=override["zero"],
+        prescribed_confirmed=prescribed["mean"],
+        prescribed_confirmed_zero=prescribed["zero"],
+        lens_first_lead_layer=lead,
+        lens_leads_before_override=before,
+        lens_at_prescribed_layer=lead == d.prescribed_layer,
+        differences=differences,
     )
 
 
-def patching_check(model: nn.Module, tokenizer, d: Diagnosis, corrupt: str, target: str,
-                   prepend_bos: bool = False) -> PatchingCheck:
+def patching_check(
+    model: nn.Module, tokenizer, d: Diagnosis, corrupt: str, target: str, prepend_bos: bool = False
+) -> PatchingCheck:
     """Activation patching of every block's attention and MLP output (all positions) and of the override head's
     z (all positions) from ``d``'s prompt into ``corrupt``; see the module docstring for the two metrics."""
     layout = layout_of(model)
@@ -352,12 +368,14 @@ def patching_check(model: nn.Module, tokenizer, d: Diagnosis, corrupt: str, targ
     restored = knowledge.restored(model, rows).tolist()
     failure = prepare_pair(model, tokenizer, d.prompt, corrupt, target, d.competitor.token_id, ("head",), prepend_bos)
     override = float(failure.restored(model, [[PatchUnit("head", o_layer, head=o_head)]])[0])
-    return PatchingCheck(corrupt, knowledge.competitor.text, restored[: layout.n_layer], restored[layout.n_layer :],
-                         override)
+    return PatchingCheck(
+        corrupt, knowledge.competitor.text, restored[: layout.n_layer], restored[layout.n_layer :], override
+    )
 
 
-def causal_agreement(d: Diagnosis, patching: PatchingCheck | None, weights: WeightPatching | None
-                     ) -> tuple[dict, list[str]]:
+def causal_agreement(
+    d: Diagnosis, patching: PatchingCheck | None, weights: WeightPatching | None
+) -> tuple[dict, list[str]]:
     """The causal checks' :class:`Agreement` fields and their differences (empty when none was asked for)."""
     fields, differences = {}, []
     named = partial(d.label, path=True)
@@ -366,13 +384,17 @@ def causal_agreement(d: Diagnosis, patching: PatchingCheck | None, weights: Weig
         x = patching.attn_restored[p]
         fields["prescribed_patching_confirmed"] = x >= PATCHING_CONFIRMS
         if x < PATCHING_CONFIRMS:
-            differences.append(f"patching the attention output of the prescribed layer {named(p)} into "
-                               f"{patching.corrupt_prompt!r} restores only {x:.0%} of the target's lead over "
-                               f"{patching.corrupt_answer!r}")
+            differences.append(
+                f"patching the attention output of the prescribed layer {named(p)} into "
+                f"{patching.corrupt_prompt!r} restores only {x:.0%} of the target's lead over "
+                f"{patching.corrupt_answer!r}"
+            )
         fields["override_patching_confirmed"] = patching.override_restored > 0
         if patching.override_restored <= 0:
-            differences.append(f"patching the override {named(*o)} into {patching.corrupt_prompt!r} does not move "
-                               f"it toward the competitor ({patching.override_restored:+.2f} of the difference)")
+            differences.append(
+                f"patching the override {named(*o)} into {patching.corrupt_prompt!r} does not move "
+                f"it toward the competitor ({patching.override_restored:+.2f} of the difference)"
+            )
     if weights is not None:
         best = weights.best()
         if best is None:
@@ -380,8 +402,10 @@ def causal_agreement(d: Diagnosis, patching: PatchingCheck | None, weights: Weig
         else:
             fields["donor_best_in_prescribed"] = best.layer == p
             if best.layer != p:
-                differences.append(f"the donor's {best.name} of {named(best.layer)} raises the target most "
-                                   f"({best.mean_target_logit_change:+.3f}), not the prescribed layer {named(p)}")
+                differences.append(
+                    f"the donor's {best.name} of {named(best.layer)} raises the target most "
+                    f"({best.mean_target_logit_change:+.3f}), not the prescribed layer {named(p)}"
+                )
     return fields, differences
 
 
@@ -390,9 +414,16 @@ def causal_agreement(d: Diagnosis, patching: PatchingCheck | None, weights: Weig
 # --------------------------------------------------------------------------------------------------
 
 
-def crosscheck(model: nn.Module, tokenizer, prompt: str, target: str, competitor: str | None = None,
-               config: CrossCheckConfig = CrossCheckConfig(), corrupt: str | None = None,
-               donor: nn.Module | None = None) -> CrossCheck:
+def crosscheck(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    target: str,
+    competitor: str | None = None,
+    config: CrossCheckConfig = CrossCheckConfig(),
+    corrupt: str | None = None,
+    donor: nn.Module | None = None,
+) -> CrossCheck:
     """Diagnose ``prompt`` and check the result with grad x act, ablations and the logit lens; with ``corrupt`` (a
     prompt of the same token length) also by activation patching, with ``donor`` (a model of the same architecture
     sharing ``tokenizer``) also by weight patching.
@@ -416,13 +447,31 @@ def crosscheck(model: nn.Module, tokenizer, prompt: str, target: str, competitor
         for mode in MODES:
             logits = ablated_logits(model, input_ids, token_ids, clean, layer, head, mode)
             delta = logits - clean.logits
-            ablations.append(Ablation("head" if head is not None else "attn_out", layer, head, mode,
-                                      float(logits[0]), float(logits[1]), float(delta[0]), float(delta[1])))
+            ablations.append(
+                Ablation(
+                    "head" if head is not None else "attn_out",
+                    layer,
+                    head,
+                    mode,
+                    float(logits[0]),
+                    float(logits[1]),
+                    float(delta[0]),
+                    float(delta[1]),
+                )
+            )
     agree = compare(d, dla, clean.grad_x_act, ablations, config.top_k)
-    patching = None if corrupt is None else patching_check(model, tokenizer, d, corrupt, target,
-                                                           config.diagnosis.prepend_bos)
+    patching = (
+        None if corrupt is None else patching_check(model, tokenizer, d, corrupt, target, config.diagnosis.prepend_bos)
+    )
     weights = None if donor is None else patch_weights(model, donor, tokenizer, [Probe(prompt, target)])
     fields, differences = causal_agreement(d, patching, weights)
     agree = replace(agree, **fields, differences=agree.differences + differences)
-    return CrossCheck(diagnosis=d, dla=ranking(dla), grad_x_act=ranking(clean.grad_x_act),
-                      ablations=ablations, agree=agree, patching=patching, weight_patching=weights)
+    return CrossCheck(
+        diagnosis=d,
+        dla=ranking(dla),
+        grad_x_act=ranking(clean.grad_x_act),
+        ablations=ablations,
+        agree=agree,
+        patching=patching,
+        weight_patching=weights,
+    )

@@ -33,17 +33,27 @@ def patching_heatmap(result: ActivationPatching, kind: str) -> Figure:
     bound = max(1.0, max(abs(v) for row in values for v in row))
     image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
     fig.colorbar(image, ax=ax, label="fraction of the logit difference restored")
-    ax.set_xticks(range(width), labels, rotation=30 if grid.axis == "position" else 0, ha="right"
-                  if grid.axis == "position" else "center", fontsize="small")
+    ax.set_xticks(
+        range(width),
+        labels,
+        rotation=30 if grid.axis == "position" else 0,
+        ha="right" if grid.axis == "position" else "center",
+        fontsize="small",
+    )
     ax.set_yticks(range(n_layer), [block_label(layer) for layer in range(n_layer)])
     ax.set_xlabel(grid.axis)
     ax.set_ylabel("layer")
     label_cells(ax, image, values, "{:.2f}")
-    ax.set_title(f"Activation patching: {KIND_DESCRIPTIONS[kind]}\n{result.target.text!r} vs "
-                 f"{result.competitor.text!r}, {result.clean_prompt!r} → {result.corrupt_prompt!r}",
-                 fontsize="medium")
-    fig.supxlabel(f"L1 = block 0 ({result.blocks}.0) … {block_label(n_layer - 1)} = block {n_layer - 1}", fontsize="x-small",
-                  color="dimgray")
+    ax.set_title(
+        f"Activation patching: {KIND_DESCRIPTIONS[kind]}\n{result.target.text!r} vs "
+        f"{result.competitor.text!r}, {result.clean_prompt!r} → {result.corrupt_prompt!r}",
+        fontsize="medium",
+    )
+    fig.supxlabel(
+        f"L1 = block 0 ({result.blocks}.0) … {block_label(n_layer - 1)} = block {n_layer - 1}",
+        fontsize="x-small",
+        color="dimgray",
+    )
     return fig
 
 
@@ -60,13 +70,21 @@ def weight_patching_chart(result: WeightPatching, top: int = 20) -> Figure:
     ax.set_yticks(range(len(comps)), labels)
     ax.invert_yaxis()
     for i, c in enumerate(comps):
-        ax.annotate(f"{c.facts_correct}/{result.facts_total}", (values[i], i), xytext=(3 if values[i] >= 0 else -3, 0),
-                    textcoords="offset points", ha="left" if values[i] >= 0 else "right", va="center",
-                    fontsize="x-small")
+        ax.annotate(
+            f"{c.facts_correct}/{result.facts_total}",
+            (values[i], i),
+            xytext=(3 if values[i] >= 0 else -3, 0),
+            textcoords="offset points",
+            ha="left" if values[i] >= 0 else "right",
+            va="center",
+            fontsize="x-small",
+        )
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("mean change of the target logit vs the recipient")
     what = "donor's weights" if result.mode == "donor" else f"{result.mode}-ablated weights"
     donor = "" if result.donor_correct is None else f", donor {result.donor_correct}/{result.facts_total}"
-    ax.set_title(f"Weight patching ({what}): facts right — recipient {result.recipient_correct}/"
-                 f"{result.facts_total}{donor}", fontsize="medium")
+    ax.set_title(
+        f"Weight patching ({what}): facts right — recipient {result.recipient_correct}/{result.facts_total}{donor}",
+        fontsize="medium",
+    )
     return fig

@@ -16,8 +16,9 @@ Neither model is ever modified: a hybrid is :func:`surgery.io.edit_file.patched_
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +50,7 @@ class Component:
     slices: tuple[ParamSlice, ...]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "layer": self.layer, "head": self.head,
-                "slices": [s.to_dict() for s in self.slices]}
+        return {"name": self.name, "layer": self.layer, "head": self.head, "slices": [s.to_dict() for s in self.slices]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,11 +90,18 @@ def components(model: nn.Module, granularity: str = "site") -> list[Component]:
     """Every component of ``model``, block by block: the four sites, or each head's ``v`` and ``o`` slices."""
     layout = layout_of(model)
     if granularity == "site":
-        return [Component(site, l, None, tuple(layout.site_slices(site, l, model)))
-                for l in range(layout.n_layer) for site in SITES]
+        return [
+            Component(site, l, None, tuple(layout.site_slices(site, l, model)))
+            for l in range(layout.n_layer)
+            for site in SITES
+        ]
     if granularity == "head":
-        return [Component(part, l, h, head_slices(layout, l, h, part))
-                for l in range(layout.n_layer) for h in range(layout.n_head) for part in HEAD_PARTS]
+        return [
+            Component(part, l, h, head_slices(layout, l, h, part))
+            for l in range(layout.n_layer)
+            for h in range(layout.n_head)
+            for part in HEAD_PARTS
+        ]
     raise InputError(f"unknown granularity {granularity!r}: choose {' or '.join(GRANULARITIES)}")
 
 
@@ -112,8 +119,10 @@ def check_same_architecture(recipient: nn.Module, donor: nn.Module) -> None:
         pb = {n: tuple(p.shape) for n, p in donor.named_parameters()}
         diff = [f"{n} {pa.get(n)} vs {pb.get(n)}" for n in sorted(set(pa) | set(pb)) if pa.get(n) != pb.get(n)][:1]
     if diff:
-        raise InputError(f"the donor is not the same architecture as the recipient ({diff[0]}, recipient vs donor): "
-                         f"weights can only be patched between models of one layout")
+        raise InputError(
+            f"the donor is not the same architecture as the recipient ({diff[0]}, recipient vs donor): "
+            f"weights can only be patched between models of one layout"
+        )
 
 
 def donor_values(recipient: nn.Module, donor: nn.Module, component: Component) -> list[tuple[ParamSlice, Tensor]]:
@@ -156,8 +165,13 @@ def component_patch(recipient: nn.Module, component: Component, values: list[tup
     """An in-memory patch of ``recipient`` setting ``values`` (slices of ``component``'s block). It carries the
     recipient's shape config; no block digest, since it never leaves the process (hashing the block per hybrid
     would cost more than the hybrid)."""
-    return Patch(component.name, component.layer, tuple(s for s, _ in values), {s.name: v for s, v in values},
-                 {"base_config": base_config(recipient)})
+    return Patch(
+        component.name,
+        component.layer,
+        tuple(s for s, _ in values),
+        {s.name: v for s, v in values},
+        {"base_config": base_config(recipient)},
+    )
 
 
 def hybrid(recipient: nn.Module, donor: nn.Module, component: Component) -> nn.Module:
@@ -223,7 +237,9 @@ class WeightPatching:
 
     def to_dict(self) -> dict:
         return {
-            "mode": self.mode, "granularity": self.granularity, "facts_total": self.facts_total,
+            "mode": self.mode,
+            "granularity": self.granularity,
+            "facts_total": self.facts_total,
             "recipient": {"facts_correct": self.recipient_correct},
             "donor": None if self.donor_correct is None else {"facts_correct": self.donor_correct},
             "components": [c.to_dict() for c in self.components],
@@ -240,14 +256,22 @@ def _evaluate(recipient: nn.Module, tokenizer, facts: list[Probe], base: FactSco
             continue
         key = tuple((s.name, str(s.rows), str(s.cols)) for s, _ in values)
         if key not in cache:  # e.g. query heads sharing one key/value head's V slice
-            cache[key] = score_facts(patched_model(recipient, component_patch(recipient, component, values)),
-                                     tokenizer, facts)
+            cache[key] = score_facts(
+                patched_model(recipient, component_patch(recipient, component, values)), tokenizer, facts
+            )
         scores = cache[key]
         change = [a - b for a, b in zip(scores.target_logits, base.target_logits)]
-        results.append(ComponentResult(
-            component.name, component.layer, component.head, scores.facts_correct, sum(change) / len(change),
-            fixed=[f.prompt for f, now, was in zip(facts, scores.correct, base.correct) if now and not was],
-            broken=[f.prompt for f, now, was in zip(facts, scores.correct, base.correct) if was and not now]))
+        results.append(
+            ComponentResult(
+                component.name,
+                component.layer,
+                component.head,
+                scores.facts_correct,
+                sum(change) / len(change),
+                fixed=[f.prompt for f, now, was in zip(facts, scores.correct, base.correct) if now and not was],
+                broken=[f.prompt for f, now, was in zip(facts, scores.correct, base.correct) if was and not now],
+            )
+        )
     log.info("scored %d hybrids (%d components, %d identical)", len(cache), len(results), skipped)
     return results, skipped
 
@@ -255,12 +279,17 @@ def _evaluate(recipient: nn.Module, tokenizer, facts: list[Probe], base: FactSco
 def _check_facts(facts: Sequence[Probe]) -> list[Probe]:
     facts = list(facts)
     if not facts:
-        raise InputError("no facts given: give at least one {\"prompt\", \"target\"} to score the hybrids on")
+        raise InputError('no facts given: give at least one {"prompt", "target"} to score the hybrids on')
     return facts
 
 
-def patch_weights(recipient: nn.Module, donor: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Probe],
-                  granularity: str = "site") -> WeightPatching:
+def patch_weights(
+    recipient: nn.Module,
+    donor: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[Probe],
+    granularity: str = "site",
+) -> WeightPatching:
     """Copy each component from ``donor`` into ``recipient`` in turn and score ``facts`` on the hybrid.
 
     ``tokenizer`` is the recipient's (the donor must share its vocabulary). Raises :class:`InputError` for models
@@ -271,14 +300,17 @@ def patch_weights(recipient: nn.Module, donor: nn.Module, tokenizer: PreTrainedT
     comps = components(recipient, granularity)
     base = score_facts(recipient, tokenizer, facts)
     donor_scores = score_facts(donor, tokenizer, facts)
-    results, skipped = _evaluate(recipient, tokenizer, facts, base,
-                                 ((c, donor_values(recipient, donor, c)) for c in comps))
-    return WeightPatching("donor", granularity, len(facts), base.facts_correct, donor_scores.facts_correct,
-                          results, skipped)
+    results, skipped = _evaluate(
+        recipient, tokenizer, facts, base, ((c, donor_values(recipient, donor, c)) for c in comps)
+    )
+    return WeightPatching(
+        "donor", granularity, len(facts), base.facts_correct, donor_scores.facts_correct, results, skipped
+    )
 
 
-def ablate_weights(model: nn.Module, tokenizer, facts: Sequence[Probe], mode: str = "zero",
-                   granularity: str = "site") -> WeightPatching:
+def ablate_weights(
+    model: nn.Module, tokenizer, facts: Sequence[Probe], mode: str = "zero", granularity: str = "site"
+) -> WeightPatching:
     """Ablate each component of ``model`` in turn (``zero`` or ``mean``) and score ``facts``; ``model`` untouched."""
     facts = _check_facts(facts)
     if mode not in ABLATIONS:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from ..arch import Layout, check_supported
 from ..core.errors import InputError, SurgeryError
@@ -116,9 +116,16 @@ class ModelRegistry:
     ``fallback_reason``: why the configured model is not among the choices (shown as a banner), or None.
     """
 
-    def __init__(self, choices: Sequence[ModelChoice], *, device=None, loaded: Mapping[str, LoadedModel] | None = None,
-                 panels: Mapping[str, Panel] | None = None, loader: Loader = load_model,
-                 fallback_reason: str | None = None):
+    def __init__(
+        self,
+        choices: Sequence[ModelChoice],
+        *,
+        device=None,
+        loaded: Mapping[str, LoadedModel] | None = None,
+        panels: Mapping[str, Panel] | None = None,
+        loader: Loader = load_model,
+        fallback_reason: str | None = None,
+    ):
         if not choices:
             raise ValueError("a registry needs at least one model")
         self._choices = {c.key: c for c in choices}
@@ -239,8 +246,9 @@ def start_registry(configured: str | os.PathLike, *, device=None, others: Sequen
     else:
         first = demo_choice()
     choices = [first] + [c for c in others if c.key != first.key]
-    return ModelRegistry(choices, device=device, loaded={first.key: startup.loaded},
-                         fallback_reason=startup.fallback_reason)
+    return ModelRegistry(
+        choices, device=device, loaded={first.key: startup.loaded}, fallback_reason=startup.fallback_reason
+    )
 
 
 def _same_as(name: str, choices: Sequence[ModelChoice]) -> ModelChoice | None:

@@ -121,4 +121,3 @@ def write_downloads(folder: str | os.PathLike, loaded: LoadedModel, result: Surg
     patch.save(folder / PATCH_FILE)
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return [folder / PATCH_FILE, folder / REPORT_FILE]
-
