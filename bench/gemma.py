@@ -173,7 +173,8 @@ def markdown(results: dict) -> str:
         rows = res["rows"]
         out += [
             "",
-            f"`wv` step / naive masked `wv` step: **{rows['wv']['wall']['median'] / rows['naive-wv']['wall']['median']:.3f}×** "
+            "`wv` step / naive masked `wv` step: "
+            f"**{rows['wv']['wall']['median'] / rows['naive-wv']['wall']['median']:.3f}×** "
             f"(CPU time {rows['wv']['cpu']['median'] / rows['naive-wv']['cpu']['median']:.3f}×).",
         ]
     if "operation" in results:

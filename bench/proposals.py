@@ -116,7 +116,7 @@ def lens_variants(model_name: str, repeats: int, log=print) -> dict:
         cases = {}
         for name, variant in VARIANTS.items():
 
-            def case(variant=variant):
+            def case(variant=variant, fn=fn):
                 with patched_lens(variant):
                     return fn()
 

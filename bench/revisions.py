@@ -107,7 +107,7 @@ def main(revision: str, repeats: int = 9, model_name: str = "gpt2-shaped", atol:
         text = ids_tok.text(prompt_ids(length, model.config.vocab_size)[0])
         target = f" {target_id(model)}"
         cases = {
-            label: (lambda m=mod: m.diagnose(model, ids_tok, text, target))
+            label: (lambda m=mod, text=text, target=target: m.diagnose(model, ids_tok, text, target))
             for label, mod in (("before", before), ("after", now))
         }
         out[f"diagnose T={length}"] = {k: v.to_dict() for k, v in interleaved(cases, repeats).items()}

@@ -285,7 +285,8 @@ def run_operation(model_name: str, epochs: int | None, log=print) -> dict:
         **outcome,
     }
     log(
-        f"operate {model_name}: wv at block {out['layer']}, {out['steps']} steps, {out['wall_s']:.1f} s, fixed {out['fixed']}"
+        f"operate {model_name}: wv at block {out['layer']}, {out['steps']} steps, {out['wall_s']:.1f} s, "
+        f"fixed {out['fixed']}"
     )
     return out
 
@@ -297,8 +298,8 @@ def format_steps(out: dict) -> str:
         w, c = row["wall"]["median"], row["cpu"]["median"]
         mem = out.get("memory", {}).get(name)
         lines.append(
-            f"  {name:9s} {w * 1e3:8.1f} ms/step  x{w / full:.3f} of full (cpu x{c / rows['full']['cpu']['median']:.3f})"
-            + (f"  total {mem['total']:.0f} MiB" if mem else "")
+            f"  {name:9s} {w * 1e3:8.1f} ms/step  x{w / full:.3f} of full "
+            f"(cpu x{c / rows['full']['cpu']['median']:.3f})" + (f"  total {mem['total']:.0f} MiB" if mem else "")
         )
     if "memory" in out:
         lines.append(f"  inference total {out['memory']['inference']['total']:.0f} MiB")

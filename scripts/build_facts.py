@@ -162,7 +162,7 @@ def currency_text(name: str, country_words: set[str]) -> str:
 def build_currencies(countries) -> list[dict]:
     country_words = {w for _, c, _ in countries for w in c["name"].split() if len(w) > 3}
     rows = []
-    for iso, c, info in countries:
+    for _iso, c, info in countries:
         if not c["currencyname"].strip():
             continue
         flags = ["several currencies"] if len(info.get("currencies") or []) > 1 else []
@@ -172,7 +172,10 @@ def build_currencies(countries) -> list[dict]:
 
 
 def language_name(code: str) -> str | None:
-    """ISO 639 English name without qualifiers: "Modern Greek (1453-)" -> "Greek", "Swahili (macrolanguage)" -> "Swahili"."""
+    """ISO 639 English name without qualifiers.
+
+    "Modern Greek (1453-)" -> "Greek", "Swahili (macrolanguage)" -> "Swahili".
+    """
     import pycountry
 
     lang = pycountry.languages.get(alpha_2=code) if len(code) == 2 else pycountry.languages.get(alpha_3=code)
@@ -184,7 +187,7 @@ def language_name(code: str) -> str | None:
 
 def build_languages(countries) -> list[dict]:
     rows = []
-    for iso, c, info in countries:
+    for _iso, c, info in countries:
         codes = info.get("languages") or []
         names = [n for n in (language_name(code) for code in codes) if n]
         if not names:
@@ -273,7 +276,8 @@ def main() -> None:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         flagged = sum("ambiguous" in r for r in rows)
         print(
-            f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(rows)} facts, {flagged} flagged ambiguous"
+            f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {len(rows)} facts, "
+            f"{flagged} flagged ambiguous"
         )
 
 

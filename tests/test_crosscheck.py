@@ -75,7 +75,7 @@ def test_grad_x_act_matches_finite_difference(tiny_model, tiny_tokenizer):
     for layer, head in [(0, 1), (1, 3), (2, 2)]:
         cols = layout.head_slice(head)
 
-        def shrink(module, args):
+        def shrink(module, args, cols=cols):
             z = args[0].clone()
             z[..., cols] *= 1 - eps
             return (z,)

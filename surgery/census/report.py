@@ -192,9 +192,9 @@ def format_report(summary: dict) -> str:
         "",
         "`says`: the greedy continuation starts with the whole answer; `says_later`: the whole answer comes within "
         "the first few words (not a failure); `generic_first_piece`: the model misses the first piece and, fed it, "
-        'goes on to another answer (" D" -> "akar" for Doha), so a repair would only teach the piece; `routing`/`absence`: '
-        "the diagnosis' verdict of the rest (`correct`: every piece predicted, the answer not said at a word "
-        "boundary). A multi-token answer is diagnosed at its first missed piece"
+        'goes on to another answer (" D" -> "akar" for Doha), so a repair would only teach the piece; '
+        "`routing`/`absence`: the diagnosis' verdict of the rest (`correct`: every piece predicted, the answer not "
+        "said at a word boundary). A multi-token answer is diagnosed at its first missed piece"
         + (f" (facts whose answer diverges, by piece: {_pieces(summary)})" if summary.get("divergence_piece") else "")
         + ".",
         "",

@@ -106,7 +106,8 @@ def format_report(r: CrossCheck) -> str:
         f"  top-{a.top_k} overlap                   {a.top_k_overlap:.0%}   same top-1: {_yes(a.top1_same)}",
         f"  override = grad x act's most competitor-favouring head: {_yes(a.override_top_grad_x_act)}",
         f"  override confirmed by ablation  mean {_yes(a.override_confirmed)} (zero {_yes(a.override_confirmed_zero)})",
-        f"  prescribed layer confirmed      mean {_yes(a.prescribed_confirmed)} (zero {_yes(a.prescribed_confirmed_zero)})",
+        f"  prescribed layer confirmed      mean {_yes(a.prescribed_confirmed)} "
+        f"(zero {_yes(a.prescribed_confirmed_zero)})",
         f"  logit lens: target first leads  {lead}",
     ]
     lines += _causal_lines(r)

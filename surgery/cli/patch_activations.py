@@ -93,7 +93,8 @@ def format_report(r: ActivationPatching) -> str:
         f"clean       {r.clean_prompt!r}",
         f"corrupted   {r.corrupt_prompt!r}",
         f"target      {r.target.text!r}   competitor {r.competitor.text!r} ({r.competitor_source})",
-        f"d = logit(target) - logit(competitor):  clean {r.logit_diff_clean:+.3f}   corrupted {r.logit_diff_corrupt:+.3f}",
+        f"d = logit(target) - logit(competitor):  clean {r.logit_diff_clean:+.3f}   "
+        f"corrupted {r.logit_diff_corrupt:+.3f}",
         "restored = (d(patched) - d(corrupted)) / (d(clean) - d(corrupted)): 1 = clean, 0 = corrupted",
     ]
     for kind, grid in r.grids.items():

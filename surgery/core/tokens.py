@@ -33,7 +33,8 @@ def encode_target(tokenizer, text: str, what: str = "target") -> list[int]:
     """Token ids of an answer text (no special tokens). The first id is the one diagnosed and trained."""
     if not isinstance(text, str) or not text.strip():
         raise InputError(
-            f"the {what} is empty: give the answer text, e.g. ' Paris' (GPT-2, Llama and Gemma words start with a space)"
+            f"the {what} is empty: give the answer text, e.g. ' Paris' "
+            "(GPT-2, Llama and Gemma words start with a space)"
         )
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:

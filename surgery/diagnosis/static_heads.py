@@ -12,18 +12,19 @@ measures; rotary models: every measure is computed on the un-rotated weights, se
 * **QK norm** ``||W_Q W_K^T||_F`` and **OV norm** ``||W_V W_O||_F``, computed from d_head x d_head Gram
   matrices (``||A B^T||_F^2 = sum((A^T A) * (B^T B))``): the d_model x d_model circuits are never built.
 * **Key response by token class**: mean over a class's tokens of ``||W_K^T x(e)||`` with
-  ``x(e) = gamma_1 * normalize(e)``: block ``l``'s pre-attention norm (LayerNorm or RMSNorm) applied to the token embedding ``e = W_E[t]`` (plus
-  the mean position embedding, by default) *without* its bias. The bias term ``beta_1 W_K + b_K`` is the same
-  for every key, so it adds the same amount to every attention score of a query and cancels in the softmax.
-  Classes come from :mod:`surgery.diagnosis.token_classes`; at most ``class_sample`` seeded tokens per class are used.
-* **Copying score** over a seeded sample S of ``copy_sample`` non-special tokens: the OV circuit from a source token s to
-  the logit of token t, ``M[s, t] = x(e_s) W_V W_O . (g_post * centre(gamma_f * u_t))`` (the final norm with its scale left out:
-  a positive factor; ``g_post`` the gain of the attention post-norm in Gemma 2/3, 1 elsewhere; RMSNorm: no
-  centring). ``b_V`` and ``beta_1`` are left out: attention weights sum to 1, so they act as a
-  constant output bias, not as part of the token-to-token map. ``copying_score`` = sum(lambda) / sum(|lambda|)
-  over the eigenvalues of M (as in "A Mathematical Framework for Transformer Circuits"), in [-1, 1]; +1 = the
-  head promotes what it attends to. M = (X_S W_V)(W_O U_S^T) is |S| x |S|, but its non-zero eigenvalues are
-  those of the d_head x d_head matrix W_O (U_S^T X_S) W_V, and ``U_S^T X_S`` is shared by all heads.
+  ``x(e) = gamma_1 * normalize(e)``: block ``l``'s pre-attention norm (LayerNorm or RMSNorm) applied to the
+  token embedding ``e = W_E[t]`` (plus the mean position embedding, by default) *without* its bias. The bias
+  term ``beta_1 W_K + b_K`` is the same for every key, so it adds the same amount to every attention score of a
+  query and cancels in the softmax. Classes come from :mod:`surgery.diagnosis.token_classes`; at most
+  ``class_sample`` seeded tokens per class are used.
+* **Copying score** over a seeded sample S of ``copy_sample`` non-special tokens: the OV circuit from a source token
+  s to the logit of token t, ``M[s, t] = x(e_s) W_V W_O . (g_post * centre(gamma_f * u_t))`` (the final norm with
+  its scale left out: a positive factor; ``g_post`` the gain of the attention post-norm in Gemma 2/3, 1 elsewhere;
+  RMSNorm: no centring). ``b_V`` and ``beta_1`` are left out: attention weights sum to 1, so they act as a constant
+  output bias, not as part of the token-to-token map. ``copying_score`` = sum(lambda) / sum(|lambda|) over the
+  eigenvalues of M (as in "A Mathematical Framework for Transformer Circuits"), in [-1, 1]; +1 = the head promotes
+  what it attends to. M = (X_S W_V)(W_O U_S^T) is |S| x |S|, but its non-zero eigenvalues are those of the
+  d_head x d_head matrix W_O (U_S^T X_S) W_V, and ``U_S^T X_S`` is shared by all heads.
 
 The table is cached per model in an explicit :class:`StaticHeadCache` that the caller owns (the app keeps
 one; the library keeps none): a weak-keyed map, so caching a table never keeps a model alive, and a patched

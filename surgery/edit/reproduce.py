@@ -179,7 +179,8 @@ class Reproduction:
             "",
             "## Generalization and specificity (never trained on)",
             "",
-            "| site | efficacy | paraphrases | unedited capitals (fixed / broken) | specificity | KL on unrelated text |",
+            "| site | efficacy | paraphrases | unedited capitals (fixed / broken) | specificity "
+            "| KL on unrelated text |",
             "|---|---|---|---|---|---|",
         ]
         for s in self.sites:

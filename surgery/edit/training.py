@@ -3,8 +3,9 @@
 Invariant (as in ROME): the model passed in is the same at the end as at the start — bitwise. Training works on
 a private copy of the edited block; the trainable tensors are exactly the site's slices (for ``wv`` the
 value projection's weight — GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight`` — so the Q/K
-weights, biases and norms are never trainable and stay bitwise identical); the blocks above are run read-only from the base. The result is a
-:class:`~surgery.io.edit_file.Patch`; :func:`~surgery.io.edit_file.patched_model` turns it into a usable view.
+weights, biases and norms are never trainable and stay bitwise identical); the blocks above are run read-only
+from the base. The result is a :class:`~surgery.io.edit_file.Patch`; :func:`~surgery.io.edit_file.patched_model`
+turns it into a usable view.
 
 Speed by design: the blocks below ``layer`` are frozen, so their output — the residual input of block
 ``layer`` — is captured once for the fact prompts and the unrelated text; each step runs only blocks
@@ -18,15 +19,16 @@ Loss = cross-entropy of every piece of each target, teacher-forced (prompt + the
 A fact counts as fixed when every piece leads by ``margin``: greedy decoding then says the whole answer, not a
 first piece that the model completes into something else.
 
-Defaults (:class:`SurgeryConfig`): Adam with a step scaled to the edited weights (lr = ``lr_scale`` 0.025 x the
-RMS of the site's base values: 1e-3 on Gemma 3 270M's value projections), at most 300 epochs (one epoch = one
-full-batch step over all facts and the unrelated text), kl_weight 200, early stop as soon as every fact is top-1
-by at least ``margin`` = 0.1 logit. The step grows 5% per step that lowers the loss (up to 32x); a step after
-which the loss rose and the preservation term tripled is undone and the step halved (a given ``lr`` is fixed). With ``layer=None`` (``--layer auto``) a block that cannot fix every fact within the budget
-hands over to the next candidate (:func:`candidate_layers`); the report's ``tried`` lists each block trained.
-These defaults fix the routing facts of the zoo (assets/zoo, docs/zoo.md), models they were not tuned on. Training draws no random numbers (full batch, dropout off, the slices start at the base
-values), so a run is deterministic on CPU; ``seed`` seeds torch's RNG inside a forked RNG state anyway, so a
-future random op stays reproducible and the caller's RNG is left alone.
+Defaults (:class:`SurgeryConfig`): Adam with a step scaled to the edited weights (lr = ``lr_scale`` 0.025 x the RMS
+of the site's base values: 1e-3 on Gemma 3 270M's value projections), at most 300 epochs (one epoch = one full-batch
+step over all facts and the unrelated text), kl_weight 200, early stop as soon as every fact is top-1 by at least
+``margin`` = 0.1 logit. The step grows 5% per step that lowers the loss (up to 32x); a step after which the loss
+rose and the preservation term tripled is undone and the step halved (a given ``lr`` is fixed). With ``layer=None``
+(``--layer auto``) a block that cannot fix every fact within the budget hands over to the next candidate
+(:func:`candidate_layers`); the report's ``tried`` lists each block trained. These defaults fix the routing facts of
+the zoo (assets/zoo, docs/zoo.md), models they were not tuned on. Training draws no random numbers (full batch,
+dropout off, the slices start at the base values), so a run is deterministic on CPU; ``seed`` seeds torch's RNG
+inside a forked RNG state anyway, so a future random op stays reproducible and the caller's RNG is left alone.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class SurgeryConfig:
     site: ``wv`` | ``attn`` | ``mlp`` | ``layer``; layer: 0-indexed block, or None for the diagnosis'
     prescribed layer; lr: a fixed Adam learning rate, or None (the default) for an adaptive one that starts at
     ``lr_scale`` x the RMS of the site's base weights (:func:`site_lr`: the step follows the weights' scale, so one
-    default serves models whose weights differ in scale) and grows or backs off (:func:`train_site`); epochs: step budget (per block tried); kl_weight: weight of the preservation term;
+    default serves models whose weights differ in scale) and grows or backs off (:func:`train_site`); epochs:
+    step budget (per block tried); kl_weight: weight of the preservation term;
     margin: logits by which each target must lead for the early stop; max_unrelated_tokens: tokens of unrelated
     text used by the preservation term (the text is cut there; None: :func:`unrelated_token_budget` of the
     model's vocabulary); seed: RNG seed; batch_size: facts per mini-batch (a step still covers every fact: the

@@ -1,13 +1,13 @@
 """An edit as a patch: the new values of the trained slices of one block, and views that apply it.
 
-The base model is never modified. :func:`patched_model` builds a *view*: new container objects along the path to
-the blocks (``model -> transformer -> h`` for GPT-2, ``model -> model -> layers`` for the others), every untouched module and parameter shared with the base (same tensors, no
-copy), and a private copy of the one patched block carrying the new values. Several sessions can each hold
-their own view of one shared base at once, without locks.
+The base model is never modified. :func:`patched_model` builds a *view*: new container objects along the path to the
+blocks (``model -> transformer -> h`` for GPT-2, ``model -> model -> layers`` for the others), every untouched
+module and parameter shared with the base (same tensors, no copy), and a private copy of the one patched block
+carrying the new values. Several sessions can each hold their own view of one shared base at once, without locks.
 
-On disk a patch is a safetensors file holding only the trained slices (for ``wv``: just the
-value projection's weight; GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision, site,
-layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so a patch is refused
+On disk a patch is a safetensors file holding only the trained slices (for ``wv``: just the value projection's
+weight; GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision,
+site, layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so a patch is refused
 on any other base.
 """
 

@@ -281,7 +281,8 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
     lines = [
         f"# {base_name}, corrected by single-site surgery ({report.site}, block {layer})",
         "",
-        f"This is `{base_name}` with one site retrained by Transformer Surgery to fix {len(facts)} facts: site **{report.site}** of block "
+        f"This is `{base_name}` with one site retrained by Transformer Surgery to fix {len(facts)} facts: "
+        f"site **{report.site}** of block "
         f"**{layer}** (`{report.block}`, {block_label(layer)} 1-indexed), {report.params_in_site:,} parameters "
         f"({100 * report.fraction:.2f}% of the model). Every other tensor is bitwise identical to the base.",
         "",
@@ -312,7 +313,8 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         "## Verify",
         "",
         "```",
-        f"python -m surgery verify --base {base_name if is_hub_id(base) else 'BASE_MODEL'} --corrected THIS_FOLDER_OR_REPO",
+        f"python -m surgery verify --base {base_name if is_hub_id(base) else 'BASE_MODEL'} "
+        "--corrected THIS_FOLDER_OR_REPO",
         f"python -m surgery apply-patch --base BASE_MODEL --patch {PATCH_FILE} --out rebuilt/",
         "```",
         "",

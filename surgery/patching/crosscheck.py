@@ -6,9 +6,9 @@ For one prompt, target and competitor (the diagnosis' own choice when not given)
 * **DLA** (from :func:`surgery.diagnosis.diagnose.diagnose`): each head's direct effect on ``diff`` at the last
   position.
 * **Gradient x activation**: for each head, ``sum over positions and d_head of z * d(diff)/dz``, where z is the
-  head's slice of the attention output projection's input (its output before W_O; GPT-2: ``attn.c_proj``). It counts indirect paths and all
-  positions, and is exact to first order. Parameters stay ``requires_grad=False``: a hook on the token
-  embedding makes the activations a leaf that requires grad, and the gradients are taken w.r.t. the z's.
+  head's slice of the attention output projection's input (its output before W_O; GPT-2: ``attn.c_proj``). It counts
+  indirect paths and all positions, and is exact to first order. Parameters stay ``requires_grad=False``: a hook on
+  the token embedding makes the activations a leaf that requires grad, and the gradients are taken w.r.t. the z's.
 * **Ablation**, at every position of the prompt, one unit at a time: the top ``top_heads`` heads by |DLA| plus
   the override head (their z slice), and the prescribed layer's attention output (the output projection's output,
   b_O included). ``zero`` replaces the activation by 0; ``mean`` by its mean over the prompt's positions (the
