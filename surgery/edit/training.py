@@ -278,13 +278,13 @@ def train_site(
         if use_kept and text.kept_ref_log_probs is None:
             text.kept_ref_log_probs = stack.kept_log_probs(text, stack.block_params(slices, values))
 
-    def preservation() -> tuple[Tensor, Tensor]:
-        """KL on the unrelated text, and KL where the kept prompts' own answers are said (each a mean)."""
+    def preservation() -> Tensor:
+        """KL on the unrelated text plus KL where the kept prompts' own answers are said (each a mean)."""
         params = stack.block_params(slices, values)
-        zero = torch.zeros(())
-        kl = kl_divergence(text.ref_log_probs, stack.text_log_probs(text, params)) if use_kl else zero
-        kept = kl_divergence(text.kept_ref_log_probs, stack.kept_log_probs(text, params)) if use_kept else zero
-        return kl, kept
+        kl = kl_divergence(text.ref_log_probs, stack.text_log_probs(text, params)) if use_kl else torch.zeros(())
+        if use_kept:
+            kl = kl + kl_divergence(text.kept_ref_log_probs, stack.kept_log_probs(text, params))
+        return kl
 
     steps, backoffs = 0, 0
     good = {n: v.detach().clone() for n, v in values.items()}  # the last accepted values
@@ -299,17 +299,14 @@ def train_site(
                 part.backward()
             ce += float(part.detach())
             fixed += _n_fixed(logits.detach(), batch.targets, batch.piece_rows, batch.n_facts, config.margin)
-        kl, kept = preservation()
+        kl = preservation()
         kl_term = config.kl_weight * float(kl.detach())
-        loss = ce + kl_term + config.kl_weight * float(kept.detach())
+        loss = ce + kl_term
         if not math.isfinite(loss):
             raise SurgeryFailed(
                 f"training diverged: the loss became {loss} at step {steps}; try a lower learning rate (now {lr:.3g})"
             )
-        # The back-off watches the unrelated text only: the kept prompts' term pulls a run back towards the model's
-        # own answers, but a step that fixes every fact and leaves the text alone is kept (Gemma: one step).
-        gate = ce + kl_term
-        if adaptive and last is not None and gate > last[0] and kl_term > KL_JUMP * last[1] and backoffs < MAX_BACKOFFS:
+        if adaptive and last is not None and loss > last[0] and kl_term > KL_JUMP * last[1] and backoffs < MAX_BACKOFFS:
             with torch.no_grad():  # undo the step that overshot; the moments keep the accepted gradients
                 for n, v in values.items():
                     v.copy_(good[n])
@@ -326,13 +323,13 @@ def train_site(
             continue
         if fixed == n_facts or steps >= config.epochs:
             break
-        if adaptive and last is not None and gate < last[0]:
+        if adaptive and last is not None and loss < last[0]:
             for group in optimizer.param_groups:
                 group["lr"] = min(group["lr"] * LR_GROWTH, LR_MAX_GROWTH * lr)
-        last = (gate, kl_term)
+        last = (loss, kl_term)
         good = {n: v.detach().clone() for n, v in values.items()}
         if use_kl or use_kept:
-            (config.kl_weight * (kl + kept)).backward()
+            (config.kl_weight * kl).backward()
         optimizer.step()
         steps += 1
         if progress is not None:
