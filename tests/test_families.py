@@ -1,7 +1,7 @@
 """Every supported family, on a tiny random model of each (``family_model`` in conftest.py): attribution adds up,
 each head's share matches a recomputation written here from the module weights alone, site sizes match the
 config, the upper stack reproduces the model (sliding windows biting), surgery touches only its site and never
-the base, patches round-trip bitwise, and what is outside the supported families is refused in one line.
+the base, edits round-trip bitwise, and what is outside the supported families is refused in one line.
 
 The expected numbers are written from each family's Hugging Face modules directly (Conv1D ``[in, out]``,
 ``nn.Linear`` ``[out, in]``, where each norm sits), never through :mod:`surgery.arch`, so that a wrong adapter
@@ -27,7 +27,7 @@ from surgery.diagnosis.diagnose import accumulated_resid, capture_last_position,
 from surgery.edit.training import SurgeryConfig, operate, train_site
 from surgery.edit.upper_stack import UpperStack, freeze_inputs, kept_answers
 from surgery.evaluation.panels import Probe
-from surgery.io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
+from surgery.io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
 from surgery.io.export import write_output
 from surgery.io.loading import LoadedModel, load_model
 
@@ -393,7 +393,7 @@ def test_the_sliding_windows_bite(tiny_tokenizer, family):
 
 
 # --------------------------------------------------------------------------------------------------
-# 5, 6. Surgery, patches and export.
+# 5, 6. Surgery, edits and export.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -417,27 +417,27 @@ def frozen_fact(family_model, tiny_tokenizer):
 
 @pytest.fixture(scope="module", params=SITES)
 def trained(request, family_model, frozen_fact):
-    """A few training steps at one site of block 1 (``train_site``: the steps ``operate`` runs), as a patch."""
+    """A few training steps at one site of block 1 (``train_site``: the steps ``operate`` runs), as an edit."""
     site, model = request.param, family_model
     config = SurgeryConfig(site=site, layer=LAYER, lr=1e-2, epochs=3)
     outcome = train_site(model, frozen_fact.frozen, site, LAYER, config)
     assert outcome.steps >= 1  # the fact was wrong: at least one step ran (early stop once it is fixed)
     slices = tuple(layout_of(model).site_slices(site, LAYER, model))
-    patch = Patch(
+    edit = Edit(
         site,
         LAYER,
         slices,
         outcome.values,
         {"base_config": base_config(model), "base_block_sha256": block_digest(model, LAYER)},
     )
-    return SimpleNamespace(model=model, site=site, patch=patch, before=frozen_fact.before)
+    return SimpleNamespace(model=model, site=site, edit=edit, before=frozen_fact.before)
 
 
-def assert_only_the_site_changed(model, site: str, patch: Patch) -> None:
+def assert_only_the_site_changed(model, site: str, edit: Edit) -> None:
     """The view differs from the base in the site's tensors only (GPT-2 wv: the V columns only); Q/K untouched."""
-    assert set(patch.values) == site_tensors(model, site, LAYER)
-    assert patch.numel == expected_sites(model)[site]
-    view = patched_model(model, patch)
+    assert set(edit.values) == site_tensors(model, site, LAYER)
+    assert edit.numel == expected_sites(model)[site]
+    view = edited_model(model, edit)
     base, new = dict(model.named_parameters()), dict(view.named_parameters())
     assert base.keys() == new.keys()
     changed = {name for name in base if not torch.equal(base[name], new[name])}
@@ -445,7 +445,7 @@ def assert_only_the_site_changed(model, site: str, patch: Patch) -> None:
     for name in base.keys() - changed:
         assert torch.equal(base[name], new[name]), name
 
-    stats = weight_stats(model, patch, view)
+    stats = weight_stats(model, edit, view)
     assert stats.others_unchanged and stats.params_changed > 0
     if site != "wv":
         assert stats.qk_unchanged is None
@@ -468,7 +468,7 @@ def assert_only_the_site_changed(model, site: str, patch: Patch) -> None:
 
 
 def test_training_touches_only_its_site(trained):
-    assert_only_the_site_changed(trained.model, trained.site, trained.patch)
+    assert_only_the_site_changed(trained.model, trained.site, trained.edit)
     assert_state_equal(trained.model.state_dict(), trained.before)  # the base is bitwise unchanged
     assert not any(p.requires_grad for p in trained.model.parameters())
 
@@ -488,17 +488,17 @@ def test_operate_fixes_the_fact_and_touches_only_its_site(operated):
     model, result = operated.model, operated.result
     assert_state_equal(model.state_dict(), operated.before)
     assert result.report.comparison.facts_before == 0 and result.report.comparison.facts_after == 1
-    assert_only_the_site_changed(model, "layer", result.patch)
-    assert result.report.weights.to_dict() == weight_stats(model, result.patch).to_dict()
+    assert_only_the_site_changed(model, "layer", result.edit)
+    assert result.report.weights.to_dict() == weight_stats(model, result.edit).to_dict()
     assert result.report.block == block_prefix(model, LAYER)[:-1]
 
 
-def test_patch_round_trips_bitwise(trained, tmp_path):
-    model, patch = trained.model, trained.patch
-    patch.save(tmp_path / "patch.safetensors")
-    loaded = Patch.load(tmp_path / "patch.safetensors")
-    assert (loaded.site, loaded.layer, loaded.slices) == (patch.site, patch.layer, patch.slices)
-    assert_state_equal(patched_model(model, loaded).state_dict(), patched_model(model, patch).state_dict())
+def test_edit_round_trips_bitwise(trained, tmp_path):
+    model, edit = trained.model, trained.edit
+    edit.save(tmp_path / "patch.safetensors")
+    loaded = Edit.load(tmp_path / "patch.safetensors")
+    assert (loaded.site, loaded.layer, loaded.slices) == (edit.site, edit.layer, edit.slices)
+    assert_state_equal(edited_model(model, loaded).state_dict(), edited_model(model, edit).state_dict())
     assert_state_equal(model.state_dict(), trained.before)
 
 
@@ -519,8 +519,8 @@ def written(operated, family_dir, tiny_tokenizer, tmp_path_factory):
 
 
 def test_written_output_is_the_corrected_model(operated, written):
-    model, patch = operated.model, operated.result.patch
-    assert_state_equal(load_model(written, device="cpu").model.state_dict(), patched_model(model, patch).state_dict())
+    model, edit = operated.model, operated.result.edit
+    assert_state_equal(load_model(written, device="cpu").model.state_dict(), edited_model(model, edit).state_dict())
     assert_state_equal(model.state_dict(), operated.before)
 
 
@@ -542,7 +542,7 @@ def test_apply_patch_cli_reproduces_the_fix(capsys, operated, family_dir, writte
     assert code == 0, err
     assert_state_equal(
         AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt").state_dict(),
-        patched_model(operated.model, operated.result.patch).state_dict(),
+        edited_model(operated.model, operated.result.edit).state_dict(),
     )
 
 

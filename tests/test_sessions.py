@@ -11,7 +11,7 @@ from conftest import make_tiny_model
 from surgery.core.errors import ModelLoadError
 from surgery.edit.training import SurgeryConfig, operate
 from surgery.evaluation.panels import Panel, Probe
-from surgery.io.edit_file import Patch
+from surgery.io.edit_file import Edit
 from surgery.io.loading import DEMO_MODEL, LoadedModel
 from surgery.serve.sessions import SessionEdit, load_or_demo, write_downloads
 
@@ -73,9 +73,9 @@ def test_downloads_and_discard(tiny_model, tiny_tokenizer, tiny_edit):
     loaded = LoadedModel(tiny_model, tiny_tokenizer, "/models/tiny", revision="abc123")
     files = write_downloads(tiny_edit.folder, loaded, tiny_edit.result)
     assert [f.name for f in files] == ["patch.safetensors", "report.json"]
-    patch = Patch.load(files[0])
-    assert patch.metadata["base_model"] == "tiny" and patch.metadata["revision"] == "abc123"  # no local path
-    patch.check_compatible(tiny_model)
+    edit = Edit.load(files[0])
+    assert edit.metadata["base_model"] == "tiny" and edit.metadata["revision"] == "abc123"  # no local path
+    edit.check_compatible(tiny_model)
     report = json.loads(files[1].read_text())
     assert report["base_model"] == "tiny" and report["facts_fixed"] == "2/2"
     tiny_edit.discard()

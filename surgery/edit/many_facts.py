@@ -32,7 +32,7 @@ from ..core.errors import InputError, SurgeryFailed
 from ..evaluation.facts import Fact
 from ..evaluation.panels import Panel, Probe
 from ..evaluation.report import SurgeryReport
-from ..io.edit_file import Patch
+from ..io.edit_file import Edit
 from .training import SurgeryConfig, operate
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class CensusRepair:
     layer_reason: str
     report: SurgeryReport
     per_fact: PerFactEdits | None
-    patch: Patch | None = None
+    edit: Edit | None = None
 
     def to_dict(self) -> dict:
         one = self.report
@@ -225,4 +225,4 @@ def repair_from_census(
             side_effects_total=c.panel_before.side_effects.total,
             failed=failed,
         )
-    return CensusRepair(len(edit), len(held), layer, reason, report, per_fact, result.patch)
+    return CensusRepair(len(edit), len(held), layer, reason, report, per_fact, result.edit)
