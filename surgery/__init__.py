@@ -30,7 +30,7 @@ _EXPORTS = {
     "SurgeryResult": "surgery.edit.training",
     "verify": "surgery.evaluation.verify",
     "Verification": "surgery.evaluation.verify",
-    "Probe": "surgery.evaluation.panels",
+    "Fact": "surgery.evaluation.facts",
     "load_facts": "surgery.evaluation.panels",
     "load_panel": "surgery.evaluation.panels",
     "run_census": "surgery.census.run",
@@ -57,7 +57,7 @@ __all__ = [
     "SurgeryResult",
     "verify",
     "Verification",
-    "Probe",
+    "Fact",
     "load_facts",
     "load_panel",
     "run_census",
@@ -77,7 +77,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .core.errors import InputError, SurgeryError
     from .diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose, diagnose_batch
     from .edit.training import SurgeryConfig, SurgeryResult, operate
-    from .evaluation.panels import Probe, load_facts, load_panel
+    from .evaluation.facts import Fact
+    from .evaluation.panels import load_facts, load_panel
     from .evaluation.verify import Verification, verify
     from .io.edit_file import Edit, edited_model
     from .io.export import write_edited_model

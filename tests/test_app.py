@@ -27,7 +27,8 @@ import ui.heads as ui_heads  # noqa: E402
 import ui.picker as ui_picker  # noqa: E402
 import ui.surgery as ui_surgery  # noqa: E402
 from surgery.core.errors import SurgeryError  # noqa: E402
-from surgery.evaluation.panels import Panel, Probe  # noqa: E402
+from surgery.evaluation.facts import Fact  # noqa: E402
+from surgery.evaluation.panels import Panel  # noqa: E402
 from surgery.io.edit_file import Edit  # noqa: E402
 from surgery.io.loading import LoadedModel  # noqa: E402
 from surgery.serve.registry import ModelChoice, ModelRegistry  # noqa: E402
@@ -145,7 +146,7 @@ def test_prompt_longer_than_the_context(tiny_model, tiny_tokenizer):
 def test_parse_facts_accepts_json_rows_and_tables():
     import pandas as pd
 
-    want = [Probe(*FRANCE)]
+    want = [Fact(*FRANCE)]
     assert ui_common.parse_facts(json.dumps([{"prompt": FRANCE[0], "target": FRANCE[1]}])) == want
     assert ui_common.parse_facts([list(FRANCE), ["", ""]]) == want  # empty table rows are ignored
     assert ui_common.parse_facts(pd.DataFrame([list(FRANCE)], columns=["prompt", "target"])) == want
@@ -245,9 +246,9 @@ def test_operate_without_facts(demo_app):
 def tiny_panel() -> Panel:
     return Panel(
         name="tiny",
-        facts=(Probe("The capital of France is", "Paris"),),
-        general=(Probe("the cat sat on the", "mat"),),
-        side_effects=(Probe("one two", "three"),),
+        facts=(Fact("The capital of France is", "Paris"),),
+        general=(Fact("the cat sat on the", "mat"),),
+        side_effects=(Fact("one two", "three"),),
         perplexity_text="the cat sat on the mat .",
         unrelated_text=("the dog sat on the mat .",),
     )
@@ -323,8 +324,8 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
 # --------------------------------------------------------------------------------------------------------------
 
 TINY_FACTS = [
-    Probe("The capital of France is", "Paris", ("The capital city of France is", "the capital of France is")),
-    Probe("The capital of Japan is", "Tokyo"),
+    Fact("The capital of France is", "Paris", ("The capital city of France is", "the capital of France is")),
+    Fact("The capital of Japan is", "Tokyo"),
 ]
 
 
@@ -332,8 +333,8 @@ def paraphrase_panel() -> Panel:
     return Panel(
         name="tiny",
         facts=tuple(TINY_FACTS),
-        general=(Probe("the cat sat on the", "mat"),),
-        side_effects=(Probe("one two", "three"),),
+        general=(Fact("the cat sat on the", "mat"),),
+        side_effects=(Fact("one two", "three"),),
         perplexity_text="the cat sat on the mat .",
         unrelated_text=("the dog sat on the mat .",),
     )

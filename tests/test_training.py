@@ -10,7 +10,7 @@ from surgery.core.errors import InputError, SurgeryFailed
 from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.edit.training import SurgeryConfig, choose_layer, operate
 from surgery.edit.upper_stack import UpperStack, freeze_inputs
-from surgery.evaluation.panels import Probe
+from surgery.evaluation.facts import Fact
 from surgery.evaluation.scoring import next_token_logits, text_log_probs
 from surgery.io.edit_file import edited_model
 
@@ -149,7 +149,7 @@ def test_auto_layer_without_routing_failures(tiny_model, tiny_tokenizer, monkeyp
 
     monkeypatch.setattr(training, "diagnose_batch", lambda *a, **k: [D()])
     with pytest.raises(InputError, match="absence.*--layer N"):
-        choose_layer(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Paris")])
+        choose_layer(tiny_model, tiny_tokenizer, [Fact("The capital of France is", " Paris")])
 
 
 def test_nothing_to_fix(tiny_model, tiny_tokenizer, tiny_panel):
@@ -157,7 +157,7 @@ def test_nothing_to_fix(tiny_model, tiny_tokenizer, tiny_panel):
         operate(
             tiny_model,
             tiny_tokenizer,
-            [Probe("The capital of Japan is", " Tokyo")],
+            [Fact("The capital of Japan is", " Tokyo")],
             SurgeryConfig(layer=1),
             panel=tiny_panel,
         )
@@ -172,7 +172,7 @@ def test_bad_input(tiny_model, tiny_tokenizer, facts, tiny_panel):
         operate(
             tiny_model,
             tiny_tokenizer,
-            [Probe("The capital of France is", " Zanzibar")],
+            [Fact("The capital of France is", " Zanzibar")],
             SurgeryConfig(layer=1),
             panel=tiny_panel,
         )
@@ -220,12 +220,12 @@ def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_toke
 
     panel = replace(
         tiny_panel,
-        relation=(Probe("The capital of Spain is", " Madrid"),),
-        neighbourhood=(Probe("the cat sat on the", " mat"),),
+        relation=(Fact("The capital of Spain is", " Madrid"),),
+        neighbourhood=(Fact("the cat sat on the", " mat"),),
     )
     facts = [
-        Probe("The capital of France is", " Paris", ("the capital of France is",)),
-        Probe("The capital of Italy is", " Rome"),
+        Fact("The capital of France is", " Paris", ("the capital of France is",)),
+        Fact("The capital of Italy is", " Rome"),
     ]
     r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=panel).report
     e = r.to_dict()["evaluation"]
@@ -241,7 +241,7 @@ def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_toke
 def test_preserved_prompts_keep_what_the_model_says(tiny_model, tiny_tokenizer, facts, tiny_panel):
     """The panel's ``preserve`` prompts join the preservation term: after a repair that carries over to them
     without it, their next-token distribution moves less with it. An edited prompt is never preserved."""
-    keep = [Probe("The capital of Spain is", " Madrid"), Probe("the cat sat on the", " mat")]
+    keep = [Fact("The capital of Spain is", " Madrid"), Fact("the cat sat on the", " mat")]
     prompts = [p.prompt for p in keep]
     base = F.log_softmax(next_token_logits(tiny_model, tiny_tokenizer, prompts).float(), -1)
 

@@ -8,7 +8,8 @@ from conftest import DEMO_DIR, ROOT, make_family_model, make_tiny_model
 from surgery.arch import ParamSlice, layout_of
 from surgery.cli import main
 from surgery.core.errors import InputError
-from surgery.evaluation.panels import DEMO_PANEL, Probe, load_facts, load_panel
+from surgery.evaluation.facts import Fact
+from surgery.evaluation.panels import DEMO_PANEL, load_facts, load_panel
 from surgery.evaluation.scoring import next_token_logits, score_probes
 from surgery.io.edit_file import Edit, base_config, edited_model
 from surgery.patching import weights as wp
@@ -24,9 +25,9 @@ from surgery.patching.weights import (
 )
 
 FACTS = [
-    Probe("The capital of France is", " Paris"),
-    Probe("The capital of Japan is", " Tokyo"),
-    Probe("The capital of Italy is", " Rome"),
+    Fact("The capital of France is", " Paris"),
+    Fact("The capital of Japan is", " Tokyo"),
+    Fact("The capital of Italy is", " Rome"),
 ]
 DEMO_FACTS = ROOT / "assets" / "examples" / "demo_facts.json"
 

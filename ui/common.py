@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 
 from surgery.core.errors import InputError, SurgeryError
-from surgery.evaluation.panels import Probe, probes_from_json
+from surgery.evaluation.facts import Fact
+from surgery.evaluation.panels import probes_from_json
 from surgery.evaluation.report import Comparison, format_rows
 from surgery.serve.registry import ServedModel
 
@@ -76,7 +77,7 @@ def check_prompt(prompt, what: str = "prompt") -> str:
     return prompt
 
 
-def parse_facts(facts) -> list[Probe]:
+def parse_facts(facts) -> list[Fact]:
     """Facts from the JSON editor (a string), a list of ``{"prompt","target"}`` or table rows."""
     if isinstance(facts, str):
         if not facts.strip():

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, SurgeryFailed, require_positive_int
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
-from ..evaluation.panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
+from ..evaluation.facts import Fact
+from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
 from ..io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
@@ -150,7 +151,7 @@ class SurgeryResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> tuple[int, str, list[str]]:
+def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> tuple[int, str, list[str]]:
     """The most common prescribed layer among the facts diagnosed as routing failures (ties: the first such
     fact's). Returns ``(layer, reason, verdicts)``; raises :class:`InputError` when no fact is a routing failure.
     """
@@ -378,13 +379,13 @@ def _n_fixed(logits: Tensor, targets: Tensor, rows: Tensor, n_facts: int, margin
 def operate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    facts: Sequence[Probe],
+    facts: Sequence[Fact],
     config: SurgeryConfig = SurgeryConfig(),
     unrelated: Sequence[str] | None = None,
     progress: Progress | None = None,
     panel: Panel | None = None,
     require_all: bool = True,
-    preserve: Sequence[Probe] | None = None,
+    preserve: Sequence[Fact] | None = None,
 ) -> SurgeryResult:
     """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import InputError, read_input_text
@@ -20,18 +20,30 @@ OPTIONAL = ("paraphrases", "ambiguous")
 
 @dataclass(frozen=True)
 class Fact:
-    """One fact: the model should continue ``prompt`` with ``target`` (its first token is what is diagnosed).
+    """One fact: the model should continue ``prompt`` with ``target`` (GPT-2 style: ``" Paris"`` with its leading
+    space; its first token is what is diagnosed).
 
+    ``paraphrases`` are other wordings of the prompt with the same answer (scored, never trained). A fact of a
+    dataset (a JSON Lines file, see the module docstring) also names its ``relation`` and ``subject``, and
     ``ambiguous`` is ``None`` for a clean fact, else the reason it is not a fair test ("generic first token",
-    "several capitals", ...); a census skips such facts unless told otherwise.
+    "several capitals", ...): a census skips such facts unless told otherwise. A fact of a panel or of a facts
+    list (JSON) has neither.
     """
 
     prompt: str
     target: str
-    relation: str
-    subject: str
-    paraphrases: tuple[str, ...] = field(default=())
+    paraphrases: tuple[str, ...] = ()
+    relation: str | None = None
+    subject: str | None = None
     ambiguous: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InputError("a fact has an empty prompt")
+        if not isinstance(self.target, str) or not self.target.strip():
+            raise InputError(f"the fact {self.prompt!r} has an empty target")
+        if any(not isinstance(p, str) or not p.strip() for p in self.paraphrases):
+            raise InputError(f"the fact {self.prompt!r} has an empty paraphrase")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -39,8 +51,20 @@ class Fact:
         return (self.prompt, self.target)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["paraphrases"] = list(self.paraphrases)
+        """A dataset fact as its JSON Lines object (every key, in the order of ``docs/facts.md``); a panel or
+        facts-list fact as ``{"prompt", "target", "paraphrases"?}`` (paraphrases only when it has some)."""
+        if not (self.relation is None and self.subject is None and self.ambiguous is None):
+            return {
+                "prompt": self.prompt,
+                "target": self.target,
+                "relation": self.relation,
+                "subject": self.subject,
+                "paraphrases": list(self.paraphrases),
+                "ambiguous": self.ambiguous,
+            }
+        d = {"prompt": self.prompt, "target": self.target}
+        if self.paraphrases:
+            d["paraphrases"] = list(self.paraphrases)
         return d
 
 
@@ -66,7 +90,14 @@ def parse_fact(obj, where: str) -> Fact:
         ambiguous = "ambiguous"
     elif ambiguous is not None and (not isinstance(ambiguous, str) or not ambiguous.strip()):
         raise InputError(f"{where}: 'ambiguous' must be a reason (a non-empty string), true, false or null")
-    return Fact(obj["prompt"], obj["target"], obj["relation"], obj["subject"], tuple(paraphrases), ambiguous)
+    return Fact(
+        obj["prompt"],
+        obj["target"],
+        tuple(paraphrases),
+        relation=obj["relation"],
+        subject=obj["subject"],
+        ambiguous=ambiguous,
+    )
 
 
 def load_fact_file(path: str | os.PathLike) -> list[Fact]:

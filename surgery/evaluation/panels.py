@@ -32,6 +32,7 @@ from pathlib import Path
 from torch import nn
 
 from ..core.errors import InputError, read_input_text
+from .facts import Fact
 
 PANELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "panels"
 DEMO_PANEL = PANELS_DIR / "demo.json"
@@ -42,43 +43,20 @@ GPT2_VOCAB_SIZE = 50257  # gpt2, distilgpt2, gpt2-medium/large/xl share this BPE
 
 
 @dataclass(frozen=True)
-class Probe:
-    """One prompt and the answer text expected next (GPT-2 style: ``" Paris"`` with its leading space)."""
-
-    prompt: str
-    target: str
-    paraphrases: tuple[str, ...] = ()  # other wordings of the prompt with the same answer (scored, never trained)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InputError("a probe has an empty prompt")
-        if not isinstance(self.target, str) or not self.target.strip():
-            raise InputError(f"the probe {self.prompt!r} has an empty target")
-        if any(not isinstance(p, str) or not p.strip() for p in self.paraphrases):
-            raise InputError(f"the probe {self.prompt!r} has an empty paraphrase")
-
-    def to_dict(self) -> dict:
-        d = {"prompt": self.prompt, "target": self.target}
-        if self.paraphrases:
-            d["paraphrases"] = list(self.paraphrases)
-        return d
-
-
-@dataclass(frozen=True)
 class Panel:
     """All probes used to judge an edit of one model (see the module docstring)."""
 
     name: str
     description: str = ""
-    facts: tuple[Probe, ...] = ()
-    absence: tuple[Probe, ...] = ()
-    general: tuple[Probe, ...] = ()
-    side_effects: tuple[Probe, ...] = ()
+    facts: tuple[Fact, ...] = ()
+    absence: tuple[Fact, ...] = ()
+    general: tuple[Fact, ...] = ()
+    side_effects: tuple[Fact, ...] = ()
     perplexity_text: str = ""
     unrelated_text: tuple[str, ...] = field(default=())
-    neighbourhood: tuple[Probe, ...] = ()
-    relation: tuple[Probe, ...] = ()
-    preserve: tuple[Probe, ...] = ()
+    neighbourhood: tuple[Fact, ...] = ()
+    relation: tuple[Fact, ...] = ()
+    preserve: tuple[Fact, ...] = ()
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "description": self.description}
@@ -114,7 +92,7 @@ class Panel:
         return panel
 
 
-def probes_from_json(items, where: str, allow_empty: bool = False) -> list[Probe]:
+def probes_from_json(items, where: str, allow_empty: bool = False) -> list[Fact]:
     """``[{"prompt": ..., "target": ...}, ...]`` -> probes, with a message naming the bad entry."""
     if not isinstance(items, list):
         raise InputError(f'{where}: expected a list of {{"prompt", "target"}} objects')
@@ -130,7 +108,7 @@ def probes_from_json(items, where: str, allow_empty: bool = False) -> list[Probe
         paraphrases = item.get("paraphrases", [])
         if not isinstance(paraphrases, list) or any(not isinstance(x, str) or not x.strip() for x in paraphrases):
             raise InputError(f"{where}: entry {i + 1} has 'paraphrases' that are not a list of non-empty prompts")
-        probes.append(Probe(item["prompt"], item["target"], tuple(paraphrases)))
+        probes.append(Fact(item["prompt"], item["target"], tuple(paraphrases)))
     return probes
 
 
@@ -149,7 +127,7 @@ def load_panel(path: str | os.PathLike) -> Panel:
     return Panel.from_dict(_read_json(path, "panel file"), where=Path(path).name)
 
 
-def load_facts(path: str | os.PathLike) -> list[Probe]:
+def load_facts(path: str | os.PathLike) -> list[Fact]:
     """Read a facts file: a JSON list of ``{"prompt","target"}``, or a panel object (its ``facts`` are used)."""
     data = _read_json(path, "facts file")
     if isinstance(data, dict) and "facts" in data:
@@ -185,7 +163,7 @@ def fit_panel(panel: Panel, tokenizer, n_ctx: int) -> FittedPanel:
     tokenizer; a word-level vocabulary (the demo model's) keeps only what it has words for."""
     from ..core.tokens import encode_prompt, encode_target
 
-    def usable(probe: Probe) -> bool:
+    def usable(probe: Fact) -> bool:
         try:
             encode_prompt(tokenizer, probe.prompt, n_ctx)
             encode_target(tokenizer, probe.target)

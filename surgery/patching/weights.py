@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..arch import SITES, Layout, ParamSlice, layout_of
 from ..core.errors import InputError
-from ..evaluation.panels import Probe
+from ..evaluation.facts import Fact
 from ..evaluation.scoring import target_scores
 from ..io.edit_file import Edit, base_config, edited_model
 
@@ -197,7 +197,7 @@ class FactScores:
         return sum(self.correct)
 
 
-def score_facts(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> FactScores:
+def score_facts(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> FactScores:
     """Batched: correctness as :func:`surgery.evaluation.scoring.score_probes` judges it, and the target logits."""
     s = target_scores(model, tokenizer, facts)
     return FactScores((s.top == s.targets).tolist(), s.logits.float().tolist())
@@ -247,7 +247,7 @@ class WeightPatching:
         }
 
 
-def _evaluate(recipient: nn.Module, tokenizer, facts: list[Probe], base: FactScores, items) -> tuple[list, int]:
+def _evaluate(recipient: nn.Module, tokenizer, facts: list[Fact], base: FactScores, items) -> tuple[list, int]:
     """Score each (component, values) on its hybrid; identical slices skipped, equal slice sets scored once."""
     results, skipped, cache = [], 0, {}
     for component, values in items:
@@ -276,7 +276,7 @@ def _evaluate(recipient: nn.Module, tokenizer, facts: list[Probe], base: FactSco
     return results, skipped
 
 
-def _check_facts(facts: Sequence[Probe]) -> list[Probe]:
+def _check_facts(facts: Sequence[Fact]) -> list[Fact]:
     facts = list(facts)
     if not facts:
         raise InputError('no facts given: give at least one {"prompt", "target"} to score the hybrids on')
@@ -287,7 +287,7 @@ def patch_weights(
     recipient: nn.Module,
     donor: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    facts: Sequence[Probe],
+    facts: Sequence[Fact],
     granularity: str = "site",
 ) -> WeightPatching:
     """Copy each component from ``donor`` into ``recipient`` in turn and score ``facts`` on the hybrid.
@@ -309,7 +309,7 @@ def patch_weights(
 
 
 def ablate_weights(
-    model: nn.Module, tokenizer, facts: Sequence[Probe], mode: str = "zero", granularity: str = "site"
+    model: nn.Module, tokenizer, facts: Sequence[Fact], mode: str = "zero", granularity: str = "site"
 ) -> WeightPatching:
     """Ablate each component of ``model`` in turn (``zero`` or ``mean``) and score ``facts``; ``model`` untouched."""
     facts = _check_facts(facts)

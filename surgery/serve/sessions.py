@@ -24,7 +24,7 @@ from torch import nn
 
 from ..core.errors import ModelLoadError
 from ..edit.training import SurgeryResult
-from ..evaluation.panels import Probe
+from ..evaluation.facts import Fact
 from ..io.edit_file import edited_model
 from ..io.export import EDIT_FILE, REPORT_FILE, _with_base, report_dict
 from ..io.loading import DEMO_MODEL, LoadedModel, load_model
@@ -59,7 +59,7 @@ class SessionEdit:
     holding its downloadable files (``patch.safetensors``, ``report.json``)."""
 
     result: SurgeryResult
-    facts: list[Probe]
+    facts: list[Fact]
     folder: Path
     files: list[Path] = field(default_factory=list)
     model_key: str | None = None  # the base model it was made on (its key in the app's registry)
