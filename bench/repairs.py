@@ -35,8 +35,12 @@ CHILD = """
 import json, sys, time, torch
 try:  # the package layout since the modules were grouped by stage
     from surgery.io.loading import load_model
-    from surgery.evaluation.panels import load_facts, panel_for_model
+    from surgery.evaluation.panels import panel_for_model
     from surgery.edit.training import SurgeryConfig, operate
+    try:
+        from surgery.evaluation.facts import load_fact_list as load_facts
+    except ImportError:  # before one loader per format: the JSON list loader was panels.load_facts
+        from surgery.evaluation.panels import load_facts
 except ImportError:  # a tree from before that (--before-tree)
     from surgery.model_io import load_model
     from surgery.panels import load_facts, panel_for_model
@@ -98,7 +102,8 @@ def run_child(tree: Path, model: str, facts: str, edit_path: Path) -> dict:
 
 def judge(model_name: str, facts_path: str, edit_path: Path) -> dict:
     """This tree's evaluation of a saved edit (generation-based headline, first-token beside it)."""
-    from surgery.evaluation.panels import load_facts, panel_for_model
+    from surgery.evaluation.facts import load_facts
+    from surgery.evaluation.panels import panel_for_model
     from surgery.evaluation.report import compare
     from surgery.io.edit_file import Edit, edited_model
     from surgery.io.loading import load_model

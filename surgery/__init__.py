@@ -31,7 +31,7 @@ _EXPORTS = {
     "verify": "surgery.evaluation.verify",
     "Verification": "surgery.evaluation.verify",
     "Fact": "surgery.evaluation.facts",
-    "load_facts": "surgery.evaluation.panels",
+    "load_facts": "surgery.evaluation.facts",
     "load_panel": "surgery.evaluation.panels",
     "run_census": "surgery.census.run",
     "CensusConfig": "surgery.census.run",
@@ -77,8 +77,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .core.errors import InputError, SurgeryError
     from .diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose, diagnose_batch
     from .edit.training import SurgeryConfig, SurgeryResult, operate
-    from .evaluation.facts import Fact
-    from .evaluation.panels import load_facts, load_panel
+    from .evaluation.facts import Fact, load_facts
+    from .evaluation.panels import load_panel
     from .evaluation.verify import Verification, verify
     from .io.edit_file import Edit, edited_model
     from .io.export import write_edited_model

@@ -5,14 +5,13 @@ import pytest
 
 from surgery.core.errors import InputError
 from surgery.core.tokens import encode_prompt, encode_target
-from surgery.evaluation.facts import Fact
+from surgery.evaluation.facts import Fact, load_facts
 from surgery.evaluation.panels import (
     DEMO_PANEL,
     ENGLISH_PANEL,
     GPT2_PANEL,
     Panel,
     fit_panel,
-    load_facts,
     load_panel,
     panel_for_model,
     panel_path_for_model,

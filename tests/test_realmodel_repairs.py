@@ -16,9 +16,9 @@ import pytest
 
 from surgery.core.tokens import encode_target
 from surgery.edit.training import SurgeryConfig, operate
-from surgery.evaluation.facts import Fact, load_fact_file
+from surgery.evaluation.facts import Fact, load_fact_file, load_facts
 from surgery.evaluation.generation import said
-from surgery.evaluation.panels import load_facts, panel_for_model
+from surgery.evaluation.panels import panel_for_model
 from surgery.evaluation.report import compare, regressions
 from surgery.io.edit_file import edited_model
 from surgery.io.loading import load_model

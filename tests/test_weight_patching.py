@@ -8,8 +8,8 @@ from conftest import DEMO_DIR, ROOT, make_family_model, make_tiny_model
 from surgery.arch import ParamSlice, layout_of
 from surgery.cli import main
 from surgery.core.errors import InputError
-from surgery.evaluation.facts import Fact
-from surgery.evaluation.panels import DEMO_PANEL, load_facts, load_panel
+from surgery.evaluation.facts import Fact, load_facts
+from surgery.evaluation.panels import DEMO_PANEL, load_panel
 from surgery.evaluation.scoring import next_token_logits, score_probes
 from surgery.io.edit_file import Edit, base_config, edited_model
 from surgery.patching import weights as wp
