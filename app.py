@@ -36,6 +36,7 @@ from ui.diagnose import diagnose_tab
 from ui.heads import heads_tab
 from ui.picker import ModelView, model_line, picker_dropdown, single_model_registry
 from ui.surgery import surgery_tab
+from ui.tools import add_agent_tools
 from ui.verify import verify_tab
 
 DEFAULT_MODEL = "gpt2"
@@ -104,6 +105,7 @@ def build_demo(
                 surg = surgery_tab(app, served, edits, picker, login)
             with gr.Tab("Verify", id="verify"):
                 ver = verify_tab(app, edits, picker)
+        add_agent_tools(app)  # the MCP tools (served when launched with mcp_server=True)
 
         # Switching models: results of the previous model are cleared at once, then the new model is loaded (on
         # first use) and every tab set up for it, then its first example is diagnosed.
@@ -150,6 +152,7 @@ def main() -> None:
         theme=THEME,
         css=CSS,
         footer_links=["api", "gradio"],
+        mcp_server=os.environ.get("SURGERY_MCP", "1") != "0",  # the tools of ui/tools.py at /gradio_api/mcp
     )
 
 

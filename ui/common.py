@@ -65,7 +65,18 @@ def user_errors(fn):
         except SurgeryError as e:
             raise gr.Error(html.escape(str(e), quote=False), print_exception=False) from None
 
-    return wrapper
+    return page_only(wrapper)
+
+
+def page_only(fn):
+    """Mark a callback of the page as not an MCP tool: Gradio's MCP server lists only functions whose
+    ``_mcp_type`` is unset or ``"tool"``. The page's endpoints return charts and Markdown for people and keep a
+    session's edit in ``gr.State``; agents get the typed tools of :mod:`ui.tools` instead."""
+    fn._mcp_type = "page"
+    # Gradio names tools after their function and makes the names unique over every endpoint, listed or not:
+    # renamed, the page's callbacks leave the plain names (diagnose, operate, ...) to the agent tools.
+    fn.__name__ = f"page_{fn.__name__}"
+    return fn
 
 
 def check_prompt(prompt, what: str = "prompt") -> str:
