@@ -212,6 +212,14 @@ def session_with_files(folder) -> SessionEdits:
     return edits
 
 
+def test_a_malformed_variable_stops_the_app_at_start_up_in_one_line(monkeypatch):
+    monkeypatch.setenv("SURGERY_MAX_FACTS", "lots")
+    monkeypatch.setattr(app, "build_demo", lambda *a, **k: pytest.fail("started despite a malformed variable"))
+    with pytest.raises(SystemExit) as e:
+        app.main()
+    assert e.value.code == "error: SURGERY_MAX_FACTS must be a positive whole number, not 'lots'"
+
+
 def test_the_page_has_the_queue_size_and_the_session_time_to_live(demo, tmp_path):
     blocks = app.build_demo(startup=StartUp(demo), limits=Limits(queue_size=3, session_ttl=0.05), work_dir=tmp_path)
     assert blocks._queue.max_size == 3
