@@ -22,21 +22,22 @@ import app  # noqa: E402
 import surgery.edit.training as training  # noqa: E402
 import ui.callbacks as ui_callbacks  # noqa: E402
 from surgery.core.errors import SurgeryFailed  # noqa: E402
-from surgery.evaluation.panels import Panel, Probe  # noqa: E402
+from surgery.evaluation.facts import Fact  # noqa: E402
+from surgery.evaluation.panels import Panel  # noqa: E402
 from surgery.io.loading import LoadedModel  # noqa: E402
 from surgery.serve.limits import Limits  # noqa: E402
 from surgery.serve.registry import ModelChoice, ModelRegistry  # noqa: E402
 from surgery.serve.sessions import SessionEdit, SessionEdits, StartUp  # noqa: E402
 
 FACTS = [
-    Probe("The capital of France is", "Paris", ("The capital city of France is",)),
-    Probe("The capital of Japan is", "Tokyo"),
+    Fact("The capital of France is", "Paris", ("The capital city of France is",)),
+    Fact("The capital of Japan is", "Tokyo"),
 ]
 PANEL = Panel(
     name="tiny",
     facts=tuple(FACTS),
-    general=(Probe("the cat sat on the", "mat"),),
-    side_effects=(Probe("one two", "three"),),
+    general=(Fact("the cat sat on the", "mat"),),
+    side_effects=(Fact("one two", "three"),),
     perplexity_text="the cat sat on the mat .",
     unrelated_text=("the dog sat on the mat .",),
 )

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from surgery.core.errors import InputError, ModelLoadError
-from surgery.evaluation.panels import Probe
+from surgery.evaluation.facts import Fact
 from surgery.serve.limits import VARIABLES, Limits, hub_weight_bytes
 
 
@@ -60,14 +60,14 @@ def test_a_malformed_variable_is_one_clear_error(name, value, message):
 
 def test_facts_are_checked_for_number_and_tokens(tiny_tokenizer):
     limits = Limits(max_facts=2, max_prompt_tokens=5)
-    ok = [Probe("The capital of France is", "Paris", ("the capital of France is",))]
+    ok = [Fact("The capital of France is", "Paris", ("the capital of France is",))]
     limits.check_facts(ok * 2, tiny_tokenizer)  # 5 words each: at the limit
     with pytest.raises(InputError, match=r"^3 facts given: at most 2 per surgery here \(SURGERY_MAX_FACTS\)$"):
         limits.check_facts(ok * 3, tiny_tokenizer)
     for fact, what in [
-        (Probe("The capital of France is the", "Paris"), "prompt"),
-        (Probe("The capital of France is", "the the the the the the"), "target"),
-        (Probe("The capital of France is", "Paris", ("the capital city of France is",)), "paraphrase"),
+        (Fact("The capital of France is the", "Paris"), "prompt"),
+        (Fact("The capital of France is", "the the the the the the"), "target"),
+        (Fact("The capital of France is", "Paris", ("the capital city of France is",)), "paraphrase"),
     ]:
         with pytest.raises(InputError, match=rf"^the {what} .* is 6 tokens long: at most 5 here"):
             limits.check_facts([fact], tiny_tokenizer)

@@ -40,8 +40,8 @@ class SurgeryTimeout(SurgeryFailed):
     """Surgery ran past its wall-time limit (``SurgeryConfig.max_seconds``) and stopped; nothing was produced."""
 
 
-class PatchError(SurgeryError):
-    """A patch file is malformed or does not match the base model."""
+class EditError(SurgeryError):
+    """An edit file (``patch.safetensors``) is malformed or does not match the base model."""
 
 
 class OutputError(SurgeryError):

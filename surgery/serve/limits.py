@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 from ..core.errors import InputError, ModelLoadError, first_line
-from ..evaluation.panels import Probe
+from ..evaluation.facts import Fact
 
 # The Hub files that hold a model's weights: their sizes, summed, are what a load downloads.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -69,7 +69,7 @@ class Limits:
 
     # --- the checks ------------------------------------------------------------------------------------------
 
-    def check_facts(self, facts: Sequence[Probe], tokenizer) -> None:
+    def check_facts(self, facts: Sequence[Fact], tokenizer) -> None:
         """At most ``max_facts`` facts, each prompt, target and paraphrase at most ``max_prompt_tokens`` tokens."""
         if len(facts) > self.max_facts:
             raise InputError(
