@@ -4,8 +4,8 @@ The UI only. :func:`build_demo` composes the page: a model picker and four tabs 
 Verify — each built by its module in ``ui/`` (:mod:`ui.diagnose`, :mod:`ui.heads`, :mod:`ui.surgery`,
 :mod:`ui.verify`), whose events call the methods of :class:`ui.callbacks.SurgeryApp`: each adapts UI values to
 one call into the ``surgery`` library and its result back to components. Nothing happens at import: the models are
-listed and the configured one loaded by :func:`build_demo`, and the environment (``SURGERY_MODEL``,
-``GRADIO_SERVER_NAME``/``PORT``, ``SPACE_ID``) is read only by :func:`main`.
+listed and the configured one loaded by :func:`build_demo`, and the environment (``SURGERY_MODEL``, the limits'
+``SURGERY_*`` variables, ``GRADIO_SERVER_NAME``/``PORT``, ``SPACE_ID``) is read only by :func:`main`.
 
 The picker offers the configured model and the other supported models this machine has
 (:func:`surgery.serve.registry.local_models`); each is loaded once, on first use, into a
@@ -17,6 +17,9 @@ requests run on an edited *view* of the base (:func:`surgery.io.edit_file.edited
 each other's edits and an edit never reaches another model. Surgery runs through the queue one at a time (its own
 concurrency group); diagnosis, generation, patching and verification have their own groups, so they stay responsive
 while someone operates.
+
+What one visitor may do is bounded by :class:`surgery.serve.limits.Limits` (facts, tokens, steps, seconds, new
+tokens, queue size, sessions and their time-to-live, the Hub models Verify may load): the README's table.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from __future__ import annotations
 import html
 import logging
 import os
+import sys
 
 import gradio as gr
 import torch
 
+from surgery.core.errors import InputError
 from surgery.evaluation.panels import Panel
+from surgery.serve.limits import Limits
 from surgery.serve.registry import ModelRegistry, local_models, start_registry
 from surgery.serve.sessions import StartUp
 from ui.callbacks import SurgeryApp
@@ -61,6 +67,7 @@ def build_demo(
     login: bool = False,
     allow_local_models: bool = True,
     work_dir: str | None = None,
+    limits: Limits | None = None,
 ) -> gr.Blocks:
     """The whole app as a ``gr.Blocks`` (not launched).
 
@@ -72,14 +79,16 @@ def build_demo(
     (default: its bundled panel). ``login``: show "Sign in with Hugging Face" (needs a Space with
     ``hf_oauth: true``: elsewhere Gradio can only mock it with a locally saved HF token, and refuses to start
     without one). ``allow_local_models``: let Verify read local folders (off on a public Space). ``work_dir``:
-    where per-session files go (default: temp).
+    where per-session files go (default: temp). ``limits``: what one visitor may do (default: :class:`Limits`'s
+    defaults); a session's edits are kept ``limits.session_ttl`` seconds after its last surgery, and its files
+    removed when its state is deleted, expires or is discarded beyond ``limits.max_sessions``.
     """
     if registry is None:
         if startup is not None:
             registry = single_model_registry(startup, panel)
         else:
             registry = start_registry(model_name or DEFAULT_MODEL, device=device, others=local_models())
-    app = SurgeryApp(registry, allow_local_models=allow_local_models, work_dir=work_dir)
+    app = SurgeryApp(registry, allow_local_models=allow_local_models, work_dir=work_dir, limits=limits)
     served = app.served()
     # delete_cache: downloads copied into Gradio's cache are removed after a few hours (a Space runs for weeks).
     with gr.Blocks(title="Transformer Surgery", delete_cache=(3600, 4 * 3600)) as demo:
@@ -95,7 +104,7 @@ def build_demo(
         with gr.Row(equal_height=True):
             picker = picker_dropdown(registry, served)
             line = gr.Markdown(model_line(served), elem_classes="muted", elem_id="model-line")
-        edits = gr.State(None, delete_callback=lambda e: e.discard() if e is not None else None)
+        edits = gr.State(None, time_to_live=app.limits.session_ttl, delete_callback=app.sessions.end)
         with gr.Tabs():
             with gr.Tab("Diagnose", id="diagnose"):
                 diag = diagnose_tab(app, served, demo, picker)
@@ -133,7 +142,7 @@ def build_demo(
             concurrency_limit=4,
             concurrency_id="diagnose",
         )
-    demo.queue(default_concurrency_limit=2)
+    demo.queue(default_concurrency_limit=2, max_size=app.limits.queue_size)
     return demo
 
 
@@ -142,9 +151,17 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     on_space = bool(os.environ.get("SPACE_ID"))
     oauth = on_space and bool(os.environ.get("OAUTH_CLIENT_ID"))  # set by the Space when hf_oauth: true
+    try:
+        limits = Limits.from_env(os.environ)
+    except InputError as e:  # a malformed SURGERY_* variable: one line, before anything is loaded
+        sys.exit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     demo = build_demo(
-        os.environ.get("SURGERY_MODEL", DEFAULT_MODEL), device=device, login=oauth, allow_local_models=not on_space
+        os.environ.get("SURGERY_MODEL", DEFAULT_MODEL),
+        device=device,
+        login=oauth,
+        allow_local_models=not on_space,
+        limits=limits,
     )
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

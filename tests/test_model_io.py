@@ -27,6 +27,28 @@ def test_load_local_folder(tiny_model_dir, tiny_model):
     assert loaded.tokenizer.pad_token is not None
 
 
+def test_a_token_goes_to_every_from_pretrained(tiny_model_dir, monkeypatch):
+    """token=False (a public app loading a visitor's model: never the app's own HF_TOKEN) reaches the config, the
+    model and the tokenizer; by default no token argument is passed (the saved token or HF_TOKEN is used)."""
+    import transformers
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = cls.from_pretrained
+
+        def record(*args, _original=original, _name=cls.__name__, **kwargs):
+            seen.append((_name, kwargs.get("token", "absent")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", record)
+    load_model(tiny_model_dir, token=False)
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
+    assert {token for _, token in seen} == {False}
+    seen.clear()
+    load_model(tiny_model_dir)
+    assert {token for _, token in seen} == {"absent"}
+
+
 def test_offline_hub_id_names_the_demo_model(monkeypatch):
     monkeypatch.setattr(model_io, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ModelLoadError) as e:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import surgery.edit.training as training
 from surgery.arch import SITES, layout_of
-from surgery.core.errors import InputError, SurgeryFailed
+from surgery.core.errors import InputError, SurgeryFailed, SurgeryTimeout
 from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.edit.training import SurgeryConfig, choose_layer, operate
 from surgery.edit.upper_stack import UpperStack, freeze_inputs
@@ -121,6 +121,35 @@ def test_budget_exhausted_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, 
         )
 
 
+def test_a_surgery_past_its_time_limit_stops_mid_training(tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch):
+    """A fake clock that advances one second per training step: with max_seconds=2.5 the check before step 4
+    stops the surgery with SurgeryTimeout (a SurgeryFailed), and no result comes back; without a limit (the
+    default) the same clock never stops it."""
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+
+    def tick(step, total, loss):
+        clock[0] += 1.0
+
+    slow = dict(site="wv", layer=1, lr=1e-5, epochs=6)  # far from converging: it would run all 6 steps
+    with pytest.raises(SurgeryTimeout, match=r"time limit of 2.5 s \(training block 1, step 4\); nothing was kept"):
+        operate(
+            tiny_model, tiny_tokenizer, facts, SurgeryConfig(**slow, max_seconds=2.5), panel=tiny_panel, progress=tick
+        )
+    assert issubclass(SurgeryTimeout, SurgeryFailed)
+    clock[0] = 0.0
+    with pytest.raises(SurgeryFailed, match="after 6 epochs") as failed:  # the step budget, not the clock
+        operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(**slow), panel=tiny_panel, progress=tick)
+    assert not isinstance(failed.value, SurgeryTimeout) and clock[0] == 6.0
+
+
+def test_a_surgery_past_its_time_limit_before_training(tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch):
+    clock = iter([0.0, 10.0])  # the start, then the first check (after the diagnosis)
+    monkeypatch.setattr(training.time, "monotonic", lambda: next(clock))
+    with pytest.raises(SurgeryTimeout, match=r"limit of 5 s \(after diagnosing the facts\)"):
+        operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, max_seconds=5), panel=tiny_panel)
+
+
 def test_nan_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch):
     monkeypatch.setattr(training, "kl_divergence", lambda ref, lp: torch.tensor(float("nan")))
     with pytest.raises(SurgeryFailed, match="diverged"):
@@ -187,6 +216,9 @@ def test_bad_input(tiny_model, tiny_tokenizer, facts, tiny_panel):
         (dict(lr=float("nan")), "learning rate"),
         (dict(epochs=0), "epochs"),
         (dict(kl_weight=-1.0), "kl_weight"),
+        (dict(max_seconds=0), "max_seconds"),
+        (dict(max_seconds=float("inf")), "max_seconds"),
+        (dict(max_seconds=True), "max_seconds"),
     ],
 )
 def test_config_validation(kwargs, message):

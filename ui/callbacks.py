@@ -9,12 +9,13 @@ handed out only for the model it was made on — and that session's requests run
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
 import gradio as gr
 
-from surgery.core.errors import InputError
+from surgery.core.errors import InputError, SurgeryTimeout
 from surgery.diagnosis import plots
 from surgery.diagnosis.diagnose import diagnose
 from surgery.diagnosis.static_heads import head_table
@@ -23,14 +24,15 @@ from surgery.evaluation.generation import generate
 from surgery.evaluation.verify import verify
 from surgery.io.export import is_hub_id, write_output
 from surgery.io.hub import push_folder
-from surgery.io.loading import load_model
+from surgery.io.loading import LoadedModel, load_model
 from surgery.patching import plots as patching_plots
 from surgery.patching.activations import ActivationPatchingConfig, patch_activations
 from surgery.patching.weights import patch_weights
+from surgery.serve.limits import Limits
 from surgery.serve.registry import ModelRegistry, ServedModel
-from surgery.serve.sessions import SessionEdit, SessionEdits, write_downloads
+from surgery.serve.sessions import SessionEdit, SessionEdits, SessionPool, write_downloads
 
-from .common import MAX_NEW_TOKENS, check_prompt, device_of, gpu, parse_facts, parse_layer, user_errors
+from .common import check_prompt, device_of, gpu, parse_facts, parse_layer, user_errors
 from .diagnose import TOP_HEADS, activation_markdown, top_heads, verdict_markdown
 from .heads import head_rows
 from .picker import ModelView
@@ -79,13 +81,24 @@ def run_weight_patching(base, edited, tokenizer, facts, granularity):
 
 
 class SurgeryApp:
-    """The app's event functions, serving the registry's shared base models (never modified)."""
+    """The app's event functions, serving the registry's shared base models (never modified), within ``limits``
+    (default :class:`~surgery.serve.limits.Limits`); ``sessions`` knows the sessions holding edits, so their files
+    are removed when they expire, beyond the cap, or when Gradio deletes their state (:meth:`SessionPool.end`)."""
 
-    def __init__(self, registry: ModelRegistry, *, allow_local_models: bool = True, work_dir: str | None = None):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        allow_local_models: bool = True,
+        work_dir: str | None = None,
+        limits: Limits | None = None,
+    ):
         self.registry = registry
         self.fallback_reason = registry.fallback_reason
         self.allow_local_models = allow_local_models
         self.work_dir = work_dir
+        self.limits = limits if limits is not None else Limits()
+        self.sessions = SessionPool(self.limits.session_ttl, self.limits.max_sessions)
 
     def served(self, model: str | None = None) -> ServedModel:
         """The picked model (loaded on first use; shared by every session)."""
@@ -167,28 +180,42 @@ class SurgeryApp:
     ):
         """Train one site of the picked model so that the facts come out right. The edit is kept in this session
         only, as this model's edit (replacing this session's earlier edit of the same model). Returns the values
-        of :class:`~ui.surgery.SurgeryResults`, then the session's edits."""
+        of :class:`~ui.surgery.SurgeryResults`, then the session's edits. Within the limits: the facts' number and
+        length are checked first, training stops at ``max_steps`` steps per block, and a surgery past
+        ``max_seconds`` stops and keeps nothing (no files, the session's edits as they were)."""
         probes = parse_facts(facts)
-        config = SurgeryConfig(site=site, layer=parse_layer(layer))
+        limits = self.limits
+        config = SurgeryConfig(
+            site=site, layer=parse_layer(layer), epochs=limits.max_steps, max_seconds=limits.max_seconds
+        )
         served = self.served(model)
+        limits.check_facts(probes, served.tokenizer)
 
         progress(0, desc="diagnosing the facts, capturing the frozen layers")
-        result = run_surgery(
-            served.model, served.tokenizer, probes, config, served.panel, TrainingProgress(progress, site)
-        )
+        try:
+            result = run_surgery(
+                served.model, served.tokenizer, probes, config, served.panel, TrainingProgress(progress, site)
+            )
+        except SurgeryTimeout as e:
+            raise SurgeryTimeout(limits.timed_out(str(e))) from None
         progress(1, desc="writing the edit file and the report")
         folder = Path(tempfile.mkdtemp(prefix="surgery-session-", dir=self.work_dir))
-        files = write_downloads(folder, served.loaded, result)
+        try:
+            files = write_downloads(folder, served.loaded, result)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         new = SessionEdit(result=result, facts=probes, folder=folder, files=list(files), model_key=served.key)
         edits = edits if edits is not None else SessionEdits()
         edits.put(new)
+        self.sessions.touch(edits)  # may discard expired sessions, and the least recent beyond the cap
         return (*surgery_results(new, served.layout).values(), edits)
 
     @user_errors
     def generate(self, prompt: str, max_new_tokens: int, edits: SessionEdits | None, model: str | None = None):
         """Greedy continuations of ``prompt``: the original model, and this session's corrected model."""
         check_prompt(prompt)
-        n = max(1, min(int(max_new_tokens or 20), MAX_NEW_TOKENS))
+        n = self.limits.check_new_tokens(max(1, int(max_new_tokens or 20)))
         served = self.served(model)
         edit = self.edit_of(edits, served)
         if edit is None:
@@ -208,7 +235,8 @@ class SurgeryApp:
         profile: gr.OAuthProfile | None = None,
     ):
         """Push this session's corrected model (model folder, edit file, report, model card) to the signed-in user's
-        own namespace."""
+        own namespace. The full model folder is written into a temporary folder that is removed as soon as the
+        upload ends, whether it succeeded or not: no session keeps a copy of a model on disk."""
         if oauth_token is None or profile is None:
             raise gr.Error(
                 "Sign in with Hugging Face first: the model is pushed to your own account, with your permission.",
@@ -221,10 +249,14 @@ class SurgeryApp:
         name = (repo_name or "").strip().split("/")[-1]
         if not name:
             raise InputError("give the new model repository a name, e.g. gpt2-capitals-fixed")
-        folder = edit.folder / "model"
-        if not folder.exists():
-            write_output(folder, served.loaded, edit.result)
-        url = push_folder(folder, f"{profile.username}/{name}", token=oauth_token.token, private=bool(private))
+        folder = Path(tempfile.mkdtemp(prefix="surgery-push-", dir=self.work_dir))
+        try:
+            write_output(folder / "model", served.loaded, edit.result)
+            url = push_folder(
+                folder / "model", f"{profile.username}/{name}", token=oauth_token.token, private=bool(private)
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return f"Pushed to [{profile.username}/{name}]({url})."
 
     # --- Verify ----------------------------------------------------------------------------------------------
@@ -232,14 +264,14 @@ class SurgeryApp:
     @user_errors
     def verify(self, corrected: str, edits: SessionEdits | None, model: str | None = None):
         """The facts (and their paraphrases) and the panels on the original and on a corrected model, side by
-        side. ``corrected``: a Hub id or a folder, or blank for this session's edit of the picked model."""
+        side. ``corrected``: blank for this session's edit of the picked model, a model of the picker, a Hub id the
+        limits allow (checked before any download, loaded once without the app's token and kept) or, unless local
+        models are off (a Space), a folder."""
         source = (corrected or "").strip()
         served = self.served(model)
         edit = self.edit_of(edits, served)
         if source:
-            if not self.allow_local_models and not is_hub_id(source):
-                raise InputError("give a Hub model id (user/name); local folders are not read on the Space")
-            other = load_model(source, device=device_of(served))
+            other = self.corrected_model(source, served)
             if other.tokenizer.get_vocab() != served.tokenizer.get_vocab():
                 raise InputError(f"{source} uses another vocabulary than the base model: it is not a fix of it")
             corrected_model, label = other.model, source
@@ -253,6 +285,18 @@ class SurgeryApp:
             [f for f in edit.facts if f not in served.facts] if edit is not None and not source else []
         )
         return verification_outputs(verify(served.model, corrected_model, served.tokenizer, facts, served.panel), label)
+
+    def corrected_model(self, source: str, served: ServedModel) -> LoadedModel:
+        """The model a visitor named to verify: a model of the picker (shared), a local folder (read each time,
+        as it may change; refused when local models are off), or an allowed Hub id, size-checked before any
+        download and loaded once with ``token=False``."""
+        if any(c.key == source for c in self.registry.choices):
+            return self.served(source).loaded
+        if not is_hub_id(source):
+            if not self.allow_local_models:
+                raise InputError("give a Hub model id (user/name); local folders are not read on the Space")
+            return load_model(source, device=device_of(served))
+        return self.registry.extra(source, check=self.limits.check_visitor_model, token=False)
 
     @user_errors
     def patch_weights(self, granularity: str, edits: SessionEdits | None, model: str | None = None):

@@ -28,7 +28,6 @@ except ImportError:  # Elsewhere a no-op with the same call forms: @gpu and @gpu
 
 
 MAX_PROMPT_CHARS = 1000
-MAX_NEW_TOKENS = 64
 # answers: what each model says (greedy generation); then the corrected model's top-1 first token (diagnostic)
 SIDE_BY_SIDE_COLUMNS = [
     "kind",

@@ -17,7 +17,6 @@ from surgery.serve.registry import ServedModel
 from surgery.serve.sessions import SessionEdit
 
 from .common import (
-    MAX_NEW_TOKENS,
     SIDE_BY_SIDE_COLUMNS,
     Components,
     evaluation_markdown,
@@ -240,7 +239,9 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
     )
     with gr.Row():
         gen_prompt = gr.Textbox(label="Prompt", value=facts_list[0].prompt if facts_list else "", scale=4)
-        tokens = gr.Slider(1, MAX_NEW_TOKENS, value=8, step=1, label="New tokens", scale=2)
+        tokens = gr.Slider(
+            1, app.limits.max_new_tokens, value=min(8, app.limits.max_new_tokens), step=1, label="New tokens", scale=2
+        )
         gen = gr.Button("Generate", scale=1)
     with gr.Row():
         original = gr.Textbox(label="Original model", lines=2, elem_id="gen-original")

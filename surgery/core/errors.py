@@ -36,6 +36,10 @@ class SurgeryFailed(SurgeryError):
     """Training ran but did not produce a usable edit (NaN/Inf, or facts not fixed in budget)."""
 
 
+class SurgeryTimeout(SurgeryFailed):
+    """Surgery ran past its wall-time limit (``SurgeryConfig.max_seconds``) and stopped; nothing was produced."""
+
+
 class EditError(SurgeryError):
     """An edit file (``patch.safetensors``) is malformed or does not match the base model."""
 

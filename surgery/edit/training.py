@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..arch import SITES, block_label, count_parameters, layout_of
-from ..core.errors import InputError, SurgeryFailed, require_positive_int
+from ..core.errors import InputError, SurgeryFailed, SurgeryTimeout, require_positive_int
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
 from ..evaluation.facts import Fact
 from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
@@ -75,7 +75,10 @@ class SurgeryConfig:
     margin: logits by which each target must lead for the early stop; max_unrelated_tokens: tokens of unrelated
     text used by the preservation term (the text is cut there; None: :func:`unrelated_token_budget` of the
     model's vocabulary); seed: RNG seed; batch_size: facts per mini-batch (a step still covers every fact: the
-    gradient is accumulated over the mini-batches, so memory is bounded by the batch, not by the facts).
+    gradient is accumulated over the mini-batches, so memory is bounded by the batch, not by the facts);
+    max_seconds: wall-time limit of one :func:`operate`, or None (the default) for none: checked before every
+    training step and between the stages (so it may be passed by at most one stage), it stops the surgery with
+    :class:`~surgery.core.errors.SurgeryTimeout` and nothing is returned (a public app's limit; the CLI sets none).
     """
 
     site: str = "wv"
@@ -88,6 +91,7 @@ class SurgeryConfig:
     max_unrelated_tokens: int | None = None
     seed: int = 0
     batch_size: int = 64
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -113,6 +117,12 @@ class SurgeryConfig:
             or self.max_unrelated_tokens < 0
         ):
             raise InputError(f"max_unrelated_tokens must be a non-negative integer, not {self.max_unrelated_tokens!r}")
+        if self.max_seconds is not None and (
+            isinstance(self.max_seconds, bool)
+            or not isinstance(self.max_seconds, (int, float))
+            or not (math.isfinite(self.max_seconds) and self.max_seconds > 0)
+        ):
+            raise InputError(f"max_seconds must be a positive number of seconds, not {self.max_seconds!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +215,26 @@ def candidate_layers(diagnoses: Sequence[Diagnosis], first: int, most: int = 3) 
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """When a surgery must stop: ``SurgeryConfig.max_seconds`` after :meth:`start` (``time.monotonic``); a
+    deadline without a limit never passes."""
+
+    limit: float | None = None
+    at: float | None = None
+
+    @classmethod
+    def start(cls, max_seconds: float | None) -> Deadline:
+        return cls(max_seconds, None if max_seconds is None else time.monotonic() + max_seconds)
+
+    def check(self, where: str) -> None:
+        """Raise :class:`SurgeryTimeout` when the deadline has passed; ``where``: what the surgery was doing."""
+        if self.at is not None and time.monotonic() > self.at:
+            raise SurgeryTimeout(
+                f"surgery stopped: it ran past its time limit of {self.limit:g} s ({where}); nothing was kept"
+            )
+
+
 @dataclass
 class TrainOutcome:
     values: dict[str, Tensor]
@@ -246,6 +276,7 @@ def train_site(
     layer: int,
     config: SurgeryConfig,
     progress: Progress | None = None,
+    deadline: Deadline | None = None,
 ) -> TrainOutcome:
     """Adam on the site's slices of block ``layer`` until every fact is top-1 by ``config.margin`` or the
     budget is spent. Returns the trained slice values (the model is not touched).
@@ -259,7 +290,11 @@ def train_site(
     holds the unrelated text): each step then accumulates the gradient over all of them before the one Adam
     update, so a step is still one full-batch step over every fact — memory bounded by the mini-batch, the
     result that of one batch (up to the order of float sums).
+
+    ``deadline`` (default: ``config.max_seconds`` from now) is checked before every step: past it,
+    :class:`~surgery.core.errors.SurgeryTimeout` is raised.
     """
+    deadline = deadline if deadline is not None else Deadline.start(config.max_seconds)
     batches = [frozen] if isinstance(frozen, FrozenInputs) else list(frozen)
     text = batches[0]
     n_facts = sum(b.n_facts for b in batches)
@@ -291,6 +326,7 @@ def train_site(
     good = {n: v.detach().clone() for n, v in values.items()}  # the last accepted values
     last: tuple[float, float] | None = None  # (loss, preservation term) of the last accepted values
     while True:
+        deadline.check(f"training block {layer}, step {steps + 1}")
         optimizer.zero_grad(set_to_none=True)
         ce, fixed = 0.0, 0
         for batch in batches:  # the facts' cross-entropy, mean over all facts, gradient accumulated per batch
@@ -398,9 +434,11 @@ def operate(
     list; a prompt among the facts is left out). ``progress(step, total, loss)`` is called after every step.
     Raises :class:`InputError` (bad facts, nothing to fix, no routing failure for ``layer=None``) or
     :class:`SurgeryFailed` (NaN/Inf, or — with ``require_all``, the default — facts not all fixed within the
-    budget; without it the report says how many were, as a many-fact edit is judged by its efficacy).
+    budget; without it the report says how many were, as a many-fact edit is judged by its efficacy), or its
+    subclass :class:`~surgery.core.errors.SurgeryTimeout` past ``config.max_seconds``.
     """
     t0 = time.perf_counter()
+    deadline = Deadline.start(config.max_seconds)
     facts = list(facts)
     if not facts:
         raise InputError('no facts given: give at least one {"prompt", "target"} to fix')
@@ -412,6 +450,7 @@ def operate(
         raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
     diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
     verdicts = [d.verdict for d in diagnoses]
+    deadline.check("after diagnosing the facts")
     absent_notes: list[str] = []
     keep = [True] * len(facts)  # the facts trained, and required to be fixed
     if config.layer is None:
@@ -445,7 +484,8 @@ def operate(
             torch.manual_seed(config.seed)
             t_train = time.perf_counter()
             frozen = freeze_fact_batches(model, tokenizer, trained, unrelated, layer, budget, config.batch_size, kept)
-            outcome = train_site(model, frozen, config.site, layer, config, progress)
+            deadline.check(f"after capturing block {layer}'s inputs")
+            outcome = train_site(model, frozen, config.site, layer, config, progress, deadline)
             train_time += time.perf_counter() - t_train
         slices = tuple(layout.site_slices(config.site, layer, model))
         edit = Edit(
@@ -482,7 +522,9 @@ def operate(
             f"epochs at site {config.site} of block {layer} (still wrong: {wrong[0]!r}"
             f"{', ...' if len(wrong) > 1 else ''}); try more --epochs, a larger site or another --layer"
         )
+    deadline.check("before evaluating the edit")
     comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after)
+    deadline.check("while evaluating the edit")
     notes = (
         absent_notes
         + [f"not scored: {u}" for u in comparison.unavailable]

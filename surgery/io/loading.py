@@ -100,6 +100,7 @@ def load_model(
     cache_root: str | os.PathLike | None = None,
     device_map: str | dict | None = None,
     offload_folder: str | os.PathLike | None = None,
+    token: bool | str | None = None,
 ) -> LoadedModel:
     """Load a causal LM of a supported family and its tokenizer.
 
@@ -123,6 +124,9 @@ def load_model(
     ``offload_folder`` go to ``from_pretrained`` for models larger than one device (accelerate's big-model
     inference: blocks spread over GPUs, the rest offloaded to CPU or disk); ``device`` is then ignored.
 
+    ``token`` goes to the Hub: None (the default) uses the saved token or ``HF_TOKEN``, False none at all (what a
+    public app passes for a visitor's model, so its own token is never used for it), a string that token.
+
     Raises :class:`ModelLoadError` (blank name, unknown id or file, unreachable Hub, broken folder, malformed
     .gguf), :class:`CheckpointError` (tensors missing, unexpected or misshapen; NaN or inf weights) or
     :class:`UnsupportedModelError` (an architecture the library does not support, or one that needs the
@@ -136,6 +140,8 @@ def load_model(
     if not name:
         raise ModelLoadError(f"no model given: pass a Hub id, a folder or a .gguf file ({SUPPORTED})")
     source, kwargs, gguf_file = _resolve(name, revision, cache_root)
+    if token is not None:
+        kwargs["token"] = token
     kwargs["trust_remote_code"] = False  # never run a repository's code, and never ask [y/N] on stdin
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)

@@ -138,6 +138,8 @@ class ModelRegistry:
         self._panels = dict(panels or {})
         self._locks = {key: threading.Lock() for key in self._choices}
         self._served: dict[str, ServedModel] = {}
+        self._extra: dict[str, LoadedModel] = {}  # models outside the picker (extra()), by source
+        self._extra_lock = threading.Lock()
         for key, model in (loaded or {}).items():
             self._served[key] = serve(self._choices[key], model, self._panels.get(key))
 
@@ -171,6 +173,20 @@ class ModelRegistry:
                 served = serve(choice, self._loader(choice.source, device=self.device), self._panels.get(key))
                 self._served[key] = served
         return served
+
+    def extra(self, source: str, check: Callable[[str], None] | None = None, **load_kwargs) -> LoadedModel:
+        """A model outside the picker (e.g. a corrected model to verify), loaded once and kept: every later call
+        returns the same one. On the first call ``check(source)`` runs first (e.g. a size limit, before any
+        download), then the loader with ``load_kwargs`` (e.g. ``token=False``); a failed check or load keeps
+        nothing. One lock for all of them: such loads are rare, and two sessions asking at once load once."""
+        with self._extra_lock:
+            loaded = self._extra.get(source)
+            if loaded is None:
+                if check is not None:
+                    check(source)
+                log.info("loading %s (outside the picker) on first use", source)
+                loaded = self._extra[source] = self._loader(source, device=self.device, **load_kwargs)
+        return loaded
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +113,61 @@ class SessionEdits:
         for edit in self._edits.values():
             edit.discard()
         self._edits.clear()
+
+
+class SessionPool:
+    """The sessions holding edits, so that their files (and edited views) are removed however a session ends.
+
+    :meth:`touch` after each surgery makes that session the most recent; then every session whose last surgery is
+    more than ``ttl`` seconds old is discarded, and the least recent beyond ``max_sessions``. :meth:`end` discards
+    one at once (the app's ``gr.State`` delete callback: Gradio calls it when a closed or expired session's state
+    is deleted). A session Gradio drops without a callback (its own capacity) is still discarded here by age or
+    count. A discarded session holds no edit any more: its next request finds none.
+    """
+
+    def __init__(self, ttl: float, max_sessions: int, clock: Callable[[], float] = time.monotonic):
+        if not (ttl > 0 and max_sessions >= 1):
+            raise ValueError(f"a session pool needs ttl > 0 and max_sessions >= 1, not {ttl}, {max_sessions}")
+        self.ttl, self.max_sessions, self._clock = ttl, max_sessions, clock
+        self._last: OrderedDict[int, tuple[SessionEdits, float]] = OrderedDict()  # by id, least recent first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def __contains__(self, edits: SessionEdits) -> bool:
+        return id(edits) in self._last
+
+    def touch(self, edits: SessionEdits) -> None:
+        """``edits`` just got a new edit: keep it, as the most recent, and discard the expired and the surplus."""
+        now = self._clock()
+        with self._lock:
+            self._last.pop(id(edits), None)
+            self._last[id(edits)] = (edits, now)
+            self._expire(now)
+            while len(self._last) > self.max_sessions:
+                _, (oldest, _) = self._last.popitem(last=False)
+                log.info("discarding the least recent session's edits (%d sessions at most)", self.max_sessions)
+                oldest.discard()
+
+    def expire(self) -> None:
+        """Discard every session whose last surgery is more than ``ttl`` seconds old."""
+        with self._lock:
+            self._expire(self._clock())
+
+    def end(self, edits: SessionEdits | None) -> None:
+        """Discard one session's edits now (the session ended; None: it never held any)."""
+        if edits is None:
+            return
+        with self._lock:
+            self._last.pop(id(edits), None)
+        edits.discard()
+
+    def _expire(self, now: float) -> None:
+        for key, (edits, last) in list(self._last.items()):
+            if now - last > self.ttl:
+                del self._last[key]
+                edits.discard()
 
 
 def write_downloads(folder: str | os.PathLike, loaded: LoadedModel, result: SurgeryResult) -> list[Path]:
