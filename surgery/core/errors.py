@@ -19,6 +19,11 @@ class InputError(SurgeryError, ValueError):
     """A prompt, target, facts file or option the user gave is unusable."""
 
 
+class NonFiniteError(InputError):
+    """A model's activations, logits or loss hold NaN or inf (its weights overflow, or hold NaN set in memory): no
+    number computed from them would mean anything."""
+
+
 class ModelLoadError(SurgeryError):
     """A model or tokenizer could not be loaded (unknown id, offline Hub, broken folder)."""
 
