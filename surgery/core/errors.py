@@ -68,8 +68,10 @@ def read_input_text(path: str | os.PathLike, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"no such {what}: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read {what} {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"cannot read {what} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err.strerror or err}") from None
 
 
 def first_line(e: BaseException) -> str:
