@@ -109,6 +109,27 @@ def parse_layer(layer) -> int | None:
         raise InputError(f"layer must be a block index (0, 1, ...) or auto, not {layer!r}") from None
 
 
+def parse_new_tokens(value, default: int = 20) -> int:
+    """How many tokens to generate: a whole number of at least 1 (``8``, ``8.0``, ``"8"``), at most
+    ``MAX_NEW_TOKENS`` (more is capped, as the slider is); None or blank -> ``default``. Anything else (``"abc"``,
+    ``2.5``, zero, negative) is an :class:`InputError` naming the value."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    n = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str):
+        try:
+            n = int(value.strip())
+        except ValueError:
+            pass
+    if n is None or n < 1:
+        raise InputError(f"new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, not {value!r}")
+    return min(n, MAX_NEW_TOKENS)
+
+
 def device_of(served: ServedModel) -> torch.device:
     return next(served.model.parameters()).device
 
