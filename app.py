@@ -11,9 +11,9 @@ The picker offers the configured model and the other supported models this machi
 (:func:`surgery.serve.registry.local_models`); each is loaded once, on first use, into a
 :class:`surgery.serve.registry.ModelRegistry` shared by every session, and never modified. Every callback takes the
 picker's value last and works on that model. A session's edits live in its ``gr.State`` as a
-:class:`surgery.serve.sessions.SessionEdits` — at most one :class:`~surgery.serve.sessions.SessionEdit` (patch +
+:class:`surgery.serve.sessions.SessionEdits` — at most one :class:`~surgery.serve.sessions.SessionEdit` (edit +
 report + its own download folder) per model, handed out only for the model it was made on — and that session's
-requests run on a patched *view* of the base (:func:`surgery.io.edit_file.patched_model`), so sessions never see
+requests run on an edited *view* of the base (:func:`surgery.io.edit_file.edited_model`), so sessions never see
 each other's edits and an edit never reaches another model. Surgery runs through the queue one at a time (its own
 concurrency group); diagnosis, generation, patching and verification have their own groups, so they stay responsive
 while someone operates.

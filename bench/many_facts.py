@@ -37,8 +37,8 @@ def run_case(n: int, batch_size: int) -> dict:
     import torch
 
     from surgery.edit.training import SurgeryConfig, operate
-    from surgery.evaluation.facts import load_fact_file
-    from surgery.evaluation.panels import ENGLISH_PANEL, Probe, load_panel
+    from surgery.evaluation.facts import Fact, load_fact_file
+    from surgery.evaluation.panels import ENGLISH_PANEL, load_panel
     from surgery.io.loading import load_model
 
     torch.set_num_threads(2)
@@ -49,7 +49,7 @@ def run_case(n: int, batch_size: int) -> dict:
         for f in load_fact_file(ROOT / "assets" / "facts" / f"{name}.jsonl")
         if f.ambiguous is None
     ][:n]
-    probes = [Probe(f.prompt, f.target) for f in facts]
+    probes = [Fact(f.prompt, f.target) for f in facts]
     panel = load_panel(ENGLISH_PANEL)
     with torch.no_grad():  # page in every weight (a cached model is memory-mapped): the baseline is the whole model
         sum(float(t.float().sum()) for t in g.model.state_dict().values())

@@ -8,7 +8,7 @@ changed), so each stage's inclusive wall time is known with its place in the cal
 * ``score_probes`` (facts before and after), ``choose_layer`` -> ``diagnose_batch`` (capture, lens, attribution)
 * ``freeze_*`` (block inputs captured once), ``train_site`` -> per step ``fact_logits``, ``text_log_probs``
   (the first of them, under ``no_grad``, is the reference distribution), ``backward``, ``Adam.step``
-* ``patched_model``, ``compare`` -> ``fit_panel``, ``evaluate_panel`` (``score_probes`` + ``perplexity``) for the
+* ``edited_model``, ``compare`` -> ``fit_panel``, ``evaluate_panel`` (``score_probes`` + ``perplexity``) for the
   base and the edited model, ``mean_kl`` (``text_log_probs`` of both), paraphrase ``score_probes``
 * ``weight_stats``, ``block_digest``
 """
@@ -47,7 +47,7 @@ PROBES = (
     ("surgery.edit.upper_stack", "UpperStack.text_log_probs"),
     ("torch", "Tensor.backward"),
     ("torch.optim", "Adam.step"),
-    ("surgery.edit.training", "patched_model"),
+    ("surgery.edit.training", "edited_model"),
     ("surgery.edit.training", "compare"),
     ("surgery.evaluation.report", "fit_panel"),
     ("surgery.evaluation.report", "evaluate_panel"),

@@ -8,8 +8,8 @@ Two cases, each run by two source trees of this project in fresh processes of on
 
 ``before`` is the tree at ``--before`` (default 19d48fb, the last commit that trained only each answer's first
 token), checked out by the caller as a git worktree; ``after`` is this tree. Each child loads the model, reads every
-weight (a cached model is memory-mapped), resets the kernel's peak-RSS counter, runs ``operate`` and saves the patch.
-Peak memory is ``VmHWM`` minus the RSS at the reset: what ``operate`` adds to the loaded model. Both patches are
+weight (a cached model is memory-mapped), resets the kernel's peak-RSS counter, runs ``operate`` and saves the edit.
+Peak memory is ``VmHWM`` minus the RSS at the reset: what ``operate`` adds to the loaded model. Both edits are
 then judged by *this* tree's evaluation, by greedy generation, so the two columns are measured the same way.
 
     git worktree add /tmp/before 19d48fb
@@ -35,8 +35,12 @@ CHILD = """
 import json, sys, time, torch
 try:  # the package layout since the modules were grouped by stage
     from surgery.io.loading import load_model
-    from surgery.evaluation.panels import load_facts, panel_for_model
+    from surgery.evaluation.panels import panel_for_model
     from surgery.edit.training import SurgeryConfig, operate
+    try:
+        from surgery.evaluation.facts import load_fact_list as load_facts
+    except ImportError:  # before one loader per format: the JSON list loader was panels.load_facts
+        from surgery.evaluation.panels import load_facts
 except ImportError:  # a tree from before that (--before-tree)
     from surgery.model_io import load_model
     from surgery.panels import load_facts, panel_for_model
@@ -55,7 +59,7 @@ loaded = _status_kib("VmRSS") / 1024
 t0 = time.perf_counter()
 r = operate(g.model, g.tokenizer, facts, SurgeryConfig(site="wv"), require_all=False)
 wall = time.perf_counter() - t0
-r.patch.save(out)
+(r.edit if hasattr(r, "edit") else r.patch).save(out)  # SurgeryResult.patch before the rename
 print(json.dumps({"wall_s": wall, "train_s": r.report.train_time_s, "steps": r.report.steps,
                   "layer": r.report.layer, "peak_mb_over_loaded": _status_kib("VmHWM") / 1024 - loaded}))
 """
@@ -77,7 +81,7 @@ def cases() -> dict[str, tuple[str, str]]:
     }
 
 
-def run_child(tree: Path, model: str, facts: str, patch_path: Path) -> dict:
+def run_child(tree: Path, model: str, facts: str, edit_path: Path) -> dict:
     env = dict(
         os.environ,
         MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
@@ -86,7 +90,7 @@ def run_child(tree: Path, model: str, facts: str, patch_path: Path) -> dict:
         PYTHONPATH=str(tree),
     )
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, model, facts, str(patch_path)],
+        [sys.executable, "-c", CHILD, model, facts, str(edit_path)],
         cwd=tree,
         check=True,
         capture_output=True,
@@ -96,17 +100,18 @@ def run_child(tree: Path, model: str, facts: str, patch_path: Path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def judge(model_name: str, facts_path: str, patch_path: Path) -> dict:
-    """This tree's evaluation of a saved patch (generation-based headline, first-token beside it)."""
-    from surgery.evaluation.panels import load_facts, panel_for_model
+def judge(model_name: str, facts_path: str, edit_path: Path) -> dict:
+    """This tree's evaluation of a saved edit (generation-based headline, first-token beside it)."""
+    from surgery.evaluation.facts import load_facts
+    from surgery.evaluation.panels import panel_for_model
     from surgery.evaluation.report import compare
-    from surgery.io.edit_file import Patch, patched_model
+    from surgery.io.edit_file import Edit, edited_model
     from surgery.io.loading import load_model
 
     g = load_model(model_name)
     panel = panel_for_model(g.model)
     facts = load_facts(facts_path) if facts_path != "-" else list(panel.facts)
-    edited = patched_model(g.model, Patch.load(patch_path))
+    edited = edited_model(g.model, Edit.load(edit_path))
     c = compare(g.model, edited, g.tokenizer, facts, panel)
     e = c.evaluation()
     return {"evaluation": e, "said_after": [f.after for f in c.facts]}
@@ -123,9 +128,9 @@ def main() -> None:
             if args.cases and name not in args.cases:
                 continue
             for label, tree in (("before", Path(args.before_tree)), ("after", ROOT)):
-                patch = Path(tmp) / f"{name}-{label}.safetensors"
-                row = {"case": name, "tree": label, **run_child(tree, model, facts, patch)}
-                row.update(judge(model, facts, patch))
+                edit_path = Path(tmp) / f"{name}-{label}.safetensors"
+                row = {"case": name, "tree": label, **run_child(tree, model, facts, edit_path)}
+                row.update(judge(model, facts, edit_path))
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "evaluation"}), flush=True)
     load = Path("/proc/loadavg").read_text().split()[:3]

@@ -31,7 +31,8 @@ from surgery.core.errors import SurgeryFailed
 from surgery.core.tokens import encode_prompt, encode_target, pad_right
 from surgery.edit.training import SurgeryConfig, choose_layer, operate, train_site, unrelated_token_budget
 from surgery.edit.upper_stack import FrozenInputs, _truncate_texts, freeze_inputs
-from surgery.evaluation.panels import Panel, Probe, fit_panel, load_facts, panel_for_model
+from surgery.evaluation.facts import Fact, load_facts
+from surgery.evaluation.panels import Panel, fit_panel, panel_for_model
 from surgery.evaluation.scoring import encode_texts, kl_divergence
 
 from . import models
@@ -51,7 +52,7 @@ class Job:
 
     model: nn.Module
     tokenizer: object
-    facts: list[Probe]
+    facts: list[Fact]
     unrelated: list[str]
     panel: Panel
     layer: int

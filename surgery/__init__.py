@@ -3,10 +3,10 @@
 A repair is four calls. :func:`load_model` gives a :class:`LoadedModel` (model, tokenizer, where it came from);
 :func:`diagnose` says, for one prompt and target, which heads and layers push the wrong answer (the verdict and the
 prescribed layer); :func:`operate` trains one site of one block on the facts (:class:`SurgeryConfig`) and returns
-a :class:`~surgery.edit.training.SurgeryResult` whose ``patch`` is the edit and whose ``report`` compares the
+a :class:`~surgery.edit.training.SurgeryResult` whose ``edit`` is the edit and whose ``report`` compares the
 model before and after; :func:`verify` checks an edited model against its base by what both *say*. The base model
-is never modified: :func:`patched_model` gives an edited view, :meth:`Patch.save` / :meth:`Patch.load` the edit's
-file, :func:`write_patched_model` a whole model folder. Beside the repair: :func:`run_census` diagnoses a fact
+is never modified: :func:`edited_model` gives an edited view, :meth:`Edit.save` / :meth:`Edit.load` the edit's
+file, :func:`write_edited_model` a whole model folder. Beside the repair: :func:`run_census` diagnoses a fact
 set; :func:`patch_activations` and :func:`patch_weights` are the causal method. User errors raise
 :class:`SurgeryError` subclasses (:class:`InputError` for bad input). The packages, stage by stage, are described
 in ``docs/architecture.md``; the names below are imported on first use, so ``import surgery`` stays cheap.
@@ -30,17 +30,17 @@ _EXPORTS = {
     "SurgeryResult": "surgery.edit.training",
     "verify": "surgery.evaluation.verify",
     "Verification": "surgery.evaluation.verify",
-    "Probe": "surgery.evaluation.panels",
-    "load_facts": "surgery.evaluation.panels",
+    "Fact": "surgery.evaluation.facts",
+    "load_facts": "surgery.evaluation.facts",
     "load_panel": "surgery.evaluation.panels",
     "run_census": "surgery.census.run",
     "CensusConfig": "surgery.census.run",
     "patch_activations": "surgery.patching.activations",
     "ActivationPatchingConfig": "surgery.patching.activations",
     "patch_weights": "surgery.patching.weights",
-    "Patch": "surgery.io.edit_file",
-    "patched_model": "surgery.io.edit_file",
-    "write_patched_model": "surgery.io.export",
+    "Edit": "surgery.io.edit_file",
+    "edited_model": "surgery.io.edit_file",
+    "write_edited_model": "surgery.io.export",
     "SurgeryError": "surgery.core.errors",
     "InputError": "surgery.core.errors",
 }
@@ -57,7 +57,7 @@ __all__ = [
     "SurgeryResult",
     "verify",
     "Verification",
-    "Probe",
+    "Fact",
     "load_facts",
     "load_panel",
     "run_census",
@@ -65,9 +65,9 @@ __all__ = [
     "patch_activations",
     "ActivationPatchingConfig",
     "patch_weights",
-    "Patch",
-    "patched_model",
-    "write_patched_model",
+    "Edit",
+    "edited_model",
+    "write_edited_model",
     "SurgeryError",
     "InputError",
 ]
@@ -77,10 +77,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .core.errors import InputError, SurgeryError
     from .diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose, diagnose_batch
     from .edit.training import SurgeryConfig, SurgeryResult, operate
-    from .evaluation.panels import Probe, load_facts, load_panel
+    from .evaluation.facts import Fact, load_facts
+    from .evaluation.panels import load_panel
     from .evaluation.verify import Verification, verify
-    from .io.edit_file import Patch, patched_model
-    from .io.export import write_patched_model
+    from .io.edit_file import Edit, edited_model
+    from .io.export import write_edited_model
     from .io.loading import LoadedModel, load_model
     from .patching.activations import ActivationPatchingConfig, patch_activations
     from .patching.weights import patch_weights

@@ -6,7 +6,7 @@ import sys
 
 from conftest import ROOT
 
-from surgery.io.edit_file import Patch
+from surgery.io.edit_file import Edit
 
 
 def readme_example() -> str:
@@ -39,5 +39,5 @@ def test_readme_python_api_repairs_the_demo_model(tmp_path, monkeypatch, capsys)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Routing failure")
     assert out[-1] == "True []"
-    patch = Patch.load(tmp_path / "fix.safetensors")
-    assert patch.site == "wv"
+    edit = Edit.load(tmp_path / "fix.safetensors")
+    assert edit.site == "wv"

@@ -27,8 +27,9 @@ import ui.heads as ui_heads  # noqa: E402
 import ui.picker as ui_picker  # noqa: E402
 import ui.surgery as ui_surgery  # noqa: E402
 from surgery.core.errors import SurgeryError  # noqa: E402
-from surgery.evaluation.panels import Panel, Probe  # noqa: E402
-from surgery.io.edit_file import Patch  # noqa: E402
+from surgery.evaluation.facts import Fact  # noqa: E402
+from surgery.evaluation.panels import Panel  # noqa: E402
+from surgery.io.edit_file import Edit  # noqa: E402
 from surgery.io.loading import LoadedModel  # noqa: E402
 from surgery.serve.registry import ModelChoice, ModelRegistry  # noqa: E402
 from surgery.serve.sessions import SessionEdits, StartUp  # noqa: E402
@@ -145,7 +146,7 @@ def test_prompt_longer_than_the_context(tiny_model, tiny_tokenizer):
 def test_parse_facts_accepts_json_rows_and_tables():
     import pandas as pd
 
-    want = [Probe(*FRANCE)]
+    want = [Fact(*FRANCE)]
     assert ui_common.parse_facts(json.dumps([{"prompt": FRANCE[0], "target": FRANCE[1]}])) == want
     assert ui_common.parse_facts([list(FRANCE), ["", ""]]) == want  # empty table rows are ignored
     assert ui_common.parse_facts(pd.DataFrame([list(FRANCE)], columns=["prompt", "target"])) == want
@@ -210,8 +211,8 @@ def test_operate_fixes_the_facts_and_leaves_the_base_alone(demo_app, demo_served
     assert all(row[5] == "✓" for row in facts_rows)
     assert edits.keys() == [demo_served.key] and edits.get(demo_served.key).model_key == demo_served.key
     assert sorted(os.path.basename(f) for f in files) == ["patch.safetensors", "report.json"]
-    patch = Patch.load(files[0])
-    assert patch.site == "wv" and patch.metadata["base_model"] == demo_served.loaded.base_name
+    edit = Edit.load(files[0])
+    assert edit.site == "wv" and edit.metadata["base_model"] == demo_served.loaded.base_name
     assert json.loads(open(files[1]).read())["facts_fixed"] == "8/8"
     json.dumps(report)
     assert progress.calls and progress.calls[-1][1].startswith("writing")
@@ -260,9 +261,9 @@ def test_operate_without_facts(demo_app):
 def tiny_panel() -> Panel:
     return Panel(
         name="tiny",
-        facts=(Probe("The capital of France is", "Paris"),),
-        general=(Probe("the cat sat on the", "mat"),),
-        side_effects=(Probe("one two", "three"),),
+        facts=(Fact("The capital of France is", "Paris"),),
+        general=(Fact("the cat sat on the", "mat"),),
+        side_effects=(Fact("one two", "three"),),
         perplexity_text="the cat sat on the mat .",
         unrelated_text=("the dog sat on the mat .",),
     )
@@ -319,16 +320,16 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
     assert all(d == a_diagnosis for d in results["diag"])  # nor did the shared diagnosis (hooks stay per thread)
     assert_unchanged(base, before)
 
-    # Each session's model is the base plus its own patch only.
+    # Each session's model is the base plus its own edit only.
     edit_a, edit_b = edit_a.get(demo_app.served().key), edit_b.get(demo_app.served().key)
     view_a, view_b = edit_a.model(base), edit_b.model(base)
     a_params, b_params = dict(view_a.named_parameters()), dict(view_b.named_parameters())
     for name, p in base.named_parameters():
-        in_a = any(s.name == name for s in edit_a.patch.slices)
-        in_b = any(s.name == name for s in edit_b.patch.slices)
+        in_a = any(s.name == name for s in edit_a.edit.slices)
+        in_b = any(s.name == name for s in edit_b.edit.slices)
         assert torch.equal(a_params[name], p) or in_a
         assert torch.equal(b_params[name], p) or in_b
-    assert edit_a.patch.site == "wv" and edit_b.patch.site == "mlp"
+    assert edit_a.edit.site == "wv" and edit_b.edit.site == "mlp"
     # A session with no edit still gets the original model.
     assert demo_app.generate(FRANCE[0], 2, None)[0] == a_answer[0]
 
@@ -338,8 +339,8 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
 # --------------------------------------------------------------------------------------------------------------
 
 TINY_FACTS = [
-    Probe("The capital of France is", "Paris", ("The capital city of France is", "the capital of France is")),
-    Probe("The capital of Japan is", "Tokyo"),
+    Fact("The capital of France is", "Paris", ("The capital city of France is", "the capital of France is")),
+    Fact("The capital of Japan is", "Tokyo"),
 ]
 
 
@@ -347,8 +348,8 @@ def paraphrase_panel() -> Panel:
     return Panel(
         name="tiny",
         facts=tuple(TINY_FACTS),
-        general=(Probe("the cat sat on the", "mat"),),
-        side_effects=(Probe("one two", "three"),),
+        general=(Fact("the cat sat on the", "mat"),),
+        side_effects=(Fact("one two", "three"),),
         perplexity_text="the cat sat on the mat .",
         unrelated_text=("the dog sat on the mat .",),
     )
@@ -479,12 +480,12 @@ def test_two_sessions_on_two_models_never_mix_edits(two_models):
             two_models.verify("", edits, model)
         with pytest.raises(gr.Error, match="no edit"):
             two_models.patch_weights("site", edits, model)
-    # On its own model, a session's view is that base plus its own patch only.
+    # On its own model, a session's view is that base plus its own edit only.
     for edits, key, base in ((alice, "tiny-a", base_a), (bob, "tiny-b", base_b)):
         edit = edits.get(key)
         assert edit.model_key == key
         view = dict(edit.model(base).named_parameters())
-        changed = {s.name for s in edit.patch.slices}
+        changed = {s.name for s in edit.edit.slices}
         assert all(torch.equal(view[n], p) for n, p in base.named_parameters() if n not in changed)
         assert not all(torch.equal(view[n], p) for n, p in base.named_parameters() if n in changed)
 

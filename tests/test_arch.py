@@ -113,20 +113,20 @@ def test_the_layout_is_resolved_once_per_model(monkeypatch, tiny_tokenizer):
 def test_a_patched_view_reports_its_base_layout_without_a_walk(monkeypatch, tiny_tokenizer):
     from conftest import make_family_model
 
-    from surgery.io.edit_file import Patch, base_config, block_digest, patched_model
+    from surgery.io.edit_file import Edit, base_config, block_digest, edited_model
 
     model = make_family_model("llama", len(tiny_tokenizer))
     layout = layout_of(model)
     params = dict(model.named_parameters())
     slices = tuple(layout.site_slices("wv", 1, model))
-    patch = Patch(
+    edit = Edit(
         "wv",
         1,
         slices,
         {s.name: s.read(params[s.name]) + 0.1 for s in slices},
         {"base_config": base_config(model), "base_block_sha256": block_digest(model, 1)},
     )
-    view = patched_model(model, patch)
+    view = edited_model(model, edit)
     walks = _count_walks(monkeypatch, view)
     assert layout_of(view) == layout and layout_of(view).adapter.block(1) == "model.layers.1"
     assert walks == []

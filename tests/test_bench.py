@@ -6,7 +6,7 @@ import torch
 from bench import diagnosis, report, training
 from bench.measure import interleaved, peak_memory
 from bench.models import IdTokenizer
-from surgery.evaluation.panels import Probe
+from surgery.evaluation.facts import Fact
 
 
 def test_interleaved_runs_every_case_in_every_round():
@@ -38,7 +38,7 @@ def test_surgery_step_cases_leave_the_base_model_untouched(tiny_model, tiny_toke
     job = training.Job(
         tiny_model,
         tiny_tokenizer,
-        [Probe("The capital of France is", " Paris")],
+        [Fact("The capital of France is", " Paris")],
         ["the cat sat on the mat . the dog sat on the red mat ."],
         None,
         1,
@@ -90,7 +90,7 @@ def test_operation_stages_time_each_call_and_put_the_library_back(tiny_model, ti
     original = evaluation.score_probes
     with operation.stages(tiny_model) as totals:
         assert evaluation.score_probes is not original
-        evaluation.score_probes(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Paris")])
+        evaluation.score_probes(tiny_model, tiny_tokenizer, [Fact("The capital of France is", " Paris")])
     assert evaluation.score_probes is original
     assert dict(totals).keys() == {("score_probes [base]",)}
     calls, seconds = totals[("score_probes [base]",)]

@@ -39,10 +39,14 @@ EXPECTED = {
 
 
 def demo_facts() -> list[Fact]:
-    facts = [Fact(f"The capital of {c} is", t, "capital", c) for c, t in CAPITALS.items()]
-    facts.append(Fact("the sky is", " blue", "colour", "sky"))
-    facts.append(Fact("The capital of Xanadu is", " Paris", "capital", "Xanadu"))  # a word the demo lacks
-    facts.append(Fact("The capital of Italy is", " the", "capital", "Italy", ambiguous="generic first token"))
+    facts = [Fact(f"The capital of {c} is", t, relation="capital", subject=c) for c, t in CAPITALS.items()]
+    facts.append(Fact("the sky is", " blue", relation="colour", subject="sky"))
+    facts.append(
+        Fact("The capital of Xanadu is", " Paris", relation="capital", subject="Xanadu")
+    )  # a word the demo lacks
+    facts.append(
+        Fact("The capital of Italy is", " the", relation="capital", subject="Italy", ambiguous="generic first token")
+    )
     return facts
 
 
@@ -307,7 +311,10 @@ def test_generic_first_piece_counted_apart(demo, tmp_path):
     prompt = "The capital of France is"
     then = _next_word(demo, f"{prompt} Rome")
     other = next(w for w in ("city", "sky", "Paris") if w != then)
-    facts = [Fact(prompt, f" Rome {other}", "capital", "France"), Fact(prompt, f" Rome {then}", "other", "France")]
+    facts = [
+        Fact(prompt, f" Rome {other}", relation="capital", subject="France"),
+        Fact(prompt, f" Rome {then}", relation="other", subject="France"),
+    ]
     result = run_census(demo.model, demo.tokenizer, facts, tmp_path, CensusConfig(batch_size=2), model_name="demo")
     generic, goes_on = read_jsonl(tmp_path / CENSUS_FILE)
     assert generic["divergence"]["generic_first_piece"] and generic["divergence"]["missed_after"] == 1
@@ -551,7 +558,7 @@ def test_gemma_capitals_routing(gemma):
     """On Gemma 3 270M, "The capital of X is" -> " the" is routing for the seven reference countries, Japan correct."""
     loaded = gemma
     countries = ["France", "Germany", "China", "Russia", "England", "Italy", "Spain", "Japan"]
-    facts = [Fact(f"The capital of {c} is", CAPITALS[c], "capital", c) for c in countries]
+    facts = [Fact(f"The capital of {c} is", CAPITALS[c], relation="capital", subject=c) for c in countries]
     from surgery.census.run import diagnose_facts
 
     records = {r["subject"]: r for r in diagnose_facts(loaded.model, loaded.tokenizer, facts, DiagnosisConfig())}

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from conftest import make_tiny_model
 
 from surgery.core.tokens import token_text
+from surgery.evaluation.facts import Fact
 from surgery.evaluation.generation import greedy_continuations
-from surgery.evaluation.panels import Probe
 from surgery.evaluation.scoring import (
     BATCH_SIZE,
     answer,
@@ -41,9 +41,9 @@ def test_batched_next_token_logits_equal_one_at_a_time(tiny_model, tiny_tokenize
 def test_answer_and_scores(tiny_model, tiny_tokenizer):
     top = [int(_plain_logits(tiny_model, tiny_tokenizer, p).argmax()) for p in PROMPTS]
     assert answer(tiny_model, tiny_tokenizer, PROMPTS[0]) == token_text(tiny_tokenizer, top[0])
-    right = Probe(PROMPTS[1], " " + token_text(tiny_tokenizer, top[1]))
+    right = Fact(PROMPTS[1], " " + token_text(tiny_tokenizer, top[1]))
     wrong_id = (top[2] + 3) % len(tiny_tokenizer) or 5
-    wrong = Probe(PROMPTS[2], " " + token_text(tiny_tokenizer, wrong_id))
+    wrong = Fact(PROMPTS[2], " " + token_text(tiny_tokenizer, wrong_id))
     scores = score_probes(tiny_model, tiny_tokenizer, [right, wrong])
     assert (scores.correct, scores.total) == (1, 2)
     assert [r.correct for r in scores.results] == [True, False]
@@ -54,7 +54,7 @@ def test_answer_and_scores(tiny_model, tiny_tokenizer):
 def test_scores_over_several_batches_equal_one_probe_at_a_time(tiny_model, tiny_tokenizer):
     # more probes than one batch: scored batch by batch (memory bounded), each as if alone
     words = [w for w in (token_text(tiny_tokenizer, i).strip() for i in range(5, 200)) if w][: BATCH_SIZE + 7]
-    probes = [Probe(PROMPTS[i % 3] + " the" * (i % 5), " " + w) for i, w in enumerate(words)]
+    probes = [Fact(PROMPTS[i % 3] + " the" * (i % 5), " " + w) for i, w in enumerate(words)]
     assert len(probes) > BATCH_SIZE
     many = score_probes(tiny_model, tiny_tokenizer, probes)
     alone = [score_probes(tiny_model, tiny_tokenizer, [p]).results[0] for p in probes]
@@ -102,17 +102,17 @@ def test_evaluate_panel(tiny_model, tiny_tokenizer, tiny_panel):
     assert json.loads(json.dumps(result.to_dict()))["panel"] == "tiny"
 
 
-def _first_token_trap(model, tokenizer, prompt: str) -> Probe:
+def _first_token_trap(model, tokenizer, prompt: str) -> Fact:
     """A target whose first token is the model's top-1 next token but which the model does not go on to say:
     its first generated word, then a word it does not generate next."""
     words = greedy_continuations(model, tokenizer, [prompt], 2)[0].split()
     other = next(w for w in ("Tokyo", "Rome", "Madrid") if w != words[1])
-    return Probe(prompt, f" {words[0]} {other}")
+    return Fact(prompt, f" {words[0]} {other}")
 
 
 def test_score_probes_judges_what_the_model_says(tiny_model, tiny_tokenizer):
     said_text = greedy_continuations(tiny_model, tiny_tokenizer, [PROMPTS[1]], 3)[0]
-    right = Probe(PROMPTS[1], " " + said_text.split()[0])
+    right = Fact(PROMPTS[1], " " + said_text.split()[0])
     trap = _first_token_trap(tiny_model, tiny_tokenizer, PROMPTS[2])
     scores = score_probes(tiny_model, tiny_tokenizer, [right, trap])
     r, t = scores.results

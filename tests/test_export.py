@@ -7,10 +7,10 @@ from conftest import make_tiny_model
 from safetensors.torch import load_file
 
 import surgery.io.export as export
-from surgery.core.errors import OutputError, PatchError
+from surgery.core.errors import EditError, OutputError
 from surgery.edit.training import SurgeryConfig, operate
-from surgery.io.edit_file import Patch
-from surgery.io.export import check_output_dir, model_card, write_output, write_patched_model
+from surgery.io.edit_file import Edit
+from surgery.io.export import check_output_dir, model_card, write_edited_model, write_output
 from surgery.io.loading import LoadedModel, load_model
 
 
@@ -48,7 +48,7 @@ def test_output_folder_contents(out, loaded, result):
     assert oct(out.stat().st_mode & 0o777) != "0o700"  # not the private mode of the temporary folder
 
 
-def test_output_model_loads_and_is_the_patched_model(out, loaded, result):
+def test_output_model_loads_and_is_the_edited_model(out, loaded, result):
     fixed = load_model(out)
     weights = load_file(str(out / "model.safetensors"))
     base = dict(loaded.model.named_parameters())
@@ -56,7 +56,7 @@ def test_output_model_loads_and_is_the_patched_model(out, loaded, result):
     for name, p in base.items():
         if name == "transformer.h.0.attn.c_attn.weight":
             assert torch.equal(weights[name][:, :64], p[:, :64])  # Q/K bitwise
-            assert torch.equal(weights[name][:, v], result.patch.values[name])
+            assert torch.equal(weights[name][:, v], result.edit.values[name])
         else:
             assert torch.equal(weights[name], p), name
     ids = torch.tensor([loaded.tokenizer("The capital of France is")["input_ids"]])
@@ -65,12 +65,12 @@ def test_output_model_loads_and_is_the_patched_model(out, loaded, result):
 
 
 def test_patch_file_holds_only_the_v_slice_with_metadata(out, loaded):
-    patch = Patch.load(out / "patch.safetensors")
-    assert list(patch.values) == ["transformer.h.0.attn.c_attn.weight"]
-    assert tuple(patch.values["transformer.h.0.attn.c_attn.weight"].shape) == (32, 32)
-    assert patch.metadata["base_model"] == loaded.base_name
-    assert patch.metadata["base_config"]["n_embd"] == 32 and len(patch.metadata["base_block_sha256"]) == 64
-    assert (patch.site, patch.layer, patch.slices[0].cols) == ("wv", 0, slice(64, 96))
+    edit = Edit.load(out / "patch.safetensors")
+    assert list(edit.values) == ["transformer.h.0.attn.c_attn.weight"]
+    assert tuple(edit.values["transformer.h.0.attn.c_attn.weight"].shape) == (32, 32)
+    assert edit.metadata["base_model"] == loaded.base_name
+    assert edit.metadata["base_config"]["n_embd"] == 32 and len(edit.metadata["base_block_sha256"]) == 64
+    assert (edit.site, edit.layer, edit.slices[0].cols) == ("wv", 0, slice(64, 96))
 
 
 def test_model_card(out, result, loaded):
@@ -112,7 +112,7 @@ def test_model_card_names_the_base_license(tmp_path, loaded):
 
 
 def test_apply_patch_reproduces_the_weights_bitwise(tmp_path, out, loaded):
-    rebuilt = write_patched_model(tmp_path / "rebuilt", loaded, Patch.load(out / "patch.safetensors"))
+    rebuilt = write_edited_model(tmp_path / "rebuilt", loaded, Edit.load(out / "patch.safetensors"))
     a, b = load_file(str(out / "model.safetensors")), load_file(str(rebuilt / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -120,8 +120,8 @@ def test_apply_patch_reproduces_the_weights_bitwise(tmp_path, out, loaded):
 def test_apply_patch_refuses_another_base(tmp_path, out, loaded):
     other_model = make_tiny_model(len(loaded.tokenizer), seed=3)
     other = LoadedModel(other_model, loaded.tokenizer, "other", None)
-    with pytest.raises(PatchError, match="another base model"):
-        write_patched_model(tmp_path / "x", other, Patch.load(out / "patch.safetensors"))
+    with pytest.raises(EditError, match="another base model"):
+        write_edited_model(tmp_path / "x", other, Edit.load(out / "patch.safetensors"))
     assert not (tmp_path / "x").exists() and not list(tmp_path.iterdir())
 
 
@@ -145,7 +145,7 @@ def test_overwrite_never_replaces_a_users_folder(tmp_path, loaded, result):
     for attempt in (
         lambda: check_output_dir(target, overwrite=True),
         lambda: write_output(target, loaded, result, overwrite=True),
-        lambda: write_patched_model(target, loaded, result.patch, overwrite=True),
+        lambda: write_edited_model(target, loaded, result.edit, overwrite=True),
     ):
         with pytest.raises(OutputError) as e:
             attempt()
@@ -241,10 +241,10 @@ def test_saving_does_not_write_to_the_base_config(tmp_path, loaded, result):
 
 def test_outputs_carry_no_local_paths(out, loaded):
     """The base is named by its folder's name only: no file of the output holds the local path it was loaded from
-    (report.json, the patch metadata, the model card, the config and tokenizer files)."""
+    (report.json, the edit file metadata, the model card, the config and tokenizer files)."""
     assert loaded.base_name == os.path.basename(loaded.source)
     assert json.loads((out / "report.json").read_text())["base_model"] == loaded.base_name
-    assert Patch.load(out / "patch.safetensors").metadata["base_model"] == loaded.base_name
+    assert Edit.load(out / "patch.safetensors").metadata["base_model"] == loaded.base_name
     for f in out.iterdir():
         assert loaded.source.encode() not in f.read_bytes(), f.name
         assert str(out).encode() not in f.read_bytes(), f.name
@@ -256,7 +256,7 @@ def test_a_bf16_model_is_saved_in_bf16(tmp_path, loaded):
     from safetensors import safe_open
 
     from surgery.arch import layout_of
-    from surgery.io.edit_file import base_config, block_digest, patched_model
+    from surgery.io.edit_file import base_config, block_digest, edited_model
 
     base_dir = tmp_path / "bf16-base"
     make_tiny_model(len(loaded.tokenizer)).to(torch.bfloat16).save_pretrained(base_dir)
@@ -265,7 +265,7 @@ def test_a_bf16_model_is_saved_in_bf16(tmp_path, loaded):
     assert base.checkpoint_dtype == torch.bfloat16 and base.model.dtype == torch.float32
     params = dict(base.model.named_parameters())
     slices = tuple(layout_of(base.model).site_slices("wv", 1, base.model))
-    patch = Patch(
+    edit = Edit(
         "wv",
         1,
         slices,
@@ -273,14 +273,14 @@ def test_a_bf16_model_is_saved_in_bf16(tmp_path, loaded):
         {"base_config": base_config(base.model), "base_block_sha256": block_digest(base.model, 1)},
     )
 
-    out = write_patched_model(tmp_path / "fixed", base, patch)
+    out = write_edited_model(tmp_path / "fixed", base, edit)
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         names = list(f.keys())
         assert {f.get_slice(n).get_dtype() for n in names} == {"BF16"}
     assert "lm_head.weight" not in names
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert (out / "model.safetensors").stat().st_size < 0.6 * 4 * sum(p.numel() for p in params.values())
-    view = dict(patched_model(base.model, patch).named_parameters())
+    view = dict(edited_model(base.model, edit).named_parameters())
     fixed = load_model(out)
     assert fixed.checkpoint_dtype == torch.bfloat16
     for name, p in fixed.model.named_parameters():
@@ -316,7 +316,7 @@ def test_sigterm_during_the_write_leaves_no_partial_folder(tmp_path, out, loaded
     import sys
 
     target = tmp_path / "fixed"
-    write_patched_model(target, loaded, Patch.load(out / "patch.safetensors"))
+    write_edited_model(target, loaded, Edit.load(out / "patch.safetensors"))
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     proc = subprocess.Popen(
         [

@@ -33,7 +33,7 @@ def test_load_minimal_and_full(tmp_path):
         "ambiguous": "generic first token",
     }
     facts = load_fact_file(write_lines(tmp_path / "f.jsonl", [GOOD, "", full]))
-    assert facts[0] == Fact("The capital of France is", " Paris", "capital", "France")
+    assert facts[0] == Fact("The capital of France is", " Paris", relation="capital", subject="France")
     assert facts[0].ambiguous is None and facts[0].paraphrases == ()
     assert facts[1].paraphrases == ("The capital city of India is",) and facts[1].ambiguous == "generic first token"
     assert facts[1].to_dict()["paraphrases"] == ["The capital city of India is"]
@@ -132,3 +132,15 @@ def test_bundled_ambiguity_flags(bundled):
     assert by_key[("currency", "Japan")].target == " yen"
     assert by_key[("language", "France")].target == " French"
     assert by_key[("city_country", "Lyon")].target == " France"
+
+
+def test_load_facts_reads_each_file_by_its_format(tmp_path):
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"prompt": "The capital of Italy is", "target": " Rome"}]))
+    dataset = write_lines(tmp_path / "d.jsonl", [GOOD])
+    facts = load_facts([dataset, listed])
+    assert [(f.target, f.relation) for f in facts] == [(" Paris", "capital"), (" Rome", None)]
+    assert facts[1].to_dict() == {"prompt": "The capital of Italy is", "target": " Rome"}
+    listed.write_text(json.dumps([GOOD]))
+    with pytest.raises(InputError, match="list.json: .* is also in d.jsonl"):
+        load_facts([dataset, listed])

@@ -1,7 +1,7 @@
 """Every supported family, on a tiny random model of each (``family_model`` in conftest.py): attribution adds up,
 each head's share matches a recomputation written here from the module weights alone, site sizes match the
 config, the upper stack reproduces the model (sliding windows biting), surgery touches only its site and never
-the base, patches round-trip bitwise, and what is outside the supported families is refused in one line.
+the base, edits round-trip bitwise, and what is outside the supported families is refused in one line.
 
 The expected numbers are written from each family's Hugging Face modules directly (Conv1D ``[in, out]``,
 ``nn.Linear`` ``[out, in]``, where each norm sits), never through :mod:`surgery.arch`, so that a wrong adapter
@@ -26,8 +26,8 @@ from surgery.core.errors import UnsupportedModelError
 from surgery.diagnosis.diagnose import accumulated_resid, capture_last_position, diagnose, diagnose_batch, logit_lens
 from surgery.edit.training import SurgeryConfig, operate, train_site
 from surgery.edit.upper_stack import UpperStack, freeze_inputs, kept_answers
-from surgery.evaluation.panels import Probe
-from surgery.io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
+from surgery.evaluation.facts import Fact
+from surgery.io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
 from surgery.io.export import write_output
 from surgery.io.loading import LoadedModel, load_model
 
@@ -35,12 +35,12 @@ PROMPT = "The capital of France is a big red city in the sea and"  # 13 tokens: 
 FACT_PROMPTS = ["The capital of France is", "the cat sat on the mat . the dog sat on the"]  # padded batch
 TEXTS = ["the cat sat on the mat . the dog was in the sea . one two three .", "a big red dog and a small blue cat"]
 CANDIDATE_FACTS = [
-    Probe("The capital of France is", " Paris"),
-    Probe("The capital of Japan is", " Tokyo"),
-    Probe("The capital of Italy is", " Rome"),
-    Probe("The capital of Spain is", " Madrid"),
-    Probe("the sky is", " blue"),
-    Probe("the cat sat on the", " mat"),
+    Fact("The capital of France is", " Paris"),
+    Fact("The capital of Japan is", " Tokyo"),
+    Fact("The capital of Italy is", " Rome"),
+    Fact("The capital of Spain is", " Madrid"),
+    Fact("the sky is", " blue"),
+    Fact("the cat sat on the", " mat"),
 ]
 LAYER = 1
 # One fact, large steps: a random tiny model must be fixed by any site within the budget.
@@ -326,7 +326,7 @@ def test_upper_stack_reproduces_the_model(family_model, tiny_tokenizer, layer):
     with torch.no_grad():
         fact_logits = torch.stack([model(ids_of(tiny_tokenizer, p)).logits[0, -1] for p in FACT_PROMPTS])
         text_lp = torch.cat([F.log_softmax(model(ids_of(tiny_tokenizer, t)).logits[0], -1) for t in TEXTS])
-    frozen = freeze_inputs(model, tiny_tokenizer, [Probe(p, " Paris") for p in FACT_PROMPTS], TEXTS, layer, 512)
+    frozen = freeze_inputs(model, tiny_tokenizer, [Fact(p, " Paris") for p in FACT_PROMPTS], TEXTS, layer, 512)
     assert frozen.text_real.shape[0] == 2 and not frozen.text_real.all()  # padded
     stack, params = UpperStack(model, layer), dict(model.named_parameters())
     for site in ("wv", "layer"):  # a slice spliced into its weight (GPT-2's V columns); every block tensor
@@ -342,7 +342,7 @@ def test_upper_stack_teacher_forces_every_piece_of_the_answer(family_model, tiny
     """A several-token answer: the stack's logits for piece i are the plain model's next-token logits after the
     prompt and pieces 0..i-1, on a batch that mixes one-piece and three-piece answers (right-padded)."""
     model, layer = family_model, 1
-    facts = [Probe(FACT_PROMPTS[0], " Paris is the"), Probe(FACT_PROMPTS[1], " Rome")]
+    facts = [Fact(FACT_PROMPTS[0], " Paris is the"), Fact(FACT_PROMPTS[1], " Rome")]
     with torch.no_grad():
         full = model(ids_of(tiny_tokenizer, FACT_PROMPTS[0] + " Paris is")).logits[0]
         n = ids_of(tiny_tokenizer, FACT_PROMPTS[0]).shape[1]
@@ -359,7 +359,7 @@ def test_upper_stack_keeps_what_the_model_says_after_the_kept_prompts(family_mod
     after it (greedy), and the stack's log-probabilities at those positions are the plain model's, on a
     right-padded batch of prompts of different lengths."""
     model, layer = family_model, 1
-    probes = [Probe(FACT_PROMPTS[0], " Paris is"), Probe(FACT_PROMPTS[1], " Rome")]
+    probes = [Fact(FACT_PROMPTS[0], " Paris is"), Fact(FACT_PROMPTS[1], " Rome")]
     kept = kept_answers(model, tiny_tokenizer, probes)
     assert [len(a) for _, a in kept] == [2, 1]  # as many tokens as each answer has pieces
     expected = []
@@ -393,11 +393,11 @@ def test_the_sliding_windows_bite(tiny_tokenizer, family):
 
 
 # --------------------------------------------------------------------------------------------------
-# 5, 6. Surgery, patches and export.
+# 5, 6. Surgery, edits and export.
 # --------------------------------------------------------------------------------------------------
 
 
-def wrong_fact(model, tokenizer) -> Probe:
+def wrong_fact(model, tokenizer) -> Fact:
     """The first candidate fact the random model gets wrong."""
     with torch.no_grad():
         for fact in CANDIDATE_FACTS:
@@ -417,27 +417,27 @@ def frozen_fact(family_model, tiny_tokenizer):
 
 @pytest.fixture(scope="module", params=SITES)
 def trained(request, family_model, frozen_fact):
-    """A few training steps at one site of block 1 (``train_site``: the steps ``operate`` runs), as a patch."""
+    """A few training steps at one site of block 1 (``train_site``: the steps ``operate`` runs), as an edit."""
     site, model = request.param, family_model
     config = SurgeryConfig(site=site, layer=LAYER, lr=1e-2, epochs=3)
     outcome = train_site(model, frozen_fact.frozen, site, LAYER, config)
     assert outcome.steps >= 1  # the fact was wrong: at least one step ran (early stop once it is fixed)
     slices = tuple(layout_of(model).site_slices(site, LAYER, model))
-    patch = Patch(
+    edit = Edit(
         site,
         LAYER,
         slices,
         outcome.values,
         {"base_config": base_config(model), "base_block_sha256": block_digest(model, LAYER)},
     )
-    return SimpleNamespace(model=model, site=site, patch=patch, before=frozen_fact.before)
+    return SimpleNamespace(model=model, site=site, edit=edit, before=frozen_fact.before)
 
 
-def assert_only_the_site_changed(model, site: str, patch: Patch) -> None:
+def assert_only_the_site_changed(model, site: str, edit: Edit) -> None:
     """The view differs from the base in the site's tensors only (GPT-2 wv: the V columns only); Q/K untouched."""
-    assert set(patch.values) == site_tensors(model, site, LAYER)
-    assert patch.numel == expected_sites(model)[site]
-    view = patched_model(model, patch)
+    assert set(edit.values) == site_tensors(model, site, LAYER)
+    assert edit.numel == expected_sites(model)[site]
+    view = edited_model(model, edit)
     base, new = dict(model.named_parameters()), dict(view.named_parameters())
     assert base.keys() == new.keys()
     changed = {name for name in base if not torch.equal(base[name], new[name])}
@@ -445,7 +445,7 @@ def assert_only_the_site_changed(model, site: str, patch: Patch) -> None:
     for name in base.keys() - changed:
         assert torch.equal(base[name], new[name]), name
 
-    stats = weight_stats(model, patch, view)
+    stats = weight_stats(model, edit, view)
     assert stats.others_unchanged and stats.params_changed > 0
     if site != "wv":
         assert stats.qk_unchanged is None
@@ -468,7 +468,7 @@ def assert_only_the_site_changed(model, site: str, patch: Patch) -> None:
 
 
 def test_training_touches_only_its_site(trained):
-    assert_only_the_site_changed(trained.model, trained.site, trained.patch)
+    assert_only_the_site_changed(trained.model, trained.site, trained.edit)
     assert_state_equal(trained.model.state_dict(), trained.before)  # the base is bitwise unchanged
     assert not any(p.requires_grad for p in trained.model.parameters())
 
@@ -488,17 +488,17 @@ def test_operate_fixes_the_fact_and_touches_only_its_site(operated):
     model, result = operated.model, operated.result
     assert_state_equal(model.state_dict(), operated.before)
     assert result.report.comparison.facts_before == 0 and result.report.comparison.facts_after == 1
-    assert_only_the_site_changed(model, "layer", result.patch)
-    assert result.report.weights.to_dict() == weight_stats(model, result.patch).to_dict()
+    assert_only_the_site_changed(model, "layer", result.edit)
+    assert result.report.weights.to_dict() == weight_stats(model, result.edit).to_dict()
     assert result.report.block == block_prefix(model, LAYER)[:-1]
 
 
-def test_patch_round_trips_bitwise(trained, tmp_path):
-    model, patch = trained.model, trained.patch
-    patch.save(tmp_path / "patch.safetensors")
-    loaded = Patch.load(tmp_path / "patch.safetensors")
-    assert (loaded.site, loaded.layer, loaded.slices) == (patch.site, patch.layer, patch.slices)
-    assert_state_equal(patched_model(model, loaded).state_dict(), patched_model(model, patch).state_dict())
+def test_edit_round_trips_bitwise(trained, tmp_path):
+    model, edit = trained.model, trained.edit
+    edit.save(tmp_path / "patch.safetensors")
+    loaded = Edit.load(tmp_path / "patch.safetensors")
+    assert (loaded.site, loaded.layer, loaded.slices) == (edit.site, edit.layer, edit.slices)
+    assert_state_equal(edited_model(model, loaded).state_dict(), edited_model(model, edit).state_dict())
     assert_state_equal(model.state_dict(), trained.before)
 
 
@@ -519,8 +519,8 @@ def written(operated, family_dir, tiny_tokenizer, tmp_path_factory):
 
 
 def test_written_output_is_the_corrected_model(operated, written):
-    model, patch = operated.model, operated.result.patch
-    assert_state_equal(load_model(written, device="cpu").model.state_dict(), patched_model(model, patch).state_dict())
+    model, edit = operated.model, operated.result.edit
+    assert_state_equal(load_model(written, device="cpu").model.state_dict(), edited_model(model, edit).state_dict())
     assert_state_equal(model.state_dict(), operated.before)
 
 
@@ -542,7 +542,7 @@ def test_apply_patch_cli_reproduces_the_fix(capsys, operated, family_dir, writte
     assert code == 0, err
     assert_state_equal(
         AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt").state_dict(),
-        patched_model(operated.model, operated.result.patch).state_dict(),
+        edited_model(operated.model, operated.result.edit).state_dict(),
     )
 
 

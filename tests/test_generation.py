@@ -144,11 +144,11 @@ def test_greedy_continuations_stop_at_the_context(tiny_model, tiny_tokenizer):
 
 def test_first_step_gives_the_first_token_figures(family_model, tiny_tokenizer):
     # top-1 and the target's rank from the generation's first step equal those of one padded next-token pass
+    from surgery.evaluation.facts import Fact
     from surgery.evaluation.generation import continuations
-    from surgery.evaluation.panels import Probe
     from surgery.evaluation.scoring import target_scores
 
-    probes = [Probe(p, t) for p, t in zip(PROMPTS, [" Paris", " three", " sat", " blue", " Tokyo", " cat"])]
+    probes = [Fact(p, t) for p, t in zip(PROMPTS, [" Paris", " three", " sat", " blue", " Tokyo", " cat"])]
     ids = [tiny_tokenizer.convert_tokens_to_ids(p.target.strip()) for p in probes]
     got = continuations(family_model, tiny_tokenizer, PROMPTS, 3, first_ids=ids)
     s = target_scores(family_model, tiny_tokenizer, probes)

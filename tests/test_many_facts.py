@@ -15,7 +15,9 @@ from surgery.evaluation.panels import DEMO_PANEL, load_panel
 
 
 def _facts(n_relations=2, n=6):
-    return [Fact(f"p{r}-{i}", f" t{i}", f"rel{r}", f"s{i}") for r in range(n_relations) for i in range(n)]
+    return [
+        Fact(f"p{r}-{i}", f" t{i}", relation=f"rel{r}", subject=f"s{i}") for r in range(n_relations) for i in range(n)
+    ]
 
 
 def _records(facts, verdict_of):
@@ -23,7 +25,7 @@ def _records(facts, verdict_of):
 
 
 def test_split_is_per_relation_seeded_and_skips_what_is_not_routing():
-    facts = _facts() + [Fact("amb", " x", "rel0", "s", ambiguous="generic first token")]
+    facts = _facts() + [Fact("amb", " x", relation="rel0", subject="s", ambiguous="generic first token")]
     records = _records(facts, lambda f: "correct" if f.prompt.endswith("-5") else "routing")
     edit, held = split_routing(records, facts, RepairConfig(edit_fraction=0.4, seed=3))
     assert len(edit) == 4 and len(held) == 6  # 5 routing per relation: 2 edited, 3 held out, each relation
@@ -51,7 +53,7 @@ def test_census_panel_judges_on_held_out_and_other_relations(tiny_panel):
 @pytest.mark.slow
 def test_one_edit_for_the_demo_models_routing_failures(demo, tmp_path, capsys):
     panel = load_panel(DEMO_PANEL)
-    facts = [Fact(p.prompt, p.target, "capital", p.prompt.split()[-2]) for p in panel.facts]
+    facts = [Fact(p.prompt, p.target, relation="capital", subject=p.prompt.split()[-2]) for p in panel.facts]
     diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
     records = [census_record(f, d) for f, d in zip(facts, diagnoses)]
     assert sum(r["verdict"] == "routing" for r in records) == 6

@@ -5,14 +5,13 @@ import pytest
 
 from surgery.core.errors import InputError
 from surgery.core.tokens import encode_prompt, encode_target
+from surgery.evaluation.facts import Fact, load_facts
 from surgery.evaluation.panels import (
     DEMO_PANEL,
     ENGLISH_PANEL,
     GPT2_PANEL,
     Panel,
-    Probe,
     fit_panel,
-    load_facts,
     load_panel,
     panel_for_model,
     panel_path_for_model,
@@ -131,7 +130,7 @@ def test_facts_carry_paraphrases(tmp_path):
 def test_load_facts(tmp_path, tiny_panel_file):
     path = tmp_path / "facts.json"
     path.write_text(json.dumps([{"prompt": "The capital of France is", "target": " Paris"}]))
-    assert load_facts(path) == [Probe("The capital of France is", " Paris")]
+    assert load_facts(path) == [Fact("The capital of France is", " Paris")]
     assert len(load_facts(tiny_panel_file)) == 3  # a panel file: its facts
 
 

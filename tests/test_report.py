@@ -1,6 +1,7 @@
 import json
 
-from surgery.evaluation.panels import Panel, Probe
+from surgery.evaluation.facts import Fact
+from surgery.evaluation.panels import Panel
 from surgery.evaluation.report import (
     Comparison,
     allowed_breaks,
@@ -134,7 +135,7 @@ def test_compare_judges_by_generation(tiny_model, tiny_tokenizer, tiny_panel):
     prompt = "The capital of France is"
     words = greedy_continuations(tiny_model, tiny_tokenizer, [prompt], 2)[0].split()
     other = next(w for w in ("Tokyo", "Rome", "Madrid") if w != words[1])
-    trap = Probe(prompt, f" {words[0]} {other}")
+    trap = Fact(prompt, f" {words[0]} {other}")
     panel = Panel.from_dict(
         {**tiny_panel.to_dict(), "relation": [{"prompt": "The capital of Japan is", "target": " Tokyo"}]}
     )

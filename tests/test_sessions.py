@@ -10,17 +10,18 @@ from conftest import make_tiny_model
 
 from surgery.core.errors import ModelLoadError
 from surgery.edit.training import SurgeryConfig, operate
-from surgery.evaluation.panels import Panel, Probe
-from surgery.io.edit_file import Patch
+from surgery.evaluation.facts import Fact
+from surgery.evaluation.panels import Panel
+from surgery.io.edit_file import Edit
 from surgery.io.loading import DEMO_MODEL, LoadedModel
 from surgery.serve.sessions import SessionEdit, load_or_demo, write_downloads
 
-FACTS = [Probe("The capital of France is", "Paris"), Probe("The capital of Japan is", "Tokyo")]
+FACTS = [Fact("The capital of France is", "Paris"), Fact("The capital of Japan is", "Tokyo")]
 PANEL = Panel(
     name="tiny",
     facts=tuple(FACTS),
-    general=(Probe("the cat sat on the", "mat"),),
-    side_effects=(Probe("one two", "three"),),
+    general=(Fact("the cat sat on the", "mat"),),
+    side_effects=(Fact("one two", "three"),),
     perplexity_text="the cat sat on the mat .",
     unrelated_text=("the dog sat on the mat .",),
 )
@@ -73,9 +74,9 @@ def test_downloads_and_discard(tiny_model, tiny_tokenizer, tiny_edit):
     loaded = LoadedModel(tiny_model, tiny_tokenizer, "/models/tiny", revision="abc123")
     files = write_downloads(tiny_edit.folder, loaded, tiny_edit.result)
     assert [f.name for f in files] == ["patch.safetensors", "report.json"]
-    patch = Patch.load(files[0])
-    assert patch.metadata["base_model"] == "tiny" and patch.metadata["revision"] == "abc123"  # no local path
-    patch.check_compatible(tiny_model)
+    edit = Edit.load(files[0])
+    assert edit.metadata["base_model"] == "tiny" and edit.metadata["revision"] == "abc123"  # no local path
+    edit.check_compatible(tiny_model)
     report = json.loads(files[1].read_text())
     assert report["base_model"] == "tiny" and report["facts_fixed"] == "2/2"
     tiny_edit.discard()

@@ -11,9 +11,9 @@ from surgery.core.errors import InputError, NonFiniteError, SurgeryFailed
 from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.edit.training import SurgeryConfig, choose_layer, operate
 from surgery.edit.upper_stack import UpperStack, freeze_inputs
-from surgery.evaluation.panels import Probe
+from surgery.evaluation.facts import Fact
 from surgery.evaluation.scoring import next_token_logits, text_log_probs
-from surgery.io.edit_file import patched_model
+from surgery.io.edit_file import edited_model
 
 FAST = dict(lr=1e-2, kl_weight=50.0)  # the tiny random model needs bigger steps than the documented defaults
 
@@ -56,7 +56,7 @@ def test_wv_fixes_the_facts_and_touches_only_the_v_slice(tiny_model, wv_result):
         (False, True),
     ]
     assert 0 < r.steps < r.epochs
-    view = patched_model(tiny_model, wv_result.patch)
+    view = edited_model(tiny_model, wv_result.edit)
     layout = layout_of(tiny_model)
     base_w, new_w = tiny_model.transformer.h[1].attn.c_attn.weight, view.transformer.h[1].attn.c_attn.weight
     qk = slice(0, 2 * layout.d_model)
@@ -70,7 +70,7 @@ def test_wv_fixes_the_facts_and_touches_only_the_v_slice(tiny_model, wv_result):
     w = r.weights
     assert w.qk_unchanged and w.others_unchanged and w.params_in_site == layout.d_model**2
     assert w.params_changed > 0 and w.delta_l2 > 0 and w.max_abs_delta > 0
-    assert list(wv_result.patch.values) == ["transformer.h.1.attn.c_attn.weight"]
+    assert list(wv_result.edit.values) == ["transformer.h.1.attn.c_attn.weight"]
 
 
 def test_report_is_json(wv_result):
@@ -88,7 +88,7 @@ def test_every_site_fixes_and_leaves_the_base_untouched(tiny_model, tiny_tokeniz
     result = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site=site, layer=2, **FAST), panel=tiny_panel)
     assert result.report.comparison.facts_after == 3
     assert result.report.weights.others_unchanged and result.report.weights.qk_unchanged is None
-    assert result.patch.numel == layout_of(tiny_model).site_size(tiny_model, site, 2)
+    assert result.edit.numel == layout_of(tiny_model).site_size(tiny_model, site, 2)
     for name, value in tiny_model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert not any(p.requires_grad for p in tiny_model.parameters())
@@ -97,7 +97,7 @@ def test_every_site_fixes_and_leaves_the_base_untouched(tiny_model, tiny_tokeniz
 def test_deterministic_for_a_seed(tiny_model, tiny_tokenizer, facts, tiny_panel, wv_result):
     again = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel)
     name = "transformer.h.1.attn.c_attn.weight"
-    assert torch.equal(again.patch.values[name], wv_result.patch.values[name])
+    assert torch.equal(again.edit.values[name], wv_result.edit.values[name])
     assert again.report.steps == wv_result.report.steps
 
 
@@ -167,7 +167,7 @@ def test_auto_layer_without_routing_failures(tiny_model, tiny_tokenizer, monkeyp
 
     monkeypatch.setattr(training, "diagnose_batch", lambda *a, **k: [D()])
     with pytest.raises(InputError, match="absence.*--layer N"):
-        choose_layer(tiny_model, tiny_tokenizer, [Probe("The capital of France is", " Paris")])
+        choose_layer(tiny_model, tiny_tokenizer, [Fact("The capital of France is", " Paris")])
 
 
 def test_nothing_to_fix(tiny_model, tiny_tokenizer, tiny_panel):
@@ -175,7 +175,7 @@ def test_nothing_to_fix(tiny_model, tiny_tokenizer, tiny_panel):
         operate(
             tiny_model,
             tiny_tokenizer,
-            [Probe("The capital of Japan is", " Tokyo")],
+            [Fact("The capital of Japan is", " Tokyo")],
             SurgeryConfig(layer=1),
             panel=tiny_panel,
         )
@@ -190,7 +190,7 @@ def test_bad_input(tiny_model, tiny_tokenizer, facts, tiny_panel):
         operate(
             tiny_model,
             tiny_tokenizer,
-            [Probe("The capital of France is", " Zanzibar")],
+            [Fact("The capital of France is", " Zanzibar")],
             SurgeryConfig(layer=1),
             panel=tiny_panel,
         )
@@ -238,12 +238,12 @@ def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_toke
 
     panel = replace(
         tiny_panel,
-        relation=(Probe("The capital of Spain is", " Madrid"),),
-        neighbourhood=(Probe("the cat sat on the", " mat"),),
+        relation=(Fact("The capital of Spain is", " Madrid"),),
+        neighbourhood=(Fact("the cat sat on the", " mat"),),
     )
     facts = [
-        Probe("The capital of France is", " Paris", ("the capital of France is",)),
-        Probe("The capital of Italy is", " Rome"),
+        Fact("The capital of France is", " Paris", ("the capital of France is",)),
+        Fact("The capital of Italy is", " Rome"),
     ]
     r = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=panel).report
     e = r.to_dict()["evaluation"]
@@ -259,7 +259,7 @@ def test_evaluation_reports_generalization_and_specificity(tiny_model, tiny_toke
 def test_preserved_prompts_keep_what_the_model_says(tiny_model, tiny_tokenizer, facts, tiny_panel):
     """The panel's ``preserve`` prompts join the preservation term: after a repair that carries over to them
     without it, their next-token distribution moves less with it. An edited prompt is never preserved."""
-    keep = [Probe("The capital of Spain is", " Madrid"), Probe("the cat sat on the", " mat")]
+    keep = [Fact("The capital of Spain is", " Madrid"), Fact("the cat sat on the", " mat")]
     prompts = [p.prompt for p in keep]
     base = F.log_softmax(next_token_logits(tiny_model, tiny_tokenizer, prompts).float(), -1)
 
@@ -272,9 +272,7 @@ def test_preserved_prompts_keep_what_the_model_says(tiny_model, tiny_tokenizer, 
             panel=tiny_panel,
             preserve=preserve,
         )
-        after = F.log_softmax(
-            next_token_logits(patched_model(tiny_model, r.patch), tiny_tokenizer, prompts).float(), -1
-        )
+        after = F.log_softmax(next_token_logits(edited_model(tiny_model, r.edit), tiny_tokenizer, prompts).float(), -1)
         return r.report.config["preserved_prompts"], float((base.exp() * (base - after)).sum(-1).mean())
 
     (n_without, without), (n_with, with_) = drift([]), drift(keep + [facts[0]])
@@ -307,11 +305,11 @@ def test_mini_batches_give_the_full_batch_step(tiny_model, tiny_tokenizer, facts
 @pytest.mark.slow
 def test_surgery_exact_with_blocks_offloaded_to_disk(demo, tmp_path):
     """A model spread by device_map (accelerate big-model inference), blocks 1 and 3 on disk: an edit of block 2
-    trains exactly as in memory (same patch, same steps), and its untouched tensors are still checked. The edited
+    trains exactly as in memory (same edit, same steps), and its untouched tensors are still checked. The edited
     block itself must be held in memory: one clear error otherwise."""
     from test_census import offload_map
 
-    from surgery.core.errors import PatchError
+    from surgery.core.errors import EditError
     from surgery.evaluation.panels import DEMO_PANEL, load_panel
     from surgery.io.loading import load_model
 
@@ -326,10 +324,10 @@ def test_surgery_exact_with_blocks_offloaded_to_disk(demo, tmp_path):
     a = operate(demo.model, demo.tokenizer, facts, config, panel=panel)
     b = operate(off.model, off.tokenizer, facts, config, panel=panel)
     assert a.report.steps == b.report.steps and b.report.comparison.facts_after == len(facts)
-    for name, value in a.patch.values.items():
-        torch.testing.assert_close(b.patch.values[name], value, atol=1e-5, rtol=0)
+    for name, value in a.edit.values.items():
+        torch.testing.assert_close(b.edit.values[name], value, atol=1e-5, rtol=0)
     assert b.report.weights.others_unchanged and b.report.weights.qk_unchanged
-    with pytest.raises(PatchError, match="offloaded"):
+    with pytest.raises(EditError, match="offloaded"):
         operate(off.model, off.tokenizer, facts, SurgeryConfig(site="wv", layer=1), panel=panel)
 
 

@@ -8,9 +8,10 @@ from conftest import DEMO_DIR, ROOT, make_family_model, make_tiny_model
 from surgery.arch import ParamSlice, layout_of
 from surgery.cli import main
 from surgery.core.errors import InputError
-from surgery.evaluation.panels import DEMO_PANEL, Probe, load_facts, load_panel
+from surgery.evaluation.facts import Fact, load_facts
+from surgery.evaluation.panels import DEMO_PANEL, load_panel
 from surgery.evaluation.scoring import next_token_logits, score_probes
-from surgery.io.edit_file import Patch, base_config, patched_model
+from surgery.io.edit_file import Edit, base_config, edited_model
 from surgery.patching import weights as wp
 from surgery.patching.weights import (
     ablate_tensor,
@@ -24,9 +25,9 @@ from surgery.patching.weights import (
 )
 
 FACTS = [
-    Probe("The capital of France is", " Paris"),
-    Probe("The capital of Japan is", " Tokyo"),
-    Probe("The capital of Italy is", " Rome"),
+    Fact("The capital of France is", " Paris"),
+    Fact("The capital of Japan is", " Tokyo"),
+    Fact("The capital of Italy is", " Rome"),
 ]
 DEMO_FACTS = ROOT / "assets" / "examples" / "demo_facts.json"
 
@@ -34,7 +35,7 @@ DEMO_FACTS = ROOT / "assets" / "examples" / "demo_facts.json"
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer):
     """A private tiny GPT-2: hybrids install transformers' output recorders on their recipient (as the first
-    ``patched_model`` of any base does), which the shared ``tiny_model`` fixture must not carry."""
+    ``edited_model`` of any base does), which the shared ``tiny_model`` fixture must not carry."""
     return make_tiny_model(len(tiny_tokenizer))
 
 
@@ -71,7 +72,7 @@ def test_param_slice_rows_read_write_and_round_trip():
 
 
 def test_param_slice_old_dicts_still_load():
-    """Patch files written before rows existed have no 'rows' entry; slices without rows write none."""
+    """Edit files written before rows existed have no 'rows' entry; slices without rows write none."""
     assert ParamSlice.from_dict({"name": "w", "cols": [4, 6]}) == ParamSlice("w", slice(4, 6))
     assert ParamSlice("w", slice(4, 6)).to_dict() == {"name": "w", "cols": [4, 6]}
 
@@ -80,12 +81,12 @@ def test_patch_with_row_slice_saves_loads_and_touches_only_its_rows(model, tmp_p
     name = "transformer.h.1.attn.c_proj.weight"
     s = ParamSlice(name, rows=slice(8, 16))
     value = torch.randn(8, 32)
-    patch = Patch("o", 1, (s,), {name: value}, {"base_config": base_config(model)})
-    patch.save(tmp_path / "p.safetensors")
-    loaded = Patch.load(tmp_path / "p.safetensors")
+    edit = Edit("o", 1, (s,), {name: value}, {"base_config": base_config(model)})
+    edit.save(tmp_path / "p.safetensors")
+    loaded = Edit.load(tmp_path / "p.safetensors")
     assert loaded.slices == (s,)
     state = _state(model)
-    view = patched_model(model, loaded)
+    view = edited_model(model, loaded)
     assert _unchanged(model, state)
     new = view.get_parameter(name)
     assert torch.equal(new[8:16], value)
@@ -159,8 +160,8 @@ def test_heads_sharing_a_value_head_share_one_hybrid(tiny_tokenizer, monkeypatch
     layout = layout_of(model)
     donor = _donor_with(model, head_slices(layout, 0, 0, "v"))
     calls = []
-    real = wp.patched_model
-    monkeypatch.setattr(wp, "patched_model", lambda m, p: calls.append(p) or real(m, p))
+    real = wp.edited_model
+    monkeypatch.setattr(wp, "edited_model", lambda m, p: calls.append(p) or real(m, p))
     result = patch_weights(model, donor, tiny_tokenizer, FACTS, "head")
     assert [(c.name, c.head) for c in result.components] == [("v", 0), ("v", 1)]  # both read kv head 0
     assert result.components[0].mean_target_logit_change == result.components[1].mean_target_logit_change
@@ -254,11 +255,11 @@ def demo_surgery(demo):
 
     facts = load_facts(DEMO_FACTS)
     result = operate(demo.model, demo.tokenizer, facts, SurgeryConfig(site="wv"), panel=load_panel(DEMO_PANEL))
-    return facts, result.patch, patched_model(demo.model, result.patch)
+    return facts, result.edit, edited_model(demo.model, result.edit)
 
 
 def test_demo_corrected_v_slice_alone_restores_every_fixed_fact(demo, demo_surgery):
-    facts, patch, donor = demo_surgery
+    facts, edit, donor = demo_surgery
     state = _state(demo.model)
     result = patch_weights(demo.model, donor, demo.tokenizer, facts)
     assert _unchanged(demo.model, state)
@@ -270,7 +271,7 @@ def test_demo_corrected_v_slice_alone_restores_every_fixed_fact(demo, demo_surge
         == (2, 8)
     )
     # Only the edited block's sites that hold its V slice differ: one hybrid each, the rest skipped.
-    assert [(c.name, c.layer) for c in result.components] == [(s, patch.layer) for s in ("wv", "attn", "layer")]
+    assert [(c.name, c.layer) for c in result.components] == [(s, edit.layer) for s in ("wv", "attn", "layer")]
     assert result.skipped_identical == 4 * layout_of(demo.model).n_layer - 3
     wv = result.components[0]
     fixed = [
@@ -279,17 +280,17 @@ def test_demo_corrected_v_slice_alone_restores_every_fixed_fact(demo, demo_surge
     assert wv.facts_correct == 8 and wv.fixed == fixed and wv.broken == []
     assert wv.mean_target_logit_change > 0
     # The hybrid with the wv slice is the donor itself, bitwise.
-    comp = next(c for c in components(demo.model) if (c.name, c.layer) == ("wv", patch.layer))
+    comp = next(c for c in components(demo.model) if (c.name, c.layer) == ("wv", edit.layer))
     assert torch.equal(
         _logits(hybrid(demo.model, donor, comp), demo.tokenizer, facts), _logits(donor, demo.tokenizer, facts)
     )
 
 
 def test_demo_head_granularity_lists_the_edited_blocks_value_slices(demo, demo_surgery):
-    facts, patch, donor = demo_surgery
+    facts, edit, donor = demo_surgery
     result = patch_weights(demo.model, donor, demo.tokenizer, facts, "head")
     n_head = layout_of(demo.model).n_head
-    assert [(c.name, c.layer, c.head) for c in result.components] == [("v", patch.layer, h) for h in range(n_head)]
+    assert [(c.name, c.layer, c.head) for c in result.components] == [("v", edit.layer, h) for h in range(n_head)]
 
 
 def test_demo_zero_ablation_finds_the_override_in_the_last_blocks_attention(demo):
@@ -393,11 +394,11 @@ def test_cli_other_architecture_is_one_line(tiny_model_dir, capsys):
 def test_crosscheck_with_the_corrected_model_as_donor(demo, demo_surgery):
     from surgery.patching.crosscheck import crosscheck
 
-    _, patch, donor = demo_surgery
+    _, edit, donor = demo_surgery
     r = crosscheck(demo.model, demo.tokenizer, "The capital of France is", " Paris", donor=donor)
-    assert r.diagnosis.prescribed_layer == patch.layer
+    assert r.diagnosis.prescribed_layer == edit.layer
     assert [(c.name, c.layer) for c in r.weight_patching.components] == [
-        (s, patch.layer) for s in ("wv", "attn", "layer")
+        (s, edit.layer) for s in ("wv", "attn", "layer")
     ]
     assert all(c.facts_correct == 1 for c in r.weight_patching.components)
     assert r.agree.donor_best_in_prescribed is True

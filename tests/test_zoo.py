@@ -14,7 +14,7 @@ import torch
 
 from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.edit.training import SurgeryConfig, operate
-from surgery.evaluation.panels import Probe
+from surgery.evaluation.facts import Fact
 from surgery.io.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def operate_defaults(loaded, name: str) -> dict:
     """Run the default surgery (site wv, layer auto) on one model's routing facts; its figures."""
     entry = MANIFEST[name]
     facts = [
-        Probe(f["prompt"], f["target"])
+        Fact(f["prompt"], f["target"])
         for f in json.loads((ZOO_DIR / name / "facts.json").read_text())
         if f["prompt"] in entry["expected"]["routing"]
     ]

@@ -3,8 +3,8 @@ the ``surgery`` library and its result back to components; and the work that run
 
 Every callback takes the picker's value (a model key) last; None means the registry's default model. A session's
 edits live in its ``gr.State`` as a :class:`surgery.serve.sessions.SessionEdits` — at most one edit per model,
-handed out only for the model it was made on — and that session's requests run on a patched *view* of the base
-(:func:`surgery.io.edit_file.patched_model`), so sessions never see each other's edits.
+handed out only for the model it was made on — and that session's requests run on an edited *view* of the base
+(:func:`surgery.io.edit_file.edited_model`), so sessions never see each other's edits.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class SurgeryApp:
         result = run_surgery(
             served.model, served.tokenizer, probes, config, served.panel, TrainingProgress(progress, site)
         )
-        progress(1, desc="writing the patch and the report")
+        progress(1, desc="writing the edit file and the report")
         folder = Path(tempfile.mkdtemp(prefix="surgery-session-", dir=self.work_dir))
         files = write_downloads(folder, served.loaded, result)
         new = SessionEdit(result=result, facts=probes, folder=folder, files=list(files), model_key=served.key)
@@ -207,7 +207,7 @@ class SurgeryApp:
         oauth_token: gr.OAuthToken | None = None,
         profile: gr.OAuthProfile | None = None,
     ):
-        """Push this session's corrected model (model folder, patch, report, model card) to the signed-in user's
+        """Push this session's corrected model (model folder, edit file, report, model card) to the signed-in user's
         own namespace."""
         if oauth_token is None or profile is None:
             raise gr.Error(

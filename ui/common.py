@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from surgery.core.errors import InputError, SurgeryError
-from surgery.evaluation.panels import Probe, probes_from_json
+from surgery.evaluation.facts import Fact, facts_from_json
 from surgery.evaluation.report import Comparison, format_rows
 from surgery.serve.registry import ServedModel
 
@@ -76,7 +76,7 @@ def check_prompt(prompt, what: str = "prompt") -> str:
     return prompt
 
 
-def parse_facts(facts) -> list[Probe]:
+def parse_facts(facts) -> list[Fact]:
     """Facts from the JSON editor (a string), a list of ``{"prompt","target"}`` or table rows."""
     if isinstance(facts, str):
         if not facts.strip():
@@ -93,10 +93,10 @@ def parse_facts(facts) -> list[Probe]:
             for r in facts
             if any(str(c or "").strip() for c in r)
         ]
-    probes = probes_from_json(facts, "facts")
-    for p in probes:
-        check_prompt(p.prompt, "fact prompt")
-    return probes
+    parsed = facts_from_json(facts, "facts")
+    for fact in parsed:
+        check_prompt(fact.prompt, "fact prompt")
+    return parsed
 
 
 def parse_layer(layer) -> int | None:

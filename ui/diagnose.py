@@ -11,7 +11,7 @@ import pandas as pd
 
 from surgery.arch import Layout
 from surgery.diagnosis.diagnose import Diagnosis
-from surgery.evaluation.panels import Probe
+from surgery.evaluation.facts import Fact
 from surgery.patching.activations import ActivationPatching
 from surgery.serve.registry import ServedModel
 
@@ -90,12 +90,12 @@ def activation_markdown(r: ActivationPatching, kind: str, layout: Layout) -> str
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def first_fact(served: ServedModel) -> Probe:
+def first_fact(served: ServedModel) -> Fact:
     """What the Diagnose and generation boxes start with: the panel's first fact (France without one)."""
-    return served.facts[0] if served.facts else Probe("The capital of France is", " Paris")
+    return served.facts[0] if served.facts else Fact("The capital of France is", " Paris")
 
 
-def example_label(fact: Probe) -> str:
+def example_label(fact: Fact) -> str:
     """'France → Paris' for 'The capital of France is' / ' Paris' (the last word of the prompt otherwise)."""
     words = fact.prompt.strip().removesuffix(" is").split()
     return f"{words[-1] if words else fact.prompt} → {fact.target.strip()}"

@@ -278,7 +278,7 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
     )
 
     gr.Markdown(
-        "### Ship it\nPush the corrected model (model folder, patch, report and model card) to a new "
+        "### Ship it\nPush the corrected model (model folder, edit file, report and model card) to a new "
         "repository in your own Hugging Face account."
         + ("" if login else " Signing in works on the Space; locally, use `python -m surgery push` with `HF_TOKEN`.")
     )

@@ -97,7 +97,7 @@ def check_supported(config) -> None:
 
 # Where a model keeps its resolved layout: ``(id(model), layout)`` in its own ``__dict__``, so the cache lives and
 # dies with the model (no module-level cache). The id makes a copy miss: ``copy.copy``/``deepcopy`` carry the entry
-# over, but a copy's modules may differ (``patched_model`` swaps a block), so a copy resolves its own layout.
+# over, but a copy's modules may differ (``edited_model`` swaps a block), so a copy resolves its own layout.
 _LAYOUT_ATTR = "_surgery_layout"
 
 
@@ -118,8 +118,8 @@ def layout_of(model: nn.Module) -> Layout:
 
 
 def remember_layout(model: nn.Module, layout: Layout) -> None:
-    """Record ``layout`` as ``model``'s resolved layout (for a view known to have its base's modules, e.g. a
-    patched model: it then skips the module walk)."""
+    """Record ``layout`` as ``model``'s resolved layout (for a view known to have its base's modules, e.g. an
+    edited view: it then skips the module walk)."""
     model.__dict__[_LAYOUT_ATTR] = (id(model), layout)
 
 

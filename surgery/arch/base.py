@@ -276,7 +276,7 @@ class Layout:
         return slice(i * self.d_model, (i + 1) * self.d_model)
 
     def shape_config(self, config) -> dict:
-        """The config entries that fix every tensor shape (recorded in patches)."""
+        """The config entries that fix every tensor shape (recorded in edit files)."""
         return {k: getattr(config, k, None) for k in self.adapter.shape_keys}
 
     def softcap(self, config) -> float | None:

@@ -60,7 +60,7 @@ GPT2 = Adapter(
     norm=NormSpec("layer", eps_attr="eps"),
     linear="conv1d",
     read_dims=_dims,
-    # The same keys as patches written before other families existed, so those patches still apply.
+    # The same keys as edit files written before other families existed, so those edits still apply.
     shape_keys=("model_type", "n_layer", "n_head", "n_embd", "n_inner", "vocab_size", "n_positions"),
     check_config=_check,
 )

@@ -17,7 +17,8 @@ import warnings
 from ..core.errors import SurgeryError
 from .common import sigterm_as_interrupt
 
-# Command modules, in the order `--help` lists them.
+# Command modules, in the order `--help` lists them; each is named after its command (`apply_patch`: the
+# `apply-patch` command, which keeps its name although the thing it applies is now called an edit).
 COMMANDS = [
     "diagnose",
     "sites",

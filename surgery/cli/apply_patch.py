@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..io.edit_file import Patch
-from ..io.export import check_output_dir, write_patched_model
+from ..io.edit_file import Edit
+from ..io.export import check_output_dir, write_edited_model
 from .common import add_device_arg, load
 
 
@@ -25,10 +25,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    patch = Patch.load(args.patch)
+    edit = Edit.load(args.patch)
     check_output_dir(args.out, args.overwrite)
     loaded = load(args, "base")
-    out = write_patched_model(args.out, loaded, patch, overwrite=args.overwrite)
-    print(f"applied {patch.site} patch of block {patch.layer} ({patch.numel:,} parameters) to {loaded.source}")
+    out = write_edited_model(args.out, loaded, edit, overwrite=args.overwrite)
+    print(f"applied {edit.site} patch of block {edit.layer} ({edit.numel:,} parameters) to {loaded.source}")
     print(f"written to {out}")
     return 0

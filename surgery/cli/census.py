@@ -77,6 +77,12 @@ def process_group(device: str):
 
 def run(args: argparse.Namespace) -> int:
     facts = load_facts(args.facts)
+    unlabelled = next((f for f in facts if f.relation is None), None)
+    if unlabelled is not None:  # a JSON facts list: a census counts verdicts per relation
+        raise InputError(
+            f"a census reads fact datasets (.jsonl lines with 'relation' and 'subject', docs/facts.md); "
+            f"the fact {unlabelled.prompt!r} has no relation"
+        )
     config = CensusConfig(
         batch_size=args.batch_size,
         limit=args.limit,

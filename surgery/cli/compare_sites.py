@@ -8,7 +8,7 @@ from dataclasses import replace
 from ..arch import SITES
 from ..core.errors import SurgeryFailed
 from ..edit.training import choose_layer
-from ..evaluation.panels import load_facts
+from ..evaluation.facts import load_facts
 from .common import add_model_arg, load, load_panel_arg, print_json
 from .operate import add_training_args, config_from_args, read_unrelated, run_operate
 

@@ -8,7 +8,7 @@ from ..arch import block_label
 from ..core.errors import InputError, read_input_text
 from ..core.progress import progress_bar
 from ..edit.training import SurgeryConfig, SurgeryResult, operate
-from ..evaluation.panels import load_facts
+from ..evaluation.facts import load_facts
 from ..evaluation.report import format_facts, format_rows, format_wrong
 from ..io.export import check_output_dir, write_output
 from .common import add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer, print_json

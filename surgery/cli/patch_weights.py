@@ -6,7 +6,7 @@ import argparse
 
 from ..arch import Layout
 from ..core.errors import InputError
-from ..evaluation.panels import load_facts
+from ..evaluation.facts import load_facts
 from ..patching.weights import ABLATIONS, GRANULARITIES, WeightPatching, ablate_weights, patch_weights
 from .common import add_device_arg, load, print_json
 

@@ -10,7 +10,7 @@ from ..arch import SITES
 from ..core.errors import InputError
 from ..diagnosis import plots
 from ..edit.reproduce import reproduce
-from ..evaluation.panels import load_facts
+from ..evaluation.facts import load_facts
 from ..io.export import atomic_output, check_output_dir
 from .common import add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluation.panels import load_facts
+from ..evaluation.facts import load_facts
 from ..evaluation.report import PERPLEXITY_TOLERANCE, PROBE_TOLERANCE, format_facts, format_rows, format_wrong
 from ..evaluation.verify import check_same_vocabulary, verify
 from ..io.loading import load_model

@@ -41,8 +41,8 @@ class SurgeryFailed(SurgeryError):
     """Training ran but did not produce a usable edit (NaN/Inf, or facts not fixed in budget)."""
 
 
-class PatchError(SurgeryError):
-    """A patch file is malformed or does not match the base model."""
+class EditError(SurgeryError):
+    """An edit file (``patch.safetensors``) is malformed or does not match the base model."""
 
 
 class OutputError(SurgeryError):

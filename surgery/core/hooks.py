@@ -4,7 +4,7 @@ Hooks live only inside :func:`hooked`; leaving the ``with`` block (normally or b
 shared model never keeps a stray hook.
 
 Hooks are also *thread-scoped*: they fire only for forward passes run by the thread that registered them. The app
-serves many sessions from one shared base model (and patched views that share its untouched modules), so while
+serves many sessions from one shared base model (and edited views that share its untouched modules), so while
 one request diagnoses with hooks, another request's plain forward pass on the same modules in another thread
 must neither feed those hooks nor be altered by them.
 """

@@ -27,7 +27,7 @@ measures; rotary models: every measure is computed on the un-rotated weights, se
   d_head x d_head matrix W_O (U_S^T X_S) W_V, and ``U_S^T X_S`` is shared by all heads.
 
 The table is cached per model in an explicit :class:`StaticHeadCache` that the caller owns (the app keeps
-one; the library keeps none): a weak-keyed map, so caching a table never keeps a model alive, and a patched
+one; the library keeps none): a weak-keyed map, so caching a table never keeps a model alive, and an edited
 view (a new module object) never reuses the base model's table.
 """
 
@@ -97,7 +97,7 @@ class StaticHeadCache:
 
     Owned by whoever serves many requests (the app); pass it to :func:`head_table`. Keys are the model object
     and the config, so weights are assumed never to change in place — which the project guarantees (edits are
-    patched views, i.e. new module objects).
+    edited views, i.e. new module objects).
     """
 
     def __init__(self) -> None:

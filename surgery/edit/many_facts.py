@@ -30,9 +30,9 @@ from ..arch import block_label
 from ..census.run import record_key
 from ..core.errors import InputError, SurgeryFailed
 from ..evaluation.facts import Fact
-from ..evaluation.panels import Panel, Probe
+from ..evaluation.panels import Panel
 from ..evaluation.report import SurgeryReport
-from ..io.edit_file import Patch
+from ..io.edit_file import Edit
 from .training import SurgeryConfig, operate
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ class RepairConfig:
                 raise InputError(f"{name} must be a non-negative integer, not {value!r}")
 
 
-def _probe(fact: Fact) -> Probe:
-    return Probe(fact.prompt, fact.target, fact.paraphrases)
+def _panel_fact(fact: Fact) -> Fact:
+    """``fact`` as a panel lists it: prompt, target and paraphrases (a panel's facts name no relation or subject)."""
+    return Fact(fact.prompt, fact.target, fact.paraphrases)
 
 
 def split_routing(
@@ -110,9 +111,9 @@ def census_panel(
     return replace(
         base,
         name=f"census ({base.name} neighbourhood)",
-        facts=tuple(_probe(f) for f in edit),
-        relation=tuple(_probe(f) for f in held),
-        side_effects=tuple(_probe(f) for f in others[: config.specificity_facts]),
+        facts=tuple(_panel_fact(f) for f in edit),
+        relation=tuple(_panel_fact(f) for f in held),
+        side_effects=tuple(_panel_fact(f) for f in others[: config.specificity_facts]),
         absence=(),
     )
 
@@ -142,7 +143,7 @@ class CensusRepair:
     layer_reason: str
     report: SurgeryReport
     per_fact: PerFactEdits | None
-    patch: Patch | None = None
+    edit: Edit | None = None
 
     def to_dict(self) -> dict:
         one = self.report
@@ -201,7 +202,7 @@ def repair_from_census(
         layer, reason = surgery.layer, "given"
     config_one = replace(surgery, layer=layer)
     say(f"one edit for {len(edit)} facts at {block_label(layer)} ({len(held)} held out)")
-    result = operate(model, tokenizer, [_probe(f) for f in edit], config_one, panel=panel, require_all=False)
+    result = operate(model, tokenizer, [_panel_fact(f) for f in edit], config_one, panel=panel, require_all=False)
     report = result.report
     per_fact = None
     if config.per_fact:
@@ -211,7 +212,7 @@ def repair_from_census(
         for fact in sample:
             say(f"one edit for {fact.prompt!r} alone")
             try:
-                results.append(operate(model, tokenizer, [_probe(fact)], config_one, panel=single).report)
+                results.append(operate(model, tokenizer, [_panel_fact(fact)], config_one, panel=single).report)
             except (SurgeryFailed, InputError) as e:
                 failed.append(f"{fact.prompt!r}: {e}")
         c = report.comparison
@@ -225,4 +226,4 @@ def repair_from_census(
             side_effects_total=c.panel_before.side_effects.total,
             failed=failed,
         )
-    return CensusRepair(len(edit), len(held), layer, reason, report, per_fact, result.patch)
+    return CensusRepair(len(edit), len(held), layer, reason, report, per_fact, result.edit)

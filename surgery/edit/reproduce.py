@@ -17,7 +17,8 @@ from torch import nn
 from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, SurgeryFailed
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
-from ..evaluation.panels import Panel, Probe
+from ..evaluation.facts import Fact
+from ..evaluation.panels import Panel
 from ..evaluation.report import SurgeryReport
 from .training import SurgeryConfig, layer_from_diagnoses, operate
 
@@ -223,7 +224,7 @@ def _diagnosis_row(d: Diagnosis) -> dict:
 def reproduce(
     model: nn.Module,
     tokenizer,
-    facts: Sequence[Probe],
+    facts: Sequence[Fact],
     panel: Panel,
     name: str = "model",
     sites: Sequence[str] = SITES,

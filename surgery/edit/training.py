@@ -4,7 +4,7 @@ Invariant (as in ROME): the model passed in is the same at the end as at the sta
 a private copy of the edited block; the trainable tensors are exactly the site's slices (for ``wv`` the
 value projection's weight — GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight`` — so the Q/K
 weights, biases and norms are never trainable and stay bitwise identical); the blocks above are run read-only
-from the base. The result is a :class:`~surgery.io.edit_file.Patch`; :func:`~surgery.io.edit_file.patched_model`
+from the base. The result is a :class:`~surgery.io.edit_file.Edit`; :func:`~surgery.io.edit_file.edited_model`
 turns it into a usable view.
 
 Speed by design: the blocks below ``layer`` are frozen, so their output — the residual input of block
@@ -48,10 +48,11 @@ from torch import Tensor, nn
 from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, NonFiniteError, SurgeryFailed, require_positive_int
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
-from ..evaluation.panels import ENGLISH_PANEL, Panel, Probe, fit_panel, load_panel, panel_for_model
+from ..evaluation.facts import Fact
+from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
-from ..io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
+from ..io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
 from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches, kept_answers
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def unrelated_token_budget(d_vocab: int) -> int:
 
 @dataclass
 class SurgeryResult:
-    patch: Patch
+    edit: Edit
     report: SurgeryReport
 
     def to_dict(self) -> dict:
@@ -150,7 +151,7 @@ class SurgeryResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> tuple[int, str, list[str]]:
+def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> tuple[int, str, list[str]]:
     """The most common prescribed layer among the facts diagnosed as routing failures (ties: the first such
     fact's). Returns ``(layer, reason, verdicts)``; raises :class:`InputError` when no fact is a routing failure.
     """
@@ -383,13 +384,13 @@ def _n_fixed(logits: Tensor, targets: Tensor, rows: Tensor, n_facts: int, margin
 def operate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    facts: Sequence[Probe],
+    facts: Sequence[Fact],
     config: SurgeryConfig = SurgeryConfig(),
     unrelated: Sequence[str] | None = None,
     progress: Progress | None = None,
     panel: Panel | None = None,
     require_all: bool = True,
-    preserve: Sequence[Probe] | None = None,
+    preserve: Sequence[Fact] | None = None,
 ) -> SurgeryResult:
     """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
 
@@ -452,14 +453,14 @@ def operate(
             outcome = train_site(model, frozen, config.site, layer, config, progress)
             train_time += time.perf_counter() - t_train
         slices = tuple(layout.site_slices(config.site, layer, model))
-        patch = Patch(
+        edit = Edit(
             config.site,
             layer,
             slices,
             outcome.values,
             {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)},
         )
-        edited = patched_model(model, patch)
+        edited = edited_model(model, edit)
         after = score_probes(edited, tokenizer, facts)
         wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
         tried.append(
@@ -474,10 +475,10 @@ def operate(
         )
         log.info("block %d: %d/%d facts fixed in %d steps", layer, tried[-1]["fixed"], sum(keep), outcome.steps)
         if best is None or len(wrong) < len(best[5]):
-            best = (layer, outcome, patch, edited, after, wrong)
+            best = (layer, outcome, edit, edited, after, wrong)
         if not wrong:
             break
-    layer, outcome, patch, edited, after, wrong = best
+    layer, outcome, edit, edited, after, wrong = best
     if layer != layers[0]:
         reason += f"; block {layers[0]} did not fix every fact within {config.epochs} epochs, block {layer} did better"
     if wrong and require_all:
@@ -503,7 +504,7 @@ def operate(
         site=config.site,
         layer=layer,
         layer_reason=reason,
-        params_in_site=patch.numel,
+        params_in_site=edit.numel,
         params_total=count_parameters(model),
         steps=outcome.steps,
         epochs=config.epochs,
@@ -513,7 +514,7 @@ def operate(
         train_time_s=train_time,
         wall_time_s=time.perf_counter() - t0,
         comparison=comparison,
-        weights=weight_stats(model, patch, edited),
+        weights=weight_stats(model, edit, edited),
         config={
             **config.to_dict(),
             "layer": layer,
@@ -526,4 +527,4 @@ def operate(
         block=layout.adapter.block(layer),
         tried=tried,
     )
-    return SurgeryResult(patch, report)
+    return SurgeryResult(edit, report)

@@ -26,8 +26,8 @@ from ..arch import layout_of, unembed
 from ..core.errors import InputError
 from ..core.hooks import hooked, main_output
 from ..core.tokens import encode_prompt, encode_target, pad_right, real_positions
+from ..evaluation.facts import Fact
 from ..evaluation.generation import continuations
-from ..evaluation.panels import Probe
 from ..evaluation.scoring import encode_texts
 from ..io.edit_file import copy_block
 
@@ -118,7 +118,7 @@ def _truncate_texts(encoded: list[list[int]], budget: int) -> list[list[int]]:
 def freeze_inputs(
     model: nn.Module,
     tokenizer,
-    facts: Sequence[Probe],
+    facts: Sequence[Fact],
     unrelated: Sequence[str],
     layer: int,
     max_unrelated_tokens: int,
@@ -170,13 +170,13 @@ def freeze_inputs(
     return frozen
 
 
-def kept_answers(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> list[tuple[list[int], list[int]]]:
+def kept_answers(model: nn.Module, tokenizer, probes: Sequence[Fact]) -> list[tuple[list[int], list[int]]]:
     """For each probe, its prompt's ids and what the model says after it (greedy): as many tokens as the probe's
     target has pieces. The preservation term keeps those positions as they are, whatever the model says there.
     A probe this tokenizer cannot encode, or too long for the context, is left out."""
     n_ctx = layout_of(model).n_ctx
 
-    def usable(p: Probe) -> bool:
+    def usable(p: Fact) -> bool:
         try:
             return len(encode_prompt(tokenizer, p.prompt, n_ctx)) + len(encode_target(tokenizer, p.target)) < n_ctx
         except InputError:
@@ -194,7 +194,7 @@ def kept_answers(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> list[t
 def freeze_fact_batches(
     model: nn.Module,
     tokenizer,
-    facts: Sequence[Probe],
+    facts: Sequence[Fact],
     unrelated: Sequence[str],
     layer: int,
     max_unrelated_tokens: int,

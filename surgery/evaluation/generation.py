@@ -105,7 +105,7 @@ def greedy_continuations(
 
     With ``targets`` (one per prompt), a row stops as soon as :func:`decided` says its verdict is settled, so a
     judged continuation is only as long as it needs to be; a row whose target is None runs to its budget. Works
-    on a base model and on a patched view alike.
+    on a base model and on an edited view alike.
     """
     return continuations(model, tokenizer, prompts, max_new_tokens, targets, words=words, batch_size=batch_size).texts
 
@@ -180,7 +180,7 @@ def _generate_group(
     """Greedy decoding of prompts of one token length, through the KV cache, until every row is done. A row that
     is done leaves the batch (and the cache) at once, so the rest run on without it."""
     device = next(model.parameters()).device
-    # The decoder and the unembedding, as every evaluation runs the model: a patched view of a model that
+    # The decoder and the unembedding, as every evaluation runs the model: an edited view of a model that
     # accelerate dispatched keeps its hooked top-level forward bound to the base, its decoder is the view's.
     decoder = model.get_submodule(layout_of(model).adapter.base)
     input_ids = torch.tensor(encoded, device=device)  # (B, T): equal lengths, no padding
@@ -251,7 +251,7 @@ def said(
 
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
     """The greedy continuation of ``prompt`` (the new text only), at most ``max_new_tokens`` tokens and never past
-    the context window. Works on a base model and on a :func:`~surgery.io.edit_file.patched_model` view alike."""
+    the context window. Works on a base model and on a :func:`~surgery.io.edit_file.edited_model` view alike."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, not {max_new_tokens!r}")
     return greedy_continuations(model, tokenizer, [prompt], max_new_tokens)[0]

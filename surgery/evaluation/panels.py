@@ -18,20 +18,20 @@ A panel is a JSON file (format in ``docs/panels.md``) holding, in one model's vo
 
 A fact may carry ``paraphrases``: other wordings of its prompt with the same answer, scored but never trained.
 Panels are chosen per model by :func:`panel_for_model` and fitted to its tokenizer by :func:`fit_panel`
-(probes the vocabulary cannot encode are dropped and listed); a facts file is a JSON list of
-``{"prompt", "target", "paraphrases"?}``.
+(probes the vocabulary cannot encode are dropped and listed). Each probe is a :class:`~surgery.evaluation.facts.Fact`
+(prompt, answer, paraphrases); a facts list is read by :func:`~surgery.evaluation.facts.load_facts`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
-from ..core.errors import InputError, read_input_text
+from ..core.errors import InputError
+from .facts import Fact, facts_from_json, read_json
 
 PANELS_DIR = Path(__file__).resolve().parents[2] / "assets" / "panels"
 DEMO_PANEL = PANELS_DIR / "demo.json"
@@ -42,43 +42,20 @@ GPT2_VOCAB_SIZE = 50257  # gpt2, distilgpt2, gpt2-medium/large/xl share this BPE
 
 
 @dataclass(frozen=True)
-class Probe:
-    """One prompt and the answer text expected next (GPT-2 style: ``" Paris"`` with its leading space)."""
-
-    prompt: str
-    target: str
-    paraphrases: tuple[str, ...] = ()  # other wordings of the prompt with the same answer (scored, never trained)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise InputError("a probe has an empty prompt")
-        if not isinstance(self.target, str) or not self.target.strip():
-            raise InputError(f"the probe {self.prompt!r} has an empty target")
-        if any(not isinstance(p, str) or not p.strip() for p in self.paraphrases):
-            raise InputError(f"the probe {self.prompt!r} has an empty paraphrase")
-
-    def to_dict(self) -> dict:
-        d = {"prompt": self.prompt, "target": self.target}
-        if self.paraphrases:
-            d["paraphrases"] = list(self.paraphrases)
-        return d
-
-
-@dataclass(frozen=True)
 class Panel:
     """All probes used to judge an edit of one model (see the module docstring)."""
 
     name: str
     description: str = ""
-    facts: tuple[Probe, ...] = ()
-    absence: tuple[Probe, ...] = ()
-    general: tuple[Probe, ...] = ()
-    side_effects: tuple[Probe, ...] = ()
+    facts: tuple[Fact, ...] = ()
+    absence: tuple[Fact, ...] = ()
+    general: tuple[Fact, ...] = ()
+    side_effects: tuple[Fact, ...] = ()
     perplexity_text: str = ""
     unrelated_text: tuple[str, ...] = field(default=())
-    neighbourhood: tuple[Probe, ...] = ()
-    relation: tuple[Probe, ...] = ()
-    preserve: tuple[Probe, ...] = ()
+    neighbourhood: tuple[Fact, ...] = ()
+    relation: tuple[Fact, ...] = ()
+    preserve: tuple[Fact, ...] = ()
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "description": self.description}
@@ -97,9 +74,7 @@ class Panel:
         texts = d.get("unrelated_text", ())
         if isinstance(texts, str):
             texts = [texts]
-        lists = {
-            key: tuple(probes_from_json(d.get(key, []), f"{where} {key}", allow_empty=True)) for key in PROBE_LISTS
-        }
+        lists = {key: tuple(facts_from_json(d.get(key, []), f"{where} {key}", allow_empty=True)) for key in PROBE_LISTS}
         panel = cls(
             name=str(d.get("name", where)),
             description=str(d.get("description", "")),
@@ -114,47 +89,9 @@ class Panel:
         return panel
 
 
-def probes_from_json(items, where: str, allow_empty: bool = False) -> list[Probe]:
-    """``[{"prompt": ..., "target": ...}, ...]`` -> probes, with a message naming the bad entry."""
-    if not isinstance(items, list):
-        raise InputError(f'{where}: expected a list of {{"prompt", "target"}} objects')
-    if not items and not allow_empty:
-        raise InputError(f'{where} is empty: give at least one {{"prompt", "target"}} fact')
-    probes = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise InputError(f"{where}: entry {i + 1} is not an object with 'prompt' and 'target'")
-        for key in ("prompt", "target"):
-            if not isinstance(item.get(key), str) or not item[key].strip():
-                raise InputError(f"{where}: entry {i + 1} has no {key!r} (each fact needs 'prompt' and 'target')")
-        paraphrases = item.get("paraphrases", [])
-        if not isinstance(paraphrases, list) or any(not isinstance(x, str) or not x.strip() for x in paraphrases):
-            raise InputError(f"{where}: entry {i + 1} has 'paraphrases' that are not a list of non-empty prompts")
-        probes.append(Probe(item["prompt"], item["target"], tuple(paraphrases)))
-    return probes
-
-
-def _read_json(path: str | os.PathLike, what: str):
-    text = read_input_text(path, what)
-    if not text.strip():
-        raise InputError(f"{what} {path} is empty")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-
-
 def load_panel(path: str | os.PathLike) -> Panel:
     """Read a panel JSON file; raises :class:`InputError` naming what is wrong."""
-    return Panel.from_dict(_read_json(path, "panel file"), where=Path(path).name)
-
-
-def load_facts(path: str | os.PathLike) -> list[Probe]:
-    """Read a facts file: a JSON list of ``{"prompt","target"}``, or a panel object (its ``facts`` are used)."""
-    data = _read_json(path, "facts file")
-    if isinstance(data, dict) and "facts" in data:
-        data = data["facts"]
-    return probes_from_json(data, f"facts file {Path(path).name}")
+    return Panel.from_dict(read_json(path, "panel file"), where=Path(path).name)
 
 
 def panel_path_for_model(model: nn.Module) -> Path:
@@ -185,7 +122,7 @@ def fit_panel(panel: Panel, tokenizer, n_ctx: int) -> FittedPanel:
     tokenizer; a word-level vocabulary (the demo model's) keeps only what it has words for."""
     from ..core.tokens import encode_prompt, encode_target
 
-    def usable(probe: Probe) -> bool:
+    def usable(probe: Fact) -> bool:
         try:
             encode_prompt(tokenizer, probe.prompt, n_ctx)
             encode_target(tokenizer, probe.target)

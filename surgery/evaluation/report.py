@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ..io.edit_file import WeightStats
-from .panels import Panel, Probe, fit_panel
+from .facts import Fact
+from .panels import Panel, fit_panel
 from .scoring import (
     FLUENCY_TOKENS,
     Fluency,
@@ -287,7 +288,7 @@ def compare(
     base: nn.Module,
     edited: nn.Module,
     tokenizer,
-    facts: Sequence[Probe],
+    facts: Sequence[Fact],
     panel: Panel,
     unrelated: Sequence[str] | None = None,
     verdicts: list[str] | None = None,
@@ -307,7 +308,7 @@ def compare(
     fitted = fit_panel(panel, tokenizer, layout_of(base).n_ctx)
     panel = fitted.panel
     unrelated = list(unrelated) if unrelated is not None else list(panel.unrelated_text)
-    paraphrases = [Probe(text, f.target) for f in facts for text in (f.paraphrases or panel.paraphrases_of(f.prompt))]
+    paraphrases = [Fact(text, f.target) for f in facts for text in (f.paraphrases or panel.paraphrases_of(f.prompt))]
     lists = {"paraphrases": paraphrases, **panel_probes(panel, frozenset(f.prompt for f in facts))}
 
     prompts = fluency_prompts(facts, panel) if fluency_tokens else []

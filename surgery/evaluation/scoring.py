@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from ..arch import layout_of, unembed
 from ..core.tokens import encode_prompt, encode_target, pad_right, real_positions, token_text
+from .facts import Fact
 from .generation import continuations, greedy_continuations, judge, judge_budget
-from .panels import Panel, Probe
+from .panels import Panel
 
 BATCH_SIZE = 32
 KL_CHUNK = 64  # positions unembedded at a time by mean_kl
@@ -159,7 +160,7 @@ class TargetScores(NamedTuple):
     logits: Tensor
 
 
-def target_scores(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> TargetScores:
+def target_scores(model: nn.Module, tokenizer, probes: Sequence[Fact]) -> TargetScores:
     """:class:`TargetScores` of ``probes`` (at least one), scored one batch of logits at a time."""
     targets = torch.tensor([encode_target(tokenizer, p.target)[0] for p in probes])
     tops, ranks, picked = [], [], []
@@ -173,7 +174,7 @@ def target_scores(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> Targe
     return TargetScores(targets.to(top.device), top, torch.cat(ranks), torch.cat(picked))
 
 
-def score_probes(model: nn.Module, tokenizer, probes: Sequence[Probe]) -> ProbeScores:
+def score_probes(model: nn.Module, tokenizer, probes: Sequence[Fact]) -> ProbeScores:
     """Each probe judged by its greedy continuation (strict and lenient, as :func:`~surgery.evaluation.generation.said`
     judges), with the first-token diagnostic beside it (the first generation step's top-1 token against the
     target's first token, and that token's rank): one batched generation."""
@@ -191,7 +192,7 @@ class JudgedLists:
 def judge_lists(
     model: nn.Module,
     tokenizer,
-    lists: Mapping[str, Sequence[Probe]],
+    lists: Mapping[str, Sequence[Fact]],
     fluency_prompts: Sequence[str] = (),
     fluency_tokens: int = FLUENCY_TOKENS,
 ) -> JudgedLists:
@@ -236,7 +237,7 @@ def judge_lists(
     return JudgedLists(split, fluent)
 
 
-def score_lists(model: nn.Module, tokenizer, lists: Mapping[str, Sequence[Probe]]) -> dict[str, ProbeScores]:
+def score_lists(model: nn.Module, tokenizer, lists: Mapping[str, Sequence[Fact]]) -> dict[str, ProbeScores]:
     """:func:`score_probes` of several named lists in one batched call, split back by name."""
     return judge_lists(model, tokenizer, lists).scores
 
@@ -311,7 +312,7 @@ def mean_kl(base: nn.Module, edited: nn.Module, tokenizer, texts, chunk: int = K
 PANEL_LISTS = ("general", "side_effects", "neighbourhood", "relation")
 
 
-def panel_probes(panel: Panel, exclude: frozenset[str] = frozenset()) -> dict[str, list[Probe]]:
+def panel_probes(panel: Panel, exclude: frozenset[str] = frozenset()) -> dict[str, list[Fact]]:
     """``panel``'s probe lists by name (:data:`PANEL_LISTS`); relation probes whose prompt is in ``exclude`` (the
     edited facts) are left out."""
     return {
@@ -383,7 +384,7 @@ def fluency(model: nn.Module, tokenizer, prompts: Sequence[str], tokens: int = F
 
 
 def fluency_prompts(
-    facts: Sequence[Probe], panel: Panel, general: int = FLUENCY_GENERAL, edited: int = FLUENCY_FACTS
+    facts: Sequence[Fact], panel: Panel, general: int = FLUENCY_GENERAL, edited: int = FLUENCY_FACTS
 ) -> list[str]:
     """The fluency prompts of an edit: the prompts of its first ``edited`` facts, then the first ``general`` of
     ``panel``'s general probes (in the model's vocabulary once the panel is fitted), without repeats. Few and

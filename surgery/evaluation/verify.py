@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from ..core.errors import InputError
-from .panels import Panel, Probe, panel_for_model
+from .facts import Fact
+from .panels import Panel, panel_for_model
 from .report import PERPLEXITY_TOLERANCE, PROBE_TOLERANCE, Comparison, compare, regressions
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def verify(
     base: nn.Module,
     corrected: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    facts: Sequence[Probe] | None = None,
+    facts: Sequence[Fact] | None = None,
     panel: Panel | None = None,
     perplexity_tolerance: float = PERPLEXITY_TOLERANCE,
     probe_tolerance: float = PROBE_TOLERANCE,

@@ -1,14 +1,15 @@
-"""An edit as a patch: the new values of the trained slices of one block, and views that apply it.
+"""The shipped edit (:class:`Edit`): the new values of the trained slices of one block, and views that apply it.
 
-The base model is never modified. :func:`patched_model` builds a *view*: new container objects along the path to the
+The base model is never modified. :func:`edited_model` builds a *view*: new container objects along the path to the
 blocks (``model -> transformer -> h`` for GPT-2, ``model -> model -> layers`` for the others), every untouched
-module and parameter shared with the base (same tensors, no copy), and a private copy of the one patched block
+module and parameter shared with the base (same tensors, no copy), and a private copy of the one edited block
 carrying the new values. Several sessions can each hold their own view of one shared base at once, without locks.
 
-On disk a patch is a safetensors file holding only the trained slices (for ``wv``: just the value projection's
+On disk an edit is a safetensors file holding only the trained slices (for ``wv``: just the value projection's
 weight; GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision,
-site, layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so a patch is refused
-on any other base.
+site, layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so an edit is refused
+on any other base. (The file is ``patch.safetensors`` and its format tag ``transformer-surgery-patch/1``:
+names from before the class was called ``Edit``, kept so that files already written and pushed still load.)
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..arch import ParamSlice, layout_of, remember_layout
-from ..core.errors import PatchError
+from ..core.errors import EditError
 
-FORMAT = "transformer-surgery-patch/1"
+FORMAT = "transformer-surgery-patch/1"  # the on-disk tag, unchanged since the first edit files
 JSON_METADATA = ("base_config",)  # metadata entries stored as JSON text; the others are plain strings
 
 
 @dataclass
-class Patch:
+class Edit:
     """New values of the trained slices of block ``layer``; ``values[name]`` has the slice's shape."""
 
     site: str
@@ -61,11 +62,11 @@ class Patch:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Patch:
-        """Read a patch file; raises :class:`PatchError` if it is missing or not a surgery patch."""
+    def load(cls, path: str | os.PathLike) -> Edit:
+        """Read an edit file; raises :class:`EditError` if it is missing or not a surgery edit file."""
         path = Path(path)
         if not path.is_file():
-            raise PatchError(f"patch file {path} does not exist")
+            raise EditError(f"patch file {path} does not exist")
         try:
             from safetensors import safe_open
 
@@ -73,31 +74,31 @@ class Patch:
                 meta = dict(f.metadata() or {})
             values = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise PatchError(f"{path} is not a readable safetensors file: {e}") from None
+            raise EditError(f"{path} is not a readable safetensors file: {e}") from None
         if meta.get("format") != FORMAT:
-            raise PatchError(f"{path} is not a surgery patch (no '{FORMAT}' metadata)")
+            raise EditError(f"{path} is not a surgery patch (no '{FORMAT}' metadata)")
         try:
             slices = tuple(ParamSlice.from_dict(d) for d in json.loads(meta.pop("slices")))
             site, layer = meta.pop("site"), int(meta.pop("layer"))
         except (KeyError, ValueError, TypeError) as e:
-            raise PatchError(f"{path} has broken patch metadata ({e})") from None
+            raise EditError(f"{path} has broken patch metadata ({e})") from None
         meta.pop("format")
         if {s.name for s in slices} != set(values):
-            raise PatchError(f"{path}: its tensors do not match its slice list")
+            raise EditError(f"{path}: its tensors do not match its slice list")
         for name, value in values.items():
             if not value.is_floating_point():
-                raise PatchError(f"{path}: tensor {name} holds {value.dtype} values, not weights")
+                raise EditError(f"{path}: tensor {name} holds {value.dtype} values, not weights")
             if not bool(torch.isfinite(value).all()):
-                raise PatchError(f"{path}: tensor {name} holds NaN or inf values")
+                raise EditError(f"{path}: tensor {name} holds NaN or inf values")
         try:
             meta.update({k: json.loads(meta[k]) for k in JSON_METADATA if k in meta})
         except json.JSONDecodeError as e:
-            raise PatchError(f"{path} has broken patch metadata ({e})") from None
+            raise EditError(f"{path} has broken patch metadata ({e})") from None
         return cls(site, layer, slices, values, meta)
 
     def check_compatible(self, model: nn.Module) -> None:
-        """Raise :class:`PatchError` unless ``model`` is the base this patch was made from (config, shapes and
-        the SHA-256 of the patched block's weights)."""
+        """Raise :class:`EditError` unless ``model`` is the base this edit was made from (config, shapes and
+        the SHA-256 of the edited block's weights)."""
         config = base_config(model)
         expected = self.metadata.get("base_config")
         if expected is not None:
@@ -107,30 +108,30 @@ class Patch:
                 if expected.get(k) != config.get(k)
             ]
             if diff:
-                raise PatchError(f"this patch was made for another model architecture: {'; '.join(diff)}")
+                raise EditError(f"this patch was made for another model architecture: {'; '.join(diff)}")
         layout = layout_of(model)
         if not 0 <= self.layer < layout.n_layer:
-            raise PatchError(f"this patch edits block {self.layer}; the model has blocks 0..{layout.n_layer - 1}")
+            raise EditError(f"this patch edits block {self.layer}; the model has blocks 0..{layout.n_layer - 1}")
         block = layout.adapter.block(self.layer)
         params = dict(model.named_parameters())
         for s in self.slices:
-            # patched_model writes each slice into its copy of block `layer` by the name's tail: a slice of another
+            # edited_model writes each slice into its copy of block `layer` by the name's tail: a slice of another
             # block would silently land in this one
             if not s.name.startswith(block + "."):
-                raise PatchError(
+                raise EditError(
                     f"this patch says it edits block {self.layer} ({block}), but it holds {s.name}, "
                     "which is not in that block: the file is damaged or was crafted"
                 )
             if s.name not in params:
-                raise PatchError(f"this patch edits {s.name}, which the model does not have")
+                raise EditError(f"this patch edits {s.name}, which the model does not have")
             want = tuple(s.read(params[s.name]).shape)
             if tuple(self.values[s.name].shape) != want:
-                raise PatchError(
+                raise EditError(
                     f"{s.name}: the patch holds shape {tuple(self.values[s.name].shape)}, the model's slice is {want}"
                 )
         digest = self.metadata.get("base_block_sha256")
         if digest is not None and digest != block_digest(model, self.layer):
-            raise PatchError(
+            raise EditError(
                 f"this patch was made for another base model: block {self.layer}'s weights differ "
                 f"(patch base: {self.metadata.get('base_model', 'unknown')})"
             )
@@ -181,7 +182,7 @@ def copy_block(model: nn.Module, layer: int) -> nn.Module:
     """A private deep copy of block ``layer`` (sharing the config object), without request-scoped hooks."""
     path = layout_of(model).adapter.block(layer)
     if any(p.device.type == "meta" for p in model.get_submodule(path).parameters()):
-        raise PatchError(
+        raise EditError(
             f"block {layer} ({path}) is offloaded (device_map put it on disk or offloaded it to the CPU): "
             "the block an edit changes must be held in memory; give it a device in device_map"
         )
@@ -198,23 +199,23 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-def patched_model(model: nn.Module, patch: Patch) -> nn.Module:
-    """A view of ``model`` with ``patch`` applied; ``model``'s weights are not modified (see the module
+def edited_model(model: nn.Module, edit: Edit) -> nn.Module:
+    """A view of ``model`` with ``edit`` applied; ``model``'s weights are not modified (see the module
     docstring). transformers' inert output-recording hooks are installed on ``model`` first, as its first
     ``output_hidden_states=True`` call would, so that the view and the base each record their outputs once.
 
-    Raises :class:`PatchError` if the patch does not fit ``model``.
+    Raises :class:`EditError` if the edit does not fit ``model``.
     """
-    patch.check_compatible(model)
+    edit.check_compatible(model)
     _install_output_recorders(model)
     layout = layout_of(model)
-    block_path = layout.adapter.block(patch.layer)
-    new_block = copy_block(model, patch.layer)
+    block_path = layout.adapter.block(edit.layer)
+    new_block = copy_block(model, edit.layer)
     prefix = block_path + "."
     with torch.no_grad():
-        for s in patch.slices:
+        for s in edit.slices:
             param = new_block.get_parameter(s.name[len(prefix) :])
-            s.read(param).copy_(patch.values[s.name].to(param.device, param.dtype))
+            s.read(param).copy_(edit.values[s.name].to(param.device, param.dtype))
     view = _shallow_copy(model)
     parent = view
     parts = block_path.split(".")
@@ -242,12 +243,12 @@ class WeightStats:
         return dict(vars(self))
 
 
-def weight_stats(model: nn.Module, patch: Patch, edited: nn.Module | None = None) -> WeightStats:
-    """Compare ``edited`` (default: ``patched_model(model, patch)``) with the base ``model``, bitwise."""
-    edited = patched_model(model, patch) if edited is None else edited
+def weight_stats(model: nn.Module, edit: Edit, edited: nn.Module | None = None) -> WeightStats:
+    """Compare ``edited`` (default: ``edited_model(model, edit)``) with the base ``model``, bitwise."""
+    edited = edited_model(model, edit) if edited is None else edited
     base_params = dict(model.named_parameters())
     new_params = dict(edited.named_parameters())
-    trained = {s.name: s for s in patch.slices}
+    trained = {s.name: s for s in edit.slices}
     changed, sq, max_abs = 0, 0.0, 0.0
     others_unchanged = True
     for name, base in base_params.items():
@@ -267,13 +268,13 @@ def weight_stats(model: nn.Module, patch: Patch, edited: nn.Module | None = None
             mask[s.cols] = False
             others_unchanged &= torch.equal(base[:, mask], new[:, mask])
     qk_unchanged = None
-    if patch.site == "wv":  # everything that shapes the attention pattern: Q/K weights, biases and norms
+    if edit.site == "wv":  # everything that shapes the attention pattern: Q/K weights, biases and norms
         qk_unchanged = all(
             torch.equal(s.read(base_params[s.name]), s.read(new_params[s.name]))
-            for s in layout_of(model).qk_slices(model, patch.layer)
+            for s in layout_of(model).qk_slices(model, edit.layer)
         )
     return WeightStats(
-        params_in_site=patch.numel,
+        params_in_site=edit.numel,
         params_changed=changed,
         delta_l2=sq**0.5,
         max_abs_delta=max_abs,

@@ -1,11 +1,11 @@
-"""Writing an edit to disk: a full model folder, the patch, the report and a model card — atomically.
+"""Writing an edit to disk: a full model folder, the edit file, the report and a model card — atomically.
 
 An output folder holds:
 
 * the corrected model, loadable with ``from_pretrained`` (``config.json`` — keeping a ``surgery_panels``
   attribute if the base has one —, ``model.safetensors``, ``generation_config.json``, the tokenizer files);
 * ``patch.safetensors``: only the changed tensors (for ``wv`` the V slice) with metadata (base, revision, site,
-  layer, slice bounds, base config and block hash) — :func:`surgery.io.edit_file.Patch.load` reads it back;
+  layer, slice bounds, base config and block hash) — :func:`surgery.io.edit_file.Edit.load` reads it back;
 * ``report.json``: :meth:`SurgeryReport.to_dict`; ``README.md``: a Hub model card with the before/after table.
 
 Atomic: everything is written into a hidden temporary folder next to the target, which is renamed into place
@@ -40,10 +40,11 @@ from torch import nn
 from ..arch import block_label
 from ..core.errors import OutputError
 from ..evaluation.report import format_rows
-from .edit_file import Patch, patched_model
+from .edit_file import Edit, edited_model
 from .loading import LoadedModel
 
-PATCH_FILE = "patch.safetensors"
+# The edit's file. Its name predates the word "edit" and is kept so that repositories already pushed stay readable.
+EDIT_FILE = "patch.safetensors"
 REPORT_FILE = "report.json"
 CARD_FILE = "README.md"
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -186,9 +187,9 @@ def cast_state_dict(state: dict, dtype: torch.dtype) -> dict:
     return out
 
 
-def _with_base(patch: Patch, loaded: LoadedModel) -> Patch:
+def _with_base(edit: Edit, loaded: LoadedModel) -> Edit:
     meta = {"base_model": loaded.base_name, **({"revision": loaded.revision} if loaded.revision else {})}
-    return replace(patch, metadata={**patch.metadata, **meta})
+    return replace(edit, metadata={**edit.metadata, **meta})
 
 
 def report_dict(loaded: LoadedModel, report) -> dict:
@@ -204,25 +205,25 @@ def write_output(
     ``result`` is a :class:`surgery.edit.training.SurgeryResult` made from ``loaded.model``. Raises
     :class:`OutputError` when the folder exists (without ``overwrite``) or cannot be written.
     """
-    patch = _with_base(result.patch, loaded)
+    edit = _with_base(result.edit, loaded)
     report = report_dict(loaded, result.report)
     with atomic_output(out_dir, overwrite) as tmp:
-        save_model(patched_model(loaded.model, patch), loaded.tokenizer, tmp, loaded.checkpoint_dtype)
-        patch.save(tmp / PATCH_FILE)
+        save_model(edited_model(loaded.model, edit), loaded.tokenizer, tmp, loaded.checkpoint_dtype)
+        edit.save(tmp / EDIT_FILE)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(model_card(loaded, result.report, license=license), encoding="utf-8")
     return Path(out_dir).expanduser().resolve()
 
 
-def write_patched_model(out_dir: str | os.PathLike, loaded: LoadedModel, patch: Patch, overwrite: bool = False) -> Path:
-    """Rebuild a corrected model folder from the base and a patch (``apply-patch``); the patch is copied in.
+def write_edited_model(out_dir: str | os.PathLike, loaded: LoadedModel, edit: Edit, overwrite: bool = False) -> Path:
+    """Rebuild a corrected model folder from the base and an edit (``apply-patch``); the edit file is copied in.
 
-    Raises :class:`~surgery.core.errors.PatchError` when the patch does not fit the base.
+    Raises :class:`~surgery.core.errors.EditError` when the edit does not fit the base.
     """
-    view = patched_model(loaded.model, patch)  # checks compatibility before anything is written
+    view = edited_model(loaded.model, edit)  # checks compatibility before anything is written
     with atomic_output(out_dir, overwrite) as tmp:
         save_model(view, loaded.tokenizer, tmp, loaded.checkpoint_dtype)
-        patch.save(tmp / PATCH_FILE)
+        edit.save(tmp / EDIT_FILE)
     return Path(out_dir).expanduser().resolve()
 
 
@@ -307,7 +308,7 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         "## Files",
         "",
         "- `model.safetensors`, `config.json`, tokenizer files: the corrected model (`from_pretrained`).",
-        f"- `{PATCH_FILE}`: only the changed tensors, with the base, site, layer and slice bounds as metadata.",
+        f"- `{EDIT_FILE}`: only the changed tensors, with the base, site, layer and slice bounds as metadata.",
         f"- `{REPORT_FILE}`: the full report (every probe's answer before and after).",
         "",
         "## Verify",
@@ -315,7 +316,7 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         "```",
         f"python -m surgery verify --base {base_name if is_hub_id(base) else 'BASE_MODEL'} "
         "--corrected THIS_FOLDER_OR_REPO",
-        f"python -m surgery apply-patch --base BASE_MODEL --patch {PATCH_FILE} --out rebuilt/",
+        f"python -m surgery apply-patch --base BASE_MODEL --patch {EDIT_FILE} --out rebuilt/",
         "```",
         "",
     ]

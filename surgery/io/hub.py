@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 
 from ..core.errors import HubError, first_line
-from .export import CARD_FILE, MARKER_FILE, MODEL_FILES, PATCH_FILE, REPORT_FILE
+from .export import CARD_FILE, EDIT_FILE, MARKER_FILE, MODEL_FILES, REPORT_FILE
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = MODEL_FILES + (PATCH_FILE, REPORT_FILE, CARD_FILE)
+REQUIRED_FILES = MODEL_FILES + (EDIT_FILE, REPORT_FILE, CARD_FILE)
 
 
 def check_repo_id(repo_id: str) -> str:

@@ -65,7 +65,7 @@ class LoadedModel:
 
     @property
     def base_name(self) -> str:
-        """How written outputs (report.json, patch metadata, model card) name the base: a Hub id or preset as given,
+        """How written outputs (report.json, edit file metadata, model card) name the base: a Hub id or preset as given,
         else only the folder's (or .gguf file's) name — never an absolute local path."""
         if self.name:
             return self.name

@@ -54,7 +54,7 @@ from ..core.errors import require_positive_int
 from ..core.hooks import hooked
 from ..core.tokens import encode_prompt
 from ..diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose
-from ..evaluation.panels import Probe
+from ..evaluation.facts import Fact
 from .activations import PatchUnit, prepare_pair
 from .weights import WeightPatching, patch_weights
 
@@ -463,7 +463,7 @@ def crosscheck(
     patching = (
         None if corrupt is None else patching_check(model, tokenizer, d, corrupt, target, config.diagnosis.prepend_bos)
     )
-    weights = None if donor is None else patch_weights(model, donor, tokenizer, [Probe(prompt, target)])
+    weights = None if donor is None else patch_weights(model, donor, tokenizer, [Fact(prompt, target)])
     fields, differences = causal_agreement(d, patching, weights)
     agree = replace(agree, **fields, differences=agree.differences + differences)
     return CrossCheck(

@@ -9,8 +9,8 @@ tensors are bitwise equal in both models are skipped, so a surgery output costs 
 The same machinery ablates a component of one model: its weights replaced by zeros (``zero``) or by their mean
 over the component's output units (``mean``); exact definitions in ``docs/patching.md``.
 
-Neither model is ever modified: a hybrid is :func:`surgery.io.edit_file.patched_model` of the recipient with a
-:class:`~surgery.io.edit_file.Patch` holding the donor's (or the ablated) values, built against the recipient.
+Neither model is ever modified: a hybrid is :func:`surgery.io.edit_file.edited_model` of the recipient with a
+:class:`~surgery.io.edit_file.Edit` holding the donor's (or the ablated) values, built against the recipient.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from ..arch import SITES, Layout, ParamSlice, layout_of
 from ..core.errors import InputError
-from ..evaluation.panels import Probe
+from ..evaluation.facts import Fact
 from ..evaluation.scoring import target_scores
-from ..io.edit_file import Patch, base_config, patched_model
+from ..io.edit_file import Edit, base_config, edited_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -161,11 +161,11 @@ def ablated_values(model: nn.Module, component: Component, mode: str) -> list[tu
     return out
 
 
-def component_patch(recipient: nn.Module, component: Component, values: list[tuple[ParamSlice, Tensor]]) -> Patch:
+def component_patch(recipient: nn.Module, component: Component, values: list[tuple[ParamSlice, Tensor]]) -> Edit:
     """An in-memory patch of ``recipient`` setting ``values`` (slices of ``component``'s block). It carries the
     recipient's shape config; no block digest, since it never leaves the process (hashing the block per hybrid
     would cost more than the hybrid)."""
-    return Patch(
+    return Edit(
         component.name,
         component.layer,
         tuple(s for s, _ in values),
@@ -177,7 +177,7 @@ def component_patch(recipient: nn.Module, component: Component, values: list[tup
 def hybrid(recipient: nn.Module, donor: nn.Module, component: Component) -> nn.Module:
     """A view of ``recipient`` with ``component``'s weights from ``donor`` (the recipient itself if identical)."""
     values = donor_values(recipient, donor, component)
-    return patched_model(recipient, component_patch(recipient, component, values)) if values else recipient
+    return edited_model(recipient, component_patch(recipient, component, values)) if values else recipient
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class FactScores:
         return sum(self.correct)
 
 
-def score_facts(model: nn.Module, tokenizer, facts: Sequence[Probe]) -> FactScores:
+def score_facts(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> FactScores:
     """Batched: correctness as :func:`surgery.evaluation.scoring.score_probes` judges it, and the target logits."""
     s = target_scores(model, tokenizer, facts)
     return FactScores((s.top == s.targets).tolist(), s.logits.float().tolist())
@@ -247,7 +247,7 @@ class WeightPatching:
         }
 
 
-def _evaluate(recipient: nn.Module, tokenizer, facts: list[Probe], base: FactScores, items) -> tuple[list, int]:
+def _evaluate(recipient: nn.Module, tokenizer, facts: list[Fact], base: FactScores, items) -> tuple[list, int]:
     """Score each (component, values) on its hybrid; identical slices skipped, equal slice sets scored once."""
     results, skipped, cache = [], 0, {}
     for component, values in items:
@@ -257,7 +257,7 @@ def _evaluate(recipient: nn.Module, tokenizer, facts: list[Probe], base: FactSco
         key = tuple((s.name, str(s.rows), str(s.cols)) for s, _ in values)
         if key not in cache:  # e.g. query heads sharing one key/value head's V slice
             cache[key] = score_facts(
-                patched_model(recipient, component_patch(recipient, component, values)), tokenizer, facts
+                edited_model(recipient, component_patch(recipient, component, values)), tokenizer, facts
             )
         scores = cache[key]
         change = [a - b for a, b in zip(scores.target_logits, base.target_logits)]
@@ -276,7 +276,7 @@ def _evaluate(recipient: nn.Module, tokenizer, facts: list[Probe], base: FactSco
     return results, skipped
 
 
-def _check_facts(facts: Sequence[Probe]) -> list[Probe]:
+def _check_facts(facts: Sequence[Fact]) -> list[Fact]:
     facts = list(facts)
     if not facts:
         raise InputError('no facts given: give at least one {"prompt", "target"} to score the hybrids on')
@@ -287,7 +287,7 @@ def patch_weights(
     recipient: nn.Module,
     donor: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    facts: Sequence[Probe],
+    facts: Sequence[Fact],
     granularity: str = "site",
 ) -> WeightPatching:
     """Copy each component from ``donor`` into ``recipient`` in turn and score ``facts`` on the hybrid.
@@ -309,7 +309,7 @@ def patch_weights(
 
 
 def ablate_weights(
-    model: nn.Module, tokenizer, facts: Sequence[Probe], mode: str = "zero", granularity: str = "site"
+    model: nn.Module, tokenizer, facts: Sequence[Fact], mode: str = "zero", granularity: str = "site"
 ) -> WeightPatching:
     """Ablate each component of ``model`` in turn (``zero`` or ``mean``) and score ``facts``; ``model`` untouched."""
     facts = _check_facts(facts)

@@ -25,7 +25,8 @@ from ..arch import Layout, check_supported
 from ..core.errors import InputError, SurgeryError
 from ..diagnosis.static_heads import StaticHeadCache
 from ..edit.training import choose_layer
-from ..evaluation.panels import FittedPanel, Panel, Probe, fit_panel, panel_for_model
+from ..evaluation.facts import Fact
+from ..evaluation.panels import FittedPanel, Panel, fit_panel, panel_for_model
 from ..evaluation.scoring import ProbeScores, score_probes
 from ..io.loading import DEMO_MODEL, LoadedModel, load_model
 from ..io.presets import GEMMA3_270M, SMOLLM2_135M, preset_installed
@@ -80,7 +81,7 @@ class ServedModel:
         return self.loaded.tokenizer
 
     @property
-    def facts(self) -> list[Probe]:
+    def facts(self) -> list[Fact]:
         return list(self.fitted.panel.facts)
 
     @cached_property

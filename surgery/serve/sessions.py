@@ -1,9 +1,9 @@
 """Serving many people from shared base models: start-up with an offline fallback, and a session's edits.
 
 The app holds each base model (a :class:`~surgery.io.loading.LoadedModel`, see :mod:`surgery.serve.registry`) once for
-everybody and never modifies it. A session's edit is a :class:`SessionEdit` — the :class:`~surgery.io.edit_file.Patch`
+everybody and never modifies it. A session's edit is a :class:`SessionEdit` — the :class:`~surgery.io.edit_file.Edit`
 that surgery produced, its report, and a private folder with the files offered for download — and every request
-of that session runs on ``patched_model(base, patch)``: a view that shares all untouched modules with the base and
+of that session runs on ``edited_model(base, edit)``: a view that shares all untouched modules with the base and
 holds its own copy of the one edited block. Two sessions' edits therefore never meet, and no lock is needed.
 
 A session may switch between base models: its :class:`SessionEdits` keeps at most one edit per base model, under
@@ -24,9 +24,9 @@ from torch import nn
 
 from ..core.errors import ModelLoadError
 from ..edit.training import SurgeryResult
-from ..evaluation.panels import Probe
-from ..io.edit_file import patched_model
-from ..io.export import PATCH_FILE, REPORT_FILE, _with_base, report_dict
+from ..evaluation.facts import Fact
+from ..io.edit_file import edited_model
+from ..io.export import EDIT_FILE, REPORT_FILE, _with_base, report_dict
 from ..io.loading import DEMO_MODEL, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -55,25 +55,25 @@ def load_or_demo(name_or_path: str | os.PathLike, device=None) -> StartUp:
 
 @dataclass
 class SessionEdit:
-    """One session's edit: the surgery result (patch + report), the facts it was trained on, and the folder
+    """One session's edit: the surgery result (edit + report), the facts it was trained on, and the folder
     holding its downloadable files (``patch.safetensors``, ``report.json``)."""
 
     result: SurgeryResult
-    facts: list[Probe]
+    facts: list[Fact]
     folder: Path
     files: list[Path] = field(default_factory=list)
     model_key: str | None = None  # the base model it was made on (its key in the app's registry)
     _view: nn.Module | None = field(default=None, repr=False)
 
     @property
-    def patch(self):
-        return self.result.patch
+    def edit(self):
+        return self.result.edit
 
     def model(self, base: nn.Module) -> nn.Module:
-        """This session's corrected model: a patched view of ``base`` (``base`` is not modified), built
+        """This session's corrected model: an edited view of ``base`` (``base`` is not modified), built
         once: a session only ever runs on the one base it was made from."""
         if self._view is None:
-            self._view = patched_model(base, self.result.patch)
+            self._view = edited_model(base, self.result.edit)
         return self._view
 
     def discard(self) -> None:
@@ -116,8 +116,8 @@ def write_downloads(folder: str | os.PathLike, loaded: LoadedModel, result: Surg
     tensors, with the base model named in its metadata) and ``report.json`` — the same two files as in an
     ``operate --out`` folder, without the full model (which is written only when it is pushed)."""
     folder = Path(folder)
-    patch = _with_base(result.patch, loaded)
+    edit = _with_base(result.edit, loaded)
     report = report_dict(loaded, result.report)  # the base named without local paths
-    patch.save(folder / PATCH_FILE)
+    edit.save(folder / EDIT_FILE)
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return [folder / PATCH_FILE, folder / REPORT_FILE]
+    return [folder / EDIT_FILE, folder / REPORT_FILE]

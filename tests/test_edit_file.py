@@ -6,16 +6,16 @@ import torch
 from conftest import make_tiny_model
 
 from surgery.arch import layout_of
-from surgery.core.errors import PatchError
+from surgery.core.errors import EditError
 from surgery.core.hooks import hooked
 from surgery.evaluation.generation import generate
-from surgery.io.edit_file import Patch, base_config, block_digest, patched_model, weight_stats
+from surgery.io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
 
 PROMPT = "The capital of France is"
 
 
-def make_patch(model, site="wv", layer=1, seed=0, scale=0.5) -> Patch:
-    """A patch moving every element of the site by random noise."""
+def make_edit(model, site="wv", layer=1, seed=0, scale=0.5) -> Edit:
+    """An edit moving every element of the site by random noise."""
     gen = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     slices = tuple(layout_of(model).site_slices(site, layer, model))
@@ -23,7 +23,7 @@ def make_patch(model, site="wv", layer=1, seed=0, scale=0.5) -> Patch:
         s.name: s.read(params[s.name]) + scale * torch.randn(s.read(params[s.name]).shape, generator=gen)
         for s in slices
     }
-    return Patch(
+    return Edit(
         site,
         layer,
         slices,
@@ -42,49 +42,49 @@ def _logits(model, tokenizer, prompt=PROMPT):
 
 def test_view_shares_untouched_tensors_and_leaves_the_base_alone(tiny_model):
     before = _snapshot(tiny_model)
-    patch = make_patch(tiny_model)
-    view = patched_model(tiny_model, patch)
+    edit = make_edit(tiny_model)
+    view = edited_model(tiny_model, edit)
     base_params, view_params = dict(tiny_model.named_parameters()), dict(view.named_parameters())
     assert base_params.keys() == view_params.keys()
     for name, p in base_params.items():
         if name.startswith("transformer.h.1."):
-            assert view_params[name] is not p  # the private copy of the patched block
+            assert view_params[name] is not p  # the private copy of the edited block
         else:
             assert view_params[name] is p  # shared, not copied
     assert view.transformer.h[0] is tiny_model.transformer.h[0] and view.transformer.wte is tiny_model.transformer.wte
     assert view.lm_head.weight is view.transformer.wte.weight  # tied weights stay tied
     v = layout_of(tiny_model).qkv_columns("v")
     assert torch.equal(
-        view_params["transformer.h.1.attn.c_attn.weight"][:, v], patch.values["transformer.h.1.attn.c_attn.weight"]
+        view_params["transformer.h.1.attn.c_attn.weight"][:, v], edit.values["transformer.h.1.attn.c_attn.weight"]
     )
     for name, value in tiny_model.state_dict().items():
         assert torch.equal(value, before[name]), name
 
 
-def _edited_copy(model, patch):
-    """The straightforward way: a deep copy of the whole model with the patch written into it."""
+def _edited_copy(model, edit):
+    """The straightforward way: a deep copy of the whole model with the edit written into it."""
     reference = copy.deepcopy(model)
     params = dict(reference.named_parameters())
     with torch.no_grad():
-        for s in patch.slices:
-            s.read(params[s.name]).copy_(patch.values[s.name])
+        for s in edit.slices:
+            s.read(params[s.name]).copy_(edit.values[s.name])
     return reference
 
 
 def test_view_computes_what_an_edited_copy_computes(tiny_model, tiny_tokenizer):
-    patch = make_patch(tiny_model, site="mlp", layer=2)
-    reference = _edited_copy(tiny_model, patch)
-    view = patched_model(tiny_model, patch)
+    edit = make_edit(tiny_model, site="mlp", layer=2)
+    reference = _edited_copy(tiny_model, edit)
+    view = edited_model(tiny_model, edit)
     assert torch.equal(_logits(view, tiny_tokenizer), _logits(reference, tiny_tokenizer))
     assert not torch.equal(_logits(view, tiny_tokenizer), _logits(tiny_model, tiny_tokenizer))
 
 
 def test_two_views_on_one_base_never_mix(tiny_model, tiny_tokenizer):
     base_logits = _logits(tiny_model, tiny_tokenizer)
-    p1, p2 = make_patch(tiny_model, seed=1), make_patch(tiny_model, seed=2)
-    v1 = patched_model(tiny_model, p1)
+    p1, p2 = make_edit(tiny_model, seed=1), make_edit(tiny_model, seed=2)
+    v1 = edited_model(tiny_model, p1)
     alone1 = _logits(v1, tiny_tokenizer)
-    v2 = patched_model(tiny_model, p2)
+    v2 = edited_model(tiny_model, p2)
     results = {}
 
     def run(name, view):
@@ -113,7 +113,7 @@ def _greedy(model, tokenizer, prompt, n):
 def test_generate_works_on_a_view(tiny_model, tiny_tokenizer):
     before = generate(tiny_model, tiny_tokenizer, PROMPT, max_new_tokens=5)
     assert before == _greedy(tiny_model, tiny_tokenizer, PROMPT, 5) and before.strip()
-    view = patched_model(tiny_model, make_patch(tiny_model, scale=0.3))
+    view = edited_model(tiny_model, make_edit(tiny_model, scale=0.3))
     text = generate(view, tiny_tokenizer, PROMPT, max_new_tokens=5)
     assert text == _greedy(view, tiny_tokenizer, PROMPT, 5) and text != before
     assert generate(tiny_model, tiny_tokenizer, PROMPT, max_new_tokens=5) == before
@@ -126,26 +126,26 @@ def test_hooks_on_the_base_do_not_follow_into_a_view(tiny_model, tiny_tokenizer)
         forward={"transformer.h.1.attn": lambda m, a, o: calls.append(1)},
         pre={"": lambda m, a: calls.append(2)},
     ):
-        view = patched_model(tiny_model, make_patch(tiny_model))
+        view = edited_model(tiny_model, make_edit(tiny_model))
     _logits(view, tiny_tokenizer)
     assert calls == []
 
 
 def test_save_and_load_round_trip(tmp_path, tiny_model):
-    patch = make_patch(tiny_model, site="attn", layer=0)
-    patch.metadata.update(base_model="/models/tiny", revision="abc123")
-    patch.save(tmp_path / "p.safetensors")
-    loaded = Patch.load(tmp_path / "p.safetensors")
-    assert (loaded.site, loaded.layer, loaded.slices) == (patch.site, patch.layer, patch.slices)
-    assert loaded.metadata == patch.metadata
-    for name, value in patch.values.items():
+    edit = make_edit(tiny_model, site="attn", layer=0)
+    edit.metadata.update(base_model="/models/tiny", revision="abc123")
+    edit.save(tmp_path / "p.safetensors")
+    loaded = Edit.load(tmp_path / "p.safetensors")
+    assert (loaded.site, loaded.layer, loaded.slices) == (edit.site, edit.layer, edit.slices)
+    assert loaded.metadata == edit.metadata
+    for name, value in edit.values.items():
         assert torch.equal(loaded.values[name], value)
 
 
-def test_wv_patch_holds_only_the_v_slice(tmp_path, tiny_model):
+def test_wv_edit_holds_only_the_v_slice(tmp_path, tiny_model):
     from safetensors import safe_open
 
-    make_patch(tiny_model).save(tmp_path / "p.safetensors")
+    make_edit(tiny_model).save(tmp_path / "p.safetensors")
     d = layout_of(tiny_model).d_model
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         assert list(f.keys()) == ["transformer.h.1.attn.c_attn.weight"]
@@ -155,26 +155,26 @@ def test_wv_patch_holds_only_the_v_slice(tmp_path, tiny_model):
     assert '"cols": [64, 96]' in meta["slices"]  # V = columns 2d:3d of c_attn, d = 32
 
 
-def test_patch_refused_on_another_base(tiny_model, tiny_tokenizer):
-    patch = make_patch(tiny_model)
-    with pytest.raises(PatchError, match="another base model"):
-        patched_model(make_tiny_model(len(tiny_tokenizer), seed=1), patch)
-    with pytest.raises(PatchError, match="architecture: n_embd 32"):
-        patched_model(make_tiny_model(len(tiny_tokenizer), n_embd=48), patch)
-    with pytest.raises(PatchError, match="blocks 0..1"):
-        patched_model(make_tiny_model(len(tiny_tokenizer), n_layer=2), Patch("wv", 2, (), {}, {}))
+def test_edit_refused_on_another_base(tiny_model, tiny_tokenizer):
+    edit = make_edit(tiny_model)
+    with pytest.raises(EditError, match="another base model"):
+        edited_model(make_tiny_model(len(tiny_tokenizer), seed=1), edit)
+    with pytest.raises(EditError, match="architecture: n_embd 32"):
+        edited_model(make_tiny_model(len(tiny_tokenizer), n_embd=48), edit)
+    with pytest.raises(EditError, match="blocks 0..1"):
+        edited_model(make_tiny_model(len(tiny_tokenizer), n_layer=2), Edit("wv", 2, (), {}, {}))
     name = "transformer.h.1.attn.c_attn.weight"
-    bad = Patch("wv", 1, patch.slices, {name: patch.values[name][:, :5]}, {})
-    with pytest.raises(PatchError, match="shape"):
-        patched_model(tiny_model, bad)
+    bad = Edit("wv", 1, edit.slices, {name: edit.values[name][:, :5]}, {})
+    with pytest.raises(EditError, match="shape"):
+        edited_model(tiny_model, bad)
 
 
-def test_patch_whose_slice_names_another_block_is_refused(tmp_path, tiny_model):
-    """A crafted patch: it names block 0 (and carries block 0's digest) but its slice is block 1's weight, which
+def test_edit_whose_slice_names_another_block_is_refused(tmp_path, tiny_model):
+    """A crafted edit: it names block 0 (and carries block 0's digest) but its slice is block 1's weight, which
     applying by the name's tail would have written into block 0. Refused, in one line, in check_compatible and so
-    by patched_model, after a save/load round trip too."""
-    honest = make_patch(tiny_model, layer=1)
-    crafted = Patch(
+    by edited_model, after a save/load round trip too."""
+    honest = make_edit(tiny_model, layer=1)
+    crafted = Edit(
         "wv",
         0,
         honest.slices,
@@ -182,43 +182,43 @@ def test_patch_whose_slice_names_another_block_is_refused(tmp_path, tiny_model):
         {"base_config": base_config(tiny_model), "base_block_sha256": block_digest(tiny_model, 0)},
     )
     crafted.save(tmp_path / "crafted.safetensors")
-    for patch in (crafted, Patch.load(tmp_path / "crafted.safetensors")):
-        with pytest.raises(PatchError) as e:
-            patch.check_compatible(tiny_model)
+    for edit in (crafted, Edit.load(tmp_path / "crafted.safetensors")):
+        with pytest.raises(EditError) as e:
+            edit.check_compatible(tiny_model)
         msg = str(e.value)
         assert "block 0" in msg and "transformer.h.1.attn.c_attn.weight" in msg and "\n" not in msg
-        with pytest.raises(PatchError, match="not in that block"):
-            patched_model(tiny_model, patch)
+        with pytest.raises(EditError, match="not in that block"):
+            edited_model(tiny_model, edit)
 
 
-def test_patch_with_nan_values_is_refused_on_load(tmp_path, tiny_model):
-    patch = make_patch(tiny_model)
-    name = next(iter(patch.values))
-    patch.values[name][0, 0] = float("nan")
-    patch.save(tmp_path / "p.safetensors")
-    with pytest.raises(PatchError, match=f"tensor {name} holds NaN or inf values"):
-        Patch.load(tmp_path / "p.safetensors")
+def test_edit_with_nan_values_is_refused_on_load(tmp_path, tiny_model):
+    edit = make_edit(tiny_model)
+    name = next(iter(edit.values))
+    edit.values[name][0, 0] = float("nan")
+    edit.save(tmp_path / "p.safetensors")
+    with pytest.raises(EditError, match=f"tensor {name} holds NaN or inf values"):
+        Edit.load(tmp_path / "p.safetensors")
 
 
-def test_broken_patch_files(tmp_path):
-    with pytest.raises(PatchError, match="does not exist"):
-        Patch.load(tmp_path / "nope.safetensors")
+def test_broken_edit_files(tmp_path):
+    with pytest.raises(EditError, match="does not exist"):
+        Edit.load(tmp_path / "nope.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(PatchError, match="not a readable safetensors"):
-        Patch.load(tmp_path / "junk.safetensors")
+    with pytest.raises(EditError, match="not a readable safetensors"):
+        Edit.load(tmp_path / "junk.safetensors")
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(PatchError, match="not a surgery patch"):
-        Patch.load(tmp_path / "other.safetensors")
+    with pytest.raises(EditError, match="not a surgery patch"):
+        Edit.load(tmp_path / "other.safetensors")
 
 
 def test_weight_stats(tiny_model):
-    patch = make_patch(tiny_model, scale=0.0)
+    edit = make_edit(tiny_model, scale=0.0)
     name = "transformer.h.1.attn.c_attn.weight"
-    patch.values[name][3, 4] += 0.25
-    patch.values[name][0, 0] -= 0.5
-    stats = weight_stats(tiny_model, patch)
+    edit.values[name][3, 4] += 0.25
+    edit.values[name][0, 0] -= 0.5
+    stats = weight_stats(tiny_model, edit)
     assert stats.params_in_site == 32 * 32 and stats.params_changed == 2
     assert stats.max_abs_delta == pytest.approx(0.5)
     assert stats.delta_l2 == pytest.approx((0.25**2 + 0.5**2) ** 0.5, rel=1e-5)
@@ -226,26 +226,26 @@ def test_weight_stats(tiny_model):
 
 
 def test_weight_stats_catch_a_change_outside_the_slice(tiny_model):
-    patch = make_patch(tiny_model)
-    tampered = copy.deepcopy(patched_model(tiny_model, patch))
+    edit = make_edit(tiny_model)
+    tampered = copy.deepcopy(edited_model(tiny_model, edit))
     with torch.no_grad():
         tampered.get_parameter("transformer.h.1.attn.c_attn.weight")[0, 0] += 1.0  # a Q column
-    stats = weight_stats(tiny_model, patch, tampered)
+    stats = weight_stats(tiny_model, edit, tampered)
     assert stats.qk_unchanged is False and stats.others_unchanged is False
 
 
 def test_hidden_states_of_a_view(tiny_tokenizer):
     """transformers 5 records hidden states with hooks it installs once per model: a view must record its own
-    patched block, exactly once, and the base must keep recording its own."""
+    edited block, exactly once, and the base must keep recording its own."""
     model = make_tiny_model(len(tiny_tokenizer))
     ids = torch.tensor([tiny_tokenizer(PROMPT)["input_ids"]])
-    patch = make_patch(model, site="mlp", layer=1)
-    expected = _edited_copy(model, patch)(ids, output_hidden_states=True).hidden_states
+    edit = make_edit(model, site="mlp", layer=1)
+    expected = _edited_copy(model, edit)(ids, output_hidden_states=True).hidden_states
     base_expected = copy.deepcopy(model)(ids, output_hidden_states=True).hidden_states
     for first_call_on_base in (False, True):
         if first_call_on_base:
             model(ids, output_hidden_states=True)
-        view = patched_model(model, patch)
+        view = edited_model(model, edit)
         got = view(ids, output_hidden_states=True).hidden_states
         assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
         base = model(ids, output_hidden_states=True).hidden_states
