@@ -190,7 +190,7 @@ def bad_files(tmp_path):
         ("good", ["--layer", "top"], "--layer must be a block index"),
         ("good", ["--epochs", "0"], "epochs must be at least 1"),
         ("latin1", [], "cannot read facts file BAD/latin1.json: not UTF-8 text (invalid continuation byte"),
-        ("folder", [], "cannot read facts file BAD/folder.json: Is a directory"),
+        ("folder", [], "folder BAD/folder.json holds no .jsonl facts files"),
         ("good", ["--unrelated", "BAD/latin1.txt"], "cannot read --unrelated file BAD/latin1.txt: not UTF-8 text"),
         ("good", ["--unrelated", "BAD/folder.json"], "cannot read --unrelated file BAD/folder.json: Is a directory"),
         ("good", ["--panels", "BAD/latin1.json"], "cannot read panel file BAD/latin1.json: not UTF-8 text"),
