@@ -63,6 +63,24 @@ def tiny_model(tiny_tokenizer):
     return make_tiny_model(len(tiny_tokenizer))
 
 
+def make_non_finite_model(vocab_size: int, value: float):
+    """The tiny model with one weight of block 1's MLP output set to ``value``: NaN (which loading refuses, so only a
+    model built in memory has it) or a finite 3e38 whose forward pass overflows to inf and NaN."""
+    model = make_tiny_model(vocab_size)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight[0, 0] = value
+    return model
+
+
+@pytest.fixture(scope="session")
+def overflow_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny model whose weights are finite (loading accepts it) but whose forward pass overflows."""
+    d = tmp_path_factory.mktemp("overflow-model")
+    make_non_finite_model(len(tiny_tokenizer), 3e38).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
     """The tiny model saved as a folder, loadable with from_pretrained."""

@@ -235,6 +235,21 @@ def test_generate_bad_input(demo_app):
         demo_app.generate(FRANCE[0], 10_000, None)
 
 
+@pytest.mark.parametrize("tokens", ["abc", 2.5, 0, -3, "-1", True, [8]])
+def test_generate_refuses_a_bad_token_count(demo_app, tokens):
+    """The /generate endpoint with max_new_tokens="abc" raised a ValueError traceback (and 0 quietly meant 20):
+    now one gr.Error line naming the value."""
+    with pytest.raises(gr.Error) as e:
+        demo_app.generate(FRANCE[0], tokens, None)
+    text = error_text(e)
+    assert text.startswith("new tokens must be a whole number of at least 1, not ") and "\n" not in text
+
+
+def test_generate_accepts_whole_numbers_in_any_form(demo_app):
+    three = demo_app.generate(FRANCE[0], 3, None)
+    assert demo_app.generate(FRANCE[0], 3.0, None) == three and demo_app.generate(FRANCE[0], " 3 ", None) == three
+
+
 def test_operate_without_facts(demo_app):
     with pytest.raises(gr.Error, match="no facts"):
         demo_app.operate("", "wv", "auto", None, progress=NoProgress())

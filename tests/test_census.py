@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from surgery.census.report import legacy_verdict, outcome, summarize
-from surgery.census.run import CENSUS_FILE, CensusConfig, run_census
+from surgery.census.run import CENSUS_FILE, RUN_FILE, CensusConfig, model_fingerprint, run_census
 from surgery.cli import main
-from surgery.core.errors import InputError
+from surgery.core.errors import InputError, NonFiniteError, OutputError
 from surgery.diagnosis.diagnose import DiagnosisConfig
 from surgery.evaluation.facts import Fact
 
@@ -205,6 +205,97 @@ def test_refuses_a_census_of_another_model_or_rule(demo, tmp_path):
             CensusConfig(diagnosis=DiagnosisConfig(routing_rank=5)),
             model_name="demo",
         )
+
+
+def test_fingerprint_follows_every_weight(demo):
+    """Deterministic, equal for a copy, different when one number of one weight changes (tied weights count once)."""
+    import copy
+
+    import torch
+
+    reference = model_fingerprint(demo.model)
+    assert model_fingerprint(demo.model) == reference and len(reference) == 64
+    twin = copy.deepcopy(demo.model)
+    assert model_fingerprint(twin) == reference
+    with torch.no_grad():
+        twin.get_output_embeddings().weight[5, 3] += 1e-3  # tied: the embedding changes with it
+    assert model_fingerprint(twin) != reference
+
+
+def test_resumes_only_with_the_same_weights(demo, tmp_path):
+    """Other weights under the same name were accepted and their records mixed in: now refused, naming both
+    fingerprints; a run file from before fingerprints is refused too (it cannot vouch for its records)."""
+    import copy
+
+    import torch
+
+    facts = demo_facts()[:2]
+    run_census(demo.model, demo.tokenizer, facts[:1], tmp_path, model_name="demo")
+    info = json.loads((tmp_path / RUN_FILE).read_text())
+    assert info["fingerprint"] == model_fingerprint(demo.model)
+    twin = copy.deepcopy(demo.model)
+    with torch.no_grad():
+        twin.get_submodule("transformer.h.1.mlp.c_proj").weight[0, 0] += 1e-3
+    census = (tmp_path / CENSUS_FILE).read_text()
+    with pytest.raises(InputError, match=f"other weights .*fingerprint {info['fingerprint'][:12]} there, "):
+        run_census(twin, demo.tokenizer, facts, tmp_path, model_name="demo")
+    assert (tmp_path / CENSUS_FILE).read_text() == census  # nothing mixed in
+    del info["fingerprint"]
+    (tmp_path / RUN_FILE).write_text(json.dumps(info))
+    with pytest.raises(InputError, match="before census-run.json recorded the weights' fingerprint.*new --out"):
+        run_census(demo.model, demo.tokenizer, facts, tmp_path, model_name="demo")
+
+
+def test_refuses_a_folder_that_is_not_a_census(demo, tmp_path):
+    """A census wrote report.md and plots into any folder; a non-empty folder without census-run.json is refused
+    and left as it was; an empty one is used (and marked as this tool's output)."""
+    (tmp_path / "report.md").write_text("my notes\n")
+    with pytest.raises(OutputError, match="not empty and holds no census"):
+        run_census(demo.model, demo.tokenizer, demo_facts()[:1], tmp_path, model_name="demo")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"] and (
+        tmp_path / "report.md"
+    ).read_text() == "my notes\n"
+    (tmp_path / "empty").mkdir()
+    run_census(demo.model, demo.tokenizer, demo_facts()[:1], tmp_path / "empty", model_name="demo")
+    assert (tmp_path / "empty" / ".transformer-surgery").is_file() and (tmp_path / "empty" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("value", [float("nan"), 3e38])
+def test_non_finite_activations_leave_no_census(tiny_tokenizer, tmp_path, value):
+    """A NaN weight set in memory or an overflowing forward: refused, no record written, and no empty census.jsonl
+    (nor run file, nor the folder) left behind to resume."""
+    from conftest import make_non_finite_model
+
+    model = make_non_finite_model(len(tiny_tokenizer), value)
+    facts = [Fact("The capital of France is", " Paris", "capital", "France")]
+    with pytest.raises(NonFiniteError, match="NaN or inf after L2"):
+        run_census(model, tiny_tokenizer, facts, tmp_path / "new", model_name="tiny")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NonFiniteError):
+        run_census(model, tiny_tokenizer, facts, tmp_path / "empty", model_name="tiny")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_cli_census_refusals_are_one_line(capsys, tmp_path, overflow_model_dir):
+    """An overflowing model, and a corrupt or non-UTF-8 census-run.json: one line on stderr, exit 2."""
+    facts = write_facts(tmp_path / "facts.jsonl", demo_facts()[:2])
+
+    def census(model, out) -> str:
+        code = main(["census", "--model", str(model), "--facts", str(facts), "--out", str(out), "--device", "cpu"])
+        out_, err = capsys.readouterr()
+        assert code == 2 and out_ == "" and err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    assert "NaN or inf after L2" in census(overflow_model_dir, tmp_path / "overflow")
+    assert not (tmp_path / "overflow").exists()
+    for name, data in [("corrupt", b'{"model": "demo", '), ("latin1", '{"model": "d\xe9mo"}'.encode("latin-1"))]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / RUN_FILE).write_bytes(data)
+        assert f"{RUN_FILE} is unreadable" in census(DEMO_DIR, tmp_path / name)
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / RUN_FILE).write_text("[]")
+    assert "not a census run file" in census(DEMO_DIR, tmp_path / "list")
 
 
 def _next_word(loaded, text: str) -> str:
@@ -441,6 +532,7 @@ def test_diagnosis_exact_with_blocks_offloaded_to_disk(family, tiny_tokenizer, t
     placement = offload_map(plain.model, layout_of(plain.model).adapter.blocks, on_disk={1, 2})
     offloaded = load_model(tmp_path / "model", device_map=placement, offload_folder=tmp_path / "offload")
     assert any(p.device.type == "meta" for p in offloaded.model.parameters())  # really offloaded
+    assert model_fingerprint(offloaded.model) == model_fingerprint(plain.model)  # read through accelerate
     prompts = ["The capital of France is", "the cat sat on the", "The capital of Japan is"]
     targets = [" Paris", " mat", " Tokyo"]
     for a, b in zip(

@@ -86,6 +86,16 @@ def test_bad_input_one_line_nonzero(capsys, tiny_model_dir, args, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_overflowing_model_is_one_line(capsys, overflow_model_dir, json_flag):
+    """Finite weights whose forward pass overflows: one line and exit 2, not 'correct' at rank 1 with nan logits
+    (nor a traceback from JSON, which has no NaN)."""
+    args = ["--prompt", "The capital of France is", "--target", " Paris", *json_flag]
+    code, out, err = run_cli(capsys, "diagnose", "--model", str(overflow_model_dir), *args)
+    assert code == 2 and out == ""
+    assert "NaN or inf after L2 (transformer.h.1)" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_unknown_model_and_non_gpt2(capsys, tmp_path, monkeypatch):
     from surgery.io import loading as model_io
 

@@ -172,6 +172,9 @@ def bad_files(tmp_path):
     }
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
+    (tmp_path / "latin1.json").write_bytes('[{"prompt": "Caf\xe9 is", "target": " Paris"}]'.encode("latin-1"))
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait.\n\nMore text.".encode("latin-1"))
+    (tmp_path / "folder.json").mkdir()
     return tmp_path
 
 
@@ -186,11 +189,19 @@ def bad_files(tmp_path):
         ("good", ["--layer", "7"], "layer 7 is out of range"),
         ("good", ["--layer", "top"], "--layer must be a block index"),
         ("good", ["--epochs", "0"], "epochs must be at least 1"),
+        ("latin1", [], "cannot read facts file BAD/latin1.json: not UTF-8 text (invalid continuation byte"),
+        ("folder", [], "folder BAD/folder.json holds no .jsonl facts files"),
+        ("good", ["--unrelated", "BAD/latin1.txt"], "cannot read --unrelated file BAD/latin1.txt: not UTF-8 text"),
+        ("good", ["--unrelated", "BAD/folder.json"], "cannot read --unrelated file BAD/folder.json: Is a directory"),
+        ("good", ["--panels", "BAD/latin1.json"], "cannot read panel file BAD/latin1.json: not UTF-8 text"),
+        ("good", ["--panels", "BAD/folder.json"], "cannot read panel file BAD/folder.json: Is a directory"),
     ],
 )
 def test_operate_bad_input(capsys, bad_files, tiny_model_dir, tiny_panel_file, facts_file, case, extra, message):
     facts = facts_file if case == "good" else bad_files / f"{case}.json"
     out = bad_files / "out"
+    extra = [a.replace("BAD", str(bad_files)) for a in extra]
+    message = message.replace("BAD", str(bad_files))
     code, stdout, err = run_cli(
         capsys,
         "operate",
@@ -207,6 +218,25 @@ def test_operate_bad_input(capsys, bad_files, tiny_model_dir, tiny_panel_file, f
     assert code == 2 and stdout == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out.exists() and not [p for p in bad_files.iterdir() if p.name.startswith(".")]
+
+
+def test_operate_on_an_overflowing_model(capsys, tmp_path, overflow_model_dir, facts_file, tiny_panel_file):
+    """Finite weights whose forward pass overflows: one line before any training, nothing written."""
+    out = tmp_path / "out"
+    args = ["--facts", facts_file, "--panels", tiny_panel_file, "--out", out]
+    code, stdout, err = run_cli(capsys, "operate", "--model", overflow_model_dir, *args)
+    assert code == 2 and stdout == "" and err.count("\n") == 1 and "NaN or inf after L2" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_operate_that_diverges(capsys, tmp_path, tiny_model_dir, facts_file, tiny_panel_file):
+    """A loss that becomes NaN during training: one line, exit 2, no output folder (nor a hidden partial one)."""
+    out = tmp_path / "out"
+    args = ["--facts", facts_file, "--panels", tiny_panel_file, "--layer", "1", "--lr", "1e30", "--out", out]
+    code, stdout, err = run_cli(capsys, "operate", "--model", tiny_model_dir, *args)
+    assert code == 2 and stdout == "" and "Traceback" not in err  # stderr: the progress line, then the error
+    assert err.splitlines()[-1].startswith("error: training diverged: the loss became nan at step 1")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_operate_refuses_an_existing_out(capsys, tmp_path, tiny_model_dir, facts_file, tiny_panel_file):

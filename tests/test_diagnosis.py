@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
-from conftest import count_hooks
+from conftest import count_hooks, make_non_finite_model
 
 from bench.models import IdTokenizer  # space-separated token ids, for random full-size models
 from surgery.arch import layout_of
-from surgery.core.errors import InputError
+from surgery.core.errors import InputError, NonFiniteError
 from surgery.diagnosis.diagnose import (
     DiagnosisConfig,
     capture_last_position,
@@ -326,6 +326,17 @@ def test_bad_input(tiny_model, tiny_tokenizer):
         DiagnosisConfig(routing_from=1.0)
     with pytest.raises(InputError, match="teacher_force"):
         DiagnosisConfig(teacher_force=1)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 3e38])
+def test_non_finite_activations_are_refused(tiny_tokenizer, value):
+    """A NaN weight set in memory, or a finite one that overflows: refused, never a verdict read off NaN logits."""
+    model = make_non_finite_model(len(tiny_tokenizer), value)
+    where = r"NaN or inf after L2 \(transformer\.h\.1\) on the prompt "
+    with pytest.raises(NonFiniteError, match=where + "'The capital of France is'"):
+        diagnose(model, tiny_tokenizer, PROMPT, " Paris")
+    with pytest.raises(NonFiniteError, match=where + "'The capital of Japan is'"):
+        diagnose_batch(model, tiny_tokenizer, ["The capital of Japan is", PROMPT], [" Tokyo", " Paris Paris"])
 
 
 def test_diagnosis_does_not_touch_the_model(tiny_model, tiny_tokenizer):

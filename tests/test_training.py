@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_non_finite_model, make_tiny_model
 
 import surgery.edit.training as training
 from surgery.arch import SITES, layout_of
-from surgery.core.errors import InputError, SurgeryFailed, SurgeryTimeout
+from surgery.core.errors import InputError, NonFiniteError, SurgeryFailed, SurgeryTimeout
 from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.edit.training import SurgeryConfig, choose_layer, operate
 from surgery.edit.upper_stack import UpperStack, freeze_inputs
@@ -150,10 +151,27 @@ def test_a_surgery_past_its_time_limit_before_training(tiny_model, tiny_tokenize
         operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, max_seconds=5), panel=tiny_panel)
 
 
-def test_nan_is_a_clear_failure(tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch):
-    monkeypatch.setattr(training, "kl_divergence", lambda ref, lp: torch.tensor(float("nan")))
-    with pytest.raises(SurgeryFailed, match="diverged"):
-        operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel)
+def test_a_loss_that_diverges_stops_and_keeps_nothing(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    """A step so large that the forward overflows: one line naming the step, no edit returned, the base untouched."""
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with pytest.raises(SurgeryFailed, match=r"training diverged: the loss became nan at step 1; try a lower"):
+        operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, lr=1e30), panel=tiny_panel)
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_non_finite_model_is_refused_before_training(tiny_tokenizer, facts, tiny_panel):
+    """A NaN weight set in memory: refused by the diagnosis operate runs first. Activations that overflow only on the
+    preservation text ("cat" embedded at 3e38, untied from the unembedding): refused at step 0, not reported as a
+    divergence that a lower learning rate would cure."""
+    config = SurgeryConfig(site="wv", layer=1, **FAST)
+    nan_model = make_non_finite_model(len(tiny_tokenizer), float("nan"))
+    with pytest.raises(NonFiniteError, match=r"NaN or inf after L2 \(transformer\.h\.1\)"):
+        operate(nan_model, tiny_tokenizer, facts, config, panel=tiny_panel)
+    model = make_tiny_model(len(tiny_tokenizer), tie_word_embeddings=False)
+    with torch.no_grad():
+        model.transformer.wte.weight[tiny_tokenizer.convert_tokens_to_ids("cat")] = 3e38
+    with pytest.raises(NonFiniteError, match=r"the loss is nan before any training step at block 1 .*preservation nan"):
+        operate(model, tiny_tokenizer, facts, config, unrelated=["the cat sat on the mat ."], panel=tiny_panel)
 
 
 def test_auto_layer_is_the_most_common_prescribed_layer(demo):

@@ -32,7 +32,7 @@ from surgery.serve.limits import Limits
 from surgery.serve.registry import ModelRegistry, ServedModel
 from surgery.serve.sessions import SessionEdit, SessionEdits, SessionPool, write_downloads
 
-from .common import check_prompt, device_of, gpu, parse_facts, parse_layer, user_errors
+from .common import check_prompt, device_of, gpu, parse_facts, parse_layer, parse_new_tokens, user_errors
 from .diagnose import TOP_HEADS, activation_markdown, top_heads, verdict_markdown
 from .heads import head_rows
 from .picker import ModelView
@@ -215,7 +215,7 @@ class SurgeryApp:
     def generate(self, prompt: str, max_new_tokens: int, edits: SessionEdits | None, model: str | None = None):
         """Greedy continuations of ``prompt``: the original model, and this session's corrected model."""
         check_prompt(prompt)
-        n = self.limits.check_new_tokens(max(1, int(max_new_tokens or 20)))
+        n = self.limits.check_new_tokens(parse_new_tokens(max_new_tokens))
         served = self.served(model)
         edit = self.edit_of(edits, served)
         if edit is None:

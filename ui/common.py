@@ -119,6 +119,27 @@ def parse_layer(layer) -> int | None:
         raise InputError(f"layer must be a block index (0, 1, ...) or auto, not {layer!r}") from None
 
 
+def parse_new_tokens(value, default: int = 20) -> int:
+    """How many tokens to generate: a whole number of at least 1 (``8``, ``8.0``, ``"8"``; the app's limit is
+    checked after, :meth:`surgery.serve.limits.Limits.check_new_tokens`); None or blank -> ``default``. Anything
+    else (``"abc"``, ``2.5``, zero, negative) is an :class:`InputError` naming the value."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    n = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str):
+        try:
+            n = int(value.strip())
+        except ValueError:
+            pass
+    if n is None or n < 1:
+        raise InputError(f"new tokens must be a whole number of at least 1, not {value!r}")
+    return n
+
+
 def device_of(served: ServedModel) -> torch.device:
     return next(served.model.parameters()).device
 

@@ -28,22 +28,27 @@ its ``error``. Layers and heads are 0-indexed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import torch
 from torch import nn
 
 from ..arch import layout_of
-from ..core.errors import InputError, OutputError, SurgeryError, require_positive_int
+from ..core.errors import InputError, OutputError, SurgeryError, first_line, require_positive_int
 from ..core.tokens import encode_prompt, encode_target
-from ..diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose_batch
+from ..diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose_batch, onloaded
 from ..evaluation.facts import Fact
 from ..evaluation.generation import said
+from ..io.export import MARKER_FILE, MARKER_TEXT
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -133,44 +138,48 @@ def run_census(
     ``progress(done, total)`` is called after each batch of this process (``done`` counts this process's facts,
     ``total`` the facts left to diagnose across all processes at the start); an exception it raises stops the run
     with every finished batch already on disk. Raises :class:`InputError` when ``out_dir`` holds a census made
-    with another model or rule.
+    with another model (name or weights: :func:`model_fingerprint`) or rule, and :class:`OutputError` when it is a
+    folder that is neither empty nor a census. A run that fails before its first record leaves no census behind
+    (nor the folder, if it made it): a diagnosis refused for NaN or inf activations is not a census to resume.
     """
     state = state or SingleProcess()
     out = Path(out_dir)
     selected, skipped = select_facts(facts, config)
     if not selected:
         raise InputError("no facts to diagnose (all are flagged ambiguous: use --include-ambiguous)")
-    run_info = {"model": model_name, "diagnosis": asdict(config.diagnosis)}
+    created: list[Path] = []  # what this run made before its first record: removed again if it writes none
     if state.is_main_process:
-        _prepare_dir(out, run_info)
+        run_info = {"model": model_name, "diagnosis": asdict(config.diagnosis), "fingerprint": model_fingerprint(model)}
+        created = _prepare_dir(out, run_info)
     state.wait_for_everyone()
-
-    done = set(read_records(out))
-    todo = [f for f in selected if f.key not in done]
-    state.wait_for_everyone()  # every process has read the same records before any appends more
-    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-    mine = batches[state.process_index :: state.num_processes]
-    target = out / (CENSUS_FILE if state.num_processes == 1 else f"census.part-{state.process_index}.jsonl")
-    log.info(
-        "census: %d facts selected, %d already in %s, %d batches for process %d of %d",
-        len(selected),
-        len(selected) - len(todo),
-        out,
-        len(mine),
-        state.process_index,
-        state.num_processes,
-    )
-    diagnosed = 0
-    with target.open("a", encoding="utf-8") as f:
+    with _removed_without_records(out, created):
+        done = set(read_records(out))
+        todo = [f for f in selected if f.key not in done]
+        state.wait_for_everyone()  # every process has read the same records before any appends more
+        batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+        mine = batches[state.process_index :: state.num_processes]
+        target = out / (CENSUS_FILE if state.num_processes == 1 else f"census.part-{state.process_index}.jsonl")
+        log.info(
+            "census: %d facts selected, %d already in %s, %d batches for process %d of %d",
+            len(selected),
+            len(selected) - len(todo),
+            out,
+            len(mine),
+            state.process_index,
+            state.num_processes,
+        )
+        diagnosed = 0
         for batch in mine:
-            for record in diagnose_facts(model, tokenizer, batch, config.diagnosis):
-                f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            records = diagnose_facts(model, tokenizer, batch, config.diagnosis)
+            with target.open("a", encoding="utf-8") as f:  # opened once a batch is done: a failed run leaves no file
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             diagnosed += len(batch)
             if progress is not None:
                 progress(diagnosed, len(todo))
-    state.wait_for_everyone()
+        state.wait_for_everyone()
 
     summary = None
     if state.is_main_process:
@@ -189,6 +198,20 @@ def run_census(
         )
     state.wait_for_everyone()
     return CensusResult(str(out), len(selected), skipped, len(selected) - len(todo), diagnosed, summary)
+
+
+@contextmanager
+def _removed_without_records(out: Path, created: list[Path]):
+    """On any exception inside, remove ``created`` (what :func:`_prepare_dir` made) when no record is on disk: a run
+    that diagnosed nothing (refused for NaN activations, interrupted in its first batch) leaves no census to
+    resume, nor an empty folder it made."""
+    try:
+        yield
+    except BaseException:
+        if created and not any(p.is_file() for p in [out / CENSUS_FILE, *out.glob(PART_GLOB)]):
+            for path in created:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
 
 
 def diagnose_facts(model: nn.Module, tokenizer, facts: list[Fact], config: DiagnosisConfig) -> list[dict]:
@@ -277,7 +300,11 @@ def read_records(out: Path) -> dict[tuple[str, str], dict]:
     for path in [out / CENSUS_FILE, *sorted(out.glob(PART_GLOB))]:
         if not path.is_file():
             continue
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read {path} ({first_line(e)}); use a new --out folder") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -303,25 +330,89 @@ def merge_records(out: Path, facts: list[Fact]) -> list[dict]:
     return merged
 
 
-def _prepare_dir(out: Path, run_info: dict) -> None:
-    """Create ``out``; refuse one whose records come from another model or rule; drop half-written last lines."""
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of what a census' numbers depend on: the model's config (without its path and the transformers
+    version) and every parameter (name, shape, dtype and a SHA-256 of its bytes; tied weights once). Deterministic,
+    and different when any weight changes. Offloaded weights (``device_map``) are read through accelerate."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    distinct = {n for n, _ in model.named_parameters()}  # tied weights under their first name only
+    digests: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        own = {n for n, _ in module.named_parameters(prefix=prefix, recurse=False)} & distinct
+        if not own:
+            continue
+        with onloaded(module):  # a no-op unless accelerate keeps this module's weights off the device
+            for name, p in module.named_parameters(prefix=prefix, recurse=False):
+                if name in own:
+                    data = p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                    digests[name] = f"{name}:{tuple(p.shape)}:{p.dtype}:{hashlib.sha256(data).hexdigest()}"
+    for name in sorted(digests):
+        h.update(digests[name].encode())
+    return h.hexdigest()
+
+
+def _prepare_dir(out: Path, run_info: dict) -> list[Path]:
+    """Create ``out``, or check that it holds a census of the same model (name and weights) and rule; drop
+    half-written last lines. Returns what it created (the folder, or its run file and marker) for the caller to
+    remove if the run then writes no record. Refuses a folder that is neither empty nor a census."""
+    created = [] if out.exists() else [out]
     try:
         out.mkdir(parents=True, exist_ok=True)
+        listed = sorted(p.name for p in out.iterdir())
     except OSError as e:
-        raise OutputError(f"cannot create the census folder {out}: {e}") from None
+        raise OutputError(f"cannot create the census folder {out}: {first_line(e)}") from None
     info_path = out / RUN_FILE
     if info_path.is_file():
-        previous = json.loads(info_path.read_text())
-        if previous != run_info:
-            changed = sorted(k for k in set(previous) | set(run_info) if previous.get(k) != run_info.get(k))
-            raise InputError(f"{out} holds a census made with another {' and '.join(changed)}; use a new --out folder")
-    elif (out / CENSUS_FILE).exists():
+        _check_run(out, _read_run(info_path), run_info)
+    elif CENSUS_FILE in listed:
         raise InputError(f"{out} holds a census.jsonl of unknown origin; use a new --out folder")
+    elif listed:
+        raise OutputError(
+            f"{out} is not empty and holds no census (no {RUN_FILE}): the census writes report.md and plots there; "
+            "use a new or empty --out folder"
+        )
     else:
-        info_path.write_text(json.dumps(run_info, indent=2) + "\n")
+        try:
+            info_path.write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
+            (out / MARKER_FILE).write_text(MARKER_TEXT, encoding="utf-8")  # an output of this tool, as export's
+        except OSError as e:
+            raise OutputError(f"cannot write to the census folder {out}: {first_line(e)}") from None
+        created = created or [info_path, out / MARKER_FILE]
     for path in [out / CENSUS_FILE, *out.glob(PART_GLOB)]:
         if path.is_file():
             _drop_partial_line(path)
+    return created
+
+
+def _read_run(path: Path) -> dict:
+    """The run file of an earlier census, or :class:`InputError` in one line when it is unreadable."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is unreadable ({first_line(e)}); use a new --out folder") from None
+    if not isinstance(previous, dict):
+        raise InputError(f"{path} is not a census run file (a JSON object); use a new --out folder")
+    return previous
+
+
+def _check_run(out: Path, previous: dict, run_info: dict) -> None:
+    """Refuse to add records to a census made with another model, other weights or another rule."""
+    changed = sorted(
+        k for k in set(previous) | set(run_info) if k != "fingerprint" and previous.get(k) != run_info.get(k)
+    )
+    if changed:
+        raise InputError(f"{out} holds a census made with another {' and '.join(changed)}; use a new --out folder")
+    if "fingerprint" not in previous:
+        raise InputError(
+            f"{out} holds a census made before {RUN_FILE} recorded the weights' fingerprint: whether its records "
+            "come from these weights cannot be checked; use a new --out folder"
+        )
+    if previous["fingerprint"] != run_info["fingerprint"]:
+        raise InputError(
+            f"{out} holds a census made with other weights under the same name (fingerprint "
+            f"{str(previous['fingerprint'])[:12]} there, {run_info['fingerprint'][:12]} now); use a new --out folder"
+        )
 
 
 def _drop_partial_line(path: Path) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..arch import block_label
-from ..core.errors import InputError
+from ..core.errors import InputError, read_input_text
 from ..core.progress import progress_bar
 from ..edit.training import SurgeryConfig, SurgeryResult, operate
 from ..evaluation.facts import load_facts
@@ -93,10 +92,7 @@ def read_unrelated(path: str | None) -> list[str] | None:
     """Passages of a text file, split at blank lines; None without a file."""
     if path is None:
         return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"cannot read --unrelated {path}: {e.strerror or e}") from None
+    text = read_input_text(path, "--unrelated file")  # a folder or non-UTF-8 bytes: one line, as for --facts
     passages = [p.strip() for p in text.split("\n\n") if p.strip()]
     if not passages:
         raise InputError(f"--unrelated {path} is empty")

@@ -19,6 +19,11 @@ class InputError(SurgeryError, ValueError):
     """A prompt, target, facts file or option the user gave is unusable."""
 
 
+class NonFiniteError(InputError):
+    """A model's activations, logits or loss hold NaN or inf (its weights overflow, or hold NaN set in memory): no
+    number computed from them would mean anything."""
+
+
 class ModelLoadError(SurgeryError):
     """A model or tokenizer could not be loaded (unknown id, offline Hub, broken folder)."""
 
@@ -67,8 +72,10 @@ def read_input_text(path: str | os.PathLike, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"no such {what}: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read {what} {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"cannot read {what} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err.strerror or err}") from None
 
 
 def first_line(e: BaseException) -> str:

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import Layout, apply_softcap, block_label, layout_of
-from ..core.errors import InputError
+from ..core.errors import InputError, NonFiniteError
 from ..core.hooks import hooked
 from ..core.tokens import encode_prompt, encode_target, token_text
 from .divergence import Divergence, missed_pieces
@@ -470,6 +470,36 @@ def logit_attrs(model: nn.Module, cap: LastPositionCapture, token_ids: Tensor) -
     }
 
 
+def refuse_non_finite(
+    resid: Tensor, lens_logits: Tensor, attrs: dict[str, Tensor], prompts: list[str], blocks: str
+) -> None:
+    """:class:`NonFiniteError` when any number a diagnosis reports would be NaN or inf, naming the first such prompt
+    and the first residual that is not finite (a weight that overflows the forward pass, or a NaN set in memory:
+    loading refuses NaN weights, a model built in memory is not loaded).
+
+    ``resid``: Float[Tensor, "S B d"]; ``lens_logits``: Float[Tensor, "S B 3"]; ``attrs``: :func:`logit_attrs`
+    (batch on dim 0 of 2-d tensors, dim 1 of the others). Reads only tensors already computed.
+    """
+    finite = (torch.isfinite(resid).all(-1) & torch.isfinite(lens_logits).all(-1)).cpu()  # (S, B)
+    bad_rows = ~finite.all(0)  # (B,)
+    for v in attrs.values():
+        bad_rows |= ~torch.isfinite(v.movedim(0 if v.dim() == 2 else 1, 0)).flatten(1).all(1).cpu()
+    if not bool(bad_rows.any()):
+        return
+    b = int(bad_rows.nonzero()[0])
+    col = (~finite[:, b]).nonzero()
+    if not len(col):
+        where = "in its logit attributions"
+    elif int(col[0]) == 0:
+        where = "after the embeddings"
+    else:
+        where = f"after {block_label(int(col[0]) - 1, None, blocks)}"
+    raise NonFiniteError(
+        f"the model's activations hold NaN or inf {where} on the prompt {prompts[b]!r} (a weight that overflows or "
+        f"is NaN): nothing can be diagnosed from them"
+    )
+
+
 def find_override(heads_tc: Tensor, target_ranks: Tensor | None = None, near: int = 10) -> tuple[int, int]:
     """(layer, head) with the largest competitor-minus-target attribution. ``heads_tc``: (L, H, 2).
 
@@ -623,6 +653,7 @@ def _diagnose_chunk(model, tokenizer, layout: Layout, items: list[_Item], config
         comp_given = torch.tensor([item.c_ids[0] if item.c_ids is not None else -1 for item in items], device=device)
         lens = logit_lens(model, resid, target_ids, comp_given)
         attrs = logit_attrs(model, cap, lens.ids[:, :2])
+    refuse_non_finite(resid, lens.logits, attrs, [item.prompt for item in items], layout.adapter.blocks)
 
     has_bias = [layout.b_o(model, l) is not None for l in range(layout.n_layer)]
     final_bias = layout.adapter.norm.bias(model.get_submodule(layout.adapter.final_norm)) is not None

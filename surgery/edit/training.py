@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..arch import SITES, block_label, count_parameters, layout_of
-from ..core.errors import InputError, SurgeryFailed, SurgeryTimeout, require_positive_int
+from ..core.errors import InputError, NonFiniteError, SurgeryFailed, SurgeryTimeout, require_positive_int
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
 from ..evaluation.facts import Fact
 from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
@@ -339,6 +339,11 @@ def train_site(
         kl = preservation()
         kl_term = config.kl_weight * float(kl.detach())
         loss = ce + kl_term
+        if not math.isfinite(loss) and steps == 0:  # the base model itself: no learning rate would help
+            raise NonFiniteError(
+                f"the loss is {loss} before any training step at block {layer} (cross-entropy {ce}, preservation "
+                f"{kl_term}): the model's activations on the facts or the preservation text overflow or hold NaN"
+            )
         if not math.isfinite(loss):
             raise SurgeryFailed(
                 f"training diverged: the loss became {loss} at step {steps}; try a lower learning rate (now {lr:.3g})"

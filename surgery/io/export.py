@@ -49,7 +49,7 @@ REPORT_FILE = "report.json"
 CARD_FILE = "README.md"
 MODEL_FILES = ("config.json", "model.safetensors")
 MARKER_FILE = ".transformer-surgery"  # in every output folder: --overwrite replaces only folders that have it
-_MARKER_TEXT = (
+MARKER_TEXT = (
     json.dumps(
         {
             "written_by": "transformer-surgery",
@@ -109,7 +109,7 @@ def atomic_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     old = None
     try:
         yield tmp
-        (tmp / MARKER_FILE).write_text(_MARKER_TEXT, encoding="utf-8")
+        (tmp / MARKER_FILE).write_text(MARKER_TEXT, encoding="utf-8")
         _default_permissions(tmp)
         if out.exists():
             check_output_dir(out_dir, overwrite)  # again: the folder may have changed while the output was written
