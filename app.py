@@ -27,6 +27,8 @@ from __future__ import annotations
 import html
 import logging
 import os
+import shutil
+import signal
 import sys
 
 import gradio as gr
@@ -36,7 +38,7 @@ from surgery.core.errors import InputError
 from surgery.evaluation.panels import Panel
 from surgery.serve.limits import Limits
 from surgery.serve.registry import ModelRegistry, local_models, start_registry
-from surgery.serve.sessions import StartUp
+from surgery.serve.sessions import StartUp, app_work_dir
 from ui.callbacks import SurgeryApp
 from ui.diagnose import diagnose_tab
 from ui.heads import heads_tab
@@ -156,21 +158,33 @@ def main() -> None:
     except InputError as e:  # a malformed SURGERY_* variable: one line, before anything is loaded
         sys.exit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    demo = build_demo(
-        os.environ.get("SURGERY_MODEL", DEFAULT_MODEL),
-        device=device,
-        login=oauth,
-        allow_local_models=not on_space,
-        limits=limits,
-    )
-    demo.launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        theme=THEME,
-        css=CSS,
-        footer_links=["api", "gradio"],
-        mcp_server=os.environ.get("SURGERY_MCP", "1") != "0",  # the tools of ui/tools.py at /gradio_api/mcp
-    )
+    # Sessions' files go into this process's own folder, removed when it stops (Ctrl-C or SIGTERM, which Gradio's
+    # launch loop sees as Ctrl-C); one left by a killed process is removed by the next start (app_work_dir).
+    work_dir = app_work_dir()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        demo = build_demo(
+            os.environ.get("SURGERY_MODEL", DEFAULT_MODEL),
+            device=device,
+            login=oauth,
+            allow_local_models=not on_space,
+            limits=limits,
+            work_dir=str(work_dir),
+        )
+        demo.launch(
+            server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+            server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+            theme=THEME,
+            css=CSS,
+            footer_links=["api", "gradio"],
+            mcp_server=os.environ.get("SURGERY_MCP", "1") != "0",  # the tools of ui/tools.py at /gradio_api/mcp
+        )
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -180,3 +181,30 @@ def write_downloads(folder: str | os.PathLike, loaded: LoadedModel, result: Surg
     edit.save(folder / EDIT_FILE)
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return [folder / EDIT_FILE, folder / REPORT_FILE]
+
+
+WORK_PREFIX = "transformer-surgery-app-"
+
+
+def app_work_dir(parent: str | os.PathLike | None = None) -> Path:
+    """A new folder for this app process's per-session files, ``transformer-surgery-app-<pid>-*`` in ``parent``
+    (default: the system's temporary folder). Folders that processes no longer running left there (killed with
+    SIGKILL, or the machine lost power) are removed first: whatever they held was never finished or is nobody's.
+    """
+    parent = Path(parent or tempfile.gettempdir())
+    for old in parent.glob(f"{WORK_PREFIX}*"):
+        pid = old.name[len(WORK_PREFIX) :].split("-", 1)[0]
+        if old.is_dir() and pid.isdigit() and not _running(int(pid)):
+            log.info("removing %s, left by process %s, which is not running", old, pid)
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=parent))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
