@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 import surgery.io.export as export
 from surgery.core.errors import EditError, OutputError
 from surgery.edit.training import SurgeryConfig, operate
+from surgery.evaluation.generation import said
 from surgery.io.edit_file import Edit
 from surgery.io.export import check_output_dir, model_card, write_edited_model, write_output
 from surgery.io.loading import LoadedModel, load_model
@@ -287,6 +289,32 @@ def test_a_bf16_model_is_saved_in_bf16(tmp_path, loaded):
         assert torch.equal(p, view[name].to(torch.bfloat16).float()), name
     assert fixed.model.lm_head.weight is fixed.model.transformer.wte.weight
     assert base.model.dtype == torch.float32 and base.model.config.dtype == torch.float32  # the base untouched
+
+
+def test_the_fix_is_verified_in_the_dtype_it_is_saved_in(tmp_path, loaded, tiny_panel, monkeypatch):
+    """A bf16 base, computed in float32: operate's output is written in bf16 only when every fact the edit fixed is
+    still said with the edit rounded to bf16. A rounding that undoes the edit (here: faked, the base's own values)
+    is refused before anything is written."""
+    base_dir = tmp_path / "bf16-base"
+    make_tiny_model(len(loaded.tokenizer)).to(torch.bfloat16).save_pretrained(base_dir)
+    loaded.tokenizer.save_pretrained(base_dir)
+    base = load_model(base_dir)
+    facts = list(tiny_panel.facts)
+    result = operate(base.model, base.tokenizer, facts, SurgeryConfig(site="wv", layer=0, lr=3e-2), panel=tiny_panel)
+    fixed = sum(f.correct_after for f in result.report.comparison.facts)
+    assert fixed > sum(f.correct_before for f in result.report.comparison.facts)
+
+    out = write_output(tmp_path / "fixed", base, result)  # rounded to bf16, the fix holds
+    again = load_model(out)
+    judged = said(again.model, again.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    assert sum(j.strict for _, j in judged) == fixed
+
+    params = dict(base.model.named_parameters())
+    undone = {s.name: s.read(params[s.name]) for s in result.edit.slices}
+    monkeypatch.setattr(export, "rounded_edit", lambda edit, dtype: replace(edit, values=undone))
+    with pytest.raises(OutputError, match=r"does not survive being saved in bfloat16, the base's dtype: .* no longer"):
+        write_output(tmp_path / "lost", base, result)
+    assert not (tmp_path / "lost").exists()
 
 
 SLOW_WRITER = """

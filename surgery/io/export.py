@@ -203,16 +203,47 @@ def write_output(
     """Write the corrected model, ``patch.safetensors``, ``report.json`` and ``README.md`` to ``out_dir``.
 
     ``result`` is a :class:`surgery.edit.training.SurgeryResult` made from ``loaded.model``. Raises
-    :class:`OutputError` when the folder exists (without ``overwrite``) or cannot be written.
+    :class:`OutputError` when the folder exists (without ``overwrite``) or cannot be written, or when the fix is
+    lost in the base's dtype (:func:`check_in_saved_dtype`).
     """
     edit = _with_base(result.edit, loaded)
     report = report_dict(loaded, result.report)
+    check_in_saved_dtype(loaded, result)
     with atomic_output(out_dir, overwrite) as tmp:
         save_model(edited_model(loaded.model, edit), loaded.tokenizer, tmp, loaded.checkpoint_dtype)
         edit.save(tmp / EDIT_FILE)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(model_card(loaded, result.report, license=license), encoding="utf-8")
     return Path(out_dir).expanduser().resolve()
+
+
+def rounded_edit(edit: Edit, dtype: torch.dtype) -> Edit:
+    """``edit`` with its new values rounded to ``dtype`` (what a model saved in that dtype holds), kept in their
+    own dtype."""
+    return replace(edit, values={k: v.to(dtype).to(v.dtype) for k, v in edit.values.items()})
+
+
+def check_in_saved_dtype(loaded: LoadedModel, result) -> None:
+    """A checkpoint stored in bf16 or float16 is computed in float32 and saved back in its own dtype, so the saved
+    fix holds the edit rounded to that dtype. Every fact the float32 edit makes the model say must still be said
+    with the rounded values (greedy generation, the report's rule); raises :class:`OutputError` naming the facts
+    otherwise, before anything is written. Nothing to check when the model is saved as it was computed."""
+    dtype = loaded.checkpoint_dtype
+    facts = [f for f in result.report.comparison.facts if f.correct_after]
+    if dtype is None or not dtype.is_floating_point or dtype == loaded.model.dtype or not facts:
+        return
+    from ..evaluation.generation import said  # the one rule for "says the answer"
+
+    edited = edited_model(loaded.model, rounded_edit(result.edit, dtype))
+    judged = said(edited, loaded.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    lost = [(f, text) for f, (text, j) in zip(facts, judged) if not j.strict]
+    if lost:
+        name = str(dtype).removeprefix("torch.")
+        shown = "; ".join(f"{f.prompt!r} -> {text!r}" for f, text in lost[:3])
+        raise OutputError(
+            f"the fix does not survive being saved in {name}, the base's dtype: with its values rounded to {name}, "
+            f"{len(lost)} of the {len(facts)} facts it fixed are no longer said ({shown})"
+        )
 
 
 def write_edited_model(out_dir: str | os.PathLike, loaded: LoadedModel, edit: Edit, overwrite: bool = False) -> Path:
