@@ -46,11 +46,14 @@ def test_view_shares_untouched_tensors_and_leaves_the_base_alone(tiny_model):
     view = edited_model(tiny_model, edit)
     base_params, view_params = dict(tiny_model.named_parameters()), dict(view.named_parameters())
     assert base_params.keys() == view_params.keys()
+    edited = {s.name for s in edit.slices}
     for name, p in base_params.items():
-        if name.startswith("transformer.h.1."):
-            assert view_params[name] is not p  # the private copy of the edited block
+        if name in edited:
+            assert view_params[name] is not p  # the private copy of the edited tensor
         else:
-            assert view_params[name] is p  # shared, not copied
+            assert view_params[name] is p  # shared, not copied (the edited block's other tensors too)
+    assert edited == {"transformer.h.1.attn.c_attn.weight"}
+    assert view.transformer.h[1] is not tiny_model.transformer.h[1]  # the edited block is a new module object
     assert view.transformer.h[0] is tiny_model.transformer.h[0] and view.transformer.wte is tiny_model.transformer.wte
     assert view.lm_head.weight is view.transformer.wte.weight  # tied weights stay tied
     v = layout_of(tiny_model).qkv_columns("v")

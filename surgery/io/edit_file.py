@@ -2,8 +2,9 @@
 
 The base model is never modified. :func:`edited_model` builds a *view*: new container objects along the path to the
 blocks (``model -> transformer -> h`` for GPT-2, ``model -> model -> layers`` for the others), every untouched
-module and parameter shared with the base (same tensors, no copy), and a private copy of the one edited block
-carrying the new values. Several sessions can each hold their own view of one shared base at once, without locks.
+module and parameter shared with the base (same tensors, no copy), and a new object for the one edited block that
+shares every tensor of it but the edited ones, which it copies and carries the new values in. Several sessions can
+each hold their own view of one shared base at once, without locks.
 
 On disk an edit is a safetensors file holding only the trained slices (for ``wv``: just the value projection's
 weight; GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision,
@@ -178,15 +179,24 @@ def _install_output_recorders(model: nn.Module) -> None:
     maybe_install_capturing_hooks(model)
 
 
-def copy_block(model: nn.Module, layer: int) -> nn.Module:
-    """A private deep copy of block ``layer`` (sharing the config object), without request-scoped hooks."""
+def copy_block(model: nn.Module, layer: int, only: set[str] | None = None) -> nn.Module:
+    """A private copy of block ``layer`` (sharing the config object), without request-scoped hooks. ``only``: the
+    full names of the parameters to copy; every other parameter and every buffer is then shared with ``model``
+    (an edited view costs the edited tensors, not a whole block)."""
     path = layout_of(model).adapter.block(layer)
     if any(p.device.type == "meta" for p in model.get_submodule(path).parameters()):
         raise EditError(
             f"block {layer} ({path}) is offloaded (device_map put it on disk or offloaded it to the CPU): "
             "the block an edit changes must be held in memory; give it a device in device_map"
         )
-    block = copy.deepcopy(model.get_submodule(path), memo={id(model.config): model.config})
+    original = model.get_submodule(path)
+    memo = {id(model.config): model.config}
+    if only is not None:
+        for name, p in original.named_parameters():
+            if f"{path}.{name}" not in only:
+                memo[id(p)] = p
+        memo.update({id(b): b for b in original.buffers()})
+    block = copy.deepcopy(original, memo=memo)
     for module in block.modules():
         _copy_registries(module)
     return block
@@ -210,7 +220,7 @@ def edited_model(model: nn.Module, edit: Edit) -> nn.Module:
     _install_output_recorders(model)
     layout = layout_of(model)
     block_path = layout.adapter.block(edit.layer)
-    new_block = copy_block(model, edit.layer)
+    new_block = copy_block(model, edit.layer, only={s.name for s in edit.slices})
     prefix = block_path + "."
     with torch.no_grad():
         for s in edit.slices:

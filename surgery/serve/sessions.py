@@ -4,7 +4,8 @@ The app holds each base model (a :class:`~surgery.io.loading.LoadedModel`, see :
 everybody and never modifies it. A session's edit is a :class:`SessionEdit` — the :class:`~surgery.io.edit_file.Edit`
 that surgery produced, its report, and a private folder with the files offered for download — and every request
 of that session runs on ``edited_model(base, edit)``: a view that shares all untouched modules with the base and
-holds its own copy of the one edited block. Two sessions' edits therefore never meet, and no lock is needed.
+holds its own copy of the edited tensors only (for ``wv``: the value projection; a session's memory is those
+tensors and its files). Two sessions' edits therefore never meet, and no lock is needed.
 
 A session may switch between base models: its :class:`SessionEdits` keeps at most one edit per base model, under
 that model's key, and hands out only the edit made on the model asked for — an edit is never applied to another
