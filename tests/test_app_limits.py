@@ -259,6 +259,25 @@ def test_a_deleted_or_evicted_sessions_files_are_removed(tiny_tokenizer, tmp_pat
     tiny.sessions.end(None)  # a session that never operated
 
 
+def test_the_sweeper_expires_sessions_whose_tab_closed(tmp_path):
+    """Gradio keeps a closed session's state an hour, whatever its time-to-live: the pool's own sweeper removes the
+    files once the time-to-live has passed, without waiting for another surgery; it stops with its pool."""
+    from surgery.serve.sessions import SessionPool
+
+    pool = SessionPool(ttl=0.2, max_sessions=4)
+    thread = pool.sweep_every(0.05)
+    edits = session_with_files(tmp_path / "left")
+    pool.touch(edits)
+    assert (tmp_path / "left").exists()
+    deadline = time.monotonic() + 5
+    while (tmp_path / "left").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (tmp_path / "left").exists() and len(pool) == 0
+    del pool
+    thread.join(2)
+    assert not thread.is_alive()
+
+
 def test_a_surgery_joins_the_pool(tiny_tokenizer, tmp_path):
     tiny, _ = tiny_app(tiny_tokenizer, tmp_path, max_sessions=1)
     first = tiny.operate(FACTS_JSON, "layer", "2", None, progress=NoProgress())[-1]

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SESSIONS = 8
 QUEUE_SIZE = 4  # small, so that some of the sessions are refused
 MEMORY_BOUND = 200 * 2**20  # bytes of resident memory a burst of sessions may leave behind, once they expire
+TTL = 15  # seconds a session's edits are kept: longer than the burst, so that memory is measured with them held
 NO_EDIT = "(no surgery on this model in this session yet)"
 
 
@@ -151,10 +152,10 @@ def one_session(app: App, fact: dict | None) -> dict:
 
 
 def test_many_sessions_at_once_are_answered_or_refused_isolated_and_cleaned_up(tmp_path, facts):
-    app = App(tmp_path, SURGERY_QUEUE_SIZE=str(QUEUE_SIZE), SURGERY_SESSION_TTL="5")
+    app = App(tmp_path, SURGERY_QUEUE_SIZE=str(QUEUE_SIZE), SURGERY_SESSION_TTL=str(TTL))
     try:
         one_session(app, facts[0])  # warm up: the first surgery and generation allocate what they reuse
-        assert wait_for(lambda: not app.session_dirs(), 30), "the warm-up session's files outlived its TTL"
+        assert wait_for(lambda: not app.session_dirs(), 2 * TTL + 10), "the warm-up session's files outlived its TTL"
         before = app.rss()
 
         results: list[dict | BaseException] = [None] * SESSIONS
@@ -188,12 +189,14 @@ def test_many_sessions_at_once_are_answered_or_refused_isolated_and_cleaned_up(t
                 assert r["corrected"] == NO_EDIT, f"session {i} sees an edit it did not make"
                 assert "nothing to verify yet" in r["verify_error"]
 
-        assert wait_for(lambda: not app.session_dirs(), 30), f"left behind: {app.session_dirs()}"
+        during = app.rss()  # the sessions' edits still held (their time-to-live has not run out)
+        assert wait_for(lambda: not app.session_dirs(), 2 * TTL + 10), f"left behind: {app.session_dirs()}"
         after = app.rss()
         summary = (
             f"{SESSIONS} sessions (queue size {QUEUE_SIZE}): {len(answered)} answered "
             f"({sum(r['operated'] for r in answered)} with a surgery), {len(refused)} refused as queue full; "
-            f"resident memory {before / 2**20:.0f} MB before, {after / 2**20:.0f} MB after"
+            f"resident memory {before / 2**20:.0f} MB before, {during / 2**20:.0f} MB with the sessions' edits held, "
+            f"{after / 2**20:.0f} MB after they expired"
         )
         print(summary)
         assert after - before < MEMORY_BOUND, summary

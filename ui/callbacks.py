@@ -99,6 +99,7 @@ class SurgeryApp:
         self.work_dir = work_dir
         self.limits = limits if limits is not None else Limits()
         self.sessions = SessionPool(self.limits.session_ttl, self.limits.max_sessions)
+        self.sessions.sweep_every(min(60.0, max(1.0, self.limits.session_ttl / 4)))
 
     def served(self, model: str | None = None) -> ServedModel:
         """The picked model (loaded on first use; shared by every session)."""

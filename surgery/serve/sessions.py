@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,6 +157,25 @@ class SessionPool:
         """Discard every session whose last surgery is more than ``ttl`` seconds old."""
         with self._lock:
             self._expire(self._clock())
+
+    def sweep_every(self, seconds: float) -> threading.Thread:
+        """Call :meth:`expire` every ``seconds`` from a daemon thread, for as long as this pool exists. Needed because
+        Gradio keeps a *closed* session's state for an hour whatever its ``time_to_live`` (``STATE_TTL_WHEN_CLOSED``
+        in gradio/state_holder.py), so a visitor who leaves would otherwise keep their files that long."""
+        ref = weakref.ref(self)
+
+        def loop() -> None:
+            while True:
+                time.sleep(seconds)
+                pool = ref()
+                if pool is None:
+                    return
+                pool.expire()
+                del pool
+
+        thread = threading.Thread(target=loop, name="session-sweeper", daemon=True)
+        thread.start()
+        return thread
 
     def end(self, edits: SessionEdits | None) -> None:
         """Discard one session's edits now (the session ended; None: it never held any)."""
