@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -106,6 +108,59 @@ def test_greedy_continuations_equal_generate_on_every_family(family_model, tiny_
     assert said(family_model, tiny_tokenizer, PROMPTS, targets) == [
         said(family_model, tiny_tokenizer, [p], [t])[0] for p, t in zip(PROMPTS, targets)
     ]
+
+
+def test_lockstep_waves_equal_one_group_at_a_time_on_every_family(family_model, tiny_tokenizer):
+    # prompts of several lengths in one wave (one unembedding a step for all of them), in waves of 1 and 3 rows,
+    # and each alone: the same texts, first tokens and ranks
+    from surgery.evaluation.generation import continuations
+
+    ids = [tiny_tokenizer.convert_tokens_to_ids(w) for w in ("Paris", "three", "sat", "blue", "Tokyo", "cat")]
+    targets = [" Paris", " three", None, " blue", None, " cat"]
+    budgets = [4, 6, 3, 5, 2, 6]
+    waves = [
+        continuations(family_model, tiny_tokenizer, PROMPTS, budgets, targets, ids, batch_size=size)
+        for size in (128, 3, 1)
+    ]
+    alone = [
+        continuations(family_model, tiny_tokenizer, [p], [b], [t], [i])
+        for p, b, t, i in zip(PROMPTS, budgets, targets, ids)
+    ]
+    for got in waves:
+        assert got.texts == [a.texts[0] for a in alone]
+        assert got.first_top == [a.first_top[0] for a in alone]
+        assert got.first_rank == [a.first_rank[0] for a in alone]
+        assert got.ids == [a.ids[0] for a in alone]
+
+
+def test_a_memo_answers_the_rows_it_holds_and_only_for_its_model(family_model, tiny_tokenizer, monkeypatch):
+    from surgery.evaluation import generation
+    from surgery.evaluation.memo import EvaluationMemo
+
+    memo = EvaluationMemo(family_model)
+    plain = generation.continuations(family_model, tiny_tokenizer, PROMPTS[:4], [3, 4, 5, 6], first_ids=[5, 6, 7, 8])
+    first = generation.continuations(
+        family_model, tiny_tokenizer, PROMPTS[:4], [3, 4, 5, 6], first_ids=[5, 6, 7, 8], memo=memo
+    )
+    assert first == plain and len(memo) == 4
+    rows = []
+    wave = generation._generate_wave
+    monkeypatch.setattr(
+        generation, "_generate_wave", lambda m, t, groups, *a: rows.append(groups) or wave(m, t, groups, *a)
+    )
+    again = generation.continuations(
+        family_model, tiny_tokenizer, PROMPTS, [3, 4, 5, 6, 2, 2], first_ids=[5, 6, 7, 8, 9, 9], memo=memo
+    )
+    assert again.texts[:4] == plain.texts and again.first_rank[:4] == plain.first_rank
+    assert sum(len(g) for groups in rows for g in groups) == 2  # only the two rows it did not hold
+    # another budget, target or first token asked is another row; another model finds nothing
+    rows.clear()
+    generation.continuations(family_model, tiny_tokenizer, PROMPTS[:1], 4, memo=memo)
+    assert len(rows) == 1
+    rows.clear()
+    other = copy.deepcopy(family_model)  # the same weights, another object (as an edited view is)
+    generation.continuations(other, tiny_tokenizer, PROMPTS[:1], 3, first_ids=[5], memo=memo)
+    assert len(rows) == 1 and len(memo) == 7
 
 
 def test_greedy_continuations_equal_generate_on_the_demo_model(demo, demo_panels):

@@ -7,8 +7,10 @@ word boundaries, within the first :data:`LENIENT_WORDS` generated words ("Lyon i
 France" says " France" a little later).
 
 Speed by design (:func:`greedy_continuations`): prompts of the same token length run together, so there is no
-padding and every row equals its unbatched run; each step feeds one token per row through the KV cache; a row
-leaves the batch and its cache as soon as it is decided (:func:`decided`) or has spent its token budget.
+padding and every row computes what its unbatched run computes; groups of different lengths step in lockstep and
+share one unembedding a step (the vocabulary product is the largest of a step on Gemma); each step feeds one
+token per row through the KV cache; a row leaves the batch and its cache as soon as it is decided
+(:func:`decided`) or has spent its token budget.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from torch import nn
 from ..arch import layout_of, unembed
 from ..core.errors import InputError
 from ..core.tokens import encode_prompt, encode_target
+from .memo import EvaluationMemo, Row, memo_for
 
 LENIENT_WORDS = 6  # the lenient figure looks for the whole answer within this many generated words
 EXTRA_TOKENS = 12  # tokens generated past the target's own length when judging (room for the lenient figure)
-BATCH_SIZE = 128  # rows generated together (no padding: one prompt length a batch)
+BATCH_SIZE = 128  # rows generated together (no padding: a group per prompt length, the groups in lockstep)
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -130,10 +133,13 @@ def continuations(
     first_ids: Sequence[int | None] | None = None,
     words: int = LENIENT_WORDS,
     batch_size: int = BATCH_SIZE,
+    memo: EvaluationMemo | None = None,
 ) -> Continuations:
     """:func:`greedy_continuations`, and from the first step's logits (the next-token distribution after each
     prompt) the top-1 token and the rank of ``first_ids[i]`` (e.g. the target's first token): the first-token
-    figures come free with the generation, no second pass over the prompts."""
+    figures come free with the generation, no second pass over the prompts. With a ``memo`` of ``model``
+    (:class:`~surgery.evaluation.memo.EvaluationMemo`), a row it holds is not generated again, and every row
+    generated is kept in it."""
     prompts = list(prompts)
     if targets is not None and len(targets) != len(prompts):
         raise InputError("give one target per prompt")
@@ -147,56 +153,96 @@ def continuations(
     for ids in encoded:
         if len(ids) >= n_ctx:
             raise InputError(f"the prompt fills the whole context ({n_ctx} tokens): nothing can be generated")
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        groups.setdefault(len(ids), []).append(i)
+    budgets = [min(b, n_ctx - len(ids)) for b, ids in zip(budgets, encoded)]
     out = Continuations([""] * len(prompts), [0] * len(prompts), [0] * len(prompts), [[] for _ in prompts])
-    for length, rows in sorted(groups.items()):
+    memo = memo_for(memo, model)
+    keys = [
+        (p, b, None if targets is None else targets[i], None if first_ids is None else first_ids[i], words)
+        for i, (p, b) in enumerate(zip(prompts, budgets))
+    ]
+    todo = list(range(len(prompts)))
+    if memo is not None:
+        todo = []
+        for i, row in enumerate(memo.rows(keys)):
+            if row is None:
+                todo.append(i)
+            else:
+                out.texts[i], out.first_top[i], out.first_rank[i], out.ids[i] = row.text, *row[1:3], list(row.ids)
+    groups: dict[int, list[int]] = {}
+    for i in todo:
+        groups.setdefault(len(encoded[i]), []).append(i)
+    # Waves of at most ``batch_size`` rows: whole length groups, shortest first, a group larger than a wave split.
+    waves: list[list[list[int]]] = [[]]
+    for _, rows in sorted(groups.items()):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            got = _generate_group(
-                model,
-                tokenizer,
-                [encoded[i] for i in chunk],
-                [min(budgets[i], n_ctx - length) for i in chunk],
-                None if targets is None else [targets[i] for i in chunk],
-                None if first_ids is None else [first_ids[i] for i in chunk],
-                words,
-            )
-            for i, text, top, rank, ids in zip(chunk, got.texts, got.first_top, got.first_rank, got.ids):
-                out.texts[i], out.first_top[i], out.first_rank[i], out.ids[i] = text, top, rank, ids
+            if sum(map(len, waves[-1])) + len(chunk) > batch_size:
+                waves.append([])
+            waves[-1].append(chunk)
+    for wave in waves:
+        rows = [i for chunk in wave for i in chunk]
+        if not rows:
+            continue
+        got = _generate_wave(
+            model,
+            tokenizer,
+            [[encoded[i] for i in chunk] for chunk in wave],
+            [budgets[i] for i in rows],
+            None if targets is None else [targets[i] for i in rows],
+            None if first_ids is None else [first_ids[i] for i in rows],
+            words,
+        )
+        for i, text, top, rank, ids in zip(rows, got.texts, got.first_top, got.first_rank, got.ids):
+            out.texts[i], out.first_top[i], out.first_rank[i], out.ids[i] = text, top, rank, ids
+    if memo is not None and todo:
+        memo.keep_rows(
+            [keys[i] for i in todo],
+            [Row(out.texts[i], out.first_top[i], out.first_rank[i], tuple(out.ids[i])) for i in todo],
+        )
     return out
 
 
-def _generate_group(
+def _generate_wave(
     model: nn.Module,
     tokenizer,
-    encoded: list[list[int]],
+    groups: list[list[list[int]]],
     budgets: list[int],
     targets: list[str | None] | None,
     first_ids: list[int | None] | None,
     words: int,
 ) -> Continuations:
-    """Greedy decoding of prompts of one token length, through the KV cache, until every row is done. A row that
-    is done leaves the batch (and the cache) at once, so the rest run on without it."""
+    """Greedy decoding of several groups of prompts in lockstep, each group of one token length with its own KV
+    cache, until every row is done. Each step runs the decoder once per group (no padding: a row computes what it
+    computes alone) and the unembedding once for the open rows of every group together (Gemma: 262k logits a
+    row, the largest product of a step). A row that is done leaves its group's batch and cache at once. The
+    answer's rows are the groups' rows in order."""
     device = next(model.parameters()).device
     # The decoder and the unembedding, as every evaluation runs the model: an edited view of a model that
     # accelerate dispatched keeps its hooked top-level forward bound to the base, its decoder is the view's.
     decoder = model.get_submodule(layout_of(model).adapter.base)
-    input_ids = torch.tensor(encoded, device=device)  # (B, T): equal lengths, no padding
     eos = tokenizer.eos_token_id
-    new: list[list[int]] = [[] for _ in encoded]
-    first_top, first_rank = [0] * len(encoded), [0] * len(encoded)
-    alive = list(range(len(encoded)))  # the rows still generating, in the order of the batch
-    past, first = None, True
+    n = sum(map(len, groups))
+    new: list[list[int]] = [[] for _ in range(n)]
+    first_top, first_rank = [0] * n, [0] * n
+    # Per group: its input ids (b, T) then (b, 1), its cache, and its live rows (indices into the answer).
+    inputs = [torch.tensor(g, device=device) for g in groups]  # (B_g, T_g): equal lengths, no padding
+    pasts: list = [None] * len(groups)
+    alive, offset = [], 0
+    for g in groups:
+        alive.append(list(range(offset, offset + len(g))))
+        offset += len(g)
+    first = True
     with torch.no_grad():
-        while alive:
-            out = decoder(input_ids=input_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            # only the last position is unembedded (Gemma: 262k logits a position)
-            logits = unembed(model, out.last_hidden_state[:, -1])  # (b, d) -> (b, V)
-            next_ids = logits.argmax(-1)  # (b,): one token per live row
-            if first:  # the next-token distribution after each prompt; every row is still in the batch
+        while any(alive):
+            live = [k for k in range(len(groups)) if alive[k]]
+            last = []
+            for k in live:
+                out = decoder(input_ids=inputs[k], past_key_values=pasts[k], use_cache=True)
+                pasts[k] = out.past_key_values
+                last.append(out.last_hidden_state[:, -1])  # (b_k, d): only the last position is unembedded
+            logits = unembed(model, torch.cat(last))  # (sum b_k, d) -> (sum b_k, V)
+            next_ids = logits.argmax(-1)  # one token per live row, groups in order
+            if first:  # the next-token distribution after each prompt; every row of every group is live
                 first = False
                 first_top = next_ids.tolist()
                 if first_ids is not None:
@@ -205,26 +251,27 @@ def _generate_group(
                     first_rank = [
                         0 if t is None else r for t, r in zip(first_ids, ((logits > picked).sum(-1) + 1).tolist())
                     ]
-            keep = []
-            for i, (row, token) in enumerate(zip(alive, next_ids.tolist())):
-                if token == eos:
-                    continue
-                new[row].append(token)
-                if len(new[row]) >= budgets[row]:
-                    continue
-                if (
-                    targets is not None
-                    and targets[row] is not None
-                    and decided(tokenizer.decode(new[row], skip_special_tokens=True), targets[row], words)
-                ):
-                    continue
-                keep.append(i)
-            if len(keep) < len(alive) and keep:
-                index = torch.tensor(keep, device=device)
-                past.batch_select_indices(index)  # (b, ...) -> (b', ...) in every layer's keys and values
-                next_ids = next_ids[index]
-            alive = [alive[i] for i in keep]
-            input_ids = next_ids[:, None]  # (b', 1)
+            for k, ids in zip(live, next_ids.split([len(alive[k]) for k in live])):
+                keep = []
+                for i, (row, token) in enumerate(zip(alive[k], ids.tolist())):
+                    if token == eos:
+                        continue
+                    new[row].append(token)
+                    if len(new[row]) >= budgets[row]:
+                        continue
+                    if (
+                        targets is not None
+                        and targets[row] is not None
+                        and decided(tokenizer.decode(new[row], skip_special_tokens=True), targets[row], words)
+                    ):
+                        continue
+                    keep.append(i)
+                if len(keep) < len(alive[k]) and keep:
+                    index = torch.tensor(keep, device=device)
+                    pasts[k].batch_select_indices(index)  # (b, ...) -> (b', ...) in every layer's keys and values
+                    ids = ids[index]
+                alive[k] = [alive[k][i] for i in keep]
+                inputs[k] = ids[:, None]  # (b', 1)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
     return Continuations(texts, first_top, first_rank, new)
 
