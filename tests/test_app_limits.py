@@ -126,7 +126,8 @@ def test_surgery_gets_the_step_and_time_limits(tiny_tokenizer, tmp_path, monkeyp
     tiny, _ = tiny_app(tiny_tokenizer, tmp_path, max_steps=7, max_seconds=12.5)
     configs = []
 
-    def stop(model, tokenizer, facts, config, panel, progress):
+    def stop(model, tokenizer, facts, config, panel, progress, memo):
+        assert memo.serves(model)  # the served model's evaluation memo: its base figures are computed once
         configs.append(config)
         raise SurgeryFailed("stopped here")
 

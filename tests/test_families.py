@@ -493,6 +493,41 @@ def test_operate_fixes_the_fact_and_touches_only_its_site(operated):
     assert result.report.block == block_prefix(model, LAYER)[:-1]
 
 
+def test_operate_with_a_memo_of_the_base_reports_the_same_and_generates_nothing_of_the_base_again(
+    operated, tiny_tokenizer, tiny_panel, monkeypatch
+):
+    # issue 22: the base model's figures are computed once per memo; a second operate with the same memo finds them
+    # all (facts, paraphrases, panel probes, fluency, kept answers, perplexity, hidden states) and its report
+    # equals the memo-less one but for the wall times
+    from surgery.evaluation import generation, scoring
+    from surgery.evaluation.memo import EvaluationMemo
+
+    model, fact = operated.model, operated.result.report.comparison.facts[0]
+    memo = EvaluationMemo(model)
+
+    def run():
+        config = SurgeryConfig(site="layer", **SURGERY)
+        return operate(
+            model, tiny_tokenizer, [Fact(fact.prompt, fact.target)], config, TEXTS, panel=tiny_panel, memo=memo
+        )
+
+    first = run()
+    assert len(memo) > 0
+    wave, perplexity, hidden = generation._generate_wave, scoring.perplexity, scoring.final_hidden
+    generated_on = []
+    monkeypatch.setattr(generation, "_generate_wave", lambda m, *a: generated_on.append(m) or wave(m, *a))
+    monkeypatch.setattr(scoring, "perplexity", lambda m, *a: generated_on.append(m) or perplexity(m, *a))
+    monkeypatch.setattr(scoring, "final_hidden", lambda m, *a: generated_on.append(m) or hidden(m, *a))
+    second = run()
+    assert generated_on and all(m is not model for m in generated_on)  # only the edited view is computed
+
+    def without_times(result):
+        return {k: v for k, v in result.report.to_dict().items() if k not in ("train_time_s", "wall_time_s")}
+
+    assert without_times(first) == without_times(second) == without_times(operated.result)
+    assert_state_equal(model.state_dict(), operated.before)
+
+
 def test_edit_round_trips_bitwise(trained, tmp_path):
     model, edit = trained.model, trained.edit
     edit.save(tmp_path / "patch.safetensors")

@@ -80,6 +80,19 @@ def test_a_served_model_has_its_fitted_panel_and_layout(tiny_tokenizer):
     assert served.fitted.unavailable and "facts: 1 of 2" in served.fitted.unavailable[0]
 
 
+def test_a_served_model_keeps_its_base_figures_in_one_memo(tiny_tokenizer):
+    # issue 22: the panel facts' scores fill the served model's memo, which every session's operate is given
+    from surgery.evaluation.scoring import score_probes
+
+    registry = ModelRegistry(two_choices(), loader=CountingLoader(tiny_tokenizer), panels={"a": PANEL, "b": PANEL})
+    served = registry.get("a")
+    assert served.memo is served.memo and served.memo.serves(served.model) and len(served.memo) == 0
+    scores = served.fact_scores
+    assert len(served.memo) == len(served.facts)
+    assert scores == score_probes(served.model, served.tokenizer, served.facts)
+    assert not registry.get("b").memo.serves(served.model)
+
+
 def test_unknown_model_and_failed_loads(tiny_tokenizer):
     def broken(source, device=None):
         raise ModelLoadError(f"cannot load '{source}'")

@@ -56,8 +56,8 @@ class TrainingProgress:
 
 
 @gpu(duration=120)
-def run_surgery(model, tokenizer, facts, config, panel, progress):
-    return operate(model, tokenizer, facts, config, panel=panel, progress=progress)
+def run_surgery(model, tokenizer, facts, config, panel, progress, memo=None):
+    return operate(model, tokenizer, facts, config, panel=panel, progress=progress, memo=memo)
 
 
 @gpu(duration=30)
@@ -195,7 +195,13 @@ class SurgeryApp:
         progress(0, desc="diagnosing the facts, capturing the frozen layers")
         try:
             result = run_surgery(
-                served.model, served.tokenizer, probes, config, served.panel, TrainingProgress(progress, site)
+                served.model,
+                served.tokenizer,
+                probes,
+                config,
+                served.panel,
+                TrainingProgress(progress, site),
+                served.memo,
             )
         except SurgeryTimeout as e:
             raise SurgeryTimeout(limits.timed_out(str(e))) from None

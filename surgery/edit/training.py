@@ -49,6 +49,7 @@ from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, NonFiniteError, SurgeryFailed, SurgeryTimeout, require_positive_int
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
 from ..evaluation.facts import Fact
+from ..evaluation.memo import EvaluationMemo
 from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
@@ -427,6 +428,7 @@ def operate(
     panel: Panel | None = None,
     require_all: bool = True,
     preserve: Sequence[Fact] | None = None,
+    memo: EvaluationMemo | None = None,
 ) -> SurgeryResult:
     """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
 
@@ -441,8 +443,14 @@ def operate(
     :class:`SurgeryFailed` (NaN/Inf, or — with ``require_all``, the default — facts not all fixed within the
     budget; without it the report says how many were, as a many-fact edit is judged by its efficacy), or its
     subclass :class:`~surgery.core.errors.SurgeryTimeout` past ``config.max_seconds``.
+
+    ``memo``: the base model's evaluation figures already computed (an
+    :class:`~surgery.evaluation.memo.EvaluationMemo` of ``model``, e.g. the app's, shared by its repairs): what it
+    holds is not computed again, and what this repair computes on the base model is kept there. Without one, a
+    fresh memo serves this call alone. The results are the same either way.
     """
     t0 = time.perf_counter()
+    memo = memo if memo is not None else EvaluationMemo(model)
     deadline = Deadline.start(config.max_seconds)
     facts = list(facts)
     if not facts:
@@ -450,7 +458,7 @@ def operate(
     layout = layout_of(model)
     panel = panel if panel is not None else panel_for_model(model)
     unrelated, unrelated_note = _unrelated_text(panel, tokenizer, layout.n_ctx, unrelated)
-    before = score_probes(model, tokenizer, facts)  # also validates every prompt and target
+    before = score_probes(model, tokenizer, facts, memo)  # also validates every prompt and target
     if before.correct == before.total:
         raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
     diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
@@ -479,7 +487,7 @@ def operate(
     trained = [f for f, k in zip(facts, keep) if k]
     edited_prompts = {f.prompt for f in facts}
     preserve = [p for p in (panel.preserve if preserve is None else preserve) if p.prompt not in edited_prompts]
-    kept = kept_answers(model, tokenizer, preserve)
+    kept = kept_answers(model, tokenizer, preserve, memo)
     device = next(model.parameters()).device
     tried: list[dict] = []
     best = None
@@ -528,7 +536,7 @@ def operate(
             f"{', ...' if len(wrong) > 1 else ''}); try more --epochs, a larger site or another --layer"
         )
     deadline.check("before evaluating the edit")
-    comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after)
+    comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after, memo=memo)
     deadline.check("while evaluating the edit")
     notes = (
         absent_notes

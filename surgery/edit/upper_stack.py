@@ -28,6 +28,7 @@ from ..core.hooks import hooked, main_output
 from ..core.tokens import encode_prompt, encode_target, pad_right, real_positions
 from ..evaluation.facts import Fact
 from ..evaluation.generation import continuations
+from ..evaluation.memo import EvaluationMemo
 from ..evaluation.scoring import encode_texts
 from ..io.edit_file import copy_block
 
@@ -170,10 +171,13 @@ def freeze_inputs(
     return frozen
 
 
-def kept_answers(model: nn.Module, tokenizer, probes: Sequence[Fact]) -> list[tuple[list[int], list[int]]]:
+def kept_answers(
+    model: nn.Module, tokenizer, probes: Sequence[Fact], memo: EvaluationMemo | None = None
+) -> list[tuple[list[int], list[int]]]:
     """For each probe, its prompt's ids and what the model says after it (greedy): as many tokens as the probe's
     target has pieces. The preservation term keeps those positions as they are, whatever the model says there.
-    A probe this tokenizer cannot encode, or too long for the context, is left out."""
+    A probe this tokenizer cannot encode, or too long for the context, is left out. What ``memo`` (of ``model``)
+    holds is not generated again."""
     n_ctx = layout_of(model).n_ctx
 
     def usable(p: Fact) -> bool:
@@ -186,7 +190,11 @@ def kept_answers(model: nn.Module, tokenizer, probes: Sequence[Fact]) -> list[tu
     if not probes:
         return []
     said = continuations(
-        model, tokenizer, [p.prompt for p in probes], [len(encode_target(tokenizer, p.target)) for p in probes]
+        model,
+        tokenizer,
+        [p.prompt for p in probes],
+        [len(encode_target(tokenizer, p.target)) for p in probes],
+        memo=memo,
     ).ids
     return [(encode_prompt(tokenizer, p.prompt, n_ctx), ids) for p, ids in zip(probes, said)]
 

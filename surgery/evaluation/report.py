@@ -29,6 +29,7 @@ from torch import nn
 
 from ..io.edit_file import WeightStats
 from .facts import Fact
+from .memo import EvaluationMemo
 from .panels import Panel, fit_panel
 from .scoring import (
     FLUENCY_TOKENS,
@@ -295,12 +296,14 @@ def compare(
     before: ProbeScores | None = None,
     after: ProbeScores | None = None,
     fluency_tokens: int = FLUENCY_TOKENS,
+    memo: EvaluationMemo | None = None,
 ) -> Comparison:
     """Judge ``base`` and ``edited`` by what they say on the facts (and their paraphrases: each fact's own, else
     the panel's for the same prompt) and the panel fitted to ``tokenizer``, and their fluency on the facts' prompts
     and a few of the panel's general ones (``fluency_tokens`` tokens each; 0 skips it) — all of one model in one
     batched generation —, and their KL on the unrelated text (default: the panel's). Fact scores already
-    computed can be passed as ``before``/``after``."""
+    computed can be passed as ``before``/``after``; what ``memo`` (of ``base``) holds of the base model's figures
+    is not computed again, and what is computed is kept there."""
     from ..arch import layout_of
     from .scoring import mean_kl
 
@@ -315,7 +318,12 @@ def compare(
 
     def judge_model(model: nn.Module, facts_scored: ProbeScores | None) -> JudgedLists:
         judged = judge_lists(
-            model, tokenizer, lists if facts_scored is not None else {"facts": facts, **lists}, prompts, fluency_tokens
+            model,
+            tokenizer,
+            lists if facts_scored is not None else {"facts": facts, **lists},
+            prompts,
+            fluency_tokens,
+            memo=memo,
         )
         if facts_scored is not None:
             judged.scores["facts"] = facts_scored
@@ -325,9 +333,9 @@ def compare(
     sb, sa = jb.scores, ja.scores
     return Comparison(
         facts=fact_outcomes(sb["facts"], sa["facts"], verdicts),
-        panel_before=panel_result(base, tokenizer, panel, sb),
+        panel_before=panel_result(base, tokenizer, panel, sb, memo),
         panel_after=panel_result(edited, tokenizer, panel, sa),
-        kl_unrelated=mean_kl(base, edited, tokenizer, unrelated) if unrelated else float("nan"),
+        kl_unrelated=mean_kl(base, edited, tokenizer, unrelated, memo=memo) if unrelated else float("nan"),
         paraphrases=fact_outcomes(sb["paraphrases"], sa["paraphrases"]),
         unavailable=list(fitted.unavailable),
         fluency_before=jb.fluency,

@@ -28,6 +28,7 @@ from ..arch import layout_of, unembed
 from ..core.tokens import encode_prompt, encode_target, pad_right, real_positions, token_text
 from .facts import Fact
 from .generation import continuations, greedy_continuations, judge, judge_budget
+from .memo import EvaluationMemo, memo_for
 from .panels import Panel
 
 BATCH_SIZE = 32
@@ -174,11 +175,13 @@ def target_scores(model: nn.Module, tokenizer, probes: Sequence[Fact]) -> Target
     return TargetScores(targets.to(top.device), top, torch.cat(ranks), torch.cat(picked))
 
 
-def score_probes(model: nn.Module, tokenizer, probes: Sequence[Fact]) -> ProbeScores:
+def score_probes(
+    model: nn.Module, tokenizer, probes: Sequence[Fact], memo: EvaluationMemo | None = None
+) -> ProbeScores:
     """Each probe judged by its greedy continuation (strict and lenient, as :func:`~surgery.evaluation.generation.said`
     judges), with the first-token diagnostic beside it (the first generation step's top-1 token against the
-    target's first token, and that token's rank): one batched generation."""
-    return judge_lists(model, tokenizer, {"probes": probes}).scores["probes"]
+    target's first token, and that token's rank): one batched generation (none for what ``memo`` holds)."""
+    return judge_lists(model, tokenizer, {"probes": probes}, memo=memo).scores["probes"]
 
 
 @dataclass
@@ -195,9 +198,11 @@ def judge_lists(
     lists: Mapping[str, Sequence[Fact]],
     fluency_prompts: Sequence[str] = (),
     fluency_tokens: int = FLUENCY_TOKENS,
+    memo: EvaluationMemo | None = None,
 ) -> JudgedLists:
     """:func:`score_probes` of several named lists, and the :class:`Fluency` of ``fluency_prompts`` (if any), in one
-    batched generation: prompts of one length share their decoding steps, whichever list they come from."""
+    batched generation: prompts of one length share their decoding steps, whichever list they come from. Rows
+    ``memo`` (of ``model``) holds are not generated again."""
     flat = [p for probes in lists.values() for p in probes]
     fluency_prompts = list(fluency_prompts)
     targets = [encode_target(tokenizer, p.target)[0] for p in flat]  # also validates every target
@@ -208,6 +213,7 @@ def judge_lists(
         [judge_budget(tokenizer, p.target) for p in flat] + [fluency_tokens] * len(fluency_prompts),
         [p.target for p in flat] + [None] * len(fluency_prompts),
         targets + [None] * len(fluency_prompts),
+        memo=memo,
     )
     results = []
     for i, p in enumerate(flat):
@@ -294,10 +300,20 @@ def final_hidden(model: nn.Module, tokenizer, texts) -> Tensor:
         return decoder(input_ids=ids, attention_mask=real.long(), use_cache=False).last_hidden_state[real]
 
 
-def mean_kl(base: nn.Module, edited: nn.Module, tokenizer, texts, chunk: int = KL_CHUNK) -> float:
+def mean_kl(
+    base: nn.Module, edited: nn.Module, tokenizer, texts, chunk: int = KL_CHUNK, memo: EvaluationMemo | None = None
+) -> float:
     """Mean KL(base || edited) of next-token distributions over every position of ``texts``. The vocabulary is
-    unembedded ``chunk`` positions at a time, so memory does not grow with the text (Gemma: 1 MB a position)."""
-    h_base, h_edited = final_hidden(base, tokenizer, texts), final_hidden(edited, tokenizer, texts)  # (N, d)
+    unembedded ``chunk`` positions at a time, so memory does not grow with the text (Gemma: 1 MB a position).
+    The base model's hidden states are kept in ``memo`` when it is ``base``'s."""
+    texts = list(texts)
+    memo = memo_for(memo, base)
+    h_base = (
+        memo.hidden(tuple(texts), lambda: final_hidden(base, tokenizer, texts))
+        if memo is not None
+        else final_hidden(base, tokenizer, texts)
+    )
+    h_edited = final_hidden(edited, tokenizer, texts)  # (N, d), as h_base
     if h_base.shape[0] == 0:
         return float("nan")
     total = 0.0
@@ -323,10 +339,23 @@ def panel_probes(panel: Panel, exclude: frozenset[str] = frozenset()) -> dict[st
     }
 
 
-def panel_result(model: nn.Module, tokenizer, panel: Panel, scores: Mapping[str, ProbeScores]) -> PanelResult:
+def panel_result(
+    model: nn.Module,
+    tokenizer,
+    panel: Panel,
+    scores: Mapping[str, ProbeScores],
+    memo: EvaluationMemo | None = None,
+) -> PanelResult:
     """A :class:`PanelResult` from the scores of :func:`panel_probes` (extra lists in ``scores`` are ignored) and
-    the perplexity of the panel's passage (NaN without one)."""
-    ppl = perplexity(model, tokenizer, panel.perplexity_text) if panel.perplexity_text.strip() else float("nan")
+    the perplexity of the panel's passage (NaN without one; kept in ``memo`` when it is ``model``'s)."""
+    text = panel.perplexity_text
+    memo = memo_for(memo, model)
+    if not text.strip():
+        ppl = float("nan")
+    elif memo is not None:
+        ppl = memo.perplexity(text, lambda: perplexity(model, tokenizer, text))
+    else:
+        ppl = perplexity(model, tokenizer, text)
     return PanelResult(panel=panel.name, perplexity=ppl, **{name: scores[name] for name in PANEL_LISTS})
 
 

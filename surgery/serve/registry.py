@@ -26,6 +26,7 @@ from ..core.errors import InputError, SurgeryError
 from ..diagnosis.static_heads import StaticHeadCache
 from ..edit.training import choose_layer
 from ..evaluation.facts import Fact
+from ..evaluation.memo import EvaluationMemo
 from ..evaluation.panels import FittedPanel, Panel, fit_panel, panel_for_model
 from ..evaluation.scoring import ProbeScores, score_probes
 from ..io.loading import DEMO_MODEL, LoadedModel, load_model
@@ -58,8 +59,8 @@ class ModelChoice:
 @dataclass
 class ServedModel:
     """A loaded model and what every request on it needs. Shared by all sessions: nothing here is ever mutated
-    except the head cache, which only fills, and the panel facts' scores and prescribed layer, computed on first
-    use (they depend on the model and its panel only)."""
+    except the head cache and the evaluation memo, which only fill, and the panel facts' scores and prescribed
+    layer, computed on first use (they depend on the model and its panel only)."""
 
     choice: ModelChoice
     loaded: LoadedModel
@@ -85,9 +86,15 @@ class ServedModel:
         return list(self.fitted.panel.facts)
 
     @cached_property
+    def memo(self) -> EvaluationMemo:
+        """The base model's evaluation figures, computed on first use and shared by every session's repair (they
+        depend on the model and the panel only): a repair never regenerates the base model's answers."""
+        return EvaluationMemo(self.model)
+
+    @cached_property
     def fact_scores(self) -> ProbeScores:
         """The base model's answers to the panel facts (raises :class:`SurgeryError` when they cannot be scored)."""
-        return score_probes(self.model, self.tokenizer, self.facts)
+        return score_probes(self.model, self.tokenizer, self.facts, self.memo)
 
     @cached_property
     def prescribed_layer(self) -> int | None:
