@@ -53,7 +53,7 @@ from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, pan
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
 from ..io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
-from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches, kept_answers
+from .upper_stack import FrozenInputs, UpperStack, encodable, freeze_fact_batches, kept_answers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -479,6 +479,7 @@ def operate(
     trained = [f for f, k in zip(facts, keep) if k]
     edited_prompts = {f.prompt for f in facts}
     preserve = [p for p in (panel.preserve if preserve is None else preserve) if p.prompt not in edited_prompts]
+    preserve, unpreservable = encodable(model, tokenizer, preserve)
     kept = kept_answers(model, tokenizer, preserve)
     device = next(model.parameters()).device
     tried: list[dict] = []
@@ -534,6 +535,15 @@ def operate(
         absent_notes
         + [f"not scored: {u}" for u in comparison.unavailable]
         + ([unrelated_note] if unrelated_note else [])
+        + (
+            [
+                f"not preserved: {len(unpreservable)} preserve prompt(s) this tokenizer cannot encode or that do "
+                f"not fit the context ({', '.join(repr(p.prompt) for p in unpreservable[:3])}"
+                f"{', ...' if len(unpreservable) > 3 else ''})"
+            ]
+            if unpreservable
+            else []
+        )
     )
     if after.correct < after.total:
         notes.append(f"{after.correct}/{after.total} facts fixed within the budget of {config.epochs} epochs")
