@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,12 +30,6 @@ QUEUE_SIZE = 4  # small, so that some of the sessions are refused
 MEMORY_BOUND = 200 * 2**20  # bytes of resident memory a burst of sessions may leave behind, once they expire
 TTL = 15  # seconds a session's edits are kept: longer than the burst, so that memory is measured with them held
 NO_EDIT = "(no surgery on this model in this session yet)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class App:
