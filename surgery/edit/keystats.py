@@ -10,9 +10,9 @@ cannot be fetched here, and the docs are real English written by people, maintai
 
 Streamed: the paragraphs are tokenized one at a time into rows of ``chunk_tokens`` tokens (BOS first where the
 tokenizer adds one by default; its key is not counted), ``rows`` rows run per forward pass, the keys captured by a
-pre-hook and added to a float64 ``d_mlp x d_mlp`` accumulator, until ``max_tokens`` keys are counted. Memory: the
-accumulator (``d_mlp² x 8`` bytes: 32 MiB for Gemma 3 270M's 2,048) plus one chunk's activations; the corpus is
-never held tokenized in full.
+pre-hook that stops the pass there (the blocks above and the logits are never computed) and added to a float64
+``d_mlp x d_mlp`` accumulator, until ``max_tokens`` keys are counted. Memory: the accumulator (``d_mlp² x 8`` bytes:
+32 MiB for Gemma 3 270M's 2,048) plus one chunk's activations up to the block; the corpus is never held tokenized.
 
 Cached (:func:`key_statistics`): one safetensors file per model and layer under ``cache_dir`` (default
 ``~/.cache/transformer-surgery/keystats``), named by a fingerprint of the model's shape config, the weights the keys
@@ -111,6 +111,10 @@ def token_rows(tokenizer, texts: Iterable[str], chunk_tokens: int, max_tokens: i
         yield row
 
 
+class _Enough(Exception):
+    """Raised by the key hook: the forward pass has given what it was run for."""
+
+
 def accumulate_keys(
     model: nn.Module,
     rows: Iterable[list[int]],
@@ -131,13 +135,17 @@ def accumulate_keys(
 
     def grab(module, args):
         captured.append(args[0].detach())
+        raise _Enough  # the blocks above and the logits are not needed (as ROME's layer_stats stops there)
 
     def run(batch: list[list[int]]) -> None:
         nonlocal acc, count
         ids = torch.tensor([list(prefix) + r for r in batch], device=device)  # (B, P + T)
         captured.clear()
         with torch.no_grad(), hooked(model, pre={path: grab}):
-            model(input_ids=ids)
+            try:
+                model(input_ids=ids)
+            except _Enough:
+                pass
         keys = captured[0][:, len(prefix) :].reshape(-1, layout.d_mlp).double()  # (B * T, d_mlp)
         if not torch.isfinite(keys).all():
             raise NonFiniteError(f"block {layer}'s MLP keys hold NaN or inf on the key-statistics text")
@@ -173,7 +181,7 @@ def fingerprint(model: nn.Module, tokenizer, layer: int, corpus: str, max_tokens
     for prefix in prefixes:
         for name, p in sorted(model.get_submodule(prefix).named_parameters()):
             h.update(f"{prefix}.{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # hashed in place: no copy
     return h.hexdigest()[:24]
 
 
