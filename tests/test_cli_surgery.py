@@ -368,6 +368,8 @@ def test_operate_with_rome_writes_what_wv_writes(capsys, tmp_path, operated):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in operated.iterdir())
     assert set(load_file(out / "patch.safetensors")) == {f"transformer.h.{report['layer']}.mlp.c_proj.weight"}
     assert len(list(stats.iterdir())) == 1
+    card = (out / "README.md").read_text()
+    assert "Method: ROME (Meng et al. 2022)" in card and "- method-rome" in card
 
     code, stdout, err = run_cli(capsys, *args, "--site", "mlp", "--out", tmp_path / "other")
     assert code == 2 and err == "error: --site mlp is for --method wv; --method rome edits the MLP output projection\n"
