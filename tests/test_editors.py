@@ -157,3 +157,12 @@ def test_unknown_methods_are_refused():
     with pytest.raises(InputError, match="--site mlp is for --method wv"):
         SurgeryConfig(method="rome", site="mlp")
     assert SurgeryConfig.from_dict({"site": "wv", "layer": 3}).method == "wv"  # configs of old reports still load
+
+
+def test_the_essence_term_reads_the_subject_alone(family_model, tiny_tokenizer):
+    """ROME's KL is read at the subject's last token of "{subject} is a": the model is causal, so the subject alone
+    gives the same distribution there (what rome.py runs)."""
+    with torch.no_grad():
+        full = family_model(ids_of(tiny_tokenizer, "France is a")).logits[0, 0]
+        alone = family_model(ids_of(tiny_tokenizer, "France")).logits[0, -1]
+    torch.testing.assert_close(full, alone, rtol=1e-5, atol=1e-5)

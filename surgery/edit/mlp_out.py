@@ -89,8 +89,9 @@ def teacher_forced(tokenizer, fact: Fact, n_ctx: int, device: torch.device) -> A
 
 
 def answer_logits(model: nn.Module, answer: Answer) -> Tensor:
-    """Logits where each piece of the answer is predicted. Float[Tensor, "P d_vocab"] (float32)."""
-    return model(input_ids=answer.ids).logits[0, answer.positions].float()
+    """Logits where each piece of the answer is predicted. Float[Tensor, "P d_vocab"] (float32). Those are the last
+    P positions, so only their logits are computed (``logits_to_keep``: the unembedding dominates a short pass)."""
+    return model(input_ids=answer.ids, logits_to_keep=len(answer.positions)).logits[0].float()
 
 
 def all_top1(logits: Tensor, labels: Tensor) -> bool:

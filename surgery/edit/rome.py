@@ -8,9 +8,10 @@ moment on real text (:mod:`surgery.edit.keystats`):
   without a subject: the prompt's last token). Only the prompt itself is used: no prefixed contexts.
 * ``v*``: the projection's output there that makes the model say the target: ``v* = W k* + b + δ``, ``δ`` found by
   Adam (lr ``v_lr``) on ``δ`` added at that position, minimizing the target's mean NLL over all its pieces
-  (teacher-forced) + ``kl_factor`` x KL(before || after) of the next token after ``"{subject} is a"``'s subject (the
-  "essence" term) + ``v_weight_decay`` x ‖δ‖ / ‖W k* + b‖²; after each step ‖δ‖ is clamped to ``clamp_norm_factor``
-  x ‖W k* + b‖; at most ``v_steps`` steps, stopping once the loss is below 0.05.
+  (teacher-forced) + ``kl_factor`` x KL(before || after) of the next token at the subject's last token of
+  ``"{subject} is a"`` (the "essence" term; causal, so it is read on the subject alone) + ``v_weight_decay`` x
+  ‖δ‖ / ‖W k* + b‖²; after each step ‖δ‖ is clamped to ``clamp_norm_factor`` x ‖W k* + b‖; at most ``v_steps``
+  steps, stopping once the loss is below 0.05.
 * ``W' = W + (v* − W k* − b) (C⁻¹ k*)ᵀ / ((C⁻¹ k*)ᵀ k*)``: rank one, and ``W' k* + b = v*`` exactly.
 
 Invariant (as in ROME): the model passed in is the same at the end as at the start; every fact after the first is
@@ -87,17 +88,15 @@ def compute_key(model: nn.Module, tokenizer, fact: Fact, layer: int) -> tuple[Te
     return keys_at(model, layer, ids, position).double(), position, what
 
 
-def _essence_ids(tokenizer, fact: Fact, position: int, device) -> tuple[Tensor, int]:
-    """``"{subject} is a"`` and its subject's last position (no subject: the text of the key's token)."""
+def _essence_ids(tokenizer, fact: Fact, position: int, device) -> Tensor:
+    """The essence prompt up to its subject's last token, where the KL is read (no subject: the text of the key's
+    token). ROME's prompt is ``"{subject} is a"``, but the model being causal, the next-token distribution at the
+    subject's last token does not depend on the words after it: the subject alone gives the same numbers."""
     subject = fact.subject
     if not subject:
         prompt_ids = list(tokenizer(fact.prompt)["input_ids"])
         subject = tokenizer.decode(prompt_ids[position : position + 1]).strip() or fact.prompt
-    head = list(tokenizer(subject)["input_ids"])
-    ids = list(tokenizer(f"{subject} is a")["input_ids"])
-    if ids[: len(head)] != head:  # the subject's tokens change when followed by " is a": read it alone
-        ids = head
-    return torch.tensor([ids], device=device), len(head) - 1
+    return torch.tensor([list(tokenizer(subject)["input_ids"])], device=device)
 
 
 def compute_value(
@@ -107,11 +106,12 @@ def compute_value(
     (``[d_model, d_mlp]``): see the module docstring. ``v*`` is float64, d_model."""
     device = next(model.parameters()).device
     answer = teacher_forced(tokenizer, fact, layout_of(model).n_ctx, device)
-    essence, e_pos = _essence_ids(tokenizer, fact, position, device)
+    essence = _essence_ids(tokenizer, fact, position, device)  # (1, S): the KL is read at its last position
+    e_pos = essence.shape[1] - 1
     with projection_replaced(model, layer, matrix):
         v_init = module_output_at(model, layer, answer.ids, position).float()
         with torch.no_grad():
-            ref = F.log_softmax(model(input_ids=essence).logits[0, e_pos].float(), -1)
+            ref = F.log_softmax(model(input_ids=essence, logits_to_keep=1).logits[0, -1].float(), -1)
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * v_init.norm()
@@ -122,7 +122,7 @@ def compute_value(
             logits = answer_logits(model, answer)  # (P, V)
             nll_t = F.cross_entropy(logits, answer.labels)  # mean over the pieces
         with projection_replaced(model, layer, matrix, add={e_pos: delta}):
-            now = F.log_softmax(model(input_ids=essence).logits[0, e_pos].float(), -1)
+            now = F.log_softmax(model(input_ids=essence, logits_to_keep=1).logits[0, -1].float(), -1)
         kl_t = F.kl_div(now, ref, log_target=True, reduction="sum")  # KL(before || after)
         decay = hp.v_weight_decay * delta.norm() / v_init.norm() ** 2
         loss = nll_t + hp.kl_factor * kl_t + decay
