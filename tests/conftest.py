@@ -4,6 +4,7 @@ one tiny random model of every supported family (``family_model``)."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,10 @@ def gemma():
     from surgery.io.loading import load_model
 
     return load_model("gemma3-270m")
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for an app launched by a test)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

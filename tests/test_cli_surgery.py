@@ -351,3 +351,25 @@ def test_demo_model_end_to_end(capsys, tmp_path):
     assert [s["site"] for s in table["sites"]] == list(SITES) and table["layer"] == r["layer"]
     assert all(s["ok"] and s["facts_after"] == 8 for s in table["sites"]), table
     assert code == 0
+
+
+def test_operate_with_rome_writes_what_wv_writes(capsys, tmp_path, operated):
+    """``--method rome`` on the demo model: the same output files as a wv repair, the report says the method; the
+    key statistics are cached under --stats-dir."""
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(json.loads(DEMO_FACTS.read_text())[:2]))  # France, Japan: both answered " the"
+    out, stats = tmp_path / "fixed", tmp_path / "keystats"
+    args = ["operate", "--model", DEMO_DIR, "--facts", facts, "--method", "rome", "--stat-tokens", 500]
+    code, stdout, _ = run_cli(capsys, *args, "--stats-dir", stats, "--out", out, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["method"] == "rome" and report["site"] == "mlp_out" and report["layer_reason"].startswith("auto:")
+    assert report["facts_fixed"] == "2/2" and report["weights"]["others_unchanged"] is True
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in operated.iterdir())
+    assert set(load_file(out / "patch.safetensors")) == {f"transformer.h.{report['layer']}.mlp.c_proj.weight"}
+    assert len(list(stats.iterdir())) == 1
+    card = (out / "README.md").read_text()
+    assert "Method: ROME (Meng et al. 2022)" in card and "- method-rome" in card
+
+    code, stdout, err = run_cli(capsys, *args, "--site", "mlp", "--out", tmp_path / "other")
+    assert code == 2 and err == "error: --site mlp is for --method wv; --method rome edits the MLP output projection\n"

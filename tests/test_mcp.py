@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 
 import pytest
+from conftest import free_port
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("mcp", reason="gradio[mcp] is not installed (make test installs it)")
@@ -20,12 +20,6 @@ from surgery.serve.sessions import StartUp  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOOLS = {"diagnose", "patch_activations", "operate", "generate", "verify"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

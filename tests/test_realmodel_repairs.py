@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from surgery.core.tokens import encode_target
+from surgery.core.tokens import encode_prompt, encode_target
 from surgery.edit.training import SurgeryConfig, operate
 from surgery.evaluation.facts import Fact, load_fact_file, load_facts
 from surgery.evaluation.generation import said
@@ -29,6 +30,7 @@ EXAMPLES = ROOT / "assets" / "examples"
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
+COIN_FLIP = 0.5  # logits: the panels keep a probe only when the base model says it by at least this (docs/panels.md)
 CASES = {"smollm2-135m": "smollm2_capitals.json", "gemma3-270m": "gemma_multitoken_capitals.json"}
 
 
@@ -41,9 +43,24 @@ def real(request):
 
 def capitals_said(model, tokenizer) -> set[str]:
     """Prompts of the bundled clean capitals that ``model`` says right (whole answer, word boundary)."""
-    facts = [f for f in load_fact_file(ROOT / "assets" / "facts" / "capital.jsonl") if f.ambiguous is None]
+    facts = clean_capitals()
     judged = said(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
     return {f.prompt for f, (_, j) in zip(facts, judged) if j.strict}
+
+
+def clean_capitals():
+    return [f for f in load_fact_file(ROOT / "assets" / "facts" / "capital.jsonl") if f.ambiguous is None]
+
+
+@torch.no_grad()
+def answer_margin(model, tokenizer, prompt: str, target: str) -> float:
+    """The smallest lead, over the answer's pieces (teacher-forced), of the answer's piece over the next best token:
+    how surely the model says it. Under :data:`COIN_FLIP` the panels leave a probe out ("flips on noise")."""
+    p, a = encode_prompt(tokenizer, prompt, 10**6), encode_target(tokenizer, target)
+    logits = model(torch.tensor([p + a])).logits[0, len(p) - 1 : len(p) - 1 + len(a)].float()
+    lead = logits.gather(1, torch.tensor(a)[:, None])[:, 0]
+    logits[torch.arange(len(a)), a] = float("-inf")
+    return float((lead - logits.max(-1).values).min())
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +83,42 @@ def test_a_multi_token_repair_says_every_whole_answer(repaired):
     assert e["efficacy"]["after"] == e["efficacy"]["total"] == len(facts)
 
 
-def test_a_multi_token_repair_keeps_the_capitals_said_right(repaired, request):
+def held_out_lost(repaired) -> tuple[list[str], dict[str, float]]:
+    """The held-out capitals said right before and not after the repair (the edited facts and the panel's preserved
+    prompts, which the repair trains on, are left out), and every held-out capital's margin before."""
     name, g, facts, result, right_before = repaired
-    if name == "smollm2-135m":  # a known gap, stated in the README: strict, so it reports when it is closed
+    trained = {f.prompt for f in facts} | {p.prompt for p in panel_for_model(g.model).preserve}
+    held = right_before - trained
+    targets = {f.prompt: f.target for f in clean_capitals()}
+    margins = {p: answer_margin(g.model, g.tokenizer, p, targets[p]) for p in held}
+    lost = sorted(held - capitals_said(edited_model(g.model, result.edit), g.tokenizer))
+    return lost, margins
+
+
+def test_a_multi_token_repair_keeps_the_capitals_said_surely(repaired):
+    """Every held-out capital the model said right by a margin of at least COIN_FLIP logits (the panels' rule for a
+    probe that measures something) is still said after the repair."""
+    lost, margins = held_out_lost(repaired)
+    sure = [p for p in lost if margins[p] >= COIN_FLIP]
+    assert sum(m >= COIN_FLIP for m in margins.values()) >= 5  # enough to mean something (Gemma: 8, SmolLM2: 30)
+    assert not sure, f"{repaired[0]}: capitals said surely before and not after: {sure}"
+
+
+def test_a_multi_token_repair_keeps_the_capitals_said_right(repaired, request):
+    if repaired[0] == "smollm2-135m":  # a known gap, stated in the README: strict, so it reports when it is closed
         request.applymarker(
             pytest.mark.xfail(
                 strict=True,
                 reason=(
                     "on SmolLM2 the default wv repair (L28) breaks 2 of the 42 held-out bundled capitals it said right "
-                    "(Uganda, the United Arab Emirates; 7 without the panel's preserved prompts); Gemma's breaks none"
+                    "(Uganda, the United Arab Emirates), both said by margins under 0.5 logit (0.04, 0.21), like 11 "
+                    "others of the 43 it said right; a random change of the same size at the same site breaks 5 of "
+                    "those 13 and 1 of the other 30; Gemma's repair breaks none"
                 ),
             )
         )
-    trained = {f.prompt for f in facts} | {p.prompt for p in panel_for_model(g.model).preserve}  # not held out
-    lost = right_before - trained - capitals_said(edited_model(g.model, result.edit), g.tokenizer)
-    assert not lost, f"{name}: capitals said right before and not after: {sorted(lost)}"
+    lost, margins = held_out_lost(repaired)
+    assert not lost, f"{repaired[0]}: capitals said right before and not after: {[(p, margins[p]) for p in lost]}"
 
 
 def test_a_first_piece_repair_is_refused_by_verification():

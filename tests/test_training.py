@@ -312,6 +312,18 @@ def test_preserved_prompts_keep_what_the_model_says(tiny_model, tiny_tokenizer, 
     assert with_ < without, (with_, without)
 
 
+def test_a_preserve_prompt_that_cannot_be_encoded_is_named_in_the_notes(tiny_model, tiny_tokenizer, facts, tiny_panel):
+    """A preserve prompt this tokenizer cannot encode (a word outside the tiny vocabulary) is left out of the
+    preservation term, and the report says so instead of counting it silently."""
+    keep = [Fact("The capital of Spain is", " Madrid"), Fact("The capital of Zanzibarqux is", " Zq")]
+    r = operate(
+        tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel, preserve=keep
+    )
+    assert r.report.config["preserved_prompts"] == 1
+    (note,) = [n for n in r.report.notes if n.startswith("not preserved")]
+    assert "1 preserve prompt(s)" in note and "Zanzibarqux" in note
+
+
 def test_mini_batches_give_the_full_batch_step(tiny_model, tiny_tokenizer, facts, tiny_panel):
     """Facts split into mini-batches (gradient accumulated) train exactly as one batch, up to float order."""
     from surgery.edit.upper_stack import freeze_fact_batches

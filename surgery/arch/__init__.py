@@ -133,7 +133,7 @@ def _check_modules(model: nn.Module, layout: Layout) -> None:
     a, d = layout.adapter, layout.dims
     modules = dict(model.named_modules())
     paths = [a.base, a.embed, a.final_norm, a.unembed] + ([a.pos_embed] if a.pos_embed else [])
-    block_roles = ["ln1", "attn", "o", "ln2", "mlp", "qkv", "q", "k", "v", "attn_post_norm", "mlp_post_norm"]
+    block_roles = ["ln1", "attn", "o", "ln2", "mlp", "mlp_out", "qkv", "q", "k", "v", "attn_post_norm", "mlp_post_norm"]
     for layer in (0, d.n_layer - 1):
         paths += [a.path(r, layer) for r in block_roles if getattr(a, r) is not None]
         paths += [f"{a.block(layer)}.{p}" for p in a.mlp_projections + a.qk_norms]
@@ -151,6 +151,12 @@ def _check_modules(model: nn.Module, layout: Layout) -> None:
     if z_dim != d.n_head * d.d_head:
         raise UnsupportedModelError(
             f"the attention output projection takes {z_dim} inputs, not heads x head_dim = {d.n_head * d.d_head}"
+        )
+    w_out = modules[a.path("mlp_out", 0)].weight
+    if layout.mlp_out_matrix(w_out).shape != (d.d_model, d.d_mlp):
+        raise UnsupportedModelError(
+            f"the MLP output projection's weight is {tuple(w_out.shape)}, not the {a.linear} layout of "
+            f"d_model {d.d_model} x d_mlp {d.d_mlp}"
         )
     if getattr(modules[a.unembed], "bias", None) is not None:
         raise UnsupportedModelError("the unembedding has a bias, which no supported family has")

@@ -121,6 +121,7 @@ class Adapter:
     ln2: str
     mlp: str
     mlp_projections: tuple[str, ...]
+    mlp_out: str  # the MLP's output projection (its input: the keys of ROME-style editors)
     final_norm: str
     unembed: str
     norm: NormSpec
@@ -360,6 +361,22 @@ class Layout:
             raise ValueError("site_slices needs the model for sites other than wv")
         prefix = {"attn": a.path("attn", layer), "mlp": a.path("mlp", layer), "layer": a.block(layer)}[site] + "."
         return [ParamSlice(name) for name, _ in model.named_parameters() if name.startswith(prefix)]
+
+    def mlp_out_slices(self, layer: int) -> list[ParamSlice]:
+        """What a key-value editor (ROME, FT-L) changes in block ``layer``: the MLP output projection's weight, whole
+        (GPT-2 ``mlp.c_proj.weight`` ``[d_mlp, d_model]``; the others ``mlp.down_proj.weight`` ``[d_model, d_mlp]``);
+        its bias, if any, stays untouched."""
+        self.check_layer(layer)
+        return [ParamSlice(self.adapter.path("mlp_out", layer) + ".weight")]
+
+    def mlp_out_matrix(self, weight: Tensor) -> Tensor:
+        """The output projection's weight as the map ``W`` with ``out = W k (+ b)``: ``[d_model, d_mlp]`` whatever the
+        family stores (Conv1D ``[in, out]`` is transposed; a view, not a copy)."""
+        return weight.T if self.adapter.linear == "conv1d" else weight
+
+    def mlp_out_stored(self, matrix: Tensor) -> Tensor:
+        """The inverse of :meth:`mlp_out_matrix`: ``[d_model, d_mlp]`` back to the family's stored layout."""
+        return matrix.T.contiguous() if self.adapter.linear == "conv1d" else matrix.contiguous()
 
     def site_size(self, model: nn.Module, site: str, layer: int) -> int:
         """Number of trainable parameters of a site (e.g. wv of GPT-2 small: 768 * 768 = 589,824)."""

@@ -55,6 +55,7 @@ GPT2 = Adapter(
     ln2="ln_2",
     mlp="mlp",
     mlp_projections=("mlp.c_fc", "mlp.c_proj"),
+    mlp_out="mlp.c_proj",
     final_norm="transformer.ln_f",
     unembed="lm_head",
     norm=NormSpec("layer", eps_attr="eps"),

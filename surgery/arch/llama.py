@@ -60,6 +60,7 @@ _LLAMA_PATHS = dict(
     ln2="post_attention_layernorm",
     mlp="mlp",
     mlp_projections=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    mlp_out="mlp.down_proj",
     final_norm="model.norm",
     unembed="lm_head",
     linear="linear",

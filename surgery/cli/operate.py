@@ -7,6 +7,7 @@ import argparse
 from ..arch import block_label
 from ..core.errors import InputError, read_input_text
 from ..core.progress import progress_bar
+from ..edit.editors import METHOD_DESCRIPTIONS, METHODS
 from ..edit.training import SurgeryConfig, SurgeryResult, operate
 from ..evaluation.facts import load_facts
 from ..evaluation.report import format_facts, format_rows, format_wrong
@@ -69,7 +70,25 @@ def register(sub) -> None:
         "README.md to --out, atomically.",
     )
     add_model_arg(p)
-    p.add_argument("--site", default="wv", help="wv | attn | mlp | layer (default wv)")
+    p.add_argument("--site", default="wv", help="wv | attn | mlp | layer (default wv; for --method wv)")
+    p.add_argument(
+        "--method",
+        default="wv",
+        choices=METHODS,
+        help="; ".join(f"{m}: {d}" for m, d in METHOD_DESCRIPTIONS.items())
+        + " (default wv; --epochs, --lr and --kl-weight are wv's)",
+    )
+    p.add_argument(
+        "--stat-tokens",
+        type=int,
+        default=DEFAULTS.stat_tokens,
+        help=f"rome: tokens of text for the key statistics (default {DEFAULTS.stat_tokens:,})",
+    )
+    p.add_argument(
+        "--stats-dir",
+        metavar="DIR",
+        help="rome: where key statistics are cached (default ~/.cache/transformer-surgery/keystats)",
+    )
     add_training_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -80,6 +99,8 @@ def register(sub) -> None:
 def config_from_args(args: argparse.Namespace, site: str) -> SurgeryConfig:
     return SurgeryConfig(
         site=site,
+        method=getattr(args, "method", "wv"),
+        stat_tokens=getattr(args, "stat_tokens", DEFAULTS.stat_tokens),
         layer=parse_layer(args.layer),
         lr=args.lr,
         epochs=args.epochs,
@@ -99,14 +120,27 @@ def read_unrelated(path: str | None) -> list[str] | None:
     return passages
 
 
-def run_operate(loaded, facts, config: SurgeryConfig, panel, unrelated, desc: str) -> SurgeryResult:
-    """``operate`` with a progress bar on stderr (one line when stderr is not a terminal)."""
+def run_operate(
+    loaded, facts, config: SurgeryConfig, panel, unrelated, desc: str, stats_dir: str | None = None
+) -> SurgeryResult:
+    """``operate`` with progress bars on stderr (one line each when stderr is not a terminal): the training steps,
+    and ROME's key statistics when they are computed."""
     progress, close = progress_bar(desc)
+    stats_progress, close_stats = progress_bar("key statistics", unit="token")
     try:
         return operate(
-            loaded.model, loaded.tokenizer, facts, config, unrelated=unrelated, progress=progress, panel=panel
+            loaded.model,
+            loaded.tokenizer,
+            facts,
+            config,
+            unrelated=unrelated,
+            progress=progress,
+            panel=panel,
+            cache_dir=stats_dir,
+            stats_progress=stats_progress,
         )
     finally:
+        close_stats()
         close()
 
 
@@ -117,13 +151,15 @@ def run(args: argparse.Namespace) -> int:
     unrelated = read_unrelated(args.unrelated)
     loaded = load(args)
     panel = load_panel_arg(args, loaded.model)
-    result = run_operate(loaded, facts, config, panel, unrelated, f"surgery {config.site}")
+    desc = f"surgery {config.site}" if config.method == "wv" else f"surgery {config.method}"
+    result = run_operate(loaded, facts, config, panel, unrelated, desc, args.stats_dir)
     out = write_output(args.out, loaded, result, overwrite=args.overwrite)
     if args.json:
         print_json({"out": str(out), **result.report.to_dict()})
         return 0
     r = result.report
-    print(f"site {r.site} of block {r.layer} ({r.block}, {block_label(r.layer)}): {r.layer_reason}")
+    method = "" if r.method == "wv" else f"{r.method}: "
+    print(f"{method}site {r.site} of block {r.layer} ({r.block}, {block_label(r.layer)}): {r.layer_reason}")
     print(f"{r.steps} steps in {r.train_time_s:.1f} s (total {r.wall_time_s:.1f} s); final loss {r.final_loss:.4f}")
     print("facts (what each model says):")
     print(format_facts(r.comparison.facts))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -54,7 +55,9 @@ from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, pan
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
 from ..io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
-from .upper_stack import FrozenInputs, UpperStack, freeze_fact_batches, kept_answers
+from .editors import EDIT_SITE, METHODS, edit_mlp_out
+from .keystats import DEFAULT_MAX_TOKENS
+from .upper_stack import FrozenInputs, UpperStack, encodable, freeze_fact_batches, kept_answers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -80,6 +83,9 @@ class SurgeryConfig:
     max_seconds: wall-time limit of one :func:`operate`, or None (the default) for none: checked before every
     training step and between the stages (so it may be passed by at most one stage), it stops the surgery with
     :class:`~surgery.core.errors.SurgeryTimeout` and nothing is returned (a public app's limit; the CLI sets none).
+    method: ``wv`` (our repair of ``site``: everything above), ``rome`` or ``ft`` (the MLP output projection of the
+    block, :mod:`surgery.edit.editors`; ``site`` must stay ``wv``, and lr, lr_scale, epochs, kl_weight, margin,
+    max_unrelated_tokens and batch_size are ``wv``'s); stat_tokens: tokens of text for ROME's key statistics.
     """
 
     site: str = "wv"
@@ -93,8 +99,17 @@ class SurgeryConfig:
     seed: int = 0
     batch_size: int = 64
     max_seconds: float | None = None
+    method: str = "wv"
+    stat_tokens: int = DEFAULT_MAX_TOKENS
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method != "wv" and self.site != "wv":
+            raise InputError(
+                f"--site {self.site} is for --method wv; --method {self.method} edits the MLP output projection"
+            )
+        require_positive_int("stat_tokens", self.stat_tokens)
         if self.site not in SITES:
             raise InputError(f"unknown site {self.site!r}: choose one of {', '.join(SITES)}")
         if self.layer is not None and (
@@ -429,6 +444,8 @@ def operate(
     require_all: bool = True,
     preserve: Sequence[Fact] | None = None,
     memo: EvaluationMemo | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    stats_progress: Progress | None = None,
 ) -> SurgeryResult:
     """Edit one site so that every fact's target is the top-1 next token; ``model`` is never mutated.
 
@@ -439,6 +456,9 @@ def operate(
     (default :func:`panel_for_model`). ``preserve``: prompts (with their answers) whose greedy continuation the
     preservation term also keeps, as many tokens as each answer has pieces (default: the panel's ``preserve``
     list; a prompt among the facts is left out). ``progress(step, total, loss)`` is called after every step.
+    ``config.method`` ``rome``/``ft`` edits the block's MLP output projection instead (same layer choice, same
+    report); ROME's key statistics are cached under ``cache_dir`` (default ``~/.cache/transformer-surgery/keystats``)
+    and ``stats_progress(tokens, total)`` follows their computation.
     Raises :class:`InputError` (bad facts, nothing to fix, no routing failure for ``layer=None``) or
     :class:`SurgeryFailed` (NaN/Inf, or — with ``require_all``, the default — facts not all fixed within the
     budget; without it the report says how many were, as a many-fact edit is judged by its efficacy), or its
@@ -477,16 +497,19 @@ def operate(
         ]
     else:
         layer, reason = layout.check_layer(config.layer), "given"
-    log.info("operating on site %s of block %d (%s)", config.site, layer, reason)
+    site = config.site if config.method == "wv" else EDIT_SITE
+    log.info("operating (%s) on site %s of block %d (%s)", config.method, site, layer, reason)
 
     # --layer auto: when the prescribed block cannot fix the facts within the budget, the next candidate gets a
     # fresh budget; the best try (most facts fixed, the first among equals) is kept and the report lists them all.
-    layers = candidate_layers(diagnoses, layer) if config.layer is None else [layer]
+    # ROME and FT-L edit the prescribed block only, as the papers edit one chosen layer.
+    layers = candidate_layers(diagnoses, layer) if config.layer is None and config.method == "wv" else [layer]
     budget = config.max_unrelated_tokens
     budget = unrelated_token_budget(layout.d_vocab) if budget is None else budget
     trained = [f for f, k in zip(facts, keep) if k]
     edited_prompts = {f.prompt for f in facts}
     preserve = [p for p in (panel.preserve if preserve is None else preserve) if p.prompt not in edited_prompts]
+    preserve, unpreservable = encodable(model, tokenizer, preserve) if config.method == "wv" else ([], [])
     kept = kept_answers(model, tokenizer, preserve, memo)
     device = next(model.parameters()).device
     tried: list[dict] = []
@@ -496,18 +519,34 @@ def operate(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
             t_train = time.perf_counter()
-            frozen = freeze_fact_batches(model, tokenizer, trained, unrelated, layer, budget, config.batch_size, kept)
-            deadline.check(f"after capturing block {layer}'s inputs")
-            outcome = train_site(model, frozen, config.site, layer, config, progress, deadline)
+            if config.method == "wv":
+                frozen = freeze_fact_batches(
+                    model, tokenizer, trained, unrelated, layer, budget, config.batch_size, kept
+                )
+                deadline.check(f"after capturing block {layer}'s inputs")
+                outcome = train_site(model, frozen, config.site, layer, config, progress, deadline)
+                slices = tuple(layout.site_slices(config.site, layer, model))
+            else:
+                done = edit_mlp_out(
+                    model,
+                    tokenizer,
+                    trained,
+                    layer,
+                    config.method,
+                    config.stat_tokens,
+                    progress,
+                    deadline.check,
+                    cache_dir,
+                    stats_progress,
+                )
+                outcome = TrainOutcome(done.values, done.steps, done.loss, done.ce, done.kl, done.fixed, done.lr)
+                method_info = {"hparams": done.hparams, "notes": done.notes}
+                slices = tuple(layout.mlp_out_slices(layer))
             train_time += time.perf_counter() - t_train
-        slices = tuple(layout.site_slices(config.site, layer, model))
-        edit = Edit(
-            config.site,
-            layer,
-            slices,
-            outcome.values,
-            {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)},
-        )
+        metadata = {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)}
+        if config.method != "wv":  # a wv edit's file stays byte-for-byte what it always was
+            metadata["method"] = config.method
+        edit = Edit(site, layer, slices, outcome.values, metadata)
         edited = edited_model(model, edit)
         after = score_probes(edited, tokenizer, facts)
         wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
@@ -529,11 +568,20 @@ def operate(
     layer, outcome, edit, edited, after, wrong = best
     if layer != layers[0]:
         reason += f"; block {layers[0]} did not fix every fact within {config.epochs} epochs, block {layer} did better"
+    budget_words = (
+        f"{config.method}'s step budget" if config.method != "wv" else f"the budget of {config.epochs} epochs"
+    )
     if wrong and require_all:
         raise SurgeryFailed(
             f"not fixed within the budget: {sum(keep) - len(wrong)}/{sum(keep)} facts correct after {outcome.steps} "
-            f"epochs at site {config.site} of block {layer} (still wrong: {wrong[0]!r}"
-            f"{', ...' if len(wrong) > 1 else ''}); try more --epochs, a larger site or another --layer"
+            f"{'epochs' if config.method == 'wv' else 'steps'} at site {site} of block {layer}"
+            f"{'' if config.method == 'wv' else ' with ' + config.method} (still wrong: {wrong[0]!r}"
+            f"{', ...' if len(wrong) > 1 else ''}); "
+            + (
+                "try more --epochs, a larger site or another --layer"
+                if config.method == "wv"
+                else "try another --layer"
+            )
         )
     deadline.check("before evaluating the edit")
     comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after, memo=memo)
@@ -541,17 +589,28 @@ def operate(
     notes = (
         absent_notes
         + [f"not scored: {u}" for u in comparison.unavailable]
-        + ([unrelated_note] if unrelated_note else [])
+        + ([unrelated_note] if unrelated_note and config.method == "wv" else [])
+        + (method_info["notes"] if config.method != "wv" else [])
+        + (
+            [
+                f"not preserved: {len(unpreservable)} preserve prompt(s) this tokenizer cannot encode or that do "
+                f"not fit the context ({', '.join(repr(p.prompt) for p in unpreservable[:3])}"
+                f"{', ...' if len(unpreservable) > 3 else ''})"
+            ]
+            if unpreservable
+            else []
+        )
     )
     if after.correct < after.total:
-        notes.append(f"{after.correct}/{after.total} facts fixed within the budget of {config.epochs} epochs")
+        notes.append(f"{after.correct}/{after.total} facts fixed within {budget_words}")
     if len(tried) > 1:
         notes.append(
             "blocks tried: "
             + ", ".join(f"{t['layer']} ({t['fixed']}/{t['total']} fixed in {t['steps']} steps)" for t in tried)
         )
+    extra = {} if config.method == "wv" else {"hparams": method_info["hparams"]}
     report = SurgeryReport(
-        site=config.site,
+        site=site,
         layer=layer,
         layer_reason=reason,
         params_in_site=edit.numel,
@@ -572,9 +631,11 @@ def operate(
             "panel": panel.name,
             "max_unrelated_tokens": budget,
             "preserved_prompts": len(kept),
+            **extra,
         },
         notes=notes,
         block=layout.adapter.block(layer),
         tried=tried,
+        method=config.method,
     )
     return SurgeryResult(edit, report)

@@ -171,13 +171,8 @@ def freeze_inputs(
     return frozen
 
 
-def kept_answers(
-    model: nn.Module, tokenizer, probes: Sequence[Fact], memo: EvaluationMemo | None = None
-) -> list[tuple[list[int], list[int]]]:
-    """For each probe, its prompt's ids and what the model says after it (greedy): as many tokens as the probe's
-    target has pieces. The preservation term keeps those positions as they are, whatever the model says there.
-    A probe this tokenizer cannot encode, or too long for the context, is left out. What ``memo`` (of ``model``)
-    holds is not generated again."""
+def encodable(model: nn.Module, tokenizer, probes: Sequence[Fact]) -> tuple[list[Fact], list[Fact]]:
+    """``probes`` split into those this tokenizer encodes, prompt and answer within the context, and the rest."""
     n_ctx = layout_of(model).n_ctx
 
     def usable(p: Fact) -> bool:
@@ -186,9 +181,22 @@ def kept_answers(
         except InputError:
             return False
 
-    probes = [p for p in probes if usable(p)]
+    ok = [usable(p) for p in probes]
+    return [p for p, u in zip(probes, ok) if u], [p for p, u in zip(probes, ok) if not u]
+
+
+def kept_answers(
+    model: nn.Module, tokenizer, probes: Sequence[Fact], memo: EvaluationMemo | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """For each probe, its prompt's ids and what the model says after it (greedy): as many tokens as the probe's
+    target has pieces. The preservation term keeps those positions as they are, whatever the model says there.
+    A probe this tokenizer cannot encode, or too long for the context, is left out (:func:`encodable`). What
+    ``memo`` (of ``model``) holds is not generated again."""
+    probes, _ = encodable(model, tokenizer, probes)
     if not probes:
         return []
+    n_ctx = layout_of(model).n_ctx
+    prompts = [encode_prompt(tokenizer, p.prompt, n_ctx) for p in probes]
     said = continuations(
         model,
         tokenizer,
@@ -196,7 +204,7 @@ def kept_answers(
         [len(encode_target(tokenizer, p.target)) for p in probes],
         memo=memo,
     ).ids
-    return [(encode_prompt(tokenizer, p.prompt, n_ctx), ids) for p, ids in zip(probes, said)]
+    return list(zip(prompts, said))
 
 
 def freeze_fact_batches(

@@ -409,6 +409,7 @@ class SurgeryReport:
     notes: list[str] = field(default_factory=list)
     block: str = ""  # module path of the edited block, e.g. "transformer.h.9" or "model.layers.9"
     tried: list[dict] = field(default_factory=list)  # each block trained: layer, steps, lr, backoffs, fixed, total
+    method: str = "wv"  # wv (our repair of `site`), rome or ft (site mlp_out: the MLP output projection)
 
     @property
     def fraction(self) -> float:
@@ -430,6 +431,7 @@ class SurgeryReport:
         c = self.comparison
         n = len(c.facts)
         return {
+            "method": self.method,
             "site": self.site,
             "layer": self.layer,
             "layer_reason": self.layer_reason,

@@ -304,6 +304,7 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         "- transformer-surgery",
         "- model-editing",
         f"- site-{report.site}",
+        *([f"- method-{report.method}"] if getattr(report, "method", "wv") != "wv" else []),
         f"- {model_type}",
         "---",
         "",
@@ -318,9 +319,7 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         f"**{layer}** (`{report.block}`, {block_label(layer)} 1-indexed), {report.params_in_site:,} parameters "
         f"({100 * report.fraction:.2f}% of the model). Every other tensor is bitwise identical to the base.",
         "",
-        f"Layer choice: {report.layer_reason}. Training: {report.steps} Adam steps "
-        f"(lr {report.config.get('lr')}, KL weight {report.config.get('kl_weight')}), "
-        f"{report.train_time_s:.1f} s.",
+        f"Layer choice: {report.layer_reason}. " + _training_line(report),
         "",
         "## Before / after",
         "",
@@ -352,6 +351,24 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
         "",
     ]
     return "\n".join(front + lines)
+
+
+METHOD_NAMES = {"rome": "ROME (Meng et al. 2022)", "ft": "FT-L (Zhu et al. 2020)"}
+
+
+def _training_line(report) -> str:
+    """How the edit was made: our repair's Adam steps, or the editor and its hyper-parameters."""
+    method = getattr(report, "method", "wv")
+    if method == "wv":
+        return (
+            f"Training: {report.steps} Adam steps (lr {report.config.get('lr')}, KL weight "
+            f"{report.config.get('kl_weight')}), {report.train_time_s:.1f} s."
+        )
+    hparams = ", ".join(f"{k} {v}" for k, v in report.config.get("hparams", {}).items())
+    return (
+        f"Method: {METHOD_NAMES.get(method, method)} on the block's MLP output projection, {report.steps} "
+        f"optimization steps ({hparams}), {report.train_time_s:.1f} s."
+    )
 
 
 def _md(text: str) -> str:
