@@ -1,15 +1,17 @@
-"""The shipped edit (:class:`Edit`): the new values of the trained slices of one block, and views that apply it.
+"""The shipped edit (:class:`Edit`): the new values of the trained slices of one block (or of several, for
+MEMIT and AlphaEdit), and views that apply it.
 
 The base model is never modified. :func:`edited_model` builds a *view*: new container objects along the path to the
 blocks (``model -> transformer -> h`` for GPT-2, ``model -> model -> layers`` for the others), every untouched
-module and parameter shared with the base (same tensors, no copy), and a new object for the one edited block that
+module and parameter shared with the base (same tensors, no copy), and a new object for each edited block that
 shares every tensor of it but the edited ones, which it copies and carries the new values in. Several sessions can
 each hold their own view of one shared base at once, without locks.
 
 On disk an edit is a safetensors file holding only the trained slices (for ``wv``: just the value projection's
 weight; GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision,
 site, layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so an edit is refused
-on any other base. (The file is ``patch.safetensors`` and its format tag ``transformer-surgery-patch/1``:
+on any other base. A multi-block edit adds ``layers`` (the blocks, ``layer`` the last of them) and
+``base_blocks_sha256`` (one digest per block); a single-block edit is written exactly as before. (The file is ``patch.safetensors`` and its format tag ``transformer-surgery-patch/1``:
 names from before the class was called ``Edit``, kept so that files already written and pushed still load.)
 """
 
@@ -31,18 +33,26 @@ from ..arch import ParamSlice, layout_of, remember_layout
 from ..core.errors import EditError
 
 FORMAT = "transformer-surgery-patch/1"  # the on-disk tag, unchanged since the first edit files
-JSON_METADATA = ("base_config",)  # metadata entries stored as JSON text; the others are plain strings
+JSON_METADATA = ("base_config", "base_blocks_sha256")  # metadata entries stored as JSON text; the others: strings
 
 
 @dataclass
 class Edit:
-    """New values of the trained slices of block ``layer``; ``values[name]`` has the slice's shape."""
+    """New values of the trained slices of block ``layer``; ``values[name]`` has the slice's shape.
+
+    A multi-block edit (MEMIT, AlphaEdit) names its blocks in ``layers`` (ascending, ``layer`` the last of them,
+    the block whose digest is ``base_block_sha256``); its metadata's ``base_blocks_sha256`` maps each block (as a
+    string) to its digest. ``layers`` defaults to ``(layer,)``."""
 
     site: str
     layer: int
     slices: tuple[ParamSlice, ...]
     values: dict[str, Tensor]
     metadata: dict = field(default_factory=dict)  # base_model, revision, base_config, base_block_sha256, ...
+    layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers) or (self.layer,)
 
     @property
     def numel(self) -> int:
@@ -56,6 +66,8 @@ class Edit:
             "layer": str(self.layer),
             "slices": json.dumps([s.to_dict() for s in self.slices]),
         }
+        if self.layers != (self.layer,):  # a single-block file stays byte-for-byte what it always was
+            meta["layers"] = json.dumps(list(self.layers))
         for key, value in self.metadata.items():
             if value is not None:
                 meta[key] = json.dumps(value) if key in JSON_METADATA else str(value)
@@ -81,6 +93,7 @@ class Edit:
         try:
             slices = tuple(ParamSlice.from_dict(d) for d in json.loads(meta.pop("slices")))
             site, layer = meta.pop("site"), int(meta.pop("layer"))
+            layers = _read_layers(meta.pop("layers", None), layer)
         except (KeyError, ValueError, TypeError) as e:
             raise EditError(f"{path} has broken patch metadata ({e})") from None
         meta.pop("format")
@@ -95,11 +108,11 @@ class Edit:
             meta.update({k: json.loads(meta[k]) for k in JSON_METADATA if k in meta})
         except json.JSONDecodeError as e:
             raise EditError(f"{path} has broken patch metadata ({e})") from None
-        return cls(site, layer, slices, values, meta)
+        return cls(site, layer, slices, values, meta, layers)
 
     def check_compatible(self, model: nn.Module) -> None:
         """Raise :class:`EditError` unless ``model`` is the base this edit was made from (config, shapes and
-        the SHA-256 of the edited block's weights)."""
+        the SHA-256 of each edited block's weights), and every slice lies in one of the edit's blocks."""
         config = base_config(model)
         expected = self.metadata.get("base_config")
         if expected is not None:
@@ -111,17 +124,23 @@ class Edit:
             if diff:
                 raise EditError(f"this patch was made for another model architecture: {'; '.join(diff)}")
         layout = layout_of(model)
-        if not 0 <= self.layer < layout.n_layer:
-            raise EditError(f"this patch edits block {self.layer}; the model has blocks 0..{layout.n_layer - 1}")
-        block = layout.adapter.block(self.layer)
+        for layer in self.layers:
+            if not 0 <= layer < layout.n_layer:
+                raise EditError(f"this patch edits block {layer}; the model has blocks 0..{layout.n_layer - 1}")
+        if self.layer not in self.layers:
+            raise EditError(
+                f"this patch's block {self.layer} is not among its blocks {list(self.layers)}: "
+                "the file is damaged or was crafted"
+            )
         params = dict(model.named_parameters())
         for s in self.slices:
-            # edited_model writes each slice into its copy of block `layer` by the name's tail: a slice of another
-            # block would silently land in this one
-            if not s.name.startswith(block + "."):
+            # edited_model writes each slice into its copy of its block by the name's tail: a slice of a block the
+            # edit does not name would silently land in another one
+            if _layer_of(layout, self.layers, s) is None:
+                blocks = ", ".join(f"{layer} ({layout.adapter.block(layer)})" for layer in self.layers)
                 raise EditError(
-                    f"this patch says it edits block {self.layer} ({block}), but it holds {s.name}, "
-                    "which is not in that block: the file is damaged or was crafted"
+                    f"this patch says it edits block{'s' if len(self.layers) > 1 else ''} {blocks}, but it holds "
+                    f"{s.name}, which is not in that block: the file is damaged or was crafted"
                 )
             if s.name not in params:
                 raise EditError(f"this patch edits {s.name}, which the model does not have")
@@ -130,12 +149,55 @@ class Edit:
                 raise EditError(
                     f"{s.name}: the patch holds shape {tuple(self.values[s.name].shape)}, the model's slice is {want}"
                 )
-        digest = self.metadata.get("base_block_sha256")
-        if digest is not None and digest != block_digest(model, self.layer):
-            raise EditError(
-                f"this patch was made for another base model: block {self.layer}'s weights differ "
-                f"(patch base: {self.metadata.get('base_model', 'unknown')})"
-            )
+        digests = {self.layer: self.metadata.get("base_block_sha256")}
+        if len(self.layers) > 1:
+            by_block = self.metadata.get("base_blocks_sha256")
+            if not isinstance(by_block, dict) or set(by_block) != {str(layer) for layer in self.layers}:
+                raise EditError(
+                    f"this patch edits blocks {list(self.layers)} but does not carry one base digest for each: "
+                    "the file is damaged or was crafted"
+                )
+            digests.update({int(k): v for k, v in by_block.items()})
+        for layer, digest in sorted(digests.items()):
+            if digest is not None and digest != block_digest(model, layer):
+                raise EditError(
+                    f"this patch was made for another base model: block {layer}'s weights differ "
+                    f"(patch base: {self.metadata.get('base_model', 'unknown')})"
+                )
+
+
+def _read_layers(text: str | None, layer: int) -> tuple[int, ...]:
+    """The ``layers`` entry of a file's metadata (absent: ``(layer,)``); raises ``ValueError`` unless it is a
+    list of distinct block indices in ascending order that ends with ``layer``."""
+    if text is None:
+        return (layer,)
+    layers = json.loads(text)
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
+        or layers != sorted(set(layers))
+        or layers[-1] != layer
+    ):
+        raise ValueError(f"layers {text} is not a list of ascending blocks ending with block {layer}")
+    return tuple(layers)
+
+
+def _layer_of(layout, layers: tuple[int, ...], s: ParamSlice) -> int | None:
+    """The block among ``layers`` that holds slice ``s`` (by its name), or None."""
+    for layer in layers:
+        if s.name.startswith(layout.adapter.block(layer) + "."):
+            return layer
+    return None
+
+
+def block_digests(model: nn.Module, layers: tuple[int, ...] | list[int]) -> dict:
+    """The metadata that ties an edit of ``layers`` to its base: ``base_block_sha256`` of the last block and, for
+    several blocks, ``base_blocks_sha256`` (block index as a string -> digest)."""
+    meta = {"base_block_sha256": block_digest(model, layers[-1])}
+    if len(layers) > 1:
+        meta["base_blocks_sha256"] = {str(layer): block_digest(model, layer) for layer in layers}
+    return meta
 
 
 def base_config(model: nn.Module) -> dict:
@@ -219,22 +281,28 @@ def edited_model(model: nn.Module, edit: Edit) -> nn.Module:
     edit.check_compatible(model)
     _install_output_recorders(model)
     layout = layout_of(model)
-    block_path = layout.adapter.block(edit.layer)
-    new_block = copy_block(model, edit.layer, only={s.name for s in edit.slices})
-    prefix = block_path + "."
-    with torch.no_grad():
-        for s in edit.slices:
-            param = new_block.get_parameter(s.name[len(prefix) :])
-            s.read(param).copy_(edit.values[s.name].to(param.device, param.dtype))
     view = _shallow_copy(model)
-    parent = view
-    parts = block_path.split(".")
-    for part in parts[:-1]:  # e.g. transformer, h (GPT-2) or model, layers
-        child = _shallow_copy(parent.get_submodule(part))
-        parent._modules[part] = child
-        parent = child
-    parent._modules[parts[-1]] = new_block
-    remember_layout(view, layout)  # the base's modules, one block swapped for a copy of itself
+    copied = {id(view)}  # the containers already copied into the view
+    for layer in edit.layers:
+        block_path = layout.adapter.block(layer)
+        mine = [s for s in edit.slices if _layer_of(layout, edit.layers, s) == layer]
+        new_block = copy_block(model, layer, only={s.name for s in mine})
+        prefix = block_path + "."
+        with torch.no_grad():
+            for s in mine:
+                param = new_block.get_parameter(s.name[len(prefix) :])
+                s.read(param).copy_(edit.values[s.name].to(param.device, param.dtype))
+        parent = view
+        parts = block_path.split(".")
+        for part in parts[:-1]:  # e.g. transformer, h (GPT-2) or model, layers
+            child = parent._modules[part]
+            if id(child) not in copied:
+                child = _shallow_copy(child)
+                parent._modules[part] = child
+                copied.add(id(child))
+            parent = child
+        parent._modules[parts[-1]] = new_block
+    remember_layout(view, layout)  # the base's modules, each edited block swapped for a copy of itself
     return view
 
 
