@@ -1,15 +1,16 @@
-"""What the key-value editors (ROME, FT-L) share: one block's MLP output projection read as a matrix, run with
-other values, and the teacher-forced answers they are trained on.
+"""What the key-value editors (ROME, FT-L, MEMIT, AlphaEdit) share: a block's MLP output projection read as a
+matrix, run with other values, and the teacher-forced answers they are trained on.
 
 The projection computes ``out = W k + b``, ``W`` ``[d_model, d_mlp]`` (:meth:`~surgery.arch.base.Layout.mlp_out_matrix`
 reads it from the family's stored layout), ``k`` the key: the MLP's hidden activation at one position. Editors never
-write into the model: :func:`projection_replaced` runs the model with ``W`` swapped for a tensor of their own (a
-forward hook recomputes the module's output from its input), inside a ``with`` block that always removes the hook.
+write into the model: :func:`projections_replaced` runs the model with the ``W`` of one or several blocks swapped for
+tensors of their own (a forward hook recomputes each module's output from its input), inside a ``with`` block that
+always removes the hooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,23 +32,51 @@ def out_projection(model: nn.Module, layer: int) -> tuple[str, Tensor, Tensor | 
     return path, layout.mlp_out_matrix(module.weight), module.bias
 
 
-@contextmanager
-def projection_replaced(model: nn.Module, layer: int, matrix: Tensor, add: dict[int, Tensor] | None = None) -> Iterator:
-    """Run ``model`` with block ``layer``'s output projection computing ``matrix @ k + b`` (``matrix``
-    ``[d_model, d_mlp]``, may require grad), and ``add[pos]`` (``[d_model]``) added to its output at position ``pos``
-    of every row (ROME's delta). The model's own weights are neither read for the output nor written."""
-    path, _, bias = out_projection(model, layer)
+def _replacing(matrix: Tensor, bias: Tensor | None) -> Callable:
+    """A forward hook making a projection compute ``matrix @ k + b`` from its input ``k``."""
 
     def replace(module, args, output):
         out = F.linear(args[0], matrix.to(args[0].dtype), bias)  # (B, T, d_model)
-        if add:
-            out = out.clone()
-            for pos, vec in add.items():
-                out[:, pos] = out[:, pos] + vec.to(out.dtype)
         return out if not isinstance(output, tuple) else (out, *output[1:])
 
-    with hooked(model, forward={path: replace}):
+    return replace
+
+
+def _adding(add: dict[int, Tensor]) -> Callable:
+    """A forward hook adding ``add[pos]`` (``[d_model]``) to a module's output at position ``pos`` of every row."""
+
+    def plus(module, args, output):
+        out = main_output(output).clone()  # (B, T, d_model)
+        for pos, vec in add.items():
+            out[:, pos] = out[:, pos] + vec.to(out.dtype)
+        return out if not isinstance(output, tuple) else (out, *output[1:])
+
+    return plus
+
+
+@contextmanager
+def projections_replaced(
+    model: nn.Module, matrices: dict[int, Tensor], add: dict[int, Tensor] | None = None, add_to: str | None = None
+) -> Iterator:
+    """Run ``model`` with each block ``l``'s output projection computing ``matrices[l] @ k + b`` (``[d_model,
+    d_mlp]``, may require grad), and ``add[pos]`` (``[d_model]``) added to the output of module ``add_to`` (a module
+    path: a projection for ROME, a block for MEMIT) at position ``pos`` of every row. The model's own weights are
+    neither read for those outputs nor written."""
+    forward: dict[str, Callable] = {}
+    for layer, matrix in matrices.items():
+        path, _, bias = out_projection(model, layer)
+        forward[path] = _replacing(matrix, bias)
+    if add:
+        plus, first = _adding(add), forward.get(add_to)
+        forward[add_to] = plus if first is None else lambda m, a, o: plus(m, a, first(m, a, o))
+    with hooked(model, forward=forward):
         yield model
+
+
+def projection_replaced(model: nn.Module, layer: int, matrix: Tensor, add: dict[int, Tensor] | None = None):
+    """:func:`projections_replaced` for block ``layer`` alone, ``add`` added to its projection's output (ROME's
+    delta)."""
+    return projections_replaced(model, {layer: matrix}, add, out_projection(model, layer)[0])
 
 
 def keys_at(model: nn.Module, layer: int, ids: Tensor, position: int) -> Tensor:
@@ -61,7 +90,11 @@ def keys_at(model: nn.Module, layer: int, ids: Tensor, position: int) -> Tensor:
 
 def module_output_at(model: nn.Module, layer: int, ids: Tensor, position: int) -> Tensor:
     """The output projection's output (``W k + b``) at ``position`` of ``ids`` (1, T). Float[Tensor, "d_model"]."""
-    path, _, _ = out_projection(model, layer)
+    return output_at(model, out_projection(model, layer)[0], ids, position)
+
+
+def output_at(model: nn.Module, path: str, ids: Tensor, position: int) -> Tensor:
+    """Module ``path``'s output (its hidden states) at ``position`` of ``ids`` (1, T). Float[Tensor, "d_model"]."""
     got: list[Tensor] = []
     with torch.no_grad(), hooked(model, forward={path: lambda m, a, out: got.append(main_output(out).detach())}):
         model(input_ids=ids)

@@ -37,9 +37,10 @@ from .mlp_out import (
     all_top1,
     answer_logits,
     keys_at,
-    module_output_at,
     out_projection,
+    output_at,
     projection_replaced,
+    projections_replaced,
     subject_position,
     teacher_forced,
 )
@@ -100,16 +101,25 @@ def _essence_ids(tokenizer, fact: Fact, position: int, device) -> Tensor:
 
 
 def compute_value(
-    model: nn.Module, tokenizer, fact: Fact, layer: int, matrix: Tensor, position: int, hp: RomeHparams
+    model: nn.Module,
+    tokenizer,
+    fact: Fact,
+    position: int,
+    hp: RomeHparams,
+    matrices: dict[int, Tensor],
+    add_to: str,
 ) -> tuple[Tensor, int, float, float]:
-    """``(v*, steps, final NLL, final KL)`` for ``fact`` on ``model`` with the projection's weight ``matrix``
-    (``[d_model, d_mlp]``): see the module docstring. ``v*`` is float64, d_model."""
+    """``(v*, steps, final NLL, final KL)`` for ``fact``: the output of module ``add_to`` at ``position`` that makes
+    the model (its projections' weights ``matrices``, block -> ``[d_model, d_mlp]``) say the target, found by Adam on
+    ``δ`` added there (see the module docstring). ROME adds ``δ`` to one block's projection output; MEMIT to the
+    residual stream after its last block (the block's output). ``hp``: any hyper-parameters with ROME's ``v_*``,
+    ``clamp_norm_factor``, ``kl_factor`` and ``stop_loss`` fields. ``v*`` is float64, d_model."""
     device = next(model.parameters()).device
     answer = teacher_forced(tokenizer, fact, layout_of(model).n_ctx, device)
     essence = _essence_ids(tokenizer, fact, position, device)  # (1, S): the KL is read at its last position
     e_pos = essence.shape[1] - 1
-    with projection_replaced(model, layer, matrix):
-        v_init = module_output_at(model, layer, answer.ids, position).float()
+    with projections_replaced(model, matrices):
+        v_init = output_at(model, add_to, answer.ids, position).float()
         with torch.no_grad():
             ref = F.log_softmax(model(input_ids=essence, logits_to_keep=1).logits[0, -1].float(), -1)
     delta = torch.zeros_like(v_init, requires_grad=True)
@@ -118,17 +128,17 @@ def compute_value(
     steps, nll, kl = 0, float("nan"), 0.0
     while True:
         optimizer.zero_grad(set_to_none=True)
-        with projection_replaced(model, layer, matrix, add={position: delta}):
+        with projections_replaced(model, matrices, {position: delta}, add_to):
             logits = answer_logits(model, answer)  # (P, V)
             nll_t = F.cross_entropy(logits, answer.labels)  # mean over the pieces
-        with projection_replaced(model, layer, matrix, add={e_pos: delta}):
+        with projections_replaced(model, matrices, {e_pos: delta}, add_to):
             now = F.log_softmax(model(input_ids=essence, logits_to_keep=1).logits[0, -1].float(), -1)
         kl_t = F.kl_div(now, ref, log_target=True, reduction="sum")  # KL(before || after)
         decay = hp.v_weight_decay * delta.norm() / v_init.norm() ** 2
         loss = nll_t + hp.kl_factor * kl_t + decay
         nll, kl, value = float(nll_t.detach()), float(kl_t.detach()), float(loss.detach())
         if not math.isfinite(value):
-            raise NonFiniteError(f"ROME's value optimization for {fact.prompt!r} reached a loss of {value}")
+            raise NonFiniteError(f"the value optimization for {fact.prompt!r} reached a loss of {value}")
         if value < hp.stop_loss or steps >= hp.v_steps:
             break
         loss.backward()
@@ -137,7 +147,7 @@ def compute_value(
         with torch.no_grad():
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
-    log.debug("ROME v* for %r: %d steps, NLL %.4f, KL %.4f", fact.prompt, steps, nll, kl)
+    log.debug("v* for %r: %d steps, NLL %.4f, KL %.4f", fact.prompt, steps, nll, kl)
     return (v_init + delta.detach()).double(), steps, nll, kl
 
 
@@ -164,14 +174,14 @@ def apply_rome(
     """ROME on each fact in turn, each on the previous result. Returns the new projection weight in the family's
     stored layout and dtype, and each fact's ``k*``/``v*``. ``check(where)`` runs before each fact (a deadline)."""
     layout = layout_of(model)
-    _, stored, bias = out_projection(model, layer)
+    path, stored, bias = out_projection(model, layer)
     matrix = stored.detach().double()  # [d_model, d_mlp]
     done: list[RomeFact] = []
     for i, fact in enumerate(facts):
         if check is not None:
             check(f"ROME on fact {i + 1} of {len(facts)}")
         key, position, what = compute_key(model, tokenizer, fact, layer)
-        value, steps, nll, kl = compute_value(model, tokenizer, fact, layer, matrix.float(), position, hp)
+        value, steps, nll, kl = compute_value(model, tokenizer, fact, position, hp, {layer: matrix.float()}, path)
         matrix = rank_one_update(matrix, bias, key, value, stats.second_moment)
         if not torch.isfinite(matrix).all():
             raise SurgeryFailed(f"ROME's update for {fact.prompt!r} is not finite (is the key all zeros?)")
