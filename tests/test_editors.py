@@ -152,8 +152,8 @@ def test_the_edit_keeps_the_keys_and_moves_the_output(operated, tiny_tokenizer):
 
 
 def test_unknown_methods_are_refused():
-    with pytest.raises(InputError, match="unknown method 'memit': choose one of wv, rome, ft"):
-        SurgeryConfig(method="memit")
+    with pytest.raises(InputError, match="unknown method 'pmet': choose one of wv, rome, ft, memit, alphaedit"):
+        SurgeryConfig(method="pmet")
     with pytest.raises(InputError, match="--site mlp is for --method wv"):
         SurgeryConfig(method="rome", site="mlp")
     assert SurgeryConfig.from_dict({"site": "wv", "layer": 3}).method == "wv"  # configs of old reports still load

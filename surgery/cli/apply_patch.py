@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
     loaded = load(args, "base")
     out = write_edited_model(args.out, loaded, edit, overwrite=args.overwrite)
-    print(f"applied {edit.site} patch of block {edit.layer} ({edit.numel:,} parameters) to {loaded.source}")
+    blocks = f"block {edit.layer}" if len(edit.layers) == 1 else f"blocks {', '.join(map(str, edit.layers))}"
+    print(f"applied {edit.site} patch of {blocks} ({edit.numel:,} parameters) to {loaded.source}")
     print(f"written to {out}")
     return 0

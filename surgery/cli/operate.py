@@ -8,6 +8,7 @@ from ..arch import block_label
 from ..core.errors import InputError, read_input_text
 from ..core.progress import progress_bar
 from ..edit.editors import METHOD_DESCRIPTIONS, METHODS
+from ..edit.memit import MemitHparams
 from ..edit.training import SurgeryConfig, SurgeryResult, operate
 from ..evaluation.facts import load_facts
 from ..evaluation.report import format_facts, format_rows, format_wrong
@@ -82,12 +83,18 @@ def register(sub) -> None:
         "--stat-tokens",
         type=int,
         default=DEFAULTS.stat_tokens,
-        help=f"rome: tokens of text for the key statistics (default {DEFAULTS.stat_tokens:,})",
+        help=f"rome, memit, alphaedit: tokens of text for the key statistics (default {DEFAULTS.stat_tokens:,})",
     )
     p.add_argument(
         "--stats-dir",
         metavar="DIR",
-        help="rome: where key statistics are cached (default ~/.cache/transformer-surgery/keystats)",
+        help="rome, memit, alphaedit: where key statistics are cached (default ~/.cache/transformer-surgery/keystats)",
+    )
+    p.add_argument(
+        "--layers",
+        metavar="A,B,C",
+        help="memit, alphaedit: the blocks to edit, ascending (the papers' fixed layers, e.g. 3,4,5,6,7,8); "
+        f"default: the {MemitHparams.span} blocks ending at --layer",
     )
     add_training_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (refused if it exists)")
@@ -101,12 +108,23 @@ def config_from_args(args: argparse.Namespace, site: str) -> SurgeryConfig:
         site=site,
         method=getattr(args, "method", "wv"),
         stat_tokens=getattr(args, "stat_tokens", DEFAULTS.stat_tokens),
+        layers=parse_layers(getattr(args, "layers", None)),
         layer=parse_layer(args.layer),
         lr=args.lr,
         epochs=args.epochs,
         kl_weight=args.kl_weight,
         seed=args.seed,
     )
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """``--layers 3,4,5`` -> ``(3, 4, 5)``; None without the option. Order and range are checked later."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--layers must be block indices separated by commas (e.g. 3,4,5), not {text!r}") from None
 
 
 def read_unrelated(path: str | None) -> list[str] | None:

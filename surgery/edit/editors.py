@@ -1,9 +1,10 @@
 """The editors the field uses, beside our ``wv`` repair: ROME and FT-L, each changing one block's MLP output
-projection (``operate --method rome|ft``; ``docs/editors.md``).
+projection, and MEMIT and AlphaEdit, changing those of several blocks at once (``operate --method
+rome|ft|memit|alphaedit``; ``docs/editors.md``).
 
-:func:`edit_mlp_out` runs one of them on block ``layer`` and returns the projection's new weight; ``operate`` wraps
-it in the same :class:`~surgery.io.edit_file.Edit` (site ``mlp_out``: the projection's weight, whole) and the same
-evaluation as a ``wv`` repair.
+:func:`edit_mlp_out` runs one of them on block ``layer`` (MEMIT, AlphaEdit: on ``layers``, ``layer`` the last) and
+returns the projections' new weights; ``operate`` wraps them in the same :class:`~surgery.io.edit_file.Edit` (site
+``mlp_out``: each projection's weight, whole) and the same evaluation as a ``wv`` repair.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from ..arch import layout_of
 from ..evaluation.facts import Fact
 from .ft import FtHparams, fine_tune
 from .keystats import key_statistics
+from .memit import AlphaEditHparams, MemitHparams, apply_alphaedit, apply_memit
 from .rome import RomeHparams, apply_rome, says_all
 
-METHODS = ("wv", "rome", "ft")
+METHODS = ("wv", "rome", "ft", "memit", "alphaedit")
 METHOD_DESCRIPTIONS = {
     "wv": "our repair: train one site (--site) of one block with a KL preservation term",
     "rome": "ROME (Meng et al. 2022): a rank-one update of the MLP output projection per fact",
     "ft": "FT-L (Zhu et al. 2020): fine-tune the MLP output projection under an L-infinity bound",
+    "memit": "MEMIT (Meng et al. 2023): one least-squares update of the MLP output projections of several blocks",
+    "alphaedit": "AlphaEdit (Fang et al. 2025): MEMIT's update kept in the null space of the preserved keys",
 }
-EDIT_SITE = "mlp_out"  # the Edit's site for ROME and FT-L: the MLP output projection's weight
+MULTI_BLOCK = ("memit", "alphaedit")  # the editors that spread one update over several blocks (--layers)
+EDIT_SITE = "mlp_out"  # the Edit's site of the editors: the MLP output projections' weights
 
 
 @dataclass
@@ -55,10 +60,16 @@ def edit_mlp_out(
     check: Callable[[str], None] | None = None,
     cache_dir: str | os.PathLike | None = None,
     stats_progress: Callable[..., None] | None = None,
+    layers: Sequence[int] = (),
 ) -> MethodOutcome:
-    """Run ``method`` (``rome`` or ``ft``) on block ``layer``'s MLP output projection for ``facts``; ``model`` is
-    not modified. ROME's key statistics come from :func:`~surgery.edit.keystats.key_statistics` (``stat_tokens``
-    tokens, cached under ``cache_dir``)."""
+    """Run ``method`` on block ``layer``'s MLP output projection for ``facts`` (``memit``, ``alphaedit``: on the
+    blocks ``layers``, default ``(layer,)``); ``model`` is not modified. The key statistics of ROME, MEMIT and
+    AlphaEdit come from :func:`~surgery.edit.keystats.key_statistics` (``stat_tokens`` tokens, cached under
+    ``cache_dir``)."""
+    if method in MULTI_BLOCK:
+        return _spread(
+            model, tokenizer, facts, tuple(layers) or (layer,), method, stat_tokens, check, cache_dir, stats_progress
+        )
     (name,) = [s.name for s in layout_of(model).mlp_out_slices(layer)]
     if method == "rome":
         stats = key_statistics(
@@ -79,7 +90,7 @@ def edit_mlp_out(
             last.nll + hp.kl_factor * last.kl,
             last.nll,
             last.kl,
-            says_all(model, tokenizer, facts, layer, matrix),
+            says_all(model, tokenizer, facts, {layer: matrix}),
             hp.v_lr,
             {**hp.to_dict(), "stat_tokens": stats.n_tokens, "stat_corpus": stats.corpus},
             notes,
@@ -88,4 +99,60 @@ def edit_mlp_out(
         hp = FtHparams()
         out = fine_tune(model, tokenizer, facts, layer, hp, progress, check)
         return MethodOutcome({name: out.weight}, out.steps, out.loss, out.loss, 0.0, out.fixed, hp.lr, hp.to_dict())
-    raise ValueError(f"edit_mlp_out runs rome or ft, not {method!r}")
+    raise ValueError(f"edit_mlp_out runs rome, ft, memit or alphaedit, not {method!r}")
+
+
+def _spread(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[Fact],
+    layers: tuple[int, ...],
+    method: str,
+    stat_tokens: int,
+    check: Callable[[str], None] | None,
+    cache_dir: str | os.PathLike | None,
+    stats_progress: Callable[..., None] | None,
+) -> MethodOutcome:
+    """MEMIT or AlphaEdit on ``layers`` (see :func:`edit_mlp_out`)."""
+    layout = layout_of(model)
+    stats = {
+        layer: key_statistics(
+            model, tokenizer, layer, max_tokens=stat_tokens, cache_dir=cache_dir, progress=stats_progress
+        )
+        for layer in layers
+    }
+    notes = []
+    if method == "memit":
+        hp = MemitHparams()
+        weights, targets = apply_memit(model, tokenizer, facts, layers, stats, hp, check)
+    else:
+        hp = AlphaEditHparams()
+        weights, targets, dims = apply_alphaedit(model, tokenizer, facts, layers, stats, hp, check)
+        notes.append(
+            "AlphaEdit: the null space of C (eigenvalues below "
+            f"{hp.nullspace_threshold:g} x the largest) has "
+            + ", ".join(f"{dims[layer]}/{layout.d_mlp} dimensions at block {layer}" for layer in layers)
+        )
+    positions = sorted({t.position_is for t in targets})
+    some = stats[layers[-1]]
+    notes.insert(
+        0,
+        f"{method}: blocks {', '.join(map(str, layers))}; z read after block {layers[-1]} at "
+        f"{' / '.join(positions)} of each prompt (the prompt alone, no prefixed contexts); "
+        f"C from {some.n_tokens:,} tokens of {some.corpus}",
+    )
+    nll = sum(t.nll for t in targets) / len(targets)
+    kl = sum(t.kl for t in targets) / len(targets)
+    name = {layer: layout.mlp_out_slices(layer)[0].name for layer in layers}
+    matrices = {layer: layout.mlp_out_matrix(w) for layer, w in weights.items()}
+    return MethodOutcome(
+        {name[layer]: w for layer, w in weights.items()},
+        sum(t.steps for t in targets),
+        nll + hp.kl_factor * kl,
+        nll,
+        kl,
+        says_all(model, tokenizer, facts, matrices),
+        hp.v_lr,
+        {**hp.to_dict(), "layers": list(layers), "stat_tokens": some.n_tokens, "stat_corpus": some.corpus},
+        notes,
+    )

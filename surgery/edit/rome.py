@@ -15,7 +15,7 @@ moment on real text (:mod:`surgery.edit.keystats`):
 * ``W' = W + (v* − W k* − b) (C⁻¹ k*)ᵀ / ((C⁻¹ k*)ᵀ k*)``: rank one, and ``W' k* + b = v*`` exactly.
 
 Invariant (as in ROME): the model passed in is the same at the end as at the start; every fact after the first is
-computed on the model with the earlier facts' updates (:func:`~surgery.edit.mlp_out.projection_replaced`).
+computed on the model with the earlier facts' updates (:func:`~surgery.edit.mlp_out.projections_replaced`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from .mlp_out import (
     keys_at,
     out_projection,
     output_at,
-    projection_replaced,
     projections_replaced,
     subject_position,
     teacher_forced,
@@ -190,12 +189,13 @@ def apply_rome(
     return weight, done
 
 
-def says_all(model: nn.Module, tokenizer, facts: Sequence[Fact], layer: int, matrix: Tensor) -> int:
-    """How many facts the model with projection ``matrix`` says whole (every piece top-1, teacher-forced)."""
+def says_all(model: nn.Module, tokenizer, facts: Sequence[Fact], matrices: dict[int, Tensor]) -> int:
+    """How many facts the model with projections ``matrices`` (block -> ``[d_model, d_mlp]``) says whole (every
+    piece top-1, teacher-forced)."""
     device = next(model.parameters()).device
     n_ctx = layout_of(model).n_ctx
     n = 0
-    with torch.no_grad(), projection_replaced(model, layer, matrix):
+    with torch.no_grad(), projections_replaced(model, matrices):
         for fact in facts:
             answer = teacher_forced(tokenizer, fact, n_ctx, device)
             n += all_top1(answer_logits(model, answer), answer.labels)

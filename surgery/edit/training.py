@@ -54,9 +54,10 @@ from ..evaluation.memo import EvaluationMemo
 from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
-from ..io.edit_file import Edit, base_config, block_digest, edited_model, weight_stats
-from .editors import EDIT_SITE, METHODS, edit_mlp_out
+from ..io.edit_file import Edit, base_config, block_digests, edited_model, weight_stats
+from .editors import EDIT_SITE, METHODS, MULTI_BLOCK, edit_mlp_out
 from .keystats import DEFAULT_MAX_TOKENS
+from .memit import MemitHparams, spread_layers
 from .upper_stack import FrozenInputs, UpperStack, encodable, freeze_fact_batches, kept_answers
 
 if TYPE_CHECKING:
@@ -84,8 +85,11 @@ class SurgeryConfig:
     training step and between the stages (so it may be passed by at most one stage), it stops the surgery with
     :class:`~surgery.core.errors.SurgeryTimeout` and nothing is returned (a public app's limit; the CLI sets none).
     method: ``wv`` (our repair of ``site``: everything above), ``rome`` or ``ft`` (the MLP output projection of the
-    block, :mod:`surgery.edit.editors`; ``site`` must stay ``wv``, and lr, lr_scale, epochs, kl_weight, margin,
-    max_unrelated_tokens and batch_size are ``wv``'s); stat_tokens: tokens of text for ROME's key statistics.
+    block), ``memit`` or ``alphaedit`` (those of several blocks; :mod:`surgery.edit.editors`; ``site`` must stay
+    ``wv``, and lr, lr_scale, epochs, kl_weight, margin, max_unrelated_tokens and batch_size are ``wv``'s);
+    stat_tokens: tokens of text for the key statistics of ROME, MEMIT and AlphaEdit; layers: the blocks MEMIT and
+    AlphaEdit edit (ascending; ``--layers 3,4,5``, the papers' fixed layers), or None (the default) for the
+    ``span`` blocks ending at ``layer`` (given, or the diagnosis' prescribed one).
     """
 
     site: str = "wv"
@@ -101,10 +105,13 @@ class SurgeryConfig:
     max_seconds: float | None = None
     method: str = "wv"
     stat_tokens: int = DEFAULT_MAX_TOKENS
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _check_layers(self.layers, self.method, self.layer))
         if self.method != "wv" and self.site != "wv":
             raise InputError(
                 f"--site {self.site} is for --method wv; --method {self.method} edits the MLP output projection"
@@ -150,6 +157,23 @@ class SurgeryConfig:
         if unknown:
             raise InputError(f"unknown surgery option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def _check_layers(layers, method: str, layer: int | None) -> tuple[int, ...]:
+    """``SurgeryConfig.layers`` as a tuple, or :class:`InputError` in one line."""
+    if method not in MULTI_BLOCK:
+        raise InputError(f"--layers is for --method {' or '.join(MULTI_BLOCK)}; --method {method} edits one block")
+    if (
+        isinstance(layers, (str, bytes))
+        or not isinstance(layers, (list, tuple))
+        or not layers
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
+        or list(layers) != sorted(set(layers))
+    ):
+        raise InputError(f"layers must be distinct block indices in ascending order (e.g. 3,4,5), not {layers!r}")
+    if layer is not None and layer != layers[-1]:
+        raise InputError(f"--layer {layer} and --layers {list(layers)} disagree: the last of --layers is the block")
+    return tuple(layers)
 
 
 # Logits the preservation term may compute per step. Its cost is positions x vocabulary x d_model, so the
@@ -486,7 +510,10 @@ def operate(
     deadline.check("after diagnosing the facts")
     absent_notes: list[str] = []
     keep = [True] * len(facts)  # the facts trained, and required to be fixed
-    if config.layer is None:
+    if config.layers is not None:
+        layer = config.layers[-1]
+        reason = f"given: blocks {', '.join(map(str, config.layers))} (--layers)"
+    elif config.layer is None:
         layer, reason = layer_from_diagnoses(diagnoses)
         keep = [v != "absence" for v in verdicts]
         absent_notes = [
@@ -498,6 +525,16 @@ def operate(
     else:
         layer, reason = layout.check_layer(config.layer), "given"
     site = config.site if config.method == "wv" else EDIT_SITE
+    spread: tuple[int, ...] = ()  # MEMIT, AlphaEdit: the blocks edited, `layer` the last
+    if config.method in MULTI_BLOCK:
+        spread = config.layers or spread_layers(layer, MemitHparams.span)
+        for block in spread:
+            layout.check_layer(block)
+        if config.layers is None:
+            reason += (
+                f"; blocks {', '.join(map(str, spread))}: the {MemitHparams.span} blocks ending at block {layer} "
+                "(MEMIT's span, clipped at block 0)"
+            )
     log.info("operating (%s) on site %s of block %d (%s)", config.method, site, layer, reason)
 
     # --layer auto: when the prescribed block cannot fix the facts within the budget, the next candidate gets a
@@ -538,15 +575,16 @@ def operate(
                     deadline.check,
                     cache_dir,
                     stats_progress,
+                    layers=spread,
                 )
                 outcome = TrainOutcome(done.values, done.steps, done.loss, done.ce, done.kl, done.fixed, done.lr)
                 method_info = {"hparams": done.hparams, "notes": done.notes}
-                slices = tuple(layout.mlp_out_slices(layer))
+                slices = tuple(s for block in spread or (layer,) for s in layout.mlp_out_slices(block))
             train_time += time.perf_counter() - t_train
-        metadata = {"base_config": base_config(model), "base_block_sha256": block_digest(model, layer)}
+        metadata = {"base_config": base_config(model), **block_digests(model, spread or (layer,))}
         if config.method != "wv":  # a wv edit's file stays byte-for-byte what it always was
             metadata["method"] = config.method
-        edit = Edit(site, layer, slices, outcome.values, metadata)
+        edit = Edit(site, layer, slices, outcome.values, metadata, spread)
         edited = edited_model(model, edit)
         after = score_probes(edited, tokenizer, facts)
         wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
@@ -627,6 +665,7 @@ def operate(
         config={
             **config.to_dict(),
             "layer": layer,
+            "layers": list(spread) if spread else None,
             "lr_start": outcome.lr,
             "panel": panel.name,
             "max_unrelated_tokens": budget,

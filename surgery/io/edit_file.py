@@ -11,8 +11,9 @@ On disk an edit is a safetensors file holding only the trained slices (for ``wv`
 weight; GPT-2: the ``[d_model, d_model]`` V columns of ``c_attn.weight``) with JSON metadata: base model, revision,
 site, layer, slice bounds, the base's shape-defining config, and a SHA-256 of the base block, so an edit is refused
 on any other base. A multi-block edit adds ``layers`` (the blocks, ``layer`` the last of them) and
-``base_blocks_sha256`` (one digest per block); a single-block edit is written exactly as before. (The file is ``patch.safetensors`` and its format tag ``transformer-surgery-patch/1``:
-names from before the class was called ``Edit``, kept so that files already written and pushed still load.)
+``base_blocks_sha256`` (one digest per block); a single-block edit is written exactly as before. (The file is
+``patch.safetensors`` and its format tag ``transformer-surgery-patch/1``: names from before the class was called
+``Edit``, kept so that files already written and pushed still load.)
 """
 
 from __future__ import annotations

@@ -311,12 +311,15 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
     ]
     layer = report.layer
     facts = report.comparison.facts
+    spread = (report.config or {}).get("layers") or [layer]  # MEMIT, AlphaEdit: several blocks, `layer` the last
+    blocks = f"block {layer}" if len(spread) == 1 else f"blocks {', '.join(map(str, spread))}"
     lines = [
-        f"# {base_name}, corrected by single-site surgery ({report.site}, block {layer})",
+        f"# {base_name}, corrected by {'single-site ' if len(spread) == 1 else ''}surgery ({report.site}, {blocks})",
         "",
-        f"This is `{base_name}` with one site retrained by Transformer Surgery to fix {len(facts)} facts: "
-        f"site **{report.site}** of block "
-        f"**{layer}** (`{report.block}`, {block_label(layer)} 1-indexed), {report.params_in_site:,} parameters "
+        f"This is `{base_name}` with {'one site' if len(spread) == 1 else 'one site per block'} retrained by "
+        f"Transformer Surgery to fix {len(facts)} facts: site **{report.site}** of "
+        + ("block " if len(spread) == 1 else f"blocks {', '.join(map(str, spread[:-1]))} and ")
+        + f"**{layer}** (`{report.block}`, {block_label(layer)} 1-indexed), {report.params_in_site:,} parameters "
         f"({100 * report.fraction:.2f}% of the model). Every other tensor is bitwise identical to the base.",
         "",
         f"Layer choice: {report.layer_reason}. " + _training_line(report),
