@@ -356,7 +356,12 @@ def model_card(loaded: LoadedModel, report, license: str | None = None) -> str:
     return "\n".join(front + lines)
 
 
-METHOD_NAMES = {"rome": "ROME (Meng et al. 2022)", "ft": "FT-L (Zhu et al. 2020)"}
+METHOD_NAMES = {
+    "rome": "ROME (Meng et al. 2022)",
+    "ft": "FT-L (Zhu et al. 2020)",
+    "memit": "MEMIT (Meng et al. 2023)",
+    "alphaedit": "AlphaEdit (Fang et al. 2025)",
+}
 
 
 def _training_line(report) -> str:
@@ -369,7 +374,9 @@ def _training_line(report) -> str:
         )
     hparams = ", ".join(f"{k} {v}" for k, v in report.config.get("hparams", {}).items())
     return (
-        f"Method: {METHOD_NAMES.get(method, method)} on the block's MLP output projection, {report.steps} "
+        f"Method: {METHOD_NAMES.get(method, method)} on the "
+        + ("blocks' MLP output projections" if report.config.get("layers") else "block's MLP output projection")
+        + f", {report.steps} "
         f"optimization steps ({hparams}), {report.train_time_s:.1f} s."
     )
 
