@@ -373,3 +373,24 @@ def test_operate_with_rome_writes_what_wv_writes(capsys, tmp_path, operated):
 
     code, stdout, err = run_cli(capsys, *args, "--site", "mlp", "--out", tmp_path / "other")
     assert code == 2 and err == "error: --site mlp is for --method wv; --method rome edits the MLP output projection\n"
+
+
+def test_operate_with_memit_on_the_papers_fixed_layers(capsys, tmp_path):
+    """``--method memit --layers 1,2`` on the demo model: one patch holding both blocks' projections; the report
+    and the card name the blocks; ``--layers`` with a one-block method is refused before loading anything."""
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(json.loads(DEMO_FACTS.read_text())[:2]))
+    out = tmp_path / "fixed"
+    args = ["operate", "--model", DEMO_DIR, "--facts", facts, "--stat-tokens", 300, "--stats-dir", tmp_path / "ks"]
+    code, stdout, _ = run_cli(capsys, *args, "--method", "memit", "--layers", "1,2", "--out", out, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["method"] == "memit" and report["layer"] == 2 and report["config"]["layers"] == [1, 2]
+    assert report["layer_reason"] == "given: blocks 1, 2 (--layers)" and report["weights"]["others_unchanged"]
+    names = {f"transformer.h.{i}.mlp.c_proj.weight" for i in (1, 2)}
+    assert set(load_file(out / "patch.safetensors")) == names
+    card = (out / "README.md").read_text()
+    assert "blocks 1, 2" in card and "Method: MEMIT (Meng et al. 2023) on the blocks' MLP output projections" in card
+
+    code, _, err = run_cli(capsys, *args, "--method", "rome", "--layers", "1,2", "--out", tmp_path / "other")
+    assert code == 2 and err == "error: --layers is for --method memit or alphaedit; --method rome edits one block\n"

@@ -253,3 +253,91 @@ def test_hidden_states_of_a_view(tiny_tokenizer):
         assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
         base = model(ids, output_hidden_states=True).hidden_states
         assert len(base) == len(base_expected) and all(torch.equal(a, b) for a, b in zip(base, base_expected))
+
+
+def make_multi_edit(model, layers=(0, 1), seed=0) -> Edit:
+    """An edit moving the MLP output projection of each of ``layers`` by random noise (as MEMIT writes them)."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = layout_of(model)
+    params = dict(model.named_parameters())
+    slices = tuple(s for layer in layers for s in layout.mlp_out_slices(layer))
+    values = {s.name: params[s.name] + 0.5 * torch.randn(params[s.name].shape, generator=gen) for s in slices}
+    from surgery.io.edit_file import block_digests
+
+    meta = {"base_config": base_config(model), **block_digests(model, layers), "method": "memit"}
+    return Edit("mlp_out", layers[-1], slices, values, meta, layers)
+
+
+def test_a_multi_block_edit_round_trips_and_copies_each_block(tmp_path, tiny_model, tiny_tokenizer):
+    before = _snapshot(tiny_model)
+    edit = make_multi_edit(tiny_model)
+    edit.save(tmp_path / "p.safetensors")
+    loaded = Edit.load(tmp_path / "p.safetensors")
+    assert (loaded.site, loaded.layer, loaded.layers, loaded.slices) == ("mlp_out", 1, (0, 1), edit.slices)
+    assert loaded.metadata == edit.metadata and set(loaded.metadata["base_blocks_sha256"]) == {"0", "1"}
+    view = edited_model(tiny_model, loaded)
+    assert view.transformer.h[0] is not tiny_model.transformer.h[0]
+    assert view.transformer.h[1] is not tiny_model.transformer.h[1]
+    assert view.transformer.h[2] is tiny_model.transformer.h[2]
+    base, new = dict(tiny_model.named_parameters()), dict(view.named_parameters())
+    assert {n for n in base if new[n] is not base[n]} == set(edit.values)  # only the edited tensors are copies
+    for name, value in edit.values.items():
+        assert torch.equal(new[name], value)
+    assert torch.equal(_logits(view, tiny_tokenizer), _logits(_edited_copy(tiny_model, edit), tiny_tokenizer))
+    stats = weight_stats(tiny_model, loaded, view)
+    assert stats.others_unchanged and stats.params_in_site == 2 * 32 * 4 * 32  # two [d_mlp, d_model] projections
+    assert stats.params_changed == stats.params_in_site and stats.qk_unchanged is None
+    for name, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_single_block_edit_is_written_as_before(tmp_path, tiny_model):
+    """``layers=(layer,)`` (what every single-block edit gets) adds nothing to the file: the same bytes."""
+    edit = make_edit(tiny_model)
+    edit.save(tmp_path / "a.safetensors")
+    Edit(edit.site, edit.layer, edit.slices, edit.values, edit.metadata, (edit.layer,)).save(tmp_path / "b.safetensors")
+    a, b = (_parts(tmp_path / f"{x}.safetensors") for x in "ab")
+    assert a == b and "layers" not in a[0]["__metadata__"]  # (safetensors orders the header's entries at random)
+    assert Edit.load(tmp_path / "a.safetensors").layers == (1,)
+
+
+def _parts(path) -> tuple[dict, bytes]:
+    """A safetensors file's header (parsed) and its tensor bytes."""
+    import json
+
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _crafted(tmp_path, edit: Edit, name: str, **meta):
+    """``edit`` saved with its metadata entries replaced by ``meta`` (None: removed), as a forger would."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    edit.save(tmp_path / "honest.safetensors")
+    with safe_open(str(tmp_path / "honest.safetensors"), framework="pt") as f:
+        stored = dict(f.metadata())
+    stored.update({k: v for k, v in meta.items() if v is not None})
+    for k in [k for k, v in meta.items() if v is None]:
+        stored.pop(k)
+    save_file({k: v.contiguous() for k, v in edit.values.items()}, str(tmp_path / name), metadata=stored)
+    return tmp_path / name
+
+
+def test_a_damaged_or_crafted_multi_block_edit_is_refused(tmp_path, tiny_model, tiny_tokenizer):
+    edit = make_multi_edit(tiny_model)
+    for layers in ("[0, 2]", "[1, 0]", "[]", '"01"', "[0, true]"):  # not ascending, not ending at `layer`, ...
+        path = _crafted(tmp_path, edit, "bad.safetensors", layers=layers)
+        with pytest.raises(EditError, match="broken patch metadata"):
+            Edit.load(path)
+    # a slice of block 2 in an edit of blocks 0 and 1: it would land in another block
+    path = _crafted(tmp_path, make_multi_edit(tiny_model, (0, 2)), "moved.safetensors", layers="[0, 1]", layer="1")
+    with pytest.raises(EditError) as e:
+        edited_model(tiny_model, Edit.load(path))
+    assert "transformer.h.2.mlp.c_proj.weight" in str(e.value) and "\n" not in str(e.value)
+    path = _crafted(tmp_path, edit, "nodigest.safetensors", base_blocks_sha256=None)
+    with pytest.raises(EditError, match="one base digest for each"):
+        edited_model(tiny_model, Edit.load(path))
+    with pytest.raises(EditError, match="block 0's weights differ"):
+        edited_model(make_tiny_model(len(tiny_tokenizer), seed=1), edit)
