@@ -481,8 +481,9 @@ def operate(
     preservation term also keeps, as many tokens as each answer has pieces (default: the panel's ``preserve``
     list; a prompt among the facts is left out). ``progress(step, total, loss)`` is called after every step.
     ``config.method`` ``rome``/``ft`` edits the block's MLP output projection instead (same layer choice, same
-    report); ROME's key statistics are cached under ``cache_dir`` (default ``~/.cache/transformer-surgery/keystats``)
-    and ``stats_progress(tokens, total)`` follows their computation.
+    report), ``memit``/``alphaedit`` those of ``config.layers`` or of the ``span`` blocks ending at the chosen one
+    (the edit then holds several blocks); the key statistics are cached under ``cache_dir`` (default
+    ``~/.cache/transformer-surgery/keystats``) and ``stats_progress(tokens, total)`` follows their computation.
     Raises :class:`InputError` (bad facts, nothing to fix, no routing failure for ``layer=None``) or
     :class:`SurgeryFailed` (NaN/Inf, or — with ``require_all``, the default — facts not all fixed within the
     budget; without it the report says how many were, as a many-fact edit is judged by its efficacy), or its
