@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from ..arch import layout_of
 from ..core.errors import InputError, NonFiniteError, SurgeryFailed
 from ..core.memory import PeakMemory, peak_memory
 from ..evaluation.facts import Fact
@@ -181,15 +182,9 @@ def evaluate_base(
     paraphrases and the panel's probes, its fluency generations, its perplexity and its hidden states on the
     unrelated text), as :func:`operate` would ask for them. The base judged against itself costs nothing more but
     the unrelated text's forward pass."""
-    texts, _ = _unrelated_text(panel, tokenizer, _n_ctx(model), unrelated)
+    texts, _ = _unrelated_text(panel, tokenizer, layout_of(model).n_ctx, unrelated)
     before = score_probes(model, tokenizer, facts, memo)
     compare(model, model, tokenizer, facts, panel, texts, before=before, after=before, memo=memo)
-
-
-def _n_ctx(model: nn.Module) -> int:
-    from ..arch import layout_of
-
-    return layout_of(model).n_ctx
 
 
 def compare_configs(
