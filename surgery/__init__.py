@@ -2,14 +2,16 @@
 
 A repair is four calls. :func:`load_model` gives a :class:`LoadedModel` (model, tokenizer, where it came from);
 :func:`diagnose` says, for one prompt and target, which heads and layers push the wrong answer (the verdict and the
-prescribed layer); :func:`operate` trains one site of one block on the facts (:class:`SurgeryConfig`) and returns
-a :class:`~surgery.edit.training.SurgeryResult` whose ``edit`` is the edit and whose ``report`` compares the
-model before and after; :func:`verify` checks an edited model against its base by what both *say*. The base model
-is never modified: :func:`edited_model` gives an edited view, :meth:`Edit.save` / :meth:`Edit.load` the edit's
-file, :func:`write_edited_model` a whole model folder. Beside the repair: :func:`run_census` diagnoses a fact
-set; :func:`patch_activations` and :func:`patch_weights` are the causal method. User errors raise
-:class:`SurgeryError` subclasses (:class:`InputError` for bad input). The packages, stage by stage, are described
-in ``docs/architecture.md``; the names below are imported on first use, so ``import surgery`` stays cheap.
+prescribed layer); :func:`operate` trains one site of one block on the facts (:class:`SurgeryConfig`) and returns a
+:class:`~surgery.edit.training.SurgeryResult` whose ``edit`` is the edit and whose ``report`` compares the model
+before and after; :func:`verify` checks an edited model against its base by what both *say*; :func:`compare_editors`
+runs every editor on the same facts and returns an :class:`EditorComparison` (``to_markdown``, ``to_dict``,
+``figure``). The base model is never modified: :func:`edited_model` gives an edited view, :meth:`Edit.save` /
+:meth:`Edit.load` the edit's file, :func:`write_edited_model` a whole model folder. Beside the repair:
+:func:`run_census` diagnoses a fact set; :func:`patch_activations` and :func:`patch_weights` are the causal method.
+User errors raise :class:`SurgeryError` subclasses (:class:`InputError` for bad input). The packages, stage by
+stage, are described in ``docs/architecture.md``; the names below are imported on first use, so ``import surgery``
+stays cheap.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _EXPORTS = {
     "operate": "surgery.edit.training",
     "SurgeryConfig": "surgery.edit.training",
     "SurgeryResult": "surgery.edit.training",
+    "compare_editors": "surgery.edit.compare",
+    "EditorComparison": "surgery.edit.compare",
     "verify": "surgery.evaluation.verify",
     "Verification": "surgery.evaluation.verify",
     "Fact": "surgery.evaluation.facts",
@@ -55,6 +59,8 @@ __all__ = [
     "operate",
     "SurgeryConfig",
     "SurgeryResult",
+    "compare_editors",
+    "EditorComparison",
     "verify",
     "Verification",
     "Fact",
@@ -76,6 +82,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .census.run import CensusConfig, run_census
     from .core.errors import InputError, SurgeryError
     from .diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose, diagnose_batch
+    from .edit.compare import EditorComparison, compare_editors
     from .edit.training import SurgeryConfig, SurgeryResult, operate
     from .evaluation.facts import Fact, load_facts
     from .evaluation.panels import load_panel

@@ -259,3 +259,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class NoProgress:
+    """Stands in for ``gr.Progress`` outside an event; records each call's ``(progress, desc)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, progress=None, desc=None, **kwargs):
+        self.calls.append((progress, desc))
+
+
+def facts_panel(facts):
+    """The smallest panel an app or a session can judge an edit of ``facts`` by: one probe per list, one text."""
+    from surgery.evaluation.facts import Fact
+    from surgery.evaluation.panels import Panel
+
+    return Panel(
+        name="tiny",
+        facts=tuple(facts),
+        general=(Fact("the cat sat on the", "mat"),),
+        side_effects=(Fact("one two", "three"),),
+        perplexity_text="the cat sat on the mat .",
+        unrelated_text=("the dog sat on the mat .",),
+    )

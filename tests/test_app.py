@@ -17,7 +17,7 @@ import torch
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-from conftest import make_tiny_model  # noqa: E402
+from conftest import NoProgress, make_tiny_model  # noqa: E402
 
 import app  # noqa: E402
 import ui.callbacks as ui_callbacks  # noqa: E402
@@ -48,16 +48,6 @@ def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
 
 def error_text(excinfo) -> str:
     return str(excinfo.value.message if hasattr(excinfo.value, "message") else excinfo.value)
-
-
-class NoProgress:
-    """Stands in for gr.Progress outside an event."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, progress=None, desc=None, **kwargs):
-        self.calls.append((progress, desc))
 
 
 def serving(loaded: LoadedModel, panel: Panel | None = None, **kwargs) -> ui_callbacks.SurgeryApp:

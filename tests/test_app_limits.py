@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-from conftest import make_tiny_model  # noqa: E402
+from conftest import NoProgress, facts_panel, make_tiny_model  # noqa: E402
 from gradio.state_holder import StateHolder  # noqa: E402
 
 import app  # noqa: E402
@@ -23,7 +23,6 @@ import surgery.edit.training as training  # noqa: E402
 import ui.callbacks as ui_callbacks  # noqa: E402
 from surgery.core.errors import SurgeryFailed  # noqa: E402
 from surgery.evaluation.facts import Fact  # noqa: E402
-from surgery.evaluation.panels import Panel  # noqa: E402
 from surgery.io.loading import LoadedModel  # noqa: E402
 from surgery.serve.limits import Limits  # noqa: E402
 from surgery.serve.registry import ModelChoice, ModelRegistry  # noqa: E402
@@ -33,20 +32,8 @@ FACTS = [
     Fact("The capital of France is", "Paris", ("The capital city of France is",)),
     Fact("The capital of Japan is", "Tokyo"),
 ]
-PANEL = Panel(
-    name="tiny",
-    facts=tuple(FACTS),
-    general=(Fact("the cat sat on the", "mat"),),
-    side_effects=(Fact("one two", "three"),),
-    perplexity_text="the cat sat on the mat .",
-    unrelated_text=("the dog sat on the mat .",),
-)
+PANEL = facts_panel(FACTS)
 FACTS_JSON = json.dumps([f.to_dict() for f in FACTS])
-
-
-class NoProgress:
-    def __call__(self, *args, **kwargs):
-        pass
 
 
 class Loader:

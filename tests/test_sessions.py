@@ -6,25 +6,17 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import facts_panel, make_tiny_model
 
 from surgery.core.errors import ModelLoadError
 from surgery.edit.training import SurgeryConfig, operate
 from surgery.evaluation.facts import Fact
-from surgery.evaluation.panels import Panel
 from surgery.io.edit_file import Edit
 from surgery.io.loading import DEMO_MODEL, LoadedModel
 from surgery.serve.sessions import SessionEdit, load_or_demo, write_downloads
 
 FACTS = [Fact("The capital of France is", "Paris"), Fact("The capital of Japan is", "Tokyo")]
-PANEL = Panel(
-    name="tiny",
-    facts=tuple(FACTS),
-    general=(Fact("the cat sat on the", "mat"),),
-    side_effects=(Fact("one two", "three"),),
-    perplexity_text="the cat sat on the mat .",
-    unrelated_text=("the dog sat on the mat .",),
-)
+PANEL = facts_panel(FACTS)
 
 
 @pytest.fixture(scope="module")

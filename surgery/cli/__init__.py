@@ -25,6 +25,7 @@ COMMANDS = [
     "operate",
     "verify",
     "compare_sites",
+    "compare_editors",
     "apply_patch",
     "push",
     "heads",

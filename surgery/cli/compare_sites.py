@@ -6,11 +6,12 @@ import argparse
 from dataclasses import replace
 
 from ..arch import SITES
-from ..core.errors import SurgeryFailed
+from ..core.progress import progress_bar
+from ..edit.compare import compare_configs
 from ..edit.training import choose_layer
 from ..evaluation.facts import load_facts
 from .common import add_model_arg, load, load_panel_arg, print_json
-from .operate import add_training_args, config_from_args, read_unrelated, run_operate
+from .operate import add_training_args, config_from_args, read_unrelated
 
 EXIT_SOME_FAILED = 1
 COLUMNS = ("site", "params", "facts", "general", "side effects", "perplexity", "ΔL2", "max |Δ|", "steps", "time")
@@ -39,53 +40,36 @@ def run(args: argparse.Namespace) -> int:
     layer, reason = config.layer, "given"
     if layer is None:  # one choice for all four sites
         layer, reason, _ = choose_layer(loaded.model, loaded.tokenizer, facts)
-    rows = []
-    for site in SITES:
-        try:
-            result = run_operate(
-                loaded, facts, replace(config, site=site, layer=layer), panel, unrelated, f"site {site}"
-            )
-        except SurgeryFailed as e:
-            rows.append({"site": site, "ok": False, "error": str(e)})
-            continue
-        rows.append({"site": site, "ok": True, **_row(result.report)})
-    failed = [r["site"] for r in rows if not r["ok"]]
+    comparison = compare_configs(
+        loaded.model,
+        loaded.tokenizer,
+        facts,
+        {site: replace(config, site=site, layer=layer) for site in SITES},
+        panel=panel,
+        unrelated=unrelated,
+        progress_bars=lambda desc, unit="step": progress_bar(f"site {desc}" if unit == "step" else desc, unit),
+        require_all=True,
+    )
+    rows = [
+        {"site": r.name, "ok": True, **r.figures()} if r.ok else {"site": r.name, "ok": False, "error": r.error}
+        for r in comparison.runs
+    ]
     if args.json:
         print_json({"layer": layer, "layer_reason": reason, "sites": rows})
     else:
         print(f"block {layer}: {loaded.layout.label(layer, path=True)}: {reason}")
         print(format_table(rows))
-    return EXIT_SOME_FAILED if failed else 0
-
-
-def _row(r) -> dict:
-    c, w = r.comparison, r.weights
-    pb, pa = c.panel_before, c.panel_after
-    return {
-        "params": r.params_in_site,
-        "facts_before": c.facts_before,
-        "facts_after": c.facts_after,
-        "facts_total": len(c.facts),
-        "general_before": pb.general.correct,
-        "general_after": pa.general.correct,
-        "general_total": pa.general.total,
-        "side_effects_before": pb.side_effects.correct,
-        "side_effects_after": pa.side_effects.correct,
-        "side_effects_total": pa.side_effects.total,
-        "perplexity_before": pb.perplexity,
-        "perplexity_after": pa.perplexity,
-        "kl_unrelated": c.kl_unrelated,
-        "delta_l2": w.delta_l2,
-        "max_abs_delta": w.max_abs_delta,
-        "qk_unchanged": w.qk_unchanged,
-        "steps": r.steps,
-        "wall_time_s": r.wall_time_s,
-    }
+    return EXIT_SOME_FAILED if comparison.failed else 0
 
 
 def _change(row: dict, key: str) -> str:
     total = row[f"{key}_total"]
     return f"{row[f'{key}_before']}/{total} -> {row[f'{key}_after']}/{total}"
+
+
+def _perplexity(row: dict) -> str:
+    before, after = row["perplexity_before"], row["perplexity_after"]
+    return "-" if before is None or after is None else f"{before:.2f} -> {after:.2f}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -101,7 +85,7 @@ def format_table(rows: list[dict]) -> str:
                 _change(r, "facts"),
                 _change(r, "general"),
                 _change(r, "side_effects"),
-                f"{r['perplexity_before']:.2f} -> {r['perplexity_after']:.2f}",
+                _perplexity(r),
                 f"{r['delta_l2']:.3f}",
                 f"{r['max_abs_delta']:.4f}",
                 str(r["steps"]),

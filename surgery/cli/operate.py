@@ -19,7 +19,7 @@ DEFAULTS = SurgeryConfig()
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``operate`` and ``compare-sites``."""
+    """Options shared by ``operate``, ``compare-sites`` and ``compare-editors``."""
     p.add_argument(
         "--facts",
         required=True,
@@ -61,6 +61,21 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     add_device_arg(p)
 
 
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """The editors' own options, shared by ``operate`` and ``compare-editors``."""
+    p.add_argument(
+        "--stat-tokens",
+        type=int,
+        default=DEFAULTS.stat_tokens,
+        help=f"rome, memit, alphaedit: tokens of text for the key statistics (default {DEFAULTS.stat_tokens:,})",
+    )
+    p.add_argument(
+        "--stats-dir",
+        metavar="DIR",
+        help="rome, memit, alphaedit: where key statistics are cached (default ~/.cache/transformer-surgery/keystats)",
+    )
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "operate",
@@ -79,17 +94,7 @@ def register(sub) -> None:
         help="; ".join(f"{m}: {d}" for m, d in METHOD_DESCRIPTIONS.items())
         + " (default wv; --epochs, --lr and --kl-weight are wv's)",
     )
-    p.add_argument(
-        "--stat-tokens",
-        type=int,
-        default=DEFAULTS.stat_tokens,
-        help=f"rome, memit, alphaedit: tokens of text for the key statistics (default {DEFAULTS.stat_tokens:,})",
-    )
-    p.add_argument(
-        "--stats-dir",
-        metavar="DIR",
-        help="rome, memit, alphaedit: where key statistics are cached (default ~/.cache/transformer-surgery/keystats)",
-    )
+    add_method_args(p)
     p.add_argument(
         "--layers",
         metavar="A,B,C",
