@@ -613,13 +613,14 @@ def operate(
     if wrong and require_all:
         raise SurgeryFailed(
             f"not fixed within the budget: {sum(keep) - len(wrong)}/{sum(keep)} facts correct after {outcome.steps} "
-            f"{'epochs' if config.method == 'wv' else 'steps'} at site {site} of block {layer}"
+            f"{'epochs' if config.method == 'wv' else 'steps'} at site {site} of "
+            f"{'blocks ' + ', '.join(map(str, spread)) if len(spread) > 1 else f'block {layer}'}"
             f"{'' if config.method == 'wv' else ' with ' + config.method} (still wrong: {wrong[0]!r}"
             f"{', ...' if len(wrong) > 1 else ''}); "
             + (
                 "try more --epochs, a larger site or another --layer"
                 if config.method == "wv"
-                else "try another --layer"
+                else "try another --layer" + (" or --layers" if spread else "")
             )
         )
     deadline.check("before evaluating the edit")
