@@ -24,6 +24,7 @@ from surgery.edit.memit import (
     null_space_projector,
     spread_layers,
 )
+from surgery.edit.rome import RIDGE
 from surgery.edit.training import SurgeryConfig, operate
 from surgery.io.edit_file import Edit, edited_model
 
@@ -31,8 +32,8 @@ LAYERS = (0, 1)  # the default span (5 blocks) ending at block 1, clipped at blo
 
 
 def test_memit_delta_is_the_regularised_least_squares_solution():
-    """ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ minimizes ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ): with C = L Lᵀ, the least-squares solution of
-    ΔW [K, √λ L] = [R, 0]."""
+    """ΔW = R Kᵀ (λC + εI + K Kᵀ)⁻¹ minimizes ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) + ε‖ΔW‖²: with C = L Lᵀ, the
+    least-squares solution of ΔW [K, √λ L, √ε I] = [R, 0, 0]."""
     gen = torch.Generator().manual_seed(0)
     d_model, d_mlp, n, lam = 5, 8, 3, 2.5
     k = torch.randn(d_mlp, n, generator=gen, dtype=torch.float64)
@@ -40,8 +41,9 @@ def test_memit_delta_is_the_regularised_least_squares_solution():
     k0 = torch.randn(d_mlp, 50, generator=gen, dtype=torch.float64)
     c = k0 @ k0.T / 50
     chol = torch.linalg.cholesky(c)
-    a = torch.cat([k.T, lam**0.5 * chol.T])  # (n + d_mlp, d_mlp)
-    b = torch.cat([r.T, torch.zeros(d_mlp, d_model, dtype=torch.float64)])  # (n + d_mlp, d_model)
+    eps = RIDGE * lam * float(c.diagonal().mean())  # the ridge memit_delta adds, as ROME does
+    a = torch.cat([k.T, lam**0.5 * chol.T, eps**0.5 * torch.eye(d_mlp, dtype=torch.float64)])  # (n + 2 d_mlp, d_mlp)
+    b = torch.cat([r.T, torch.zeros(2 * d_mlp, d_model, dtype=torch.float64)])  # (n + 2 d_mlp, d_model)
     direct = torch.linalg.lstsq(a, b).solution.T  # (d_model, d_mlp)
     torch.testing.assert_close(memit_delta(k, r, c, lam), direct, rtol=1e-9, atol=1e-10)
 

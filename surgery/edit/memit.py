@@ -15,7 +15,7 @@ second moment on real text (:mod:`surgery.edit.keystats`):
 
    * MEMIT: ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹``, ``λ = mom2_update_weight`` (15,000): the minimum of
      ``‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ)``, as the authors' code computes it (``C`` the mean, so ``λ C`` weighs the
-     preserved keys as ``λ`` keys of text against the ``n`` new ones).
+     preserved keys as ``λ`` keys of text against the ``n`` new ones); plus ROME's ridge of 1e-6 x its mean diagonal.
    * AlphaEdit: ``ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹`` with ``P`` the projector on the eigenvectors of ``C``
      whose eigenvalues are below ``nullspace_threshold`` x the largest (the preserved keys' null space), ``K_p``
      the keys of earlier edit rounds (none in a single round) and ``α`` = ``l2``: every row of ``ΔW`` lies in the
@@ -40,7 +40,7 @@ from ..core.hooks import hooked, main_output
 from ..evaluation.facts import Fact
 from .keystats import KeyStats
 from .mlp_out import out_projection, projections_replaced, subject_position
-from .rome import compute_value
+from .rome import RIDGE, compute_value
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,13 @@ def spread_layers(last: int, span: int) -> tuple[int, ...]:
 
 
 def memit_delta(keys: Tensor, resid: Tensor, second_moment: Tensor, weight: float) -> Tensor:
-    """MEMIT's update ``ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹`` in float64: ``keys`` K (d_mlp, n), ``resid`` R (d_model, n),
-    ``second_moment`` C (d_mlp, d_mlp), ``weight`` λ. Returns ΔW (d_model, d_mlp)."""
+    """MEMIT's update ``ΔW = R Kᵀ (λ C + ε I + K Kᵀ)⁻¹`` in float64: ``keys`` K (d_mlp, n), ``resid`` R
+    (d_model, n), ``second_moment`` C (d_mlp, d_mlp), ``weight`` λ; ``ε = RIDGE`` x the mean diagonal of ``λ C``
+    (as ROME's: a unit no text ever fires would make the matrix singular). Returns ΔW (d_model, d_mlp)."""
     k, r = keys.double(), resid.double()
-    a = weight * second_moment.to(k.device, torch.float64) + k @ k.T  # (d_mlp, d_mlp), symmetric
+    c = weight * second_moment.to(k.device, torch.float64)
+    ridge = RIDGE * float(c.diagonal().mean()) or RIDGE
+    a = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device) + k @ k.T  # (d_mlp, d_mlp), symmetric
     return r @ torch.linalg.solve(a, k).T  # R (A⁻¹ K)ᵀ = R Kᵀ A⁻¹
 
 
