@@ -30,7 +30,7 @@ from ..evaluation.panels import Panel, panel_for_model
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import score_probes
 from .editors import METHODS
-from .training import SurgeryConfig, SurgeryResult, preservation_texts, operate
+from .training import SurgeryConfig, SurgeryResult, operate, preservation_texts
 
 log = logging.getLogger(__name__)
 
