@@ -33,7 +33,7 @@ from .measure import Stats
 
 # (module, attribute) pairs to time; a class attribute is written "Class.method".
 PROBES = (
-    ("surgery.edit.training", "_unrelated_text"),
+    ("surgery.edit.training", "preservation_texts"),
     ("surgery.edit.training", "score_probes"),
     ("surgery.edit.training", "choose_layer"),
     ("surgery.edit.training", "diagnose_batch"),

@@ -30,7 +30,7 @@ from ..evaluation.panels import Panel, panel_for_model
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import score_probes
 from .editors import METHODS
-from .training import SurgeryConfig, SurgeryResult, _unrelated_text, operate
+from .training import SurgeryConfig, SurgeryResult, operate, preservation_texts
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def evaluate_base(
     paraphrases and the panel's probes, its fluency generations, its perplexity and its hidden states on the
     unrelated text), as :func:`operate` would ask for them. The base judged against itself costs nothing more but
     the unrelated text's forward pass."""
-    texts, _ = _unrelated_text(panel, tokenizer, layout_of(model).n_ctx, unrelated)
+    texts, _ = preservation_texts(panel, tokenizer, layout_of(model).n_ctx, unrelated)
     before = score_probes(model, tokenizer, facts, memo)
     compare(model, model, tokenizer, facts, panel, texts, before=before, after=before, memo=memo)
 

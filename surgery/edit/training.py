@@ -425,7 +425,7 @@ def train_site(
     )
 
 
-def _unrelated_text(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | None) -> tuple[list[str], str]:
+def preservation_texts(panel: Panel, tokenizer, n_ctx: int, given: Sequence[str] | None) -> tuple[list[str], str]:
     """The texts of the preservation term: ``given``, else the panel's that ``tokenizer`` can encode, else the
     English panel's; with none at all, training runs on the facts alone and the returned note says so."""
     if given is not None:
@@ -502,7 +502,7 @@ def operate(
         raise InputError('no facts given: give at least one {"prompt", "target"} to fix')
     layout = layout_of(model)
     panel = panel if panel is not None else panel_for_model(model)
-    unrelated, unrelated_note = _unrelated_text(panel, tokenizer, layout.n_ctx, unrelated)
+    unrelated, unrelated_note = preservation_texts(panel, tokenizer, layout.n_ctx, unrelated)
     before = score_probes(model, tokenizer, facts, memo)  # also validates every prompt and target
     if before.correct == before.total:
         raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
