@@ -82,8 +82,9 @@ class SurgeryConfig:
     model's vocabulary); seed: RNG seed; batch_size: facts per mini-batch (a step still covers every fact: the
     gradient is accumulated over the mini-batches, so memory is bounded by the batch, not by the facts);
     max_seconds: wall-time limit of one :func:`operate`, or None (the default) for none: checked before every
-    training step and between the stages (so it may be passed by at most one stage), it stops the surgery with
-    :class:`~surgery.core.errors.SurgeryTimeout` and nothing is returned (a public app's limit; the CLI sets none).
+    training step, after every forward pass of the key statistics and between the stages (so it may be passed by at
+    most one stage), it stops the surgery with :class:`~surgery.core.errors.SurgeryTimeout` and nothing is returned
+    (a public app's limit; the CLI sets none).
     method: ``wv`` (our repair of ``site``: everything above), ``rome`` or ``ft`` (the MLP output projection of the
     block), ``memit`` or ``alphaedit`` (those of several blocks; :mod:`surgery.edit.editors`; ``site`` must stay
     ``wv``, and lr, lr_scale, epochs, kl_weight, margin, max_unrelated_tokens and batch_size are ``wv``'s);
@@ -273,6 +274,17 @@ class Deadline:
             raise SurgeryTimeout(
                 f"surgery stopped: it ran past its time limit of {self.limit:g} s ({where}); nothing was kept"
             )
+
+    def watching(self, progress: Callable[..., None] | None, where: str) -> Callable[..., None]:
+        """``progress`` (or nothing) preceded by :meth:`check`: a stage that only reports progress, such as the
+        key statistics, stops at the deadline too (and, stopped, caches nothing)."""
+
+        def checked(*args) -> None:
+            self.check(where)
+            if progress is not None:
+                progress(*args)
+
+        return checked
 
 
 @dataclass
@@ -575,7 +587,7 @@ def operate(
                     progress,
                     deadline.check,
                     cache_dir,
-                    stats_progress,
+                    deadline.watching(stats_progress, "computing the key statistics"),
                     layers=spread,
                 )
                 outcome = TrainOutcome(done.values, done.steps, done.loss, done.ce, done.kl, done.fixed, done.lr)
