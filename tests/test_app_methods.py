@@ -57,6 +57,10 @@ def test_rome_and_memit_edits_download_and_run_in_the_session(tiny_tokenizer, tm
         assert {n for n in base if not torch.equal(base[n], new[n])} == edited
         for name in edited:
             assert torch.equal(new[name], patch.values[name])
+        _, rows, _, _ = app.verify("", edits)  # the Verify tab on this session's edit
+        assert [r[5] for r in rows if r[0] == "fact" and r[1] == FACTS[0].prompt] == ["✓"]
+        summary, _, taken_apart = app.patch_weights("site", edits)
+        assert taken_apart
     assert list(stats.glob("*-layer1.safetensors")) and list(stats.glob("*-layer0.safetensors"))
 
 
