@@ -55,7 +55,7 @@ from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, pan
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
 from ..io.edit_file import Edit, base_config, block_digests, edited_model, weight_stats
-from .editors import EDIT_SITE, METHODS, MULTI_BLOCK, edit_mlp_out
+from .editors import EDIT_SITE, METHODS, MULTI_BLOCK, TrainOutcome, edit_mlp_out
 from .keystats import DEFAULT_MAX_TOKENS
 from .memit import MemitHparams, spread_layers
 from .upper_stack import FrozenInputs, UpperStack, encodable, freeze_fact_batches, kept_answers
@@ -285,18 +285,6 @@ class Deadline:
                 progress(*args)
 
         return checked
-
-
-@dataclass
-class TrainOutcome:
-    values: dict[str, Tensor]
-    steps: int
-    loss: float
-    ce: float
-    kl: float
-    fixed: int
-    lr: float = 0.0  # the learning rate the run started with
-    backoffs: int = 0  # steps undone because the preservation term jumped (each halved the learning rate)
 
 
 # The step size adapts ("bold driver"): every accepted step that lowers the loss grows the learning rate by
@@ -590,7 +578,7 @@ def operate(
                     deadline.watching(stats_progress, "computing the key statistics"),
                     layers=spread,
                 )
-                outcome = TrainOutcome(done.values, done.steps, done.loss, done.ce, done.kl, done.fixed, done.lr)
+                outcome = done
                 method_info = {"hparams": done.hparams, "notes": done.notes}
                 slices = tuple(s for block in spread or (layer,) for s in layout.mlp_out_slices(block))
             train_time += time.perf_counter() - t_train
