@@ -122,6 +122,9 @@ def test_surgery_gets_the_step_and_time_limits(tiny_tokenizer, tmp_path, monkeyp
     with pytest.raises(gr.Error, match="stopped here"):
         tiny.operate(FACTS_JSON, "wv", "auto", "wv", None, progress=NoProgress())
     assert configs[0].epochs == 7 and configs[0].max_seconds == 12.5 and configs[0].stat_tokens == 321
+    # on a ZeroGPU Space the GPU is held for the surgery's own limit and the time to write its results, not less
+    gpu_s = ui_callbacks.surgery_gpu_seconds(None, None, [], configs[0], None, None)
+    assert gpu_s == 13 + ui_callbacks.GPU_SURGERY_EXTRA_S
 
 
 def test_a_surgery_past_its_time_limit_stops_and_keeps_nothing(tiny_tokenizer, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ handed out only for the model it was made on — and that session's requests run
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,7 +68,20 @@ class StatsProgress:
         self.progress((n, total), desc=desc, unit="tokens")
 
 
-@gpu(duration=120)
+# A ZeroGPU Space holds the GPU for at most `duration` seconds; a surgery may run for the app's wall-time limit
+# (config.max_seconds, SURGERY_MAX_SECONDS), so it asks for that plus time to write the results.
+GPU_SURGERY_EXTRA_S = 30
+GPU_SURGERY_DEFAULT_S = 300
+
+
+def surgery_gpu_seconds(model, tokenizer, facts, config: SurgeryConfig, *args, **kwargs) -> int:
+    """ZeroGPU's dynamic duration of :func:`run_surgery` (called with the same arguments): the surgery's own
+    wall-time limit plus ``GPU_SURGERY_EXTRA_S``, so the GPU is never taken back before the limit stops it."""
+    limit = config.max_seconds if config.max_seconds is not None else GPU_SURGERY_DEFAULT_S
+    return math.ceil(limit) + GPU_SURGERY_EXTRA_S
+
+
+@gpu(duration=surgery_gpu_seconds)
 def run_surgery(model, tokenizer, facts, config, panel, progress, memo=None, stats_progress=None, cache_dir=None):
     return operate(
         model,
