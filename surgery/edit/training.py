@@ -58,6 +58,7 @@ from ..io.edit_file import Edit, base_config, block_digests, edited_model, weigh
 from .editors import EDIT_SITE, METHODS, MULTI_BLOCK, TrainOutcome, edit_mlp_out
 from .keystats import DEFAULT_MAX_TOKENS
 from .memit import MemitHparams, spread_layers
+from .preservation import PRESERVE_TERMS, TextPreservation
 from .upper_stack import FrozenInputs, UpperStack, encodable, freeze_fact_batches, kept_answers
 
 if TYPE_CHECKING:
@@ -91,6 +92,9 @@ class SurgeryConfig:
     stat_tokens: tokens of text for the key statistics of ROME, MEMIT and AlphaEdit; layers: the blocks MEMIT and
     AlphaEdit edit (ascending; ``--layers 3,4,5``, the papers' fixed layers), or None (the default) for the
     ``span`` blocks ending at ``layer`` (given, or the diagnosis' prescribed one).
+    preserve_term: the unrelated-text preservation term of ``wv``: ``kl`` (the exact KL, the default), or a cheaper
+    stand-in, ``topk``, ``hidden`` or ``sampled`` (:mod:`surgery.edit.preservation`, measured in bench/README.md);
+    the kept prompts' term is the exact KL under every option.
     """
 
     site: str = "wv"
@@ -107,8 +111,13 @@ class SurgeryConfig:
     method: str = "wv"
     stat_tokens: int = DEFAULT_MAX_TOKENS
     layers: tuple[int, ...] | None = None
+    preserve_term: str = "kl"
 
     def __post_init__(self) -> None:
+        if self.preserve_term not in PRESERVE_TERMS:
+            raise InputError(
+                f"unknown preserve_term {self.preserve_term!r}: choose one of {', '.join(PRESERVE_TERMS)}"
+            )
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.layers is not None:
@@ -348,16 +357,20 @@ def train_site(
     optimizer = torch.optim.Adam(values.values(), lr=lr)
     use_kl = text.text is not None and config.kl_weight > 0
     use_kept = text.kept is not None and config.kl_weight > 0
+    on_text = (
+        TextPreservation(config.preserve_term, stack, text, stack.block_params(slices, values), config.seed)
+        if use_kl
+        else None
+    )
     with torch.no_grad():
-        if use_kl and text.ref_log_probs is None:
-            text.ref_log_probs = stack.text_log_probs(text, stack.block_params(slices, values))
         if use_kept and text.kept_ref_log_probs is None:
             text.kept_ref_log_probs = stack.kept_log_probs(text, stack.block_params(slices, values))
 
     def preservation() -> Tensor:
-        """KL on the unrelated text plus KL where the kept prompts' own answers are said (each a mean)."""
+        """The text term (``config.preserve_term``) plus KL where the kept prompts' own answers are said (each a
+        mean)."""
         params = stack.block_params(slices, values)
-        kl = kl_divergence(text.ref_log_probs, stack.text_log_probs(text, params)) if use_kl else torch.zeros(())
+        kl = on_text(params) if use_kl else torch.zeros(())
         if use_kept:
             kl = kl + kl_divergence(text.kept_ref_log_probs, stack.kept_log_probs(text, params))
         return kl

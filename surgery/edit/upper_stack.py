@@ -253,6 +253,13 @@ class UpperStack:
             h = main_output(block(h, *args, **kwargs))
         return self.final_norm(h)
 
+    def text_block_output(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
+        """The edited block's output (the residual leaving block ``layer``) at the unrelated text's real positions;
+        no block above is run. Float[Tensor, "N d"]."""
+        args, kwargs = frozen.text.calls[0]
+        h = main_output(functional_call(self.block, params, (frozen.text.hidden, *args), kwargs))
+        return h[frozen.text_real]
+
     def fact_logits(self, frozen: FrozenInputs, params: dict[str, Tensor]) -> Tensor:
         """Next-token logits at each target piece's position, teacher-forced (``frozen.targets`` are their labels).
         Float[Tensor, "P V"]; a single-token target has one row, at its prompt's last position."""
