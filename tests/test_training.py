@@ -94,6 +94,51 @@ def test_every_site_fixes_and_leaves_the_base_untouched(tiny_model, tiny_tokeniz
     assert not any(p.requires_grad for p in tiny_model.parameters())
 
 
+@pytest.mark.parametrize("term", ["topk", "hidden", "sampled"])
+def test_every_preserve_term_fixes_and_leaves_the_base_untouched(tiny_model, tiny_tokenizer, facts, tiny_panel, term):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    # the hidden term is a relative squared drift, not a KL: on the tiny model it needs a smaller weight
+    config = SurgeryConfig(
+        site="wv", layer=1, preserve_term=term, **{**FAST, **({"kl_weight": 5.0} if term == "hidden" else {})}
+    )
+    result = operate(tiny_model, tiny_tokenizer, facts, config, panel=tiny_panel)
+    assert result.report.comparison.facts_after == 3
+    assert result.report.config["preserve_term"] == term
+    assert result.report.weights.others_unchanged
+    for name, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_topk_term_is_the_bucketed_kl_when_the_subset_covers_the_vocabulary(
+    tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch
+):
+    """With top-k + subset covering the vocabulary the estimated normaliser is exact: the term is KL over the
+    base's top-k tokens plus one bucket, computed from the full distributions; it is 0 at the base values."""
+    import surgery.edit.preservation as preservation
+
+    monkeypatch.setattr(preservation, "TOP_K", 8)  # the tiny vocabulary has 39 tokens
+    frozen = freeze_inputs(tiny_model, tiny_tokenizer, facts, tiny_panel.unrelated_text, 1, 512)
+    stack = UpperStack(tiny_model, 1)
+    slices = layout_of(tiny_model).site_slices("wv", 1, tiny_model)
+    base = dict(stack.block.named_parameters())
+    values = {s.name: s.read(base[s.name[len(stack.prefix) :]]).detach().clone() for s in slices}
+    base_params = stack.block_params(slices, values)
+    term = preservation.TextPreservation("topk", stack, frozen, base_params, seed=0)
+    assert term.subset.numel() == tiny_model.config.vocab_size  # the tiny vocabulary is below SUBSET
+    with torch.no_grad():
+        assert abs(float(term(base_params))) < 1e-6
+        values = {
+            n: v + 0.05 * torch.randn_like(v, generator=torch.Generator().manual_seed(1)) for n, v in values.items()
+        }
+        params = stack.block_params(slices, values)
+        ref, lp = stack.text_log_probs(frozen, base_params), stack.text_log_probs(frozen, params)
+        top_lp, top = ref.topk(8, -1)
+        lq = lp.gather(-1, top)
+        p_rest, q_rest = 1 - top_lp.exp().sum(-1), 1 - lq.exp().sum(-1)
+        want = (top_lp.exp() * (top_lp - lq)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+        assert torch.allclose(term(params), want.mean(), rtol=1e-4, atol=1e-7)
+
+
 def test_deterministic_for_a_seed(tiny_model, tiny_tokenizer, facts, tiny_panel, wv_result):
     again = operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, **FAST), panel=tiny_panel)
     name = "transformer.h.1.attn.c_attn.weight"
@@ -237,6 +282,7 @@ def test_bad_input(tiny_model, tiny_tokenizer, facts, tiny_panel):
         (dict(max_seconds=0), "max_seconds"),
         (dict(max_seconds=float("inf")), "max_seconds"),
         (dict(max_seconds=True), "max_seconds"),
+        (dict(preserve_term="l2"), "unknown preserve_term 'l2'"),
     ],
 )
 def test_config_validation(kwargs, message):

@@ -90,6 +90,8 @@ class TextPreservation:
         h = self.stack.residual(self.frozen.text, params)[self.frozen.text_real]  # (N, d)
         z_top = apply_softcap(torch.einsum("nd,nkd->nk", h, self.w_u[self.top]), self.softcap).float()  # (N, k)
         z_sub = apply_softcap(h @ self.w_u[self.subset].T, self.softcap).float()  # (N, S)
+        if self.top.shape[-1] == self.w_u.shape[0]:  # top-k is the whole vocabulary: no bucket
+            return (self.top_lp.exp() * (self.top_lp - F.log_softmax(z_top, -1))).sum(-1).mean()
         rest_lz = torch.logsumexp(z_sub.masked_fill(~self.sub_mask, float("-inf")), -1) + self.log_scale  # (N,)
         log_z = torch.logaddexp(torch.logsumexp(z_top, -1), rest_lz)  # the edited model's log-normaliser, estimated
         lq_top = z_top - log_z[:, None]  # (N, k)

@@ -115,9 +115,7 @@ class SurgeryConfig:
 
     def __post_init__(self) -> None:
         if self.preserve_term not in PRESERVE_TERMS:
-            raise InputError(
-                f"unknown preserve_term {self.preserve_term!r}: choose one of {', '.join(PRESERVE_TERMS)}"
-            )
+            raise InputError(f"unknown preserve_term {self.preserve_term!r}: choose one of {', '.join(PRESERVE_TERMS)}")
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.layers is not None:
