@@ -35,7 +35,7 @@ FACTS = {
 }
 
 
-def step_times(j: training.Job, steps: int, repeats: int) -> dict[str, float]:
+def step_times(j: training.Job, steps: int, repeats: int, terms=PRESERVE_TERMS) -> dict[str, float]:
     """Median wall seconds of one step per term and of the naive masked step (rounds interleaved)."""
     frozen = freeze_inputs(
         j.model, j.tokenizer, j.facts, j.unrelated, j.layer, unrelated_token_budget(j.model.config.vocab_size)
@@ -51,7 +51,7 @@ def step_times(j: training.Job, steps: int, repeats: int) -> dict[str, float]:
         return run
 
     naive = training.Baseline(j, training.make_batch(j), "naive", "wv")
-    cases = {term: engine(term) for term in PRESERVE_TERMS}
+    cases = {term: engine(term) for term in terms}
     cases["naive-wv"] = lambda: [t for t, _ in training.baseline_steps(naive, steps)]
     samples: dict[str, list[float]] = {name: [] for name in cases}
     names = list(cases)
@@ -99,12 +99,14 @@ def main() -> int:
     p.add_argument("model", choices=sorted(FACTS))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--terms", default=",".join(PRESERVE_TERMS), help="comma-separated (default: every term)")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     load = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
     print(f"load at start: {load()}")
     j = training.job(args.model)
-    times = step_times(j, args.steps, args.repeats)
+    terms = args.terms.split(",")
+    times = step_times(j, args.steps, args.repeats, terms)
     naive = times["naive-wv"]
     print(f"\n(a) one wv step at block {j.layer} ({j.layer_reason}), median of {args.steps} x {args.repeats} steps")
     print("| term | step ms | vs kl | vs naive masked step |\n|---|---|---|---|")
@@ -114,9 +116,10 @@ def main() -> int:
     facts = load_facts(FACTS[args.model])
     memo = EvaluationMemo(j.model)
     rows = {}
-    for term in PRESERVE_TERMS:
+    for term in terms:
         report = operate(j.model, j.tokenizer, facts, SurgeryConfig(preserve_term=term), memo=memo).report
         rows[term] = figures(report)
+        print(f"{term}: {rows[term]}", flush=True)
     print(f"\n(b) operate --layer auto on {FACTS[args.model].relative_to(ROOT)}, one run per term")
     print(table(rows))
     print(f"load at end: {load()}")

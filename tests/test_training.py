@@ -124,7 +124,7 @@ def test_topk_term_is_the_bucketed_kl_when_the_subset_covers_the_vocabulary(
     values = {s.name: s.read(base[s.name[len(stack.prefix) :]]).detach().clone() for s in slices}
     base_params = stack.block_params(slices, values)
     term = preservation.TextPreservation("topk", stack, frozen, base_params, seed=0)
-    assert term.subset.numel() == tiny_model.config.vocab_size  # the tiny vocabulary is below SUBSET
+    assert term.n_sub == tiny_model.config.vocab_size  # the tiny vocabulary is below SUBSET
     with torch.no_grad():
         assert abs(float(term(base_params))) < 1e-6
         values = {

@@ -7,8 +7,8 @@ position, forward and backward. The stand-ins (``SurgeryConfig.preserve_term``):
 - ``topk``: KL over the base model's top ``TOP_K`` tokens plus one bucket for the rest. Exactly, the bucket needs
   the edited model's log-normaliser, i.e. every logit — an exact top-k bucket saves nothing, forward or backward
   (the normaliser's gradient is the whole softmax). So the normaliser is *estimated*: the top-k logits plus the
-  logits of a fixed random subset of ``SUBSET`` vocabulary rows, the subset's mass (the top-k left out) scaled to
-  the ``V - k`` tokens it stands for. ``TOP_K + SUBSET`` unembedding rows instead of ``V``; exact when they cover
+  logits of a random subset of ``SUBSET`` vocabulary rows, drawn afresh each step (seeded), the subset's mass (the
+  top-k left out) scaled to the ``V - k`` tokens it stands for. ``TOP_K + SUBSET`` unembedding rows instead of ``V``; exact when they cover
   the vocabulary.
 - ``hidden``: no unembedding and no block above: the edited block's output on the unrelated text is kept where the
   base's was, as the mean over positions of ``|h_edited - h_base|^2 / |h_base|^2`` (scale-free, so one
@@ -64,13 +64,7 @@ class TextPreservation:
                 rest = 1 - self.top_lp.exp().sum(-1)
                 self.rest_p = rest.clamp_min(0)  # (N,)
                 self.rest_lp = rest.clamp_min(1e-30).log()
-                g = torch.Generator().manual_seed(seed)
-                n_sub = min(SUBSET, v)
-                self.subset = torch.randperm(v, generator=g)[:n_sub].sort().values.to(w_u.device)  # (S,)
-                in_top = (self.subset[None, :, None] == self.top[:, None, :]).any(-1)  # (N, S)
-                self.sub_mask = ~in_top
-                n_rest = self.sub_mask.sum(-1).clamp_min(1)  # (N,)
-                self.log_scale = ((v - k) / n_rest.float()).log()  # (N,) subset mass -> the rest's mass (exact: 0)
+                self.n_sub = min(SUBSET, v)
 
     def __call__(self, params: dict[str, Tensor]) -> Tensor:
         if self.term == "kl":
@@ -88,11 +82,17 @@ class TextPreservation:
 
     def _topk(self, params: dict[str, Tensor]) -> Tensor:
         h = self.stack.residual(self.frozen.text, params)[self.frozen.text_real]  # (N, d)
+        v, k = self.w_u.shape[0], self.top.shape[-1]
         z_top = apply_softcap(torch.einsum("nd,nkd->nk", h, self.w_u[self.top]), self.softcap).float()  # (N, k)
-        z_sub = apply_softcap(h @ self.w_u[self.subset].T, self.softcap).float()  # (N, S)
-        if self.top.shape[-1] == self.w_u.shape[0]:  # top-k is the whole vocabulary: no bucket
+        if k == v:  # top-k is the whole vocabulary: no bucket
             return (self.top_lp.exp() * (self.top_lp - F.log_softmax(z_top, -1))).sum(-1).mean()
-        rest_lz = torch.logsumexp(z_sub.masked_fill(~self.sub_mask, float("-inf")), -1) + self.log_scale  # (N,)
+        # a fresh subset each step: a fixed one would leave the other tokens' logits free to grow unseen
+        subset = torch.randperm(v, generator=self.generator, device=self.generator.device)[: self.n_sub]
+        subset = subset.to(self.w_u.device)  # (S,)
+        rest = ~(subset[None, :, None] == self.top[:, None, :]).any(-1)  # (N, S): not among that position's top-k
+        log_scale = ((v - k) / rest.sum(-1).clamp_min(1).float()).log()  # (N,) subset mass -> the rest's (exact: 0)
+        z_sub = apply_softcap(h @ self.w_u[subset].T, self.softcap).float()  # (N, S)
+        rest_lz = torch.logsumexp(z_sub.masked_fill(~rest, float("-inf")), -1) + log_scale  # (N,)
         log_z = torch.logaddexp(torch.logsumexp(z_top, -1), rest_lz)  # the edited model's log-normaliser, estimated
         lq_top = z_top - log_z[:, None]  # (N, k)
         lq_rest = rest_lz - log_z  # (N,)
