@@ -8,8 +8,8 @@ position, forward and backward. The stand-ins (``SurgeryConfig.preserve_term``):
   the edited model's log-normaliser, i.e. every logit — an exact top-k bucket saves nothing, forward or backward
   (the normaliser's gradient is the whole softmax). So the normaliser is *estimated*: the top-k logits plus the
   logits of a random subset of ``SUBSET`` vocabulary rows, drawn afresh each step (seeded), the subset's mass (the
-  top-k left out) scaled to the ``V - k`` tokens it stands for. ``TOP_K + SUBSET`` unembedding rows instead of ``V``; exact when they cover
-  the vocabulary.
+  top-k left out) scaled to the ``V - k`` tokens it stands for. ``TOP_K + SUBSET`` unembedding rows instead of
+  ``V``; exact when they cover the vocabulary.
 - ``hidden``: no unembedding and no block above: the edited block's output on the unrelated text is kept where the
   base's was, as the mean over positions of ``|h_edited - h_base|^2 / |h_base|^2`` (scale-free, so one
   ``kl_weight`` serves any model — but it is a different quantity from a KL, with a different scale).
