@@ -99,6 +99,8 @@ def main() -> int:
     p.add_argument("model", choices=sorted(FACTS))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--kl-weight", type=float, nargs="*", default=[200.0], help="(b) for each of these weights")
+    p.add_argument("--no-steps", action="store_true", help="skip (a)")
     p.add_argument("--terms", default=",".join(PRESERVE_TERMS), help="comma-separated (default: every term)")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -106,20 +108,23 @@ def main() -> int:
     print(f"load at start: {load()}")
     j = training.job(args.model)
     terms = args.terms.split(",")
-    times = step_times(j, args.steps, args.repeats, terms)
-    naive = times["naive-wv"]
-    print(f"\n(a) one wv step at block {j.layer} ({j.layer_reason}), median of {args.steps} x {args.repeats} steps")
-    print("| term | step ms | vs kl | vs naive masked step |\n|---|---|---|---|")
-    for name, t in times.items():
-        print(f"| {name} | {1000 * t:.1f} | {t / times['kl']:.2f}× | {t / naive:.2f}× |")
-    print(f"load: {load()}")
+    if not args.no_steps:
+        times = step_times(j, args.steps, args.repeats, terms)
+        naive = times["naive-wv"]
+        print(f"\n(a) one wv step at block {j.layer} ({j.layer_reason}), median of {args.steps} x {args.repeats} steps")
+        print("| term | step ms | vs kl | vs naive masked step |\n|---|---|---|---|")
+        for name, t in times.items():
+            print(f"| {name} | {1000 * t:.1f} | {t / times.get('kl', t):.2f}× | {t / naive:.2f}× |")
+        print(f"load: {load()}")
     facts = load_facts(FACTS[args.model])
     memo = EvaluationMemo(j.model)
     rows = {}
-    for term in terms:
-        report = operate(j.model, j.tokenizer, facts, SurgeryConfig(preserve_term=term), memo=memo).report
-        rows[term] = figures(report)
-        print(f"{term}: {rows[term]}", flush=True)
+    for weight in args.kl_weight:
+        for term in terms:
+            config = SurgeryConfig(preserve_term=term, kl_weight=weight)
+            name = term if weight == 200.0 else f"{term}, kl_weight {weight:g}"
+            rows[name] = figures(operate(j.model, j.tokenizer, facts, config, memo=memo).report)
+            print(f"{name}: {rows[name]}", flush=True)
     print(f"\n(b) operate --layer auto on {FACTS[args.model].relative_to(ROOT)}, one run per term")
     print(table(rows))
     print(f"load at end: {load()}")
