@@ -74,7 +74,7 @@ def operated(demo_app, demo_served, demo_facts):
     """One session's surgery on the demo model (wv, auto layer), with the base model's weights before it."""
     before = snapshot(demo_served.model)
     progress = NoProgress()
-    out = demo_app.operate(demo_facts, "wv", "auto", None, progress=progress)
+    out = demo_app.operate(demo_facts, "wv", "auto", "wv", None, progress=progress)
     return before, progress, out
 
 
@@ -242,10 +242,10 @@ def test_generate_accepts_whole_numbers_in_any_form(demo_app):
 
 def test_operate_without_facts(demo_app):
     with pytest.raises(gr.Error, match="no facts"):
-        demo_app.operate("", "wv", "auto", None, progress=NoProgress())
+        demo_app.operate("", "wv", "auto", "wv", None, progress=NoProgress())
     with pytest.raises(gr.Error, match="unknown site"):
         demo_app.operate(
-            json.dumps([dict(prompt=FRANCE[0], target=FRANCE[1])]), "xyz", "auto", None, progress=NoProgress()
+            json.dumps([dict(prompt=FRANCE[0], target=FRANCE[1])]), "xyz", "auto", "wv", None, progress=NoProgress()
         )
 
 
@@ -271,7 +271,7 @@ def test_surgery_that_fails_is_one_gr_error(tiny_tokenizer, monkeypatch):
     before = snapshot(tiny_model)
     facts = json.dumps([{"prompt": "The capital of France is", "target": t} for t in ("Paris", "Rome")])
     with pytest.raises(gr.Error, match="not fixed within the budget"):
-        tiny.operate(facts, "wv", "0", None, progress=NoProgress())
+        tiny.operate(facts, "wv", "0", "wv", None, progress=NoProgress())
     assert_unchanged(tiny_model, before)
 
 
@@ -302,7 +302,7 @@ def test_two_sessions_never_see_each_others_edits(demo_app, operated):
     worker = threading.Thread(target=session_a)
     worker.start()
     b = demo_app.operate(
-        json.dumps([p.to_dict() for p in demo_app.served().facts]), "mlp", "auto", None, progress=NoProgress()
+        json.dumps([p.to_dict() for p in demo_app.served().facts]), "mlp", "auto", "wv", None, progress=NoProgress()
     )
     worker.join()
     assert not errors, errors
@@ -377,7 +377,7 @@ TINY_FACTS_JSON = json.dumps([f.to_dict() for f in TINY_FACTS])
 
 def operate_tiny(tiny_app: ui_callbacks.SurgeryApp, model: str, edits=None):
     # The whole block 2 (site "layer"): a random tiny model is fixed within the default budget.
-    return tiny_app.operate(TINY_FACTS_JSON, "layer", "2", edits, model, progress=NoProgress())
+    return tiny_app.operate(TINY_FACTS_JSON, "layer", "2", "wv", edits, model, progress=NoProgress())
 
 
 @pytest.fixture(scope="module")

@@ -98,30 +98,33 @@ def test_too_many_or_too_long_facts_are_refused_before_any_work(tiny_tokenizer, 
     tiny, _ = tiny_app(tiny_tokenizer, tmp_path, max_facts=1, max_prompt_tokens=5)
     monkeypatch.setattr(ui_callbacks, "run_surgery", lambda *a: pytest.fail("trained despite the limits"))
     with pytest.raises(gr.Error) as e:
-        tiny.operate(FACTS_JSON, "wv", "auto", None, progress=NoProgress())
+        tiny.operate(FACTS_JSON, "wv", "auto", "wv", None, progress=NoProgress())
     assert error_text(e) == "2 facts given: at most 1 per surgery here (SURGERY_MAX_FACTS)"
     japan = json.dumps([{"prompt": "The capital of Japan is the", "target": "Tokyo"}])  # 6 words
     with pytest.raises(gr.Error, match=r"the prompt 'The capital of Japan is the' is 6 tokens long: at most 5 "):
-        tiny.operate(japan, "wv", "auto", None, progress=NoProgress())
+        tiny.operate(japan, "wv", "auto", "wv", None, progress=NoProgress())
     long_paraphrase = json.dumps([{**FACTS[1].to_dict(), "paraphrases": ["the capital city of Japan is"]}])
     with pytest.raises(gr.Error, match=r"the paraphrase .* is 6 tokens long: .*\(SURGERY_MAX_PROMPT_TOKENS\)"):
-        tiny.operate(long_paraphrase, "wv", "auto", None, progress=NoProgress())
+        tiny.operate(long_paraphrase, "wv", "auto", "wv", None, progress=NoProgress())
     assert not list(tmp_path.iterdir())  # no session folder
 
 
 def test_surgery_gets_the_step_and_time_limits(tiny_tokenizer, tmp_path, monkeypatch):
-    tiny, _ = tiny_app(tiny_tokenizer, tmp_path, max_steps=7, max_seconds=12.5)
+    tiny, _ = tiny_app(tiny_tokenizer, tmp_path, max_steps=7, max_seconds=12.5, max_stat_tokens=321)
     configs = []
 
-    def stop(model, tokenizer, facts, config, panel, progress, memo):
+    def stop(model, tokenizer, facts, config, panel, progress, memo, **_):
         assert memo.serves(model)  # the served model's evaluation memo: its base figures are computed once
         configs.append(config)
         raise SurgeryFailed("stopped here")
 
     monkeypatch.setattr(ui_callbacks, "run_surgery", stop)
     with pytest.raises(gr.Error, match="stopped here"):
-        tiny.operate(FACTS_JSON, "wv", "auto", None, progress=NoProgress())
-    assert configs[0].epochs == 7 and configs[0].max_seconds == 12.5
+        tiny.operate(FACTS_JSON, "wv", "auto", "wv", None, progress=NoProgress())
+    assert configs[0].epochs == 7 and configs[0].max_seconds == 12.5 and configs[0].stat_tokens == 321
+    # on a ZeroGPU Space the GPU is held for the surgery's own limit and the time to write its results, not less
+    gpu_s = ui_callbacks.surgery_gpu_seconds(None, None, [], configs[0], None, None)
+    assert gpu_s == 13 + ui_callbacks.GPU_SURGERY_EXTRA_S
 
 
 def test_a_surgery_past_its_time_limit_stops_and_keeps_nothing(tiny_tokenizer, tmp_path, monkeypatch):
@@ -136,7 +139,7 @@ def test_a_surgery_past_its_time_limit_stops_and_keeps_nothing(tiny_tokenizer, t
     ticks = iter([0.0])
     monkeypatch.setattr(training.time, "monotonic", lambda: next(ticks, 1000.0))
     with pytest.raises(gr.Error) as e:
-        tiny.operate(FACTS_JSON, "layer", "2", edits, progress=NoProgress())
+        tiny.operate(FACTS_JSON, "layer", "2", "wv", edits, progress=NoProgress())
     assert error_text(e).startswith("surgery stopped: it ran past its time limit of 60 s (")
     assert error_text(e).endswith("nothing was kept (SURGERY_MAX_SECONDS)")
     assert edits.get("tiny") is earlier and earlier.folder.exists() and earlier not in tiny.sessions
@@ -268,10 +271,10 @@ def test_the_sweeper_expires_sessions_whose_tab_closed(tmp_path):
 
 def test_a_surgery_joins_the_pool(tiny_tokenizer, tmp_path):
     tiny, _ = tiny_app(tiny_tokenizer, tmp_path, max_sessions=1)
-    first = tiny.operate(FACTS_JSON, "layer", "2", None, progress=NoProgress())[-1]
+    first = tiny.operate(FACTS_JSON, "layer", "2", "wv", None, progress=NoProgress())[-1]
     folder = first.get("tiny").folder
     assert first in tiny.sessions and folder.exists()
-    second = tiny.operate(FACTS_JSON, "layer", "2", None, progress=NoProgress())[-1]  # another visitor
+    second = tiny.operate(FACTS_JSON, "layer", "2", "wv", None, progress=NoProgress())[-1]  # another visitor
     assert second in tiny.sessions and first not in tiny.sessions and not folder.exists()
 
 
@@ -284,7 +287,7 @@ def test_a_surgery_joins_the_pool(tiny_tokenizer, tmp_path):
 def pushable(tiny_tokenizer, tmp_path):
     tiny, _ = tiny_app(tiny_tokenizer, tmp_path / "work")
     (tmp_path / "work").mkdir()
-    edits = tiny.operate(FACTS_JSON, "layer", "2", None, progress=NoProgress())[-1]
+    edits = tiny.operate(FACTS_JSON, "layer", "2", "wv", None, progress=NoProgress())[-1]
     token = gr.OAuthToken(token="hf_oauth_secret", scope="openid profile contribute-repos", expires_at=0)
     profile = gr.OAuthProfile({"name": "Ada", "preferred_username": "ada", "profile": "", "picture": ""})
     return tiny, edits, token, profile, tmp_path / "work"

@@ -97,22 +97,29 @@ def test_ft_keeps_its_linf_bound_and_its_projection(family_model, tiny_tokenizer
     assert_state_equal(model.state_dict(), before)
 
 
-@pytest.fixture(scope="module", params=["rome", "ft"])
-def operated(request, family_model, tiny_tokenizer, tiny_panel, tmp_path_factory):
-    before = snapshot(family_model)
-    fact = wrong_facts(family_model, tiny_tokenizer, 1)
-    config = SurgeryConfig(method=request.param, layer=LAYER, stat_tokens=300)
+def operate_editor(method, n_facts, model, tokenizer, panel, cache_dir) -> SimpleNamespace:
+    """``operate`` with ``method`` on block ``LAYER`` for the first ``n_facts`` facts ``model`` gets wrong, and the
+    model's state before it (to check that nothing but the edit changed)."""
+    before = snapshot(model)
+    facts = wrong_facts(model, tokenizer, n_facts)
+    config = SurgeryConfig(method=method, layer=LAYER, stat_tokens=300)
     result = operate(
-        family_model,
-        tiny_tokenizer,
-        fact,
+        model,
+        tokenizer,
+        facts,
         config,
         unrelated=TEXTS[:2],
-        panel=tiny_panel,
+        panel=panel,
         require_all=False,
-        cache_dir=tmp_path_factory.mktemp("keystats"),
+        cache_dir=cache_dir,
     )
-    return SimpleNamespace(model=family_model, before=before, result=result, method=request.param)
+    return SimpleNamespace(model=model, before=before, result=result, method=method)
+
+
+@pytest.fixture(scope="module", params=["rome", "ft"])
+def operated(request, family_model, tiny_tokenizer, tiny_panel, tmp_path_factory):
+    keystats = tmp_path_factory.mktemp("keystats")
+    return operate_editor(request.param, 1, family_model, tiny_tokenizer, tiny_panel, keystats)
 
 
 def test_operate_edits_only_the_output_projection(operated, tmp_path):

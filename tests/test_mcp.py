@@ -16,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytest.importorskip("mcp", reason="gradio[mcp] is not installed (make test installs it)")
 
 import app  # noqa: E402
+from surgery.edit.editors import METHODS  # noqa: E402
 from surgery.serve.sessions import StartUp  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,9 @@ def test_the_tools_are_listed_with_what_an_agent_needs(server):
     props = diagnose.inputSchema["properties"]
     assert {"prompt", "target", "competitor", "model"} <= set(props)
     assert "The capital of France is" in props["prompt"]["description"]
-    assert set(by_name["operate"].inputSchema["properties"]) == {"facts", "site", "layer", "model"}
+    operate = by_name["operate"].inputSchema["properties"]
+    assert set(operate) == {"facts", "site", "layer", "model", "method"}
+    assert all(f'"{m}"' in operate["method"]["description"] for m in METHODS)
 
 
 def test_diagnose_through_mcp(server):

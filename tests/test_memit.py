@@ -2,11 +2,9 @@
 solve, AlphaEdit's null space, only the MLP output projections of the edited blocks move, and the multi-block edit
 round-trips through the patch file."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from test_editors import TEXTS, wrong_facts
+from test_editors import TEXTS, operate_editor, wrong_facts
 from test_families import assert_state_equal, has_post_norms, snapshot
 
 from surgery.arch import layout_of
@@ -145,20 +143,8 @@ def test_alphaedit_keeps_the_outputs_of_the_preserved_keys(family_model, tiny_to
 
 @pytest.fixture(scope="module", params=["memit", "alphaedit"])
 def operated(request, family_model, tiny_tokenizer, tiny_panel, tmp_path_factory):
-    before = snapshot(family_model)
-    fact = wrong_facts(family_model, tiny_tokenizer, 2)
-    config = SurgeryConfig(method=request.param, layer=1, stat_tokens=300)
-    result = operate(
-        family_model,
-        tiny_tokenizer,
-        fact,
-        config,
-        unrelated=TEXTS[:2],
-        panel=tiny_panel,
-        require_all=False,
-        cache_dir=tmp_path_factory.mktemp("keystats"),
-    )
-    return SimpleNamespace(model=family_model, before=before, result=result, method=request.param)
+    keystats = tmp_path_factory.mktemp("keystats")
+    return operate_editor(request.param, 2, family_model, tiny_tokenizer, tiny_panel, keystats)  # blocks 0, 1
 
 
 def test_operate_edits_only_the_projections_of_the_blocks(operated, tmp_path):

@@ -9,6 +9,7 @@ handed out only for the model it was made on — and that session's requests run
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,9 +56,44 @@ class TrainingProgress:
         self.progress((step, total), desc=f"training {self.site}: step {step}/{total}, loss {loss:.3f}", unit="steps")
 
 
-@gpu(duration=120)
-def run_surgery(model, tokenizer, facts, config, panel, progress, memo=None):
-    return operate(model, tokenizer, facts, config, panel=panel, progress=progress, memo=memo)
+class StatsProgress:
+    """The library's ``stats_progress(tokens, total)`` callback (the key statistics of ROME, MEMIT and AlphaEdit,
+    computed once per model and block, then cached), shown on a ``gr.Progress`` bar."""
+
+    def __init__(self, progress, method: str):
+        self.progress, self.method = progress, method
+
+    def __call__(self, n: int, total: int) -> None:
+        desc = f"{self.method}: key statistics, {n:,}/{total:,} tokens of text (cached after)"
+        self.progress((n, total), desc=desc, unit="tokens")
+
+
+# A ZeroGPU Space holds the GPU for at most `duration` seconds; a surgery may run for the app's wall-time limit
+# (config.max_seconds, SURGERY_MAX_SECONDS), so it asks for that plus time to write the results.
+GPU_SURGERY_EXTRA_S = 30
+GPU_SURGERY_DEFAULT_S = 300
+
+
+def surgery_gpu_seconds(model, tokenizer, facts, config: SurgeryConfig, *args, **kwargs) -> int:
+    """ZeroGPU's dynamic duration of :func:`run_surgery` (called with the same arguments): the surgery's own
+    wall-time limit plus ``GPU_SURGERY_EXTRA_S``, so the GPU is never taken back before the limit stops it."""
+    limit = config.max_seconds if config.max_seconds is not None else GPU_SURGERY_DEFAULT_S
+    return math.ceil(limit) + GPU_SURGERY_EXTRA_S
+
+
+@gpu(duration=surgery_gpu_seconds)
+def run_surgery(model, tokenizer, facts, config, panel, progress, memo=None, stats_progress=None, cache_dir=None):
+    return operate(
+        model,
+        tokenizer,
+        facts,
+        config,
+        panel=panel,
+        progress=progress,
+        memo=memo,
+        stats_progress=stats_progress,
+        cache_dir=cache_dir,
+    )
 
 
 @gpu(duration=30)
@@ -82,8 +118,11 @@ def run_weight_patching(base, edited, tokenizer, facts, granularity):
 
 class SurgeryApp:
     """The app's event functions, serving the registry's shared base models (never modified), within ``limits``
-    (default :class:`~surgery.serve.limits.Limits`); ``sessions`` knows the sessions holding edits, so their files
-    are removed when they expire, beyond the cap, or when Gradio deletes their state (:meth:`SessionPool.end`)."""
+    (default :class:`~surgery.serve.limits.Limits`); ``stats_dir``: where the key statistics of ROME, MEMIT and
+    AlphaEdit are cached (default: the library's, ``~/.cache/transformer-surgery/keystats``, kept across restarts:
+    they depend on the base model only, never on a visitor's facts); ``sessions`` knows the sessions holding edits,
+    so their files are removed when they expire, beyond the cap, or when Gradio deletes their state
+    (:meth:`SessionPool.end`)."""
 
     def __init__(
         self,
@@ -92,11 +131,13 @@ class SurgeryApp:
         allow_local_models: bool = True,
         work_dir: str | None = None,
         limits: Limits | None = None,
+        stats_dir: str | None = None,
     ):
         self.registry = registry
         self.fallback_reason = registry.fallback_reason
         self.allow_local_models = allow_local_models
         self.work_dir = work_dir
+        self.stats_dir = stats_dir
         self.limits = limits if limits is not None else Limits()
         self.sessions = SessionPool(self.limits.session_ttl, self.limits.max_sessions)
         self.sessions.sweep_every(min(60.0, max(1.0, self.limits.session_ttl / 4)))
@@ -177,17 +218,34 @@ class SurgeryApp:
 
     @user_errors
     def operate(
-        self, facts: str, site: str, layer, edits: SessionEdits | None, model: str | None = None, progress=gr.Progress()
+        self,
+        facts: str,
+        site: str,
+        layer,
+        method: str,
+        edits: SessionEdits | None,
+        model: str | None = None,
+        progress=gr.Progress(),
     ):
-        """Train one site of the picked model so that the facts come out right. The edit is kept in this session
-        only, as this model's edit (replacing this session's earlier edit of the same model). Returns the values
-        of :class:`~ui.surgery.SurgeryResults`, then the session's edits. Within the limits: the facts' number and
-        length are checked first, training stops at ``max_steps`` steps per block, and a surgery past
-        ``max_seconds`` stops and keeps nothing (no files, the session's edits as they were)."""
+        """Edit the picked model so that the facts come out right, with ``method`` (``wv``, our repair of one
+        ``site``; ``rome``, ``ft``, ``memit``, ``alphaedit``: :data:`~surgery.edit.editors.METHODS`; blank:
+        ``wv``). ``site`` applies to ``wv`` only: the other methods edit the MLP output projection(s) and ignore it
+        (the tab greys the site out for them). The edit is kept in this session only, as this model's edit
+        (replacing this session's earlier edit of the same model). Returns the values of
+        :class:`~ui.surgery.SurgeryResults`, then the session's edits. Within the limits, for every method: the
+        facts' number and length are checked first, training stops at ``max_steps`` steps per block, the key
+        statistics read ``max_stat_tokens`` tokens of text, and a surgery past ``max_seconds`` (key statistics
+        included) stops and keeps nothing (no files, the session's edits as they were)."""
         probes = parse_facts(facts)
         limits = self.limits
+        method = str(method or "").strip() or "wv"
         config = SurgeryConfig(
-            site=site, layer=parse_layer(layer), epochs=limits.max_steps, max_seconds=limits.max_seconds
+            site=site if method == "wv" else "wv",
+            layer=parse_layer(layer),
+            epochs=limits.max_steps,
+            max_seconds=limits.max_seconds,
+            method=method,
+            stat_tokens=limits.max_stat_tokens,
         )
         served = self.served(model)
         limits.check_facts(probes, served.tokenizer)
@@ -200,8 +258,10 @@ class SurgeryApp:
                 probes,
                 config,
                 served.panel,
-                TrainingProgress(progress, site),
+                TrainingProgress(progress, site if method == "wv" else method),
                 served.memo,
+                stats_progress=StatsProgress(progress, method),
+                cache_dir=self.stats_dir,
             )
         except SurgeryTimeout as e:
             raise SurgeryTimeout(limits.timed_out(str(e))) from None

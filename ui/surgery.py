@@ -1,4 +1,4 @@
-"""The Surgery tab: the facts to fix, the site and layer, the edit's results; then original vs corrected on any
+"""The Surgery tab: the facts to fix, the method, site and layer, the edit's results; then original vs corrected on any
 prompt, and pushing the corrected model to the Hub. Its Markdown and choice helpers."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import gradio as gr
 
 from surgery.arch import SITES, Layout, count_parameters
 from surgery.core.errors import SurgeryError
+from surgery.edit.editors import METHOD_DESCRIPTIONS, METHODS
 from surgery.serve.registry import ServedModel
 from surgery.serve.sessions import SessionEdit
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from .callbacks import SurgeryApp
 
 NO_EDIT_YET = "The shared model is never changed: your edit lives in your session only."
+METHOD_NAMES = {"wv": "wv", "rome": "ROME", "ft": "FT-L", "memit": "MEMIT", "alphaedit": "AlphaEdit"}
+SITE_INFO = "wv trains only the value projection of one layer: Q, K and everything else stay bitwise identical"
+SITE_INFO_OTHERS = "for method wv only: {name} edits the MLP output projection{s}, whatever the site"
 
 
 @dataclass
@@ -45,6 +49,7 @@ class SurgeryResults(Components):
 class SurgeryTab:
     """The Surgery tab's components that the page (the model picker) reads or updates."""
 
+    method: gr.Dropdown
     site: gr.Radio
     layer: gr.Dropdown
     note: gr.Markdown
@@ -69,6 +74,21 @@ def site_choices(served: ServedModel) -> list[tuple[str, str]]:
         n = served.layout.site_size(served.model, site, 0)
         out.append((f"{site} · {n:,} params ({100 * n / total:.2f}%)", site))
     return out
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """Every editor of :data:`~surgery.edit.editors.METHODS`, named with its one-line description."""
+    return [(f"{m} — {METHOD_DESCRIPTIONS[m].replace(' (--site)', '')}", m) for m in METHODS]
+
+
+def site_for_method(method: str) -> gr.Radio:
+    """The site selector for ``method``: a choice for ``wv``; greyed out for the other methods, which ignore it
+    (:meth:`~ui.callbacks.SurgeryApp.operate`)."""
+    if method == "wv":
+        return gr.Radio(interactive=True, info=SITE_INFO)
+    many = method in ("memit", "alphaedit")
+    name = METHOD_NAMES.get(method, method)
+    return gr.Radio(value="wv", interactive=False, info=SITE_INFO_OTHERS.format(name=name, s="s" if many else ""))
 
 
 def layer_choices(served: ServedModel) -> list[tuple[str, str]]:
@@ -135,7 +155,12 @@ def table_to_json(rows) -> str:
 def operation_markdown(report, layout: Layout) -> str:
     c = report.comparison
     n = len(c.facts)
-    where = f"`{report.block}`" if report.block else f"block {report.layer}"
+    blocks = report.config.get("layers") or [report.layer]
+    if len(blocks) > 1:  # MEMIT, AlphaEdit: one update spread over several blocks
+        where = f"blocks {', '.join(map(str, blocks))} ({' – '.join(layout.label(b) for b in blocks)})"
+    else:
+        where = f"`{report.block}` ({layout.label(report.layer)})" if report.block else f"block {report.layer}"
+    how = "" if report.method == "wv" else f" with **{METHOD_NAMES.get(report.method, report.method)}**"
     para = c.evaluation()["paraphrase"]
     paraphrases = (
         f" Paraphrases: {para['before']}/{para['total']} → **{para['after']}/{para['total']}**."
@@ -143,7 +168,7 @@ def operation_markdown(report, layout: Layout) -> str:
         else ""
     )
     return (
-        f"**Surgery done** on `{report.site}` of {where} ({layout.label(report.layer)}) — "
+        f"**Surgery done**{how} on `{report.site}` of {where} — "
         f"{report.params_in_site:,} parameters ({100 * report.fraction:.2f}% of the model), "
         f"{report.steps} steps in {report.train_time_s:.1f} s. Facts said: **{c.facts_before}/{n} → "
         f"{c.facts_after}/{n}**.{paraphrases}\n\n*Layer: {report.layer_reason}.*"
@@ -195,12 +220,20 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
                         elem_id="facts-json",
                     )
         with gr.Column(scale=2):
+            method = gr.Dropdown(
+                method_choices(),
+                value="wv",
+                label="Method",
+                info="wv: our repair of one site. The others edit the MLP output projection of the layer (ROME, "
+                "FT-L) or of the blocks ending there (MEMIT, AlphaEdit); ROME, MEMIT and AlphaEdit first compute key "
+                "statistics from text, once per model and block",
+                elem_id="method",
+            )
             site = gr.Radio(
                 site_choices(served),
                 value="wv",
                 label="Site (trainable parameters)",
-                info="wv trains only the value projection of one layer: Q, K and everything "
-                "else stay bitwise identical",
+                info=SITE_INFO,
             )
             layer = gr.Dropdown(layer_choices(served), value="auto", label="Layer")
             go = gr.Button("Perform surgery", variant="primary", elem_id="operate")
@@ -230,6 +263,7 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
         )
         report = gr.JSON(visible=False)
     results = SurgeryResults(summary=summary, metrics=metrics, outcome=outcome, downloads=downloads, report=report)
+    method.change(site_for_method, method, site, api_visibility="private", queue=False)
     table.input(table_to_json, table, facts, api_visibility="private", queue=False)
     facts.input(facts_table, facts, table, api_visibility="private", queue=False)
 
@@ -257,7 +291,7 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
     )
     go.click(
         app.operate,
-        [facts, site, layer, edits, picker],
+        [facts, site, layer, method, edits, picker],
         [*results.values(), edits],
         api_name="operate",
         concurrency_limit=1,
@@ -294,6 +328,7 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
         app.push, [repo, private, edits, picker], pushed, api_name="push", concurrency_limit=1, concurrency_id="push"
     )
     return SurgeryTab(
+        method=method,
         site=site,
         layer=layer,
         note=note,

@@ -15,6 +15,8 @@ import warnings
 
 import gradio as gr
 
+from surgery.edit.editors import METHOD_DESCRIPTIONS, METHODS
+
 from .callbacks import SurgeryApp
 
 
@@ -74,25 +76,28 @@ def agent_tools(app: SurgeryApp) -> list:
         summary, _, _, result = app.patch_activations(prompt, corrupted_prompt, target, competitor, grid, model or None)
         return _json({"summary": summary, **result})
 
-    def operate(facts: str, site: str = "wv", layer: str = "auto", model: str = "") -> str:
-        """Repair facts the model answers wrong by retraining one site of one block, and report the outcome.
+    def operate(facts: str, site: str = "wv", layer: str = "auto", model: str = "", method: str = "wv") -> str:
+        """Repair facts the model answers wrong by editing its weights, and report the outcome.
 
-        Trains only the chosen site (by default the value projection `wv` of the block the diagnosis prescribes)
-        with a loss on each whole answer and a term that keeps the model's outputs on unrelated text and on other
-        facts of the relation unchanged. The outcome is judged by greedy generation: a fact is fixed when the
-        corrected model says the whole answer. Nothing is kept on the server: the report is the result.
+        By default (method "wv") trains only the chosen site (the value projection `wv` of the block the diagnosis
+        prescribes) with a loss on each whole answer and a term that keeps the model's outputs on unrelated text
+        and on other facts of the relation unchanged. The other methods are the editors of the literature, applied
+        to the MLP output projection of the same block (ROME, FT-L) or of the blocks ending there (MEMIT,
+        AlphaEdit). The outcome is judged by greedy generation: a fact is fixed when the corrected model says the
+        whole answer. Nothing is kept on the server: the report is the result.
 
         Args:
             facts: a JSON list of facts, e.g. [{"prompt": "The capital of France is", "target": " Paris"}].
-            site: which weights to train: "wv" (value projection), "attn", "mlp" or "layer".
-            layer: "auto" (from the diagnosis) or a 1-based block number.
+            site: what method "wv" trains: "wv" (value projection), "attn", "mlp" or "layer" (others ignore it).
+            layer: "auto" (from the diagnosis) or a 0-indexed block number.
             model: which model of the app's picker (blank: the default model).
+            method: the editor (default "wv"): METHODS_DOC.
 
         Returns:
             The surgery report as JSON: what was trained, efficacy before and after by generation (and the
             first-token figure beside it), what the corrected model says for each fact, and every panel.
         """
-        *results, edits = app.operate(facts, site, layer, None, model or None, progress=_quiet)
+        *results, edits = app.operate(facts, site, layer, method, None, model or None, progress=_quiet)
         edits.discard()  # its files: this call's edit lives on in the report only
         return _json(results[-1])  # the report, as the Surgery tab's JSON
 
@@ -129,7 +134,13 @@ def agent_tools(app: SurgeryApp) -> list:
             raise gr.Error("give the corrected model's Hub id (user/name)", print_exception=False)
         return _json(app.verify(corrected_model, None, model or None)[-1])
 
+    operate.__doc__ = operate.__doc__.replace("METHODS_DOC", _methods_doc())
     return [diagnose, patch_activations, operate, generate, verify]
+
+
+def _methods_doc() -> str:
+    """The methods and what each does, for the operate tool's docstring (the MCP schema's description)."""
+    return "; ".join(f'"{m}", {METHOD_DESCRIPTIONS[m].replace(" (--site)", "")}' for m in METHODS)
 
 
 def add_agent_tools(app: SurgeryApp) -> None:

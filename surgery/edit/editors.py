@@ -35,8 +35,8 @@ EDIT_SITE = "mlp_out"  # the Edit's site of the editors: the MLP output projecti
 
 
 @dataclass
-class MethodOutcome:
-    """What a key-value editor did: the new weight (``values``: slice name -> tensor), its effort and notes."""
+class TrainOutcome:
+    """What one edit's optimisation did: the new values (slice name -> tensor), its effort, its final loss."""
 
     values: dict[str, Tensor]
     steps: int
@@ -44,8 +44,15 @@ class MethodOutcome:
     ce: float
     kl: float
     fixed: int
-    lr: float
-    hparams: dict
+    lr: float = 0.0  # the learning rate the run started with
+    backoffs: int = 0  # steps undone because the preservation term jumped (each halved the learning rate)
+
+
+@dataclass
+class MethodOutcome(TrainOutcome):
+    """What a key-value editor did: a :class:`TrainOutcome` with the editor's hyper-parameters and notes."""
+
+    hparams: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -92,13 +99,15 @@ def edit_mlp_out(
             last.kl,
             says_all(model, tokenizer, facts, {layer: matrix}),
             hp.v_lr,
-            {**hp.to_dict(), "stat_tokens": stats.n_tokens, "stat_corpus": stats.corpus},
-            notes,
+            hparams={**hp.to_dict(), "stat_tokens": stats.n_tokens, "stat_corpus": stats.corpus},
+            notes=notes,
         )
     if method == "ft":
         hp = FtHparams()
         out = fine_tune(model, tokenizer, facts, layer, hp, progress, check)
-        return MethodOutcome({name: out.weight}, out.steps, out.loss, out.loss, 0.0, out.fixed, hp.lr, hp.to_dict())
+        return MethodOutcome(
+            {name: out.weight}, out.steps, out.loss, out.loss, 0.0, out.fixed, hp.lr, hparams=hp.to_dict()
+        )
     raise ValueError(f"edit_mlp_out runs rome, ft, memit or alphaedit, not {method!r}")
 
 
@@ -153,6 +162,6 @@ def _spread(
         kl,
         says_all(model, tokenizer, facts, matrices),
         hp.v_lr,
-        {**hp.to_dict(), "layers": list(layers), "stat_tokens": some.n_tokens, "stat_corpus": some.corpus},
-        notes,
+        hparams={**hp.to_dict(), "layers": list(layers), "stat_tokens": some.n_tokens, "stat_corpus": some.corpus},
+        notes=notes,
     )

@@ -55,7 +55,7 @@ from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, pan
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
 from ..io.edit_file import Edit, base_config, block_digests, edited_model, weight_stats
-from .editors import EDIT_SITE, METHODS, MULTI_BLOCK, edit_mlp_out
+from .editors import EDIT_SITE, METHODS, MULTI_BLOCK, TrainOutcome, edit_mlp_out
 from .keystats import DEFAULT_MAX_TOKENS
 from .memit import MemitHparams, spread_layers
 from .upper_stack import FrozenInputs, UpperStack, encodable, freeze_fact_batches, kept_answers
@@ -82,8 +82,9 @@ class SurgeryConfig:
     model's vocabulary); seed: RNG seed; batch_size: facts per mini-batch (a step still covers every fact: the
     gradient is accumulated over the mini-batches, so memory is bounded by the batch, not by the facts);
     max_seconds: wall-time limit of one :func:`operate`, or None (the default) for none: checked before every
-    training step and between the stages (so it may be passed by at most one stage), it stops the surgery with
-    :class:`~surgery.core.errors.SurgeryTimeout` and nothing is returned (a public app's limit; the CLI sets none).
+    training step, after every forward pass of the key statistics and between the stages (so it may be passed by at
+    most one stage), it stops the surgery with :class:`~surgery.core.errors.SurgeryTimeout` and nothing is returned
+    (a public app's limit; the CLI sets none).
     method: ``wv`` (our repair of ``site``: everything above), ``rome`` or ``ft`` (the MLP output projection of the
     block), ``memit`` or ``alphaedit`` (those of several blocks; :mod:`surgery.edit.editors`; ``site`` must stay
     ``wv``, and lr, lr_scale, epochs, kl_weight, margin, max_unrelated_tokens and batch_size are ``wv``'s);
@@ -274,17 +275,16 @@ class Deadline:
                 f"surgery stopped: it ran past its time limit of {self.limit:g} s ({where}); nothing was kept"
             )
 
+    def watching(self, progress: Callable[..., None] | None, where: str) -> Callable[..., None]:
+        """``progress`` (or nothing) preceded by :meth:`check`: a stage that only reports progress, such as the
+        key statistics, stops at the deadline too (and, stopped, caches nothing)."""
 
-@dataclass
-class TrainOutcome:
-    values: dict[str, Tensor]
-    steps: int
-    loss: float
-    ce: float
-    kl: float
-    fixed: int
-    lr: float = 0.0  # the learning rate the run started with
-    backoffs: int = 0  # steps undone because the preservation term jumped (each halved the learning rate)
+        def checked(*args) -> None:
+            self.check(where)
+            if progress is not None:
+                progress(*args)
+
+        return checked
 
 
 # The step size adapts ("bold driver"): every accepted step that lowers the loss grows the learning rate by
@@ -575,10 +575,10 @@ def operate(
                     progress,
                     deadline.check,
                     cache_dir,
-                    stats_progress,
+                    deadline.watching(stats_progress, "computing the key statistics"),
                     layers=spread,
                 )
-                outcome = TrainOutcome(done.values, done.steps, done.loss, done.ce, done.kl, done.fixed, done.lr)
+                outcome = done
                 method_info = {"hparams": done.hparams, "notes": done.notes}
                 slices = tuple(s for block in spread or (layer,) for s in layout.mlp_out_slices(block))
             train_time += time.perf_counter() - t_train

@@ -29,6 +29,7 @@ class Limits:
     max_prompt_tokens: int = 64  # tokens of each fact's prompt, target and paraphrase
     max_steps: int = 300  # training steps per block tried (SurgeryConfig.epochs)
     max_seconds: float = 300.0  # wall time of one surgery
+    max_stat_tokens: int = 100_000  # tokens of text for ROME's, MEMIT's and AlphaEdit's key statistics
     max_new_tokens: int = 64  # tokens one generation may ask for
     queue_size: int = 16  # events waiting in the queue; more are turned away ("queue full")
     session_ttl: float = 3600.0  # seconds a session's edits are kept after its last surgery
@@ -119,6 +120,7 @@ VARIABLES = {
     "max_prompt_tokens": "SURGERY_MAX_PROMPT_TOKENS",
     "max_steps": "SURGERY_MAX_STEPS",
     "max_seconds": "SURGERY_MAX_SECONDS",
+    "max_stat_tokens": "SURGERY_MAX_STAT_TOKENS",
     "max_new_tokens": "SURGERY_MAX_NEW_TOKENS",
     "queue_size": "SURGERY_QUEUE_SIZE",
     "session_ttl": "SURGERY_SESSION_TTL",
