@@ -95,3 +95,42 @@ def test_operation_stages_time_each_call_and_put_the_library_back(tiny_model, ti
     assert dict(totals).keys() == {("score_probes [base]",)}
     calls, seconds = totals[("score_probes [base]",)]
     assert calls == 1 and seconds >= 0
+
+
+def test_sequential_edits_chain_rounds_and_leave_the_base_untouched(demo, tmp_path):
+    from bench import sequential_edits
+    from surgery.edit import editors
+    from surgery.evaluation.facts import load_facts
+    from surgery.evaluation.memo import EvaluationMemo
+    from surgery.evaluation.panels import panel_for_model
+
+    model, tokenizer = demo.model, demo.tokenizer
+    facts = [f for f in load_facts("assets/examples/demo_facts.json")][2:6]  # the first two the model already says
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    statistics, alphaedit = editors.key_statistics, editors.apply_alphaedit
+    chain = sequential_edits.run_chain(
+        model, tokenizer, [facts[:2], facts[2:]], "alphaedit", panel_for_model(model), EvaluationMemo(model)
+    )
+    assert editors.key_statistics is statistics and editors.apply_alphaedit is alphaedit  # patches undone
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the base never mutated
+    assert [r["round"] for r in chain["rounds"]] == [1, 2]
+    assert [len(rs) for rs in chain["recheck"]] == [2, 2]
+    assert chain["final"]["efficacy"]["total"] == 4
+    assert "| **alphaedit** |" in sequential_edits.to_markdown(
+        {
+            "setup": {
+                "model": "demo",
+                "rounds": 2,
+                "per_round": 2,
+                "commit": "x",
+                "date": "d",
+                "machine": "m",
+                "load_start": "0",
+                "load_end": "0",
+                "block": None,
+                "seed": 0,
+                "source": "f",
+            },
+            "chains": [chain],
+        }
+    )
