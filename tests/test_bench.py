@@ -134,3 +134,15 @@ def test_sequential_edits_chain_rounds_and_leave_the_base_untouched(demo, tmp_pa
             "chains": [chain],
         }
     )
+
+
+def test_preservation_bench_times_each_term_and_tables_each_operate(monkeypatch, capsys):
+    from bench import preservation
+
+    argv = ["preservation", "demo", "--steps", "1", "--repeats", "1", "--terms", "kl,hidden"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert preservation.main() == 0
+    out = capsys.readouterr().out
+    assert "| kl |" in out and "| hidden |" in out and "| naive-wv |" in out  # (a) a step time per term
+    rows = [line for line in out.splitlines() if line.startswith("| kl ") or line.startswith("| hidden ")]
+    assert len(rows) == 4  # (a) and (b): one row per term in each table
