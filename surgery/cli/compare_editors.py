@@ -10,16 +10,7 @@ from ..core.progress import progress_bar
 from ..edit.compare import EditorComparison, check_methods, compare_editors
 from ..edit.editors import METHODS
 from ..evaluation.facts import load_facts
-from ..io.export import (
-    CARD_FILE,
-    EDIT_FILE,
-    REPORT_FILE,
-    _with_base,
-    atomic_output,
-    check_output_dir,
-    model_card,
-    report_dict,
-)
+from ..io.export import atomic_output, check_output_dir, write_edit_files
 from .common import add_model_arg, load, load_panel_arg, print_json
 from .operate import add_method_args, add_training_args, config_from_args, read_unrelated
 
@@ -104,7 +95,4 @@ def write_comparison(out, overwrite: bool, loaded, comparison: EditorComparison,
                 continue
             folder = tmp / r.name
             folder.mkdir()
-            _with_base(r.result.edit, loaded).save(folder / EDIT_FILE)
-            report = json.dumps(report_dict(loaded, r.result.report), indent=2, allow_nan=False)
-            (folder / REPORT_FILE).write_text(report + "\n", encoding="utf-8")
-            (folder / CARD_FILE).write_text(model_card(loaded, r.result.report), encoding="utf-8")
+            write_edit_files(folder, loaded, r.result)

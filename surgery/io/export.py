@@ -206,15 +206,20 @@ def write_output(
     :class:`OutputError` when the folder exists (without ``overwrite``) or cannot be written, or when the fix is
     lost in the base's dtype (:func:`check_in_saved_dtype`).
     """
-    edit = _with_base(result.edit, loaded)
-    report = report_dict(loaded, result.report)
     check_in_saved_dtype(loaded, result)
     with atomic_output(out_dir, overwrite) as tmp:
-        save_model(edited_model(loaded.model, edit), loaded.tokenizer, tmp, loaded.checkpoint_dtype)
-        edit.save(tmp / EDIT_FILE)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        (tmp / CARD_FILE).write_text(model_card(loaded, result.report, license=license), encoding="utf-8")
+        save_model(edited_model(loaded.model, result.edit), loaded.tokenizer, tmp, loaded.checkpoint_dtype)
+        write_edit_files(tmp, loaded, result, license)
     return Path(out_dir).expanduser().resolve()
+
+
+def write_edit_files(folder: Path, loaded: LoadedModel, result, license: str | None = None) -> None:
+    """``patch.safetensors`` (naming the base), ``report.json`` and ``README.md`` of ``result`` into ``folder``
+    (an :func:`atomic_output` folder being written): an edit's files without the model's weights."""
+    _with_base(result.edit, loaded).save(folder / EDIT_FILE)
+    report = json.dumps(report_dict(loaded, result.report), indent=2, allow_nan=False)
+    (folder / REPORT_FILE).write_text(report + "\n", encoding="utf-8")
+    (folder / CARD_FILE).write_text(model_card(loaded, result.report, license=license), encoding="utf-8")
 
 
 def rounded_edit(edit: Edit, dtype: torch.dtype) -> Edit:
