@@ -57,21 +57,21 @@ class EvaluationMemo:
 
     def perplexity(self, text: str, compute) -> float:
         """The perplexity of ``text``: kept, or ``compute()`` once."""
-        with self._lock:
-            if text in self._perplexity:
-                return self._perplexity[text]
-        value = compute()
-        with self._lock:
-            return self._perplexity.setdefault(text, value)
+        return self._once(self._perplexity, text, compute)
 
     def hidden(self, texts: tuple[str, ...], compute) -> Tensor:
         """The final hidden states of ``texts`` (Float[Tensor, "N d"]): kept, or ``compute()`` once."""
+        return self._once(self._hidden, texts, compute)
+
+    def _once(self, store: dict, key, compute):
+        """``store[key]``, or ``compute()`` kept there; computed outside the lock (two threads asking at once may
+        both compute it; the first value kept is the one every caller gets)."""
         with self._lock:
-            if texts in self._hidden:
-                return self._hidden[texts]
+            if key in store:
+                return store[key]
         value = compute()
         with self._lock:
-            return self._hidden.setdefault(texts, value)
+            return store.setdefault(key, value)
 
     def __len__(self) -> int:
         return len(self._rows)
