@@ -195,9 +195,10 @@ def _layer_of(layout, layers: tuple[int, ...], s: ParamSlice) -> int | None:
 def block_digests(model: nn.Module, layers: tuple[int, ...] | list[int]) -> dict:
     """The metadata that ties an edit of ``layers`` to its base: ``base_block_sha256`` of the last block and, for
     several blocks, ``base_blocks_sha256`` (block index as a string -> digest)."""
-    meta = {"base_block_sha256": block_digest(model, layers[-1])}
+    digests = {layer: block_digest(model, layer) for layer in layers}  # each block hashed once
+    meta = {"base_block_sha256": digests[layers[-1]]}
     if len(layers) > 1:
-        meta["base_blocks_sha256"] = {str(layer): block_digest(model, layer) for layer in layers}
+        meta["base_blocks_sha256"] = {str(layer): digest for layer, digest in digests.items()}
     return meta
 
 
