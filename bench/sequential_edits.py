@@ -85,8 +85,10 @@ def sequential_protocol(base: nn.Module, memory: dict[int, Tensor]) -> Iterator[
     def base_statistics(_model, tokenizer, layer, **kwargs):
         return key_statistics(base, tokenizer, layer, **kwargs)
 
-    def alphaedit_remembering(model, tokenizer, facts, layers, stats, hp, check=None):
-        weights, targets, dims = apply_alphaedit(model, tokenizer, facts, layers, stats, hp, check, dict(memory))
+    def alphaedit_remembering(model, tokenizer, facts, layers, stats, hp, check=None, post_norm=None):
+        weights, targets, dims = apply_alphaedit(
+            model, tokenizer, facts, layers, stats, hp, check, dict(memory), post_norm
+        )
         layout = layout_of(model)
         matrices = {layer: layout.mlp_out_matrix(w).float() for layer, w in weights.items()}
         for layer in layers:

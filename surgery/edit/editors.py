@@ -30,6 +30,15 @@ METHOD_DESCRIPTIONS = {
     "memit": "MEMIT (Meng et al. 2023): one least-squares update of the MLP output projections of several blocks",
     "alphaedit": "AlphaEdit (Fang et al. 2025): MEMIT's update kept in the null space of the preserved keys",
 }
+# A norm after the MLP (Gemma 2/3's post_feedforward_layernorm, layout key mlp_post_norm): what each editor does
+# about it (docs/editors.md, "The norm after the MLP"); families without one edit exactly as the papers.
+POST_NORM_NOTES = {
+    "rome": "post-MLP norm: C~ = E[k kT / sigma(W k + b)^2] (each key's change as the norm sees it) and v* rescaled "
+    "to s v* (the same normalized output, the least change)",
+    "memit": "post-MLP norm: each block's residual target mapped back through the norm at the current sigma, keys "
+    "and targets divided by sigma, C~ = E[k kT / sigma^2]",
+    "alphaedit": "post-MLP norm: each block's residual target mapped back through the norm at the current sigma",
+}
 MULTI_BLOCK = ("memit", "alphaedit")  # the editors that spread one update over several blocks (--layers)
 EDIT_SITE = "mlp_out"  # the Edit's site of the editors: the MLP output projections' weights
 
@@ -78,12 +87,19 @@ def edit_mlp_out(
             model, tokenizer, facts, tuple(layers) or (layer,), method, stat_tokens, check, cache_dir, stats_progress
         )
     (name,) = [s.name for s in layout_of(model).mlp_out_slices(layer)]
+    post = bool(layout_of(model).adapter.mlp_post_norm)
     if method == "rome":
         stats = key_statistics(
-            model, tokenizer, layer, max_tokens=stat_tokens, cache_dir=cache_dir, progress=stats_progress
+            model,
+            tokenizer,
+            layer,
+            max_tokens=stat_tokens,
+            cache_dir=cache_dir,
+            progress=stats_progress,
+            statistic="post_norm" if post else "keys",
         )
         hp = RomeHparams()
-        weight, done = apply_rome(model, tokenizer, facts, layer, stats, hp, check)
+        weight, done = apply_rome(model, tokenizer, facts, layer, stats, hp, check, post_norm=post)
         matrix = layout_of(model).mlp_out_matrix(weight)
         last = done[-1]
         positions = sorted({d.position_is for d in done})
@@ -91,6 +107,8 @@ def edit_mlp_out(
             f"ROME: k* read at {' / '.join(positions)} of each prompt (the prompt alone, no prefixed contexts); "
             f"C from {stats.n_tokens:,} tokens of {stats.corpus}"
         ]
+        if post:
+            notes.append(POST_NORM_NOTES["rome"])
         return MethodOutcome(
             {name: weight},
             sum(d.steps for d in done),
@@ -99,7 +117,7 @@ def edit_mlp_out(
             last.kl,
             says_all(model, tokenizer, facts, {layer: matrix}),
             hp.v_lr,
-            hparams={**hp.to_dict(), "stat_tokens": stats.n_tokens, "stat_corpus": stats.corpus},
+            hparams={**hp.to_dict(), "stat_tokens": stats.n_tokens, "stat_corpus": stats.corpus, **_post(post)},
             notes=notes,
         )
     if method == "ft":
@@ -109,6 +127,11 @@ def edit_mlp_out(
             {name: out.weight}, out.steps, out.loss, out.loss, 0.0, out.fixed, hp.lr, hparams=hp.to_dict()
         )
     raise ValueError(f"edit_mlp_out runs rome, ft, memit or alphaedit, not {method!r}")
+
+
+def _post(post: bool) -> dict:
+    """The hyper-parameter entry of a post-norm family's adaptation (none for the other families)."""
+    return {"post_norm": "adapted"} if post else {}
 
 
 def _spread(
@@ -124,19 +147,28 @@ def _spread(
 ) -> MethodOutcome:
     """MEMIT or AlphaEdit on ``layers`` (see :func:`edit_mlp_out`)."""
     layout = layout_of(model)
+    post = bool(layout.adapter.mlp_post_norm)
     stats = {
         layer: key_statistics(
-            model, tokenizer, layer, max_tokens=stat_tokens, cache_dir=cache_dir, progress=stats_progress
+            model,
+            tokenizer,
+            layer,
+            max_tokens=stat_tokens,
+            cache_dir=cache_dir,
+            progress=stats_progress,
+            statistic="post_norm" if post and method == "memit" else "keys",
         )
         for layer in layers
     }
     notes = []
     if method == "memit":
         hp = MemitHparams()
-        weights, targets = apply_memit(model, tokenizer, facts, layers, stats, hp, check)
+        weights, targets = apply_memit(model, tokenizer, facts, layers, stats, hp, check, "weighted" if post else None)
     else:
         hp = AlphaEditHparams()
-        weights, targets, dims = apply_alphaedit(model, tokenizer, facts, layers, stats, hp, check)
+        weights, targets, dims = apply_alphaedit(
+            model, tokenizer, facts, layers, stats, hp, check, post_norm="target" if post else None
+        )
         notes.append(
             "AlphaEdit: the null space of C (eigenvalues below "
             f"{hp.nullspace_threshold:g} x the largest) has "
@@ -150,6 +182,8 @@ def _spread(
         f"{' / '.join(positions)} of each prompt (the prompt alone, no prefixed contexts); "
         f"C from {some.n_tokens:,} tokens of {some.corpus}",
     )
+    if post:
+        notes.append(POST_NORM_NOTES[method])
     nll = sum(t.nll for t in targets) / len(targets)
     kl = sum(t.kl for t in targets) / len(targets)
     name = {layer: layout.mlp_out_slices(layer)[0].name for layer in layers}
@@ -162,6 +196,12 @@ def _spread(
         kl,
         says_all(model, tokenizer, facts, matrices),
         hp.v_lr,
-        hparams={**hp.to_dict(), "layers": list(layers), "stat_tokens": some.n_tokens, "stat_corpus": some.corpus},
+        hparams={
+            **hp.to_dict(),
+            "layers": list(layers),
+            "stat_tokens": some.n_tokens,
+            "stat_corpus": some.corpus,
+            **_post(post),
+        },
         notes=notes,
     )
