@@ -3,8 +3,8 @@ does to the tokens it was not meant for, measured on a model with or without a n
 ``docs/editors.md``: "the norm after the MLP").
 
 For each of the first ``--n`` facts, on the base model: ``k*``, ``v*`` (``rome.compute_value``, ROME's defaults),
-then the rank-one update with each available second moment (``C = E[k kᵀ]``, and on a family with a post-MLP norm
-``C̃ = E[k kᵀ / σ²]``, with and without ``v*`` rescaled: ``rome.post_norm_value``). For each update, over the tokens
+then the rank-one update with ``C = E[k kᵀ]`` (and on a family with a post-MLP norm, also with ``v*`` rescaled to
+``s v*``: ``rome.post_norm_value``). For each update, over the tokens
 of three texts (the key-statistics corpus' first rows, in-sample; the panel's unrelated text; the panel's general
 probes), per token:
 
@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the texts' tokens: keys, projection outputs and residuals after block L
     prefix = _bos_prefix(tok)
-    rows = [prefix + r for r in token_rows(tok, corpus_texts(), 256, 256 * args.corpus_rows)]
+    width = min(256, layout.n_ctx - len(prefix))
+    rows = [prefix + r for r in token_rows(tok, corpus_texts(), width, width * args.corpus_rows)]
     texts = {
         "corpus": rows,
-        "unrelated": [list(tok(t)["input_ids"]) for t in panel.unrelated_text],
+        "unrelated": [list(tok(t)["input_ids"])[: layout.n_ctx] for t in panel.unrelated_text],
         "general": [list(tok(f.prompt)["input_ids"]) for f in panel.general],
     }
 
@@ -123,9 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     base_broken = broken(W)
     stats = {"C": key_statistics(model, tok, L).second_moment}
-    if post is not None:
-        stats["C~"] = key_statistics(model, tok, L, statistic="post_norm").second_moment
     result = {"model": args.model, "layer": L, "base_general_not_top1": base_broken, "facts": []}
+    for name, (_, m, h) in caught.items():  # the sizes involved, unedited
+        result[f"{name}: |W k + b|, |added|, |h|"] = [
+            _summary(m.norm(dim=-1)),
+            _summary(added(m).norm(dim=-1)),
+            _summary(h.norm(dim=-1)),
+        ]
+    if post is not None:
+        result["post-norm gain g"] = _summary(a.norm.gain(post).abs())
     hp = RomeHparams()
     for fact in facts:
         key, position, _ = compute_key(model, tok, fact, L)
@@ -146,10 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
         }
         variants = [("C", stats["C"], v)]
         if post is not None:
-            vs = post_norm_value(model, L, m_star, v)
+            vs = post_norm_value(m_star, v)
             row["rescale"] = round(float(vs.norm() / v.norm()), 3)
             row["|s v*-m*|/|m*|"] = round(float((vs - m_star).norm() / m_star.norm()), 3)
-            variants += [("C~", stats["C~"], v), ("C~ + rescaled v*", stats["C~"], vs)]
+            variants.append(("C + rescaled v*", stats["C"], vs))
         for name, c, value in variants:
             new = rank_one_update(W, bias, key, value, c)
             dw = new - W

@@ -102,29 +102,3 @@ def test_bad_arguments_are_refused(model, tiny_tokenizer):
         key_statistics(model, tiny_tokenizer, LAYER, texts=TEXTS, corpus="tiny", max_tokens=0, use_cache=False)
     with pytest.raises(InputError, match="out of range"):
         key_statistics(model, tiny_tokenizer, 99, texts=TEXTS, corpus="tiny", use_cache=False)
-
-
-def test_the_post_norm_statistic_weighs_each_key_by_the_norm_after_the_mlp(model, tiny_tokenizer, tmp_path):
-    """``C̃ = E[k kᵀ / σ(W k + b)²]``, σ the post-MLP norm's normalizer (Gemma 2/3); cached under its own key, beside
-    ``C`` (whose file name does not change); refused for a family without that norm."""
-    layout = layout_of(model)
-    args = dict(texts=TEXTS, corpus="tiny", max_tokens=150, chunk_tokens=8, cache_dir=tmp_path)
-    if not layout.adapter.mlp_post_norm:
-        with pytest.raises(InputError, match="norm after the MLP"):
-            key_statistics(model, tiny_tokenizer, LAYER, statistic="post_norm", **args)
-        return
-    plain = key_statistics(model, tiny_tokenizer, LAYER, **args)
-    weighted = key_statistics(model, tiny_tokenizer, LAYER, statistic="post_norm", batch_rows=3, **args)
-    assert weighted.statistic == "post_norm" and plain.statistic == "keys"
-    assert weighted.fingerprint != plain.fingerprint and len(list(tmp_path.iterdir())) == 2
-    keys = keys_in_one_batch(model, list(token_rows(tiny_tokenizer, TEXTS, 8, 150)))
-    proj = model.get_submodule(layout.adapter.path("mlp_out", LAYER))
-    norm = model.get_submodule(layout.adapter.path("mlp_post_norm", LAYER))
-    with torch.no_grad():
-        sigma = layout.adapter.norm.sigma(norm, proj(keys.float())).double()  # (N, 1)
-    expected = (keys / sigma).T @ (keys / sigma) / keys.shape[0]
-    torch.testing.assert_close(weighted.second_moment, expected, rtol=1e-5, atol=1e-9)
-    again = key_statistics(model, tiny_tokenizer, LAYER, statistic="post_norm", **args)  # from the cache
-    assert torch.equal(again.second_moment, weighted.second_moment) and again.statistic == "post_norm"
-    with pytest.raises(InputError, match="unknown key statistic"):
-        key_statistics(model, tiny_tokenizer, LAYER, statistic="other", **args)

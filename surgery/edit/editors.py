@@ -33,12 +33,10 @@ METHOD_DESCRIPTIONS = {
 # A norm after the MLP (Gemma 2/3's post_feedforward_layernorm, layout key mlp_post_norm): what each editor does
 # about it (docs/editors.md, "The norm after the MLP"); families without one edit exactly as the papers.
 POST_NORM_NOTES = {
-    "rome": "post-MLP norm: C~ = E[k kT / sigma(W k + b)^2] (each key's change as the norm sees it) and v* rescaled "
-    "to s v* (the same normalized output, the least change)",
-    "memit": "post-MLP norm: each block's residual target mapped back through the norm at the current sigma, keys "
-    "and targets divided by sigma, C~ = E[k kT / sigma^2]",
-    "alphaedit": "post-MLP norm: each block's residual target mapped back through the norm at the current sigma",
+    "rome": "post-MLP norm: v* replaced by s v* (s > 0, the same normalized output) closest to W k* + b",
+    "memit": "post-MLP norm: each block's share of z - h mapped back through the norm at the current sigma",
 }
+POST_NORM_NOTES["alphaedit"] = POST_NORM_NOTES["memit"]
 MULTI_BLOCK = ("memit", "alphaedit")  # the editors that spread one update over several blocks (--layers)
 EDIT_SITE = "mlp_out"  # the Edit's site of the editors: the MLP output projections' weights
 
@@ -90,13 +88,7 @@ def edit_mlp_out(
     post = bool(layout_of(model).adapter.mlp_post_norm)
     if method == "rome":
         stats = key_statistics(
-            model,
-            tokenizer,
-            layer,
-            max_tokens=stat_tokens,
-            cache_dir=cache_dir,
-            progress=stats_progress,
-            statistic="post_norm" if post else "keys",
+            model, tokenizer, layer, max_tokens=stat_tokens, cache_dir=cache_dir, progress=stats_progress
         )
         hp = RomeHparams()
         weight, done = apply_rome(model, tokenizer, facts, layer, stats, hp, check, post_norm=post)
@@ -150,25 +142,17 @@ def _spread(
     post = bool(layout.adapter.mlp_post_norm)
     stats = {
         layer: key_statistics(
-            model,
-            tokenizer,
-            layer,
-            max_tokens=stat_tokens,
-            cache_dir=cache_dir,
-            progress=stats_progress,
-            statistic="post_norm" if post and method == "memit" else "keys",
+            model, tokenizer, layer, max_tokens=stat_tokens, cache_dir=cache_dir, progress=stats_progress
         )
         for layer in layers
     }
     notes = []
     if method == "memit":
         hp = MemitHparams()
-        weights, targets = apply_memit(model, tokenizer, facts, layers, stats, hp, check, "weighted" if post else None)
+        weights, targets = apply_memit(model, tokenizer, facts, layers, stats, hp, check, post_norm=post)
     else:
         hp = AlphaEditHparams()
-        weights, targets, dims = apply_alphaedit(
-            model, tokenizer, facts, layers, stats, hp, check, post_norm="target" if post else None
-        )
+        weights, targets, dims = apply_alphaedit(model, tokenizer, facts, layers, stats, hp, check, post_norm=post)
         notes.append(
             "AlphaEdit: the null space of C (eigenvalues below "
             f"{hp.nullspace_threshold:g} x the largest) has "

@@ -49,10 +49,6 @@ DEFAULT_MAX_TOKENS = 100_000
 CHUNK_TOKENS = 256
 CHUNK_ROWS = 4
 FORMAT = "transformer-surgery-keystats/1"
-# "keys": C = E[k kᵀ]. "post_norm": C̃ = E[k kᵀ / σ(W k + b)²], σ the normalizer of the norm after the MLP (Gemma 2/3's
-# post_feedforward_layernorm) at that token: what an update ΔW moves is the normalized output, by ΔW k / σ to first
-# order, so C̃ weighs each token's change as the post-norm sees it (docs/editors.md).
-STATISTICS = ("keys", "post_norm")
 
 Progress = Callable[..., None]
 
@@ -82,7 +78,6 @@ class KeyStats:
     n_tokens: int
     corpus: str
     fingerprint: str
-    statistic: str = "keys"
 
     @property
     def d_mlp(self) -> int:
@@ -128,40 +123,30 @@ def accumulate_keys(
     batch_rows: int = CHUNK_ROWS,
     progress: Progress | None = None,
     total: int | None = None,
-    statistic: str = "keys",
 ) -> tuple[Tensor, int]:
     """``(sum over positions of k kᵀ, number of positions)``, float64, over ``rows`` (each run after ``prefix``,
-    whose keys are not counted), ``batch_rows`` rows of equal length per forward pass. ``statistic="post_norm"``:
-    each ``k kᵀ`` divided by ``σ(W k + b)²``, the post-MLP norm's normalizer of the projection's output there."""
+    whose keys are not counted), ``batch_rows`` rows of equal length per forward pass."""
     layout = layout_of(model)
     path = layout.adapter.path("mlp_out", layer)
     device = next(model.parameters()).device
     acc = torch.zeros(layout.d_mlp, layout.d_mlp, dtype=torch.float64, device=device)
     count = 0
     captured: list[Tensor] = []
-    weighted = _check_statistic(layout, statistic)
-    post_norm = model.get_submodule(layout.adapter.path("mlp_post_norm", layer)) if weighted else None
 
     def grab(module, args):
         captured.append(args[0].detach())
         raise _Enough  # the blocks above and the logits are not needed (as ROME's layer_stats stops there)
 
-    def grab_weighted(module, args, output):
-        sigma = layout.adapter.norm.sigma(post_norm, output.detach())  # (B, T, 1), as the post-norm computes it
-        captured.append(args[0].detach().double() / sigma.double())  # k / σ: (k / σ)(k / σ)ᵀ = k kᵀ / σ²
-        raise _Enough
-
     def run(batch: list[list[int]]) -> None:
         nonlocal acc, count
         ids = torch.tensor([list(prefix) + r for r in batch], device=device)  # (B, P + T)
         captured.clear()
-        hooks = {"forward": {path: grab_weighted}} if weighted else {"pre": {path: grab}}
-        with torch.no_grad(), hooked(model, **hooks):
+        with torch.no_grad(), hooked(model, pre={path: grab}):
             try:
                 model(input_ids=ids)
             except _Enough:
                 pass
-        keys = captured[0][:, len(prefix) :].reshape(-1, layout.d_mlp).double()  # (B * T, d_mlp); post_norm: k / σ
+        keys = captured[0][:, len(prefix) :].reshape(-1, layout.d_mlp).double()  # (B * T, d_mlp)
         if not torch.isfinite(keys).all():
             raise NonFiniteError(f"block {layer}'s MLP keys hold NaN or inf on the key-statistics text")
         acc += keys.T @ keys
@@ -183,35 +168,14 @@ def accumulate_keys(
     return acc, count
 
 
-def _check_statistic(layout, statistic: str) -> bool:
-    """Whether ``statistic`` is the post-norm-weighted one; refuses an unknown name, and ``post_norm`` for a family
-    without a norm after the MLP."""
-    if statistic not in STATISTICS:
-        raise InputError(f"unknown key statistic {statistic!r}: choose among {', '.join(STATISTICS)}")
-    if statistic == "post_norm" and not layout.adapter.mlp_post_norm:
-        raise InputError(f"the post_norm key statistic needs a norm after the MLP, which {layout.family} lacks")
-    return statistic == "post_norm"
-
-
-def fingerprint(
-    model: nn.Module,
-    tokenizer,
-    layer: int,
-    corpus: str,
-    max_tokens: int,
-    chunk_tokens: int,
-    statistic: str = "keys",
-) -> str:
+def fingerprint(model: nn.Module, tokenizer, layer: int, corpus: str, max_tokens: int, chunk_tokens: int) -> str:
     """SHA-256 (hex, first 24) of what the keys of block ``layer`` depend on: the shape config, the embeddings and
-    blocks ``0..layer`` (names, shapes, dtypes, bytes), the tokenizer, the corpus, the token budget and the rows;
-    and the statistic, when not the plain ``keys`` (so the files of ``C`` keep their names)."""
+    blocks ``0..layer`` (names, shapes, dtypes, bytes), the tokenizer, the corpus, the token budget and the rows."""
     layout = layout_of(model)
     a = layout.adapter
     h = hashlib.sha256()
     tok = {"class": type(tokenizer).__name__, "size": len(tokenizer), "probe": _probe_ids(tokenizer)}
     head = {"config": base_config(model), "tokenizer": tok, "corpus": corpus, "max_tokens": max_tokens}
-    if statistic != "keys":
-        head["statistic"] = statistic
     h.update(json.dumps({**head, "layer": layer, "chunk_tokens": chunk_tokens}, sort_keys=True).encode())
     prefixes = [a.embed, *([a.pos_embed] if a.pos_embed else []), *(a.block(i) for i in range(layer + 1))]
     for prefix in prefixes:
@@ -239,17 +203,14 @@ def key_statistics(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: Progress | None = None,
-    statistic: str = "keys",
 ) -> KeyStats:
     """``C = E[k kᵀ]`` of block ``layer``'s MLP keys over ``max_tokens`` positions of ``texts`` (default: the
     :func:`corpus_texts`; ``corpus`` names other texts in the cache key, and is required with them), loaded from
     ``cache_dir`` (default ``~/.cache/transformer-surgery/keystats``) when computed before. ``progress(n, total)``
-    is called after each forward pass. ``statistic="post_norm"`` (families with a norm after the MLP): ``C̃ =
-    E[k kᵀ / σ(W k + b)²]`` instead, cached under its own key. Raises :class:`InputError` for a bad layer, budget
-    or statistic, or texts that give no token."""
+    is called after each forward pass. Raises :class:`InputError` for a bad layer or budget, or texts that give
+    no token."""
     layout = layout_of(model)
     layout.check_layer(layer)
-    _check_statistic(layout, statistic)
     require_positive_int("max_tokens", max_tokens)
     require_positive_int("chunk_tokens", chunk_tokens)
     if texts is not None and not corpus:
@@ -257,21 +218,21 @@ def key_statistics(
     corpus = CORPUS if texts is None else corpus
     prefix = _bos_prefix(tokenizer)
     chunk_tokens = min(chunk_tokens, layout.n_ctx - len(prefix))
-    key = fingerprint(model, tokenizer, layer, corpus, max_tokens, chunk_tokens, statistic)
+    key = fingerprint(model, tokenizer, layer, corpus, max_tokens, chunk_tokens)
     module = layout.adapter.path("mlp_out", layer)
     root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "keystats"
     path = root / f"{key}-layer{layer}.safetensors"
     if use_cache and path.is_file():
-        stats = _load(path, key, statistic)
+        stats = _load(path, key)
         if stats is not None:
             log.info("key statistics of block %d loaded from %s", layer, path)
             return stats
     texts = corpus_texts() if texts is None else texts
     rows = token_rows(tokenizer, texts, chunk_tokens, max_tokens)
-    acc, count = accumulate_keys(model, rows, layer, prefix, batch_rows, progress, max_tokens, statistic)
+    acc, count = accumulate_keys(model, rows, layer, prefix, batch_rows, progress, max_tokens)
     if count == 0:
         raise InputError(f"the key-statistics texts ({corpus}) give no token")
-    stats = KeyStats(layer, module, (acc / count).cpu(), count, corpus, key, statistic)
+    stats = KeyStats(layer, module, (acc / count).cpu(), count, corpus, key)
     if use_cache:
         _save(path, stats)
     return stats
@@ -286,7 +247,6 @@ def _save(path: Path, stats: KeyStats) -> None:
         "n_tokens": str(stats.n_tokens),
         "corpus": stats.corpus,
         "fingerprint": stats.fingerprint,
-        "statistic": stats.statistic,
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +262,7 @@ def _save(path: Path, stats: KeyStats) -> None:
         log.warning("key statistics not cached (%s): %s", path.parent, e)
 
 
-def _load(path: Path, key: str, statistic: str = "keys") -> KeyStats | None:
+def _load(path: Path, key: str) -> KeyStats | None:
     """The cached statistics, or None when the file is unreadable or not ours (then they are recomputed)."""
     try:
         from safetensors import safe_open
@@ -312,9 +272,7 @@ def _load(path: Path, key: str, statistic: str = "keys") -> KeyStats | None:
         c = load_file(str(path))["second_moment"]
         if meta.get("format") != FORMAT or meta.get("fingerprint") != key:
             return None
-        if meta.get("statistic", "keys") != statistic:  # files written before the statistic was recorded: C
-            return None
-        return KeyStats(int(meta["layer"]), meta["module"], c, int(meta["n_tokens"]), meta["corpus"], key, statistic)
+        return KeyStats(int(meta["layer"]), meta["module"], c, int(meta["n_tokens"]), meta["corpus"], key)
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         log.warning("ignoring the unreadable key-statistics cache %s: %s", path, e)
         return None

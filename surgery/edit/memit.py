@@ -129,17 +129,14 @@ def alphaedit_delta(
     return torch.linalg.solve(a, p @ k @ r.T).T
 
 
-def post_norm_targets(
-    model: nn.Module, layer: int, matrix: Tensor, keys: Tensor, resid: Tensor, weighted: bool = True
-) -> tuple[Tensor, Tensor]:
-    """For a family with a norm after the MLP (Gemma 2/3), block ``layer``'s least squares in the projection's own
-    terms: ``(K', R')`` to solve ``ΔW K' = R'`` for, from ``K`` (d_mlp, n) and ``R`` (d_model, n) the residual
-    change wanted. What the block adds is ``g ⊙ m / σ(m)`` (``m = W k + b``, ``matrix`` ``W``), so the wanted output
-    ``y = g ⊙ m / σ + r`` is mapped back through the norm at the current ``σ``: ``m' = σ u / rms(u)``, ``u = y / g``
-    (dividing by ``rms(u)`` projects ``y`` onto what the norm can produce: a direction, not a length), and
-    ``R' = m' − m``. ``weighted``: both divided by ``σ`` per fact, ``(K / σ, (m' − m) / σ)``, the terms of ``C̃ =
-    E[k kᵀ / σ²]`` (:mod:`~surgery.edit.keystats`' ``post_norm`` statistic): the change of each key's output as the
-    norm sees it, relative to its size. Float64."""
+def post_norm_target(model: nn.Module, layer: int, matrix: Tensor, keys: Tensor, resid: Tensor) -> Tensor:
+    """For a family with a norm after the MLP (Gemma 2/3), block ``layer``'s wanted residual change ``R`` (d_model,
+    n) as a change of its projection's output, for ``ΔW K = R'`` to be solved with. What the block adds to the
+    residual is ``g ⊙ m / σ(m)`` (``m = W k + b``, ``W`` = ``matrix``, ``K`` = ``keys`` (d_mlp, n), ``g`` the norm's
+    gain, ``σ`` its normalizer), not ``m``: the wanted output ``y = g ⊙ m / σ + r`` is mapped back through the norm
+    at the current ``σ``, ``m' = σ u / rms(u)`` with ``u = y / g``, and ``R' = m' − m``. Dividing by ``rms(u)``
+    projects ``y`` onto what the norm can produce (its outputs all have ``rms(y / g) = 1``: a direction, not a
+    length), so a change larger than the norm can write becomes a rotation towards it. Float64 (d_model, n)."""
     a = layout_of(model).adapter
     norm = model.get_submodule(a.path("mlp_post_norm", layer))
     bias = out_projection(model, layer)[2]
@@ -148,10 +145,7 @@ def post_norm_targets(
     sigma = (m.pow(2).mean(0, keepdim=True) + a.norm.eps(norm)).sqrt()  # (1, n), as the norm computes it
     g = a.norm.gain(norm).to(k.device, torch.float64)[:, None]  # (d_model, 1)
     u = (g * m / sigma + r) / g
-    target = sigma * u / u.pow(2).mean(0, keepdim=True).sqrt()
-    if not weighted:
-        return k, target - m
-    return k / sigma, (target - m) / sigma
+    return sigma * u / u.pow(2).mean(0, keepdim=True).sqrt() - m
 
 
 def compute_targets(
@@ -216,12 +210,11 @@ def spread_update(
     hp: MemitHparams,
     solve: Solver,
     check: Callable[[str], None] | None = None,
-    post_norm: str | None = None,
+    post_norm: bool = False,
 ) -> tuple[dict[int, Tensor], list[MemitFact]]:
-    """Steps 1 and 2 with ``solve(layer, K, R) -> ΔW``. ``post_norm`` (families with a norm after the MLP):
-    ``"weighted"`` or ``"target"``, ``K`` and ``R`` first mapped through the norm by :func:`post_norm_targets`
-    (weighted or not); None: as the papers. Returns each block's new projection matrix (float64, ``[d_model,
-    d_mlp]``) and each fact's target."""
+    """Steps 1 and 2 with ``solve(layer, K, R) -> ΔW``. ``post_norm`` (families with a norm after the MLP): ``R``
+    first mapped back through the norm (:func:`post_norm_target`); False: as the papers. Returns each block's new
+    projection matrix (float64, ``[d_model, d_mlp]``) and each fact's target."""
     layers = sorted(layers)
     targets = compute_targets(model, tokenizer, facts, layers[-1], hp, check)
     z = torch.stack([t.z for t in targets], 1)  # (d_model, n)
@@ -232,8 +225,8 @@ def spread_update(
             check(f"update of block {layer}")
         keys, now = keys_and_residuals(model, tokenizer, targets, layer, layers[-1], run_with)
         resid = (z - now) / (len(layers) - i)  # spread what is left equally over the blocks left
-        if post_norm is not None:
-            keys, resid = post_norm_targets(model, layer, matrices[layer], keys, resid, post_norm == "weighted")
+        if post_norm:
+            resid = post_norm_target(model, layer, matrices[layer], keys, resid)
         delta = solve(layer, keys, resid)
         if not torch.isfinite(delta).all():
             raise SurgeryFailed(f"the update of block {layer} is not finite (are the keys all zeros?)")
@@ -251,11 +244,11 @@ def apply_memit(
     stats: Mapping[int, KeyStats],
     hp: MemitHparams = MemitHparams(),
     check: Callable[[str], None] | None = None,
-    post_norm: str | None = None,
+    post_norm: bool = False,
 ) -> tuple[dict[int, Tensor], list[MemitFact]]:
     """MEMIT on ``layers`` (``stats[l]``: block ``l``'s key statistics). Returns each block's new projection
     weight in the family's stored layout and dtype, and each fact's target. ``post_norm``: see
-    :func:`spread_update` (``"weighted"`` goes with the ``post_norm`` statistic ``C̃``)."""
+    :func:`spread_update`."""
 
     def solve(layer: int, k: Tensor, r: Tensor) -> Tensor:
         return memit_delta(k, r, stats[layer].second_moment, hp.mom2_update_weight)
@@ -273,7 +266,7 @@ def apply_alphaedit(
     hp: AlphaEditHparams = AlphaEditHparams(),
     check: Callable[[str], None] | None = None,
     previous: Mapping[int, Tensor] | None = None,
-    post_norm: str | None = None,
+    post_norm: bool = False,
 ) -> tuple[dict[int, Tensor], list[MemitFact], dict[int, int]]:
     """AlphaEdit on ``layers``; ``previous[l]``: ``K_p K_pᵀ`` of block ``l``'s keys edited in earlier rounds (none:
     a single round); ``post_norm``: see :func:`spread_update`. Returns the new weights (stored layout and dtype),

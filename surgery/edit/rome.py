@@ -150,17 +150,13 @@ def compute_value(
     return (v_init + delta.detach()).double(), steps, nll, kl
 
 
-def post_norm_value(model: nn.Module, layer: int, current: Tensor, value: Tensor, min_scale: float = 0.1) -> Tensor:
-    """``s v*`` with ``s > 0`` the closest to ``current`` (``W k* + b``) in the post-MLP norm's gain: ``s =
-    <g v*, g m*> / ‖g v*‖²``, at least ``min_scale`` x ‖m*‖ / ‖v*‖ (so the norm's eps stays negligible). A norm after
-    the MLP (Gemma 2/3's RMSNorm, gain ``g``) gives ``s v*`` the same output as ``v*``: every ``s v*`` makes the model
-    say what ``v*`` does, and this one asks the least change of the projection. Float64 (d_model,)."""
-    a = layout_of(model).adapter
-    norm = model.get_submodule(a.path("mlp_post_norm", layer))
-    g = a.norm.gain(norm).to(value.device, torch.float64)
-    gv, gm = g * value, g * current
-    s = float(gv @ gm) / float(gv @ gv)
-    return value * max(s, min_scale * float(current.norm() / value.norm()))
+def post_norm_value(current: Tensor, value: Tensor) -> Tensor:
+    """``v*`` scaled to the length of ``current`` (``W k* + b``): ``s v*``, ``s = ‖W k* + b‖ / ‖v*‖``. A norm after
+    the MLP (Gemma 2/3's RMSNorm) maps every ``s v*`` (``s > 0``) to the same output as ``v*`` (up to its eps), so
+    this one makes the model say what ``v*`` does, turns the output instead of stretching it (the norm's input keeps
+    its scale), and asks a smaller change: ``‖s v* − m*‖ = 2 sin(θ/2) ‖m*‖``, θ the angle between them, where
+    ``v*``'s ``δ`` reaches ``clamp_norm_factor`` x ‖m*‖ to turn it. Float64 (d_model,)."""
+    return value * (current.norm() / value.norm())
 
 
 def rank_one_update(matrix: Tensor, bias: Tensor | None, key: Tensor, value: Tensor, second_moment: Tensor) -> Tensor:
@@ -186,8 +182,8 @@ def apply_rome(
 ) -> tuple[Tensor, list[RomeFact]]:
     """ROME on each fact in turn, each on the previous result. Returns the new projection weight in the family's
     stored layout and dtype, and each fact's ``k*``/``v*``. ``check(where)`` runs before each fact (a deadline).
-    ``post_norm`` (a family with a norm after the MLP; ``stats`` then ``C̃``, the ``post_norm`` statistic): ``v*``
-    is replaced by :func:`post_norm_value`'s ``s v*``, which the norm maps to the same output."""
+    ``post_norm`` (a family with a norm after the MLP): ``v*`` is replaced by :func:`post_norm_value`'s ``s v*``,
+    which the norm maps to the same output with a smaller change."""
     layout = layout_of(model)
     path, stored, bias = out_projection(model, layer)
     matrix = stored.detach().double()  # [d_model, d_mlp]
@@ -199,7 +195,7 @@ def apply_rome(
         value, steps, nll, kl = compute_value(model, tokenizer, fact, position, hp, {layer: matrix.float()}, path)
         if post_norm:
             current = matrix @ key + (0.0 if bias is None else bias.detach().double())
-            value = post_norm_value(model, layer, current, value)
+            value = post_norm_value(current, value)
         matrix = rank_one_update(matrix, bias, key, value, stats.second_moment)
         if not torch.isfinite(matrix).all():
             raise SurgeryFailed(f"ROME's update for {fact.prompt!r} is not finite (is the key all zeros?)")
