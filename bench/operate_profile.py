@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -87,6 +88,9 @@ def show(label: str, runs: list[dict]) -> None:
         print(f"\n{label} #{i + 1}: {r['wall_s']:.1f} s, block {r['layer']}, {r['steps']} steps")
         wall = {"median": r["wall_s"], "min": r["wall_s"], "max": r["wall_s"]}
         print(format_stages({"wall": wall, "stages": r["stages"]}))
+    walls = sorted(r["wall_s"] for r in runs)
+    median = statistics.median(walls)
+    print(f"\n{label}: median of {len(walls)} {median:.1f} s (min {walls[0]:.1f}, max {walls[-1]:.1f})")
 
 
 def main() -> None:

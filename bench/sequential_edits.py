@@ -211,9 +211,7 @@ def to_markdown(out: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in out["chains"]:
-        after = ", ".join(
-            f"{r['said_after']}/{r['facts']}" if "said_after" in r else f"— ({r['error'][:40]})" for r in c["rounds"]
-        )
+        after = ", ".join(f"{r['said_after']}/{r['facts']}" if "said_after" in r else "— (†)" for r in c["rounds"])
         kept = ", ".join(f"{n}/{len(rs)}" for n, rs in zip(c["retained_per_round"], c["recheck"]))
         f = c["final"]
         lines.append(
@@ -229,6 +227,11 @@ def to_markdown(out: dict) -> str:
         " base model's, estimated once; AlphaEdit keeps the earlier rounds' keys (K_p K_pᵀ).",
         "",
     ]
+    failed = [(c["method"], i, r["error"]) for c in out["chains"] for i, r in enumerate(c["rounds"], 1) if "error" in r]
+    if failed:
+        lines += ["† Rounds that did not edit (the chain went on with the model as it was):", ""]
+        lines += [f"- {method}, round {i}: {error}" for method, i, error in failed]
+        lines.append("")
     return "\n".join(lines)
 
 

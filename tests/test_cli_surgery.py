@@ -394,3 +394,23 @@ def test_operate_with_memit_on_the_papers_fixed_layers(capsys, tmp_path):
 
     code, _, err = run_cli(capsys, *args, "--method", "rome", "--layers", "1,2", "--out", tmp_path / "other")
     assert code == 2 and err == "error: --layers is for --method memit or alphaedit; --method rome edits one block\n"
+
+
+def test_reproduce_on_the_demo_model_writes_its_report_and_refuses_an_existing_folder(capsys, tmp_path):
+    """``reproduce`` end to end (one site, to stay fast): the diagnosis, the repair and both plots are written, the
+    JSON report agrees with the printed table, and a second run into the same folder is refused, the folder kept."""
+    out = tmp_path / "repro"
+    code, printed, _ = run_cli(capsys, "reproduce", "--model", DEMO_DIR, "--sites", "wv", "--out", out)
+    assert code == 0
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert written == ["heads.png", "lens.png", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    (wv,) = report["sites"]
+    assert wv["site"] == "wv" and wv["ok"]
+    assert report["layer"] == wv["report"]["layer"]
+    assert f"| wv | {wv['report']['facts_fixed']} |" in printed
+    assert any(d["verdict"] == "routing" for d in report["diagnoses"])
+    before = (out / "report.json").read_bytes()
+    code, _, err = run_cli(capsys, "reproduce", "--model", DEMO_DIR, "--sites", "wv", "--out", out)
+    assert code != 0 and "exists" in err and "Traceback" not in err
+    assert (out / "report.json").read_bytes() == before

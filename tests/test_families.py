@@ -497,8 +497,9 @@ def test_operate_with_a_memo_of_the_base_reports_the_same_and_generates_nothing_
     operated, tiny_tokenizer, tiny_panel, monkeypatch
 ):
     # issue 22: the base model's figures are computed once per memo; a second operate with the same memo finds them
-    # all (facts, paraphrases, panel probes, fluency, kept answers, perplexity, hidden states) and its report
-    # equals the memo-less one but for the wall times
+    # all (facts, paraphrases, panel probes, fluency, kept answers, perplexity, hidden states, the diagnosis) and
+    # its report equals the memo-less one but for the wall times
+    from surgery.edit import training
     from surgery.evaluation import generation, scoring
     from surgery.evaluation.memo import EvaluationMemo
 
@@ -518,6 +519,8 @@ def test_operate_with_a_memo_of_the_base_reports_the_same_and_generates_nothing_
     monkeypatch.setattr(generation, "_generate_wave", lambda m, *a: generated_on.append(m) or wave(m, *a))
     monkeypatch.setattr(scoring, "perplexity", lambda m, *a: generated_on.append(m) or perplexity(m, *a))
     monkeypatch.setattr(scoring, "final_hidden", lambda m, *a: generated_on.append(m) or hidden(m, *a))
+    diagnose = training.diagnose_batch
+    monkeypatch.setattr(training, "diagnose_batch", lambda m, *a: generated_on.append(m) or diagnose(m, *a))
     second = run()
     assert generated_on and all(m is not model for m in generated_on)  # only the edited view is computed
 

@@ -4,13 +4,12 @@ compare.png and each method's patch, report and card, atomically."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..core.progress import progress_bar
 from ..edit.compare import EditorComparison, check_methods, compare_editors
 from ..edit.editors import METHODS
 from ..evaluation.facts import load_facts
-from ..io.export import atomic_output, check_output_dir, write_edit_files
+from ..io.export import atomic_output, check_output_dir, write_edit_files, write_json
 from .common import add_model_arg, load, load_panel_arg, print_json
 from .operate import add_method_args, add_training_args, config_from_args, read_unrelated
 
@@ -88,7 +87,7 @@ def write_comparison(out, overwrite: bool, loaded, comparison: EditorComparison,
     but for the model weights (``apply-patch`` rebuilds them from the patch)."""
     with atomic_output(out, overwrite) as tmp:
         (tmp / "compare.md").write_text(markdown, encoding="utf-8")
-        (tmp / "compare.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        write_json(tmp / "compare.json", summary)
         comparison.figure().savefig(tmp / "compare.png", dpi=120)
         for r in comparison.runs:
             if not r.ok:

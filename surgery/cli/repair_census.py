@@ -4,7 +4,6 @@ the neighbourhood; compared with one edit per fact. Writes ``report.json``, ``re
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..arch import block_label
@@ -14,7 +13,7 @@ from ..edit.many_facts import RepairConfig, repair_from_census
 from ..evaluation.facts import load_fact_file
 from ..evaluation.panels import ENGLISH_PANEL, load_panel
 from ..evaluation.report import format_rows
-from ..io.export import EDIT_FILE, _with_base, atomic_output, check_output_dir
+from ..io.export import atomic_output, check_output_dir, write_json, write_patch
 from .common import add_device_arg, add_model_arg, load, parse_layer
 from .operate import DEFAULTS
 
@@ -106,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
             f"{', '.join(map(str, per['side_effects_after']))} (each of /{per['side_effects_total']}) |\n"
         )
     with atomic_output(args.out, args.overwrite) as tmp:
-        _with_base(result.edit, loaded).save(tmp / EDIT_FILE)
-        (tmp / "report.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        write_patch(tmp, loaded, result.edit)
+        write_json(tmp / "report.json", summary)
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
     print(markdown)
     print(f"written to {args.out}")

@@ -4,14 +4,13 @@ as ``report.md``, ``report.json`` and the trace's plots (``lens.png``, ``heads.p
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..arch import SITES
 from ..core.errors import InputError
 from ..diagnosis import plots
 from ..edit.reproduce import reproduce
 from ..evaluation.facts import load_facts
-from ..io.export import atomic_output, check_output_dir
+from ..io.export import atomic_output, check_output_dir, write_json
 from .common import add_device_arg, add_model_arg, add_panel_arg, load, load_panel_arg, parse_layer
 
 
@@ -64,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with atomic_output(args.out, args.overwrite) as tmp:
         (tmp / "report.md").write_text(result.to_markdown(), encoding="utf-8")
-        (tmp / "report.json").write_text(
-            json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8"
-        )
+        write_json(tmp / "report.json", result.to_dict())
         traced = next((d for d in result.diagnoses if d.verdict == "routing"), None)
         if traced is not None:
             plots.cumulative_logit_plot(traced).savefig(tmp / "lens.png", dpi=120)

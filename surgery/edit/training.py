@@ -50,7 +50,7 @@ from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, NonFiniteError, SurgeryFailed, SurgeryTimeout, require_positive_int
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
 from ..evaluation.facts import Fact
-from ..evaluation.memo import EvaluationMemo
+from ..evaluation.memo import EvaluationMemo, memo_for
 from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import kl_divergence, score_probes
@@ -506,6 +506,7 @@ def operate(
     fresh memo serves this call alone. The results are the same either way.
     """
     t0 = time.perf_counter()
+    memo = memo_for(memo, model)  # a memo of another model holds nothing for this one
     memo = memo if memo is not None else EvaluationMemo(model)
     deadline = Deadline.start(config.max_seconds)
     facts = list(facts)
@@ -517,7 +518,10 @@ def operate(
     before = score_probes(model, tokenizer, facts, memo)  # also validates every prompt and target
     if before.correct == before.total:
         raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
-    diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    diagnoses = memo.diagnoses(
+        tuple((f.prompt, f.target) for f in facts),
+        lambda: diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts]),
+    )
     verdicts = [d.verdict for d in diagnoses]
     deadline.check("after diagnosing the facts")
     absent_notes: list[str] = []

@@ -2,9 +2,10 @@
 
 Every repair judges the base model on the same panel: its greedy continuations of the facts, the paraphrases, the
 panel's probes and the fluency prompts, its perplexity on the panel's passage and its final hidden states on the
-unrelated text. None of that depends on the edit, so an :class:`EvaluationMemo` of one model keeps each figure
-the first time it is computed and hands it back afterwards: the app keeps one per served model
-(:class:`~surgery.serve.registry.ServedModel`), so a visitor's repair never regenerates the base model's answers.
+unrelated text; and a repair diagnoses its facts on the base model. None of that depends on the edit, so an
+:class:`EvaluationMemo` of one model keeps each figure the first time it is computed and hands it back afterwards:
+the app keeps one per served model (:class:`~surgery.serve.registry.ServedModel`), so a visitor's repair never
+regenerates the base model's answers.
 
 The memo is an object its owner passes down (no module-level cache); it belongs to one model object and is
 ignored when handed another one (an edited view, another model), so it can never answer for the wrong weights.
@@ -41,6 +42,7 @@ class EvaluationMemo:
         self._rows: dict[RowKey, Row] = {}
         self._perplexity: dict[str, float] = {}
         self._hidden: dict[tuple[str, ...], Tensor] = {}
+        self._diagnoses: dict[tuple[tuple[str, str], ...], list] = {}
         self._lock = threading.Lock()
 
     def serves(self, model: nn.Module) -> bool:
@@ -62,6 +64,11 @@ class EvaluationMemo:
     def hidden(self, texts: tuple[str, ...], compute) -> Tensor:
         """The final hidden states of ``texts`` (Float[Tensor, "N d"]): kept, or ``compute()`` once."""
         return self._once(self._hidden, texts, compute)
+
+    def diagnoses(self, facts: tuple[tuple[str, str], ...], compute) -> list:
+        """The diagnoses of ``facts`` ((prompt, target) pairs, in order): kept, or ``compute()`` once. A new list
+        each call (the diagnoses themselves are shared: read them, do not change them)."""
+        return list(self._once(self._diagnoses, facts, compute))
 
     def _once(self, store: dict, key, compute):
         """``store[key]``, or ``compute()`` kept there; computed outside the lock (two threads asking at once may

@@ -192,6 +192,20 @@ def _with_base(edit: Edit, loaded: LoadedModel) -> Edit:
     return replace(edit, metadata={**edit.metadata, **meta})
 
 
+def write_patch(folder: Path, loaded: LoadedModel, edit: Edit) -> Path:
+    """``folder/patch.safetensors``: ``edit`` with the base model (and its revision) named in its metadata."""
+    path = Path(folder) / EDIT_FILE
+    _with_base(edit, loaded).save(path)
+    return path
+
+
+def write_json(path: Path, data) -> Path:
+    """``data`` as indented, strict JSON (a NaN or infinity is an error, not an invalid file) and a newline."""
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
 def report_dict(loaded: LoadedModel, report) -> dict:
     """What ``report.json`` holds: the base (named without local paths), its revision and the report."""
     return {"base_model": loaded.base_name, "revision": loaded.revision, **report.to_dict()}
@@ -216,9 +230,8 @@ def write_output(
 def write_edit_files(folder: Path, loaded: LoadedModel, result, license: str | None = None) -> None:
     """``patch.safetensors`` (naming the base), ``report.json`` and ``README.md`` of ``result`` into ``folder``
     (an :func:`atomic_output` folder being written): an edit's files without the model's weights."""
-    _with_base(result.edit, loaded).save(folder / EDIT_FILE)
-    report = json.dumps(report_dict(loaded, result.report), indent=2, allow_nan=False)
-    (folder / REPORT_FILE).write_text(report + "\n", encoding="utf-8")
+    write_patch(folder, loaded, result.edit)
+    write_json(folder / REPORT_FILE, report_dict(loaded, result.report))
     (folder / CARD_FILE).write_text(model_card(loaded, result.report, license=license), encoding="utf-8")
 
 

@@ -14,7 +14,6 @@ model.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -33,7 +32,7 @@ from ..core.errors import ModelLoadError
 from ..edit.training import SurgeryResult
 from ..evaluation.facts import Fact
 from ..io.edit_file import edited_model
-from ..io.export import EDIT_FILE, REPORT_FILE, _with_base, report_dict
+from ..io.export import REPORT_FILE, report_dict, write_json, write_patch
 from ..io.loading import DEMO_MODEL, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -197,11 +196,10 @@ def write_downloads(folder: str | os.PathLike, loaded: LoadedModel, result: Surg
     tensors, with the base model named in its metadata) and ``report.json`` — the same two files as in an
     ``operate --out`` folder, without the full model (which is written only when it is pushed)."""
     folder = Path(folder)
-    edit = _with_base(result.edit, loaded)
-    report = report_dict(loaded, result.report)  # the base named without local paths
-    edit.save(folder / EDIT_FILE)
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return [folder / EDIT_FILE, folder / REPORT_FILE]
+    return [
+        write_patch(folder, loaded, result.edit),
+        write_json(folder / REPORT_FILE, report_dict(loaded, result.report)),  # the base named without local paths
+    ]
 
 
 WORK_PREFIX = "transformer-surgery-app-"
