@@ -85,7 +85,7 @@ def sequential_protocol(base: nn.Module, memory: dict[int, Tensor]) -> Iterator[
     def base_statistics(_model, tokenizer, layer, **kwargs):
         return key_statistics(base, tokenizer, layer, **kwargs)
 
-    def alphaedit_remembering(model, tokenizer, facts, layers, stats, hp, check=None, post_norm=None):
+    def alphaedit_remembering(model, tokenizer, facts, layers, stats, hp, check=None, post_norm=False):
         weights, targets, dims = apply_alphaedit(
             model, tokenizer, facts, layers, stats, hp, check, dict(memory), post_norm
         )
