@@ -33,7 +33,7 @@ METHOD_DESCRIPTIONS = {
 # A norm after the MLP (Gemma 2/3's post_feedforward_layernorm, layout key mlp_post_norm): what each editor does
 # about it (docs/editors.md, "The norm after the MLP"); families without one edit exactly as the papers.
 POST_NORM_NOTES = {
-    "rome": "post-MLP norm: v* replaced by s v* (s > 0, the same normalized output) closest to W k* + b",
+    "rome": "post-MLP norm: v* scaled to the length of W k* + b (the norm gives it the same output)",
     "memit": "post-MLP norm: each block's share of z - h mapped back through the norm at the current sigma",
 }
 POST_NORM_NOTES["alphaedit"] = POST_NORM_NOTES["memit"]
