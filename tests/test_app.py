@@ -158,10 +158,16 @@ def test_bad_facts(facts, match):
 
 
 def test_facts_table_and_json_stay_in_step():
-    rows = [list(FRANCE), ["The capital of Italy is", " Rome"]]
+    rows = [[*FRANCE, "France"], ["The capital of Italy is", " Rome", ""]]
     as_json = ui_surgery.table_to_json(rows)
-    assert json.loads(as_json) == [{"prompt": p, "target": t} for p, t in rows]
+    assert json.loads(as_json) == [
+        {"prompt": FRANCE[0], "target": FRANCE[1], "subject": "France"},
+        dict(zip(("prompt", "target"), rows[1])),
+    ]
     assert ui_surgery.facts_table(as_json) == rows
+    assert ui_surgery.table_to_json([list(FRANCE)]) == json.dumps([dict(zip(("prompt", "target"), FRANCE))], indent=1)
+    with pytest.raises(SurgeryError, match="subject"):  # a subject that is not part of the prompt is refused
+        ui_common.parse_facts([[*FRANCE, "Spain"]])
     assert ui_surgery.facts_table('[{"prompt": ') == gr.skip()  # half-typed JSON leaves the table as it is
 
 

@@ -144,3 +144,22 @@ def test_load_facts_reads_each_file_by_its_format(tmp_path):
     listed.write_text(json.dumps([GOOD]))
     with pytest.raises(InputError, match="list.json: .* is also in d.jsonl"):
         load_facts([dataset, listed])
+
+
+def test_a_facts_list_may_name_each_facts_subject_which_must_be_in_its_prompt(tmp_path):
+    listed = tmp_path / "list.json"
+    items = [
+        {"prompt": "The capital of Burkina Faso is", "target": " Ouagadougou", "subject": "Burkina Faso"},
+        {"prompt": "The capital of Italy is", "target": " Rome"},
+    ]
+    listed.write_text(json.dumps(items))
+    facts = load_facts(listed)
+    assert [f.subject for f in facts] == ["Burkina Faso", None]
+    assert [f.to_dict() for f in facts] == items  # a facts-list fact stays one (no relation added)
+    for bad in ("Burkina", "Mali", "", 3):  # "Burkina" is part of the prompt: allowed; the others are not
+        listed.write_text(json.dumps([{**items[0], "subject": bad}]))
+        if bad == "Burkina":
+            assert load_facts(listed)[0].subject == "Burkina"
+            continue
+        with pytest.raises(InputError, match="entry 1 has a 'subject' that is not part of its prompt"):
+            load_facts(listed)

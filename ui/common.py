@@ -87,7 +87,8 @@ def check_prompt(prompt, what: str = "prompt") -> str:
 
 
 def parse_facts(facts) -> list[Fact]:
-    """Facts from the JSON editor (a string), a list of ``{"prompt","target"}`` or table rows."""
+    """Facts from the JSON editor (a string), a list of ``{"prompt", "target", "subject"?}`` or table rows
+    (prompt, target and optionally the subject; a blank subject names none)."""
     if isinstance(facts, str):
         if not facts.strip():
             raise InputError('no facts given: add at least one {"prompt", "target"} to fix')
@@ -100,6 +101,7 @@ def parse_facts(facts) -> list[Fact]:
     if isinstance(facts, list) and facts and isinstance(facts[0], (list, tuple)):  # table rows; blank rows skipped
         facts = [
             {"prompt": r[0], "target": r[1] if len(r) > 1 else None}
+            | ({"subject": r[2]} if len(r) > 2 and str(r[2] or "").strip() else {})
             for r in facts
             if any(str(c or "").strip() for c in r)
         ]

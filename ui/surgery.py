@@ -121,8 +121,13 @@ def facts_note(served: ServedModel) -> str:
     return text + "."
 
 
+def fact_row(fact) -> list[str]:
+    """A fact as a row of the facts table: prompt, target, subject (blank when it names none)."""
+    return [fact.prompt, fact.target, fact.subject or ""]
+
+
 def facts_rows(served: ServedModel) -> list[list[str]] | None:
-    return [[p.prompt, p.target] for p in served.facts] or None
+    return [fact_row(p) for p in served.facts] or None
 
 
 def facts_json(served: ServedModel) -> str:
@@ -135,7 +140,7 @@ def repo_name(served: ServedModel) -> str:
 
 def facts_table(facts_json: str):
     try:
-        return [[p.prompt, p.target] for p in parse_facts(facts_json)]
+        return [fact_row(p) for p in parse_facts(facts_json)]
     except SurgeryError:
         return gr.skip()
 
@@ -204,12 +209,12 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
                 with gr.Tab("Facts (table)"):
                     table = gr.Dataframe(
                         value=facts_rows(served),
-                        headers=["prompt", "target"],
-                        datatype=["str", "str"],
+                        headers=["prompt", "target", "subject (optional)"],
+                        datatype=["str", "str", "str"],
                         interactive=True,
                         row_count=len(facts_list) or 1,
                         show_label=False,
-                        column_widths=["70%", "30%"],
+                        column_widths=["55%", "25%", "20%"],
                     )
                 with gr.Tab("Facts (JSON)"):
                     facts = gr.Code(

@@ -57,8 +57,8 @@ class Fact:
 
     def to_dict(self) -> dict:
         """A dataset fact as its JSON Lines object (every key, in the order of ``docs/facts.md``); a panel or
-        facts-list fact as ``{"prompt", "target", "paraphrases"?}`` (paraphrases only when it has some)."""
-        if not (self.relation is None and self.subject is None and self.ambiguous is None):
+        facts-list fact as ``{"prompt", "target", "subject"?, "paraphrases"?}`` (each only when it has one)."""
+        if not (self.relation is None and self.ambiguous is None):
             return {
                 "prompt": self.prompt,
                 "target": self.target,
@@ -68,6 +68,8 @@ class Fact:
                 "ambiguous": self.ambiguous,
             }
         d = {"prompt": self.prompt, "target": self.target}
+        if self.subject is not None:
+            d["subject"] = self.subject
         if self.paraphrases:
             d["paraphrases"] = list(self.paraphrases)
         return d
@@ -134,8 +136,9 @@ def load_fact_file(path: str | os.PathLike) -> list[Fact]:
 
 
 def facts_from_json(items, where: str, allow_empty: bool = False) -> list[Fact]:
-    """``[{"prompt": ..., "target": ...}, ...]`` (a facts list, or one list of a panel) -> facts, with a message
-    naming the bad entry. Duplicates are allowed."""
+    """``[{"prompt": ..., "target": ..., "subject"?: ..., "paraphrases"?: [...]}, ...]`` (a facts list, or one list
+    of a panel) -> facts, with a message naming the bad entry. Duplicates are allowed. ``subject``, when given, is
+    part of the prompt: the key-value editors read the key at its last token (without one, at the prompt's last)."""
     if not isinstance(items, list):
         raise InputError(f'{where}: expected a list of {{"prompt", "target"}} objects')
     if not items and not allow_empty:
@@ -150,7 +153,15 @@ def facts_from_json(items, where: str, allow_empty: bool = False) -> list[Fact]:
         paraphrases = item.get("paraphrases", [])
         if not isinstance(paraphrases, list) or any(not isinstance(x, str) or not x.strip() for x in paraphrases):
             raise InputError(f"{where}: entry {i + 1} has 'paraphrases' that are not a list of non-empty prompts")
-        facts.append(Fact(item["prompt"], item["target"], tuple(paraphrases)))
+        subject = item.get("subject")
+        if subject is not None and (
+            not isinstance(subject, str) or not subject.strip() or subject not in item["prompt"]
+        ):
+            raise InputError(
+                f"{where}: entry {i + 1} has a 'subject' that is not part of its prompt (the subject names who or what "
+                f"the fact is about, as written in the prompt: ROME, MEMIT and AlphaEdit read its last token)"
+            )
+        facts.append(Fact(item["prompt"], item["target"], tuple(paraphrases), subject=subject))
     return facts
 
 
@@ -166,8 +177,8 @@ def read_json(path: str | os.PathLike, what: str):
 
 
 def load_fact_list(path: str | os.PathLike) -> list[Fact]:
-    """Every fact of a facts list: a JSON list of ``{"prompt", "target", "paraphrases"?}``, or a panel object (its
-    ``facts`` are used; ``docs/panels.md``). No relation or subject; a prompt/target pair may repeat."""
+    """Every fact of a facts list: a JSON list of ``{"prompt", "target", "subject"?, "paraphrases"?}``, or a panel
+    object (its ``facts`` are used; ``docs/panels.md``). No relation; a prompt/target pair may repeat."""
     data = read_json(path, "facts file")
     if isinstance(data, dict) and "facts" in data:
         data = data["facts"]
