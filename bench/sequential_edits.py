@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 def pick_facts(census: Path, n: int, seed: int, exclude: set[str]) -> tuple[list[Fact], int]:
     """``n`` routing failures of ``census`` (a census.jsonl) that the model does not say, all at the census' most
-    common prescribed block, drawn with ``seed``; prompts in ``exclude`` left out. Returns them and the block."""
+    common prescribed block, drawn with ``seed``; prompts in ``exclude`` left out. Each keeps the census' subject
+    (where ROME, MEMIT and AlphaEdit read their key). Returns them and the block."""
     rows = [json.loads(line) for line in census.read_text().splitlines() if line.strip()]
     routing = [r for r in rows if r["verdict"] == "routing" and not r.get("says_answer") and r["prompt"] not in exclude]
     block = Counter(r["prescribed_layer"] for r in routing).most_common(1)[0][0]
@@ -67,7 +68,7 @@ def pick_facts(census: Path, n: int, seed: int, exclude: set[str]) -> tuple[list
     if len(pool) < n:
         raise InputError(f"the census has {len(pool)} routing failures at block {block}, fewer than {n}")
     picked = random.Random(seed).sample(pool, n)
-    return [Fact(r["prompt"], r["target"]) for r in picked], block
+    return [Fact(r["prompt"], r["target"], subject=r.get("subject")) for r in picked], block
 
 
 def slim_panel(panel: Panel) -> Panel:

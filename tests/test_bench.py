@@ -1,5 +1,7 @@
 """Smoke tests of the benchmark code on the tiny model: correctness only, never timing (bench/README.md)."""
 
+import json
+
 import pytest
 import torch
 
@@ -146,3 +148,19 @@ def test_preservation_bench_times_each_term_and_tables_each_operate(monkeypatch,
     assert "| kl |" in out and "| hidden |" in out and "| naive-wv |" in out  # (a) a step time per term
     rows = [line for line in out.splitlines() if line.startswith("| kl ") or line.startswith("| hidden ")]
     assert len(rows) == 4  # (a) and (b): one row per term in each table
+
+
+def test_sequential_edits_draws_routing_failures_at_one_block_with_their_subjects(tmp_path):
+    from bench import sequential_edits
+
+    def record(i, block, verdict="routing", says=False):
+        return {"prompt": f"City{i} is a city in", "target": " X", "subject": f"City{i}", "verdict": verdict,
+                "prescribed_layer": block, "says_answer": says}  # fmt: skip
+
+    rows = [record(i, 3) for i in range(5)] + [record(9, 2), record(10, 3, "absence"), record(11, 3, says=True)]
+    census = tmp_path / "census.jsonl"
+    census.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    facts, block = sequential_edits.pick_facts(census, 4, seed=0, exclude={"City0 is a city in"})
+    assert block == 3 and len(facts) == 4
+    assert {f.prompt for f in facts} == {f"City{i} is a city in" for i in range(1, 5)}
+    assert all(f.subject == f.prompt.split(" is")[0] for f in facts)  # the key-value editors' key position
