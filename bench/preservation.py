@@ -99,7 +99,9 @@ def main() -> int:
     p.add_argument("model", choices=sorted(FACTS))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--kl-weight", type=float, nargs="*", default=[200.0], help="(b) for each of these weights")
+    p.add_argument(
+        "--kl-weight", type=float, nargs="*", default=[200.0], help="(b) for each of these weights (none: skip (b))"
+    )
     p.add_argument("--no-steps", action="store_true", help="skip (a)")
     p.add_argument("--terms", default=",".join(PRESERVE_TERMS), help="comma-separated (default: every term)")
     args = p.parse_args()
@@ -125,8 +127,9 @@ def main() -> int:
             name = term if weight == 200.0 else f"{term}, kl_weight {weight:g}"
             rows[name] = figures(operate(j.model, j.tokenizer, facts, config, memo=memo).report)
             print(f"{name}: {rows[name]}", flush=True)
-    print(f"\n(b) operate --layer auto on {FACTS[args.model].relative_to(ROOT)}, one run per term")
-    print(table(rows))
+    if rows:  # `--kl-weight` with no value: the step times (a) alone
+        print(f"\n(b) operate --layer auto on {FACTS[args.model].relative_to(ROOT)}, one run per term")
+        print(table(rows))
     print(f"load at end: {load()}")
     return 0
 

@@ -148,6 +148,10 @@ def test_preservation_bench_times_each_term_and_tables_each_operate(monkeypatch,
     assert "| kl |" in out and "| hidden |" in out and "| naive-wv |" in out  # (a) a step time per term
     rows = [line for line in out.splitlines() if line.startswith("| kl ") or line.startswith("| hidden ")]
     assert len(rows) == 4  # (a) and (b): one row per term in each table
+    monkeypatch.setattr("sys.argv", [*argv, "--kl-weight"])  # no weight: the step times alone
+    assert preservation.main() == 0
+    out = capsys.readouterr().out
+    assert "| naive-wv |" in out and "(b) operate" not in out
 
 
 def test_sequential_edits_draws_routing_failures_at_one_block_with_their_subjects(tmp_path):
