@@ -49,7 +49,14 @@ def main(argv: list[str] | None = None) -> dict:
     from surgery.arch import layout_of
     from surgery.core.hooks import hooked, main_output
     from surgery.edit.keystats import _bos_prefix, corpus_texts, key_statistics, token_rows
-    from surgery.edit.mlp_out import all_top1, answer_logits, out_projection, projections_replaced, teacher_forced
+    from surgery.edit.mlp_out import (
+        all_top1,
+        answer_logits,
+        out_projection,
+        projected,
+        projections_replaced,
+        teacher_forced,
+    )
     from surgery.edit.rome import RomeHparams, compute_key, compute_value, post_norm_value, rank_one_update
     from surgery.evaluation.facts import load_facts
     from surgery.evaluation.panels import panel_for_model
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     for fact in facts:
         key, position, _ = compute_key(model, tok, fact, L)
         v, steps, nll, kl = compute_value(model, tok, fact, position, hp, {L: W.float()}, path)
-        m_star = W @ key + (0.0 if bias is None else bias.double())
+        m_star = projected(W, bias, key)
         with torch.no_grad(), hooked(model, forward=fw, pre=pre):
             model(input_ids=torch.tensor([list(tok(fact.prompt)["input_ids"])]), logits_to_keep=1)
         h_star = got["h"][position].double()

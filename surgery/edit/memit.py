@@ -39,7 +39,7 @@ from ..core.errors import SurgeryFailed
 from ..core.hooks import hooked, main_output
 from ..evaluation.facts import Fact
 from .keystats import KeyStats
-from .mlp_out import out_projection, projections_replaced, subject_position
+from .mlp_out import out_projection, projected, projections_replaced, subject_position
 from .rome import RIDGE, compute_value
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def post_norm_target(model: nn.Module, layer: int, matrix: Tensor, keys: Tensor,
     norm = model.get_submodule(a.path("mlp_post_norm", layer))
     bias = out_projection(model, layer)[2]
     k, r = keys.double(), resid.double()
-    m = matrix.double().to(k.device) @ k + (0.0 if bias is None else bias.detach().double()[:, None])  # (d_model, n)
+    m = projected(matrix, bias, k)  # (d_model, n)
     sigma = (m.pow(2).mean(0, keepdim=True) + a.norm.eps(norm)).sqrt()  # (1, n), as the norm computes it
     g = a.norm.gain(norm).to(k.device, torch.float64)[:, None]  # (d_model, 1)
     u = (g * m / sigma + r) / g

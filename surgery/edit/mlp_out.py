@@ -32,6 +32,17 @@ def out_projection(model: nn.Module, layer: int) -> tuple[str, Tensor, Tensor | 
     return path, layout.mlp_out_matrix(module.weight), module.bias
 
 
+def projected(matrix: Tensor, bias: Tensor | None, keys: Tensor) -> Tensor:
+    """``W k + b`` in float64 for one key ``(d_mlp,)`` or a column of keys ``(d_mlp, n)``: what the projection with
+    weight ``matrix`` ``[d_model, d_mlp]`` outputs there."""
+    keys = keys.double()
+    out = matrix.double().to(keys.device) @ keys
+    if bias is None:
+        return out
+    b = bias.detach().to(keys.device, torch.float64)
+    return out + (b if keys.dim() == 1 else b[:, None])
+
+
 def _replacing(matrix: Tensor, bias: Tensor | None) -> Callable:
     """A forward hook making a projection compute ``matrix @ k + b`` from its input ``k``."""
 

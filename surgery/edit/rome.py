@@ -39,6 +39,7 @@ from .mlp_out import (
     keys_at,
     out_projection,
     output_at,
+    projected,
     projections_replaced,
     subject_position,
     teacher_forced,
@@ -166,8 +167,7 @@ def rank_one_update(matrix: Tensor, bias: Tensor | None, key: Tensor, value: Ten
     c = second_moment.to(w.device, torch.float64)
     ridge = RIDGE * float(c.diagonal().mean()) or RIDGE
     u = torch.linalg.solve(c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device), key)  # C⁻¹ k*
-    current = w @ key + (0.0 if bias is None else bias.detach().double())
-    return w + torch.outer(value - current, u) / (u @ key)
+    return w + torch.outer(value - projected(w, bias, key), u) / (u @ key)
 
 
 def apply_rome(
@@ -194,8 +194,7 @@ def apply_rome(
         key, position, what = compute_key(model, tokenizer, fact, layer)
         value, steps, nll, kl = compute_value(model, tokenizer, fact, position, hp, {layer: matrix.float()}, path)
         if post_norm:
-            current = matrix @ key + (0.0 if bias is None else bias.detach().double())
-            value = post_norm_value(current, value)
+            value = post_norm_value(projected(matrix, bias, key), value)
         matrix = rank_one_update(matrix, bias, key, value, stats.second_moment)
         if not torch.isfinite(matrix).all():
             raise SurgeryFailed(f"ROME's update for {fact.prompt!r} is not finite (is the key all zeros?)")
