@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from surgery.census.run import census_record
 from surgery.cli import main
@@ -103,3 +104,34 @@ def test_one_edit_for_the_demo_models_routing_failures(demo, tmp_path, capsys):
     written = json.loads((out / "report.json").read_text())
     assert written["edited"] == 3 and (out / "patch.safetensors").is_file()
     assert "One edit for 3 routing failures" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ft", "memit"])
+def test_a_peer_editor_makes_the_census_edit(demo, tmp_path, method):
+    """``--method`` reaches the census repair: the edit is the peer's (MLP output projections, MEMIT's of several
+    blocks), the edited facts keep their subjects (where the peers read their keys), and the report says so."""
+    panel = load_panel(DEMO_PANEL)
+    facts = [Fact(p.prompt, p.target, relation="capital", subject=p.prompt.split()[-2]) for p in panel.facts]
+    diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    records = [census_record(f, d) for f, d in zip(facts, diagnoses)]
+    config = RepairConfig(edit_fraction=0.5, per_fact=0)
+    edit, held = split_routing(records, facts, config)
+    built = census_panel(panel, edit, held, records, facts, config)
+    assert [p.subject for p in built.facts] == [f.subject for f in edit] and all(p.subject for p in built.facts)
+    before = {k: v.clone() for k, v in demo.model.state_dict().items()}
+    result = repair_from_census(
+        demo.model,
+        demo.tokenizer,
+        records,
+        facts,
+        panel,
+        SurgeryConfig(method=method, stat_tokens=2_000),
+        config,
+        cache_dir=tmp_path / "stats",
+    )
+    assert result.report.method == method and result.report.site == "mlp_out"
+    assert len(result.edit.layers) == (1 if method == "ft" else 3)  # MEMIT: 5 blocks to the layer, from 0
+    assert result.edit.layers[-1] == result.layer
+    assert all(torch.equal(v, demo.model.state_dict()[k]) for k, v in before.items())  # the base is not mutated
+    assert result.to_dict()["report"]["method"] == method

@@ -9,13 +9,14 @@ from pathlib import Path
 from ..arch import block_label
 from ..census.run import read_records
 from ..core.errors import InputError
+from ..edit.editors import METHODS
 from ..edit.many_facts import RepairConfig, repair_from_census
 from ..evaluation.facts import load_fact_file
 from ..evaluation.panels import ENGLISH_PANEL, load_panel
 from ..evaluation.report import format_rows
 from ..io.export import atomic_output, check_output_dir, write_json, write_patch
 from .common import add_device_arg, add_model_arg, load, parse_layer
-from .operate import DEFAULTS
+from .operate import DEFAULTS, add_method_args
 
 
 def register(sub) -> None:
@@ -34,7 +35,15 @@ def register(sub) -> None:
     p.add_argument("--facts", required=True, nargs="+", metavar="FILE", help="the census' fact files (.jsonl)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (refused if it exists)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--site", default="wv", help="wv | attn | mlp | layer (default wv)")
+    p.add_argument("--site", default="wv", help="wv | attn | mlp | layer (default wv; for --method wv)")
+    p.add_argument(
+        "--method",
+        default="wv",
+        choices=METHODS,
+        help="the editor: wv (our repair of --site) or a peer (rome, ft, memit, alphaedit: "
+        "the MLP output projection, keyed at each fact's subject; docs/editors.md)",
+    )
+    add_method_args(p)
     p.add_argument("--layer", default="auto", help="block index or auto (the census' most common prescribed layer)")
     p.add_argument(
         "--edit-fraction",
@@ -62,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     surgery = SurgeryConfig(
         site=args.site,
+        method=args.method,
+        stat_tokens=args.stat_tokens,
         layer=parse_layer(args.layer),
         lr=args.lr,
         epochs=args.epochs,
@@ -86,12 +97,14 @@ def run(args: argparse.Namespace) -> int:
         surgery,
         config,
         progress=lambda text: print(f"... {text}", flush=True),
+        cache_dir=args.stats_dir,
     )
     summary = result.to_dict()
     rows = format_rows(result.report.rows(), markdown=True)
     markdown = (
         f"# One edit for {result.edited} routing failures ({result.held_out} held out)\n\n"
-        f"Site {result.report.site} of {block_label(result.layer)}: {result.layer_reason}.\n\n{rows}\n"
+        f"Method {result.report.method}, site {result.report.site} of {block_label(result.layer)}: "
+        f"{result.layer_reason}.\n\n{rows}\n"
     )
     if "one_edit_vs_one_per_fact" in summary:
         cmp = summary["one_edit_vs_one_per_fact"]

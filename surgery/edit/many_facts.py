@@ -18,6 +18,7 @@ per fact: time, parameters changed, side effects. The base model is never modifi
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import Counter, defaultdict
@@ -61,8 +62,9 @@ class RepairConfig:
 
 
 def _panel_fact(fact: Fact) -> Fact:
-    """``fact`` as a panel lists it: prompt, target and paraphrases (a panel's facts name no relation or subject)."""
-    return Fact(fact.prompt, fact.target, fact.paraphrases)
+    """``fact`` as a panel lists it: prompt, target, paraphrases and subject (where ROME, MEMIT and AlphaEdit read
+    its key); a panel's facts name no relation."""
+    return Fact(fact.prompt, fact.target, fact.paraphrases, subject=fact.subject)
 
 
 def split_routing(
@@ -186,10 +188,13 @@ def repair_from_census(
     surgery: SurgeryConfig = SurgeryConfig(),
     config: RepairConfig = RepairConfig(),
     progress: Callable[[str], None] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> CensusRepair:
     """One edit for a census' routing failures (split by :func:`split_routing`), judged on :func:`census_panel`,
     and ``config.per_fact`` of them edited one at a time for comparison. The layer: ``surgery.layer``, else the
-    most common prescribed layer of the edited facts in the census (no second diagnosis)."""
+    most common prescribed layer of the edited facts in the census (no second diagnosis). ``surgery.method``
+    picks the editor (``wv`` or a peer: ``rome``, ``ft``, ``memit``, ``alphaedit``, keyed at each fact's
+    subject); ``cache_dir``: where the peers' key statistics are cached (``operate``'s)."""
     say = progress or log.info
     edit, held = split_routing(records, facts, config)
     panel = census_panel(base, edit, held, records, facts, config)
@@ -201,8 +206,16 @@ def repair_from_census(
     else:
         layer, reason = surgery.layer, "given"
     config_one = replace(surgery, layer=layer)
-    say(f"one edit for {len(edit)} facts at {block_label(layer)} ({len(held)} held out)")
-    result = operate(model, tokenizer, [_panel_fact(f) for f in edit], config_one, panel=panel, require_all=False)
+    say(f"one {surgery.method} edit for {len(edit)} facts at {block_label(layer)} ({len(held)} held out)")
+    result = operate(
+        model,
+        tokenizer,
+        [_panel_fact(f) for f in edit],
+        config_one,
+        panel=panel,
+        require_all=False,
+        cache_dir=cache_dir,
+    )
     report = result.report
     per_fact = None
     if config.per_fact:
@@ -212,7 +225,9 @@ def repair_from_census(
         for fact in sample:
             say(f"one edit for {fact.prompt!r} alone")
             try:
-                results.append(operate(model, tokenizer, [_panel_fact(fact)], config_one, panel=single).report)
+                results.append(
+                    operate(model, tokenizer, [_panel_fact(fact)], config_one, panel=single, cache_dir=cache_dir).report
+                )
             except (SurgeryFailed, InputError) as e:
                 failed.append(f"{fact.prompt!r}: {e}")
         c = report.comparison
