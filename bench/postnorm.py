@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from surgery.arch import layout_of
     from surgery.core.hooks import hooked, main_output
-    from surgery.edit.keystats import _bos_prefix, corpus_texts, key_statistics, token_rows
+    from surgery.core.tokens import special_prefix
+    from surgery.edit.keystats import corpus_texts, key_statistics, token_rows
     from surgery.edit.mlp_out import (
         all_top1,
         answer_logits,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     facts = load_facts(args.facts)[: args.n]
 
     # the texts' tokens: keys, projection outputs and residuals after block L
-    prefix = _bos_prefix(tok)
+    prefix = special_prefix(tok)
     width = min(256, layout.n_ctx - len(prefix))
     rows = [prefix + r for r in token_rows(tok, corpus_texts(), width, width * args.corpus_rows)]
     texts = {

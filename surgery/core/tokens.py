@@ -29,6 +29,13 @@ def encode_prompt(tokenizer, prompt: str, n_ctx: int, *, prepend_bos: bool = Fal
     return ids
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text by default (Gemma, Llama: BOS; GPT-2: none)."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    return full[: len(full) - len(plain)] if full[len(full) - len(plain) :] == plain else []
+
+
 def encode_target(tokenizer, text: str, what: str = "target") -> list[int]:
     """Token ids of an answer text (no special tokens). The first id is the one diagnosed and trained."""
     if not isinstance(text, str) or not text.strip():

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..arch import layout_of
 from ..core.errors import InputError, NonFiniteError, require_positive_int
 from ..core.hooks import hooked
+from ..core.tokens import special_prefix
 from ..io.edit_file import base_config
 from ..io.gguf import default_cache_root
 
@@ -82,13 +83,6 @@ class KeyStats:
     @property
     def d_mlp(self) -> int:
         return self.second_moment.shape[0]
-
-
-def _bos_prefix(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before a text by default (Gemma, Llama: BOS; GPT-2: none)."""
-    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    full = list(tokenizer("a")["input_ids"])
-    return full[: len(full) - len(plain)] if full[len(full) - len(plain) :] == plain else []
 
 
 def token_rows(tokenizer, texts: Iterable[str], chunk_tokens: int, max_tokens: int) -> Iterator[list[int]]:
@@ -216,7 +210,7 @@ def key_statistics(
     if texts is not None and not corpus:
         raise InputError("key statistics over your own texts need a corpus name (it keys the cache)")
     corpus = CORPUS if texts is None else corpus
-    prefix = _bos_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     chunk_tokens = min(chunk_tokens, layout.n_ctx - len(prefix))
     key = fingerprint(model, tokenizer, layer, corpus, max_tokens, chunk_tokens)
     module = layout.adapter.path("mlp_out", layer)
