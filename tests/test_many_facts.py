@@ -40,14 +40,20 @@ def test_split_is_per_relation_seeded_and_skips_what_is_not_routing():
         split_routing(_records(facts, lambda f: "absence"), facts, RepairConfig())
 
 
-def test_census_panel_judges_on_held_out_and_other_relations(tiny_panel):
+def test_census_panel_judges_on_held_out_and_what_the_model_knew(tiny_panel):
     facts = _facts(3)
-    records = _records(facts, lambda f: "correct" if f.relation == "rel2" else "routing")
+    # a whole relation the model knows, and one fact of an edited relation
+    records = _records(facts, lambda f: "correct" if f.relation == "rel2" or f.prompt == "p0-5" else "routing")
     edit, held = split_routing(records, [f for f in facts if f.relation != "rel2"], RepairConfig())
-    panel = census_panel(tiny_panel, edit, held, records, facts, RepairConfig(specificity_facts=4))
+    panel = census_panel(tiny_panel, edit, held, records, facts, RepairConfig(specificity_facts=7))
     assert [p.prompt for p in panel.facts] == [f.prompt for f in edit]
     assert [p.prompt for p in panel.relation] == [f.prompt for f in held]
-    assert len(panel.side_effects) == 4 and all(p.prompt.startswith("p2-") for p in panel.side_effects)
+    # every correct fact is a side-effect probe, those of the edited relations too: an edit of some capitals must
+    # not break the capitals the model knew
+    assert sorted(p.prompt for p in panel.side_effects) == ["p0-5"] + [f"p2-{i}" for i in range(6)]
+    assert (
+        len(census_panel(tiny_panel, edit, held, records, facts, RepairConfig(specificity_facts=3)).side_effects) == 3
+    )
     assert panel.general == tiny_panel.general and panel.unrelated_text == tiny_panel.unrelated_text
 
 

@@ -1,5 +1,6 @@
-"""``repair-census``: one edit for many of a census' routing failures, judged on held-out facts, other relations and
-the neighbourhood; compared with one edit per fact. Writes ``report.json``, ``report.md`` and ``patch.safetensors``."""
+"""``repair-census``: one edit for many of a census' routing failures, judged on held-out facts, facts the model
+knew and the neighbourhood; compared with one edit per fact. Writes ``report.json``, ``report.md`` and
+``patch.safetensors``."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def register(sub) -> None:
         "generalization, specificity, and one edit per fact for comparison",
         description="Splits the census' routing failures (per relation, seeded) into facts to edit "
         "and held-out facts, edits all of the first at the block most of them "
-        "prescribe, and reports efficacy, paraphrases, the held-out facts, other "
-        "relations' facts and the neighbourhood panel; then edits --per-fact of them "
+        "prescribe, and reports efficacy, paraphrases, the held-out facts, facts the "
+        "model said right (any relation) and the neighbourhood panel; then edits --per-fact of them "
         "one at a time for comparison.",
     )
     add_model_arg(p)

@@ -8,8 +8,9 @@ built from the census:
 
 * efficacy: the edited facts; paraphrase generalization: their paraphrases;
 * relation generalization: the held-out routing failures of the same relations (``relation`` probes);
-* specificity: facts of the census the model already answers right, in *other* relations (``side_effects``),
-  and the English panel's neighbourhood probes, general probes, perplexity passage and unrelated text.
+* specificity: facts of the census the model already answers right (``side_effects``), of every relation, the
+  edited relations included (a batch edit of some capitals must not break the capitals the model knew), and the
+  English panel's neighbourhood probes, general probes, perplexity passage and unrelated text.
 
 It then edits a sample of the same facts one at a time, so that one edit for all can be compared with one edit
 per fact: time, parameters changed, side effects. The base model is never modified.
@@ -42,8 +43,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RepairConfig:
     """``edit_fraction`` of each relation's routing failures is edited (at most ``max_edit`` in all), the rest
-    held out; ``specificity_facts``: correct facts of other relations scored as side effects; ``per_fact``: how
-    many of the edited facts are also edited one at a time for the comparison (0: none); ``seed`` fixes the
+    held out; ``specificity_facts``: how many of the census' correct facts (any relation) are scored as side
+    effects; ``per_fact``: how many of the edited facts are also edited one at a time for the comparison (0:
+    none); ``seed`` fixes the
     split and the samples."""
 
     edit_fraction: float = 0.5
@@ -106,9 +108,8 @@ def census_panel(
 ) -> Panel:
     """The panel an edit of ``edit`` is judged by (module docstring): ``base`` supplies the neighbourhood and
     general probes, the perplexity passage and the unrelated text."""
-    edited_relations = {f.relation for f in edit}
     correct = {record_key(r) for r in records if r["verdict"] == "correct"}
-    others = [f for f in facts if f.key in correct and f.relation not in edited_relations and f.ambiguous is None]
+    others = [f for f in facts if f.key in correct and f.ambiguous is None]
     random.Random(config.seed).shuffle(others)
     return replace(
         base,
