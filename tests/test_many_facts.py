@@ -51,9 +51,16 @@ def test_census_panel_judges_on_held_out_and_what_the_model_knew(tiny_panel):
     # every correct fact is a side-effect probe, those of the edited relations too: an edit of some capitals must
     # not break the capitals the model knew
     assert sorted(p.prompt for p in panel.side_effects) == ["p0-5"] + [f"p2-{i}" for i in range(6)]
-    assert (
-        len(census_panel(tiny_panel, edit, held, records, facts, RepairConfig(specificity_facts=3)).side_effects) == 3
-    )
+    few = census_panel(tiny_panel, edit, held, records, facts, RepairConfig(specificity_facts=3))
+    assert len(few.side_effects) == 3
+    # the correct facts not scored, of the edited relations (rel0's p0-5; rel2 is not edited), join the panel's
+    # preserve prompts; none is both kept and scored
+    kept = {p.prompt for p in few.preserve} - {p.prompt for p in tiny_panel.preserve}
+    assert kept == {"p0-5"} - {p.prompt for p in few.side_effects}
+    unscored = census_panel(tiny_panel, edit, held, records, facts, RepairConfig(specificity_facts=0))
+    assert {p.prompt for p in unscored.preserve} - {p.prompt for p in tiny_panel.preserve} == {"p0-5"}
+    none = census_panel(tiny_panel, edit, held, records, facts, RepairConfig(specificity_facts=3, preserve_facts=0))
+    assert none.preserve == tiny_panel.preserve
     assert panel.general == tiny_panel.general and panel.unrelated_text == tiny_panel.unrelated_text
 
 

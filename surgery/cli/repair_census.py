@@ -54,6 +54,13 @@ def register(sub) -> None:
     )
     p.add_argument("--max-edit", type=int, help="at most this many edited facts in all")
     p.add_argument(
+        "--preserve-facts",
+        type=int,
+        default=RepairConfig().preserve_facts,
+        help="correct facts of the edited relations, never scored, whose answers the preservation term keeps "
+        f"(wv; default {RepairConfig().preserve_facts}; 0: only the panel's own)",
+    )
+    p.add_argument(
         "--per-fact",
         type=int,
         default=RepairConfig().per_fact,
@@ -81,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     config = RepairConfig(
-        edit_fraction=args.edit_fraction, max_edit=args.max_edit, per_fact=args.per_fact, seed=args.seed
+        edit_fraction=args.edit_fraction,
+        max_edit=args.max_edit,
+        preserve_facts=args.preserve_facts,
+        per_fact=args.per_fact,
+        seed=args.seed,
     )
     check_output_dir(args.out, args.overwrite)
     records = list(read_records(Path(args.census)).values())

@@ -12,6 +12,10 @@ built from the census:
   edited relations included (a batch edit of some capitals must not break the capitals the model knew), and the
   English panel's neighbourhood probes, general probes, perplexity passage and unrelated text.
 
+Other facts the model answers right, of the edited relations and never scored, join the panel's ``preserve``
+prompts: ``wv``'s preservation term keeps what the model says after them, as the English panel's capitals do for
+one relation (``docs/panels.md``).
+
 It then edits a sample of the same facts one at a time, so that one edit for all can be compared with one edit
 per fact: time, parameters changed, side effects. The base model is never modified.
 """
@@ -44,20 +48,22 @@ log = logging.getLogger(__name__)
 class RepairConfig:
     """``edit_fraction`` of each relation's routing failures is edited (at most ``max_edit`` in all), the rest
     held out; ``specificity_facts``: how many of the census' correct facts (any relation) are scored as side
-    effects; ``per_fact``: how many of the edited facts are also edited one at a time for the comparison (0:
+    effects; ``preserve_facts``: how many others, of the edited relations, the preservation term keeps (0: only
+    the panel's own); ``per_fact``: how many of the edited facts are also edited one at a time for the comparison (0:
     none); ``seed`` fixes the
     split and the samples."""
 
     edit_fraction: float = 0.5
     max_edit: int | None = None
     specificity_facts: int = 64
+    preserve_facts: int = 64
     per_fact: int = 4
     seed: int = 0
 
     def __post_init__(self):
         if not 0.0 < self.edit_fraction < 1.0:
             raise InputError(f"edit_fraction must be between 0 and 1 (exclusive), not {self.edit_fraction!r}")
-        for name in ("max_edit", "specificity_facts", "per_fact"):
+        for name in ("max_edit", "specificity_facts", "preserve_facts", "per_fact"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise InputError(f"{name} must be a non-negative integer, not {value!r}")
@@ -107,17 +113,24 @@ def census_panel(
     config: RepairConfig,
 ) -> Panel:
     """The panel an edit of ``edit`` is judged by (module docstring): ``base`` supplies the neighbourhood and
-    general probes, the perplexity passage and the unrelated text."""
+    general probes, the perplexity passage, the unrelated text and its own ``preserve`` prompts, to which correct
+    facts of the edited relations that are not scored are added. No prompt is both kept and scored."""
     correct = {record_key(r) for r in records if r["verdict"] == "correct"}
     others = [f for f in facts if f.key in correct and f.ambiguous is None]
     random.Random(config.seed).shuffle(others)
+    scored = others[: config.specificity_facts]
+    judged = {f.prompt for f in [*edit, *held, *scored, *base.general, *base.neighbourhood]}
+    edited_relations = {f.relation for f in edit}
+    kept = [f for f in others[config.specificity_facts :] if f.relation in edited_relations and f.prompt not in judged]
     return replace(
         base,
         name=f"census ({base.name} neighbourhood)",
         facts=tuple(_panel_fact(f) for f in edit),
         relation=tuple(_panel_fact(f) for f in held),
-        side_effects=tuple(_panel_fact(f) for f in others[: config.specificity_facts]),
+        side_effects=tuple(_panel_fact(f) for f in scored),
         absence=(),
+        preserve=tuple(p for p in base.preserve if p.prompt not in judged)
+        + tuple(_panel_fact(f) for f in kept[: config.preserve_facts]),
     )
 
 
