@@ -361,7 +361,7 @@ def test_upper_stack_keeps_what_the_model_says_after_the_kept_prompts(family_mod
     model, layer = family_model, 1
     probes = [Fact(FACT_PROMPTS[0], " Paris is"), Fact(FACT_PROMPTS[1], " Rome")]
     kept = kept_answers(model, tiny_tokenizer, probes)
-    assert [len(a) for _, a in kept] == [2, 1]  # as many tokens as each answer has pieces
+    assert [len(a) for _, a in kept] == [3, 2]  # as many tokens as each answer has pieces, and the one after
     expected = []
     with torch.no_grad():
         for ids, answer in kept:
@@ -370,7 +370,7 @@ def test_upper_stack_keeps_what_the_model_says_after_the_kept_prompts(family_mod
             assert greedy == answer  # the model's own greedy continuation
             expected.append(F.log_softmax(model(seq[:, :-1]).logits[0, len(ids) - 1 :], -1))
     frozen = freeze_inputs(model, tiny_tokenizer, probes[:1], [], layer, 0, kept)
-    assert frozen.kept_at.sum() == 3 and not frozen.kept_at[1].all()  # padded
+    assert frozen.kept_at.sum() == 5 and not frozen.kept_at[1].all()  # 3 + 2 positions, padded
     with torch.no_grad():
         assert torch.allclose(UpperStack(model, layer).kept_log_probs(frozen, {}), torch.cat(expected), atol=1e-4)
 

@@ -489,8 +489,9 @@ def operate(
     single-site repair would only teach them by rote. ``unrelated``: texts for the
     preservation term (default: the panel's ``unrelated_text``). ``panel``: what the report judges the edit by
     (default :func:`panel_for_model`). ``preserve``: prompts (with their answers) whose greedy continuation the
-    preservation term also keeps, as many tokens as each answer has pieces (default: the panel's ``preserve``
-    list; a prompt among the facts is left out). ``progress(step, total, loss)`` is called after every step.
+    preservation term also keeps, as many tokens as each answer has pieces and the one after (default: the
+    panel's ``preserve`` list; a prompt among the facts is left out). ``progress(step, total, loss)`` is called
+    after every step.
     ``config.method`` ``rome``/``ft`` edits the block's MLP output projection instead (same layer choice, same
     report), ``memit``/``alphaedit`` those of ``config.layers`` or of the ``span`` blocks ending at the chosen one
     (the edit then holds several blocks); the key statistics are cached under ``cache_dir`` (default

@@ -189,7 +189,9 @@ def kept_answers(
     model: nn.Module, tokenizer, probes: Sequence[Fact], memo: EvaluationMemo | None = None
 ) -> list[tuple[list[int], list[int]]]:
     """For each probe, its prompt's ids and what the model says after it (greedy): as many tokens as the probe's
-    target has pieces. The preservation term keeps those positions as they are, whatever the model says there.
+    target has pieces, and one more, the token after the answer, which decides whether the answer ends at a word
+    boundary (" Abu Dhabi." against " Abu Dhabir.": what the strict judgement reads). The preservation term keeps
+    those positions as they are, whatever the model says there.
     A probe this tokenizer cannot encode, or too long for the context, is left out (:func:`encodable`). What
     ``memo`` (of ``model``) holds is not generated again."""
     probes, _ = encodable(model, tokenizer, probes)
@@ -201,7 +203,7 @@ def kept_answers(
         model,
         tokenizer,
         [p.prompt for p in probes],
-        [len(encode_target(tokenizer, p.target)) for p in probes],
+        [len(encode_target(tokenizer, p.target)) + 1 for p in probes],
         memo=memo,
     ).ids
     return list(zip(prompts, said))
