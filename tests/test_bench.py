@@ -168,3 +168,42 @@ def test_sequential_edits_draws_routing_failures_at_one_block_with_their_subject
     assert block == 3 and len(facts) == 4
     assert {f.prompt for f in facts} == {f"City{i} is a city in" for i in range(1, 5)}
     assert all(f.subject == f.prompt.split(" is")[0] for f in facts)  # the key-value editors' key position
+
+
+@pytest.mark.slow
+def test_batch_edits_tables_the_repair_census_runs_as_they_reported(demo, tmp_path, capsys):
+    """Experiment (b)'s table: one row per repair-census run, every figure read from the run's own report; runs that
+    edited other facts are refused."""
+    from bench import batch_edits
+    from surgery.census.run import census_record
+    from surgery.cli import main
+    from surgery.diagnosis.diagnose import diagnose_batch
+    from surgery.evaluation.panels import DEMO_PANEL, load_panel
+
+    panel = load_panel(DEMO_PANEL)
+    facts = [Fact(p.prompt, p.target, relation="capital", subject=p.prompt.split()[-2]) for p in panel.facts]
+    diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    census = tmp_path / "census"
+    census.mkdir()
+    records = [census_record(f, d) for f, d in zip(facts, diagnoses)]
+    (census / "census.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fact_file = tmp_path / "facts.jsonl"
+    fact_file.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in facts))
+    common = ["repair-census", "--model", str(demo.source), "--census", str(census), "--facts", str(fact_file)]
+    common += ["--per-fact", "0", "--stat-tokens", "2000", "--stats-dir", str(tmp_path / "stats")]
+    for method, seed in (("ft", "0"), ("memit", "0"), ("ft", "1")):
+        assert main([*common, "--method", method, "--seed", seed, "--out", str(tmp_path / f"{method}-{seed}")]) == 0
+    capsys.readouterr()
+
+    batch_edits.main([str(tmp_path / "ft-0"), str(tmp_path / "memit-0"), "--out", str(tmp_path / "table")])
+    rows = json.loads((tmp_path / "table" / "batch.json").read_text())
+    assert [r["method"] for r in rows] == ["ft", "memit"]
+    for r in rows:
+        report = json.loads((tmp_path / f"{r['method']}-0" / "report.json").read_text())
+        assert r["facts_after"] == report["evaluation"]["efficacy"]["after"]
+        assert r["side_effects_total"] == report["evaluation"]["specificity"]["side_effects"]["total"]
+        assert r["params_changed"] == report["report"]["weights"]["params_changed"] > 0
+    markdown = (tmp_path / "table" / "batch.md").read_text()
+    assert "| **ft** |" in markdown and "| **memit** |" in markdown and markdown == capsys.readouterr().out[:-1]
+    with pytest.raises(SystemExit, match="same facts"):
+        batch_edits.main([str(tmp_path / "ft-0"), str(tmp_path / "ft-1")])

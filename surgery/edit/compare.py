@@ -61,20 +61,10 @@ def _counts(evaluation: dict) -> dict[str, dict]:
     }
 
 
-def report_figures(report: SurgeryReport) -> dict:
-    """One flat row of a report's headline figures: for every list of :data:`LISTS`, ``{list}_before``,
-    ``{list}_after`` and ``{list}_total`` (said, by generation, strict) with ``{list}_first_token_before/after``
-    (the first-token diagnostic) and, where the report counts them, ``{list}_fixed``/``{list}_broken``; fluency
-    (n-gram entropy), KL and perplexity; the weights (parameters in the site and changed, ΔL2, max |Δ|); the
-    method, site, layer and why; steps and wall time."""
-    e = report.comparison.evaluation()
-    w = report.weights
-    row: dict = {
-        "method": report.method,
-        "site": report.site,
-        "layer": report.layer,
-        "layer_reason": report.layer_reason,
-    }
+def evaluation_figures(e: dict) -> dict:
+    """The evaluation's part of :func:`report_figures`, from :meth:`Comparison.evaluation` (the ``evaluation`` of
+    a ``report.json``): the counts of every list of :data:`LISTS`, fluency, KL and perplexity."""
+    row: dict = {}
     for name, c in _counts(e).items():
         row[f"{name}_before"], row[f"{name}_after"], row[f"{name}_total"] = c["before"], c["after"], c["total"]
         row[f"{name}_first_token_before"] = c["first_token"]["before"]
@@ -87,6 +77,22 @@ def report_figures(report: SurgeryReport) -> dict:
         "kl_unrelated": e["kl_unrelated"],
         "perplexity_before": e["perplexity"]["before"],
         "perplexity_after": e["perplexity"]["after"],
+    }
+
+
+def report_figures(report: SurgeryReport) -> dict:
+    """One flat row of a report's headline figures: for every list of :data:`LISTS`, ``{list}_before``,
+    ``{list}_after`` and ``{list}_total`` (said, by generation, strict) with ``{list}_first_token_before/after``
+    (the first-token diagnostic) and, where the report counts them, ``{list}_fixed``/``{list}_broken``; fluency
+    (n-gram entropy), KL and perplexity; the weights (parameters in the site and changed, ΔL2, max |Δ|); the
+    method, site, layer and why; steps and wall time."""
+    w = report.weights
+    return {
+        "method": report.method,
+        "site": report.site,
+        "layer": report.layer,
+        "layer_reason": report.layer_reason,
+        **evaluation_figures(report.comparison.evaluation()),
         "params": report.params_in_site,
         "params_changed": w.params_changed,
         "params_total": report.params_total,
