@@ -97,14 +97,16 @@ def to_markdown(rows: Sequence[dict], title: str) -> str:
         + " | ".join(_count(first, name, "before") for name, _ in LISTS)
         + f" | 0 | {_number(first['perplexity_before'], '.2f')} | 0 | 0 | | |",
     ]
+    methods = [r["method"] for r in rows]
     for r in rows:
-        cells = [f"**{r['method']}**", str(r["layer"])]
+        label = r["method"] if methods.count(r["method"]) == 1 else f"{r['method']} ({r['run']})"
+        cells = [f"**{label}**", str(r["layer"])]
         cells += [_count(r, name, "after") for name, _ in LISTS]
         cells += [_number(r["kl_unrelated"], ".2e"), _number(r["perplexity_after"], ".2f"), f"{r['params_changed']:,}"]
         cells += [f"{r['delta_l2']:.1f}", str(r["steps"]), f"{r['wall_time_s']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Blocks", ""]
-    lines += [f"- **{r['method']}**: {r['layer_reason']}" for r in rows]
+    lines += [f"- **{r['method']}** ({r['run']}): {r['layer_reason']}" for r in rows]
     lines += [
         "",
         "Counts are what the model *says* (greedy generation, the whole answer at a word boundary), with the "
@@ -119,12 +121,14 @@ def to_markdown(rows: Sequence[dict], title: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.batch_edits", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="repair-census output folders, one per method")
-    p.add_argument("--out", type=Path, help="write batch.md, batch.json and each run's report.json here")
+    p.add_argument("--out", type=Path, help="write batch.md, batch.json and each run's report.json (by folder) here")
     p.add_argument("--title", default="One batch edit, method by method")
     args = p.parse_args(argv)
     rows = [read_run(folder) for folder in args.runs]
     if len({tuple(r["facts"]) for r in rows}) != 1:
         raise SystemExit("error: the runs did not edit the same facts (another census, split or seed)")
+    if len({r["run"] for r in rows}) != len(rows):
+        raise SystemExit("error: give each run its own folder name (it names the run in the table)")
     markdown = to_markdown(rows, args.title)
     print(markdown)
     if args.out:
@@ -132,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             (tmp / "batch.md").write_text(markdown, encoding="utf-8")
             write_json(tmp / "batch.json", [{k: v for k, v in r.items() if k != "facts"} for r in rows])
             for folder, r in zip(args.runs, rows):
-                (tmp / r["method"]).mkdir()
-                shutil.copy(folder / "report.json", tmp / r["method"] / "report.json")
+                (tmp / r["run"]).mkdir()
+                shutil.copy(folder / "report.json", tmp / r["run"] / "report.json")
 
 
 if __name__ == "__main__":

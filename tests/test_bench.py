@@ -203,6 +203,9 @@ def test_batch_edits_tables_the_repair_census_runs_as_they_reported(demo, tmp_pa
         assert r["facts_after"] == report["evaluation"]["efficacy"]["after"]
         assert r["side_effects_total"] == report["evaluation"]["specificity"]["side_effects"]["total"]
         assert r["params_changed"] == report["report"]["weights"]["params_changed"] > 0
+    assert (tmp_path / "table" / "memit-0" / "report.json").read_bytes() == (
+        tmp_path / "memit-0" / "report.json"
+    ).read_bytes()
     markdown = (tmp_path / "table" / "batch.md").read_text()
     assert "| **ft** |" in markdown and "| **memit** |" in markdown and markdown == capsys.readouterr().out[:-1]
     with pytest.raises(SystemExit, match="same facts"):
