@@ -99,7 +99,7 @@ def to_markdown(rows: Sequence[dict], title: str) -> str:
     ]
     methods = [r["method"] for r in rows]
     for r in rows:
-        label = r["method"] if methods.count(r["method"]) == 1 else f"{r['method']} ({r['run']})"
+        label = r["method"] if methods.count(r["method"]) == 1 or r["run"] == r["method"] else r["run"]
         cells = [f"**{label}**", str(r["layer"])]
         cells += [_count(r, name, "after") for name, _ in LISTS]
         cells += [_number(r["kl_unrelated"], ".2e"), _number(r["perplexity_after"], ".2f"), f"{r['params_changed']:,}"]
