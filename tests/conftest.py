@@ -109,6 +109,31 @@ def demo():
 
 
 @pytest.fixture(scope="session")
+def demo_census(demo):
+    """The demo panel's facts as a census sees them: ``(panel, facts, records)``, each fact a capital with its
+    country as subject, each record the census line of its diagnosis (6 routing failures)."""
+    from surgery.census.run import census_record
+    from surgery.diagnosis.diagnose import diagnose_batch
+    from surgery.evaluation.facts import Fact
+    from surgery.evaluation.panels import DEMO_PANEL, load_panel
+
+    panel = load_panel(DEMO_PANEL)
+    facts = [Fact(p.prompt, p.target, relation="capital", subject=p.prompt.split()[-2]) for p in panel.facts]
+    diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
+    return panel, facts, [census_record(f, d) for f, d in zip(facts, diagnoses)]
+
+
+def write_census(folder: Path, facts, records) -> tuple[Path, Path]:
+    """A census folder (``census.jsonl``, as ``census`` writes it) and its fact file, under ``folder``."""
+    census = folder / "census"
+    census.mkdir()
+    (census / "census.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fact_file = folder / "facts.jsonl"
+    fact_file.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in facts))
+    return census, fact_file
+
+
+@pytest.fixture(scope="session")
 def demo_panels():
     return json.loads((ROOT / "assets" / "panels" / "demo.json").read_text())
 

@@ -171,24 +171,16 @@ def test_sequential_edits_draws_routing_failures_at_one_block_with_their_subject
 
 
 @pytest.mark.slow
-def test_batch_edits_tables_the_repair_census_runs_as_they_reported(demo, tmp_path, capsys):
+def test_batch_edits_tables_the_repair_census_runs_as_they_reported(demo, demo_census, tmp_path, capsys):
     """Experiment (b)'s table: one row per repair-census run, every figure read from the run's own report; runs that
     edited other facts are refused."""
-    from bench import batch_edits
-    from surgery.census.run import census_record
-    from surgery.cli import main
-    from surgery.diagnosis.diagnose import diagnose_batch
-    from surgery.evaluation.panels import DEMO_PANEL, load_panel
+    from conftest import write_census
 
-    panel = load_panel(DEMO_PANEL)
-    facts = [Fact(p.prompt, p.target, relation="capital", subject=p.prompt.split()[-2]) for p in panel.facts]
-    diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
-    census = tmp_path / "census"
-    census.mkdir()
-    records = [census_record(f, d) for f, d in zip(facts, diagnoses)]
-    (census / "census.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    fact_file = tmp_path / "facts.jsonl"
-    fact_file.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in facts))
+    from bench import batch_edits
+    from surgery.cli import main
+
+    _, facts, records = demo_census
+    census, fact_file = write_census(tmp_path, facts, records)
     common = ["repair-census", "--model", str(demo.source), "--census", str(census), "--facts", str(fact_file)]
     common += ["--per-fact", "0", "--stat-tokens", "2000", "--stats-dir", str(tmp_path / "stats")]
     for method, seed in (("ft", "0"), ("memit", "0"), ("ft", "1")):

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from conftest import write_census
 
-from surgery.census.run import census_record
 from surgery.cli import main
 from surgery.core.errors import InputError
-from surgery.diagnosis.diagnose import diagnose_batch
 from surgery.edit.many_facts import RepairConfig, census_panel, repair_from_census, split_routing
 from surgery.edit.training import SurgeryConfig
 from surgery.evaluation.facts import Fact
-from surgery.evaluation.panels import DEMO_PANEL, load_panel
 
 
 def _facts(n_relations=2, n=6):
@@ -65,11 +65,8 @@ def test_census_panel_judges_on_held_out_and_what_the_model_knew(tiny_panel):
 
 
 @pytest.mark.slow
-def test_one_edit_for_the_demo_models_routing_failures(demo, tmp_path, capsys):
-    panel = load_panel(DEMO_PANEL)
-    facts = [Fact(p.prompt, p.target, relation="capital", subject=p.prompt.split()[-2]) for p in panel.facts]
-    diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
-    records = [census_record(f, d) for f, d in zip(facts, diagnoses)]
+def test_one_edit_for_the_demo_models_routing_failures(demo, demo_census, tmp_path, capsys):
+    panel, facts, records = demo_census
     assert sum(r["verdict"] == "routing" for r in records) == 6
     result = repair_from_census(
         demo.model,
@@ -88,13 +85,7 @@ def test_one_edit_for_the_demo_models_routing_failures(demo, tmp_path, capsys):
     assert cmp["per_fact"]["facts"] == 1 and cmp["one_edit"]["params_changed"] > 0
 
     # The CLI on a census folder written the way `census` writes it.
-    import json
-
-    census = tmp_path / "census"
-    census.mkdir()
-    (census / "census.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    fact_file = tmp_path / "facts.jsonl"
-    fact_file.write_text("".join(json.dumps(f.to_dict()) + "\n" for f in facts))
+    census, fact_file = write_census(tmp_path, facts, records)
     out = tmp_path / "repair"
     assert (
         main(
@@ -121,13 +112,10 @@ def test_one_edit_for_the_demo_models_routing_failures(demo, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ft", "memit"])
-def test_a_peer_editor_makes_the_census_edit(demo, tmp_path, method):
+def test_a_peer_editor_makes_the_census_edit(demo, demo_census, tmp_path, method):
     """``--method`` reaches the census repair: the edit is the peer's (MLP output projections, MEMIT's of several
     blocks), the edited facts keep their subjects (where the peers read their keys), and the report says so."""
-    panel = load_panel(DEMO_PANEL)
-    facts = [Fact(p.prompt, p.target, relation="capital", subject=p.prompt.split()[-2]) for p in panel.facts]
-    diagnoses = diagnose_batch(demo.model, demo.tokenizer, [f.prompt for f in facts], [f.target for f in facts])
-    records = [census_record(f, d) for f, d in zip(facts, diagnoses)]
+    panel, facts, records = demo_census
     config = RepairConfig(edit_fraction=0.5, per_fact=0)
     edit, held = split_routing(records, facts, config)
     built = census_panel(panel, edit, held, records, facts, config)
