@@ -64,19 +64,16 @@ def test_census_panel_judges_on_held_out_and_what_the_model_knew(tiny_panel):
     assert panel.general == tiny_panel.general and panel.unrelated_text == tiny_panel.unrelated_text
 
 
+def _repair(demo, demo_census, surgery: SurgeryConfig, config: RepairConfig, cache_dir=None):
+    panel, facts, records = demo_census
+    return repair_from_census(demo.model, demo.tokenizer, records, facts, panel, surgery, config, cache_dir=cache_dir)
+
+
 @pytest.mark.slow
 def test_one_edit_for_the_demo_models_routing_failures(demo, demo_census, tmp_path, capsys):
     panel, facts, records = demo_census
     assert sum(r["verdict"] == "routing" for r in records) == 6
-    result = repair_from_census(
-        demo.model,
-        demo.tokenizer,
-        records,
-        facts,
-        panel,
-        SurgeryConfig(site="wv"),
-        RepairConfig(edit_fraction=0.5, per_fact=1),
-    )
+    result = _repair(demo, demo_census, SurgeryConfig(site="wv"), RepairConfig(edit_fraction=0.5, per_fact=1))
     assert (result.edited, result.held_out) == (3, 3)
     e = result.report.comparison.evaluation()
     assert [e["efficacy"][k] for k in ("before", "after", "total")] == [0, 3, 3]
@@ -121,16 +118,7 @@ def test_a_peer_editor_makes_the_census_edit(demo, demo_census, tmp_path, method
     built = census_panel(panel, edit, held, records, facts, config)
     assert [p.subject for p in built.facts] == [f.subject for f in edit] and all(p.subject for p in built.facts)
     before = {k: v.clone() for k, v in demo.model.state_dict().items()}
-    result = repair_from_census(
-        demo.model,
-        demo.tokenizer,
-        records,
-        facts,
-        panel,
-        SurgeryConfig(method=method, stat_tokens=2_000),
-        config,
-        cache_dir=tmp_path / "stats",
-    )
+    result = _repair(demo, demo_census, SurgeryConfig(method=method, stat_tokens=2_000), config, tmp_path / "stats")
     assert result.report.method == method and result.report.site == "mlp_out"
     assert len(result.edit.layers) == (1 if method == "ft" else 3)  # MEMIT: 5 blocks to the layer, from 0
     assert result.edit.layers[-1] == result.layer
