@@ -124,7 +124,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, help="write batch.md, batch.json and each run's report.json (by folder) here")
     p.add_argument("--title", default="One batch edit, method by method")
     args = p.parse_args(argv)
-    rows = [read_run(folder) for folder in args.runs]
+    try:
+        rows = [read_run(folder) for folder in args.runs]
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
     if len({tuple(r["facts"]) for r in rows}) != 1:
         raise SystemExit("error: the runs did not edit the same facts (another census, split or seed)")
     if len({r["run"] for r in rows}) != len(rows):

@@ -200,5 +200,7 @@ def test_batch_edits_tables_the_repair_census_runs_as_they_reported(demo, demo_c
     ).read_bytes()
     markdown = (tmp_path / "table" / "batch.md").read_text()
     assert "| **ft** |" in markdown and "| **memit** |" in markdown and markdown == capsys.readouterr().out[:-1]
+    with pytest.raises(SystemExit, match="not a repair-census output folder"):
+        batch_edits.main([str(tmp_path / "census")])
     with pytest.raises(SystemExit, match="same facts"):
         batch_edits.main([str(tmp_path / "ft-0"), str(tmp_path / "ft-1")])
