@@ -49,9 +49,8 @@ class RepairConfig:
     """``edit_fraction`` of each relation's routing failures is edited (at most ``max_edit`` in all), the rest
     held out; ``specificity_facts``: how many of the census' correct facts (any relation) are scored as side
     effects; ``preserve_facts``: how many others, of the edited relations, the preservation term keeps (0: only
-    the panel's own); ``per_fact``: how many of the edited facts are also edited one at a time for the comparison (0:
-    none); ``seed`` fixes the
-    split and the samples."""
+    the panel's own); ``per_fact``: how many of the edited facts are also edited one at a time for the
+    comparison (0: none); ``seed`` fixes the split and the samples."""
 
     edit_fraction: float = 0.5
     max_edit: int | None = None
