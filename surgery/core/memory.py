@@ -86,6 +86,9 @@ def peak_memory(device: torch.device | None = None) -> Iterator[PeakMemory]:
         yield record
     finally:
         hwm = _status_kib("VmHWM") if record.how == HOW_VMHWM else None
-        record.peak_mib = hwm / 1024 if hwm is not None else _maxrss_mib()
+        peak = hwm / 1024 if hwm is not None else _maxrss_mib()
+        # The kernel's RSS counters are cached per thread and read a few pages apart (split RSS counting): the peak
+        # is at least the resident set at the start, which the mark can otherwise read a few KiB under.
+        record.peak_mib = max(peak, record.start_mib)
         if cuda:
             record.cuda_peak_mib = torch.cuda.max_memory_allocated(device) / MIB
