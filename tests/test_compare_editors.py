@@ -2,6 +2,7 @@
 same facts and base; the table agrees with each method's own report; failures are rows; bad input writes nothing."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import DEMO_DIR, ROOT
@@ -10,8 +11,8 @@ from surgery.cli import main
 from surgery.core.errors import InputError, NonFiniteError
 from surgery.core.memory import peak_memory
 from surgery.edit import training
-from surgery.edit.compare import LISTS, compare_editors
-from surgery.edit.editors import METHODS
+from surgery.edit.compare import LISTS, compare_editors, method_config
+from surgery.edit.editors import METHODS, MULTI_BLOCK
 from surgery.edit.training import SurgeryConfig
 from surgery.evaluation.facts import load_facts
 from surgery.evaluation.memo import EvaluationMemo
@@ -103,6 +104,10 @@ def test_an_unknown_method_is_refused_and_nothing_is_written(capsys, tmp_path, d
     assert stdout == "" and not out.exists() and list(tmp_path.iterdir()) == []
     code, _, err = run_cli(capsys, *args, "--methods", "wv,wv")
     assert code == 2 and "named twice" in err and list(tmp_path.iterdir()) == []
+    code, _, err = run_cli(capsys, *args, "--methods", "wv,rome", "--layers", "0,1")
+    assert code == 2 and err == "error: --layers is for memit or alphaedit, and none of the methods is\n"
+    code, _, err = run_cli(capsys, *args, "--methods", "memit", "--layers", "1,0")
+    assert code == 2 and "ascending" in err and list(tmp_path.iterdir()) == []
 
 
 def test_blank_facts_and_an_unknown_model_are_refused(capsys, tmp_path, demo_facts):
@@ -162,6 +167,21 @@ def test_a_diverging_editor_is_a_failed_run_and_the_base_is_evaluated_once(monke
         "peak_memory": c.runs[1].memory.to_dict(),
     }
     assert "| **ft** | failed: FT-L's loss became nan at step 3 |" in c.to_markdown()
+
+
+def test_layers_go_to_the_multi_block_editors_only():
+    """``--layers`` (the papers' fixed layers) are MEMIT's and AlphaEdit's blocks; wv, ROME and FT-L keep
+    ``--layer``; a comparison without a multi-block editor refuses them."""
+    config = SurgeryConfig(layer=4)
+    configs = {m: method_config(config, m, (1, 2, 3)) for m in METHODS}
+    assert {m: c.layers for m, c in configs.items()} == {m: (1, 2, 3) if m in MULTI_BLOCK else None for m in METHODS}
+    assert {m: c.layer for m, c in configs.items()} == {m: None if m in MULTI_BLOCK else 4 for m in METHODS}
+    assert all(c.method == m for m, c in configs.items()) and configs["wv"].site == config.site
+    assert method_config(config, "memit") == replace(config, method="memit")
+    with pytest.raises(InputError, match="--layers is for memit or alphaedit"):
+        compare_editors(None, None, [], ["wv", "rome"], layers=(1, 2))
+    with pytest.raises(InputError, match="ascending"):
+        compare_editors(None, None, [], ["memit"], layers=(2, 1))
 
 
 def test_methods_are_checked(demo):

@@ -108,19 +108,24 @@ def test_one_edit_for_the_demo_models_routing_failures(demo, demo_census, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ft", "memit"])
-def test_a_peer_editor_makes_the_census_edit(demo, demo_census, tmp_path, method):
+@pytest.mark.parametrize("method,layers", [("ft", None), ("memit", None), ("memit", (0, 1))])
+def test_a_peer_editor_makes_the_census_edit(demo, demo_census, tmp_path, method, layers):
     """``--method`` reaches the census repair: the edit is the peer's (MLP output projections, MEMIT's of several
-    blocks), the edited facts keep their subjects (where the peers read their keys), and the report says so."""
+    blocks, or of ``--layers``), the edited facts keep their subjects (where the peers read their keys), and the
+    report says so."""
     panel, facts, records = demo_census
     config = RepairConfig(edit_fraction=0.5, per_fact=0)
     edit, held = split_routing(records, facts, config)
     built = census_panel(panel, edit, held, records, facts, config)
     assert [p.subject for p in built.facts] == [f.subject for f in edit] and all(p.subject for p in built.facts)
     before = {k: v.clone() for k, v in demo.model.state_dict().items()}
-    result = _repair(demo, demo_census, SurgeryConfig(method=method, stat_tokens=2_000), config, tmp_path / "stats")
+    surgery = SurgeryConfig(method=method, stat_tokens=2_000, layers=layers)
+    result = _repair(demo, demo_census, surgery, config, tmp_path / "stats")
     assert result.report.method == method and result.report.site == "mlp_out"
-    assert len(result.edit.layers) == (1 if method == "ft" else 3)  # MEMIT: 5 blocks to the layer, from 0
+    if layers is None:
+        assert len(result.edit.layers) == (1 if method == "ft" else 3)  # MEMIT: 5 blocks to the layer, from 0
+    else:
+        assert tuple(result.edit.layers) == layers and "(--layers)" in result.layer_reason
     assert result.edit.layers[-1] == result.layer
     assert all(torch.equal(v, demo.model.state_dict()[k]) for k, v in before.items())  # the base is not mutated
     assert result.to_dict()["report"]["method"] == method

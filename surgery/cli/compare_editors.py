@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 
 from ..core.progress import progress_bar
-from ..edit.compare import EditorComparison, check_methods, compare_editors
+from ..edit.compare import EditorComparison, check_methods, compare_configs, editor_configs
 from ..edit.editors import METHODS
 from ..evaluation.facts import load_facts
 from ..io.export import atomic_output, check_output_dir, write_edit_files, write_json
 from .common import add_model_arg, load, load_panel_arg, print_json
-from .operate import add_method_args, add_training_args, config_from_args, read_unrelated
+from .operate import add_method_args, add_training_args, config_from_args, parse_layers, read_unrelated
 
 EXIT_SOME_FAILED = 1
 FILES = ("compare.md", "compare.json", "compare.png")
@@ -52,19 +52,20 @@ def parse_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    methods = parse_methods(args.methods)  # bad input: refused before anything is loaded or written
-    config = config_from_args(args, "wv")
+    # bad input: refused before anything is loaded or written
+    configs = editor_configs(
+        parse_methods(args.methods), config_from_args(args, "wv", layers=False), parse_layers(args.layers)
+    )
     check_output_dir(args.out, args.overwrite)
     facts = load_facts(args.facts)
     unrelated = read_unrelated(args.unrelated)
     loaded = load(args)
     panel = load_panel_arg(args, loaded.model)
-    comparison = compare_editors(
+    comparison = compare_configs(
         loaded.model,
         loaded.tokenizer,
         facts,
-        methods,
-        config,
+        configs,
         panel=panel,
         unrelated=unrelated,
         cache_dir=args.stats_dir,

@@ -74,6 +74,12 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="rome, memit, alphaedit: where key statistics are cached (default ~/.cache/transformer-surgery/keystats)",
     )
+    p.add_argument(
+        "--layers",
+        metavar="A,B,C",
+        help="memit, alphaedit: the blocks to edit, ascending (the papers' fixed layers, e.g. 3,4,5,6,7,8); "
+        f"default: the {MemitHparams.span} blocks ending at --layer",
+    )
 
 
 def register(sub) -> None:
@@ -95,12 +101,6 @@ def register(sub) -> None:
         + " (default wv; --epochs, --lr and --kl-weight are wv's)",
     )
     add_method_args(p)
-    p.add_argument(
-        "--layers",
-        metavar="A,B,C",
-        help="memit, alphaedit: the blocks to edit, ascending (the papers' fixed layers, e.g. 3,4,5,6,7,8); "
-        f"default: the {MemitHparams.span} blocks ending at --layer",
-    )
     add_training_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -108,12 +108,14 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def config_from_args(args: argparse.Namespace, site: str) -> SurgeryConfig:
+def config_from_args(args: argparse.Namespace, site: str, layers: bool = True) -> SurgeryConfig:
+    """The :class:`SurgeryConfig` of the parsed options; ``layers=False`` leaves ``--layers`` out (compare-editors
+    gives them to MEMIT and AlphaEdit only)."""
     return SurgeryConfig(
         site=site,
         method=getattr(args, "method", "wv"),
         stat_tokens=getattr(args, "stat_tokens", DEFAULTS.stat_tokens),
-        layers=parse_layers(getattr(args, "layers", None)),
+        layers=parse_layers(getattr(args, "layers", None)) if layers else None,
         layer=parse_layer(args.layer),
         lr=args.lr,
         epochs=args.epochs,

@@ -17,7 +17,7 @@ from ..evaluation.panels import ENGLISH_PANEL, load_panel
 from ..evaluation.report import format_rows
 from ..io.export import atomic_output, check_output_dir, write_json, write_patch
 from .common import add_device_arg, add_model_arg, load, parse_layer
-from .operate import DEFAULTS, add_method_args
+from .operate import DEFAULTS, add_method_args, parse_layers
 
 
 def register(sub) -> None:
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         site=args.site,
         method=args.method,
         stat_tokens=args.stat_tokens,
+        layers=parse_layers(args.layers),
         layer=parse_layer(args.layer),
         lr=args.lr,
         epochs=args.epochs,

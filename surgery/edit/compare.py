@@ -29,7 +29,7 @@ from ..evaluation.memo import EvaluationMemo
 from ..evaluation.panels import Panel, panel_for_model
 from ..evaluation.report import SurgeryReport, compare
 from ..evaluation.scoring import score_probes
-from .editors import METHODS
+from .editors import METHODS, MULTI_BLOCK
 from .training import SurgeryConfig, SurgeryResult, operate, preservation_texts
 
 log = logging.getLogger(__name__)
@@ -266,16 +266,38 @@ def compare_editors(
     facts: Sequence[Fact],
     methods: Sequence[str] | None = None,
     config: SurgeryConfig = SurgeryConfig(),
+    layers: Sequence[int] | None = None,
     **kwargs,
 ) -> EditorComparison:
     """Every editor of ``methods`` (default: all of :data:`~surgery.edit.editors.METHODS`) on the same facts:
     ``config`` with its ``method`` replaced (``wv`` runs ``config.site``; the other methods edit the MLP output
-    projection, so their site is ``wv``'s default). ``kwargs`` go to :func:`compare_configs`. Raises
-    :class:`InputError` for an unknown or repeated method."""
+    projection, so their site is ``wv``'s default). ``layers`` (``--layers``, e.g. the papers' fixed layers) are
+    the blocks of the multi-block editors (MEMIT, AlphaEdit) only; the one-block methods keep ``config.layer``.
+    ``kwargs`` go to :func:`compare_configs`. Raises :class:`InputError` for an unknown or repeated method, or
+    bad ``layers``."""
+    return compare_configs(model, tokenizer, facts, editor_configs(methods, config, layers), **kwargs)
+
+
+def editor_configs(
+    methods: Sequence[str] | None, config: SurgeryConfig = SurgeryConfig(), layers: Sequence[int] | None = None
+) -> dict[str, SurgeryConfig]:
+    """Each method's :func:`method_config`, in order; :class:`InputError` for an unknown or repeated method, or
+    ``layers`` that are bad or given without MEMIT or AlphaEdit among the methods. Cheap: the CLI checks its
+    input with it before loading anything."""
     methods = list(METHODS if methods is None else methods)
     check_methods(methods)
-    configs = {m: replace(config, method=m, site=config.site if m == "wv" else "wv") for m in methods}
-    return compare_configs(model, tokenizer, facts, configs, **kwargs)
+    if layers is not None and not set(methods) & set(MULTI_BLOCK):
+        raise InputError(f"--layers is for {' or '.join(MULTI_BLOCK)}, and none of the methods is")
+    return {m: method_config(config, m, layers) for m in methods}
+
+
+def method_config(config: SurgeryConfig, method: str, layers: Sequence[int] | None = None) -> SurgeryConfig:
+    """``config`` for ``method`` in a comparison: ``wv`` keeps ``config.site``, the others edit the MLP output
+    projection; ``layers``, when given, are the blocks of MEMIT and AlphaEdit (their last is then their block)."""
+    site = config.site if method == "wv" else "wv"
+    if layers is not None and method in MULTI_BLOCK:
+        return replace(config, method=method, site=site, layer=None, layers=tuple(layers))
+    return replace(config, method=method, site=site)
 
 
 def check_methods(methods: Sequence[str]) -> None:

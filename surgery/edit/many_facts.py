@@ -204,15 +204,18 @@ def repair_from_census(
     cache_dir: str | os.PathLike | None = None,
 ) -> CensusRepair:
     """One edit for a census' routing failures (split by :func:`split_routing`), judged on :func:`census_panel`,
-    and ``config.per_fact`` of them edited one at a time for comparison. The layer: ``surgery.layer``, else the
-    most common prescribed layer of the edited facts in the census (no second diagnosis). ``surgery.method``
-    picks the editor (``wv`` or a peer: ``rome``, ``ft``, ``memit``, ``alphaedit``, keyed at each fact's
-    subject); ``cache_dir``: where the peers' key statistics are cached (``operate``'s)."""
+    and ``config.per_fact`` of them edited one at a time for comparison. The layer: the last of
+    ``surgery.layers`` (MEMIT, AlphaEdit), else ``surgery.layer``, else the most common prescribed layer of the
+    edited facts in the census (no second diagnosis). ``surgery.method`` picks the editor (``wv`` or a peer:
+    ``rome``, ``ft``, ``memit``, ``alphaedit``, keyed at each fact's subject); ``cache_dir``: where the peers' key
+    statistics are cached (``operate``'s)."""
     say = progress or log.info
     edit, held = split_routing(records, facts, config)
     panel = census_panel(base, edit, held, records, facts, config)
     prescribed = {record_key(r): r["prescribed_layer"] for r in records}
-    if surgery.layer is None:
+    if surgery.layers is not None:  # MEMIT, AlphaEdit on given blocks (--layers): the last is the block
+        layer, reason = surgery.layers[-1], f"given: blocks {', '.join(map(str, surgery.layers))} (--layers)"
+    elif surgery.layer is None:
         counts = Counter(prescribed[f.key] for f in edit)
         layer, n = counts.most_common(1)[0]
         reason = f"census: block {layer} ({block_label(layer)}) is the prescribed layer of {n}/{len(edit)} edited facts"
