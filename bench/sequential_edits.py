@@ -46,6 +46,7 @@ from surgery import load_facts, load_model
 from surgery.arch import layout_of
 from surgery.core.errors import InputError, NonFiniteError, SurgeryFailed
 from surgery.edit import editors, memit
+from surgery.edit.compare import editor_configs, method_config
 from surgery.edit.training import SurgeryConfig, operate, preservation_texts
 from surgery.evaluation.facts import Fact
 from surgery.evaluation.generation import said
@@ -120,9 +121,11 @@ def run_chain(
     panel: Panel,
     base_memo: EvaluationMemo,
     config: SurgeryConfig = SurgeryConfig(),
+    layers: Sequence[int] | None = None,
 ) -> dict:
     """Edit ``rounds`` in turn with ``method``, each on the previous round's result; then re-check every round and
-    judge the chained model against ``base`` with the full ``panel``. ``base`` is never mutated."""
+    judge the chained model against ``base`` with the full ``panel``. ``base`` is never mutated. ``layers``: MEMIT's
+    and AlphaEdit's blocks (``--layers``), as in ``compare-editors``."""
     current, per_round, memory = base, [], {}
     t0 = time.perf_counter()
     with sequential_protocol(base, memory):
@@ -134,7 +137,7 @@ def run_chain(
                     current,
                     tokenizer,
                     facts,
-                    replace(config, method=method),
+                    method_config(config, method, layers),
                     panel=slim_panel(panel),
                     require_all=False,
                 )
@@ -245,11 +248,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--per-round", type=int, default=12)
     p.add_argument("--methods", default="wv,memit,alphaedit")
+    p.add_argument("--layers", help="MEMIT's and AlphaEdit's blocks, e.g. 2,3,4,5,6 (default: from the diagnosis)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    editor_configs(args.methods.split(","), layers=layers)  # bad methods or layers: refused before any work
     n = args.rounds * args.per_round
     if args.facts:
         facts, block = load_facts(args.facts)[:n], None
@@ -268,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "per_round": args.per_round,
         "seed": args.seed,
         "block": block,
+        "layers": layers,
         "source": str(args.census or args.facts),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -278,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     chains = []
     for method in args.methods.split(","):
-        chains.append(run_chain(model, tokenizer, rounds, method, panel, memo))
+        chains.append(run_chain(model, tokenizer, rounds, method, panel, memo, layers=layers))
         out = {"setup": setup | {"load_end": " ".join(f"{x:.2f}" for x in _loadavg())}, "chains": chains}
         (args.out / "sequential.json").write_text(json.dumps(out, indent=2) + "\n")  # after each method: partial
         (args.out / "sequential.md").write_text(to_markdown(out))

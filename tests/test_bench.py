@@ -111,8 +111,16 @@ def test_sequential_edits_chain_rounds_and_leave_the_base_untouched(demo, tmp_pa
     before = {k: v.clone() for k, v in model.state_dict().items()}
     statistics, alphaedit = editors.key_statistics, editors.apply_alphaedit
     chain = sequential_edits.run_chain(
-        model, tokenizer, [facts[:2], facts[2:]], "alphaedit", panel_for_model(model), EvaluationMemo(model)
+        model,
+        tokenizer,
+        [facts[:2], facts[2:]],
+        "alphaedit",
+        panel_for_model(model),
+        EvaluationMemo(model),
+        layers=(0, 1),  # --layers: the blocks given, not the diagnosis' (block 2 and the two before it)
     )
+    edited = [r for r in chain["rounds"] if "error" not in r]
+    assert edited and all(list(r["layers"]) == [0, 1] and r["layer"] == 1 for r in edited)
     assert editors.key_statistics is statistics and editors.apply_alphaedit is alphaedit  # patches undone
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the base never mutated
     assert [r["round"] for r in chain["rounds"]] == [1, 2]
