@@ -114,3 +114,40 @@ def test_families_without_a_post_norm_edit_as_the_papers(tiny_tokenizer, tmp_pat
         done = editors.edit_mlp_out(model, tiny_tokenizer, facts, LAYER, method, 300, cache_dir=tmp_path)
         assert "post_norm" not in done.hparams and not any("post-MLP" in n for n in done.notes)
     assert seen == [("rome", False), ("memit", False)]
+
+
+def test_a_zero_gain_leaves_its_dimension_and_the_target_finite(post_model):
+    """Gemma 3 270M's dequantized post-norm gains are exactly 0 in a few dimensions (blocks 1, 3, 4): the block
+    writes nothing there, so a wanted change there is out of reach; the others are still written exactly."""
+    model = post_model
+    gen = torch.Generator().manual_seed(2)
+    layout = layout_of(model)
+    _, w, bias = out_projection(model, LAYER)
+    norm = post_norm_of(model)
+    weight = norm.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[:3] -= layout.adapter.norm.gain(norm)[:3]  # the gain is affine in the weight with slope 1
+        g = layout.adapter.norm.gain(norm).double()[:, None]
+        assert int((g == 0).sum()) == 3
+        k = torch.randn(layout.d_mlp, 2, generator=gen, dtype=torch.float64)
+        wd, b = w.detach().double(), 0.0 if bias is None else bias.double()[:, None]
+        with torch.no_grad():
+            before = norm((wd @ k + b).T.float()).double().T
+        u = torch.randn(layout.d_model, 2, generator=gen, dtype=torch.float64)
+        u[:3] = 0  # reachable: nothing in the dead dimensions...
+        u = u / u.pow(2).mean(0, keepdim=True).sqrt()
+        r = g * u - before
+        r_dead = r.clone()
+        r_dead[:3] = 5.0  # ...and the same change asking for something there too
+        for wanted in (r, r_dead):
+            target = post_norm_target(model, LAYER, wd, k, wanted)
+            assert torch.isfinite(target).all()
+            delta = target @ torch.linalg.pinv(k)
+            with torch.no_grad():
+                after = norm(((wd + delta) @ k + b).T.float()).double().T
+            torch.testing.assert_close(after[3:], (g * u)[3:], rtol=1e-3, atol=1e-3)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

@@ -136,7 +136,9 @@ def post_norm_target(model: nn.Module, layer: int, matrix: Tensor, keys: Tensor,
     gain, ``σ`` its normalizer), not ``m``: the wanted output ``y = g ⊙ m / σ + r`` is mapped back through the norm
     at the current ``σ``, ``m' = σ u / rms(u)`` with ``u = y / g``, and ``R' = m' − m``. Dividing by ``rms(u)``
     projects ``y`` onto what the norm can produce (its outputs all have ``rms(y / g) = 1``: a direction, not a
-    length), so a change larger than the norm can write becomes a rotation towards it. Float64 (d_model, n)."""
+    length), so a change larger than the norm can write becomes a rotation towards it; where ``g`` is 0 the block
+    writes nothing, and ``u`` there is ``m / σ`` scaled to keep ``rms(u) = 1`` where the rest allows. Float64
+    (d_model, n)."""
     a = layout_of(model).adapter
     norm = model.get_submodule(a.path("mlp_post_norm", layer))
     bias = out_projection(model, layer)[2]
@@ -144,7 +146,15 @@ def post_norm_target(model: nn.Module, layer: int, matrix: Tensor, keys: Tensor,
     m = projected(matrix, bias, k)  # (d_model, n)
     sigma = (m.pow(2).mean(0, keepdim=True) + a.norm.eps(norm)).sqrt()  # (1, n), as the norm computes it
     g = a.norm.gain(norm).to(k.device, torch.float64)[:, None]  # (d_model, 1)
-    u = (g * m / sigma + r) / g
+    # Where the gain is 0 (Gemma 3 270M's GGUF has such dimensions in blocks 1, 3 and 4) the block writes nothing,
+    # whatever m is there: the wanted change there is out of reach, and those entries of u only share the norm's
+    # unit RMS with the others. They keep m's direction, scaled to fill what the others leave of it where they can.
+    live = g != 0
+    u = torch.where(live, (g * m / sigma + r) / torch.where(live, g, 1.0), 0.0)
+    dead = torch.where(live, 0.0, m / sigma)
+    room = (u.shape[0] - u.pow(2).sum(0, keepdim=True)).clamp(min=0)
+    held = dead.pow(2).sum(0, keepdim=True)
+    u = u + dead * torch.where(held > 0, room / torch.where(held > 0, held, 1.0), 0.0).sqrt()
     return sigma * u / u.pow(2).mean(0, keepdim=True).sqrt() - m
 
 
