@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from surgery import load_facts, load_model
 from surgery.arch import layout_of
+from surgery.census.report import outcome
 from surgery.core.errors import InputError, NonFiniteError, SurgeryFailed
 from surgery.edit import editors, memit
 from surgery.edit.compare import editor_configs, method_config
@@ -59,11 +60,12 @@ log = logging.getLogger(__name__)
 
 
 def pick_facts(census: Path, n: int, seed: int, exclude: set[str]) -> tuple[list[Fact], int]:
-    """``n`` routing failures of ``census`` (a census.jsonl) that the model does not say, all at the census' most
+    """``n`` routing failures of ``census`` (a census.jsonl): the census' ``routing`` outcome, so not the facts the
+    model says (first or a little later) nor those missing only a generic first piece; all at the census' most
     common prescribed block, drawn with ``seed``; prompts in ``exclude`` left out. Each keeps the census' subject
     (where ROME, MEMIT and AlphaEdit read their key). Returns them and the block."""
     rows = [json.loads(line) for line in census.read_text().splitlines() if line.strip()]
-    routing = [r for r in rows if r["verdict"] == "routing" and not r.get("says_answer") and r["prompt"] not in exclude]
+    routing = [r for r in rows if outcome(r) == "routing" and r["prompt"] not in exclude]
     block = Counter(r["prescribed_layer"] for r in routing).most_common(1)[0][0]
     pool = sorted((r for r in routing if r["prescribed_layer"] == block), key=lambda r: r["prompt"])
     if len(pool) < n:

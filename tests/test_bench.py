@@ -165,11 +165,13 @@ def test_preservation_bench_times_each_term_and_tables_each_operate(monkeypatch,
 def test_sequential_edits_draws_routing_failures_at_one_block_with_their_subjects(tmp_path):
     from bench import sequential_edits
 
-    def record(i, block, verdict="routing", says=False):
+    def record(i, block, verdict="routing", says=False, later=False, generic=False):
         return {"prompt": f"City{i} is a city in", "target": " X", "subject": f"City{i}", "verdict": verdict,
-                "prescribed_layer": block, "says_answer": says}  # fmt: skip
+                "prescribed_layer": block, "says_answer": says, "says_later": later,
+                "divergence": {"generic_first_piece": generic}}  # fmt: skip
 
     rows = [record(i, 3) for i in range(5)] + [record(9, 2), record(10, 3, "absence"), record(11, 3, says=True)]
+    rows += [record(12, 3, later=True), record(13, 3, generic=True)]  # said a little later; a generic piece: kept out
     census = tmp_path / "census.jsonl"
     census.write_text("".join(json.dumps(r) + "\n" for r in rows))
     facts, block = sequential_edits.pick_facts(census, 4, seed=0, exclude={"City0 is a city in"})
