@@ -38,6 +38,11 @@ def test_split_is_per_relation_seeded_and_skips_what_is_not_routing():
     assert len(edit2) == 1 and len(held2) == 9
     with pytest.raises(InputError, match="no routing failure"):
         split_routing(_records(facts, lambda f: "absence"), facts, RepairConfig())
+    # said a little later (not a failure) or missing only a generic first piece: routing verdicts, never edited
+    later = [dict(r, says_later=r["prompt"] == "p0-0") for r in records]
+    later = [dict(r, divergence={"generic_first_piece": r["prompt"] == "p1-0"}) for r in later]
+    edit3, held3 = split_routing(later, facts, RepairConfig(edit_fraction=0.4, seed=3))
+    assert len(edit3) + len(held3) == 8 and not {"p0-0", "p1-0"} & {f.prompt for f in edit3 + held3}
 
 
 def test_census_panel_judges_on_held_out_and_what_the_model_knew(tiny_panel):

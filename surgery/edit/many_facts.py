@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from ..arch import block_label
+from ..census.report import outcome
 from ..census.run import record_key
 from ..core.errors import InputError, SurgeryFailed
 from ..evaluation.facts import Fact
@@ -79,9 +80,12 @@ def split_routing(
 ) -> tuple[list[Fact], list[Fact]]:
     """The census' routing failures among ``facts``, split per relation into (edited, held out), seeded.
 
-    ``records``: census lines (``prompt``, ``target``, ``verdict``). Ambiguous facts are never used.
+    ``records``: census lines (``prompt``, ``target``, ``verdict``, and what the model says). A routing failure is
+    the census' ``routing`` outcome (:func:`~surgery.census.report.outcome`): the facts the model says a little later
+    ("Lyon is a city in" -> " the south of France") are not failures, and those missing only a generic first piece
+    would teach the piece. Ambiguous facts are never used.
     """
-    verdicts = {record_key(r): r["verdict"] for r in records}
+    verdicts = {record_key(r): outcome(r) for r in records}
     by_relation: dict[str, list[Fact]] = defaultdict(list)
     for fact in facts:
         if fact.ambiguous is None and verdicts.get(fact.key) == "routing":
