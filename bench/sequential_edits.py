@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from surgery import load_facts, load_model
 from surgery.arch import layout_of
 from surgery.census.report import outcome
+from surgery.cli.operate import parse_layers
 from surgery.core.errors import InputError, NonFiniteError, SurgeryFailed
 from surgery.edit import editors, memit
 from surgery.edit.compare import editor_configs, method_config
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    layers = parse_layers(args.layers)
     editor_configs(args.methods.split(","), layers=layers)  # bad methods or layers: refused before any work
     n = args.rounds * args.per_round
     if args.facts:
