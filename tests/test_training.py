@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -190,10 +191,37 @@ def test_a_surgery_past_its_time_limit_stops_mid_training(tiny_model, tiny_token
 
 
 def test_a_surgery_past_its_time_limit_before_training(tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch):
-    clock = iter([0.0, 10.0])  # the start, then the first check (after the diagnosis)
+    """The clock passes the limit right after the start: the first check, inside the generation that judges the
+    facts before anything is trained, stops the surgery there."""
+    clock = iter([0.0] + [10.0] * 1000)  # the start, then every check
     monkeypatch.setattr(training.time, "monotonic", lambda: next(clock))
-    with pytest.raises(SurgeryTimeout, match=r"limit of 5 s \(after diagnosing the facts\)"):
+    with pytest.raises(SurgeryTimeout, match=r"limit of 5 s \(while judging and diagnosing the facts\)"):
         operate(tiny_model, tiny_tokenizer, facts, SurgeryConfig(site="wv", layer=1, max_seconds=5), panel=tiny_panel)
+
+
+def test_a_surgery_past_its_time_limit_stops_inside_the_evaluation(
+    tiny_model, tiny_tokenizer, facts, tiny_panel, monkeypatch
+):
+    """The limit passes once the edit is trained: the evaluation's generations stop at their next token (the
+    deadline is checked inside them), so the evaluation never finishes; without a limit it does."""
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    real_compare, finished = training.compare, []
+
+    def compare_after_the_limit(*args, **kwargs):
+        clock[0] = 100.0
+        result = real_compare(*args, **kwargs)
+        finished.append(True)
+        return result
+
+    monkeypatch.setattr(training, "compare", compare_after_the_limit)
+    config = SurgeryConfig(site="wv", layer=1, **FAST)
+    with pytest.raises(SurgeryTimeout, match=r"limit of 50 s \(while evaluating the edit\); nothing was kept"):
+        operate(tiny_model, tiny_tokenizer, facts, replace(config, max_seconds=50), panel=tiny_panel)
+    assert finished == []
+    clock[0] = 0.0
+    assert operate(tiny_model, tiny_tokenizer, facts, config, panel=tiny_panel).edit is not None
+    assert finished == [True]
 
 
 def test_a_loss_that_diverges_stops_and_keeps_nothing(tiny_model, tiny_tokenizer, facts, tiny_panel):

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from ..arch import Layout, apply_softcap, block_label, layout_of
 from ..core.errors import InputError, NonFiniteError
 from ..core.hooks import hooked
+from ..core.interrupt import checkpoint
 from ..core.tokens import encode_prompt, encode_target, token_text
 from .divergence import Divergence, missed_pieces
 
@@ -591,6 +592,7 @@ def diagnose_batch(
         encoded.append(_Item(prompt, target, ids, t_ids, c_ids))
     out: list[Diagnosis] = []
     for start in range(0, len(encoded), batch_size):
+        checkpoint()  # a caller's deadline (surgery.core.interrupt) stops between batches
         chunk = encoded[start : start + batch_size]
         if config.teacher_force:
             _find_divergences(model, tokenizer, layout, chunk)

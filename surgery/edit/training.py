@@ -39,6 +39,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 
 from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, NonFiniteError, SurgeryFailed, SurgeryTimeout, require_positive_int
+from ..core.interrupt import checking
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
 from ..evaluation.facts import Fact
 from ..evaluation.memo import EvaluationMemo, memo_for
@@ -293,6 +295,12 @@ class Deadline:
 
         return checked
 
+    def during(self, where: str) -> AbstractContextManager[None]:
+        """A ``with`` block inside which every :func:`~surgery.core.interrupt.checkpoint` (each token of a greedy
+        generation, each batch of a diagnosis) checks this deadline: a long evaluation stops inside itself, not
+        only when it ends."""
+        return checking(lambda: self.check(where))
+
 
 # The step size adapts ("bold driver"): every accepted step that lowers the loss grows the learning rate by
 # LR_GROWTH, up to LR_MAX_GROWTH x where it started, so a model that needs bigger steps than the scaled default gets
@@ -516,13 +524,14 @@ def operate(
     layout = layout_of(model)
     panel = panel if panel is not None else panel_for_model(model)
     unrelated, unrelated_note = preservation_texts(panel, tokenizer, layout.n_ctx, unrelated)
-    before = score_probes(model, tokenizer, facts, memo)  # also validates every prompt and target
-    if before.correct == before.total:
-        raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
-    diagnoses = memo.diagnoses(
-        tuple((f.prompt, f.target) for f in facts),
-        lambda: diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts]),
-    )
+    with deadline.during("while judging and diagnosing the facts"):
+        before = score_probes(model, tokenizer, facts, memo)  # also validates every prompt and target
+        if before.correct == before.total:
+            raise InputError(f"the model already answers all {before.total} facts correctly: nothing to fix")
+        diagnoses = memo.diagnoses(
+            tuple((f.prompt, f.target) for f in facts),
+            lambda: diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts]),
+        )
     verdicts = [d.verdict for d in diagnoses]
     deadline.check("after diagnosing the facts")
     absent_notes: list[str] = []
@@ -603,7 +612,8 @@ def operate(
             metadata["method"] = config.method
         edit = Edit(site, layer, slices, outcome.values, metadata, spread)
         edited = edited_model(model, edit)
-        after = score_probes(edited, tokenizer, facts)
+        with deadline.during(f"judging the facts after training block {layer}"):
+            after = score_probes(edited, tokenizer, facts)
         wrong = [r.prompt for r, k in zip(after.results, keep) if k and not r.correct]
         tried.append(
             {
@@ -640,8 +650,8 @@ def operate(
             )
         )
     deadline.check("before evaluating the edit")
-    comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after, memo=memo)
-    deadline.check("while evaluating the edit")
+    with deadline.during("while evaluating the edit"):
+        comparison = compare(model, edited, tokenizer, facts, panel, unrelated, verdicts, before, after, memo=memo)
     notes = (
         absent_notes
         + [f"not scored: {u}" for u in comparison.unavailable]

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..arch import layout_of, unembed
 from ..core.errors import InputError
+from ..core.interrupt import checkpoint
 from ..core.tokens import encode_prompt, encode_target
 from .memo import EvaluationMemo, Row, memo_for
 
@@ -234,6 +235,7 @@ def _generate_wave(
     first = True
     with torch.no_grad():
         while any(alive):
+            checkpoint()  # a deadline installed by the caller (surgery.core.interrupt) stops here, between tokens
             live = [k for k in range(len(groups)) if alive[k]]
             last = []
             for k in live:
