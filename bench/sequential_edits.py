@@ -251,7 +251,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--per-round", type=int, default=12)
     p.add_argument("--methods", default="wv,memit,alphaedit")
-    p.add_argument("--layers", help="MEMIT's and AlphaEdit's blocks, e.g. 2,3,4,5,6 (default: from the diagnosis)")
+    p.add_argument(
+        "--layers",
+        help="MEMIT's and AlphaEdit's blocks, e.g. 2,3,4,5,6, or trace (causal tracing of each round's facts; "
+        "default: the blocks ending at the prescribed one)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)

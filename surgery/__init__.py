@@ -8,7 +8,8 @@ before and after; :func:`verify` checks an edited model against its base by what
 runs every editor on the same facts and returns an :class:`EditorComparison` (``to_markdown``, ``to_dict``,
 ``figure``). The base model is never modified: :func:`edited_model` gives an edited view, :meth:`Edit.save` /
 :meth:`Edit.load` the edit's file, :func:`write_edited_model` a whole model folder. Beside the repair:
-:func:`run_census` diagnoses a fact set; :func:`patch_activations` and :func:`patch_weights` are the causal method.
+:func:`run_census` diagnoses a fact set; :func:`patch_activations` and :func:`patch_weights` are the causal method;
+:func:`trace_storage` finds where the facts' subjects are stored (causal tracing: MEMIT's and AlphaEdit's blocks).
 User errors raise :class:`SurgeryError` subclasses (:class:`InputError` for bad input). The packages, stage by
 stage, are described in ``docs/architecture.md``; the names below are imported on first use, so ``import surgery``
 stays cheap.
@@ -27,6 +28,8 @@ _EXPORTS = {
     "diagnose_batch": "surgery.diagnosis.diagnose",
     "Diagnosis": "surgery.diagnosis.diagnose",
     "DiagnosisConfig": "surgery.diagnosis.diagnose",
+    "trace_storage": "surgery.diagnosis.storage",
+    "StorageTrace": "surgery.diagnosis.storage",
     "operate": "surgery.edit.training",
     "SurgeryConfig": "surgery.edit.training",
     "SurgeryResult": "surgery.edit.training",
@@ -56,6 +59,8 @@ __all__ = [
     "diagnose_batch",
     "Diagnosis",
     "DiagnosisConfig",
+    "trace_storage",
+    "StorageTrace",
     "operate",
     "SurgeryConfig",
     "SurgeryResult",
@@ -82,6 +87,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .census.run import CensusConfig, run_census
     from .core.errors import InputError, SurgeryError
     from .diagnosis.diagnose import Diagnosis, DiagnosisConfig, diagnose, diagnose_batch
+    from .diagnosis.storage import StorageTrace, trace_storage
     from .edit.compare import EditorComparison, compare_editors
     from .edit.training import SurgeryConfig, SurgeryResult, operate
     from .evaluation.facts import Fact, load_facts

@@ -10,6 +10,9 @@ from safetensors.torch import load_file
 from surgery.arch import SITES, layout_of
 from surgery.cli import build_parser, main
 from surgery.cli.compare_sites import format_table
+from surgery.edit.training import SurgeryConfig, operate
+from surgery.evaluation.facts import load_facts
+from surgery.io.loading import load_model
 
 FAST = ["--lr", "0.03"]  # the tiny random model needs bigger steps than the documented default
 
@@ -394,6 +397,32 @@ def test_operate_with_memit_on_the_papers_fixed_layers(capsys, tmp_path):
 
     code, _, err = run_cli(capsys, *args, "--method", "rome", "--layers", "1,2", "--out", tmp_path / "other")
     assert code == 2 and err == "error: --layers is for --method memit or alphaedit; --method rome edits one block\n"
+
+
+def test_operate_with_memit_on_the_traced_blocks(capsys, tmp_path):
+    """``--layers trace``: the blocks come from causal tracing of the facts' subjects (on the 4-block demo model,
+    a span of 5 is all 4) and the report says so and keeps the trace (MEMIT does not fix these two there: the
+    CLI says so and names the blocks, the report comes from the library); facts naming no subject are refused in
+    one line."""
+    chosen = json.loads(DEMO_FACTS.read_text())[:2]
+    named = [f | {"subject": f["prompt"].split(" of ")[1][:-3]} for f in chosen]  # "France", "Japan"
+    facts, bare = tmp_path / "facts.json", tmp_path / "bare.json"
+    facts.write_text(json.dumps(named))
+    bare.write_text(json.dumps(chosen))
+    args = ["operate", "--model", DEMO_DIR, "--stat-tokens", 300, "--stats-dir", tmp_path / "ks", "--method", "memit"]
+    code, _, err = run_cli(capsys, *args, "--facts", facts, "--layers", "trace", "--out", tmp_path / "a")
+    assert code == 2 and "at site mlp_out of blocks 0, 1, 2, 3 with memit" in err and not (tmp_path / "a").exists()
+    code, _, err = run_cli(capsys, *args, "--facts", bare, "--layers", "trace", "--out", tmp_path / "b")
+    assert code == 2 and err.startswith("error: causal tracing needs facts that name their subject")
+
+    g = load_model(str(DEMO_DIR))
+    config = SurgeryConfig(method="memit", layers="trace", stat_tokens=300)
+    result = operate(g.model, g.tokenizer, load_facts(facts), config, require_all=False, cache_dir=tmp_path / "ks")
+    report = result.report.to_dict()
+    trace = report["config"]["storage_trace"]
+    assert trace["blocks"] == report["config"]["layers"] == [0, 1, 2, 3] == list(result.edit.layers)
+    assert trace["facts"] == 2 and len(trace["effects"]) == 1 and trace["drop"] != 0
+    assert report["layer"] == 3 and report["layer_reason"].startswith("blocks 0, 1, 2, 3: causal tracing of 2 fact")
 
 
 def test_reproduce_on_the_demo_model_writes_its_report_and_refuses_an_existing_folder(capsys, tmp_path):

@@ -113,7 +113,7 @@ def test_one_edit_for_the_demo_models_routing_failures(demo, demo_census, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,layers", [("ft", None), ("memit", None), ("memit", (0, 1))])
+@pytest.mark.parametrize("method,layers", [("ft", None), ("memit", None), ("memit", (0, 1)), ("alphaedit", "trace")])
 def test_a_peer_editor_makes_the_census_edit(demo, demo_census, tmp_path, method, layers):
     """``--method`` reaches the census repair: the edit is the peer's (MLP output projections, MEMIT's of several
     blocks, or of ``--layers``), the edited facts keep their subjects (where the peers read their keys), and the
@@ -129,6 +129,8 @@ def test_a_peer_editor_makes_the_census_edit(demo, demo_census, tmp_path, method
     assert result.report.method == method and result.report.site == "mlp_out"
     if layers is None:
         assert len(result.edit.layers) == (1 if method == "ft" else 3)  # MEMIT: 5 blocks to the layer, from 0
+    elif layers == "trace":  # the demo model's 4 blocks (fewer than MEMIT's span): all of them, said so
+        assert tuple(result.edit.layers) == (0, 1, 2, 3) and "causal tracing of" in result.layer_reason
     else:
         assert tuple(result.edit.layers) == layers and "(--layers)" in result.layer_reason
     assert result.edit.layers[-1] == result.layer

@@ -9,7 +9,7 @@ from ..core.errors import InputError, read_input_text
 from ..core.progress import progress_bar
 from ..edit.editors import METHOD_DESCRIPTIONS, METHODS
 from ..edit.memit import MemitHparams
-from ..edit.training import SurgeryConfig, SurgeryResult, operate
+from ..edit.training import TRACE, SurgeryConfig, SurgeryResult, operate
 from ..evaluation.facts import load_facts
 from ..evaluation.report import format_facts, format_rows, format_wrong
 from ..io.export import check_output_dir, write_output
@@ -77,8 +77,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--layers",
         metavar="A,B,C",
-        help="memit, alphaedit: the blocks to edit, ascending (the papers' fixed layers, e.g. 3,4,5,6,7,8); "
-        f"default: the {MemitHparams.span} blocks ending at --layer",
+        help="memit, alphaedit: the blocks to edit, ascending (the papers' fixed layers, e.g. 3,4,5,6,7,8), or "
+        f"{TRACE}: the {MemitHparams.span} blocks whose MLPs carry the facts' subjects by causal tracing "
+        f"(docs/editors.md); default: the {MemitHparams.span} blocks ending at --layer",
     )
 
 
@@ -124,14 +125,19 @@ def config_from_args(args: argparse.Namespace, site: str, layers: bool = True) -
     )
 
 
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """``--layers 3,4,5`` -> ``(3, 4, 5)``; None without the option. Order and range are checked later."""
+def parse_layers(text: str | None) -> tuple[int, ...] | str | None:
+    """``--layers 3,4,5`` -> ``(3, 4, 5)``, ``--layers trace`` -> ``"trace"``; None without the option. Order and
+    range are checked later."""
     if text is None:
         return None
+    if text.strip() == TRACE:
+        return TRACE
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise InputError(f"--layers must be block indices separated by commas (e.g. 3,4,5), not {text!r}") from None
+        raise InputError(
+            f"--layers must be block indices separated by commas (e.g. 3,4,5) or {TRACE}, not {text!r}"
+        ) from None
 
 
 def read_unrelated(path: str | None) -> list[str] | None:

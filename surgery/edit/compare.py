@@ -296,7 +296,9 @@ def method_config(config: SurgeryConfig, method: str, layers: Sequence[int] | No
     projection; ``layers``, when given, are the blocks of MEMIT and AlphaEdit (their last is then their block)."""
     site = config.site if method == "wv" else "wv"
     if layers is not None and method in MULTI_BLOCK:
-        return replace(config, method=method, site=site, layer=None, layers=tuple(layers))
+        return replace(
+            config, method=method, site=site, layer=None, layers=layers if isinstance(layers, str) else tuple(layers)
+        )
     return replace(config, method=method, site=site)
 
 

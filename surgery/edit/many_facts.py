@@ -40,7 +40,7 @@ from ..evaluation.facts import Fact
 from ..evaluation.panels import Panel
 from ..evaluation.report import SurgeryReport
 from ..io.edit_file import Edit
-from .training import SurgeryConfig, operate
+from .training import TRACE, SurgeryConfig, operate
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,9 @@ def repair_from_census(
     edit, held = split_routing(records, facts, config)
     panel = census_panel(base, edit, held, records, facts, config)
     prescribed = {record_key(r): r["prescribed_layer"] for r in records}
-    if surgery.layers is not None:  # MEMIT, AlphaEdit on given blocks (--layers): the last is the block
+    if surgery.layers == TRACE:  # MEMIT, AlphaEdit on the blocks causal tracing of the edited facts names
+        layer, reason = None, "causal tracing of the edited facts (the report names the blocks)"
+    elif surgery.layers is not None:  # MEMIT, AlphaEdit on given blocks (--layers): the last is the block
         layer, reason = surgery.layers[-1], f"given: blocks {', '.join(map(str, surgery.layers))} (--layers)"
     elif surgery.layer is None:
         counts = Counter(prescribed[f.key] for f in edit)
@@ -226,7 +228,8 @@ def repair_from_census(
     else:
         layer, reason = surgery.layer, "given"
     config_one = replace(surgery, layer=layer)
-    say(f"one {surgery.method} edit for {len(edit)} facts at {block_label(layer)} ({len(held)} held out)")
+    where = "the traced blocks" if layer is None else block_label(layer)
+    say(f"one {surgery.method} edit for {len(edit)} facts at {where} ({len(held)} held out)")
     result = operate(
         model,
         tokenizer,
@@ -237,6 +240,9 @@ def repair_from_census(
         cache_dir=cache_dir,
     )
     report = result.report
+    if layer is None:  # traced: the blocks are known now
+        layer, reason = report.layer, report.layer_reason
+        config_one = replace(config_one, layers=tuple(report.config["layers"]))  # one at a time: the same blocks
     per_fact = None
     if config.per_fact:
         sample = random.Random(config.seed + 1).sample(edit, min(config.per_fact, len(edit)))

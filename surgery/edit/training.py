@@ -51,6 +51,7 @@ from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, NonFiniteError, SurgeryFailed, SurgeryTimeout, require_positive_int
 from ..core.interrupt import checking
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
+from ..diagnosis.storage import trace_storage
 from ..evaluation.facts import Fact
 from ..evaluation.memo import EvaluationMemo, memo_for
 from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
@@ -62,6 +63,8 @@ from .keystats import DEFAULT_MAX_TOKENS
 from .memit import MemitHparams, spread_layers
 from .preservation import PRESERVE_TERMS, TextPreservation
 from .upper_stack import FrozenInputs, UpperStack, encodable, freeze_fact_batches, kept_answers
+
+TRACE = "trace"  # SurgeryConfig.layers: MEMIT's and AlphaEdit's blocks from causal tracing (surgery.diagnosis.storage)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -92,8 +95,9 @@ class SurgeryConfig:
     block), ``memit`` or ``alphaedit`` (those of several blocks; :mod:`surgery.edit.editors`; ``site`` must stay
     ``wv``, and lr, lr_scale, epochs, kl_weight, margin, max_unrelated_tokens and batch_size are ``wv``'s);
     stat_tokens: tokens of text for the key statistics of ROME, MEMIT and AlphaEdit; layers: the blocks MEMIT and
-    AlphaEdit edit (ascending; ``--layers 3,4,5``, the papers' fixed layers), or None (the default) for the
-    ``span`` blocks ending at ``layer`` (given, or the diagnosis' prescribed one).
+    AlphaEdit edit (ascending; ``--layers 3,4,5``, the papers' fixed layers), ``"trace"`` for the ``span`` blocks
+    whose MLPs carry the facts' subjects by causal tracing (:mod:`surgery.diagnosis.storage`), or None (the
+    default) for the ``span`` blocks ending at ``layer`` (given, or the diagnosis' prescribed one).
     preserve_term: the unrelated-text preservation term of ``wv``: ``kl`` (the exact KL, the default), or a cheaper
     stand-in, ``topk``, ``hidden`` or ``sampled`` (:mod:`surgery.edit.preservation`, measured in bench/README.md);
     the kept prompts' term is the exact KL under every option.
@@ -112,7 +116,7 @@ class SurgeryConfig:
     max_seconds: float | None = None
     method: str = "wv"
     stat_tokens: int = DEFAULT_MAX_TOKENS
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] | str | None = None
     preserve_term: str = "kl"
 
     def __post_init__(self) -> None:
@@ -169,10 +173,14 @@ class SurgeryConfig:
         return cls(**d)
 
 
-def _check_layers(layers, method: str, layer: int | None) -> tuple[int, ...]:
-    """``SurgeryConfig.layers`` as a tuple, or :class:`InputError` in one line."""
+def _check_layers(layers, method: str, layer: int | None) -> tuple[int, ...] | str:
+    """``SurgeryConfig.layers`` as a tuple (or :data:`TRACE`), or :class:`InputError` in one line."""
     if method not in MULTI_BLOCK:
         raise InputError(f"--layers is for --method {' or '.join(MULTI_BLOCK)}; --method {method} edits one block")
+    if layers == TRACE:
+        if layer is not None:
+            raise InputError(f"--layers {TRACE} chooses the blocks, and so the block: leave --layer out")
+        return TRACE
     if (
         isinstance(layers, (str, bytes))
         or not isinstance(layers, (list, tuple))
@@ -180,7 +188,9 @@ def _check_layers(layers, method: str, layer: int | None) -> tuple[int, ...]:
         or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
         or list(layers) != sorted(set(layers))
     ):
-        raise InputError(f"layers must be distinct block indices in ascending order (e.g. 3,4,5), not {layers!r}")
+        raise InputError(
+            f"layers must be distinct block indices in ascending order (e.g. 3,4,5) or {TRACE!r}, not {layers!r}"
+        )
     if layer is not None and layer != layers[-1]:
         raise InputError(f"--layer {layer} and --layers {list(layers)} disagree: the last of --layers is the block")
     return tuple(layers)
@@ -536,7 +546,13 @@ def operate(
     deadline.check("after diagnosing the facts")
     absent_notes: list[str] = []
     keep = [True] * len(facts)  # the facts trained, and required to be fixed
-    if config.layers is not None:
+    traced: tuple[int, ...] = ()
+    if config.layers == TRACE:
+        with deadline.during("while tracing where the facts are stored"):
+            trace = trace_storage(model, tokenizer, facts, MemitHparams.span)
+        traced = trace.blocks
+        layer, reason = traced[-1], trace.describe()
+    elif config.layers is not None:
         layer = config.layers[-1]
         reason = f"given: blocks {', '.join(map(str, config.layers))} (--layers)"
     elif config.layer is None:
@@ -553,7 +569,7 @@ def operate(
     site = config.site if config.method == "wv" else EDIT_SITE
     spread: tuple[int, ...] = ()  # MEMIT, AlphaEdit: the blocks edited, `layer` the last
     if config.method in MULTI_BLOCK:
-        spread = config.layers or spread_layers(layer, MemitHparams.span)
+        spread = traced or config.layers or spread_layers(layer, MemitHparams.span)
         for block in spread:
             layout.check_layer(block)
         if config.layers is None:
@@ -675,6 +691,8 @@ def operate(
             + ", ".join(f"{t['layer']} ({t['fixed']}/{t['total']} fixed in {t['steps']} steps)" for t in tried)
         )
     extra = {} if config.method == "wv" else {"hparams": method_info["hparams"]}
+    if traced:
+        extra["storage_trace"] = trace.to_dict()
     report = SurgeryReport(
         site=site,
         layer=layer,
