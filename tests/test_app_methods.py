@@ -128,3 +128,24 @@ def test_a_non_wv_surgery_past_its_time_stops_in_the_key_statistics(tiny_tokeniz
     )
     assert not (tmp_path / "keystats").exists() or not list((tmp_path / "keystats").iterdir())
     assert not list((tmp_path / "work").iterdir())
+
+
+def test_layer_trace_places_memit_by_causal_tracing_and_is_refused_elsewhere(tiny_tokenizer, tmp_path):
+    """The Layer menu's ``trace``: MEMIT on the blocks causal tracing of the facts' subjects names (the tiny model's
+    3 blocks: all of them; MEMIT does not fix France there, and says so naming them); with a one-block method, or
+    facts naming no subject, one gr.Error. (The report's trace: tests/test_cli_surgery.py.)"""
+    app, _ = tiny_app(tiny_tokenizer, tmp_path, max_stat_tokens=300)
+    app.stats_dir = str(tmp_path / "keystats")
+    named = json.dumps([FACTS[0].to_dict() | {"subject": "France"}])
+    with pytest.raises(gr.Error) as e:
+        app.operate(named, "wv", "trace", "memit", None, progress=NoProgress())
+    assert "at site mlp_out of blocks 0, 1, 2 with memit" in error_text(e)
+    with pytest.raises(gr.Error) as e:
+        app.operate(named, "wv", "trace", "rome", None, progress=NoProgress())
+    assert error_text(e).startswith("layer trace (the blocks storing the facts' subjects) is for the methods memit")
+    with pytest.raises(gr.Error) as e:
+        app.operate(FRANCE_JSON, "wv", "trace", "alphaedit", None, progress=NoProgress())
+    assert error_text(e).startswith("causal tracing needs facts that name their subject")
+    from ui.surgery import layer_choices
+
+    assert [value for _, value in layer_choices(app.served())][:3] == ["auto", "trace", "0"]

@@ -20,7 +20,8 @@ from surgery.core.errors import InputError, SurgeryTimeout
 from surgery.diagnosis import plots
 from surgery.diagnosis.diagnose import diagnose
 from surgery.diagnosis.static_heads import head_table
-from surgery.edit.training import SurgeryConfig, operate
+from surgery.edit.editors import MULTI_BLOCK
+from surgery.edit.training import TRACE, SurgeryConfig, operate
 from surgery.evaluation.generation import generate
 from surgery.evaluation.verify import verify
 from surgery.io.export import is_hub_id, write_output
@@ -239,9 +240,16 @@ class SurgeryApp:
         probes = parse_facts(facts)
         limits = self.limits
         method = str(method or "").strip() or "wv"
+        traced = str(layer or "").strip().lower() == TRACE  # MEMIT, AlphaEdit: the blocks causal tracing names
+        if traced and method not in MULTI_BLOCK:
+            raise InputError(
+                f"layer trace (the blocks storing the facts' subjects) is for the methods memit and alphaedit; "
+                f"{method} edits one block: pick auto or a block"
+            )
         config = SurgeryConfig(
             site=site if method == "wv" else "wv",
-            layer=parse_layer(layer),
+            layer=None if traced else parse_layer(layer),
+            layers=TRACE if traced else None,
             epochs=limits.max_steps,
             max_seconds=limits.max_seconds,
             method=method,

@@ -14,6 +14,7 @@ import gradio as gr
 from surgery.arch import SITES, Layout, count_parameters
 from surgery.core.errors import SurgeryError
 from surgery.edit.editors import METHOD_DESCRIPTIONS, METHODS
+from surgery.edit.training import TRACE
 from surgery.serve.registry import ServedModel
 from surgery.serve.sessions import SessionEdit
 
@@ -98,7 +99,9 @@ def layer_choices(served: ServedModel) -> list[tuple[str, str]]:
         if prescribed is not None
         else "auto — prescribed by the diagnosis"
     )
-    return [(auto, "auto")] + [(layout.label(layer, path=True), str(layer)) for layer in range(layout.n_layer)]
+    trace = ("trace — MEMIT, AlphaEdit: the blocks storing the subjects (causal tracing; facts need a subject)", TRACE)
+    blocks = [(layout.label(layer, path=True), str(layer)) for layer in range(layout.n_layer)]
+    return [(auto, "auto"), trace, *blocks]
 
 
 def facts_note(served: ServedModel) -> str:

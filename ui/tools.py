@@ -89,7 +89,9 @@ def agent_tools(app: SurgeryApp) -> list:
         Args:
             facts: a JSON list of facts, e.g. [{"prompt": "The capital of France is", "target": " Paris"}].
             site: what method "wv" trains: "wv" (value projection), "attn", "mlp" or "layer" (others ignore it).
-            layer: "auto" (from the diagnosis) or a 0-indexed block number.
+            layer: "auto" (from the diagnosis), a 0-indexed block number, or "trace" (methods "memit" and
+                "alphaedit": the blocks where causal tracing finds the facts' subjects stored; each fact then
+                needs a "subject").
             model: which model of the app's picker (blank: the default model).
             method: the editor (default "wv"): METHODS_DOC.
 
