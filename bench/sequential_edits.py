@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--layers",
         help="MEMIT's and AlphaEdit's blocks, e.g. 2,3,4,5,6, or trace (causal tracing of each round's facts; "
-        "default: the blocks ending at the prescribed one)",
+        "default: traced, as operate does with --layer auto)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)

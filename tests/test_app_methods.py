@@ -118,8 +118,15 @@ def test_a_non_wv_surgery_past_its_time_stops_in_the_key_statistics(tiny_tokeniz
     app, _ = tiny_app(tiny_tokenizer, tmp_path / "work", max_seconds=60, max_stat_tokens=300)
     app.stats_dir = str(tmp_path / "keystats")
     (tmp_path / "work").mkdir()
-    ticks = iter([0.0, 0.0])  # the start and the check after diagnosing
-    monkeypatch.setattr(training.time, "monotonic", lambda: next(ticks, 1000.0))
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    real_kept = training.kept_answers
+
+    def kept_then_late(*args, **kwargs):  # after the diagnosis and the layer, before the key statistics
+        clock[0] = 1000.0
+        return real_kept(*args, **kwargs)
+
+    monkeypatch.setattr(training, "kept_answers", kept_then_late)
     with pytest.raises(gr.Error) as e:
         app.operate(FACTS_JSON, "wv", "1", "rome", None, progress=NoProgress())
     assert error_text(e) == (

@@ -233,7 +233,8 @@ def surgery_tab(app: SurgeryApp, served: ServedModel, edits: gr.State, picker: g
                 value="wv",
                 label="Method",
                 info="wv: our repair of one site. The others edit the MLP output projection of the layer (ROME, "
-                "FT-L) or of the blocks ending there (MEMIT, AlphaEdit); ROME, MEMIT and AlphaEdit first compute key "
+                "FT-L) or of 5 blocks (MEMIT, AlphaEdit: with layer auto, where causal tracing finds the facts' "
+                "subjects stored; else the 5 ending at the layer); ROME, MEMIT and AlphaEdit first compute key "
                 "statistics from text, once per model and block",
                 elem_id="method",
             )

@@ -82,8 +82,9 @@ def agent_tools(app: SurgeryApp) -> list:
         By default (method "wv") trains only the chosen site (the value projection `wv` of the block the diagnosis
         prescribes) with a loss on each whole answer and a term that keeps the model's outputs on unrelated text
         and on other facts of the relation unchanged. The other methods are the editors of the literature, applied
-        to the MLP output projection of the same block (ROME, FT-L) or of the blocks ending there (MEMIT,
-        AlphaEdit). The outcome is judged by greedy generation: a fact is fixed when the corrected model says the
+        to the MLP output projection of the same block (ROME, FT-L) or of 5 blocks (MEMIT, AlphaEdit: with layer
+        "auto", those where causal tracing finds the facts' subjects stored, else the 5 ending at the layer). The
+        outcome is judged by greedy generation: a fact is fixed when the corrected model says the
         whole answer. Nothing is kept on the server: the report is the result.
 
         Args:

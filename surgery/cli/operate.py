@@ -79,7 +79,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
         metavar="A,B,C",
         help="memit, alphaedit: the blocks to edit, ascending (the papers' fixed layers, e.g. 3,4,5,6,7,8), or "
         f"{TRACE}: the {MemitHparams.span} blocks whose MLPs carry the facts' subjects by causal tracing "
-        f"(docs/editors.md); default: the {MemitHparams.span} blocks ending at --layer",
+        f"(docs/editors.md); default: {TRACE} with --layer auto when some fact names its subject, else the "
+        f"{MemitHparams.span} blocks ending at --layer",
     )
 
 

@@ -40,6 +40,7 @@ from ..evaluation.facts import Fact
 from ..evaluation.panels import Panel
 from ..evaluation.report import SurgeryReport
 from ..io.edit_file import Edit
+from .editors import MULTI_BLOCK
 from .training import TRACE, SurgeryConfig, operate
 
 log = logging.getLogger(__name__)
@@ -209,15 +210,19 @@ def repair_from_census(
 ) -> CensusRepair:
     """One edit for a census' routing failures (split by :func:`split_routing`), judged on :func:`census_panel`,
     and ``config.per_fact`` of them edited one at a time for comparison. The layer: the last of
-    ``surgery.layers`` (MEMIT, AlphaEdit), else ``surgery.layer``, else the most common prescribed layer of the
-    edited facts in the census (no second diagnosis). ``surgery.method`` picks the editor (``wv`` or a peer:
+    ``surgery.layers`` (MEMIT, AlphaEdit), else ``surgery.layer``, else for MEMIT and AlphaEdit the blocks causal
+    tracing of the edited facts names (``operate``'s default for them), else the most common prescribed layer of
+    the edited facts in the census (no second diagnosis). ``surgery.method`` picks the editor (``wv`` or a peer:
     ``rome``, ``ft``, ``memit``, ``alphaedit``, keyed at each fact's subject); ``cache_dir``: where the peers' key
     statistics are cached (``operate``'s)."""
     say = progress or log.info
     edit, held = split_routing(records, facts, config)
     panel = census_panel(base, edit, held, records, facts, config)
     prescribed = {record_key(r): r["prescribed_layer"] for r in records}
-    if surgery.layers == TRACE:  # MEMIT, AlphaEdit on the blocks causal tracing of the edited facts names
+    traced = surgery.layers == TRACE or (
+        surgery.method in MULTI_BLOCK and surgery.layers is None and surgery.layer is None
+    )
+    if traced:  # MEMIT, AlphaEdit (by default): the blocks causal tracing of the edited facts names, in operate
         layer, reason = None, "causal tracing of the edited facts (the report names the blocks)"
     elif surgery.layers is not None:  # MEMIT, AlphaEdit on given blocks (--layers): the last is the block
         layer, reason = surgery.layers[-1], f"given: blocks {', '.join(map(str, surgery.layers))} (--layers)"

@@ -51,7 +51,7 @@ from ..arch import SITES, block_label, count_parameters, layout_of
 from ..core.errors import InputError, NonFiniteError, SurgeryFailed, SurgeryTimeout, require_positive_int
 from ..core.interrupt import checking
 from ..diagnosis.diagnose import Diagnosis, diagnose_batch
-from ..diagnosis.storage import trace_storage
+from ..diagnosis.storage import StorageTrace, trace_storage
 from ..evaluation.facts import Fact
 from ..evaluation.memo import EvaluationMemo, memo_for
 from ..evaluation.panels import ENGLISH_PANEL, Panel, fit_panel, load_panel, panel_for_model
@@ -97,7 +97,8 @@ class SurgeryConfig:
     stat_tokens: tokens of text for the key statistics of ROME, MEMIT and AlphaEdit; layers: the blocks MEMIT and
     AlphaEdit edit (ascending; ``--layers 3,4,5``, the papers' fixed layers), ``"trace"`` for the ``span`` blocks
     whose MLPs carry the facts' subjects by causal tracing (:mod:`surgery.diagnosis.storage`), or None (the
-    default) for the ``span`` blocks ending at ``layer`` (given, or the diagnosis' prescribed one).
+    default): with ``layer`` None those traced blocks when some fact names a subject its prompt contains, else
+    (and with ``layer`` given) the ``span`` blocks ending at ``layer`` (given, or the diagnosis' prescribed one).
     preserve_term: the unrelated-text preservation term of ``wv``: ``kl`` (the exact KL, the default), or a cheaper
     stand-in, ``topk``, ``hidden`` or ``sampled`` (:mod:`surgery.edit.preservation`, measured in bench/README.md);
     the kept prompts' term is the exact KL under every option.
@@ -227,6 +228,14 @@ def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> tuple[in
     """
     diagnoses = diagnose_batch(model, tokenizer, [f.prompt for f in facts], [f.target for f in facts])
     return (*layer_from_diagnoses(diagnoses), [d.verdict for d in diagnoses])
+
+
+def _trace(model, tokenizer, facts: Sequence[Fact], deadline: Deadline) -> StorageTrace:
+    """Causal tracing of ``facts`` (those naming a subject their prompt contains) over MEMIT's span: where
+    MEMIT and AlphaEdit write; :class:`InputError` when none names one."""
+    named = [f for f in facts if f.subject and f.subject in f.prompt]
+    with deadline.during("while tracing where the facts are stored"):
+        return trace_storage(model, tokenizer, named, MemitHparams.span)
 
 
 def layer_from_diagnoses(diagnoses: Sequence[Diagnosis]) -> tuple[int, str]:
@@ -546,12 +555,10 @@ def operate(
     deadline.check("after diagnosing the facts")
     absent_notes: list[str] = []
     keep = [True] * len(facts)  # the facts trained, and required to be fixed
-    traced: tuple[int, ...] = ()
-    if config.layers == TRACE:
-        with deadline.during("while tracing where the facts are stored"):
-            trace = trace_storage(model, tokenizer, facts, MemitHparams.span)
-        traced = trace.blocks
-        layer, reason = traced[-1], trace.describe()
+    trace: StorageTrace | None = None  # MEMIT, AlphaEdit: causal tracing of the facts (surgery.diagnosis.storage)
+    untraced = ""  # why they were not traced, by default, when they were not
+    if config.layers == TRACE:  # asked for: every fact traced (storage editors also write facts the model lacks)
+        trace = _trace(model, tokenizer, facts, deadline)
     elif config.layers is not None:
         layer = config.layers[-1]
         reason = f"given: blocks {', '.join(map(str, config.layers))} (--layers)"
@@ -564,18 +571,29 @@ def operate(
             for f, v in zip(facts, verdicts)
             if v == "absence"
         ]
+        if config.method in MULTI_BLOCK:
+            # By default MEMIT and AlphaEdit write where the trained facts' subjects are stored; facts that name no
+            # subject their prompt contains cannot be traced, and then the default is the blocks ending at the
+            # prescribed one (--layers trace refuses them instead).
+            try:
+                trace = _trace(model, tokenizer, [f for f, k in zip(facts, keep) if k], deadline)
+            except InputError:
+                untraced = "; not traced: no fact names a subject its prompt contains"
     else:
         layer, reason = layout.check_layer(config.layer), "given"
+    traced = trace.blocks if trace is not None else ()
+    if trace is not None:
+        layer, reason = traced[-1], trace.describe()
     site = config.site if config.method == "wv" else EDIT_SITE
     spread: tuple[int, ...] = ()  # MEMIT, AlphaEdit: the blocks edited, `layer` the last
     if config.method in MULTI_BLOCK:
         spread = traced or config.layers or spread_layers(layer, MemitHparams.span)
         for block in spread:
             layout.check_layer(block)
-        if config.layers is None:
+        if config.layers is None and not traced:
             reason += (
                 f"; blocks {', '.join(map(str, spread))}: the {MemitHparams.span} blocks ending at block {layer} "
-                "(MEMIT's span, clipped at block 0)"
+                f"(MEMIT's span, clipped at block 0){untraced}"
             )
     log.info("operating (%s) on site %s of block %d (%s)", config.method, site, layer, reason)
 
@@ -691,7 +709,7 @@ def operate(
             + ", ".join(f"{t['layer']} ({t['fixed']}/{t['total']} fixed in {t['steps']} steps)" for t in tried)
         )
     extra = {} if config.method == "wv" else {"hparams": method_info["hparams"]}
-    if traced:
+    if trace is not None:
         extra["storage_trace"] = trace.to_dict()
     report = SurgeryReport(
         site=site,
