@@ -69,3 +69,35 @@ def test_facts_without_subjects_and_bad_options_are_refused(tiny_model, tiny_tok
         SurgeryConfig(method="rome", layers=TRACE)
     with pytest.raises(InputError, match="or 'trace'"):
         SurgeryConfig(method="memit", layers="tracing")
+
+
+def test_memit_and_alphaedit_on_one_memo_trace_the_facts_once(tiny_model, tiny_tokenizer, tiny_panel, tmp_path):
+    """compare-editors runs every method with the base model's memo: the trace of the same facts is computed once
+    and both edits get the same blocks."""
+    import surgery.edit.training as training
+    from surgery.evaluation.memo import EvaluationMemo
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return trace_storage(*args, **kwargs)
+
+    memo, facts = EvaluationMemo(tiny_model), [Fact("The capital of France is", " Paris", subject="France")]
+    blocks = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(training, "trace_storage", counted)
+        for method in ("memit", "alphaedit"):
+            config = SurgeryConfig(method=method, layers=TRACE, stat_tokens=300)
+            result = training.operate(
+                tiny_model,
+                tiny_tokenizer,
+                facts,
+                config,
+                panel=tiny_panel,
+                require_all=False,
+                memo=memo,
+                cache_dir=tmp_path,
+            )
+            blocks.append(result.edit.layers)
+    assert len(calls) == 1 and blocks[0] == blocks[1] == (0, 1, 2)

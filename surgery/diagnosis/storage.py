@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..arch import layout_of, unembed
 from ..core.errors import InputError, require_positive_int
-from ..core.hooks import hooked
+from ..core.hooks import hooked, main_output
 from ..core.interrupt import checkpoint
 from ..core.tokens import encode_prompt, encode_target
 from ..evaluation.facts import Fact
@@ -172,13 +172,9 @@ def trace_storage(
     return StorageTrace(span, first, tuple((effects / n).tolist()), drop / n, len(items), samples, noise)
 
 
-def _main(output) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _keep(store: dict[int, Tensor], block: int, position: int):
     def fn(module, args, output):
-        store[block] = _main(output)[:, position].clone()
+        store[block] = main_output(output)[:, position].clone()
 
     return fn
 
@@ -194,7 +190,7 @@ def _add_noise(draw: Tensor, subject: range):
 
 def _restore(value: Tensor, position: int, rows: Tensor):
     def fn(module, args, output):
-        out = _main(output).clone()
+        out = main_output(output).clone()
         out[rows, position] = value.to(out.dtype).expand(int(rows.sum()), -1)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 

@@ -230,12 +230,13 @@ def choose_layer(model: nn.Module, tokenizer, facts: Sequence[Fact]) -> tuple[in
     return (*layer_from_diagnoses(diagnoses), [d.verdict for d in diagnoses])
 
 
-def _trace(model, tokenizer, facts: Sequence[Fact], deadline: Deadline) -> StorageTrace:
+def _trace(model, tokenizer, facts: Sequence[Fact], deadline: Deadline, memo: EvaluationMemo) -> StorageTrace:
     """Causal tracing of ``facts`` (those naming a subject their prompt contains) over MEMIT's span: where
-    MEMIT and AlphaEdit write; :class:`InputError` when none names one."""
+    MEMIT and AlphaEdit write (kept in ``memo``); :class:`InputError` when none names one."""
     named = [f for f in facts if f.subject and f.subject in f.prompt]
+    key = (tuple((f.prompt, f.target, f.subject) for f in named), MemitHparams.span)
     with deadline.during("while tracing where the facts are stored"):
-        return trace_storage(model, tokenizer, named, MemitHparams.span)
+        return memo.trace(key, lambda: trace_storage(model, tokenizer, named, MemitHparams.span))
 
 
 def layer_from_diagnoses(diagnoses: Sequence[Diagnosis]) -> tuple[int, str]:
@@ -558,7 +559,7 @@ def operate(
     trace: StorageTrace | None = None  # MEMIT, AlphaEdit: causal tracing of the facts (surgery.diagnosis.storage)
     untraced = ""  # why they were not traced, by default, when they were not
     if config.layers == TRACE:  # asked for: every fact traced (storage editors also write facts the model lacks)
-        trace = _trace(model, tokenizer, facts, deadline)
+        trace = _trace(model, tokenizer, facts, deadline, memo)
     elif config.layers is not None:
         layer = config.layers[-1]
         reason = f"given: blocks {', '.join(map(str, config.layers))} (--layers)"
@@ -576,7 +577,7 @@ def operate(
             # subject their prompt contains cannot be traced, and then the default is the blocks ending at the
             # prescribed one (--layers trace refuses them instead).
             try:
-                trace = _trace(model, tokenizer, [f for f, k in zip(facts, keep) if k], deadline)
+                trace = _trace(model, tokenizer, [f for f, k in zip(facts, keep) if k], deadline, memo)
             except InputError:
                 untraced = "; not traced: no fact names a subject its prompt contains"
     else:

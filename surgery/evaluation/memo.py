@@ -43,6 +43,7 @@ class EvaluationMemo:
         self._perplexity: dict[str, float] = {}
         self._hidden: dict[tuple[str, ...], Tensor] = {}
         self._diagnoses: dict[tuple[tuple[str, str], ...], list] = {}
+        self._traces: dict[tuple, object] = {}
         self._lock = threading.Lock()
 
     def serves(self, model: nn.Module) -> bool:
@@ -69,6 +70,11 @@ class EvaluationMemo:
         """The diagnoses of ``facts`` ((prompt, target) pairs, in order): kept, or ``compute()`` once. A new list
         each call (the diagnoses themselves are shared: read them, do not change them)."""
         return list(self._once(self._diagnoses, facts, compute))
+
+    def trace(self, key: tuple, compute):
+        """A causal trace (:class:`~surgery.diagnosis.storage.StorageTrace`) of the facts and span in ``key``:
+        kept, or ``compute()`` once (MEMIT and AlphaEdit compared on the same facts trace them once)."""
+        return self._once(self._traces, key, compute)
 
     def _once(self, store: dict, key, compute):
         """``store[key]``, or ``compute()`` kept there; computed outside the lock (two threads asking at once may
