@@ -214,3 +214,29 @@ def test_batch_edits_tables_the_repair_census_runs_as_they_reported(demo, demo_c
         batch_edits.main([str(tmp_path / "census")])
     with pytest.raises(SystemExit, match="same facts"):
         batch_edits.main([str(tmp_path / "ft-0"), str(tmp_path / "ft-1")])
+
+
+def test_screen_bench_times_each_case_both_ways_and_checks_they_agree(monkeypatch, capsys):
+    # the screen forced on for the demo model (its vocabulary is below the size where it applies)
+    from conftest import DEMO_DIR  # here, not at the top: the memory cases import this file in a subprocess
+
+    import surgery.evaluation.generation as generation
+    from bench import screen
+
+    monkeypatch.setattr(generation, "SCREEN_MIN_PRODUCT", generation.SCREEN_MIN_PRODUCT)  # put back afterwards
+    monkeypatch.setattr(screen, "ON", 0)
+    monkeypatch.setattr(generation, "SCREEN_MIN_STEPS", 1)
+    monkeypatch.setattr(generation, "bf16_is_native", lambda device: True)
+    calls = []
+    real = generation.screened_argmax
+    monkeypatch.setattr(generation, "screened_argmax", lambda s, x: calls.append(len(x)) or real(s, x))
+    monkeypatch.setattr("sys.argv", ["screen", "--model", str(DEMO_DIR), "--rounds", "1", "--census", "0", "--operate"])
+    screen.main()
+    rows = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| evaluation") or line.startswith("| operate")
+    ]
+    assert len(rows) == 2 and all(row.endswith("| True |") for row in rows)  # the same answers, on and off
+    assert calls  # the screen ran in the "on" rounds
+    assert generation.SCREEN_MIN_PRODUCT == 0  # and left on, as the bench found it
