@@ -1,12 +1,12 @@
 """Census throughput on Gemma 3 270M: facts per second batched vs one at a time (vs TransformerLens if installed).
 
-    .venv/bin/python -m bench.census [--facts 64] [--batch-size 32] [--threads 2] [--repeats 2]
+    .venv/bin/python -m bench.census [--facts 64] [--batch-size 128 | 32,64,128] [--threads 2] [--repeats 2]
 
 The same clean facts (the first ``--facts`` of each bundled relation in turn) are diagnosed three ways in one
 process, interleaved over ``--repeats`` rounds so that a machine shared with other jobs slows every case alike:
 
 * **batched** — what ``python -m surgery census`` does: :func:`surgery.census.run.diagnose_facts`, ``--batch-size``
-  facts per forward pass;
+  facts per forward pass (several sizes, comma-separated, give a case each);
 * **one at a time** — the same function, one fact per call;
 * **TransformerLens** — the same numbers the TransformerLens way, one fact at a time (it has no batch diagnosis):
   ``TransformerBridge`` built around a copy of the loaded HF model, ``run_with_cache`` with the lean cache (only
@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP, as in python -m bench
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
@@ -58,10 +59,10 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(fn) -> tuple[float, float]:
+def timed(fn) -> tuple[float, float, object]:
     wall, cpu = time.perf_counter(), cpu_seconds()
-    fn()
-    return time.perf_counter() - wall, cpu_seconds() - cpu
+    result = fn()
+    return time.perf_counter() - wall, cpu_seconds() - cpu, result
 
 
 def transformer_lens_case(loaded, facts):
@@ -92,7 +93,7 @@ def transformer_lens_case(loaded, facts):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", default="128", help="facts per pass; several, comma-separated, to compare")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -101,22 +102,28 @@ def main() -> None:
     facts = pick_facts(args.facts)
     config = DiagnosisConfig()
 
-    cases = {
-        f"batched ({args.batch_size} per pass)": lambda: [
-            diagnose_facts(loaded.model, loaded.tokenizer, facts[i : i + args.batch_size], config)
-            for i in range(0, len(facts), args.batch_size)
-        ],
-        "one at a time": lambda: [diagnose_facts(loaded.model, loaded.tokenizer, [f], config) for f in facts],
-    }
+    def batched(size: int):
+        return lambda: [
+            record
+            for i in range(0, len(facts), size)
+            for record in diagnose_facts(loaded.model, loaded.tokenizer, facts[i : i + size], config)
+        ]
+
+    sizes = [int(size) for size in args.batch_size.split(",")]
+    cases = {f"batched ({size} per pass)": batched(size) for size in sizes}
+    cases["one at a time"] = lambda: [diagnose_facts(loaded.model, loaded.tokenizer, [f], config)[0] for f in facts]
     tl_run, tl_note = transformer_lens_case(loaded, facts)
     if tl_run is not None:
         cases["TransformerLens (bridge, lean cache), one at a time"] = tl_run
     diagnose_facts(loaded.model, loaded.tokenizer, facts[:2], config)  # warm-up
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+    records: dict[str, list] = {}
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     for _ in range(args.repeats):
         for name, fn in cases.items():
-            times[name].append(timed(fn))
+            wall, cpu, result = timed(fn)
+            times[name].append((wall, cpu))
+            records[name] = result
     load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     base_name = "one at a time"
@@ -128,6 +135,16 @@ def main() -> None:
         f"load average at start / end: {load_start} / {load_end}."
     )
     print(f"TransformerLens: {tl_note if tl_run is not None else 'skipped — ' + tl_note}.")
+    batches = {json.dumps(records[name], sort_keys=True) for name in records if name.startswith("batched")}
+    verdicts = {
+        json.dumps([(r["verdict"], r["said"]) for r in records[name]])
+        for name in records
+        if not name.startswith("TransformerLens")
+    }
+    print(
+        f"Census records equal field for field at every batch size: {len(batches) == 1}; verdicts and what each fact "
+        f"says equal batched and one at a time: {len(verdicts) == 1} (padding moves lens floats in the last bits)."
+    )
     print()
     print("| mode | seconds for all (median) | facts / s | **speed-up (wall)** | speed-up (CPU time) |")
     print("|---|---:|---:|---:|---:|")

@@ -565,3 +565,11 @@ def test_gemma_capitals_routing(gemma):
     for c in countries[:-1]:
         assert records[c]["verdict"] == "routing" and records[c]["prediction"] == " the", c
     assert records["Japan"]["verdict"] == "correct"
+
+
+def test_records_do_not_depend_on_the_batch_size(demo, demo_census, tmp_path):
+    # the default batch (128: every demo fact in one pass) gives the records of batches of 4, field for field
+    out, _ = demo_census
+    run_census(demo.model, demo.tokenizer, demo_facts(), tmp_path, CensusConfig(), model_name="demo")
+    assert CensusConfig().batch_size >= len(demo_facts()) > 4
+    assert read_jsonl(tmp_path / CENSUS_FILE) == read_jsonl(out / CENSUS_FILE)

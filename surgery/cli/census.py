@@ -39,7 +39,7 @@ def register(sub) -> None:
         help="JSONL fact files or folders of them (e.g. assets/facts)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; resumed if it holds a census)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (default 32)")
+    p.add_argument("--batch-size", type=int, default=128, help="prompts per forward pass (default 128)")
     p.add_argument("--limit", type=int, help="diagnose only the first N facts (after skipping ambiguous ones)")
     p.add_argument("--include-ambiguous", action="store_true", help="also diagnose facts flagged ambiguous")
     p.add_argument(
