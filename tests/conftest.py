@@ -309,3 +309,17 @@ def facts_panel(facts):
         perplexity_text="the cat sat on the mat .",
         unrelated_text=("the dog sat on the mat .",),
     )
+
+
+def force_screen(monkeypatch) -> list[int]:
+    """Generation with the screen on at every step after the first, whatever the vocabulary and the CPU; the rows
+    of each screened step are recorded."""
+    import surgery.evaluation.generation as generation
+
+    monkeypatch.setattr(generation, "SCREEN_MIN_PRODUCT", 0)
+    monkeypatch.setattr(generation, "SCREEN_MIN_STEPS", 1)
+    monkeypatch.setattr(generation, "bf16_is_native", lambda device: True)
+    calls = []
+    real = generation.screened_argmax
+    monkeypatch.setattr(generation, "screened_argmax", lambda s, x: calls.append(len(x)) or real(s, x))
+    return calls

@@ -218,18 +218,13 @@ def test_batch_edits_tables_the_repair_census_runs_as_they_reported(demo, demo_c
 
 def test_screen_bench_times_each_case_both_ways_and_checks_they_agree(monkeypatch, capsys):
     # the screen forced on for the demo model (its vocabulary is below the size where it applies)
-    from conftest import DEMO_DIR  # here, not at the top: the memory cases import this file in a subprocess
+    from conftest import DEMO_DIR, force_screen  # here, not at the top: memory cases import this file elsewhere
 
     import surgery.evaluation.generation as generation
     from bench import screen
 
-    monkeypatch.setattr(generation, "SCREEN_MIN_PRODUCT", generation.SCREEN_MIN_PRODUCT)  # put back afterwards
-    monkeypatch.setattr(screen, "ON", 0)
-    monkeypatch.setattr(generation, "SCREEN_MIN_STEPS", 1)
-    monkeypatch.setattr(generation, "bf16_is_native", lambda device: True)
-    calls = []
-    real = generation.screened_argmax
-    monkeypatch.setattr(generation, "screened_argmax", lambda s, x: calls.append(len(x)) or real(s, x))
+    calls = force_screen(monkeypatch)
+    monkeypatch.setattr(screen, "ON", 0)  # the bench's "on" setting: every vocabulary
     monkeypatch.setattr("sys.argv", ["screen", "--model", str(DEMO_DIR), "--rounds", "1", "--census", "0", "--operate"])
     screen.main()
     rows = [
@@ -239,4 +234,4 @@ def test_screen_bench_times_each_case_both_ways_and_checks_they_agree(monkeypatc
     ]
     assert len(rows) == 2 and all(row.endswith("| True |") for row in rows)  # the same answers, on and off
     assert calls  # the screen ran in the "on" rounds
-    assert generation.SCREEN_MIN_PRODUCT == 0  # and left on, as the bench found it
+    assert generation.SCREEN_MIN_PRODUCT == 0  # and left on, as the bench found it (monkeypatch puts it back)

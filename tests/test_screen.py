@@ -2,6 +2,7 @@
 product's, and generation through it says the same on every family."""
 
 import torch
+from conftest import force_screen
 from test_generation import PROMPTS
 
 from surgery.arch import layout_of
@@ -52,20 +53,6 @@ def test_rows_the_screen_cannot_decide_take_the_full_product():
     assert torch.equal(screened_argmax(Screen.of(_weights(100, 16, 6)), bad), (bad @ _weights(100, 16, 6).T).argmax(-1))
 
 
-def _screen_always(monkeypatch) -> list[int]:
-    """Generation with the screen on at every step after the first, whatever the vocabulary and the CPU; the rows
-    of each screened step are recorded."""
-    import surgery.evaluation.generation as generation
-
-    monkeypatch.setattr(generation, "SCREEN_MIN_PRODUCT", 0)
-    monkeypatch.setattr(generation, "SCREEN_MIN_STEPS", 1)
-    monkeypatch.setattr(generation, "bf16_is_native", lambda device: True)
-    calls = []
-    real = generation.screened_argmax
-    monkeypatch.setattr(generation, "screened_argmax", lambda s, x: calls.append(len(x)) or real(s, x))
-    return calls
-
-
 def test_generation_through_the_screen_says_the_same_on_every_family(family_model, tiny_tokenizer, monkeypatch):
     from surgery.evaluation.generation import continuations
 
@@ -73,7 +60,7 @@ def test_generation_through_the_screen_says_the_same_on_every_family(family_mode
     budgets = [4, 6, 3, 5, 2, 6]
     plain = continuations(family_model, tiny_tokenizer, PROMPTS, budgets, first_ids=ids)
     with monkeypatch.context() as m:
-        calls = _screen_always(m)
+        calls = force_screen(m)
         screened = continuations(family_model, tiny_tokenizer, PROMPTS, budgets, first_ids=ids)
     # the screen gave the tokens of every step after the first; not under a soft cap (Gemma 2), which can tie
     # saturated logits the screen would order
