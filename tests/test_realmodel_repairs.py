@@ -110,10 +110,11 @@ def test_a_multi_token_repair_keeps_the_capitals_said_right(repaired, request):
             pytest.mark.xfail(
                 strict=True,
                 reason=(
-                    "on SmolLM2 the default wv repair (L28) breaks 1 of the 42 held-out bundled capitals it said right "
-                    "(the United Arab Emirates: ' Abu Dhabir.'), said by a margin under 0.5 logit (0.21), like 12 "
-                    "others of the 43 it said right; a random change of the same size at the same site breaks 5 of "
-                    "those 13 and 1 of the other 30; Gemma's repair breaks none"
+                    "on SmolLM2 the default wv repair (L28) breaks 1-2 of the 42 held-out bundled capitals it said "
+                    "right (the United Arab Emirates, ' Abu Dhabir.'; Uganda too in a run of 2026-12-08), said by "
+                    "margins under 0.5 logit (0.21, 0.04), like 11 others of the 43 it said right; a random change of "
+                    "the same size at the same site breaks 5 of those 13 and 1 of the other 30; Gemma's repair breaks "
+                    "none"
                 ),
             )
         )
