@@ -54,6 +54,15 @@ def pick_facts(n: int):
     return picked
 
 
+def diagnose_in_batches(loaded, facts, size: int, config: DiagnosisConfig) -> list[dict]:
+    """The census records of ``facts``, ``size`` facts a pass, as ``python -m surgery census --batch-size`` runs."""
+    return [
+        record
+        for i in range(0, len(facts), size)
+        for record in diagnose_facts(loaded.model, loaded.tokenizer, facts[i : i + size], config)
+    ]
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -103,11 +112,7 @@ def main() -> None:
     config = DiagnosisConfig()
 
     def batched(size: int):
-        return lambda: [
-            record
-            for i in range(0, len(facts), size)
-            for record in diagnose_facts(loaded.model, loaded.tokenizer, facts[i : i + size], config)
-        ]
+        return lambda: diagnose_in_batches(loaded, facts, size, config)
 
     sizes = [int(size) for size in args.batch_size.split(",")]
     cases = {f"batched ({size} per pass)": batched(size) for size in sizes}

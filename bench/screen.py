@@ -8,7 +8,7 @@ where it applies), in alternating rounds so that a shared machine slows both ali
 * **evaluation** — ``judge_lists`` of the model's panel as ``compare`` judges one model: its facts, paraphrases,
   every panel probe and the fluency prompts in one batched greedy generation;
 * **census** — ``diagnose_facts`` of ``--census`` clean bundled facts in batches of 32, as ``python -m surgery
-  census`` runs them (the records include each fact's greedy continuation);
+  census --batch-size 32`` runs them (the records include each fact's greedy continuation);
 * **operate** (``--operate``) — the whole 8-fact ``wv`` repair of the panel's facts, every default.
 
 Each case checks that both settings give the same answer (every generated text; every census record; the repair's
@@ -25,17 +25,16 @@ import time
 import torch
 
 import surgery.evaluation.generation as generation
-from bench.census import pick_facts
+from bench.census import diagnose_in_batches, pick_facts
 from surgery.arch import layout_of
-from surgery.census.run import diagnose_facts
 from surgery.diagnosis.diagnose import DiagnosisConfig
-from surgery.evaluation.facts import Fact
 from surgery.evaluation.panels import fit_panel, panel_for_model
-from surgery.evaluation.report import panel_probes
+from surgery.evaluation.report import judged_lists
 from surgery.evaluation.scoring import fluency_prompts, judge_lists
 from surgery.io.loading import load_model
 
 ON = generation.SCREEN_MIN_PRODUCT
+CENSUS_BATCH = 32  # the batch of the census case as measured in bench/README.md (the census' default is now 128)
 
 
 def screen(on: bool) -> None:
@@ -46,8 +45,7 @@ def evaluation_case(g):
     panel = panel_for_model(g.model)
     facts = list(panel.facts)
     fitted = fit_panel(panel, g.tokenizer, layout_of(g.model).n_ctx).panel
-    paraphrases = [Fact(t, f.target) for f in facts for t in (f.paraphrases or fitted.paraphrases_of(f.prompt))]
-    lists = {"facts": facts, "paraphrases": paraphrases, **panel_probes(fitted, frozenset(f.prompt for f in facts))}
+    lists = {"facts": facts, **judged_lists(facts, fitted)}
     prompts = fluency_prompts(facts, fitted)
 
     def run():
@@ -61,10 +59,7 @@ def census_case(g, n: int):
     facts = pick_facts(n)
 
     def run():
-        records = []
-        for start in range(0, len(facts), 32):
-            records += diagnose_facts(g.model, g.tokenizer, facts[start : start + 32], DiagnosisConfig())
-        return json.dumps(records, sort_keys=True)
+        return json.dumps(diagnose_in_batches(g, facts, CENSUS_BATCH, DiagnosisConfig()), sort_keys=True)
 
     return run
 
@@ -91,7 +86,7 @@ def main() -> None:
     g = load_model(args.model)
     cases = {"evaluation (judge_lists of the panel)": evaluation_case(g)}
     if args.census:
-        cases[f"census ({args.census} facts, batches of 32)"] = census_case(g, args.census)
+        cases[f"census ({args.census} facts, batches of {CENSUS_BATCH})"] = census_case(g, args.census)
     if args.operate:
         cases["operate (8 facts, wv, defaults)"] = operate_case(g)
     native = generation.bf16_is_native(torch.device("cpu"))

@@ -64,7 +64,7 @@ PART_GLOB = "census.part-*.jsonl"
 class CensusConfig:
     """What a census diagnoses and how. ``limit``: only the first N facts (after dropping ambiguous ones)."""
 
-    batch_size: int = 128  # Gemma 3 270M: 7.6 facts/s at 128, 5.1 at 32, +0.7 GB against +0.4 (bench/README.md)
+    batch_size: int = 128  # Gemma 3 270M: 6.4 facts/s at 128, 3.8 at 32, +0.7 GB against +0.4 (bench/README.md)
     limit: int | None = None
     include_ambiguous: bool = False
     diagnosis: DiagnosisConfig = field(default_factory=DiagnosisConfig)

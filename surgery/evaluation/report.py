@@ -285,6 +285,14 @@ def _mean(f: Fluency | None) -> float | None:
     return None if f is None else _finite(f.mean)
 
 
+def judged_lists(facts: Sequence[Fact], panel: Panel) -> dict[str, list[Fact]]:
+    """What :func:`compare` judges each model on besides the facts: their paraphrases (each fact's own, else the
+    panel's for the same prompt) and the probes of ``panel`` (already fitted to the tokenizer), the facts' own
+    prompts left out."""
+    paraphrases = [Fact(text, f.target) for f in facts for text in (f.paraphrases or panel.paraphrases_of(f.prompt))]
+    return {"paraphrases": paraphrases, **panel_probes(panel, frozenset(f.prompt for f in facts))}
+
+
 def compare(
     base: nn.Module,
     edited: nn.Module,
@@ -311,8 +319,7 @@ def compare(
     fitted = fit_panel(panel, tokenizer, layout_of(base).n_ctx)
     panel = fitted.panel
     unrelated = list(unrelated) if unrelated is not None else list(panel.unrelated_text)
-    paraphrases = [Fact(text, f.target) for f in facts for text in (f.paraphrases or panel.paraphrases_of(f.prompt))]
-    lists = {"paraphrases": paraphrases, **panel_probes(panel, frozenset(f.prompt for f in facts))}
+    lists = judged_lists(facts, panel)
 
     prompts = fluency_prompts(facts, panel) if fluency_tokens else []
 
